@@ -1,0 +1,58 @@
+"""The one place that chooses the array library.
+
+Every array operation in minipar goes through ``xp``:
+
+    from minipar.backend import xp
+    y = xp.tanh(x)
+
+NumPy is the only backend today. The CuPy switch is meant to be this one line
+(or the environment variable ``MINIPAR_BACKEND=cupy``): nothing else in the
+package imports NumPy for compute.
+
+Two helpers sit beside ``xp`` because MPI and files need host memory:
+``to_host`` turns any backend array into a NumPy array, ``from_host`` the
+reverse. With NumPy both are no-ops.
+"""
+import os
+
+BACKEND_NAME = os.environ.get("MINIPAR_BACKEND", "numpy")
+
+if BACKEND_NAME == "numpy":
+    import numpy as xp
+elif BACKEND_NAME == "cupy":  # pragma: no cover - needs a GPU
+    import cupy as xp
+else:
+    raise ValueError(f"MINIPAR_BACKEND must be 'numpy' or 'cupy', got {BACKEND_NAME!r}")
+
+import numpy as _host  # host memory for MPI buffers and files; never for compute
+
+
+def to_host(array):
+    """A NumPy array holding the same values (copies off the GPU under CuPy)."""
+    if BACKEND_NAME == "cupy":  # pragma: no cover
+        return xp.asnumpy(array)
+    return _host.asarray(array)
+
+
+def from_host(array):
+    """A backend array holding the same values (copies onto the GPU under CuPy)."""
+    if BACKEND_NAME == "cupy":  # pragma: no cover
+        return xp.asarray(array)
+    return array
+
+
+# float32 unless a run asks for float64 (the equivalence tests do).
+_default_dtype = xp.float32
+
+
+def default_dtype():
+    return _default_dtype
+
+
+def set_default_dtype(dtype):
+    """Choose the dtype new tensors and parameters get: float32 or float64."""
+    global _default_dtype
+    dtype = xp.dtype(dtype).type
+    if dtype not in (xp.float32, xp.float64):
+        raise ValueError(f"default dtype must be float32 or float64, got {dtype}")
+    _default_dtype = dtype
