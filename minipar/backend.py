@@ -56,3 +56,9 @@ def set_default_dtype(dtype):
     if dtype not in (xp.float32, xp.float64):
         raise ValueError(f"default dtype must be float32 or float64, got {dtype}")
     _default_dtype = dtype
+
+
+def host_rng(seed):
+    """A NumPy random generator on the host: parameters and batches are drawn here and copied
+    to the backend, so a run gives the same numbers under NumPy and CuPy."""
+    return _host.random.default_rng(seed)

@@ -1,0 +1,133 @@
+"""A GPT-2 style language model, readable top to bottom (after nanoGPT's layout).
+
+    ids (B, T) -> token embedding + position embedding -> n_layer pre-LN Blocks
+        -> final LayerNorm -> logits = x @ token_embedding^T  (the output head is tied)
+
+Initialisation follows GPT-2 (Radford et al. 2019): weights ~ N(0, 0.02), the two
+projections that write into the residual stream scaled by 1/sqrt(2 n_layer) so the
+residual's variance does not grow with depth, biases 0, LayerNorm gains 1. Everything
+is drawn from one seeded generator in the order of ``named_parameters()``, so the same
+seed gives the same model on every rank and in every run; the parallel models are built
+as exact slices of this one.
+"""
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from minipar import ops
+from minipar.backend import default_dtype, host_rng, xp
+from minipar.errors import ConfigError
+from minipar.nn.layers import Block, Dropout, Embedding, LayerNorm
+from minipar.nn.module import Module
+from minipar.tensor import Tensor, no_grad
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 65  # distinct tokens; characters for the char-level tokenizer
+    block_size: int = 64  # the longest context the position embedding covers
+    n_layer: int = 4  # transformer blocks; the unit pipeline parallelism splits
+    n_head: int = 4  # attention heads; the unit tensor parallelism splits attention by
+    n_embd: int = 128  # residual stream width C; must be divisible by n_head
+    dropout: float = 0.0  # 0 keeps runs exactly comparable across parallel layouts
+    bias: bool = True  # biases in Linear layers, as in GPT-2
+    seed: int = 1337  # one seed fixes the initial weights everywhere
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            allowed = (int, float) if field.type is float else field.type
+            if isinstance(value, bool) != (field.type is bool) or not isinstance(value, allowed):
+                raise ConfigError(f"GPTConfig.{field.name} must be {field.type.__name__}, got {value!r}")
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"GPTConfig.{name} must be at least 1, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @classmethod
+    def from_dict(cls, values):
+        """Build from a dict, refusing unknown keys with the list of valid ones."""
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(valid))
+        if unknown:
+            raise ConfigError(f"unknown GPTConfig keys {unknown}; valid keys are {valid}")
+        return cls(**values)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+def residual_projection_names(n_layer):
+    return {f"blocks.{i}.{part}.output.weight" for i in range(n_layer) for part in ("attention", "mlp")}
+
+
+def initial_state(config):
+    """The GPT-2 initial weights for ``config``, name -> array, drawn in parameter order."""
+    shapes = {name: p.shape for name, p in GPT(config, initialise=False).named_parameters()}
+    generator = host_rng(config.seed)
+    projections = residual_projection_names(config.n_layer)
+    state = {}
+    for name, shape in shapes.items():
+        if name.endswith(".bias"):
+            values = xp.zeros(shape)
+        elif "norm" in name:  # LayerNorm gains
+            values = xp.ones(shape)
+        else:
+            std = 0.02 / math.sqrt(2 * config.n_layer) if name in projections else 0.02
+            values = generator.normal(0.0, std, size=shape)
+        state[name] = xp.asarray(values, dtype=default_dtype())
+    return state
+
+
+class GPT(Module):
+    def __init__(self, config, initialise=True):
+        self.config = config
+        self.token_embedding = Embedding(config.vocab_size, config.n_embd)
+        self.position_embedding = Embedding(config.block_size, config.n_embd)
+        self.embedding_dropout = Dropout(config.dropout, config.seed)
+        self.blocks = [Block(config.n_embd, config.n_head, config.dropout, config.bias, config.seed + 2 * i + 1)
+                       for i in range(config.n_layer)]
+        self.final_norm = LayerNorm(config.n_embd)
+        if initialise:
+            self.load_state_dict(initial_state(config))
+
+    # The three parts a pipeline stage may hold: embed (first), blocks, head (last).
+    def embed(self, ids):  # (B, T) -> (B, T, C)
+        if ids.shape[-1] > self.config.block_size:
+            raise ConfigError(f"sequence length {ids.shape[-1]} exceeds block_size {self.config.block_size}")
+        positions = xp.arange(ids.shape[-1])
+        return self.embedding_dropout(self.token_embedding(ids) + self.position_embedding(positions))
+
+    def head(self, x):  # (B, T, C) -> (B, T, V)
+        return ops.linear(self.final_norm(x), self.token_embedding.weight.transpose())
+
+    def forward(self, ids, targets=None):
+        """Logits (B, T, V) and, given targets (B, T), the mean cross-entropy loss."""
+        ids = ids.data if isinstance(ids, Tensor) else ids
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(x)
+        loss = ops.cross_entropy(logits, targets) if targets is not None else None
+        return logits, loss
+
+    def generate(self, ids, max_new_tokens, temperature=1.0, seed=0, greedy=False):
+        """Extend ids (B, T) by sampling one token at a time from the model."""
+        generator = host_rng(seed)
+        was_training = self.training
+        self.eval()
+        with no_grad():
+            for _ in range(max_new_tokens):
+                context = ids[:, -self.config.block_size:]
+                logits = self(context)[0].data[:, -1, :]  # (B, V)
+                if greedy:
+                    next_ids = logits.argmax(axis=-1)
+                else:
+                    probabilities = ops.fused._softmax(logits / temperature)
+                    next_ids = xp.asarray([generator.choice(len(p), p=p / p.sum()) for p in probabilities])
+                ids = xp.concatenate([ids, next_ids[:, None].astype(ids.dtype)], axis=1)
+        self.train(was_training)
+        return ids

@@ -1,0 +1,78 @@
+"""Module and Parameter: how layers hold their weights and find each other's."""
+from minipar.backend import from_host, xp
+from minipar.errors import CheckpointError
+from minipar.tensor import Tensor
+
+
+class Parameter(Tensor):
+    """A Tensor the optimizer updates: a leaf that always requires a gradient."""
+
+    __slots__ = ()
+
+    def __init__(self, data):
+        super().__init__(from_host(data), requires_grad=True)
+
+
+class Module:
+    """A layer or a model. Parameters, sub-modules and lists of sub-modules assigned as
+    attributes are found by ``named_parameters`` in the order they were assigned, so every
+    rank and every run walks the parameters in the same order."""
+
+    training = True
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def children(self):
+        for name, value in vars(self).items():
+            if isinstance(value, Module):
+                yield name, value
+            elif isinstance(value, (list, tuple)) and value and all(isinstance(v, Module) for v in value):
+                for i, child in enumerate(value):
+                    yield f"{name}.{i}", child
+
+    def named_parameters(self, prefix=""):
+        for name, value in vars(self).items():
+            if isinstance(value, Parameter):
+                yield prefix + name, value
+        for name, child in self.children():
+            yield from child.named_parameters(prefix + name + ".")
+
+    def parameters(self):
+        return [p for _, p in self.named_parameters()]
+
+    def zero_grad(self):
+        for p in self.parameters():
+            p.grad = None
+
+    def train(self, mode=True):
+        self.training = mode
+        for _, child in self.children():
+            child.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def state_dict(self):
+        """name -> a copy of the parameter's array."""
+        return {name: p.data.copy() for name, p in self.named_parameters()}
+
+    def load_state_dict(self, state):
+        """Copy arrays into the parameters; names and shapes must match exactly."""
+        own = dict(self.named_parameters())
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise CheckpointError(f"state dict does not fit the model: missing {missing}, unexpected {unexpected}")
+        for name, p in own.items():
+            value = state[name]
+            if tuple(value.shape) != p.shape:
+                raise CheckpointError(f"state dict entry {name!r} has shape {tuple(value.shape)}, "
+                                      f"the model expects {p.shape}")
+            p.data[...] = xp.asarray(from_host(value), dtype=p.dtype)
+
+    def num_parameters(self):
+        return sum(p.size for p in self.parameters())

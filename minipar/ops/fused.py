@@ -1,0 +1,202 @@
+"""Fused ops with analytic backward: softmax, log-softmax, layer norm, cross-entropy,
+embedding, dropout and causal attention.
+
+Fusing keeps them numerically stable (subtract the row maximum before ``exp``) and fast
+(one backward formula instead of a chain of small ops, each with its own temporaries).
+"""
+import math
+
+from minipar.backend import xp
+from minipar.errors import ShapeError
+from minipar.tensor import Function
+
+
+def _softmax(x, axis=-1):
+    shifted = x - x.max(axis=axis, keepdims=True)  # exp never overflows
+    e = xp.exp(shifted)
+    e /= e.sum(axis=axis, keepdims=True)
+    return e
+
+
+class Softmax(Function):
+    """p = softmax(x);  dL/dx = p * (g - sum(g * p))  along the softmax axis."""
+
+    @staticmethod
+    def forward(ctx, x, axis=-1):
+        p = _softmax(x, axis)
+        ctx.save_for_backward(p)
+        ctx.axis = axis
+        return p
+
+    @staticmethod
+    def backward(ctx, grad):
+        (p,) = ctx.saved
+        return p * (grad - (grad * p).sum(axis=ctx.axis, keepdims=True))
+
+
+class LogSoftmax(Function):
+    """y = x - logsumexp(x);  dL/dx = g - softmax(x) * sum(g)."""
+
+    @staticmethod
+    def forward(ctx, x, axis=-1):
+        shifted = x - x.max(axis=axis, keepdims=True)
+        out = shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+        ctx.save_for_backward(out)
+        ctx.axis = axis
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out,) = ctx.saved
+        return grad - xp.exp(out) * grad.sum(axis=ctx.axis, keepdims=True)
+
+
+class LayerNorm(Function):
+    """Layer normalisation over the last axis (Ba, Kiros & Hinton 2016).
+
+        x_hat = (x - mean) / sqrt(var + eps),   y = x_hat * weight + bias
+        dL/dx = (1/sigma) (g_hat - mean(g_hat) - x_hat * mean(g_hat * x_hat)),  g_hat = g * weight
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps=1e-5):
+        if weight.shape != (x.shape[-1],) or bias.shape != (x.shape[-1],):
+            raise ShapeError(f"layer_norm: input {x.shape} needs weight and bias of shape ({x.shape[-1]},), "
+                             f"got {weight.shape} and {bias.shape}")
+        mean = x.mean(axis=-1, keepdims=True)
+        centred = x - mean
+        inverse_std = 1.0 / xp.sqrt((centred * centred).mean(axis=-1, keepdims=True) + eps)
+        x_hat = centred * inverse_std
+        ctx.save_for_backward(x_hat, inverse_std, weight)
+        return x_hat * weight + bias
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_hat, inverse_std, weight = ctx.saved
+        rows = grad.reshape(-1, grad.shape[-1])
+        grad_weight = (rows * x_hat.reshape(rows.shape)).sum(axis=0)
+        grad_bias = rows.sum(axis=0)
+        g_hat = grad * weight
+        grad_x = inverse_std * (g_hat - g_hat.mean(axis=-1, keepdims=True)
+                                - x_hat * (g_hat * x_hat).mean(axis=-1, keepdims=True))
+        return grad_x, grad_weight, grad_bias, None
+
+
+class CrossEntropy(Function):
+    """Mean negative log-likelihood of integer targets under softmax(logits).
+
+        loss = mean_i [ logsumexp(z_i) - z_i[t_i] ],   dL/dz_i = (softmax(z_i) - onehot(t_i)) / n
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets):
+        if logits.shape[:-1] != targets.shape:
+            raise ShapeError(f"cross_entropy: logits {logits.shape} need targets of shape {logits.shape[:-1]}, "
+                             f"got {targets.shape}")
+        rows = logits.reshape(-1, logits.shape[-1])
+        flat_targets = targets.reshape(-1)
+        if flat_targets.size and (flat_targets.min() < 0 or flat_targets.max() >= rows.shape[1]):
+            raise ShapeError(f"cross_entropy: targets must lie in [0, {rows.shape[1]}), "
+                             f"got values from {flat_targets.min()} to {flat_targets.max()}")
+        probabilities = _softmax(rows)
+        picked = probabilities[xp.arange(rows.shape[0]), flat_targets]
+        ctx.save_for_backward(probabilities, flat_targets)
+        ctx.shape = logits.shape
+        return -xp.log(picked).mean(dtype=logits.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        probabilities, targets = ctx.saved
+        grad_rows = probabilities.copy()
+        grad_rows[xp.arange(grad_rows.shape[0]), targets] -= 1
+        grad_rows *= grad / grad_rows.shape[0]
+        return grad_rows.reshape(ctx.shape), None
+
+
+def scatter_add_rows(indices, rows, num_rows):
+    """out[i] = sum of rows[j] over every j with indices[j] == i  (repeats add up).
+
+    Sorting the indices turns the scatter into sums over contiguous runs, which one
+    ``add.reduceat`` does in C; this is much faster than ``add.at`` on the CPU.
+    """
+    out = xp.zeros((num_rows, rows.shape[-1]), dtype=rows.dtype)
+    if indices.size == 0:
+        return out
+    order = xp.argsort(indices, kind="stable")
+    sorted_indices = indices[order]
+    run_starts = xp.flatnonzero(xp.diff(sorted_indices, prepend=-1))
+    out[sorted_indices[run_starts]] = xp.add.reduceat(rows[order], run_starts, axis=0)
+    return out
+
+
+class Embedding(Function):
+    """out[...] = weight[ids[...]]; backward scatter-adds each row of the gradient to its id."""
+
+    @staticmethod
+    def forward(ctx, weight, ids):
+        if ids.dtype.kind not in "iu":
+            raise ShapeError(f"embedding: ids must be integers, got dtype {ids.dtype}")
+        if ids.size and (ids.min() < 0 or ids.max() >= weight.shape[0]):
+            raise ShapeError(f"embedding: ids must lie in [0, {weight.shape[0]}), "
+                             f"got values from {ids.min()} to {ids.max()}")
+        ctx.save_for_backward(ids)
+        ctx.num_rows = weight.shape[0]
+        return weight[ids]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (ids,) = ctx.saved
+        rows = grad.reshape(-1, grad.shape[-1])
+        return scatter_add_rows(ids.reshape(-1), rows, ctx.num_rows), None
+
+
+class Dropout(Function):
+    """Inverted dropout: keep each entry with probability 1-p and scale it by 1/(1-p)."""
+
+    @staticmethod
+    def forward(ctx, x, keep_mask):
+        ctx.save_for_backward(keep_mask)
+        return x * keep_mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep_mask,) = ctx.saved
+        return grad * keep_mask, None
+
+
+class CausalAttention(Function):
+    """Scaled dot-product attention with a causal mask (Vaswani et al. 2017), fused.
+
+        S = Q K^T / sqrt(d),  S[i, j] = -inf for j > i,  P = softmax(S),  O = P V
+        dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dP * P)),  dQ = dS K / sqrt(d),  dK = dS^T Q / sqrt(d)
+
+    q, k, v: (B, heads, T, d). The mask means position i attends only to 0..i, so a
+    token never sees the future it is asked to predict.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        if not (q.shape == k.shape == v.shape) or q.ndim != 4:
+            raise ShapeError(f"causal_attention: q, k, v must share a (B, heads, T, d) shape, "
+                             f"got {q.shape}, {k.shape}, {v.shape}")
+        sequence_length, head_size = q.shape[-2], q.shape[-1]
+        scale = 1.0 / math.sqrt(head_size)
+        scores = (q @ xp.swapaxes(k, -1, -2)) * scale  # (B, heads, T, T)
+        future = xp.triu(xp.ones((sequence_length, sequence_length), dtype=bool), k=1)
+        scores[..., future] = -xp.inf
+        probabilities = _softmax(scores)
+        ctx.save_for_backward(q, k, v, probabilities)
+        ctx.scale = scale
+        return probabilities @ v
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, probabilities = ctx.saved
+        grad_v = xp.swapaxes(probabilities, -1, -2) @ grad
+        grad_probabilities = grad @ xp.swapaxes(v, -1, -2)
+        grad_scores = probabilities * (grad_probabilities
+                                       - (grad_probabilities * probabilities).sum(axis=-1, keepdims=True))
+        grad_scores *= ctx.scale  # masked entries have probability 0, so their gradient is already 0
+        grad_q = grad_scores @ k
+        grad_k = xp.swapaxes(grad_scores, -1, -2) @ q
+        return grad_q, grad_k, grad_v

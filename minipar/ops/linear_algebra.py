@@ -1,0 +1,57 @@
+"""Matrix products: batched matmul and the fused affine map of a Linear layer."""
+from minipar.backend import xp
+from minipar.errors import ShapeError
+from minipar.ops.elementwise import unbroadcast
+from minipar.tensor import Function
+
+
+class MatMul(Function):
+    """C = A @ B over the last two axes, batch axes broadcast.
+
+    dL/dA = dL/dC @ B^T,  dL/dB = A^T @ dL/dC  (then summed over broadcast batch axes).
+    """
+
+    @staticmethod
+    def forward(ctx, a, b):
+        if a.ndim < 2 or b.ndim < 2 or a.shape[-1] != b.shape[-2]:
+            raise ShapeError(f"matmul: shapes {a.shape} and {b.shape} do not chain "
+                             "(both need at least 2 axes and equal inner sizes)")
+        ctx.save_for_backward(a, b)
+        return a @ b
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved
+        grad_a = unbroadcast(grad @ xp.swapaxes(b, -1, -2), a.shape)
+        grad_b = unbroadcast(xp.swapaxes(a, -1, -2) @ grad, b.shape)
+        return grad_a, grad_b
+
+
+class LinearFunction(Function):
+    """y = x W + b for x of shape (..., in), W of shape (in, out), b of shape (out,).
+
+    The weight is stored (in, out) so the code reads like the maths, Y = X A, and a
+    column-parallel split (Megatron) is literally a split of W's columns.
+    Backward flattens the leading axes into one, so each gradient is one matrix product:
+        dL/dx = dL/dy W^T,   dL/dW = x^T dL/dy,   dL/db = sum over rows of dL/dy.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias=None):
+        if x.shape[-1] != weight.shape[0]:
+            raise ShapeError(f"linear: input of shape {x.shape} does not fit a weight of shape {weight.shape}")
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        out = x @ weight
+        if bias is not None:
+            out += bias
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved
+        grad_rows = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad @ weight.T
+        grad_weight = x.reshape(-1, x.shape[-1]).T @ grad_rows
+        grad_bias = grad_rows.sum(axis=0) if ctx.has_bias else None
+        return grad_x, grad_weight, grad_bias

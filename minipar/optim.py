@@ -1,0 +1,159 @@
+"""Optimizers and learning-rate schedules.
+
+SGD:            theta <- theta - lr * g
+SGD + momentum: u <- mu u + g;  theta <- theta - lr * u
+AdamW (Loshchilov & Hutter 2019, decoupled weight decay; Adam: Kingma & Ba 2015):
+    m <- b1 m + (1 - b1) g,   v <- b2 v + (1 - b2) g^2
+    m_hat = m / (1 - b1^t),   v_hat = v / (1 - b2^t)
+    theta <- theta - lr * (m_hat / (sqrt(v_hat) + eps) + wd * theta)
+
+The update of one parameter uses only that parameter's own gradient and state: that is
+why a tensor-parallel rank can update its shard alone (theta_j <- theta_j - lr g_j) and
+ZeRO can split the optimizer state across data-parallel ranks.
+"""
+import math
+
+from minipar.backend import xp
+from minipar.errors import ConfigError
+
+
+def _as_groups(params, **defaults):
+    """Accept a list of parameters or a list of {"params": [...], option: value} groups."""
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        return [{**defaults, **group, "params": list(group["params"])} for group in params]
+    return [{**defaults, "params": params}]
+
+
+class Optimizer:
+    def __init__(self, groups):
+        self.groups = groups
+        self.step_count = 0
+
+    @property
+    def parameters(self):
+        return [p for group in self.groups for p in group["params"]]
+
+    def set_lr(self, lr):
+        for group in self.groups:
+            group["lr"] = lr
+
+    def zero_grad(self):
+        for p in self.parameters:
+            p.grad = None
+
+    def step(self):
+        self.step_count += 1
+        for group in self.groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.update(p, p.grad, group)
+
+    def update(self, parameter, grad, group):
+        raise NotImplementedError
+
+    # The state, as named arrays, so that checkpoints need no pickle.
+    def state_arrays(self, names):
+        """{f"{name}.{slot}": array} for each parameter (in order, named by ``names``)."""
+        out = {}
+        for name, p in zip(names, self.parameters):
+            for slot, value in self.state.get(id(p), {}).items():
+                out[f"{name}.{slot}"] = value
+        return out
+
+    def load_state_arrays(self, names, arrays, step_count):
+        self.step_count = step_count
+        for name, p in zip(names, self.parameters):
+            slots = {key[len(name) + 1:]: value for key, value in arrays.items() if key.startswith(name + ".")}
+            self.state[id(p)] = {slot: xp.array(value, dtype=p.dtype) for slot, value in slots.items()}
+
+
+class SGD(Optimizer):
+    def __init__(self, params, lr=0.01, momentum=0.0, weight_decay=0.0):
+        if lr < 0 or not 0.0 <= momentum < 1.0:
+            raise ConfigError(f"SGD needs lr >= 0 and momentum in [0, 1), got lr={lr}, momentum={momentum}")
+        super().__init__(_as_groups(params, lr=lr, momentum=momentum, weight_decay=weight_decay))
+        self.state = {}
+
+    def update(self, parameter, grad, group):
+        if group["weight_decay"]:
+            grad = grad + group["weight_decay"] * parameter.data
+        if group["momentum"]:
+            state = self.state.setdefault(id(parameter), {"momentum": xp.zeros_like(parameter.data)})
+            velocity = state["momentum"]
+            velocity *= group["momentum"]
+            velocity += grad
+            grad = velocity
+        parameter.data -= group["lr"] * grad
+
+
+class AdamW(Optimizer):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1):
+        if lr < 0 or not all(0.0 <= b < 1.0 for b in betas) or eps <= 0:
+            raise ConfigError(f"AdamW needs lr >= 0, betas in [0, 1), eps > 0; got {lr}, {betas}, {eps}")
+        super().__init__(_as_groups(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.state = {}
+
+    def step(self):
+        self.step_count += 1
+        for group in self.groups:
+            beta1, beta2 = group["betas"]
+            # Fold both bias corrections into one step size (Kingma & Ba 2015, section 2).
+            step_size = group["lr"] * math.sqrt(1 - beta2**self.step_count) / (1 - beta1**self.step_count)
+            eps_hat = group["eps"] * math.sqrt(1 - beta2**self.step_count)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state.get(id(p))
+                if state is None:
+                    state = self.state[id(p)] = {"m": xp.zeros_like(p.data), "v": xp.zeros_like(p.data)}
+                m, v, grad = state["m"], state["v"], p.grad
+                m *= beta1
+                m += (1 - beta1) * grad
+                v *= beta2
+                v += (1 - beta2) * grad * grad
+                if group["weight_decay"]:
+                    p.data *= 1 - group["lr"] * group["weight_decay"]
+                p.data -= step_size * m / (xp.sqrt(v) + eps_hat)
+
+
+def decay_groups(named_parameters, weight_decay):
+    """Weight decay on matrices only; biases and LayerNorm gains are left alone (as GPT-2 training does)."""
+    named = list(named_parameters)
+    return [
+        {"params": [p for _, p in named if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+def grad_norm_squared(parameters):
+    return sum(float((p.grad.astype(xp.float64) ** 2).sum()) for p in parameters if p.grad is not None)
+
+
+def clip_grad_norm(parameters, max_norm, total_norm_squared=None):
+    """Scale all gradients by min(1, max_norm / ||g||), ||g|| over all of them together.
+
+    A parallel run passes ``total_norm_squared``, the sum of squares over the whole model
+    (every shard counted once), so every rank clips by the same factor as one process would.
+    Returns the norm before clipping.
+    """
+    parameters = [p for p in parameters if p.grad is not None]
+    if total_norm_squared is None:
+        total_norm_squared = grad_norm_squared(parameters)
+    total_norm = math.sqrt(total_norm_squared)
+    scale = max_norm / (total_norm + 1e-6)
+    if scale < 1.0:
+        for p in parameters:
+            p.grad *= scale
+    return total_norm
+
+
+def cosine_learning_rate(step, max_lr, warmup_steps, total_steps, min_lr=None):
+    """Linear warmup to max_lr over warmup_steps, then cosine decay to min_lr at total_steps."""
+    min_lr = max_lr / 10 if min_lr is None else min_lr
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if step >= total_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)

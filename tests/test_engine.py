@@ -1,0 +1,99 @@
+"""The autograd engine's semantics: accumulation, hooks, deep graphs, no_grad, dtypes."""
+import numpy as np
+import pytest
+
+from minipar import ops
+from minipar.backend import set_default_dtype
+from minipar.tensor import Tensor, no_grad
+
+
+def test_gradient_of_a_shared_input_sums_both_uses():
+    x = Tensor(np.array([2.0, 3.0]), requires_grad=True)
+    (x * x + x).sum().backward()  # d/dx (x^2 + x) = 2x + 1
+    np.testing.assert_allclose(x.grad, [5.0, 7.0])
+
+
+def test_gradients_accumulate_across_backward_calls_until_zero_grad():
+    x = Tensor(np.array([1.0, -1.0]), requires_grad=True)
+    (x * 3).sum().backward()
+    (x * 3).sum().backward()
+    np.testing.assert_allclose(x.grad, [6.0, 6.0])
+    x.zero_grad()
+    (x * 3).sum().backward()
+    np.testing.assert_allclose(x.grad, [3.0, 3.0])
+
+
+def test_leaf_gradient_is_not_aliased_with_the_upstream_gradient():
+    x = Tensor(np.ones(3), requires_grad=True)
+    upstream = np.ones(3)
+    (x + 0.0).backward(upstream)
+    x.grad += 1  # must not write into the caller's array
+    np.testing.assert_allclose(upstream, np.ones(3))
+
+
+def test_deep_graph_does_not_hit_the_recursion_limit():
+    x = Tensor(np.array(1.0), requires_grad=True)
+    y = x
+    for _ in range(5000):
+        y = y * 1.0001
+    y.backward()
+    np.testing.assert_allclose(x.grad, 1.0001**5000, rtol=1e-9)
+
+
+def test_grad_ready_hooks_fire_once_when_the_gradient_is_final():
+    a = Tensor(np.array(1.0), requires_grad=True)
+    b = Tensor(np.array(2.0), requires_grad=True)
+    seen = []
+    a.register_grad_ready_hook(lambda t: seen.append(("a", float(t.grad))))
+    b.register_grad_ready_hook(lambda t: seen.append(("b", float(t.grad))))
+    hidden = a * b  # a used twice: the hook must wait for both uses
+    (hidden * a + b).backward()
+    assert sorted(seen) == [("a", 4.0), ("b", 2.0)]  # d/da = 2ab = 4, d/db = a^2 + 1 = 2
+
+
+def test_hooks_of_late_layers_fire_before_early_layers_finish():
+    """Overlap needs the last layer's parameters ready early in backward."""
+    weights = [Tensor(np.array(1.0 + i), requires_grad=True) for i in range(4)]
+    order = []
+    for i, w in enumerate(weights):
+        w.register_grad_ready_hook(lambda t, i=i: order.append(i))
+    x = Tensor(np.array(1.0))
+    for w in weights:
+        x = ops.tanh(x * w)
+    x.backward()
+    assert order == [3, 2, 1, 0]
+
+
+def test_no_grad_records_nothing():
+    x = Tensor(np.ones(2), requires_grad=True)
+    with no_grad():
+        y = x * 2
+    assert not y.requires_grad and y._node is None
+
+
+def test_second_backward_through_a_freed_graph_is_an_error():
+    x = Tensor(np.ones(2), requires_grad=True)
+    y = (x * 2).sum()
+    z = y * 1.0
+    z.backward()
+    with pytest.raises(RuntimeError, match="freed"):
+        (y * 3.0).backward()
+
+
+def test_float32_by_default_and_float64_on_request():
+    assert Tensor([1.0, 2.0]).dtype == np.float32
+    set_default_dtype(np.float64)
+    try:
+        assert Tensor([1.0, 2.0]).dtype == np.float64
+    finally:
+        set_default_dtype(np.float32)
+    x = Tensor(np.ones(3, dtype=np.float32), requires_grad=True)
+    y = ops.gelu(x * 0.5 + 1.0) / 3.0
+    ops.layer_norm(y, Tensor(np.ones(3, np.float32)), Tensor(np.zeros(3, np.float32))).sum().backward()
+    assert y.dtype == np.float32 and x.grad.dtype == np.float32  # no silent float64 upcast
+
+
+def test_backward_needs_a_gradient_for_non_scalars():
+    x = Tensor(np.ones(3), requires_grad=True)
+    with pytest.raises(RuntimeError, match="non-scalar"):
+        (x * 2).backward()
