@@ -3,6 +3,10 @@
     ids (B, T) -> token embedding + position embedding -> n_layer pre-LN Blocks
         -> final LayerNorm -> logits = x @ token_embedding^T  (the output head is tied)
 
+The model is also a chain of pieces (``GPT.pieces``): embedding, blocks, head. Pipeline
+parallelism hands each stage a run of pieces; tensor parallelism swaps each piece for a
+sharded twin.
+
 Initialisation follows GPT-2 (Radford et al. 2019): weights ~ N(0, 0.02), the two
 projections that write into the residual stream scaled by 1/sqrt(2 n_layer) so the
 residual's variance does not grow with depth, biases 0, LayerNorm gains 1. Everything
@@ -19,6 +23,7 @@ from minipar.backend import default_dtype, host_rng, xp
 from minipar.errors import ConfigError
 from minipar.nn.layers import Block, Dropout, Embedding, LayerNorm
 from minipar.nn.module import Module
+from minipar.parallel.sharding import label_replicated
 from minipar.tensor import Tensor, no_grad
 
 
@@ -82,35 +87,63 @@ def initial_state(config):
     return state
 
 
+class TokenAndPositionEmbedding(Module):
+    """ids (B, T) -> token embedding + position embedding (B, T, C): the first pipeline piece."""
+
+    def __init__(self, config):
+        self.block_size = config.block_size
+        self.token = Embedding(config.vocab_size, config.n_embd)
+        self.position = Embedding(config.block_size, config.n_embd)
+        self.dropout = Dropout(config.dropout, config.seed)
+
+    def forward(self, ids):  # (B, T) -> (B, T, C)
+        if ids.shape[-1] > self.block_size:
+            raise ConfigError(f"sequence length {ids.shape[-1]} exceeds block_size {self.block_size}")
+        return self.dropout(self.token(ids) + self.position(xp.arange(ids.shape[-1])))
+
+
+class TiedHead(Module):
+    """Final LayerNorm, logits = x @ E^T with E the token embedding, and the loss: the last piece.
+
+    Tying the output layer to the input embedding (Press & Wolf 2017) saves V*C parameters.
+    When the embedding and the head sit on different pipeline stages, each holds a copy of
+    E and the two gradients must be summed (see parallel/pipeline).
+    """
+
+    def __init__(self, config, token_weight):
+        self.norm = LayerNorm(config.n_embd)
+        self.token_weight = token_weight  # the same Parameter object as the embedding's
+
+    def logits(self, x):  # (B, T, C) -> (B, T, V)
+        return ops.linear(self.norm(x), self.token_weight.transpose())
+
+    def forward(self, x, targets):  # -> scalar mean cross-entropy
+        return ops.cross_entropy(self.logits(x), targets)
+
+
 class GPT(Module):
     def __init__(self, config, initialise=True):
         self.config = config
-        self.token_embedding = Embedding(config.vocab_size, config.n_embd)
-        self.position_embedding = Embedding(config.block_size, config.n_embd)
-        self.embedding_dropout = Dropout(config.dropout, config.seed)
+        self.embedding = TokenAndPositionEmbedding(config)
         self.blocks = [Block(config.n_embd, config.n_head, config.dropout, config.bias, config.seed + 2 * i + 1)
                        for i in range(config.n_layer)]
-        self.final_norm = LayerNorm(config.n_embd)
+        self.head = TiedHead(config, self.embedding.token.weight)
         if initialise:
             self.load_state_dict(initial_state(config))
+        label_replicated(self)
 
-    # The three parts a pipeline stage may hold: embed (first), blocks, head (last).
-    def embed(self, ids):  # (B, T) -> (B, T, C)
-        if ids.shape[-1] > self.config.block_size:
-            raise ConfigError(f"sequence length {ids.shape[-1]} exceeds block_size {self.config.block_size}")
-        positions = xp.arange(ids.shape[-1])
-        return self.embedding_dropout(self.token_embedding(ids) + self.position_embedding(positions))
-
-    def head(self, x):  # (B, T, C) -> (B, T, V)
-        return ops.linear(self.final_norm(x), self.token_embedding.weight.transpose())
+    def pieces(self):
+        """The model as a chain of pieces, the unit a pipeline stage is made of:
+        [embedding, block 0, ..., block L-1, head]; piece i feeds piece i+1."""
+        return [self.embedding, *self.blocks, self.head]
 
     def forward(self, ids, targets=None):
         """Logits (B, T, V) and, given targets (B, T), the mean cross-entropy loss."""
         ids = ids.data if isinstance(ids, Tensor) else ids
-        x = self.embed(ids)
+        x = self.embedding(ids)
         for block in self.blocks:
             x = block(x)
-        logits = self.head(x)
+        logits = self.head.logits(x)
         loss = ops.cross_entropy(logits, targets) if targets is not None else None
         return logits, loss
 

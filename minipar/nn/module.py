@@ -7,10 +7,11 @@ from minipar.tensor import Tensor
 class Parameter(Tensor):
     """A Tensor the optimizer updates: a leaf that always requires a gradient."""
 
-    __slots__ = ()
+    __slots__ = ("shard",)
 
     def __init__(self, data):
         super().__init__(from_host(data), requires_grad=True)
+        self.shard = None  # set by minipar.parallel.sharding: which slice of which full parameter
 
 
 class Module:
@@ -35,11 +36,19 @@ class Module:
                     yield f"{name}.{i}", child
 
     def named_parameters(self, prefix=""):
+        """(name, parameter) pairs; a parameter held twice (a tied weight) is listed once."""
+        seen = set()
+        for name, p in self._all_named_parameters(prefix):
+            if id(p) not in seen:
+                seen.add(id(p))
+                yield name, p
+
+    def _all_named_parameters(self, prefix):
         for name, value in vars(self).items():
             if isinstance(value, Parameter):
                 yield prefix + name, value
         for name, child in self.children():
-            yield from child.named_parameters(prefix + name + ".")
+            yield from child._all_named_parameters(prefix + name + ".")
 
     def parameters(self):
         return [p for _, p in self.named_parameters()]

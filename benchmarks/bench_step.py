@@ -1,0 +1,125 @@
+"""Time one training step (forward, backward, AdamW) of a fixed small GPT.
+
+    python benchmarks/bench_step.py [--threads 1] [--steps 20]
+
+Reports tokens/s, achieved FLOP/s, and that figure as a fraction of this machine's
+measured float32 matmul FLOP/s (the same BLAS, the same thread count). Where PyTorch is
+installed it times the same model in PyTorch eager and prints the ratio.
+
+FLOPs per step (Korthikanti et al. 2022, appendix A; forward + backward, no recomputation):
+    72 B L s h^2 (1 + s/(6h) + V/(12 h L))
+"""
+import argparse
+import os
+import sys
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+parser.add_argument("--threads", type=int, default=None, help="BLAS threads (default: the library's choice)")
+parser.add_argument("--steps", type=int, default=20)
+parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+arguments = parser.parse_args()
+if arguments.threads:
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = str(arguments.threads)
+
+import time  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from minipar.backend import set_default_dtype, xp  # noqa: E402
+from minipar.nn.gpt import GPT, GPTConfig  # noqa: E402
+from minipar.optim import AdamW, decay_groups  # noqa: E402
+
+CONFIG = dict(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128)
+BATCH = 12
+
+
+def model_flops_per_step(batch, layers, length, width, vocab):
+    return 72 * batch * layers * length * width**2 * (1 + length / (6 * width) + vocab / (12 * width * layers))
+
+
+def median_seconds(function, repeats):
+    function()  # warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def matmul_flops_per_second(dtype, size=1024):
+    a = xp.random.default_rng(0).standard_normal((size, size)).astype(dtype)
+    b = a.T.copy()
+    return 2 * size**3 / median_seconds(lambda: a @ b, 10)
+
+
+def minipar_step_seconds(dtype, steps):
+    set_default_dtype(dtype)
+    config = GPTConfig(**CONFIG)
+    model = GPT(config)
+    optimizer = AdamW(decay_groups(model.named_parameters(), 0.1), lr=1e-3)
+    rng = xp.random.default_rng(0)
+    ids = rng.integers(0, config.vocab_size, (BATCH, config.block_size + 1))
+
+    def step():
+        model.zero_grad()
+        _, loss = model(ids[:, :-1], ids[:, 1:])
+        loss.backward()
+        optimizer.step()
+
+    return median_seconds(step, steps)
+
+
+def torch_step_seconds(dtype, steps):
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.manual_seed(0)
+    if arguments.threads:
+        torch.set_num_threads(arguments.threads)
+    c = GPTConfig(**CONFIG)
+    layer = torch.nn.TransformerEncoderLayer(c.n_embd, c.n_head, 4 * c.n_embd, dropout=0.0, activation="gelu",
+                                             batch_first=True, norm_first=True)
+    torch_dtype = getattr(torch, dtype)
+    model = torch.nn.ModuleDict({
+        "tokens": torch.nn.Embedding(c.vocab_size, c.n_embd), "positions": torch.nn.Embedding(c.block_size, c.n_embd),
+        "blocks": torch.nn.TransformerEncoder(layer, c.n_layer, enable_nested_tensor=False),
+        "norm": torch.nn.LayerNorm(c.n_embd)}).to(torch_dtype)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, c.vocab_size, (BATCH, c.block_size + 1))
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(c.block_size)
+
+    def step():
+        optimizer.zero_grad()
+        x = model["tokens"](ids[:, :-1]) + model["positions"](torch.arange(c.block_size))
+        x = model["norm"](model["blocks"](x, mask=mask, is_causal=True))
+        logits = x @ model["tokens"].weight.T
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, c.vocab_size), ids[:, 1:].reshape(-1))
+        loss.backward()
+        optimizer.step()
+
+    return median_seconds(step, steps)
+
+
+def main():
+    dtype = getattr(xp, arguments.dtype)
+    flops = model_flops_per_step(BATCH, CONFIG["n_layer"], CONFIG["block_size"], CONFIG["n_embd"],
+                                 CONFIG["vocab_size"])
+    peak = matmul_flops_per_second(dtype)
+    seconds = minipar_step_seconds(dtype, arguments.steps)
+    tokens = BATCH * CONFIG["block_size"]
+    print(f"model: {CONFIG}, batch {BATCH}, {arguments.dtype}, BLAS threads: {arguments.threads or 'default'}")
+    print(f"matmul peak (1024^3, measured): {peak / 1e9:8.1f} GFLOP/s")
+    print(f"minipar step: {seconds * 1e3:8.1f} ms  {tokens / seconds:10.0f} tokens/s  "
+          f"{flops / seconds / 1e9:6.1f} GFLOP/s  = {flops / seconds / peak:.1%} of matmul peak")
+    torch_seconds = torch_step_seconds(arguments.dtype, arguments.steps)
+    if torch_seconds is None:
+        print("PyTorch not installed: no eager comparison")
+    else:
+        print(f"torch eager : {torch_seconds * 1e3:8.1f} ms  {tokens / torch_seconds:10.0f} tokens/s")
+        print(f"minipar / torch step time: {seconds / torch_seconds:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

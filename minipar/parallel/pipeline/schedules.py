@@ -1,0 +1,267 @@
+"""Pipeline schedules as data: for each rank, the ordered list of what it does in one step.
+
+The model is cut into ``p`` stages on ``p`` ranks (rank = stage index) and each step's batch into
+``m`` micro-batches. With interleaving, the model is cut finer, into ``p·v`` chunks ("virtual
+stages"), and rank ``r`` holds chunks ``r, r+p, r+2p, ...`` (Narayanan et al. 2021, Megatron-LM).
+Activations flow forward from chunk ``c`` to ``c+1``, gradients backward from ``c+1`` to ``c``,
+and chunk ``c`` lives on rank ``c mod p``. Without interleaving there is one chunk per rank and
+the chunk index equals the stage index.
+
+A schedule is a list of ``Action(kind, microbatch, chunk)``; one executor runs any of them:
+
+    RECV_FORWARD   wait for the input activation of (microbatch, chunk) from the rank of chunk-1
+    FORWARD        run chunk's forward on that micro-batch (the last chunk also computes the loss)
+    SEND_FORWARD   send the output activation to the rank of chunk+1      (nonblocking)
+    RECV_BACKWARD  wait for the gradient of (microbatch, chunk)'s output from the rank of chunk+1
+    BACKWARD       run chunk's backward on that micro-batch
+    SEND_BACKWARD  send the gradient of the input to the rank of chunk-1  (nonblocking)
+
+The first chunk has no receive-forward and no send-backward; the last has no send-forward and no
+receive-backward. Every other boundary appears as a matched send/receive pair, even in the one
+case where both chunks sit on the same rank (interleaving with p = 1); sending to yourself with a
+nonblocking send followed by a receive is legal MPI.
+
+Communication semantics, which the simulator checks and the executor must keep:
+
+- sends are buffered: the executor posts ``Isend`` and waits for all of a step's sends at the
+  end of the step, so a send never blocks;
+- a receive blocks until its message is there; the executor may ``Recv``, or ``Irecv`` early and
+  ``Wait`` at this action. We do not split receives into post/wait actions: a receive sits right
+  before the compute that needs it, its latest possible place, and since every message carries a
+  unique tag (``message_tag``) an executor is free to post all of a step's ``Irecv`` up front;
+- messages are matched by tag, not by arrival order, so two messages between the same ranks
+  never get mixed up;
+- each send comes right after the compute that produces it, so no rank sits on a result that
+  another rank waits for.
+
+Under these rules a schedule is deadlock-free exactly when the simulator finishes it.
+"""
+from dataclasses import dataclass
+from enum import StrEnum
+
+from minipar.errors import ConfigError
+
+
+class ActionKind(StrEnum):
+    RECV_FORWARD = "recv_forward"
+    FORWARD = "forward"
+    SEND_FORWARD = "send_forward"
+    RECV_BACKWARD = "recv_backward"
+    BACKWARD = "backward"
+    SEND_BACKWARD = "send_backward"
+
+
+RECV_FORWARD = ActionKind.RECV_FORWARD
+FORWARD = ActionKind.FORWARD
+SEND_FORWARD = ActionKind.SEND_FORWARD
+RECV_BACKWARD = ActionKind.RECV_BACKWARD
+BACKWARD = ActionKind.BACKWARD
+SEND_BACKWARD = ActionKind.SEND_BACKWARD
+
+SENDS = (SEND_FORWARD, SEND_BACKWARD)
+RECEIVES = (RECV_FORWARD, RECV_BACKWARD)
+COMPUTES = (FORWARD, BACKWARD)
+
+
+@dataclass(frozen=True)
+class Action:
+    """One thing a rank does: ``kind`` on micro-batch ``microbatch`` of global chunk ``chunk``."""
+
+    kind: ActionKind
+    microbatch: int
+    chunk: int
+
+    def __repr__(self):
+        kind = getattr(self.kind, "name", repr(self.kind))
+        return f"{kind}(microbatch={self.microbatch}, chunk={self.chunk})"
+
+    @property
+    def peer_chunk(self):
+        """The chunk at the other end of a send or receive (None for compute)."""
+        if self.kind in (SEND_FORWARD, RECV_BACKWARD):
+            return self.chunk + 1
+        if self.kind in (RECV_FORWARD, SEND_BACKWARD):
+            return self.chunk - 1
+        return None
+
+
+def stage_of_chunk(chunk, num_stages):
+    """The rank holding global chunk ``chunk``: chunks are dealt round-robin over the ranks."""
+    return chunk % num_stages
+
+
+def peer_rank(action, num_stages):
+    """The rank a send goes to, or a receive comes from."""
+    if action.peer_chunk is None:
+        raise ConfigError(f"{action!r} is compute and has no peer rank")
+    return stage_of_chunk(action.peer_chunk, num_stages)
+
+
+def message_tag(action, total_chunks):
+    """The MPI tag shared by a send and its receive: unique per (direction, micro-batch, boundary).
+
+    ``2·(microbatch·total_chunks + sending chunk) + direction``, direction 0 for activations and
+    1 for gradients. The MPI standard guarantees tags up to 32767, which covers
+    ``2·m·p·v ≤ 32768`` (for instance m = 64 micro-batches over 256 chunks).
+    """
+    if action.peer_chunk is None:
+        raise ConfigError(f"{action!r} is compute and has no message tag")
+    sending_chunk = action.chunk if action.kind in SENDS else action.peer_chunk
+    direction = 0 if action.kind in (SEND_FORWARD, RECV_FORWARD) else 1
+    return 2 * (action.microbatch * total_chunks + sending_chunk) + direction
+
+
+def _forward_actions(microbatch, chunk, total_chunks):
+    actions = [Action(RECV_FORWARD, microbatch, chunk)] if chunk > 0 else []
+    actions.append(Action(FORWARD, microbatch, chunk))
+    if chunk < total_chunks - 1:
+        actions.append(Action(SEND_FORWARD, microbatch, chunk))
+    return actions
+
+
+def _backward_actions(microbatch, chunk, total_chunks):
+    actions = [Action(RECV_BACKWARD, microbatch, chunk)] if chunk < total_chunks - 1 else []
+    actions.append(Action(BACKWARD, microbatch, chunk))
+    if chunk > 0:
+        actions.append(Action(SEND_BACKWARD, microbatch, chunk))
+    return actions
+
+
+def _check_count(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_layout(num_stages, num_microbatches, stage, num_chunks=1):
+    _check_count("num_stages", num_stages)
+    _check_count("num_microbatches", num_microbatches)
+    _check_count("num_chunks", num_chunks)
+    if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage < num_stages:
+        raise ConfigError(f"stage must be an integer in [0, {num_stages}), got {stage!r}")
+
+
+def gpipe(num_stages, num_microbatches, stage):
+    """GPipe (Huang et al. 2019): every forward of the step, then every backward.
+
+    Backwards run in the same micro-batch order as the forwards (first in, first out), so the
+    last stage can start micro-batch 0's backward straight after its last forward. With forward
+    time t_f and backward time t_b per stage and no communication cost, the step takes
+    (m + p - 1)(t_f + t_b), of which each rank computes m(t_f + t_b); the idle share, the bubble, is
+
+        (p - 1) / (m + p - 1)   of the step,
+
+    which Narayanan et al. 2021 write as (p - 1)/m of the ideal compute time. The price is memory:
+    every rank stashes the activations of all m micro-batches before its first backward.
+    """
+    _check_layout(num_stages, num_microbatches, stage)
+    actions = []
+    for microbatch in range(num_microbatches):
+        actions += _forward_actions(microbatch, stage, num_stages)
+    for microbatch in range(num_microbatches):
+        actions += _backward_actions(microbatch, stage, num_stages)
+    return actions
+
+
+def one_f_one_b(num_stages, num_microbatches, stage):
+    """1F1B, PipeDream-flush (Narayanan et al. 2021): one forward, one backward, in steady state.
+
+    Stage s runs w = min(p - s - 1, m) warm-up forwards, then alternates one forward with one
+    backward until its forwards are done, then drains the remaining w backwards. A backward frees
+    its micro-batch's activations as soon as the pipeline allows, so stage s never holds more than
+    min(p - s, m) ≤ p micro-batches in flight, against GPipe's m. The bubble is unchanged,
+    (p - 1)/(m + p - 1) of the step: the warm-up and drain idle times are GPipe's, only reordered.
+    """
+    _check_layout(num_stages, num_microbatches, stage)
+    warmup = min(num_stages - stage - 1, num_microbatches)
+    actions = []
+    for microbatch in range(warmup):
+        actions += _forward_actions(microbatch, stage, num_stages)
+    for step in range(num_microbatches - warmup):
+        actions += _forward_actions(warmup + step, stage, num_stages)
+        actions += _backward_actions(step, stage, num_stages)
+    for microbatch in range(num_microbatches - warmup, num_microbatches):
+        actions += _backward_actions(microbatch, stage, num_stages)
+    return actions
+
+
+def interleaved_one_f_one_b(num_stages, num_microbatches, stage, num_chunks):
+    """Interleaved 1F1B (Narayanan et al. 2021, Megatron-LM): 1F1B over v chunks per rank.
+
+    Micro-batches go through the pipeline in groups of p: rank r runs the forwards of a group on
+    its first chunk, then on its second, ..., then starts the next group; backwards visit its
+    chunks in the reverse order. Rank r warms up with (v - 1)·p + 2(p - r - 1) forwards (capped
+    at m·v), alternates one forward with one backward, then drains. The groups of p are why m must
+    be a multiple of p.
+
+    Each chunk takes 1/v of a stage's time, so the fill and drain shrink by v: the bubble is
+    (1/v)(p - 1)/m of the ideal compute time, that is
+
+        ((p - 1)/v) / (m + (p - 1)/v)   of the step,
+
+    bought with v times as many messages. num_chunks = 1 gives plain 1F1B (``one_f_one_b``), with
+    no constraint on m.
+
+    Why the warm-up holds 2(p - r - 1) and not 1F1B's p - r - 1 forwards beyond (v - 1)·p: if
+    messages were free, p - r - 1 would do; the simulator gives the same step time with it and
+    less stashed memory. The extra p - r - 1 forwards are slack for communication: they let a
+    rank keep computing while a message is in flight, so send latency mostly hides behind
+    compute instead of adding to every steady-state step (try ``simulate(..., send_time=0.5)``
+    both ways). The price is memory: rank r stashes up to min((v - 1)·p + 2(p - r - 1) + 1, m·v)
+    (micro-batch, chunk) pairs, each 1/v of a stage's activations.
+    """
+    _check_layout(num_stages, num_microbatches, stage, num_chunks)
+    if num_chunks == 1:
+        return one_f_one_b(num_stages, num_microbatches, stage)
+    if num_microbatches % num_stages != 0:
+        raise ConfigError(
+            f"the interleaved schedule needs num_microbatches to be a multiple of num_stages, "
+            f"got num_microbatches={num_microbatches} and num_stages={num_stages}")
+    total_chunks = num_stages * num_chunks
+    units = num_microbatches * num_chunks  # (micro-batch, chunk) pairs on this rank
+
+    def unit(index, backward):
+        group, position = divmod(index, total_chunks)
+        local_chunk = position // num_stages
+        if backward:
+            local_chunk = num_chunks - 1 - local_chunk
+        microbatch = group * num_stages + position % num_stages
+        return microbatch, stage + local_chunk * num_stages
+
+    warmup = min((num_chunks - 1) * num_stages + 2 * (num_stages - stage - 1), units)
+    actions = []
+    for index in range(warmup):
+        actions += _forward_actions(*unit(index, backward=False), total_chunks)
+    for step in range(units - warmup):
+        actions += _forward_actions(*unit(warmup + step, backward=False), total_chunks)
+        actions += _backward_actions(*unit(step, backward=True), total_chunks)
+    for index in range(units - warmup, units):
+        actions += _backward_actions(*unit(index, backward=True), total_chunks)
+    return actions
+
+
+SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved")
+
+
+def build_schedule(name, num_stages, num_microbatches, stage, num_chunks=1):
+    """The actions of rank ``stage`` under the schedule called ``name``.
+
+    ``name`` is one of "gpipe", "1f1b", "interleaved". gpipe and 1f1b hold one chunk per rank, so
+    they need num_chunks = 1; "interleaved" with num_chunks = 1 is 1f1b.
+    """
+    if name not in SCHEDULE_NAMES:
+        raise ConfigError(f"unknown pipeline schedule {name!r}; choose one of {SCHEDULE_NAMES}")
+    if name == "interleaved":
+        return interleaved_one_f_one_b(num_stages, num_microbatches, stage, num_chunks)
+    _check_layout(num_stages, num_microbatches, stage, num_chunks)
+    if num_chunks != 1:
+        raise ConfigError(
+            f"the {name!r} schedule holds one chunk per rank, got num_chunks={num_chunks}; "
+            f"use 'interleaved' for several")
+    return gpipe(num_stages, num_microbatches, stage) if name == "gpipe" else \
+        one_f_one_b(num_stages, num_microbatches, stage)
+
+
+def build_all_schedules(name, num_stages, num_microbatches, num_chunks=1):
+    """Every rank's actions, as a list indexed by rank (what the simulator takes)."""
+    return [build_schedule(name, num_stages, num_microbatches, stage, num_chunks)
+            for stage in range(num_stages)]

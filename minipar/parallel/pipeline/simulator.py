@@ -1,0 +1,239 @@
+"""Run pipeline schedules on paper: check them and time them, no MPI needed.
+
+``simulate(schedules_per_rank)`` plays every rank's list of ``Action``s with the executor's
+rules (see ``schedules``): compute takes ``forward_time`` or ``backward_time``; a send never
+blocks and its message can be received ``send_time`` later; a receive waits until its message
+has arrived. Messages are matched by (direction, micro-batch, chunk boundary), like MPI tags.
+
+Before timing anything it checks that the schedules describe one whole training step:
+
+- every action's chunk lives on the rank that runs it (chunk c on rank c mod p);
+- every (micro-batch, chunk) has exactly one forward and one backward, and the receives and
+  sends its position in the pipeline calls for (none into the first chunk or past the last);
+- every send has exactly one matching receive, and every receive one send;
+- on each rank, receive-forward < forward < send-forward, forward < backward, and
+  receive-backward < backward < send-backward for the same (micro-batch, chunk).
+
+Then it runs the ranks; if some rank is left waiting on a message that nobody will ever send, it
+raises ``DeadlockError`` naming each stuck rank and the receive it waits on.
+
+Bubble fraction, precisely: with p ranks and makespan T (the time the last action ends; every
+rank starts at 0), each rank computes for its summed forward and backward durations, and
+
+    bubble_fraction = 1 - (total compute time over all ranks) / (p · T)
+
+is the share of the p·T rank-seconds spent not computing: waiting on receives, or done early.
+With send_time = 0 this is the quantity the formulas in ``schedules`` predict.
+"""
+from collections import Counter
+from dataclasses import dataclass
+
+from minipar.errors import ConfigError
+from minipar.parallel.pipeline.schedules import (
+    BACKWARD, COMPUTES, FORWARD, RECEIVES, RECV_BACKWARD, RECV_FORWARD, SEND_BACKWARD,
+    SEND_FORWARD, SENDS, Action, ActionKind, stage_of_chunk)
+
+
+class ScheduleError(ConfigError):
+    """A schedule that does not describe one whole, consistent training step."""
+
+
+class DeadlockError(ScheduleError):
+    """Schedules whose ranks wait on each other forever."""
+
+
+@dataclass(frozen=True)
+class Interval:
+    """What one rank did from ``start`` to ``end`` (a receive's interval is its wait).
+
+    It also reads as a trace event (``name``, ``category``, ``args``), so ``minipar.trace`` can
+    draw a simulated step exactly as it draws a measured one.
+    """
+
+    rank: int
+    kind: str
+    microbatch: int
+    chunk: int
+    start: float
+    end: float
+
+    @property
+    def category(self):
+        return {RECV_FORWARD: "recv", RECV_BACKWARD: "recv",
+                SEND_FORWARD: "send", SEND_BACKWARD: "send"}.get(self.kind, str(self.kind))
+
+    @property
+    def name(self):
+        return f"{self.kind} mb{self.microbatch} chunk{self.chunk}"
+
+    @property
+    def args(self):
+        return {"microbatch": self.microbatch, "chunk": self.chunk}
+
+
+@dataclass
+class SimulationResult:
+    timeline: list          # timeline[rank] = that rank's Intervals in the order it ran them
+    makespan: float
+    bubble_fraction: float
+    peak_in_flight: list    # peak_in_flight[rank] = most (micro-batch, chunk) pairs stashed at once
+    compute_time: list      # compute_time[rank] = summed forward and backward durations
+    num_microbatches: int
+    num_chunks: int         # chunks in the whole model (p·v)
+
+
+def message_key(action):
+    """What a send and its receive agree on: (direction, micro-batch, sending chunk)."""
+    sending_chunk = action.chunk if action.kind in SENDS else action.peer_chunk
+    direction = "activation" if action.kind in (SEND_FORWARD, RECV_FORWARD) else "gradient"
+    return direction, action.microbatch, sending_chunk
+
+
+def _expected_actions(microbatch, chunk, total_chunks):
+    kinds = [FORWARD, BACKWARD]
+    if chunk > 0:
+        kinds += [RECV_FORWARD, SEND_BACKWARD]
+    if chunk < total_chunks - 1:
+        kinds += [SEND_FORWARD, RECV_BACKWARD]
+    return [(kind, microbatch, chunk) for kind in kinds]
+
+
+# Pairs (earlier, later) that must appear in this order on a rank for the same (micro-batch, chunk).
+_ORDER_RULES = ((RECV_FORWARD, FORWARD), (FORWARD, SEND_FORWARD), (FORWARD, BACKWARD),
+                (RECV_BACKWARD, BACKWARD), (BACKWARD, SEND_BACKWARD))
+
+
+def _listed(problems, limit=8):
+    more = f"; and {len(problems) - limit} more" if len(problems) > limit else ""
+    return "; ".join(problems[:limit]) + more
+
+
+def check_schedules(schedules_per_rank):
+    """Raise ``ScheduleError`` unless the schedules form one whole step; return (m, p·v)."""
+    num_ranks = len(schedules_per_rank)
+    if num_ranks == 0:
+        raise ScheduleError("no schedules given: need one action list per rank")
+    placed = [(rank, action) for rank, schedule in enumerate(schedules_per_rank)
+              for action in schedule]
+    if not placed:
+        raise ScheduleError("every rank's schedule is empty")
+    for rank, action in placed:
+        if not isinstance(action, Action) or not isinstance(action.kind, ActionKind):
+            raise ScheduleError(f"rank {rank}: {action!r} is not an Action with an ActionKind")
+        if action.microbatch < 0 or action.chunk < 0:
+            raise ScheduleError(f"rank {rank}: {action!r} has a negative index")
+        if stage_of_chunk(action.chunk, num_ranks) != rank:
+            raise ScheduleError(
+                f"rank {rank} runs {action!r}, but chunk {action.chunk} lives on rank "
+                f"{stage_of_chunk(action.chunk, num_ranks)} of {num_ranks}")
+
+    # Matched like MPI tags: a message is (direction, micro-batch, sending chunk).
+    sends = Counter(message_key(action) for _, action in placed if action.kind in SENDS)
+    receives = Counter(message_key(action) for _, action in placed if action.kind in RECEIVES)
+    unmatched = []
+    for rank, action in placed:
+        key = None if action.kind in COMPUTES else message_key(action)
+        if key is not None and (sends[key] != 1 or receives[key] != 1):
+            unmatched.append(f"rank {rank}: {action!r} is one of {sends[key]} sends and "
+                             f"{receives[key]} receives of its message")
+    if unmatched:
+        raise ScheduleError("every send needs exactly one receive and every receive exactly "
+                            "one send: " + _listed(unmatched))
+
+    num_microbatches = 1 + max(action.microbatch for _, action in placed)
+    total_chunks = 1 + max(action.chunk for _, action in placed)
+    total_chunks += -total_chunks % num_ranks  # round up: the top chunks may be missing outright
+    found = Counter((action.kind, action.microbatch, action.chunk) for _, action in placed)
+    expected = Counter()
+    for microbatch in range(num_microbatches):
+        for chunk in range(total_chunks):
+            expected.update(_expected_actions(microbatch, chunk, total_chunks))
+    wrong = []
+    for key in sorted(set(found) | set(expected), key=str):
+        if found[key] != expected[key]:
+            kind, microbatch, chunk = key
+            wrong.append(f"{kind.name}(microbatch={microbatch}, chunk={chunk}) appears "
+                         f"{found[key]} times, expected {expected[key]}")
+    if wrong:
+        raise ScheduleError(f"the schedules are not one whole step of {num_microbatches} "
+                            f"micro-batches over {total_chunks} chunks: " + _listed(wrong))
+
+    for rank, schedule in enumerate(schedules_per_rank):
+        position = {(a.kind, a.microbatch, a.chunk): index for index, a in enumerate(schedule)}
+        for earlier, later in _ORDER_RULES:
+            for (kind, microbatch, chunk), index in position.items():
+                before = position.get((earlier, microbatch, chunk))
+                if kind == later and before is not None and before > index:
+                    raise ScheduleError(
+                        f"rank {rank} runs {later.name}(microbatch={microbatch}, chunk={chunk}) "
+                        f"at position {index}, before its {earlier.name} at position {before}")
+    return num_microbatches, total_chunks
+
+
+def simulate(schedules_per_rank, forward_time=1.0, backward_time=2.0, send_time=0.0):
+    """Check, then run, one step of the given per-rank schedules; return a ``SimulationResult``.
+
+    ``schedules_per_rank[r]`` is rank r's list of ``Action``s. Times are per action: with
+    interleaving each chunk is 1/v of a stage, so pass the stage times divided by v to compare
+    makespans with a non-interleaved schedule. Any numbers work; pass ``fractions.Fraction``
+    for all three times to get exact makespans and bubbles.
+
+    ``peak_in_flight[r]`` is the most (micro-batch, chunk) pairs rank r has run forward but not
+    yet backward at any moment: the activations it must keep stashed, each one chunk's worth.
+    """
+    for name, value in (("forward_time", forward_time), ("backward_time", backward_time)):
+        if not value > 0:
+            raise ConfigError(f"{name} must be positive, got {value!r}")
+    if not send_time >= 0:
+        raise ConfigError(f"send_time must be non-negative, got {send_time!r}")
+    num_microbatches, total_chunks = check_schedules(schedules_per_rank)
+    num_ranks = len(schedules_per_rank)
+
+    arrival = {}                      # message key -> time the receiver can have it
+    next_action = [0] * num_ranks     # index of each rank's next action
+    clock = [0] * num_ranks
+    timeline = [[] for _ in range(num_ranks)]
+    stashed = [0] * num_ranks
+    peak_in_flight = [0] * num_ranks
+    compute_time = [0] * num_ranks
+
+    # A rank's timing depends only on when its messages arrive, so running each rank until it
+    # blocks, round after round, gives the same times as any interleaving of real ranks.
+    progress = True
+    while progress:
+        progress = False
+        for rank, schedule in enumerate(schedules_per_rank):
+            while next_action[rank] < len(schedule):
+                action = schedule[next_action[rank]]
+                start = clock[rank]
+                if action.kind in RECEIVES:
+                    key = message_key(action)
+                    if key not in arrival:
+                        break  # blocked: try the other ranks
+                    end = max(start, arrival.pop(key))
+                elif action.kind in SENDS:
+                    arrival[message_key(action)] = start + send_time
+                    end = start
+                else:
+                    end = start + (forward_time if action.kind == FORWARD else backward_time)
+                    compute_time[rank] += end - start
+                    stashed[rank] += 1 if action.kind == FORWARD else -1
+                    peak_in_flight[rank] = max(peak_in_flight[rank], stashed[rank])
+                timeline[rank].append(Interval(rank, action.kind, action.microbatch,
+                                               action.chunk, start, end))
+                clock[rank] = end
+                next_action[rank] += 1
+                progress = True
+
+    stuck = [rank for rank in range(num_ranks) if next_action[rank] < len(schedules_per_rank[rank])]
+    if stuck:
+        waits = ", ".join(f"rank {rank} waits at action {next_action[rank]}: "
+                          f"{schedules_per_rank[rank][next_action[rank]]!r}" for rank in stuck)
+        raise DeadlockError(f"deadlock: {len(stuck)} of {num_ranks} ranks can never finish; "
+                            f"{waits}")
+
+    makespan = max(clock)
+    bubble_fraction = 1 - sum(compute_time) / (num_ranks * makespan)
+    return SimulationResult(timeline=timeline, makespan=makespan, bubble_fraction=bubble_fraction,
+                            peak_in_flight=peak_in_flight, compute_time=compute_time,
+                            num_microbatches=num_microbatches, num_chunks=total_chunks)

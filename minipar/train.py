@@ -1,0 +1,230 @@
+"""One training loop for every layout: single process, dp, tp, pp, and all three at once.
+
+A step, on each rank (see docs/design.md for the parts):
+
+    global batch (B, T), the same on every rank for (seed, step)
+      -> this data-parallel replica's rows (B/dp)          # rank discipline: nobody ships data
+      -> m micro-batches of B/(dp m) rows
+      -> pipeline executor: forward/backward of this rank's chunks, loss scaled by 1/m
+      -> tensor-parallel gradient sums (sequence parallel only), tied-embedding sum (pp > 1)
+      -> data-parallel average  Δθ = (1/dp) Σ_i Δθ_i
+      -> clip by the global gradient norm, AdamW on this rank's shards: θ_j <- θ_j - η Δθ_j
+
+Rank discipline: every rank builds the same GPT from the same seed and keeps its slice;
+every rank validates the configuration before any communication; world rank 0 prints,
+evaluates (on the gathered single-process model) and writes files.
+"""
+import dataclasses
+from dataclasses import dataclass
+
+from minipar.backend import set_default_dtype, xp
+from minipar.errors import ConfigError
+from minipar.nn.gpt import GPT
+from minipar.optim import AdamW, clip_grad_norm, cosine_learning_rate, decay_groups
+from minipar.parallel.topology import Layout, ProcessGrid
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 600  # optimizer steps
+    batch_size: int = 16  # global batch, in sequences, summed over data-parallel replicas
+    learning_rate: float = 3e-3  # peak of the warmup + cosine schedule
+    min_learning_rate: float = 3e-4  # where the cosine ends
+    warmup_steps: int = 50  # linear warmup, which keeps early Adam steps small
+    weight_decay: float = 0.1  # AdamW's decoupled decay, on matrices only
+    betas: tuple = (0.9, 0.99)  # Adam's moment decay rates
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 turns it off
+    seed: int = 1337  # batches are drawn from (seed, step); the model from GPTConfig.seed
+    dtype: str = "float32"  # float64 for exact comparisons between layouts
+    # layout
+    dp: int = 1  # data-parallel replicas
+    tp: int = 1  # tensor-parallel ranks per layer
+    pp: int = 1  # pipeline stages
+    microbatches: int = 1  # per step and replica; gradients accumulate over them
+    schedule: str = "1f1b"  # gpipe | 1f1b | interleaved
+    virtual_stages: int = 1  # model chunks per pipeline rank (interleaved schedule)
+    split: tuple = None  # blocks per pipeline chunk; None balances them
+    recompute: bool = False  # recompute activations in backward instead of stashing them
+    sequence_parallel: bool = False  # shard LayerNorm/dropout regions along the sequence
+    zero: int = 0  # ZeRO stage over the data-parallel group (0 = off)
+    bucket_megabytes: float = 1.0  # data-parallel gradient bucket size
+    overlap: bool = False  # start bucket allreduces during backward
+    allreduce: str = "mpi"  # mpi | ring | recursive_doubling | tree
+
+    def __post_init__(self):
+        if self.dtype not in ("float32", "float64"):
+            raise ConfigError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
+        for name in ("steps", "batch_size", "dp", "tp", "pp", "microbatches", "virtual_stages"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "steps" else 1):
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.batch_size % (self.dp * self.microbatches):
+            raise ConfigError(f"global batch size {self.batch_size} must be divisible by dp x microbatches "
+                              f"= {self.dp} x {self.microbatches} = {self.dp * self.microbatches}")
+        if self.bucket_megabytes <= 0:
+            raise ConfigError(f"bucket size must be > 0 MB, got {self.bucket_megabytes}")
+        if self.zero not in (0, 1, 2, 3):
+            raise ConfigError(f"zero must be 0, 1, 2 or 3, got {self.zero!r}")
+
+    @property
+    def layout(self):
+        return Layout(self.dp, self.tp, self.pp)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+def learning_rate_at(config, step):
+    return cosine_learning_rate(step, config.learning_rate, config.warmup_steps, config.steps,
+                                config.min_learning_rate)
+
+
+class Trainer:
+    """Builds this rank's part of the model for the layout and runs training steps."""
+
+    def __init__(self, model_config, train_config, world):
+        """``world`` is a minipar Communicator over all ranks (its size must be dp*tp*pp)."""
+        self.model_config, self.config = model_config, train_config
+        set_default_dtype(getattr(xp, train_config.dtype))
+        self.grid = ProcessGrid(train_config.layout, world)
+        self.chunks = self._build_chunks()
+        self.named_parameters = _unique_named_parameters(self.chunks)
+        self.parameters = [p for _, p in self.named_parameters]
+        self.executor = self._build_executor()
+        self.data_parallel = self._build_data_parallel()
+        self.optimizer = AdamW(decay_groups(self.named_parameters, train_config.weight_decay),
+                               lr=train_config.learning_rate, betas=train_config.betas,
+                               weight_decay=train_config.weight_decay)
+        self.step_count = 0
+
+    # ---- construction ------------------------------------------------------------------
+    def _build_chunks(self):
+        config, grid = self.config, self.grid
+        if config.tp > 1 or config.sequence_parallel:
+            from minipar.parallel.tensor_parallel import tensor_parallel_pieces
+
+            pieces = tensor_parallel_pieces(self.model_config, grid.tp, config.sequence_parallel)
+        else:
+            pieces = GPT(self.model_config).pieces()
+        from minipar.parallel.pipeline.partition import partition
+
+        return partition(pieces, config.pp, grid.pp_rank, config.virtual_stages, config.split)
+
+    def _build_executor(self):
+        from minipar.parallel.pipeline.executor import PipelineExecutor
+
+        config = self.config
+        micro_batch = config.batch_size // (config.dp * config.microbatches)
+        length = self.model_config.block_size // (config.tp if config.sequence_parallel else 1)
+        activation_shape = (micro_batch, length, self.model_config.n_embd)
+        schedule = config.schedule if config.virtual_stages == 1 or config.schedule == "interleaved" else None
+        if schedule is None:
+            raise ConfigError(f"virtual_stages = {config.virtual_stages} needs --schedule interleaved")
+        return PipelineExecutor(self.chunks, self.grid.pp, config.schedule, config.microbatches, activation_shape,
+                                getattr(xp, config.dtype), recompute=config.recompute)
+
+    def _build_data_parallel(self):
+        if self.config.dp == 1:
+            return None
+        from minipar.parallel.data_parallel import DataParallel
+
+        config = self.config
+        data_parallel = DataParallel(self.parameters, self.grid.dp,
+                                     bucket_bytes=int(config.bucket_megabytes * 2**20), overlap=config.overlap,
+                                     algorithm=config.allreduce, accumulation_steps=config.microbatches)
+        data_parallel.broadcast_parameters()
+        return data_parallel
+
+    # ---- one step ----------------------------------------------------------------------
+    def train_step(self, inputs, targets):
+        """One optimizer step on the global batch (B, T); returns the mean loss on every rank."""
+        config, grid = self.config, self.grid
+        rows = config.batch_size // config.dp
+        if inputs.shape[0] != config.batch_size:
+            raise ConfigError(f"batch has {inputs.shape[0]} rows, the configuration says {config.batch_size}")
+        inputs = inputs[grid.dp_rank * rows:(grid.dp_rank + 1) * rows]  # (B/dp, T)
+        targets = targets[grid.dp_rank * rows:(grid.dp_rank + 1) * rows]
+        micro = rows // config.microbatches
+        micro_inputs = [inputs[i * micro:(i + 1) * micro] for i in range(config.microbatches)]
+        micro_targets = [targets[i * micro:(i + 1) * micro] for i in range(config.microbatches)]
+
+        for p in self.parameters:
+            p.grad = None
+        loss = self.executor.run(micro_inputs, micro_targets)  # (B/dp m, T) per micro-batch
+        self._finish_gradients()
+        if config.grad_clip > 0:
+            clip_grad_norm(self.parameters, config.grad_clip, self._global_grad_norm_squared())
+        self.optimizer.set_lr(learning_rate_at(config, self.step_count))
+        self.optimizer.step()
+        self.step_count += 1
+        return self._share_loss(loss)
+
+    def _finish_gradients(self):
+        if self.config.sequence_parallel:
+            from minipar.parallel.tensor_parallel import finish_tensor_parallel_gradients
+
+            finish_tensor_parallel_gradients(self.parameters, self.grid.tp)
+        if self.config.pp > 1:
+            from minipar.parallel.pipeline.partition import sum_tied_embedding_gradients
+
+            sum_tied_embedding_gradients(self.chunks, self.grid.pp)
+        if self.data_parallel is not None:
+            self.data_parallel.finish_gradient_sync()
+        for p in self.parameters:  # a parameter no micro-batch touched has a zero gradient
+            if p.grad is None:
+                p.grad = xp.zeros_like(p.data)
+
+    def _global_grad_norm_squared(self):
+        """||g||^2 of the whole single-process model: each full parameter counted once.
+
+        Sharded parameters: every tp rank adds its part. Replicated ones: tp rank 0 only.
+        The tied embedding's copy in the head of a later stage: not again. Then sum over
+        the tp and pp groups; data-parallel replicas already hold identical gradients.
+        """
+        total = 0.0
+        for p in self.parameters:
+            if p.shard.is_replicated and self.grid.tp_rank != 0:
+                continue
+            if self._is_tied_copy(p):
+                continue
+            total += float((p.grad.astype(xp.float64) ** 2).sum())
+        buffer = xp.array([total])
+        self.grid.tp.allreduce(buffer)
+        self.grid.pp.allreduce(buffer)
+        return float(buffer[0])
+
+    def _is_tied_copy(self, parameter):
+        """True for the head's copy of the token embedding on a stage without the embedding."""
+        return (parameter.shard.full_name == "embedding.token.weight" and self.config.pp > 1
+                and not self.grid.is_first_stage)
+
+    def _share_loss(self, loss):
+        """The last stage knows the loss; average it over replicas and give it to every rank."""
+        buffer = xp.array([loss if loss is not None else 0.0], dtype=xp.float64)
+        self.grid.pp.broadcast(buffer, root=self.config.pp - 1)
+        self.grid.dp.allreduce(buffer)
+        return float(buffer[0]) / self.config.dp
+
+    # ---- the single-process view -------------------------------------------------------
+    def gather_state(self, arrays_by_parameter=None):
+        """On world rank 0: {full name: full array} joined from every rank's shards; None elsewhere.
+
+        ``arrays_by_parameter`` maps a local parameter to an array with the same shard
+        (optimizer moments); by default the parameters' values. Replica dp rank 0 sends.
+        """
+        from minipar.parallel.gather import gather_full_arrays
+
+        if arrays_by_parameter is None:
+            arrays_by_parameter = {id(p): p.data for p in self.parameters}
+        return gather_full_arrays(self.parameters, arrays_by_parameter, self.grid)
+
+
+def _unique_named_parameters(chunks):
+    """Full-model names and parameters of this rank's chunks; a tied weight counted once."""
+    seen, named = set(), []
+    for chunk in chunks:
+        for _, p in chunk.named_parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                named.append((p.shard.full_name, p))
+    return named
