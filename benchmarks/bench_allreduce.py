@@ -1,0 +1,92 @@
+"""Allreduce bandwidth: minipar's hand-built ring and recursive doubling against MPI's built-in.
+
+    mpiexec -n 4 python benchmarks/bench_allreduce.py [--repetitions 20]
+
+For each message size (float32, 4 KB … 16 MB) every algorithm runs in turn,
+repetition after repetition, so a burst of load on the machine hits all of
+them alike. One timing is the slowest rank's time for one in-place allreduce
+(ranks start together after a barrier); the table shows the median.
+
+Bus bandwidth, as nccl-tests defines it (doc/PERFORMANCE.md), is
+2(N−1)/N × bytes / time: the rate at which each rank's link carries the
+2(N−1)/N × bytes that a bandwidth-optimal allreduce must move, so numbers
+compare across rank counts. "ratio" is our bus bandwidth over the built-in's
+(above 1: ours is faster). Rank 0 prints the table; nothing is written to disk.
+"""
+import argparse
+import os
+import statistics
+import time
+
+from mpi4py import MPI
+
+from minipar.backend import xp
+from minipar.comm import Communicator
+
+SIZES_BYTES = [4 * 1024 * 4**step for step in range(7)]  # 4 KB, 16 KB, … 16 MB
+ALGORITHMS = ("mpi", "ring", "recursive_doubling")
+LABELS = {"mpi": "built-in", "ring": "ring", "recursive_doubling": "rec.doubling"}
+
+
+def slowest_rank_seconds(communicator, buffer, algorithm):
+    """Seconds one allreduce takes, measured from a common start to the last rank's finish."""
+    communicator.barrier()
+    started = time.perf_counter()
+    communicator.allreduce(buffer, algorithm=algorithm)
+    elapsed = time.perf_counter() - started
+    return communicator.mpi.allreduce(elapsed, op=MPI.MAX)  # one float: pickled metadata is fine
+
+
+def measure(communicator, nbytes, repetitions):
+    """Median seconds per algorithm for one message size."""
+    # Zeros stay zero under repeated in-place sums: no overflow, same arithmetic cost.
+    buffer = xp.zeros(nbytes // 4, dtype=xp.float32)
+    for algorithm in ALGORITHMS:  # warm-up: first-touch pages and MPI connection setup
+        communicator.allreduce(buffer, algorithm=algorithm)
+    samples = {algorithm: [] for algorithm in ALGORITHMS}
+    for _ in range(repetitions):
+        for algorithm in ALGORITHMS:
+            samples[algorithm].append(slowest_rank_seconds(communicator, buffer, algorithm))
+    return {algorithm: statistics.median(times) for algorithm, times in samples.items()}
+
+
+def format_size(nbytes):
+    return f"{nbytes // 1024**2} MB" if nbytes >= 1024**2 else f"{nbytes // 1024} KB"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repetitions", type=int, default=None,
+                        help="timed runs per size and algorithm (default: more for small messages)")
+    arguments = parser.parse_args()
+    communicator = Communicator()
+    size = communicator.size
+    bus_factor = 2 * (size - 1) / size
+
+    if communicator.rank == 0:
+        print(f"allreduce, float32, {size} ranks; bus bandwidth = 2(N-1)/N * bytes / time, median of repetitions")
+        cores = os.cpu_count() or 1
+        if size > cores:
+            # MPI ranks busy-wait; with more ranks than cores each message waits for the
+            # scheduler, so algorithms with more steps (the ring) suffer most.
+            print(f"warning: {size} ranks on {cores} cores; the times measure the OS scheduler as much as MPI")
+        header = f"{'size':>7} {'reps':>5}"
+        for algorithm in ALGORITHMS:
+            header += f" {LABELS[algorithm] + ' us':>15} {'GB/s':>6}"
+        print(header + f" {'ratio ring':>11} {'ratio rec.dbl':>14}")
+    for nbytes in SIZES_BYTES:
+        repetitions = arguments.repetitions or max(5, min(100, (32 * 1024**2) // nbytes))
+        seconds = measure(communicator, nbytes, repetitions)
+        if communicator.rank == 0:
+            row = f"{format_size(nbytes):>7} {repetitions:>5}"
+            for algorithm in ALGORITHMS:
+                bus_bandwidth = bus_factor * nbytes / seconds[algorithm] / 1e9
+                row += f" {seconds[algorithm] * 1e6:>15.1f} {bus_bandwidth:>6.2f}"
+            # Same bytes, same factor: the bandwidth ratio is the inverse time ratio.
+            ring_ratio = seconds["mpi"] / seconds["ring"]
+            doubling_ratio = seconds["mpi"] / seconds["recursive_doubling"]
+            print(row + f" {ring_ratio:>11.2f} {doubling_ratio:>14.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

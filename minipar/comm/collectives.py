@@ -1,0 +1,343 @@
+"""Collectives built by hand from point-to-point messages.
+
+MPI's ``Allreduce``, ``Allgather``, ``Reduce_scatter``, ``Bcast`` and ``Reduce``
+are black boxes. The functions here re-create them from ``Send``, ``Recv`` and
+``Sendrecv`` so that a reader can follow every message. Each returns the
+``Traffic`` it caused on this rank, counted message by message, so the byte
+counts are exact rather than modelled.
+
+Conventions:
+
+- ``mpi_comm`` is a raw mpi4py communicator; every rank of it must call the
+  same function with buffers of the same size and dtype, as with MPI.
+- Buffers are contiguous host (NumPy) arrays, because MPI reads host memory;
+  ``minipar.comm.Communicator`` stages backend arrays through host memory and
+  calls these. They work in place and any shape is treated as flat.
+- ``op`` is ``"sum"`` or ``"max"``.
+- The α–β costs in the docstrings count, for a message of n bytes, α per
+  message (latency), β per byte moved and γ per byte reduced (Thakur,
+  Rabenseifner & Gropp 2005, "Optimization of collective communication
+  operations in MPICH").
+- Each collective sends with its own tag, so its messages cannot be taken by
+  a point-to-point receive that the caller posted on the same communicator
+  with another tag.
+"""
+from dataclasses import dataclass
+
+from minipar.errors import ShapeError
+
+_REDUCE_SCATTER_TAG = 7101
+_ALL_GATHER_TAG = 7102
+_RECURSIVE_DOUBLING_TAG = 7103
+_BROADCAST_TAG = 7104
+_REDUCE_TAG = 7105
+
+
+@dataclass
+class Traffic:
+    """Bytes this rank put on the wire and took off it during one collective."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+    def __add__(self, other):
+        return Traffic(self.bytes_sent + other.bytes_sent, self.bytes_received + other.bytes_received)
+
+
+def _sum_into(accumulator, incoming):
+    accumulator += incoming
+
+
+def _max_into(accumulator, incoming):
+    # Clipping from below by the other operand is the elementwise maximum,
+    # written in place through the array's own method (host arrays, no xp).
+    accumulator.clip(min=incoming, out=accumulator)
+
+
+REDUCE_INTO = {"sum": _sum_into, "max": _max_into}
+
+
+def block_bounds(count, nblocks):
+    """``(start, stop)`` of ``nblocks`` contiguous blocks covering ``count`` elements.
+
+    Blocks differ in length by at most one: the first ``count % nblocks`` get
+    the extra element, so block 0 is always the largest. When ``nblocks``
+    divides ``count`` every block holds exactly ``count / nblocks``.
+    """
+    base, extra = divmod(count, nblocks)
+    bounds, start = [], 0
+    for index in range(nblocks):
+        stop = start + base + (1 if index < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def _flat(buffer):
+    # reshape(-1) of a strided view would be a copy, and in-place results would vanish into it.
+    if not buffer.flags.c_contiguous:
+        raise ShapeError(f"collectives work in place on C-contiguous buffers; got a strided {buffer.shape} view")
+    return buffer.reshape(-1)
+
+
+# dtype -> the largest scratch array any collective has needed so far. Reusing it
+# saves allocating (and faulting in) fresh pages on every call. Safe because a
+# rank runs one hand-built collective at a time and each uses one scratch array.
+_scratch_space = {}
+
+
+def _scratch(flat, count):
+    """A reusable host array of ``count`` elements of ``flat``'s dtype; contents undefined."""
+    space = _scratch_space.get(flat.dtype)
+    if space is None or space.size < count:
+        space = flat[:count].copy()  # allocates an array of the buffer's own type, no xp needed
+        _scratch_space[flat.dtype] = space
+    return space[:count]
+
+
+def ring_reduce_scatter(mpi_comm, buffer, op="sum"):
+    """Ring reduce-scatter, in place: afterwards block ``rank`` of ``buffer`` holds the reduction.
+
+    Re-creates ``MPI_Reduce_scatter_block``. The buffer is cut into N blocks
+    (``block_bounds``). Ranks form a ring; at step s = 0 … N−2 rank r sends
+    block (r−s−1) mod N to rank r+1 and receives block (r−s−2) mod N from
+    rank r−1, adding it into its own copy. Each block travels once round the
+    ring collecting one contribution per hop, and the block that arrives
+    last at rank r is block r, now complete. Other blocks hold partial sums.
+
+    Rank r sends every block except block r: (N−1)/N of the data when N
+    divides it. Cost (N−1)α + ((N−1)/N)nβ + ((N−1)/N)nγ
+    (Patarasuk & Yuan 2009; Thakur, Rabenseifner & Gropp 2005).
+    """
+    reduce_into = REDUCE_INTO[op]
+    flat = _flat(buffer)
+    rank, size = mpi_comm.Get_rank(), mpi_comm.Get_size()
+    traffic = Traffic()
+    if size == 1:
+        return traffic
+    bounds = block_bounds(flat.size, size)
+    right, left = (rank + 1) % size, (rank - 1) % size
+    incoming_space = _scratch(flat, bounds[0][1] - bounds[0][0])
+    for step in range(size - 1):
+        send_start, send_stop = bounds[(rank - step - 1) % size]
+        receive_start, receive_stop = bounds[(rank - step - 2) % size]
+        outgoing = flat[send_start:send_stop]
+        incoming = incoming_space[: receive_stop - receive_start]
+        mpi_comm.Sendrecv(outgoing, right, _REDUCE_SCATTER_TAG, incoming, left, _REDUCE_SCATTER_TAG)
+        reduce_into(flat[receive_start:receive_stop], incoming)
+        traffic += Traffic(outgoing.nbytes, incoming.nbytes)
+    return traffic
+
+
+def ring_all_gather(mpi_comm, buffer):
+    """Ring all-gather, in place: block ``rank`` of ``buffer`` is copied to every rank.
+
+    Re-creates ``MPI_Allgather``. On entry rank r owns block r. At step
+    s = 0 … N−2 rank r sends block (r−s) mod N to rank r+1 and receives block
+    (r−s−1) mod N from rank r−1, straight into place: each step forwards the
+    block that arrived in the step before. After N−1 steps every block has
+    been everywhere.
+
+    Rank r sends every block except block r+1: (N−1)/N of the gathered data
+    when N divides it. Cost (N−1)α + ((N−1)/N)nβ, no reduction
+    (Patarasuk & Yuan 2009; Thakur, Rabenseifner & Gropp 2005).
+    """
+    flat = _flat(buffer)
+    rank, size = mpi_comm.Get_rank(), mpi_comm.Get_size()
+    traffic = Traffic()
+    if size == 1:
+        return traffic
+    bounds = block_bounds(flat.size, size)
+    right, left = (rank + 1) % size, (rank - 1) % size
+    for step in range(size - 1):
+        send_start, send_stop = bounds[(rank - step) % size]
+        receive_start, receive_stop = bounds[(rank - step - 1) % size]
+        outgoing, incoming = flat[send_start:send_stop], flat[receive_start:receive_stop]
+        mpi_comm.Sendrecv(outgoing, right, _ALL_GATHER_TAG, incoming, left, _ALL_GATHER_TAG)
+        traffic += Traffic(outgoing.nbytes, incoming.nbytes)
+    return traffic
+
+
+def ring_allreduce(mpi_comm, buffer, op="sum"):
+    """Ring allreduce, in place: a ring reduce-scatter followed by a ring all-gather.
+
+    Re-creates ``MPI_Allreduce`` the way NCCL and Baidu's ring allreduce do.
+    The reduce-scatter leaves rank r holding complete block r, which is
+    exactly what the all-gather starts from.
+
+    Each rank sends, and receives, 2(N−1)/N of the data, independent of N in
+    the limit: the bandwidth-optimal amount (Patarasuk & Yuan 2009). Cost
+    2(N−1)α + 2((N−1)/N)nβ + ((N−1)/N)nγ (Thakur, Rabenseifner & Gropp 2005;
+    NVIDIA nccl-tests doc/PERFORMANCE.md for the 2(N−1)/N "bus bandwidth" factor).
+    Every block is reduced on one rank and then copied, so all ranks end with
+    bitwise identical results.
+    """
+    return ring_reduce_scatter(mpi_comm, buffer, op) + ring_all_gather(mpi_comm, buffer)
+
+
+def recursive_doubling_allreduce(mpi_comm, buffer, op="sum"):
+    """Recursive-doubling allreduce, in place.
+
+    Re-creates ``MPI_Allreduce`` as MPICH runs it for short messages. With N a
+    power of two, in round k = 0 … lg N − 1 each rank swaps its whole buffer
+    with the rank whose number differs in bit k and reduces; after lg N rounds
+    every rank holds everything. Both partners reduce the same two operands
+    (in swapped order, and + is commutative), so results are bitwise identical.
+
+    Other N: let P be the largest power of two ≤ N and E = N − P. First, among
+    ranks 0 … 2E−1 each even rank sends its buffer to the odd rank above it
+    and sits out; the P remaining ranks run the rounds above; last, each odd
+    rank below 2E sends the result back to its even neighbour. This folding
+    adds two steps (Thakur, Rabenseifner & Gropp 2005, section 4).
+
+    Cost lg N α + n lg N β + n lg N γ for N a power of two (Thakur,
+    Rabenseifner & Gropp 2005): few messages, so good for small n, but every
+    round moves the whole buffer, so worse than the ring for large n.
+    """
+    reduce_into = REDUCE_INTO[op]
+    flat = _flat(buffer)
+    rank, size = mpi_comm.Get_rank(), mpi_comm.Get_size()
+    traffic = Traffic()
+    if size == 1:
+        return traffic
+    power = 1 << (size.bit_length() - 1)
+    extra = size - power
+    incoming = _scratch(flat, flat.size)
+    tag = _RECURSIVE_DOUBLING_TAG
+
+    if rank < 2 * extra and rank % 2 == 0:  # folded away: hand the data up, wait for the answer
+        mpi_comm.Send(flat, rank + 1, tag)
+        mpi_comm.Recv(flat, rank + 1, tag)
+        return Traffic(flat.nbytes, flat.nbytes)
+    if rank < 2 * extra:
+        mpi_comm.Recv(incoming, rank - 1, tag)
+        reduce_into(flat, incoming)
+        traffic += Traffic(0, incoming.nbytes)
+    position = rank // 2 if rank < 2 * extra else rank - extra  # among the P active ranks
+
+    distance = 1
+    while distance < power:
+        partner_position = position ^ distance
+        partner = 2 * partner_position + 1 if partner_position < extra else partner_position + extra
+        mpi_comm.Sendrecv(flat, partner, tag, incoming, partner, tag)
+        reduce_into(flat, incoming)
+        traffic += Traffic(flat.nbytes, incoming.nbytes)
+        distance *= 2
+
+    if rank < 2 * extra:
+        mpi_comm.Send(flat, rank - 1, tag)
+        traffic += Traffic(flat.nbytes, 0)
+    return traffic
+
+
+def tree_allreduce(mpi_comm, buffer, op="sum"):
+    """Allreduce as a binomial-tree reduce to rank 0 followed by a binomial-tree broadcast.
+
+    The simplest correct allreduce. Cost 2⌈lg N⌉(α + nβ) + ⌈lg N⌉nγ (Thakur,
+    Rabenseifner & Gropp 2005): the root's links carry ⌈lg N⌉ × n each way,
+    so it scales worst of the three for large n.
+    """
+    return tree_reduce(mpi_comm, buffer, 0, op) + tree_broadcast(mpi_comm, buffer, 0)
+
+
+def _binomial_parent_distance(relative, size):
+    """The distance to the parent in a binomial tree (lowest set bit), or the tree's span for the root."""
+    distance = 1
+    while distance < size and not relative & distance:
+        distance *= 2
+    return distance
+
+
+def _binomial_children(relative, size):
+    """Ranks (relative to the root) that ``relative`` sends to in a binomial broadcast, farthest first."""
+    distance = _binomial_parent_distance(relative, size) // 2
+    children = []
+    while distance >= 1:
+        if relative + distance < size:
+            children.append(relative + distance)
+        distance //= 2
+    return children
+
+
+def tree_broadcast(mpi_comm, buffer, root=0):
+    """Binomial-tree broadcast, in place: ``buffer`` on ``root`` is copied to every rank.
+
+    Re-creates ``MPI_Bcast`` as MPICH runs it for short messages. Number
+    ranks relative to the root. A rank receives once, from the rank that
+    differs in its lowest set bit, then forwards to relative + 2^j for each
+    smaller power of two: the number of ranks holding the data doubles every
+    round, so ⌈lg N⌉ rounds reach everyone.
+
+    Every non-root rank receives n bytes; the root sends ⌈lg N⌉ × n. Cost
+    ⌈lg N⌉(α + nβ) (Thakur, Rabenseifner & Gropp 2005).
+    """
+    flat = _flat(buffer)
+    rank, size = mpi_comm.Get_rank(), mpi_comm.Get_size()
+    relative = (rank - root) % size
+    traffic = Traffic()
+    if relative != 0:
+        parent = (rank - _binomial_parent_distance(relative, size)) % size
+        mpi_comm.Recv(flat, parent, _BROADCAST_TAG)
+        traffic += Traffic(0, flat.nbytes)
+    for child in _binomial_children(relative, size):
+        mpi_comm.Send(flat, (child + root) % size, _BROADCAST_TAG)
+        traffic += Traffic(flat.nbytes, 0)
+    return traffic
+
+
+def tree_reduce(mpi_comm, buffer, root=0, op="sum"):
+    """Binomial-tree reduce, in place: afterwards ``buffer`` on ``root`` holds the reduction.
+
+    Re-creates ``MPI_Reduce``: the broadcast tree run backwards. Each rank
+    receives from its children nearest first, reduces, and sends the partial
+    result to its parent. On ranks other than the root the buffer is left
+    holding that partial result.
+
+    Every non-root rank sends n bytes once; the root receives ⌈lg N⌉ × n.
+    Cost ⌈lg N⌉(α + nβ + nγ) (Thakur, Rabenseifner & Gropp 2005).
+    """
+    reduce_into = REDUCE_INTO[op]
+    flat = _flat(buffer)
+    rank, size = mpi_comm.Get_rank(), mpi_comm.Get_size()
+    relative = (rank - root) % size
+    traffic = Traffic()
+    children = _binomial_children(relative, size)
+    incoming = _scratch(flat, flat.size) if children else None
+    for child in reversed(children):
+        mpi_comm.Recv(incoming, (child + root) % size, _REDUCE_TAG)
+        reduce_into(flat, incoming)
+        traffic += Traffic(0, incoming.nbytes)
+    if relative != 0:
+        parent = (rank - _binomial_parent_distance(relative, size)) % size
+        mpi_comm.Send(flat, parent, _REDUCE_TAG)
+        traffic += Traffic(flat.nbytes, 0)
+    return traffic
+
+
+def modelled_traffic(collective, rank, size, count, itemsize, root=0):
+    """The bytes the hand-built algorithm would move on this rank, without moving them.
+
+    Used to count MPI's built-in collectives, whose real traffic MPI does not
+    report: ring volumes for ``"allreduce"``, ``"reduce_scatter"`` and
+    ``"allgather"`` (``count`` is the full, gathered size), binomial-tree
+    volumes for ``"broadcast"`` and ``"reduce"``. These are textbook figures;
+    the MPI library may pick another algorithm and move different bytes.
+    """
+    if size == 1:
+        return Traffic()
+    block_sizes = [stop - start for start, stop in block_bounds(count, size)]
+    # Ring reduce-scatter: rank r sends all blocks but r, receives all but r−1.
+    reduce_scatter = Traffic(count - block_sizes[rank], count - block_sizes[(rank - 1) % size])
+    # Ring all-gather: rank r sends all blocks but r+1, receives all but r.
+    all_gather = Traffic(count - block_sizes[(rank + 1) % size], count - block_sizes[rank])
+    relative = (rank - root) % size
+    fan_out = len(_binomial_children(relative, size))
+    from_parent = 0 if relative == 0 else 1
+    elements = {
+        "reduce_scatter": reduce_scatter,
+        "allgather": all_gather,
+        "allreduce": reduce_scatter + all_gather,
+        "broadcast": Traffic(fan_out * count, from_parent * count),
+        "reduce": Traffic(from_parent * count, fan_out * count),
+    }[collective]
+    return Traffic(elements.bytes_sent * itemsize, elements.bytes_received * itemsize)

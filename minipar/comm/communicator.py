@@ -1,0 +1,394 @@
+"""The Communicator: every byte minipar moves between ranks goes through here.
+
+``Communicator(mpi_comm=None)`` wraps an mpi4py communicator (COMM_WORLD by
+default) and offers
+
+- ``rank``, ``size``, ``mpi`` (the raw communicator), ``split(color, key)``,
+  ``barrier()``;
+- point to point: ``send``, ``recv``, ``sendrecv``, ``isend``, ``irecv``;
+- collectives: ``allreduce``, ``iallreduce``, ``allgather``,
+  ``reduce_scatter``, ``broadcast``, ``reduce``. ``algorithm="mpi"`` calls
+  MPI's built-in; the other names run the hand-built versions in
+  ``minipar.comm.collectives``, which give the same results.
+
+Arrays are backend (``xp``) arrays, C-contiguous. They are staged through
+host memory with ``minipar.backend.to_host``/``from_host`` (free with NumPy)
+and moved with MPI's buffer methods into caller-given arrays: nothing is
+pickled.
+
+Counters. ``comm.counters[name]`` holds, for this rank, ``calls``,
+``elements`` (total elements of the data the calls were about: the full,
+gathered size for ``allgather`` and ``reduce_scatter``), ``bytes_sent``,
+``bytes_received`` and ``seconds`` (wall time in the calls). Bytes are exact
+for point to point and for the hand-built collectives (every message is
+counted). MPI does not report what its built-ins move, so for
+``algorithm="mpi"`` they record the textbook volume of the ring (allreduce
+2(N−1)/N·n, allgather and reduce-scatter (N−1)/N·n) or of the binomial tree
+(broadcast, reduce) — a model, not a measurement. Non-blocking calls
+(``isend``, ``irecv``, ``iallreduce``) count their bytes when posted and their
+seconds as the time blocked in posting and waiting.
+
+Listeners. ``comm.add_listener(fn)`` has ``fn(name, start, end, nbytes)``
+called after every call (at ``wait()`` for non-blocking ones), with
+``time.perf_counter`` times and ``nbytes`` the size of the data the call was
+given (the n of the cost formulas), for tracing timelines.
+"""
+import numbers
+import time
+from dataclasses import asdict, dataclass
+
+from mpi4py import MPI
+
+from minipar.backend import from_host, to_host
+from minipar.comm import collectives
+from minipar.comm.collectives import Traffic
+from minipar.errors import ConfigError, ShapeError
+
+_MPI_OPS = {"sum": MPI.SUM, "max": MPI.MAX}
+_ALLREDUCE_ALGORITHMS = {
+    "ring": collectives.ring_allreduce,
+    "recursive_doubling": collectives.recursive_doubling_allreduce,
+    "tree": collectives.tree_allreduce,
+}
+
+
+@dataclass
+class CallRecord:
+    """What one rank did through one kind of call since the last reset."""
+
+    calls: int = 0
+    elements: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    seconds: float = 0.0
+
+
+class Counters(dict):
+    """``name -> CallRecord``; a name never called reads as all zeros."""
+
+    def __missing__(self, name):
+        return CallRecord()
+
+
+class Request:
+    """A pending non-blocking call; ``wait()`` finishes it and returns the result array."""
+
+    def __init__(self, communicator, name, mpi_request, host_buffer, result, nbytes, started):
+        self._communicator, self._name = communicator, name
+        self._mpi_request, self._host_buffer, self._result = mpi_request, host_buffer, result
+        self._nbytes, self._started = nbytes, started
+        self.done = False
+
+    def wait(self):
+        if not self.done:
+            waiting_since = time.perf_counter()
+            self._mpi_request.Wait()
+            self._finish(waiting_since)
+        return self._result
+
+    def test(self):
+        """True (and the result in place) if the call has completed, without blocking."""
+        if not self.done:
+            testing_since = time.perf_counter()
+            if self._mpi_request.Test():
+                self._finish(testing_since)
+        return self.done
+
+    def _finish(self, blocked_since):
+        if self._host_buffer is not None and self._host_buffer is not self._result:
+            self._result[...] = from_host(self._host_buffer)  # only under CuPy
+        self.done = True
+        finished = time.perf_counter()
+        record = self._communicator._record_of(self._name)
+        record.seconds += finished - blocked_since
+        self._communicator._notify(self._name, self._started, finished, self._nbytes)
+
+
+def wait_all(requests):
+    """Wait for every request; returns their results in order."""
+    return [request.wait() for request in requests]
+
+
+def _check_array(array, role, call, writable=False):
+    if not hasattr(array, "flags") or not hasattr(array, "dtype"):
+        raise ShapeError(f"{call}: {role} must be an array, got {type(array).__name__}")
+    if not array.flags.c_contiguous:
+        raise ShapeError(
+            f"{call}: {role} of shape {array.shape} is not C-contiguous; MPI moves contiguous "
+            "buffers only, so pass xp.ascontiguousarray(...) or a preallocated array"
+        )
+    if writable and not getattr(array.flags, "writeable", True):
+        raise ShapeError(f"{call}: {role} is read-only, but results are written into it")
+
+
+def _check_out_matches(array, out, call):
+    _check_array(out, "out", call, writable=True)
+    if out.dtype != array.dtype or out.shape != array.shape:
+        raise ShapeError(f"{call}: out is {out.dtype} {out.shape} but the array is {array.dtype} {array.shape}")
+
+
+def _check_choice(value, allowed, what, call):
+    if value not in allowed:
+        raise ConfigError(f"{call}: {what} must be one of {sorted(allowed)}, got {value!r}")
+
+
+def _copy_back(host_array, array):
+    if host_array is not array:  # a staged copy (CuPy): bring the result back
+        array[...] = from_host(host_array)
+
+
+class Communicator:
+    def __init__(self, mpi_comm=None):
+        self.mpi = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
+        self.rank = self.mpi.Get_rank()
+        self.size = self.mpi.Get_size()
+        self.counters = Counters()
+        self._listeners = []
+
+    def __repr__(self):
+        return f"Communicator(rank={self.rank}, size={self.size})"
+
+    # ---- bookkeeping ---------------------------------------------------------------
+
+    def reset_counters(self):
+        self.counters = Counters()
+
+    def counters_snapshot(self):
+        """The counters as plain nested dicts (safe to keep, compare or serialise)."""
+        return {name: asdict(record) for name, record in self.counters.items()}
+
+    def add_listener(self, listener):
+        """Call ``listener(name, start, end, nbytes)`` after every call on this communicator."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener):
+        self._listeners.remove(listener)
+
+    def _record_of(self, name):
+        return self.counters.setdefault(name, CallRecord())
+
+    def _notify(self, name, start, end, nbytes):
+        for listener in self._listeners:
+            listener(name, start, end, nbytes)
+
+    def _account(self, name, elements, traffic, started, nbytes, notify=True):
+        finished = time.perf_counter()
+        record = self._record_of(name)
+        record.calls += 1
+        record.elements += int(elements)
+        record.bytes_sent += int(traffic.bytes_sent)
+        record.bytes_received += int(traffic.bytes_received)
+        record.seconds += finished - started
+        if notify:
+            self._notify(name, started, finished, nbytes)
+
+    def _modelled(self, name, array_size, itemsize, root=0):
+        return collectives.modelled_traffic(name, self.rank, self.size, array_size, itemsize, root)
+
+    def _check_root(self, root, call):
+        if not isinstance(root, numbers.Integral) or not 0 <= root < self.size:
+            raise ConfigError(f"{call}: root must be a rank in 0..{self.size - 1}, got {root!r}")
+
+    # ---- groups ----------------------------------------------------------------------
+
+    def split(self, color, key=0):
+        """A new Communicator over the ranks that pass the same ``color``, ordered by ``key``."""
+        return Communicator(self.mpi.Split(color, key))
+
+    def barrier(self):
+        started = time.perf_counter()
+        self.mpi.Barrier()
+        self._account("barrier", 0, Traffic(), started, 0)
+
+    # ---- point to point ----------------------------------------------------------------
+
+    def send(self, array, dest, tag=0):
+        _check_array(array, "array", "send")
+        started = time.perf_counter()
+        self.mpi.Send(to_host(array), dest, tag)
+        self._account("send", array.size, Traffic(array.nbytes, 0), started, array.nbytes)
+
+    def recv(self, out, source, tag=0):
+        _check_array(out, "out", "recv", writable=True)
+        started = time.perf_counter()
+        host_out = to_host(out)
+        self.mpi.Recv(host_out, source, tag)
+        _copy_back(host_out, out)
+        self._account("recv", out.size, Traffic(0, out.nbytes), started, out.nbytes)
+        return out
+
+    def sendrecv(self, send_array, dest, recv_out, source, tag=0):
+        """Send to ``dest`` and receive from ``source`` at once (no deadlock in a ring)."""
+        _check_array(send_array, "send_array", "sendrecv")
+        _check_array(recv_out, "recv_out", "sendrecv", writable=True)
+        started = time.perf_counter()
+        host_out = to_host(recv_out)
+        self.mpi.Sendrecv(to_host(send_array), dest, tag, host_out, source, tag)
+        _copy_back(host_out, recv_out)
+        traffic = Traffic(send_array.nbytes, recv_out.nbytes)
+        self._account("sendrecv", send_array.size, traffic, started, send_array.nbytes)
+        return recv_out
+
+    def isend(self, array, dest, tag=0):
+        """Start sending ``array``; do not modify it until the request's ``wait()`` returns."""
+        _check_array(array, "array", "isend")
+        started = time.perf_counter()
+        host_array = to_host(array)  # the request keeps it alive until the send is done
+        mpi_request = self.mpi.Isend(host_array, dest, tag)
+        self._account("isend", array.size, Traffic(array.nbytes, 0), started, 0, notify=False)
+        return Request(self, "isend", mpi_request, host_array, array, array.nbytes, started)
+
+    def irecv(self, out, source, tag=0):
+        """Start receiving into ``out``; its contents are valid once ``wait()`` returns."""
+        _check_array(out, "out", "irecv", writable=True)
+        started = time.perf_counter()
+        host_out = to_host(out)
+        mpi_request = self.mpi.Irecv(host_out, source, tag)
+        self._account("irecv", out.size, Traffic(0, out.nbytes), started, 0, notify=False)
+        return Request(self, "irecv", mpi_request, host_out, out, out.nbytes, started)
+
+    # ---- collectives -------------------------------------------------------------------
+
+    def allreduce(self, array, out=None, op="sum", algorithm="mpi"):
+        """Reduce ``array`` over all ranks into ``out`` (into ``array`` itself when ``out`` is None).
+
+        ``op``: "sum" or "max". ``algorithm``: "mpi", "ring", "recursive_doubling"
+        or "tree". Returns the array holding the result.
+        """
+        _check_choice(op, _MPI_OPS, "op", "allreduce")
+        _check_choice(algorithm, {"mpi", *_ALLREDUCE_ALGORITHMS}, "algorithm", "allreduce")
+        if out is array:
+            out = None  # MPI forbids the same buffer as both input and output: that is in place
+        _check_array(array, "array", "allreduce", writable=out is None)
+        if out is not None:
+            _check_out_matches(array, out, "allreduce")
+        result = array if out is None else out
+        started = time.perf_counter()
+        if algorithm == "mpi":
+            host_result = to_host(result)
+            source = MPI.IN_PLACE if out is None else to_host(array)
+            self.mpi.Allreduce(source, host_result, _MPI_OPS[op])
+            traffic = self._modelled("allreduce", array.size, array.itemsize)
+        else:
+            if out is not None:
+                out[...] = array
+            host_result = to_host(result)
+            traffic = _ALLREDUCE_ALGORITHMS[algorithm](self.mpi, host_result, op)
+        _copy_back(host_result, result)
+        self._account("allreduce", array.size, traffic, started, array.nbytes)
+        return result
+
+    def iallreduce(self, array, op="sum"):
+        """Start an in-place allreduce (MPI_Iallreduce) and return its Request.
+
+        Lets data parallelism reduce one gradient while backward computes the next.
+        """
+        _check_choice(op, _MPI_OPS, "op", "iallreduce")
+        _check_array(array, "array", "iallreduce", writable=True)
+        started = time.perf_counter()
+        host_array = to_host(array)
+        mpi_request = self.mpi.Iallreduce(MPI.IN_PLACE, host_array, _MPI_OPS[op])
+        traffic = self._modelled("allreduce", array.size, array.itemsize)
+        self._account("iallreduce", array.size, traffic, started, 0, notify=False)
+        return Request(self, "iallreduce", mpi_request, host_array, array, array.nbytes, started)
+
+    def allgather(self, send, out, algorithm="mpi"):
+        """Concatenate every rank's ``send`` along the first axis, in rank order, into ``out``.
+
+        ``out.shape`` must be ``(size * send.shape[0], *send.shape[1:])``.
+        ``algorithm``: "mpi" or "ring".
+        """
+        _check_choice(algorithm, {"mpi", "ring"}, "algorithm", "allgather")
+        self._check_gather_shapes(piece=send, whole=out, call="allgather")
+        started = time.perf_counter()
+        if algorithm == "mpi":
+            host_out = to_host(out)
+            self.mpi.Allgather(to_host(send), host_out)
+            traffic = self._modelled("allgather", out.size, out.itemsize)
+        else:
+            rows = send.shape[0]
+            out[self.rank * rows:(self.rank + 1) * rows] = send  # the ring starts from our own block
+            host_out = to_host(out)
+            traffic = collectives.ring_all_gather(self.mpi, host_out)
+        _copy_back(host_out, out)
+        self._account("allgather", out.size, traffic, started, out.nbytes)
+        return out
+
+    def reduce_scatter(self, send, out, op="sum", algorithm="mpi"):
+        """Reduce ``send`` over all ranks and keep block ``rank`` of the first axis in ``out``.
+
+        ``send.shape`` must be ``(size * out.shape[0], *out.shape[1:])``.
+        ``algorithm``: "mpi" or "ring".
+        """
+        _check_choice(op, _MPI_OPS, "op", "reduce_scatter")
+        _check_choice(algorithm, {"mpi", "ring"}, "algorithm", "reduce_scatter")
+        self._check_gather_shapes(piece=out, whole=send, call="reduce_scatter")
+        started = time.perf_counter()
+        host_out = to_host(out)
+        if algorithm == "mpi":
+            self.mpi.Reduce_scatter_block(to_host(send), host_out, _MPI_OPS[op])
+            traffic = self._modelled("reduce_scatter", send.size, send.itemsize)
+        else:
+            working_copy = to_host(send).copy()  # the ring reduces in place; leave send intact
+            traffic = collectives.ring_reduce_scatter(self.mpi, working_copy, op)
+            rows = out.shape[0]
+            host_out[...] = working_copy[self.rank * rows:(self.rank + 1) * rows]
+        _copy_back(host_out, out)
+        self._account("reduce_scatter", send.size, traffic, started, send.nbytes)
+        return out
+
+    def _check_gather_shapes(self, piece, whole, call):
+        _check_array(piece, "the per-rank array", call, writable=call == "reduce_scatter")
+        _check_array(whole, "the full array", call, writable=call == "allgather")
+        stacked = piece.ndim > 0 and whole.shape == (self.size * piece.shape[0], *piece.shape[1:])
+        if not stacked or piece.dtype != whole.dtype:
+            raise ShapeError(
+                f"{call}: the full array must be the {self.size} per-rank arrays stacked along the first "
+                f"axis; got per-rank {piece.dtype} {piece.shape} and full {whole.dtype} {whole.shape}"
+            )
+
+    def broadcast(self, array, root=0, algorithm="mpi"):
+        """Copy ``array`` on ``root`` into ``array`` on every rank. ``algorithm``: "mpi" or "tree"."""
+        _check_choice(algorithm, {"mpi", "tree"}, "algorithm", "broadcast")
+        self._check_root(root, "broadcast")
+        _check_array(array, "array", "broadcast", writable=True)
+        started = time.perf_counter()
+        host_array = to_host(array)
+        if algorithm == "mpi":
+            self.mpi.Bcast(host_array, root)
+            traffic = self._modelled("broadcast", array.size, array.itemsize, root)
+        else:
+            traffic = collectives.tree_broadcast(self.mpi, host_array, root)
+        _copy_back(host_array, array)
+        self._account("broadcast", array.size, traffic, started, array.nbytes)
+        return array
+
+    def reduce(self, array, out, root=0, op="sum", algorithm="mpi"):
+        """Reduce ``array`` over all ranks into ``out`` on ``root``.
+
+        ``out`` is needed on the root only (pass None elsewhere). Returns ``out``.
+        ``algorithm``: "mpi" or "tree".
+        """
+        _check_choice(op, _MPI_OPS, "op", "reduce")
+        _check_choice(algorithm, {"mpi", "tree"}, "algorithm", "reduce")
+        self._check_root(root, "reduce")
+        _check_array(array, "array", "reduce")
+        is_root = self.rank == root
+        if is_root and out is None:
+            raise ShapeError("reduce: the root rank must pass an out array for the result")
+        if out is not None:
+            _check_out_matches(array, out, "reduce")
+        started = time.perf_counter()
+        host_out = to_host(out) if is_root else None
+        if algorithm == "mpi":
+            self.mpi.Reduce(to_host(array), host_out, _MPI_OPS[op], root)
+            traffic = self._modelled("reduce", array.size, array.itemsize, root)
+        else:
+            working = host_out if is_root else to_host(array).copy()  # tree reduce works in place
+            if is_root:
+                working[...] = to_host(array)
+            traffic = collectives.tree_reduce(self.mpi, working, root, op)
+        if is_root:
+            _copy_back(host_out, out)
+        self._account("reduce", array.size, traffic, started, array.nbytes)
+        return out

@@ -1,0 +1,228 @@
+"""Run a test body on N MPI ranks from pytest.
+
+Parallel code can only be tested with several processes, so a test hands a
+body to ``mpiexec`` and checks how the job ended:
+
+    from minipar.testing import run_on_ranks
+
+    def test_sum():
+        output = run_on_ranks(4, "tests.mpi_bodies.my_body:check_sum", size=10)
+        assert "rank 0 ok" in output
+
+    # tests/mpi_bodies/my_body.py
+    def check_sum(comm, size):          # comm is MPI.COMM_WORLD
+        ...                             # plain asserts; raise on any rank to fail
+
+The parent (``run_on_ranks``) launches
+
+    mpiexec -n N <python> -m minipar.testing package.module:function '<json kwargs>'
+
+and each rank (the ``__main__`` block below) imports the body and calls it.
+Two rules keep a broken test from hanging the suite:
+
+- a rank whose body raises prints ``rank R of N failed:`` and its traceback,
+  then calls ``MPI.COMM_WORLD.Abort(1)``, which ends every rank at once, even
+  ranks blocked in a collective that the failed rank will never join;
+- the parent waits at most ``timeout`` seconds, then kills the whole job and
+  fails with a message saying it hung (a deadlock is a bug, not a slow test).
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# The directory holding the ``minipar`` package: with a source checkout this is
+# the repository root, so ``tests.mpi_bodies.*`` import on every rank.
+PACKAGE_PARENT = Path(__file__).resolve().parent.parent
+
+# Seconds mpiexec gets to tear its ranks down after SIGTERM before SIGKILL.
+_TERMINATE_GRACE = 5.0
+
+
+def find_mpiexec(python=None, search_path=None):
+    """The ``mpiexec`` next to the Python interpreter, else the first one on PATH.
+
+    Looking beside the interpreter first picks the launcher that belongs to the
+    MPI library mpi4py was built against (``pip install mpich`` puts both in the
+    environment's ``bin/``); a different MPI's launcher would start N unrelated
+    one-rank jobs.
+    """
+    python = Path(python or sys.executable)
+    beside_python = python.parent / "mpiexec"
+    if beside_python.is_file() and os.access(beside_python, os.X_OK):
+        return str(beside_python)
+    on_path = shutil.which("mpiexec", path=search_path)
+    if on_path is None:
+        raise FileNotFoundError(
+            f"no mpiexec found next to {python} or on PATH; install an MPI launcher, "
+            "for example `pip install mpich mpi4py`"
+        )
+    return on_path
+
+
+def _launcher_flags_and_environment(mpiexec, environment):
+    """Extra flags and variables Open MPI needs to behave like MPICH here.
+
+    Open MPI refuses more ranks than cores without --oversubscribe and refuses
+    to run as root without two variables; MPICH needs neither.
+    """
+    try:
+        version = subprocess.run([mpiexec, "--version"], capture_output=True, text=True, timeout=30)
+        banner = version.stdout + version.stderr
+    except (OSError, subprocess.TimeoutExpired):
+        banner = ""
+    if "Open MPI" not in banner and "OpenRTE" not in banner:
+        return []
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        environment.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        environment.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    return ["--oversubscribe"]
+
+
+def _child_environment():
+    environment = dict(os.environ)
+    # Ranks share the machine's cores; one BLAS thread each avoids oversubscription.
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        environment[name] = "1"
+    # Leftover process-manager variables (pytest itself started under mpiexec)
+    # would make the ranks try to join the wrong job.
+    for name in list(environment):
+        if name.startswith(("PMI_", "PMIX_")):
+            del environment[name]
+    search_roots = [str(PACKAGE_PARENT), os.getcwd()]
+    if environment.get("PYTHONPATH"):
+        search_roots.append(environment["PYTHONPATH"])
+    environment["PYTHONPATH"] = os.pathsep.join(search_roots)
+    return environment
+
+
+def _start_times_by_parent():
+    """``parent pid -> [(pid, start time)]`` for every process, from Linux's /proc (empty elsewhere)."""
+    children_of = {}
+    proc = Path("/proc")
+    for entry in proc.iterdir() if proc.is_dir() else []:
+        if entry.name.isdigit():
+            started = _start_time(int(entry.name), want_parent=True)
+            if started is not None:
+                children_of.setdefault(started[1], []).append((int(entry.name), started[0]))
+    return children_of
+
+
+def _start_time(pid, want_parent=False):
+    """A process's start time (and parent pid): together with the pid, its identity."""
+    try:
+        # The fields after the ")" closing the command name start at field 3 (state);
+        # the parent pid is field 4 and the start time field 22 (see proc(5)).
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (fields[19], int(fields[1])) if want_parent else fields[19]
+
+
+def _process_tree(root_pid):
+    """Every descendant of ``root_pid`` as ``(pid, start time)``.
+
+    MPICH's launcher puts each rank in a session of its own, so killing
+    mpiexec's process group would leave the ranks spinning; we collect the tree
+    before anything dies (orphans are re-parented and lose the trail).
+    """
+    children_of = _start_times_by_parent()
+    tree, frontier = [], [root_pid]
+    while frontier:
+        for child in children_of.get(frontier.pop(), []):
+            tree.append(child)
+            frontier.append(child[0])
+    return tree
+
+
+def _kill_job(process):
+    """End mpiexec and every rank it started, politely first."""
+    tree = _process_tree(process.pid)
+    process.terminate()  # mpiexec forwards this to every rank and cleans up
+    try:
+        process.wait(timeout=_TERMINATE_GRACE)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    for pid, started in tree:
+        if _start_time(pid) == started:  # still the same process, not a reused pid
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def run_on_ranks(nranks, target, timeout=120, **kwargs):
+    """Run ``target`` (``"package.module:function"``) as ``function(comm, **kwargs)`` on ``nranks`` ranks.
+
+    ``kwargs`` must be JSON-serialisable. Returns the job's captured stdout (all
+    ranks, interleaved). Raises ``AssertionError`` carrying stdout and stderr
+    when the job exits non-zero (a body raised on some rank), or, after killing
+    the job, when it runs longer than ``timeout`` seconds (it hung).
+    """
+    if not isinstance(nranks, int) or nranks < 1:
+        raise ValueError(f"nranks must be a positive integer, got {nranks!r}")
+    if ":" not in target:
+        raise ValueError(f"target must look like 'package.module:function', got {target!r}")
+    mpiexec = find_mpiexec()
+    environment = _child_environment()
+    command = [mpiexec, *_launcher_flags_and_environment(mpiexec, environment), "-n", str(nranks),
+               sys.executable, "-m", "minipar.testing", target, json.dumps(kwargs)]
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               encoding="utf-8", errors="replace", env=environment, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except BaseException as interruption:  # the timeout, or Ctrl-C in pytest: never leave ranks behind
+        _kill_job(process)
+        if not isinstance(interruption, subprocess.TimeoutExpired):
+            raise
+        try:
+            stdout, stderr = process.communicate(timeout=_TERMINATE_GRACE)
+        except subprocess.TimeoutExpired:
+            stdout, stderr = "", "(output lost: pipes still open after the kill)"
+        raise AssertionError(
+            f"MPI job hung: {target} on {nranks} ranks did not finish within {timeout} s "
+            f"and was killed.\n{_format_output(stdout, stderr)}"
+        ) from None
+    elapsed = time.perf_counter() - started
+    if process.returncode != 0:
+        raise AssertionError(
+            f"MPI job failed: {target} on {nranks} ranks exited with code {process.returncode} "
+            f"after {elapsed:.1f} s.\n{_format_output(stdout, stderr)}"
+        )
+    return stdout
+
+
+def _format_output(stdout, stderr):
+    return f"--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}"
+
+
+def _run_body_on_this_rank(target, kwargs_json):
+    """What each rank runs: import the body, call it, abort the job if it raises."""
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    try:
+        import importlib
+
+        module_name, function_name = target.split(":", 1)
+        body = getattr(importlib.import_module(module_name), function_name)
+        body(world, **json.loads(kwargs_json))
+    except BaseException:  # noqa: BLE001 - any failure, even SystemExit, must end the whole job
+        import traceback
+
+        sys.stdout.flush()
+        sys.stderr.write(f"rank {world.rank} of {world.size} failed:\n{traceback.format_exc()}")
+        sys.stderr.flush()
+        world.Abort(1)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m minipar.testing package.module:function '<json kwargs>'")
+    _run_body_on_this_rank(sys.argv[1], sys.argv[2])

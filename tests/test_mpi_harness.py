@@ -1,0 +1,95 @@
+"""minipar.testing runs bodies on N ranks, reports failures by rank, and kills hung jobs."""
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from minipar import testing
+from minipar.testing import find_mpiexec, run_on_ranks
+
+BODY = "tests.mpi_bodies.harness_body"
+
+
+@pytest.mark.parametrize("nranks", [1, 2, 4, 8])
+def test_allreduce_checked_on_every_rank(nranks):
+    output = run_on_ranks(nranks, f"{BODY}:check_allreduce")
+    for rank in range(nranks):
+        assert f"rank {rank} of {nranks}: allreduce ok" in output
+    assert output.count("allreduce ok") == nranks
+
+
+def test_keyword_arguments_reach_the_body():
+    output = run_on_ranks(2, f"{BODY}:echo_arguments", size=7, name="ring", sizes=[0, 1])
+    assert 'arguments: {"name": "ring", "size": 7, "sizes": [0, 1]}' in output
+
+
+@pytest.mark.parametrize("nranks", [2, 4])
+def test_exception_on_one_rank_fails_promptly_naming_the_rank(nranks):
+    started = time.perf_counter()
+    with pytest.raises(AssertionError) as failure:
+        run_on_ranks(nranks, f"{BODY}:fail_on_rank", timeout=60, failing_rank=1)
+    elapsed = time.perf_counter() - started
+    message = str(failure.value)
+    assert f"rank 1 of {nranks} failed:" in message
+    assert "RuntimeError: deliberate failure raised by rank 1" in message
+    assert "in fail_on_rank" in message  # the traceback, not just the error line
+    assert "rank 0 of" not in message  # only the failing rank reports
+    assert "hung" not in message  # ended by Abort, not by the timeout
+    assert elapsed < 30, f"a failing rank took {elapsed:.1f} s to end the job"
+
+
+def test_hung_rank_is_killed_by_the_timeout():
+    started = time.perf_counter()
+    with pytest.raises(AssertionError, match=r"MPI job hung: .*hang_on_rank on 2 ranks did not finish within 4 s"):
+        run_on_ranks(2, f"{BODY}:hang_on_rank", timeout=4, hanging_rank=0)
+    elapsed = time.perf_counter() - started
+    assert elapsed < 4 + 12, f"killing the hung job took {elapsed - 4:.1f} s"
+
+
+def test_missing_body_is_reported():
+    with pytest.raises(AssertionError, match="rank 0 of 1 failed:(.|\n)*ModuleNotFoundError"):
+        run_on_ranks(1, "tests.mpi_bodies.no_such_module:body", timeout=60)
+
+
+def test_bad_target_is_rejected_before_launch():
+    with pytest.raises(ValueError, match="package.module:function"):
+        run_on_ranks(2, "tests.mpi_bodies.harness_body.check_allreduce")
+
+
+def test_mpiexec_lookup(tmp_path):
+    fake_python = tmp_path / "bin" / "python"
+    fake_python.parent.mkdir()
+    fake_python.touch()
+    with pytest.raises(FileNotFoundError, match="no mpiexec found"):
+        find_mpiexec(python=fake_python, search_path=str(tmp_path / "empty"))
+    beside = fake_python.parent / "mpiexec"
+    beside.write_text("#!/bin/sh\n")
+    beside.chmod(0o755)
+    assert find_mpiexec(python=fake_python, search_path=str(tmp_path / "empty")) == str(beside)
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process tree from Linux's /proc")
+def test_killing_a_job_reaches_processes_in_their_own_sessions(monkeypatch):
+    """Like MPICH's ranks: children in sessions of their own, under a launcher that ignores SIGTERM."""
+    monkeypatch.setattr(testing, "_TERMINATE_GRACE", 0.5)
+    script = 'trap "" TERM; setsid sleep 300 & setsid sleep 300 & wait'
+    launcher = subprocess.Popen(["sh", "-c", script], start_new_session=True)
+    deadline = time.monotonic() + 10
+    while len(tree := testing._process_tree(launcher.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(tree) == 2, tree
+
+    testing._kill_job(launcher)
+
+    def alive(pid):
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return False
+        return state != "Z"  # a zombie has already died
+
+    while any(alive(pid) for pid, _ in tree) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(pid) for pid, _ in tree), f"left running: {tree}"
+    assert launcher.poll() is not None
