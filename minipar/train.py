@@ -129,11 +129,10 @@ class Trainer:
         from minipar.parallel.data_parallel import DataParallel
 
         config = self.config
-        data_parallel = DataParallel(self.parameters, self.grid.dp,
-                                     bucket_bytes=int(config.bucket_megabytes * 2**20), overlap=config.overlap,
-                                     algorithm=config.allreduce, accumulation_steps=config.microbatches)
-        data_parallel.broadcast_parameters()
-        return data_parallel
+        # Broadcasts dp rank 0's parameters at construction, so replicas start identical.
+        return DataParallel(self.parameters, self.grid.dp, bucket_bytes=int(config.bucket_megabytes * 2**20),
+                            overlap=config.overlap, algorithm=config.allreduce,
+                            accumulation_steps=config.microbatches)
 
     # ---- one step ----------------------------------------------------------------------
     def train_step(self, inputs, targets):
@@ -156,10 +155,20 @@ class Trainer:
             clip_grad_norm(self.parameters, config.grad_clip, self._global_grad_norm_squared())
         self.optimizer.set_lr(learning_rate_at(config, self.step_count))
         self.optimizer.step()
+        if self.data_parallel is not None:
+            self.data_parallel.check_replicas(self.step_count)  # fails loudly if replicas ever diverge
         self.step_count += 1
         return self._share_loss(loss)
 
     def _finish_gradients(self):
+        """The sums that turn local gradients into the single-process gradient.
+
+        All three are linear, so their order does not change the result; the data-parallel
+        average goes first because with overlap its allreduces were started during backward
+        from the gradients as they were then, and must not see them change afterwards.
+        """
+        if self.data_parallel is not None:
+            self.data_parallel.finish_gradient_sync()
         if self.config.sequence_parallel:
             from minipar.parallel.tensor_parallel import finish_tensor_parallel_gradients
 
@@ -168,8 +177,6 @@ class Trainer:
             from minipar.parallel.pipeline.partition import sum_tied_embedding_gradients
 
             sum_tied_embedding_gradients(self.chunks, self.grid.pp)
-        if self.data_parallel is not None:
-            self.data_parallel.finish_gradient_sync()
         for p in self.parameters:  # a parameter no micro-batch touched has a zero gradient
             if p.grad is None:
                 p.grad = xp.zeros_like(p.data)

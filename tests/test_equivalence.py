@@ -1,0 +1,53 @@
+"""The core check: every parallel layout trains exactly like one process.
+
+For world sizes 1, 2, 4 and 8, every factorisation into dp x tp x pp, plus the options
+of each mode (micro-batches, schedules, recomputation, sequence parallelism, bucketing and
+overlap, hand-built allreduces), trains a GPT for 3 AdamW steps (float64, clipping and the
+cosine schedule on) through minipar.train.Trainer. Rank 0 gathers the shards back into a
+single-process state dict and compares losses and every parameter with a plain,
+independently written single-process loop (tests/mpi_bodies/equivalence_body.py).
+"""
+import itertools
+
+import pytest
+
+from minipar.testing import run_on_ranks
+
+
+def factorisations(world_size):
+    return [dict(dp=dp, tp=tp, pp=pp) for dp, tp, pp in itertools.product(range(1, world_size + 1), repeat=3)
+            if dp * tp * pp == world_size]
+
+
+def with_microbatches(layout):
+    """Enough micro-batches to keep every stage busy, within the global batch of 16."""
+    return {**layout, "microbatches": min(16 // layout["dp"], max(2, 2 * layout["pp"]))}
+
+
+OPTIONS = {
+    1: [dict(microbatches=4), dict(microbatches=3, batch_size=12, recompute=True)],
+    2: [dict(pp=2, microbatches=4, schedule="gpipe"),
+        dict(pp=2, microbatches=4, schedule="interleaved", virtual_stages=2, recompute=True),
+        dict(tp=2, sequence_parallel=True),
+        dict(dp=2, overlap=True, bucket_megabytes=0.01, microbatches=2),
+        dict(dp=2, allreduce="ring"), dict(dp=2, allreduce="recursive_doubling"), dict(dp=2, allreduce="tree")],
+    4: [dict(pp=4, microbatches=8, schedule="interleaved", virtual_stages=2),
+        dict(pp=4, microbatches=5, batch_size=15, schedule="gpipe", recompute=True),
+        dict(tp=4, sequence_parallel=True),
+        dict(dp=2, tp=2, sequence_parallel=True, overlap=True, bucket_megabytes=0.005, microbatches=2),
+        dict(dp=4, allreduce="ring", bucket_megabytes=0.02),
+        dict(dp=2, pp=2, microbatches=2, split=[3, 5])],
+    8: [dict(dp=2, tp=2, pp=2, microbatches=4, schedule="interleaved", virtual_stages=2, sequence_parallel=True,
+             overlap=True),
+        dict(pp=8, microbatches=16, schedule="gpipe", recompute=True),
+        dict(dp=8, overlap=True, bucket_megabytes=0.01),
+        dict(tp=8, sequence_parallel=True)],
+}
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4, 8])
+def test_every_layout_equals_single_process(world_size):
+    cases = [with_microbatches(layout) for layout in factorisations(world_size)] + OPTIONS[world_size]
+    output = run_on_ranks(world_size, "tests.mpi_bodies.equivalence_body:check_layouts", timeout=600, cases=cases)
+    for case in cases:
+        assert f"layout ok: {case}" in output, f"no confirmation for {case}:\n{output}"
