@@ -93,3 +93,10 @@ def test_killing_a_job_reaches_processes_in_their_own_sessions(monkeypatch):
         time.sleep(0.05)
     assert not any(alive(pid) for pid, _ in tree), f"left running: {tree}"
     assert launcher.poll() is not None
+
+
+@pytest.mark.parametrize("nranks", [1, 2, 4, 8])
+def test_model_forward_is_identical_on_every_rank(nranks):
+    output = run_on_ranks(nranks, "tests.mpi_bodies.harness_body:model_forward_is_identical_everywhere", timeout=120)
+    lines = [line for line in output.splitlines() if "forward identical" in line]
+    assert len(lines) == nranks and len({line.split("loss")[1] for line in lines}) == 1

@@ -36,3 +36,19 @@ def echo_arguments(comm, **kwargs):
     """Rank 0 prints the keyword arguments it received, as JSON."""
     if comm.rank == 0:
         print("arguments:", json.dumps(kwargs, sort_keys=True), flush=True)
+
+
+def model_forward_is_identical_everywhere(comm):
+    """Every rank builds the GPT from the same seed and runs the same batch: the logits must
+    agree bit for bit (rank 0's are broadcast and compared exactly)."""
+    import numpy as np
+
+    from minipar.nn.gpt import GPT, GPTConfig
+
+    config = GPTConfig(vocab_size=16, block_size=8, n_layer=2, n_head=2, n_embd=16)
+    ids = np.random.default_rng(0).integers(0, 16, (3, 8))
+    logits, loss = GPT(config)(ids, ids)
+    reference = logits.data.copy()
+    comm.Bcast(reference, root=0)
+    assert np.array_equal(reference, logits.data), f"rank {comm.rank}: logits differ from rank 0's"
+    print(f"rank {comm.rank}: forward identical, loss {loss.item():.6f}", flush=True)
