@@ -1,0 +1,289 @@
+"""Run one pipeline-parallel training step: this rank's list of Actions, in order.
+
+The schedule (``schedules.py``) says what to do; this module does it. For each Action:
+
+    RECV_FORWARD   wait for the input activation of (microbatch, chunk); it becomes a fresh leaf
+                   Tensor x with requires_grad, so backward leaves dL/dx in x.grad
+    FORWARD        y = chunk(x); the last chunk computes the loss and scales it by 1/m
+    SEND_FORWARD   copy y into a send buffer and Isend it to the rank of chunk + 1
+    RECV_BACKWARD  wait for dL/dy from the rank of chunk + 1
+    BACKWARD       y.backward(dL/dy) (the last chunk: loss.backward()), which fills the chunk's
+                   parameter gradients and x.grad
+    SEND_BACKWARD  copy x.grad into a send buffer and Isend it to the rank of chunk - 1
+
+Why the 1/m. A step on the whole batch minimises the mean loss over its B rows. With m equal
+micro-batches, mean over B = (1/m) Σ_i (mean over micro-batch i), so backpropagating each
+micro-batch's loss times 1/m, and letting gradients add up (+=) across backward calls, gives
+exactly the whole-batch gradient (GPipe, Huang et al. 2019, section 2.2).
+
+Stash. Between a micro-batch's forward and its backward the rank keeps, per (microbatch, chunk),
+the chunk's input x and its output y with the graph hanging off it: that is the activation
+memory a schedule trades against its bubble. GPipe holds all m at once; 1F1B (PipeDream-flush,
+Narayanan et al. 2021) at most p - s on stage s. ``peak_stashed`` records the most this rank
+held at once. With ``recompute=True`` the forward runs under ``no_grad`` and keeps only x;
+right before the backward the forward runs again, this time recording the graph (activation
+recomputation, Chen et al. 2016; used by GPipe). Dropout draws the same masks both times
+because the random state of every Dropout is saved at the first forward and restored for
+the second.
+
+Messages. Every boundary carries arrays of one known shape (``activation_shape``: an activation
+and its gradient have the same shape), so messages move with Isend/Irecv between preallocated
+buffers, never pickled, each with the schedule's unique tag. Two rules keep them safe:
+  - a send buffer is not written again until its Isend has completed (completed sends are
+    reclaimed with Test; when none is free a new buffer is allocated, so a send never blocks,
+    which is what the schedules' deadlock-freedom assumes); all sends are waited before
+    ``run`` returns;
+  - a receive lands in a pooled buffer, posted ahead of time, and is copied out into a fresh
+    array before that buffer takes the next message, so the graph never shares memory with MPI.
+
+With p = 1 there are no messages and the step is plain gradient accumulation over micro-batches.
+"""
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from minipar.backend import xp
+from minipar.errors import ConfigError, ShapeError
+from minipar.parallel.pipeline.schedules import (
+    FORWARD, RECEIVES, RECV_FORWARD, SEND_FORWARD, SENDS, build_schedule, message_tag, peer_rank)
+from minipar.tensor import Tensor, no_grad
+
+RECEIVE_BUFFERS = 2  # receives posted ahead: double buffering, the next message lands during compute
+
+
+def split_microbatches(batch, num_microbatches):
+    """Rows [i*b, (i+1)*b) of ``batch`` as micro-batch i, b = B/m: the list ``run`` takes."""
+    if isinstance(num_microbatches, bool) or not isinstance(num_microbatches, int) or num_microbatches < 1:
+        raise ConfigError(f"the number of micro-batches must be a positive integer, got {num_microbatches!r}")
+    rows = batch.shape[0]
+    if rows % num_microbatches:
+        raise ConfigError(f"a batch of {rows} rows does not split into {num_microbatches} equal micro-batches; "
+                          f"choose a number of micro-batches that divides {rows}")
+    size = rows // num_microbatches
+    return [batch[i * size:(i + 1) * size] for i in range(num_microbatches)]
+
+
+@dataclass
+class _Stashed:
+    """What the backward of one (microbatch, chunk) needs from its forward."""
+
+    input: object  # the chunk's input: ids (first chunk) or a leaf Tensor that will hold dL/dx
+    output: Tensor | None  # the output (or scaled loss) with its graph; None under recomputation
+    random_states: list = field(default_factory=list)  # Dropout generator states, for recomputation
+
+
+def _random_generators(module):
+    """Every random generator under ``module`` (the Dropout layers'), in a fixed order."""
+    found, stack = [], [module]
+    while stack:
+        current = stack.pop()
+        if getattr(current, "generator", None) is not None:
+            found.append(current.generator)
+        stack.extend(child for _, child in reversed(list(current.children())))
+    return found
+
+
+class PipelineExecutor:
+    """Runs a pipeline schedule over this rank's chunks, one training step per ``run`` call."""
+
+    def __init__(self, chunks, pp_comm, schedule_name, num_microbatches, activation_shape, dtype,
+                 recompute=False, timeline=None):
+        """``chunks``: this rank's chunks from ``partition``; ``pp_comm``: the pipeline group's
+        Communicator (rank = stage); ``activation_shape``: one micro-batch's activation between
+        chunks, e.g. (b, T, C); ``timeline``: a ``minipar.trace.Timeline`` to record into."""
+        self.chunks, self.comm = list(chunks), pp_comm
+        self.num_stages, self.stage = pp_comm.size, pp_comm.rank
+        self.num_microbatches = num_microbatches
+        self.total_chunks = self.num_stages * len(self.chunks)
+        expected = list(range(self.stage, self.total_chunks, self.num_stages))
+        if not self.chunks or [chunk.index for chunk in self.chunks] != expected or \
+                any(chunk.total_chunks != self.total_chunks for chunk in self.chunks):
+            raise ConfigError(f"stage {self.stage} of {self.num_stages} must hold chunks {expected} of "
+                              f"{self.total_chunks}, got {self.chunks}; build them with partition(pieces, "
+                              f"{self.num_stages}, {self.stage}, num_chunks={len(self.chunks)})")
+        self.schedule = build_schedule(schedule_name, self.num_stages, num_microbatches, self.stage,
+                                       len(self.chunks))
+        self.chunk_by_index = {chunk.index: chunk for chunk in self.chunks}
+        self.activation_shape, self.dtype = tuple(activation_shape), xp.dtype(dtype)
+        self.recompute, self.timeline = recompute, timeline
+        self.peak_stashed = 0
+        self.send_buffers_allocated = 0
+        has_receives = any(action.kind in RECEIVES for action in self.schedule)
+        self._free_receive_buffers = [self._new_buffer() for _ in range(RECEIVE_BUFFERS if has_receives else 0)]
+        self._free_send_buffers, self._sends_in_flight = [], []
+
+    def _new_buffer(self):
+        return xp.empty(self.activation_shape, dtype=self.dtype)
+
+    # ---- one step --------------------------------------------------------------------------
+
+    def run(self, micro_inputs, micro_targets):
+        """One step's forwards and backwards; gradients accumulate into the chunks' parameters.
+
+        ``micro_inputs[i]`` / ``micro_targets[i]``: micro-batch i (see ``split_microbatches``);
+        only the ranks holding the first / last chunk read them (others may pass None). Returns
+        the mean loss over the micro-batches on the rank holding the last chunk, None elsewhere.
+        """
+        self._check_feed(micro_inputs, micro_targets)
+        self._inputs, self._targets = micro_inputs, micro_targets
+        self._stash, self._received, self._outgoing, self._losses = {}, {}, {}, []
+        self._upcoming_receives = deque(a for a in self.schedule if a.kind in RECEIVES)
+        self._posted_receives = deque()
+        self._last_event_end = time.perf_counter()
+        self._post_receives()
+        for action in self.schedule:
+            if action.kind in RECEIVES:
+                self._receive(action)
+            elif action.kind in SENDS:
+                self._send(action)
+            elif action.kind == FORWARD:
+                self._forward(action)
+            else:
+                self._backward(action)
+            self._reclaim_completed_sends()  # also lets MPI progress large sends between actions
+        started = time.perf_counter()
+        for buffer, request in self._sends_in_flight:  # the step is over only when its messages are out
+            request.wait()
+            self._free_send_buffers.append(buffer)
+        self._sends_in_flight.clear()
+        self._record("send-wait", "send", started)
+        assert not self._stash and not self._received and not self._outgoing, "schedule left work behind"
+        if self.chunk_by_index.get(self.total_chunks - 1) is None:
+            return None
+        return sum(self._losses) / self.num_microbatches
+
+    def _check_feed(self, micro_inputs, micro_targets):
+        for needed, feed, what in ((0 in self.chunk_by_index, micro_inputs, "micro_inputs"),
+                                   (self.total_chunks - 1 in self.chunk_by_index, micro_targets, "micro_targets")):
+            if needed and (feed is None or len(feed) != self.num_microbatches):
+                got = "None" if feed is None else f"{len(feed)} entries"
+                raise ConfigError(f"stage {self.stage}: {what} must hold one array per micro-batch "
+                                  f"({self.num_microbatches}), got {got}")
+
+    # ---- compute ---------------------------------------------------------------------------
+
+    def _run_chunk(self, chunk, x, microbatch):
+        """(output, loss value): the last chunk's output is its micro-batch loss scaled by 1/m."""
+        if not chunk.is_last:
+            return chunk(x), None
+        loss = chunk(x, self._targets[microbatch])
+        return loss * (1.0 / self.num_microbatches), loss.item()
+
+    def _forward(self, action):
+        started = time.perf_counter()
+        chunk = self.chunk_by_index[action.chunk]
+        key = (action.microbatch, action.chunk)
+        x = self._inputs[action.microbatch] if chunk.is_first else self._received.pop(("activation", *key))
+        if self.recompute:
+            states = [generator.bit_generator.state for generator in _random_generators(chunk)]
+            with no_grad():
+                output, loss = self._run_chunk(chunk, x, action.microbatch)
+            self._stash[key] = _Stashed(x, None, states)
+        else:
+            output, loss = self._run_chunk(chunk, x, action.microbatch)
+            self._stash[key] = _Stashed(x, output)
+        self.peak_stashed = max(self.peak_stashed, len(self._stash))
+        if chunk.is_last:
+            self._losses.append(loss)
+        else:
+            self._outgoing[("activation", *key)] = output.data
+        self._record("forward", "forward", started, action)
+
+    def _backward(self, action):
+        started = time.perf_counter()
+        chunk = self.chunk_by_index[action.chunk]
+        key = (action.microbatch, action.chunk)
+        stashed = self._stash.pop(key)
+        output = stashed.output
+        if self.recompute:  # rebuild the graph from the kept input, with the same dropout masks
+            generators = _random_generators(chunk)
+            current = [generator.bit_generator.state for generator in generators]
+            for generator, state in zip(generators, stashed.random_states):
+                generator.bit_generator.state = state
+            output, _ = self._run_chunk(chunk, stashed.input, action.microbatch)
+            for generator, state in zip(generators, current):
+                generator.bit_generator.state = state
+        if chunk.is_last:
+            output.backward()
+        else:
+            output.backward(self._received.pop(("gradient", *key)))
+        if not chunk.is_first:
+            grad = stashed.input.grad
+            self._outgoing[("gradient", *key)] = xp.zeros(self.activation_shape, self.dtype) if grad is None else grad
+        self._record("backward", "backward", started, action)
+
+    # ---- communication ---------------------------------------------------------------------
+
+    def _post_receives(self):
+        """Post the next receives of the schedule, in order, into whatever buffers are free."""
+        while self._upcoming_receives and self._free_receive_buffers:
+            action = self._upcoming_receives.popleft()
+            buffer = self._free_receive_buffers.pop()
+            request = self.comm.irecv(buffer, peer_rank(action, self.num_stages),
+                                      message_tag(action, self.total_chunks))
+            self._posted_receives.append((action, buffer, request))
+
+    def _receive(self, action):
+        started = time.perf_counter()
+        posted_action, buffer, request = self._posted_receives.popleft()
+        assert posted_action == action, f"receives out of order: posted {posted_action!r}, running {action!r}"
+        request.wait()
+        fresh = buffer.copy()  # owned by the graph; the buffer goes straight back to MPI
+        self._free_receive_buffers.append(buffer)
+        self._post_receives()
+        key = (action.microbatch, action.chunk)
+        if action.kind == RECV_FORWARD:
+            self._received[("activation", *key)] = Tensor(fresh, requires_grad=True)
+        else:
+            self._received[("gradient", *key)] = fresh
+        self._record("recv-wait", "recv", started, action)
+
+    def _send(self, action):
+        started = time.perf_counter()
+        direction = "activation" if action.kind == SEND_FORWARD else "gradient"
+        payload = self._outgoing.pop((direction, action.microbatch, action.chunk))
+        if payload.shape != self.activation_shape or payload.dtype != self.dtype:
+            raise ShapeError(f"stage {self.stage}: chunk {action.chunk} produced a {direction} of shape "
+                             f"{payload.shape} and dtype {payload.dtype}, but the executor was built for "
+                             f"activation_shape={self.activation_shape} and dtype={self.dtype}")
+        buffer = self._free_send_buffer()
+        buffer[...] = payload
+        request = self.comm.isend(buffer, peer_rank(action, self.num_stages), message_tag(action, self.total_chunks))
+        self._sends_in_flight.append((buffer, request))
+        self._record("send", "send", started, action)
+
+    def _reclaim_completed_sends(self):
+        """Move the buffers of completed sends back to the free list (Test never blocks)."""
+        still_in_flight = []
+        for buffer, request in self._sends_in_flight:
+            if request.test():
+                self._free_send_buffers.append(buffer)
+            else:
+                still_in_flight.append((buffer, request))
+        self._sends_in_flight = still_in_flight
+
+    def _free_send_buffer(self):
+        """A buffer no send is using: a reclaimed one if any send has completed, else a new one."""
+        if not self._free_send_buffers:
+            self._reclaim_completed_sends()
+        if self._free_send_buffers:
+            return self._free_send_buffers.pop()
+        self.send_buffers_allocated += 1
+        return self._new_buffer()
+
+    # ---- instrumentation -------------------------------------------------------------------
+
+    def _record(self, name, category, started, action=None):
+        """Record [started, now] in the timeline, and the gap before it as idle time.
+
+        The gap is time on no action at all: stash bookkeeping and Python between actions.
+        Waiting for a message that has not arrived shows up as ``recv`` time instead.
+        """
+        finished = time.perf_counter()
+        if self.timeline is not None:
+            args = {} if action is None else {"microbatch": action.microbatch, "chunk": action.chunk}
+            if started > self._last_event_end:
+                self.timeline.record("idle", "idle", self._last_event_end, started)
+            label = name if action is None else f"{name} mb{action.microbatch} chunk{action.chunk}"
+            self.timeline.record(label, category, started, finished, **args)
+        self._last_event_end = finished
