@@ -22,10 +22,11 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError)
 
 def add_model_arguments(parser):
     group = parser.add_argument_group("model (GPTConfig)")
-    group.add_argument("--n-layer", type=int, default=4)
+    group.add_argument("--n-layer", type=int, default=2)
     group.add_argument("--n-head", type=int, default=4)
-    group.add_argument("--n-embd", type=int, default=128)
-    group.add_argument("--block-size", type=int, default=64)
+    group.add_argument("--n-embd", type=int, default=64)
+    group.add_argument("--block-size", type=int, default=None,
+                       help="context length; default: one line of the addition task (10 for 2 digits), 64 for --data")
     group.add_argument("--dropout", type=float, default=0.0)
     group.add_argument("--vocab-multiple", type=int, default=8,
                        help="pad the vocabulary to a multiple of this (so it splits over tensor-parallel ranks)")
@@ -100,6 +101,9 @@ def main(argv=None):
         from minipar.run import sample
 
         return sample(arguments)
+    if arguments.block_size is None:
+        # An addition line is "ab+cd=" plus the reversed sum and a newline: 3 digits + 4 characters.
+        arguments.block_size = 64 if arguments.data else 3 * arguments.digits + 4
     from minipar.run import train
 
     return train(arguments)

@@ -171,12 +171,33 @@ class Gelu(Function):
 
     @staticmethod
     def forward(ctx, x):
-        tanh_u = xp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
+        # In-place steps: an MLP's hidden activation is the largest array of the step, and
+        # each temporary of its size costs as much as the arithmetic itself.
+        tanh_u = x * x
+        tanh_u *= 0.044715
+        tanh_u += 1.0
+        tanh_u *= x
+        tanh_u *= _SQRT_2_OVER_PI
+        xp.tanh(tanh_u, out=tanh_u)
         ctx.save_for_backward(x, tanh_u)
-        return 0.5 * x * (1 + tanh_u)
+        out = tanh_u + 1.0
+        out *= x
+        out *= 0.5
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         x, tanh_u = ctx.saved
-        du_dx = _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x * x)
-        return grad * (0.5 * (1 + tanh_u) + 0.5 * x * (1 - tanh_u * tanh_u) * du_dx)
+        derivative = x * x  # becomes 0.5 (1 + t + x (1 - t^2) du/dx), t = tanh(u)
+        derivative *= 3 * 0.044715
+        derivative += 1.0
+        derivative *= _SQRT_2_OVER_PI
+        derivative *= x
+        one_minus_t_squared = tanh_u * tanh_u
+        xp.subtract(1.0, one_minus_t_squared, out=one_minus_t_squared)
+        derivative *= one_minus_t_squared
+        derivative += tanh_u
+        derivative += 1.0
+        derivative *= 0.5
+        derivative *= grad
+        return derivative

@@ -40,18 +40,19 @@ class LinearFunction(Function):
     def forward(ctx, x, weight, bias=None):
         if x.shape[-1] != weight.shape[0]:
             raise ShapeError(f"linear: input of shape {x.shape} does not fit a weight of shape {weight.shape}")
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        out = x @ weight
+        rows = x.reshape(-1, x.shape[-1])  # (B*T, in): one large GEMM beats B small ones
+        ctx.save_for_backward(rows, weight)
+        ctx.input_shape, ctx.has_bias = x.shape, bias is not None
+        out = rows @ weight
         if bias is not None:
             out += bias
-        return out
+        return out.reshape(*x.shape[:-1], weight.shape[1])
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight = ctx.saved
+        rows, weight = ctx.saved
         grad_rows = grad.reshape(-1, grad.shape[-1])
-        grad_x = grad @ weight.T
-        grad_weight = x.reshape(-1, x.shape[-1]).T @ grad_rows
+        grad_x = (grad_rows @ weight.T).reshape(ctx.input_shape)
+        grad_weight = rows.T @ grad_rows
         grad_bias = grad_rows.sum(axis=0) if ctx.has_bias else None
         return grad_x, grad_weight, grad_bias
