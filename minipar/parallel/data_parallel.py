@@ -1,0 +1,362 @@
+"""Data parallelism: N replicas of the model, each on 1/N of the batch, gradients averaged.
+
+One step on N data-parallel ranks (Goyal et al. 2017, "Accurate, Large Minibatch SGD"):
+
+    replicate  every rank holds the same parameters θ (broadcast from dp rank 0 at start);
+    scatter    the global batch of B rows is cut into N shards of B/N rows;
+    compute    rank i runs forward and backward on its shard: Δθ_i = ∇θ mean-loss(shard i);
+    aggregate  Δθ = (1/N) Σ_i Δθ_i, one allreduce (sum) followed by a division by N;
+    step       every rank applies the same update to the same θ, so replicas stay identical.
+
+With equal shards the mean of the shard means is the mean over the whole batch, so
+Δθ is exactly the gradient one process would get on all B rows: only rounding differs.
+
+Buckets (Li et al. 2020, "PyTorch Distributed: Experiences on Accelerating Data Parallel
+Training", section 3.2.2). One allreduce per parameter pays the latency α once per tensor;
+one allreduce of everything cannot start until the last gradient exists. Gradients are
+therefore packed into flat buckets of about ``bucket_bytes``, filled in reverse parameter
+order, roughly the order backward produces them. With a ring a bucket of n bytes costs
+2(N−1)α + 2((N−1)/N)nβ + ((N−1)/N)nγ (Thakur, Rabenseifner & Gropp 2005).
+
+Overlap (section 3.2.3). With ``overlap=True`` every parameter gets a grad-ready hook; when
+the last gradient of a bucket is final a nonblocking allreduce (MPI_Iallreduce) starts on
+it while backward carries on with earlier layers; ``finish_gradient_sync()`` waits for
+them. MPI requires every rank to start collectives on a communicator in the same order, so
+buckets are launched strictly in index order: a full bucket waits for all before it.
+
+Gradient accumulation (section 3.2.4). With ``accumulation_steps = m`` a step is m backward
+passes (m micro-batches, each loss scaled by 1/m) whose gradients add up. A parameter is
+ready once its hook has fired m times in this step (m·k for a parameter that k backward
+calls per micro-batch reach, e.g. pipeline chunks on one rank sharing it:
+``uses_per_micro_batch``), so communication happens only during the last micro-batch,
+whatever order a pipeline schedule runs them in.
+
+A parameter that got no gradient on a rank contributes zeros, and after the sync every
+parameter has a gradient (the average). Leaving it None on one rank but not another would
+make the optimizers diverge; zeros keep the replicas identical.
+
+Rank discipline. Every rank builds the model from the same seed (and rank 0's copy is
+broadcast anyway). The batch for step s is split one of two ways:
+  - ``local_slice``: every rank samples the same global batch from (seed, step) and keeps
+    rows [d·B/N, (d+1)·B/N) for dp rank d; no communication;
+  - ``scatter_batch``: only dp rank 0 samples; it Scatters the rows, shard d to rank d.
+Both give rank d the same rows.
+"""
+from dataclasses import dataclass, field
+
+from minipar.backend import from_host, to_host, xp
+from minipar.errors import ConfigError
+
+DEFAULT_BUCKET_BYTES = 1 << 20  # 1 MiB; PyTorch uses 25 MB, our models are far smaller
+ALLREDUCE_ALGORITHMS = ("mpi", "ring", "recursive_doubling", "tree")
+
+
+class ReplicaDivergenceError(RuntimeError):
+    """Data-parallel replicas that should be identical are not (raised on every rank)."""
+
+
+def _check_options(bucket_bytes, overlap, algorithm, accumulation_steps, check_interval=0):
+    if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, (int, float)) or not bucket_bytes > 0:
+        raise ConfigError(f"bucket_bytes must be a positive number of bytes, got {bucket_bytes!r}")
+    if algorithm not in ALLREDUCE_ALGORITHMS:
+        raise ConfigError(f"algorithm must be one of {ALLREDUCE_ALGORITHMS}, got {algorithm!r}")
+    if overlap and algorithm != "mpi":
+        raise ConfigError(f"overlap=True needs algorithm='mpi' (MPI_Iallreduce); the hand-built "
+                          f"{algorithm!r} allreduce is blocking and cannot run behind backward")
+    _require_integer(accumulation_steps, "accumulation_steps", 1)
+    _require_integer(check_interval, "check_interval (0: never)", 0)
+
+
+def _require_integer(value, name, minimum):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def validate_data_parallel(global_batch, dp, world_size, bucket_bytes=DEFAULT_BUCKET_BYTES, *,
+                           accumulation_steps=1, model_parallel_size=1):
+    """Raise the same ConfigError on every rank, before any communication, for a bad setup.
+
+    ``model_parallel_size`` is tp × pp (1 for pure data parallelism): world = dp × tp × pp.
+    Each of the ``dp × accumulation_steps`` micro-batches must get a whole number of rows.
+    """
+    for name, value in (("global batch", global_batch), ("dp", dp), ("world size", world_size),
+                        ("model_parallel_size", model_parallel_size)):
+        _require_integer(value, name, 1)
+    _check_options(bucket_bytes, False, "mpi", accumulation_steps)
+    if dp * model_parallel_size != world_size:
+        raise ConfigError(f"dp = {dp} times model-parallel size {model_parallel_size} is "
+                          f"{dp * model_parallel_size}, but the world has {world_size} ranks")
+    if global_batch % (dp * accumulation_steps):
+        raise ConfigError(f"global batch {global_batch} is not divisible by dp ({dp}) x "
+                          f"accumulation_steps ({accumulation_steps}) = {dp * accumulation_steps}")
+
+
+def local_slice(global_batch, dp_rank, dp):
+    """Rows [d·B/N, (d+1)·B/N) of an array, or of each array in a tuple (inputs, targets)."""
+    arrays = tuple(global_batch) if isinstance(global_batch, (tuple, list)) else (global_batch,)
+    rows = arrays[0].shape[0]
+    if any(a.shape[0] != rows for a in arrays):
+        raise ConfigError(f"batch arrays disagree on the number of rows: {[a.shape[0] for a in arrays]}")
+    if rows % dp:
+        raise ConfigError(f"global batch {rows} is not divisible by dp = {dp}")
+    share = rows // dp
+    pieces = tuple(a[dp_rank * share:(dp_rank + 1) * share] for a in arrays)
+    return pieces if isinstance(global_batch, (tuple, list)) else pieces[0]
+
+
+def scatter_batch(global_inputs, global_targets, dp_comm):
+    """dp rank 0 holds the global batch (others pass None); each rank gets its B/N rows.
+
+    Only the shapes travel as pickled metadata (the others cannot know them); the rows
+    themselves move with MPI_Scatter into preallocated buffers.
+    """
+    rank, size = dp_comm.rank, dp_comm.size
+    metadata = None
+    if rank == 0:  # a problem found on rank 0 travels as the metadata, so every rank raises it
+        if global_inputs is None or global_targets is None:
+            metadata = "scatter_batch: dp rank 0 must pass the global inputs and targets"
+        else:
+            metadata = [(a.shape, a.dtype.str) for a in (global_inputs, global_targets)]
+    metadata = dp_comm.mpi.bcast(metadata, root=0)
+    if isinstance(metadata, str):
+        raise ConfigError(metadata)
+    (inputs_shape, _), (targets_shape, _) = metadata
+    if inputs_shape[0] != targets_shape[0]:
+        raise ConfigError(f"inputs have {inputs_shape[0]} rows but targets have {targets_shape[0]}")
+    if inputs_shape[0] % size:
+        raise ConfigError(f"global batch {inputs_shape[0]} is not divisible by dp = {size}")
+    shards = []
+    for array, (shape, dtype) in zip((global_inputs, global_targets), metadata):
+        host_shard = to_host(xp.empty((shape[0] // size, *shape[1:]), dtype=dtype))
+        send = to_host(xp.ascontiguousarray(array)) if rank == 0 else None
+        dp_comm.mpi.Scatter(send, host_shard, root=0)
+        shards.append(from_host(host_shard))
+    return tuple(shards)
+
+
+@dataclass
+class _Slot:
+    """Where one parameter's gradient lives in its bucket, and how far this step has got."""
+
+    parameter: object
+    name: str
+    bucket: int
+    start: int
+    stop: int
+    expected: int = 1  # grad-ready hook calls per step: accumulation_steps x uses per micro-batch
+    firings: int = 0  # grad-ready hook calls in this step
+    packed: object = None  # the gradient array copied into the bucket (overlap mode)
+
+
+@dataclass
+class Bucket:
+    """A flat, preallocated buffer holding the gradients of a run of parameters."""
+
+    flat: object
+    slots: list = field(default_factory=list)
+    packed: int = 0  # slots copied in this step
+    request: object = None  # the in-flight Iallreduce (overlap mode)
+
+
+class DataParallel:
+    """Average gradients over the data-parallel group ``dp_comm`` (a minipar Communicator).
+
+        dp = DataParallel(model.parameters(), grid.dp, overlap=True, accumulation_steps=m)
+        for step in range(steps):
+            for each of the m micro-batches: (loss / m).backward()
+            dp.finish_gradient_sync()          # every .grad is now the dp average
+            optimizer.step(); optimizer.zero_grad()
+            dp.check_replicas(step)            # compares replicas every check_interval steps
+
+    ``algorithm``: "mpi" (MPI's built-in) or the hand-built "ring", "recursive_doubling" or
+    "tree"; those are blocking, so ``overlap=True`` needs "mpi". ``broadcast=False`` skips
+    the initial copy of dp rank 0's parameters. ``uses_per_micro_batch``: {parameter: k} for
+    a parameter that k separate backward calls per micro-batch reach (default 1).
+    """
+
+    def __init__(self, parameters, dp_comm, bucket_bytes=DEFAULT_BUCKET_BYTES, overlap=False,
+                 algorithm="mpi", accumulation_steps=1, check_interval=100, broadcast=True,
+                 uses_per_micro_batch=None):
+        _check_options(bucket_bytes, overlap, algorithm, accumulation_steps, check_interval)
+        uses = {id(p): k for p, k in (uses_per_micro_batch or {}).items()}
+        for k in uses.values():
+            _require_integer(k, "uses_per_micro_batch values", 1)
+        self.comm, self.overlap, self.algorithm = dp_comm, overlap, algorithm
+        self.bucket_bytes, self.accumulation_steps, self.check_interval = bucket_bytes, accumulation_steps, check_interval
+        unique = list({id(p): p for p in parameters}.values())  # a tied weight listed twice counts once
+        self.parameters = unique
+        self.names = [_name_of(p, i) for i, p in enumerate(unique)]
+        self.buckets = self._make_buckets()
+        self._slot_of = {id(slot.parameter): slot for bucket in self.buckets for slot in bucket.slots}
+        for key, slot in self._slot_of.items():
+            slot.expected = accumulation_steps * uses.get(key, 1)
+        self._next_launch = 0
+        self._check_same_parameters_everywhere()
+        if overlap:
+            for p in unique:
+                p.register_grad_ready_hook(self._on_gradient_ready)
+        if broadcast:
+            self.broadcast_parameters()
+
+    @property
+    def gradient_bytes(self):
+        """Bytes of gradient each rank contributes per step (the n of the allreduce costs)."""
+        return sum(bucket.flat.nbytes for bucket in self.buckets)
+
+    def _make_buckets(self):
+        """Reverse parameter order; a new bucket when the next one would overflow or changes dtype."""
+        groups = []
+        for index in reversed(range(len(self.parameters))):
+            p = self.parameters[index]
+            if not groups or p.dtype != groups[-1][0][1].dtype or \
+                    sum(q.data.nbytes for _, q in groups[-1]) + p.data.nbytes > self.bucket_bytes:
+                groups.append([])
+            groups[-1].append((index, p))
+        buckets = []
+        for number, group in enumerate(groups):
+            bucket = Bucket(xp.zeros(sum(p.size for _, p in group), dtype=group[0][1].dtype))
+            start = 0
+            for index, p in group:
+                bucket.slots.append(_Slot(p, self.names[index], number, start, start + p.size))
+                start += p.size
+            buckets.append(bucket)
+        return buckets
+
+    def _check_same_parameters_everywhere(self):
+        """Mismatched shapes would make the bucket allreduces hang; say which ranks differ."""
+        layout = [(name, tuple(p.shape), p.dtype.str) for name, p in zip(self.names, self.parameters)]
+        everyone = self.comm.mpi.allgather(layout)  # small metadata, pickled once at start
+        differing = [rank for rank, other in enumerate(everyone) if other != everyone[0]]
+        if differing:
+            theirs, ours = everyone[differing[0]], everyone[0]
+            example = next((f"{a} where rank 0 has {b}" for a, b in zip(theirs, ours) if a != b),
+                           f"{len(theirs)} tensors where rank 0 has {len(ours)}")
+            raise ConfigError(f"data-parallel ranks {differing} hold other parameters than dp rank 0 "
+                              f"(rank {differing[0]} has {example}); every replica must build the same model")
+
+    # ---- replicas ------------------------------------------------------------------------
+    def broadcast_parameters(self):
+        """Copy dp rank 0's parameters to every rank, one broadcast per bucket."""
+        for bucket in self.buckets:
+            if self.comm.rank == 0:
+                for slot in bucket.slots:
+                    bucket.flat[slot.start:slot.stop] = slot.parameter.data.reshape(-1)
+            self.comm.broadcast(bucket.flat, root=0)
+            for slot in bucket.slots:
+                slot.parameter.data[...] = bucket.flat[slot.start:slot.stop].reshape(slot.parameter.shape)
+
+    def check_replicas(self, step=None):
+        """Compare a checksum of every parameter across ranks; raise ReplicaDivergenceError if any differ.
+
+        The checksum of a parameter is (Σ x, Σ x²) in float64; the rows of all ranks are
+        allgathered (2 floats per tensor) and must agree bitwise. Given ``step``, checks only
+        when step % check_interval == 0 and returns None otherwise; returns the local checksums.
+        """
+        if step is not None and (self.check_interval <= 0 or step % self.check_interval):
+            return None
+        local = xp.empty((1, 2 * len(self.parameters)), dtype=xp.float64)
+        for i, p in enumerate(self.parameters):
+            values = p.data.astype(xp.float64)
+            local[0, 2 * i], local[0, 2 * i + 1] = values.sum(), (values * values).sum()
+        everyone = xp.empty((self.comm.size, local.shape[1]), dtype=xp.float64)
+        self.comm.allgather(local, everyone)
+        groups = {}
+        for rank in range(self.comm.size):
+            groups.setdefault(everyone[rank].tobytes(), []).append(rank)
+        if len(groups) > 1:
+            raise ReplicaDivergenceError(self._divergence_message(everyone, list(groups.values())))
+        return local[0]
+
+    def _divergence_message(self, everyone, groups):
+        # The largest group is taken as right (on a tie, the one holding rank 0).
+        reference = max(groups, key=lambda ranks: (len(ranks), 0 in ranks))
+        diverging = sorted(rank for ranks in groups if ranks is not reference for rank in ranks)
+        lines = [f"data-parallel replicas differ: ranks {diverging} disagree with ranks {reference}"]
+        for i, name in enumerate(self.names):
+            columns = everyone[:, 2 * i:2 * i + 2]
+            if (columns != columns[reference[0]]).any():
+                values = ", ".join(f"rank {r}: sum {float(columns[r, 0])!r}, sum of squares {float(columns[r, 1])!r}"
+                                   for r in sorted({reference[0], *diverging}))
+                lines.append(f"  {name}: {values}")
+        return "\n".join(lines)
+
+    # ---- gradients -----------------------------------------------------------------------
+    def _pack(self, slot):
+        grad = slot.parameter.grad
+        target = self.buckets[slot.bucket].flat[slot.start:slot.stop]
+        if grad is None:
+            target[...] = 0
+        else:
+            target[...] = grad.reshape(-1)
+        slot.packed = grad
+        self.buckets[slot.bucket].packed += 1
+
+    def _on_gradient_ready(self, parameter):
+        """Grad-ready hook: pack the gradient after its m-th firing; launch full buckets in order."""
+        slot = self._slot_of[id(parameter)]
+        slot.firings += 1
+        if slot.firings > slot.expected:
+            firings = slot.firings
+            self._end_step()
+            raise RuntimeError(f"{slot.name} got a gradient {firings} times in one step, expected "
+                               f"{slot.expected} (accumulation_steps is {self.accumulation_steps}): call "
+                               "finish_gradient_sync() once per step, and pass uses_per_micro_batch for a "
+                               "parameter that several backward calls per micro-batch reach")
+        if slot.firings == slot.expected:
+            self._pack(slot)
+            self._launch_full_buckets()
+        # Without a progress thread MPI advances nonblocking collectives only inside MPI calls.
+        for bucket in self.buckets[:self._next_launch]:
+            bucket.request.test()
+
+    def _end_step(self):
+        """Finish the allreduces in flight (every rank started the same ones) and forget this step."""
+        for bucket in self.buckets:
+            if bucket.request is not None:
+                bucket.request.wait()
+            bucket.packed, bucket.request = 0, None
+            for slot in bucket.slots:
+                slot.firings, slot.packed = 0, None
+        self._next_launch = 0
+
+    def _launch_full_buckets(self):
+        while self._next_launch < len(self.buckets):
+            bucket = self.buckets[self._next_launch]
+            if bucket.packed < len(bucket.slots):
+                return
+            bucket.request = self.comm.iallreduce(bucket.flat)
+            self._next_launch += 1
+
+    def finish_gradient_sync(self):
+        """Make every parameter's .grad the average over the dp group: Δθ = (1/N) Σ_i Δθ_i."""
+        if self.overlap:
+            for bucket in self.buckets[self._next_launch:]:
+                for slot in bucket.slots:
+                    if slot.firings < slot.expected:  # unused, or fewer passes: send as is
+                        self._pack(slot)
+            self._launch_full_buckets()
+            for bucket in self.buckets:
+                bucket.request.wait()
+        else:
+            for bucket in self.buckets:
+                for slot in bucket.slots:
+                    self._pack(slot)
+                self.comm.allreduce(bucket.flat, algorithm=self.algorithm)
+        for bucket in self.buckets:
+            bucket.flat /= self.comm.size
+            for slot in bucket.slots:
+                if self.overlap and slot.parameter.grad is not slot.packed:
+                    self._end_step()
+                    raise RuntimeError(f"the gradient of {slot.name} changed after it was sent; with "
+                                       "overlap, change gradients only after finish_gradient_sync()")
+                # A fresh array: the bucket is reused next step, a .grad kept by the caller must not change.
+                slot.parameter.grad = bucket.flat[slot.start:slot.stop].reshape(slot.parameter.shape).copy()
+        self._end_step()
+
+
+def _name_of(parameter, index):
+    shard = getattr(parameter, "shard", None)
+    if shard is not None:
+        return shard.full_name
+    return parameter.name or f"parameters[{index}]"
+

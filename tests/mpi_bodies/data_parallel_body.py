@@ -1,0 +1,340 @@
+"""Checks for minipar.parallel.data_parallel, run on every rank by tests/test_data_parallel.py.
+
+Each rank also trains the same small GPT in one process on the whole global batch; every
+data-parallel variant must reproduce those losses and parameters (float64, tight tolerance).
+"""
+import math
+
+from minipar.backend import from_host, host_rng, set_default_dtype, xp
+from minipar.comm import Communicator
+from minipar.errors import ConfigError
+from minipar.nn.gpt import GPT, GPTConfig
+from minipar.nn.module import Parameter
+from minipar.optim import AdamW, decay_groups
+from minipar.parallel.data_parallel import (DataParallel, ReplicaDivergenceError, local_slice, scatter_batch,
+                                            validate_data_parallel)
+
+CONFIG = dict(vocab_size=16, block_size=8, n_layer=2, n_head=2, n_embd=16)
+GLOBAL_BATCH = 16  # divisible by dp x micro-batches for dp up to 8 and 2 micro-batches
+STEPS = 3
+DATA_SEED = 2024
+TOLERANCE = dict(rtol=1e-11, atol=1e-13)  # observed differences are about 5e-15
+
+# (name, options for DataParallel, batch split, micro-batches per step)
+CASES = [
+    ("one bucket, blocking mpi", dict(bucket_bytes=math.inf), "local", 1),
+    ("per-parameter buckets, ring, scatter", dict(bucket_bytes=1, algorithm="ring"), "scatter", 1),
+    ("2 KiB buckets, recursive doubling", dict(bucket_bytes=2048, algorithm="recursive_doubling"), "local", 1),
+    ("2 KiB buckets, tree", dict(bucket_bytes=2048, algorithm="tree"), "scatter", 1),
+    ("2 KiB buckets, overlap", dict(bucket_bytes=2048, overlap=True), "local", 1),
+    ("per-parameter buckets, overlap", dict(bucket_bytes=1, overlap=True), "scatter", 1),
+    ("accumulation, blocking ring", dict(bucket_bytes=2048, algorithm="ring", accumulation_steps=2), "local", 2),
+    ("accumulation, overlap", dict(bucket_bytes=2048, overlap=True, accumulation_steps=2), "scatter", 2),
+]
+
+
+def global_batch(step):
+    """The global batch of a step: the same on every rank, drawn from (seed, step)."""
+    tokens = host_rng([DATA_SEED, step]).integers(0, CONFIG["vocab_size"], size=(GLOBAL_BATCH, CONFIG["block_size"] + 1))
+    tokens = from_host(tokens)
+    return xp.ascontiguousarray(tokens[:, :-1]), xp.ascontiguousarray(tokens[:, 1:])
+
+
+def new_model_and_optimizer():
+    set_default_dtype(xp.float64)
+    model = GPT(GPTConfig(**CONFIG))
+    optimizer = AdamW(decay_groups(model.named_parameters(), 0.1), lr=1e-2)
+    return model, optimizer
+
+
+def gradients(model):
+    return {name: p.grad.copy() for name, p in model.named_parameters()}
+
+
+def single_process_run():
+    """Losses, gradients of every step and the final parameters of one process on the whole batch."""
+    model, optimizer = new_model_and_optimizer()
+    losses, grads = [], []
+    for step in range(STEPS):
+        inputs, targets = global_batch(step)
+        _, loss = model(inputs, targets)
+        optimizer.zero_grad()
+        loss.backward()
+        grads.append(gradients(model))
+        optimizer.step()
+        losses.append(loss.item())
+    return losses, grads, model.state_dict()
+
+
+def data_parallel_run(communicator, options, split, micro_batches):
+    """Losses (global means), the model, averaged gradients and counters of each step, and ``dp``."""
+    model, optimizer = new_model_and_optimizer()
+    dp = DataParallel(model.parameters(), communicator, **options)
+    losses, grads, counters = [], [], []
+    for step in range(STEPS):
+        communicator.reset_counters()
+        if split == "local":
+            inputs, targets = local_slice(global_batch(step), communicator.rank, communicator.size)
+        else:  # only rank 0 samples the batch; the others receive their rows
+            batch = global_batch(step) if communicator.rank == 0 else (None, None)
+            inputs, targets = scatter_batch(*batch, communicator)
+            expected = local_slice(global_batch(step), communicator.rank, communicator.size)
+            assert (inputs == expected[0]).all() and (targets == expected[1]).all(), "scatter_batch rows"
+        rows = inputs.shape[0] // micro_batches
+        local_loss = 0.0
+        for micro in range(micro_batches):
+            _, loss = model(inputs[micro * rows:(micro + 1) * rows], targets[micro * rows:(micro + 1) * rows])
+            (loss * (1.0 / micro_batches)).backward()
+            local_loss += loss.item() / micro_batches
+        dp.finish_gradient_sync()
+        counters.append(communicator.counters_snapshot())
+        grads.append(gradients(model))
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(communicator.allreduce(xp.array([local_loss])).item() / communicator.size)
+    return losses, model, grads, counters, dp
+
+
+def assert_close(actual, expected, what):
+    actual, expected = xp.asarray(actual), xp.asarray(expected)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} vs {expected.shape}"
+    if not xp.allclose(actual, expected, **TOLERANCE):
+        worst = float(xp.max(xp.abs(actual - expected)))
+        raise AssertionError(f"{what}: differs from single-process training by up to {worst:.3e}")
+
+
+def expected_bytes_sent(algorithm, gradient_bytes, size):
+    """Bytes one rank sends per step for the allreduce of all gradients (power-of-two sizes)."""
+    if size == 1:
+        return 0
+    if algorithm in ("mpi", "ring"):  # MPI's built-in is counted with the ring's textbook volume
+        return 2 * (size - 1) * gradient_bytes // size
+    if algorithm == "recursive_doubling":
+        return gradient_bytes * int(math.log2(size))
+    raise ValueError(algorithm)
+
+
+def check_traffic(communicator, name, options, counters, dp, gradient_bytes):
+    size = communicator.size
+    algorithm = options.get("algorithm", "mpi")
+    key = "iallreduce" if options.get("overlap") else "allreduce"
+    for step, snapshot in enumerate(counters):
+        record = snapshot[key]
+        what = f"{name}, step {step}, rank {communicator.rank}"
+        assert record["calls"] == len(dp.buckets), f"{what}: {record['calls']} calls for {len(dp.buckets)} buckets"
+        assert record["elements"] * 8 == gradient_bytes, f"{what}: reduced {record['elements']} elements"
+        assert set(snapshot) == {key}, f"{what}: unexpected calls {sorted(snapshot)}"
+        sent = record["bytes_sent"]
+        everyone = communicator.mpi.allgather(sent)
+        # Summed over ranks, every one of these allreduces sends 2(N-1) copies of the data
+        # except recursive doubling, which sends N lg N copies.
+        copies = size * int(math.log2(size)) if algorithm == "recursive_doubling" else 2 * (size - 1)
+        assert sum(everyone) == copies * gradient_bytes, f"{what}: ranks sent {everyone} in total"
+        if algorithm == "tree":  # rank 0 sends the whole gradient to each of its lg N children
+            assert everyone[0] == gradient_bytes * int(math.log2(size)), f"{what}: root sent {everyone[0]}"
+        else:
+            expected = expected_bytes_sent(algorithm, gradient_bytes, size)
+            assert sent == expected, f"{what}: sent {sent} bytes, the formula gives {expected}"
+
+
+def check_equivalence(communicator):
+    reference_losses, reference_grads, reference_state = single_process_run()
+    for name, options, split, micro_batches in CASES:
+        losses, model, grads, counters, dp = data_parallel_run(communicator, options, split, micro_batches)
+        assert_close(losses, reference_losses, f"{name}: losses")
+        for step, (step_grads, reference_step_grads) in enumerate(zip(grads, reference_grads)):
+            for parameter_name, grad in step_grads.items():
+                assert_close(grad, reference_step_grads[parameter_name], f"{name}: step {step} gradient of {parameter_name}")
+        for parameter_name, value in model.state_dict().items():
+            assert_close(value, reference_state[parameter_name], f"{name}: {parameter_name}")
+        parameters = model.parameters()
+        assert all(p.size % communicator.size == 0 for p in parameters), "test assumes sizes divisible by N"
+        gradient_bytes = sum(p.data.nbytes for p in parameters)
+        assert dp.gradient_bytes == gradient_bytes
+        check_traffic(communicator, name, options, counters, dp, gradient_bytes)
+        dp.check_replicas()
+    if communicator.rank == 0:
+        print(f"data parallel matches one process in {len(CASES)} cases on {communicator.size} ranks", flush=True)
+
+
+def check_buckets(communicator):
+    model, _ = new_model_and_optimizer()
+    parameters = model.parameters()
+    one = DataParallel(parameters, communicator, bucket_bytes=math.inf)
+    assert len(one.buckets) == 1 and one.buckets[0].flat.size == sum(p.size for p in parameters)
+    each = DataParallel(parameters, communicator, bucket_bytes=1)
+    assert len(each.buckets) == len(parameters)
+    sized = DataParallel(parameters, communicator, bucket_bytes=2048)
+    order = [slot.parameter for bucket in sized.buckets for slot in bucket.slots]
+    assert order == parameters[::-1], "buckets must hold the parameters in reverse order"
+    for bucket in sized.buckets:
+        assert bucket.flat.nbytes <= 2048 or len(bucket.slots) == 1, f"bucket of {bucket.flat.nbytes} bytes"
+    for first, second in zip(sized.buckets, sized.buckets[1:]):  # greedy: the next one would not fit
+        assert first.flat.nbytes + second.slots[0].parameter.data.nbytes > 2048
+
+
+def check_broadcast(communicator):
+    """A rank that starts from other weights gets rank 0's at construction."""
+    model, _ = new_model_and_optimizer()
+    pristine = model.state_dict()
+    if communicator.rank != 0:
+        for p in model.parameters():
+            p.data += communicator.rank
+    DataParallel(model.parameters(), communicator).check_replicas()
+    for name, value in model.state_dict().items():
+        assert (value == pristine[name]).all(), f"rank {communicator.rank}: {name} not broadcast from rank 0"
+
+
+def check_divergence_detected(communicator):
+    model, _ = new_model_and_optimizer()
+    dp = DataParallel(model.parameters(), communicator, check_interval=5)
+    assert dp.check_replicas(step=3) is None, "step 3 is not a checking step"
+    dp.check_replicas(step=5)
+    culprits = [communicator.size - 1, 0] if communicator.size >= 3 else [communicator.size - 1]
+    if communicator.size == 1:
+        return
+    target_name, target = "blocks.1.mlp.hidden.weight", dict(model.named_parameters())["blocks.1.mlp.hidden.weight"]
+    for culprit in culprits:
+        saved = target.data.copy()
+        if communicator.rank == culprit:
+            target.data[0, 0] += 1e-9
+        try:
+            dp.check_replicas()
+        except ReplicaDivergenceError as error:
+            message = str(error)
+            assert f"ranks [{culprit}] disagree" in message, message
+            assert target_name in message and "sum of squares" in message, message
+            assert message.count("\n") == 1, f"only the perturbed parameter should be listed:\n{message}"
+        else:
+            raise AssertionError(f"rank {communicator.rank}: divergence of rank {culprit} not detected")
+        target.data[...] = saved
+    dp.check_replicas()
+
+
+def check_bad_inputs(communicator):
+    """Every bad setup raises ConfigError on every rank, and no rank is left waiting."""
+    size = communicator.size
+    model, _ = new_model_and_optimizer()
+    parameters = model.parameters()
+    attempts = [
+        ("indivisible batch", lambda: validate_data_parallel(4 * size + 1, size, size, 1024, accumulation_steps=2)),
+        ("wrong world size", lambda: validate_data_parallel(16, size, size + 1, 1024)),
+        ("zero bucket", lambda: validate_data_parallel(16, size, size, 0)),
+        ("negative bucket", lambda: DataParallel(parameters, communicator, bucket_bytes=-5)),
+        ("overlap with ring", lambda: DataParallel(parameters, communicator, overlap=True, algorithm="ring")),
+        ("unknown algorithm", lambda: DataParallel(parameters, communicator, algorithm="butterfly")),
+        ("zero accumulation", lambda: DataParallel(parameters, communicator, accumulation_steps=0)),
+        ("scatter without data", lambda: scatter_batch(None, None, communicator)),
+        ("local slice indivisible", lambda: local_slice(global_batch(0)[0][:2 * size + 1], 0, 2 * size + 2)),
+    ]
+    if size > 1:  # rank 0's batch does not split; one rank with another model (not a hang)
+        odd_rows = global_batch(0)[0][:size + 1]
+        attempts.append(("scatter indivisible", lambda: scatter_batch(odd_rows, odd_rows, communicator)))
+        other = GPT(GPTConfig(**{**CONFIG, "n_embd": 8}))
+        mine = other.parameters() if communicator.rank == size - 1 else parameters
+        attempts.append(("different models", lambda: DataParallel(mine, communicator)))
+    raised = []
+    for label, attempt in attempts:
+        try:
+            attempt()
+        except ConfigError as error:
+            raised.append(label)
+            assert str(error), label
+        communicator.mpi.Barrier()  # proves no rank is stuck inside the failed call
+    missing = sorted(set(label for label, _ in attempts) - set(raised))
+    assert not missing, f"rank {communicator.rank}: no ConfigError for {missing}"
+    everyone = communicator.mpi.allgather(len(raised))
+    assert everyone == [len(attempts)] * size, f"ConfigErrors per rank: {everyone}"
+
+    # Overlap mode: one backward pass too many in a step is an error, not a silent double count.
+    model, _ = new_model_and_optimizer()
+    dp = DataParallel(model.parameters(), communicator, overlap=True, accumulation_steps=1)
+    inputs, targets = local_slice(global_batch(0), communicator.rank, size)
+    model(inputs, targets)[1].backward()
+    try:
+        model(inputs, targets)[1].backward()
+    except RuntimeError as error:
+        assert "expected 1 (accumulation_steps is 1)" in str(error), str(error)
+    else:
+        raise AssertionError("a second backward pass in one step went unnoticed")
+
+
+def run_all_checks(comm):
+    communicator = Communicator(comm)
+    check_buckets(communicator)
+    check_broadcast(communicator)
+    check_equivalence(communicator)
+    check_divergence_detected(communicator)
+    check_bad_inputs(communicator)
+    comm.Barrier()
+    if communicator.rank == 0:
+        print(f"all data parallel checks passed on {communicator.size} ranks", flush=True)
+
+
+def raise_config_error_uncaught(comm):
+    """A bad bucket size left uncaught must end the job with a message, not hang it."""
+    set_default_dtype(xp.float64)
+    model = GPT(GPTConfig(**CONFIG))
+    DataParallel(model.parameters(), Communicator(comm), bucket_bytes=0)
+    comm.Barrier()
+
+
+def unused_gradients_are_zero(comm):
+    """A parameter that gets no gradient on rank 0 is averaged as zero there, and nothing hangs.
+
+    ``extra`` is used only on ranks r > 0, where its gradient is r + 1 in every element, so
+    the average is (1/N) * sum over r > 0 of (r + 1). It sits last in the list, so in the
+    first bucket: with overlap, rank 0 cannot launch any bucket before finish_gradient_sync.
+    """
+    communicator = Communicator(comm)
+    rank, size = communicator.rank, communicator.size
+    for overlap in (False, True):
+        model, _ = new_model_and_optimizer()
+        extra = Parameter(xp.ones(8))
+        dp = DataParallel(model.parameters() + [extra], communicator, bucket_bytes=2048, overlap=overlap)
+        inputs, targets = local_slice(global_batch(0), rank, size)
+        loss = model(inputs, targets)[1]
+        if rank > 0:
+            loss = loss + (extra * float(rank + 1)).sum()
+        loss.backward()
+        dp.finish_gradient_sync()
+        expected = sum(r + 1 for r in range(1, size)) / size
+        assert extra.grad is not None and (extra.grad == expected).all(), f"rank {rank}: {extra.grad}"
+        dp.check_replicas()
+    if rank == 0:
+        print("unused gradients averaged as zero", flush=True)
+
+
+def shared_parameter_reached_twice(comm):
+    """A parameter that two backward calls per micro-batch reach (as when two pipeline chunks
+    on one rank share it) is sent only after its last contribution, given uses_per_micro_batch.
+
+    Rank r, micro-batch i, backward call j adds (r + 1) * (1 + i + 2 j) to every element of
+    ``shared``'s gradient; the average over ranks of the sum over i, j is known exactly.
+    Without uses_per_micro_batch the third hook call is refused.
+    """
+    communicator = Communicator(comm)
+    rank, size = communicator.rank, communicator.size
+    micro_batches = 2
+    expected = sum(r + 1 for r in range(size)) * sum(1 + i + 2 * j for i in range(2) for j in range(2)) / size
+    for declared in (True, False):
+        shared, other = Parameter(xp.ones(8)), Parameter(xp.ones(8))
+        uses = {shared: 2} if declared else None
+        dp = DataParallel([other, shared], communicator, overlap=True, bucket_bytes=1,
+                          accumulation_steps=micro_batches, uses_per_micro_batch=uses)
+        try:
+            for i in range(micro_batches):
+                for j in range(2):
+                    loss = (shared * float((rank + 1) * (1 + i + 2 * j))).sum()
+                    if j == 1:
+                        loss = loss + other.sum()
+                    loss.backward()
+            dp.finish_gradient_sync()
+        except RuntimeError as error:
+            assert not declared and "got a gradient 3 times in one step, expected 2" in str(error), str(error)
+            continue
+        assert declared, "an undeclared second use went unnoticed"
+        assert (shared.grad == expected).all(), f"rank {rank}: {shared.grad}, expected {expected}"
+        assert (other.grad == micro_batches).all()
+    if rank == 0:
+        print("shared parameter sent after its last use", flush=True)
