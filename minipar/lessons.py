@@ -14,15 +14,14 @@ The cluster is stopped by the last cell, and also when the kernel exits (ipypara
 ``atexit`` hook), so a lesson abandoned half way leaves nothing behind once its kernel is
 shut down. ``tests/test_lessons.py`` goes further for a lesson that fails or hangs: it calls
 ``stop_mpi_cluster()`` in the kernel, then kills whatever the kernel started that is still
-alive (``processes_started_by``, ``kill_processes``).
+alive (``minipar.testing.process_tree``, ``kill_processes``).
 """
 import os
-import signal
 import sys
 from pathlib import Path
 
 from minipar.comm import collectives
-from minipar.testing import find_mpiexec
+from minipar.testing import find_mpiexec, kill_processes, process_tree
 
 _clusters = []  # started here and not yet stopped
 
@@ -79,50 +78,13 @@ def stop_mpi_cluster(cluster=None):
     for running in [cluster] if cluster is not None else list(_clusters):
         launched = [getattr(launcher, "pid", None) for launcher in
                     [running.controller, *running.engines.values()] if launcher is not None]
-        leftovers = [process for root in launched if root for process in processes_started_by(root)]
+        leftovers = [process for root in launched if root for process in process_tree(root, include_root=True)]
         try:
             running.stop_cluster_sync()
         finally:
             if running in _clusters:
                 _clusters.remove(running)
             kill_processes(leftovers)
-
-
-def processes_started_by(root_pid):
-    """(pid, start time) of ``root_pid`` and all its descendants, from Linux's /proc (else just the root).
-
-    Collect them while the tree is intact: an orphan is re-parented and loses the trail.
-    """
-    children_of = {}
-    for entry in Path("/proc").glob("[0-9]*"):
-        fields = _stat_fields(entry.name)
-        if fields:
-            children_of.setdefault(int(fields[1]), []).append((int(entry.name), fields[19]))
-    tree, frontier = [(root_pid, (_stat_fields(root_pid) or [None] * 20)[19])], [root_pid]
-    while frontier:
-        for child in children_of.get(frontier.pop(), []):
-            tree.append(child)
-            frontier.append(child[0])
-    return tree
-
-
-def _stat_fields(pid):
-    """Fields of /proc/PID/stat after the command name: [state, ppid, ..., start time at index 19]."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def kill_processes(processes):
-    """SIGKILL each (pid, start time) that is still that same process (a pid can be reused)."""
-    for pid, started in processes:
-        fields = _stat_fields(pid)
-        if fields and fields[19] == started:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
 
 
 def gather_by_rank(view, name):

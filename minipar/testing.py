@@ -123,15 +123,16 @@ def _start_time(pid, want_parent=False):
     return (fields[19], int(fields[1])) if want_parent else fields[19]
 
 
-def _process_tree(root_pid):
-    """Every descendant of ``root_pid`` as ``(pid, start time)``.
+def process_tree(root_pid, include_root=False):
+    """Every descendant of ``root_pid`` (and the root itself if asked) as ``(pid, start time)``.
 
     MPICH's launcher puts each rank in a session of its own, so killing
     mpiexec's process group would leave the ranks spinning; we collect the tree
     before anything dies (orphans are re-parented and lose the trail).
+    Also used by minipar.lessons to clean up after an ipyparallel cluster.
     """
     children_of = _start_times_by_parent()
-    tree, frontier = [], [root_pid]
+    tree, frontier = ([(root_pid, _start_time(root_pid))] if include_root else []), [root_pid]
     while frontier:
         for child in children_of.get(frontier.pop(), []):
             tree.append(child)
@@ -139,20 +140,25 @@ def _process_tree(root_pid):
     return tree
 
 
+def kill_processes(processes):
+    """SIGKILL each ``(pid, start time)`` that is still that same process (a pid can be reused)."""
+    for pid, started in processes:
+        if started is not None and _start_time(pid) == started:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
 def _kill_job(process):
     """End mpiexec and every rank it started, politely first."""
-    tree = _process_tree(process.pid)
+    tree = process_tree(process.pid)
     process.terminate()  # mpiexec forwards this to every rank and cleans up
     try:
         process.wait(timeout=_TERMINATE_GRACE)
     except subprocess.TimeoutExpired:
         process.kill()
-    for pid, started in tree:
-        if _start_time(pid) == started:  # still the same process, not a reused pid
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+    kill_processes(tree)
 
 
 def run_on_ranks(nranks, target, timeout=120, **kwargs):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from minipar.lessons import kill_processes, processes_started_by
+from minipar.testing import kill_processes, process_tree
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -45,7 +45,7 @@ def run_notebook(path, notebook):
                         pytest.fail(f"{path.name}: cell {index} failed:\n{ANSI_ESCAPE.sub('', str(error))}",
                                     pytrace=False)
             finally:
-                started_by_kernel = [entry for entry in processes_started_by(kernel_pid) if entry[0] != kernel_pid]
+                started_by_kernel = [entry for entry in process_tree(kernel_pid) if entry[0] != kernel_pid]
                 if uses_mpi_cluster(notebook):
                     client.timeout = CLEANUP_TIMEOUT
                     cleanup = nbformat.v4.new_code_cell(STOP_CLUSTERS)

@@ -2,11 +2,9 @@
 import numpy as np
 import pytest
 
-from minipar import ops
 from minipar.backend import set_default_dtype
 from minipar.errors import CheckpointError, ConfigError
 from minipar.nn.gpt import GPT, GPTConfig
-from minipar.tensor import Tensor
 
 TINY = dict(vocab_size=7, block_size=6, n_layer=2, n_head=2, n_embd=8)
 

@@ -314,6 +314,24 @@ class Communicator:
         self._account("allgather", out.size, traffic, started, out.nbytes)
         return out
 
+    def scatter(self, send, out, root=0):
+        """Rank r receives block r of the root's ``send`` (cut along the first axis) into ``out``.
+
+        ``send`` matters on the root only (others may pass None); its shape there must be
+        ``(size * out.shape[0], *out.shape[1:])``. MPI's built-in; the root sends (N−1)/N of it.
+        """
+        self._check_root(root, "scatter")
+        started = time.perf_counter()
+        if self.rank == root:
+            self._check_gather_shapes(piece=out, whole=send, call="scatter")
+        host_out = to_host(out)
+        self.mpi.Scatter(to_host(send) if self.rank == root else None, host_out, root=root)
+        _copy_back(host_out, out)
+        sent = out.nbytes * (self.size - 1) if self.rank == root else 0
+        traffic = Traffic(sent, 0 if self.rank == root else out.nbytes)
+        self._account("scatter", out.size * self.size, traffic, started, out.nbytes * self.size)
+        return out
+
     def reduce_scatter(self, send, out, op="sum", algorithm="mpi"):
         """Reduce ``send`` over all ranks and keep block ``rank`` of the first axis in ``out``.
 

@@ -44,7 +44,7 @@ Both give rank d the same rows.
 """
 from dataclasses import dataclass, field
 
-from minipar.backend import from_host, to_host, xp
+from minipar.backend import xp
 from minipar.errors import ConfigError
 
 DEFAULT_BUCKET_BYTES = 1 << 20  # 1 MiB; PyTorch uses 25 MB, our models are far smaller
@@ -108,7 +108,7 @@ def scatter_batch(global_inputs, global_targets, dp_comm):
     """dp rank 0 holds the global batch (others pass None); each rank gets its B/N rows.
 
     Only the shapes travel as pickled metadata (the others cannot know them); the rows
-    themselves move with MPI_Scatter into preallocated buffers.
+    themselves move with the communicator's scatter (MPI_Scatter) into preallocated buffers.
     """
     rank, size = dp_comm.rank, dp_comm.size
     metadata = None
@@ -127,10 +127,9 @@ def scatter_batch(global_inputs, global_targets, dp_comm):
         raise ConfigError(f"global batch {inputs_shape[0]} is not divisible by dp = {size}")
     shards = []
     for array, (shape, dtype) in zip((global_inputs, global_targets), metadata):
-        host_shard = to_host(xp.empty((shape[0] // size, *shape[1:]), dtype=dtype))
-        send = to_host(xp.ascontiguousarray(array)) if rank == 0 else None
-        dp_comm.mpi.Scatter(send, host_shard, root=0)
-        shards.append(from_host(host_shard))
+        shard = xp.empty((shape[0] // size, *shape[1:]), dtype=dtype)
+        dp_comm.scatter(xp.ascontiguousarray(array) if rank == 0 else None, shard, root=0)
+        shards.append(shard)
     return tuple(shards)
 
 
