@@ -3,20 +3,22 @@
 train: data -> GPTConfig + TrainConfig (validated on every rank) -> Trainer for the layout
        -> steps with a progress bar on rank 0 -> every eval_interval steps, rank 0 evaluates
        the gathered single-process model (validation loss; answer accuracy on the addition
-       task) -> a checkpoint, written by rank 0 atomically, in single-process form (full
-       arrays), so any layout can resume from it.
+       task) -> a distributed checkpoint (a folder: each rank writes its own shards, rank 0
+       an index; see docs/checkpoints.md), which any layout can resume from (--resume).
+sample: the checkpoint loaded into one process (one more layout) -> generate.
 """
 import math
 import os
 
 from minipar.backend import to_host, xp
-from minipar.checkpoint import load_checkpoint, save_checkpoint
 from minipar.data import CharTokenizer, addition_dataset, answer_accuracy, load_text_dataset
-from minipar.errors import CheckpointError, ConfigError
+from minipar.errors import CheckpointError, ConfigError, DataError
 from minipar.nn.gpt import GPT, GPTConfig
+from minipar.parallel.distributed_checkpoint import (load_distributed_checkpoint, load_single_process_model,
+                                                     save_distributed_checkpoint)
 from minipar.tensor import no_grad
 
-CHECKPOINT_NAME = "ckpt.minipar"
+CHECKPOINT_NAME = "ckpt.minipar"  # a folder inside --out
 
 
 def build_configs(arguments, vocabulary_size):
@@ -104,42 +106,24 @@ def _progress_bar(steps, enabled):
 
 
 def save(trainer, dataset, folder, model_config, train_config):
-    """Rank 0 writes the gathered parameters and AdamW moments as one single-process checkpoint."""
-    arrays = {f"model/{name}": value for name, value in (trainer.gather_state() or {}).items()}
-    for slot in ("m", "v"):
-        moments = {id(p): trainer.optimizer.state[id(p)][slot] for p in trainer.parameters
-                   if id(p) in trainer.optimizer.state}
-        gathered = trainer.gather_state(moments)
-        arrays.update({f"optimizer/{slot}/{name}": value for name, value in (gathered or {}).items()})
-    if trainer.grid.world.rank != 0:
-        return
-    os.makedirs(folder, exist_ok=True)
+    """Every rank writes its own shards into ``folder/ckpt.minipar``; rank 0 writes the index and reports."""
     path = os.path.join(folder, CHECKPOINT_NAME)
-    save_checkpoint(path, arrays, {"model_config": model_config.to_dict(), "train_config": train_config.to_dict(),
-                                   "step": trainer.step_count, "tokenizer": dataset.tokenizer.to_dict()})
-    print(f"checkpoint written to {path}")
+    save_distributed_checkpoint(path, trainer, tokenizer=dataset.tokenizer.to_dict())
+    if trainer.grid.world.rank == 0:
+        print(f"checkpoint written to {path} (step {trainer.step_count})")
 
 
 def resume(trainer, path):
-    """Load a single-process checkpoint into any layout: each rank takes its shards."""
-    arrays, metadata = load_checkpoint(path)
-    saved = GPTConfig.from_dict(metadata["model_config"])
-    if saved != trainer.model_config:
-        raise CheckpointError(f"checkpoint {path!r} is for model {saved}, not {trainer.model_config}")
-    for p in trainer.parameters:
-        p.data[...] = p.shard.take(arrays[f"model/{p.shard.full_name}"])
-        trainer.optimizer.state[id(p)] = {slot: p.shard.take(arrays[f"optimizer/{slot}/{p.shard.full_name}"])
-                                          for slot in ("m", "v")}
-    trainer.step_count = trainer.optimizer.step_count = metadata["step"]
-    return metadata["step"]
+    """Load a checkpoint saved under any layout into this one; returns the step to continue from."""
+    return load_distributed_checkpoint(path, trainer)["step"]
 
 
 def sample(arguments):
-    arrays, metadata = load_checkpoint(arguments.checkpoint)
-    config = GPTConfig.from_dict(metadata["model_config"])
-    tokenizer = CharTokenizer.from_dict(metadata["tokenizer"])
-    model = GPT(config, initialise=False)
-    model.load_state_dict({name[len("model/"):]: value for name, value in arrays.items() if name.startswith("model/")})
+    model, index = load_single_process_model(arguments.checkpoint)
+    try:
+        tokenizer = CharTokenizer.from_dict(index["tokenizer"])
+    except DataError as error:
+        raise CheckpointError(f"checkpoint {arguments.checkpoint!r} has no usable tokenizer: {error}") from None
     prompt = xp.asarray(tokenizer.encode(arguments.prompt), dtype=xp.int64)[None, :]
     out = model.generate(prompt, arguments.tokens, temperature=arguments.temperature, seed=arguments.seed,
                          greedy=arguments.greedy)

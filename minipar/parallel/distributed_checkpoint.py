@@ -1,0 +1,334 @@
+"""Distributed checkpoints: every rank writes its own shards, and any layout can load them.
+
+    ckpt.minipar/                 a checkpoint is a folder
+      index.json                  rank 0: configs, step, tokenizer, layout, and for every full array
+                                  which file holds which slice (Shard fields, shapes, dtypes, SHA-256)
+      shard-rank-00000.minipar    one minipar.checkpoint array file per writing rank
+      shard-rank-00001.minipar    (atomic, checksummed, never pickled)
+
+Keys: ``model/<full name>``, ``optimizer/m/<full name>``, ``optimizer/v/<full name>`` (AdamW's
+moments share their parameter's Shard). Each piece, a (key, shard index) pair, is written once, by
+the lowest world rank holding it: data-parallel replica 0, tensor rank 0 for replicated
+parameters, the first stage for the tied embedding.
+
+Resharding: a saved piece is ``saved.take(full)`` and a rank of the new layout needs
+``mine.take(full)``, so it reads the pieces' files, rebuilds ``full = saved.join(pieces)`` and keeps
+``mine.take(full)`` -- or, when one saved piece already is its slice, reads only that file.
+
+Saving is atomic at the folder level: every file goes into a temporary sibling folder; gathering
+every rank's result on rank 0 is the barrier; only if all succeeded does rank 0 write the index
+and rename the folder into place (rename(2) is atomic, POSIX.1-2017), renaming an old checkpoint
+aside first and deleting it last. Loading: rank 0 checks the index and broadcasts it; each rank
+reads what it needs. In both, any rank's failure reaches every rank (a broadcast or an
+allgather of the message), so all raise the same CheckpointError, naming the rank, and none
+waits for a partner that gave up. docs/checkpoints.md has the format and the crash windows.
+"""
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from minipar.backend import to_host, xp
+from minipar.checkpoint import read_array_file, read_json, sha256_of, write_array_file, write_json_atomic
+from minipar.errors import CheckpointError, ConfigError
+from minipar.parallel.sharding import Shard
+
+FORMAT_NAME = "minipar-distributed-checkpoint"
+FORMAT_VERSION = 1
+INDEX_NAME = "index.json"
+SLICING_FIELDS = ("axis", "index", "count", "blocks")  # a Shard without its name
+# The GPTConfig fields that fix the parameters' shapes and meaning (dropout and seed do not).
+MODEL_SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias")
+
+
+def shard_file_name(rank):
+    return f"shard-rank-{rank:05d}.minipar"
+
+
+def _describe(failure):
+    """A CheckpointError's own sentence (it names the file); anything else with its type."""
+    return str(failure) if isinstance(failure, CheckpointError) else f"{type(failure).__name__}: {failure}"
+
+
+def _slicing(shard_or_record):
+    """(axis, index, count, blocks) of a Shard or of an index record."""
+    if isinstance(shard_or_record, Shard):
+        return tuple(getattr(shard_or_record, field) for field in SLICING_FIELDS)
+    return tuple(shard_or_record[field] for field in SLICING_FIELDS)
+
+
+# ---- what this rank holds --------------------------------------------------------------------
+def trainer_pieces(trainer):
+    """{key: (Shard, array)}: this rank's parameters and AdamW moments, each its tensor-parallel shard.
+
+    Collective under ZeRO (the Trainer all-gathers the dp-sharded parts), so every rank calls it.
+    """
+    shards = {name: p.shard for name, p in trainer.named_parameters}
+    pieces = {f"model/{name}": (shards[name], array) for name, array in trainer.parameter_arrays().items()}
+    for name, slots in trainer.optimizer_state_arrays().items():
+        for slot in ("m", "v"):
+            pieces[f"optimizer/{slot}/{name}"] = (shards[name], slots[slot])
+    return pieces
+
+
+def _full_shape(shard, local_shape):
+    shape = list(local_shape)
+    if not shard.is_replicated:
+        shape[shard.axis] *= shard.count
+    return shape
+
+
+# ---- saving ----------------------------------------------------------------------------------
+def save_distributed_checkpoint(path, trainer, tokenizer=None):
+    """Every rank calls this (see the module docstring); ``tokenizer`` is a JSON dict for ``sample``."""
+    world, layout, path = trainer.grid.world, trainer.grid.layout, Path(os.path.abspath(path))
+    pieces = trainer_pieces(trainer)
+    # Who writes what: the lowest rank holding each piece. Small metadata, so a pickled allgather.
+    owner = {}
+    for rank, held in enumerate(world.mpi.allgather([(key, shard.index) for key, (shard, _) in pieces.items()])):
+        for piece in held:
+            owner.setdefault(piece, rank)
+    mine = [key for key, (shard, _) in pieces.items() if owner[(key, shard.index)] == world.rank]
+
+    error, temporary = None, None
+    if world.rank == 0:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.partial-")
+        except OSError as failure:
+            error = f"saving checkpoint {str(path)!r} failed on rank 0: {failure}"
+    error, temporary = world.mpi.bcast((error, temporary), root=0)
+    if error:
+        raise CheckpointError(error)
+
+    error, records, file_name = None, {}, shard_file_name(world.rank)
+    try:  # local file writes only, no communication in here: a failure cannot strand a partner
+        if mine:
+            arrays = {key: to_host(xp.ascontiguousarray(pieces[key][1])) for key in mine}
+            write_array_file(Path(temporary) / file_name, arrays)
+            records = {key: {"file": file_name, **dict(zip(SLICING_FIELDS, _slicing(pieces[key][0]))),
+                             "shape": list(array.shape), "dtype": array.dtype.str, "sha256": sha256_of(array)}
+                       for key, array in arrays.items()}
+    except Exception as failure:  # noqa: BLE001 - not swallowed: every rank raises it below
+        error = _describe(failure)
+    reports = world.mpi.gather((error, records), root=0)  # the barrier: every rank is done writing
+    outcome = None
+    if world.rank == 0:
+        index = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "step": trainer.step_count,
+                 "model_config": trainer.model_config.to_dict(), "train_config": trainer.config.to_dict(),
+                 "tokenizer": tokenizer, "layout": {"dp": layout.dp, "tp": layout.tp, "pp": layout.pp},
+                 "files": {}, "arrays": {}}
+        try:  # again no communication: whatever happens here reaches every rank through the broadcast
+            outcome = _finish_save(path, Path(temporary), reports, index, layout)
+        except Exception as failure:  # noqa: BLE001 - raised below on every rank
+            shutil.rmtree(temporary, ignore_errors=True)
+            outcome = f"saving checkpoint {str(path)!r} failed on rank 0: {_describe(failure)}"
+    outcome = world.mpi.bcast(outcome, root=0)
+    if outcome:
+        raise CheckpointError(outcome)
+
+
+def _finish_save(path, temporary, reports, index, layout):
+    """On rank 0: fill in the index, write it, swap the folder into place; an error message or None."""
+    failed = [rank for rank, (error, _) in enumerate(reports) if error]
+    if failed:
+        shutil.rmtree(temporary, ignore_errors=True)
+        return (f"saving checkpoint {str(path)!r} failed on rank {failed[0]}"
+                + (f" (ranks {failed} failed)" if len(failed) > 1 else "")
+                + f": {reports[failed[0]][0]}; the previous checkpoint, if any, is untouched")
+    for rank, (_, records) in enumerate(reports):
+        for key, record in records.items():
+            coordinates = dict(zip(("dp_rank", "tp_rank", "pp_rank"), layout.coordinates(rank)))
+            index["files"].setdefault(record["file"], {"rank": rank, **coordinates})
+            full_shape = _full_shape(Shard(key, *_slicing(record)), record["shape"])
+            index["arrays"].setdefault(key, {"shape": full_shape, "dtype": record["dtype"], "shards": []})
+            index["arrays"][key]["shards"].append(record)
+    for entry in index["arrays"].values():
+        entry["shards"].sort(key=lambda record: record["index"])
+    check_index(index, temporary)  # a layout whose pieces do not tile every array is a bug: never save it
+    write_json_atomic(temporary / INDEX_NAME, index)
+    _swap_into_place(temporary, path)
+    return None
+
+
+def _swap_into_place(new, path):
+    """Rename ``new`` to ``path``; an old checkpoint there is renamed aside first and deleted last."""
+    aside = None
+    if path.exists() or path.is_symlink():
+        aside = path.with_name(f".{path.name}.old-{new.name.rsplit('-', 1)[-1]}")
+        os.rename(path, aside)  # a crash from here to the next rename leaves no `path`, both copies beside it
+    try:
+        os.rename(new, path)
+    except OSError:
+        if aside is not None:
+            os.rename(aside, path)  # put the old one back
+        raise
+    _fsync_folder(path.parent)  # make the renames themselves durable
+    if aside is not None:  # the new checkpoint is in place: failing to delete the old one is only litter
+        if aside.is_dir() and not aside.is_symlink():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:  # a link, or the single-file checkpoint of an older minipar
+            aside.unlink(missing_ok=True)
+
+
+def _fsync_folder(folder):
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+    except OSError:
+        pass  # some file systems cannot sync a folder; the renames still happened
+
+
+# ---- the index -------------------------------------------------------------------------------
+def check_index(index, folder):
+    """Raise CheckpointError unless the index is well formed and its pieces tile every array exactly."""
+    try:
+        if not isinstance(index["step"], int) or index["step"] < 0 or not isinstance(index["model_config"], dict):
+            raise CheckpointError(f"step {index['step']!r} or model config {index['model_config']!r} is invalid")
+        for name in index["files"]:
+            if Path(name).name != name or name.startswith("."):
+                raise CheckpointError(f"shard file name {name!r} is not a plain file name")
+            if not (Path(folder) / name).is_file():
+                raise CheckpointError(f"shard file {name!r} is missing")
+        for key, entry in index["arrays"].items():
+            records, full_shape = entry["shards"], list(entry["shape"])
+            first = Shard(key, *_slicing(records[0]))
+            expected = [0] if first.is_replicated else list(range(first.count))
+            slicings = {tuple(record[field] for field in ("axis", "count", "blocks")) for record in records}
+            if [record["index"] for record in records] != expected or len(slicings) != 1:
+                raise CheckpointError(f"the pieces of {key!r} do not tile it: {[r['index'] for r in records]}")
+            piece_shape = list(full_shape)
+            if not first.is_replicated:
+                if full_shape[first.axis] % (first.count * first.blocks):
+                    raise CheckpointError(f"{key!r} of shape {full_shape} cannot be split as {first}")
+                piece_shape[first.axis] //= first.count
+            for record in records:
+                if record["file"] not in index["files"] or list(record["shape"]) != piece_shape:
+                    raise CheckpointError(f"piece {record['index']} of {key!r} has an unknown file or shape "
+                                          f"{record['shape']} (expected {piece_shape})")
+    except (KeyError, TypeError, IndexError, AttributeError, ValueError, ZeroDivisionError) as failure:
+        raise CheckpointError(f"malformed index ({type(failure).__name__}: {failure})") from None
+
+
+def _check_model(index, model_config):
+    saved, current = index["model_config"], model_config.to_dict()
+    differences = [f"{field} {saved.get(field)!r} != {current[field]!r}" for field in MODEL_SHAPE_FIELDS
+                   if saved.get(field) != current[field]]
+    if differences:
+        def describe(config):
+            return "GPTConfig(" + ", ".join(f"{field}={config.get(field)!r}" for field in MODEL_SHAPE_FIELDS) + ")"
+
+        raise CheckpointError(f"saved from another model shape, {describe(saved)}; this run builds "
+                              f"{describe(current)} ({'; '.join(differences)})")
+
+
+def _read_index_here(folder, model_config):
+    folder = Path(folder)
+    if folder.is_file():
+        raise CheckpointError(f"{str(folder)!r} is a file; a minipar checkpoint is a folder holding {INDEX_NAME}")
+    if not folder.is_dir():
+        leftovers = sorted(str(p) for p in folder.parent.glob(f".{folder.name}.old-*"))
+        hint = (f"; a save was interrupted mid-swap and left the previous checkpoint at {leftovers[-1]!r}: "
+                f"rename it to {str(folder)!r} to use it") if leftovers else ""
+        raise CheckpointError(f"no checkpoint folder at {str(folder)!r}{hint}")
+    index = read_json(folder / INDEX_NAME)
+    if not isinstance(index, dict) or index.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{str(folder / INDEX_NAME)!r} is not a minipar distributed checkpoint index")
+    if index.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {str(folder)!r} has format version {index.get('version')!r}; "
+                              f"this minipar reads version {FORMAT_VERSION}")
+    try:
+        check_index(index, folder)
+        if model_config is not None:
+            _check_model(index, model_config)
+    except CheckpointError as failure:
+        raise CheckpointError(f"checkpoint {str(folder)!r}: {failure}") from None
+    return index
+
+
+def read_index(folder, world=None, model_config=None):
+    """The checked index, read by rank 0 and broadcast (an error is raised alike on every rank)."""
+    error, index = None, None
+    if world is None or world.rank == 0:
+        try:
+            index = _read_index_here(folder, model_config)
+        except Exception as failure:  # noqa: BLE001 - no communication in there; raised below on every rank
+            error = _describe(failure)
+    if world is not None and world.size > 1:
+        error, index = world.mpi.bcast((error, index), root=0)
+    if error:
+        raise CheckpointError(error)
+    return index
+
+
+# ---- loading ---------------------------------------------------------------------------------
+def _records_needed(folder, index, key, shard, full_shape):
+    entry = index["arrays"].get(key)
+    if entry is None:
+        raise CheckpointError(f"checkpoint {str(folder)!r} has no array {key!r}")
+    if list(entry["shape"]) != list(full_shape):
+        raise CheckpointError(f"checkpoint {str(folder)!r}: {key!r} has shape {tuple(entry['shape'])}, "
+                              f"this model needs {tuple(full_shape)}")
+    exact = [record for record in entry["shards"] if _slicing(record) == _slicing(shard)]
+    return exact or entry["shards"]  # the one piece that already is my slice, or all of them
+
+
+def read_arrays(folder, index, wanted, world=None):
+    """{key: this rank's slice} for ``wanted`` = {key: (Shard, full shape)}, reading only the files needed."""
+    folder, error, result = Path(folder), None, {}
+    try:
+        plans = {key: _records_needed(folder, index, key, *request) for key, request in wanted.items()}
+        files = {}
+        for records in plans.values():
+            for record in records:
+                if record["file"] not in files:
+                    files[record["file"]] = read_array_file(folder / record["file"])[0]
+        for key, (shard, _) in wanted.items():
+            parts = [files[record["file"]].get(key) for record in plans[key]]
+            for record, part in zip(plans[key], parts):
+                if part is None or list(part.shape) != record["shape"] or sha256_of(to_host(part)) != record["sha256"]:
+                    raise CheckpointError(f"{str(folder / record['file'])!r} does not hold the {key!r} that the "
+                                          "index describes (a file from another checkpoint?)")
+            saved = Shard(key, *_slicing(plans[key][0]))
+            result[key] = parts[0] if _slicing(saved) == _slicing(shard) else shard.take(saved.join(parts))
+    except Exception as failure:  # noqa: BLE001 - file reads only; raised below on every rank
+        error = _describe(failure)
+    errors = world.mpi.allgather(error) if world is not None and world.size > 1 else [error]
+    failed = [rank for rank, message in enumerate(errors) if message]
+    if failed:
+        others = f" (ranks {failed} failed)" if len(failed) > 1 else ""
+        raise CheckpointError(f"loading failed on rank {failed[0]}{others}: {errors[failed[0]]}")
+    return result
+
+
+def load_distributed_checkpoint(path, trainer):
+    """Load a checkpoint saved under any layout into this trainer's layout; returns the index."""
+    world = trainer.grid.world
+    index = read_index(path, world, trainer.model_config)
+    shards = {name: p.shard for name, p in trainer.named_parameters}
+    full_shapes = {name: _full_shape(shards[name], array.shape) for name, array in trainer.parameter_arrays().items()}
+    wanted = {f"{prefix}/{name}": (shards[name], shape)
+              for name, shape in full_shapes.items() for prefix in ("model", "optimizer/m", "optimizer/v")}
+    arrays = read_arrays(path, index, wanted, world)
+    trainer.load_parameter_arrays({name: arrays[f"model/{name}"] for name in full_shapes})
+    trainer.load_optimizer_state_arrays({name: {slot: arrays[f"optimizer/{slot}/{name}"] for slot in ("m", "v")}
+                                         for name in full_shapes}, index["step"])
+    return index
+
+
+def load_single_process_model(path):
+    """``(GPT, index)``: a distributed checkpoint loaded into one process, which is just one more layout."""
+    from minipar.nn.gpt import GPT, GPTConfig
+
+    index = read_index(path)
+    try:
+        config = GPTConfig.from_dict(index["model_config"])
+    except (ConfigError, TypeError) as failure:
+        raise CheckpointError(f"checkpoint {str(path)!r} has an invalid model config: {failure}") from None
+    model = GPT(config, initialise=False)
+    arrays = read_arrays(path, index, {f"model/{name}": (p.shard, p.shape) for name, p in model.named_parameters()})
+    model.load_state_dict({key[len("model/"):]: value for key, value in arrays.items()})
+    return model, index
