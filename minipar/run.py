@@ -75,8 +75,10 @@ def train(arguments):
     if is_printer:
         print(f"data: {dataset.name}")
         print(f"model: {model_config}")
+        # Counted on an unfilled single-process GPT: under ZeRO-3 a rank's p.data is only its part.
+        total = GPT(model_config, initialise=False).num_parameters()
         print(f"layout: dp {train_config.dp} x tp {train_config.tp} x pp {train_config.pp} on {world.size} ranks, "
-              f"{sum(p.size for p in trainer.parameters):,} parameters on rank 0")
+              f"{total:,} parameters in the model")
     progress = _progress_bar(range(start_step, train_config.steps), enabled=is_printer)
     history = []
     for step in progress:

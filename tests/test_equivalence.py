@@ -51,3 +51,36 @@ def test_every_layout_equals_single_process(world_size):
     output = run_on_ranks(world_size, "tests.mpi_bodies.equivalence_body:check_layouts", timeout=600, cases=cases)
     for case in cases:
         assert f"layout ok: {case}" in output, f"no confirmation for {case}:\n{output}"
+
+
+# ZeRO (parallel/zero.py) shards over the data-parallel group, so every factorisation with
+# dp >= 2 runs under stages 1, 2 and 3 (dp = 1 is plain training, covered above); tensor-parallel
+# layouts turn sequence parallelism on, whose gradient sum then runs on the ZeRO parts, and
+# weight decay is on, so AdamW's decay of the parts is checked too.
+# PADDED is a model whose sizes the dp ranks do not divide (15 = 3 x 5), so parts are padded.
+PADDED = dict(vocab_size=15, block_size=6, n_layer=2, n_head=3, n_embd=15)
+ZERO_OPTIONS = {
+    2: [dict(dp=2, zero=2, model=PADDED), dict(dp=2, zero=3, model=PADDED, microbatches=3, batch_size=12),
+        dict(dp=2, zero=1, microbatches=2)],
+    4: [dict(dp=2, pp=2, zero=3, microbatches=4, schedule="interleaved", virtual_stages=2, recompute=True),
+        dict(dp=4, zero=3, model=PADDED), dict(dp=2, tp=2, zero=2, microbatches=2),
+        dict(dp=2, pp=2, zero=2, microbatches=4, schedule="gpipe", recompute=True), dict(dp=1, pp=4, zero=3)],
+    8: [dict(dp=4, pp=2, zero=3, model=PADDED, microbatches=2), dict(dp=2, pp=4, zero=3, schedule="gpipe")],
+}
+
+
+def zero_cases(world_size):
+    cases = []
+    for layout in factorisations(world_size):
+        if layout["dp"] > 1:
+            extra = {"sequence_parallel": True} if layout["tp"] > 1 else {}
+            cases += [{**with_microbatches(layout), **extra, "zero": stage} for stage in (1, 2, 3)]
+    return [{**case, "weight_decay": 0.1} for case in cases + ZERO_OPTIONS[world_size]]
+
+
+@pytest.mark.parametrize("world_size", [2, 4, 8])
+def test_every_layout_with_zero_equals_single_process(world_size):
+    cases = zero_cases(world_size)
+    output = run_on_ranks(world_size, "tests.mpi_bodies.equivalence_body:check_layouts", timeout=600, cases=cases)
+    for case in cases:
+        assert f"layout ok: {case}" in output, f"no confirmation for {case}:\n{output}"

@@ -53,6 +53,20 @@ class Module:
     def parameters(self):
         return [p for _, p in self.named_parameters()]
 
+    def random_generators(self):
+        """Every random generator below this module (the Dropout layers'), in a fixed order.
+
+        Recomputation saves their states before a forward and restores them before running it
+        again, so the second forward draws the same dropout masks as the first.
+        """
+        found, stack = [], [self]
+        while stack:
+            current = stack.pop()
+            if getattr(current, "generator", None) is not None:
+                found.append(current.generator)
+            stack.extend(child for _, child in reversed(list(current.children())))
+        return found
+
     def zero_grad(self):
         for p in self.parameters():
             p.grad = None

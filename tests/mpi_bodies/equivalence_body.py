@@ -26,7 +26,19 @@ def batches(config, model_config, steps):
     return out
 
 
+# The reference depends on the model, the batches and these settings, not on the layout.
+_REFERENCE_RUNS, _REFERENCE_FIELDS = {}, ("batch_size", "learning_rate", "min_learning_rate", "warmup_steps",
+                                          "steps", "weight_decay", "betas", "grad_clip")
+
+
 def single_process_run(model_config, config, data):
+    key = (repr(model_config), len(data), *(getattr(config, name) for name in _REFERENCE_FIELDS))
+    if key not in _REFERENCE_RUNS:
+        _REFERENCE_RUNS[key] = _single_process_run(model_config, config, data)
+    return _REFERENCE_RUNS[key]
+
+
+def _single_process_run(model_config, config, data):
     model = GPT(model_config)
     optimizer = AdamW(decay_groups(model.named_parameters(), config.weight_decay), lr=config.learning_rate,
                       betas=config.betas, weight_decay=config.weight_decay)
@@ -52,12 +64,14 @@ def assert_same_training(name, losses, state, reference_losses, reference_state)
 
 
 def check_layouts(comm, cases, grad_clip=1.0):
-    """cases: a list of TrainConfig keyword dicts (the layout and its options) for this world size."""
+    """cases: a list of TrainConfig keyword dicts (the layout and its options) for this world size;
+    a case may also give "model": GPTConfig fields that replace those of MODEL."""
     set_default_dtype(xp.float64)
     world = Communicator(comm)
-    model_config = GPTConfig(**MODEL)
     for case in cases:
         options = dict(case)
+        model_config = GPTConfig(**{**MODEL, **options.pop("model", {})})
+        options.setdefault("weight_decay", 0.1)  # exercise the decoupled decay, not only the Adam update
         config = TrainConfig(steps=STEPS, batch_size=options.pop("batch_size", 16), dtype="float64", warmup_steps=1,
                              learning_rate=1e-2, grad_clip=grad_clip, **options)
         data = batches(config, model_config, STEPS)

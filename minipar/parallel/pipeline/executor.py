@@ -72,17 +72,6 @@ class _Stashed:
     random_states: list = field(default_factory=list)  # Dropout generator states, for recomputation
 
 
-def _random_generators(module):
-    """Every random generator under ``module`` (the Dropout layers'), in a fixed order."""
-    found, stack = [], [module]
-    while stack:
-        current = stack.pop()
-        if getattr(current, "generator", None) is not None:
-            found.append(current.generator)
-        stack.extend(child for _, child in reversed(list(current.children())))
-    return found
-
-
 class PipelineExecutor:
     """Runs a pipeline schedule over this rank's chunks, one training step per ``run`` call."""
 
@@ -175,7 +164,7 @@ class PipelineExecutor:
         key = (action.microbatch, action.chunk)
         x = self._inputs[action.microbatch] if chunk.is_first else self._received.pop(("activation", *key))
         if self.recompute:
-            states = [generator.bit_generator.state for generator in _random_generators(chunk)]
+            states = [generator.bit_generator.state for generator in chunk.random_generators()]
             with no_grad():
                 output, loss = self._run_chunk(chunk, x, action.microbatch)
             self._stash[key] = _Stashed(x, None, states)
@@ -196,7 +185,7 @@ class PipelineExecutor:
         stashed = self._stash.pop(key)
         output = stashed.output
         if self.recompute:  # rebuild the graph from the kept input, with the same dropout masks
-            generators = _random_generators(chunk)
+            generators = chunk.random_generators()
             current = [generator.bit_generator.state for generator in generators]
             for generator, state in zip(generators, stashed.random_states):
                 generator.bit_generator.state = state

@@ -1,0 +1,71 @@
+"""ZeRO (minipar/parallel/zero.py): parts and padding, memory per rank against the paper's
+formulas re-derived for fp32 AdamW, traffic per step from the communicator counters, ZeRO with
+dp = 1, and the checkpoint arrays of every stage. That every stage trains exactly like one
+process is in tests/test_equivalence.py (test_every_layout_with_zero_equals_single_process).
+"""
+import pytest
+
+from minipar.backend import xp
+from minipar.errors import ConfigError
+from minipar.parallel.zero import Unit, bytes_held, part_length
+from minipar.testing import run_on_ranks
+from minipar.train import TrainConfig
+
+
+class _Sized:
+    def __init__(self, size):
+        self.size = size
+
+
+def test_part_length_pads_to_whole_parts():
+    assert [part_length(n, 4) for n in (1, 4, 5, 8, 225)] == [1, 1, 2, 2, 57]
+    assert all(part_length(n, count) * count >= n > (part_length(n, count) - 1) * count
+               for n in range(1, 50) for count in range(1, 9))
+
+
+def test_unit_places_parts_side_by_side():
+    unit = Unit([_Sized(5), _Sized(8), _Sized(1)], count=4)
+    assert unit.places == [slice(0, 2), slice(2, 4), slice(4, 5)] and unit.length == 5
+
+
+def test_bytes_held_counts_each_buffer_once():
+    base = xp.zeros(100, dtype=xp.float32)
+    assert bytes_held([base[:10], base[50:].reshape(5, 10), None]) == 400
+    assert bytes_held([base, xp.zeros(3, dtype=xp.float64)]) == 424
+
+
+def test_zero_refuses_options_of_plain_data_parallelism():
+    with pytest.raises(ConfigError, match="ZeRO"):
+        TrainConfig(dp=2, zero=2, overlap=True)
+    with pytest.raises(ConfigError, match="ZeRO"):
+        TrainConfig(dp=2, zero=1, allreduce="ring")
+    with pytest.raises(ConfigError, match="zero must be"):
+        TrainConfig(zero=4)
+
+
+def test_memory_and_traffic_follow_the_formulas():
+    output = run_on_ranks(4, "tests.mpi_bodies.zero_body:check_memory_and_traffic", timeout=300)
+    for layout in ("{'dp': 4}", "{'dp': 2, 'pp': 2}"):
+        assert f"memory and traffic ok: {layout}" in output, output
+
+
+def test_stage_3_keeps_no_gathered_parameter_alive():
+    output = run_on_ranks(2, "tests.mpi_bodies.zero_body:check_stage_3_frees_gathered_parameters", timeout=120)
+    assert "stage 3 frees ok" in output, output
+
+
+def test_stage_3_recomputes_with_the_same_dropout_masks():
+    output = run_on_ranks(2, "tests.mpi_bodies.zero_body:check_stage_3_replays_dropout", timeout=120)
+    assert "stage 3 dropout ok" in output, output
+
+
+def test_zero_with_one_data_parallel_rank_has_no_effect_and_says_so():
+    output = run_on_ranks(4, "tests.mpi_bodies.zero_body:check_without_data_parallelism", timeout=120)
+    assert "dp 1 ok" in output, output
+    assert output.count("note: --zero 2 with dp = 1 has no effect") == 1, output
+
+
+def test_checkpoint_arrays_agree_across_stages_and_resume_any_stage():
+    output = run_on_ranks(4, "tests.mpi_bodies.zero_body:check_checkpoint_arrays", timeout=300)
+    for layout in ("{'dp': 2, 'pp': 2, 'microbatches': 2}", "{'dp': 2, 'tp': 2, 'sequence_parallel': True}"):
+        assert f"checkpoint arrays ok: {layout}" in output, output
