@@ -170,7 +170,7 @@ def check_schedules(schedules_per_rank):
     return num_microbatches, total_chunks
 
 
-def simulate(schedules_per_rank, forward_time=1.0, backward_time=2.0, send_time=0.0):
+def simulate(schedules_per_rank, forward_time=1.0, backward_time=2.0, send_time=0):
     """Check, then run, one step of the given per-rank schedules; return a ``SimulationResult``.
 
     ``schedules_per_rank[r]`` is rank r's list of ``Action``s. Times are per action: with
