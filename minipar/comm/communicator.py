@@ -35,13 +35,14 @@ given (the n of the cost formulas), for tracing timelines.
 """
 import numbers
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 from mpi4py import MPI
 
 from minipar.backend import from_host, to_host
 from minipar.comm import collectives
 from minipar.comm.collectives import Traffic
+from minipar.comm.records import CallRecord, Counters, Request
 from minipar.errors import ConfigError, ShapeError
 
 _MPI_OPS = {"sum": MPI.SUM, "max": MPI.MAX}
@@ -50,63 +51,6 @@ _ALLREDUCE_ALGORITHMS = {
     "recursive_doubling": collectives.recursive_doubling_allreduce,
     "tree": collectives.tree_allreduce,
 }
-
-
-@dataclass
-class CallRecord:
-    """What one rank did through one kind of call since the last reset."""
-
-    calls: int = 0
-    elements: int = 0
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    seconds: float = 0.0
-
-
-class Counters(dict):
-    """``name -> CallRecord``; a name never called reads as all zeros."""
-
-    def __missing__(self, name):
-        return CallRecord()
-
-
-class Request:
-    """A pending non-blocking call; ``wait()`` finishes it and returns the result array."""
-
-    def __init__(self, communicator, name, mpi_request, host_buffer, result, nbytes, started):
-        self._communicator, self._name = communicator, name
-        self._mpi_request, self._host_buffer, self._result = mpi_request, host_buffer, result
-        self._nbytes, self._started = nbytes, started
-        self.done = False
-
-    def wait(self):
-        if not self.done:
-            waiting_since = time.perf_counter()
-            self._mpi_request.Wait()
-            self._finish(waiting_since)
-        return self._result
-
-    def test(self):
-        """True (and the result in place) if the call has completed, without blocking."""
-        if not self.done:
-            testing_since = time.perf_counter()
-            if self._mpi_request.Test():
-                self._finish(testing_since)
-        return self.done
-
-    def _finish(self, blocked_since):
-        if self._host_buffer is not None and self._host_buffer is not self._result:
-            self._result[...] = from_host(self._host_buffer)  # only under CuPy
-        self.done = True
-        finished = time.perf_counter()
-        record = self._communicator._record_of(self._name)
-        record.seconds += finished - blocked_since
-        self._communicator._notify(self._name, self._started, finished, self._nbytes)
-
-
-def wait_all(requests):
-    """Wait for every request; returns their results in order."""
-    return [request.wait() for request in requests]
 
 
 def _check_array(array, role, call, writable=False):
