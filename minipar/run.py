@@ -51,7 +51,7 @@ def evaluate(model, dataset, config, eval_batches, accuracy_problems=200):
         report = {"validation_loss": sum(losses) / len(losses)}
         if dataset.validation_problems:
             def greedy(prompts, new_tokens):
-                return model.generate(prompts, new_tokens, greedy=True)
+                return model.generate(prompts, new_tokens, greedy=True, num_tokens=dataset.tokenizer.vocab_size)
 
             accuracy = answer_accuracy(greedy, dataset.validation_problems[:accuracy_problems], dataset.tokenizer)
             report["answer_accuracy"] = accuracy.exact_match
@@ -128,6 +128,7 @@ def sample(arguments):
         raise CheckpointError(f"checkpoint {arguments.checkpoint!r} has no usable tokenizer: {error}") from None
     prompt = xp.asarray(tokenizer.encode(arguments.prompt), dtype=xp.int64)[None, :]
     out = model.generate(prompt, arguments.tokens, temperature=arguments.temperature, seed=arguments.seed,
+                         num_tokens=tokenizer.vocab_size,
                          greedy=arguments.greedy)
     print(tokenizer.decode(to_host(out[0])))
     return 0

@@ -117,3 +117,12 @@ def test_dropout_only_in_training():
     np.testing.assert_array_equal(model(ids)[0].data, model(ids)[0].data)
     model.train()
     assert not np.array_equal(model(ids)[0].data, model(ids)[0].data)
+
+
+def test_generation_never_emits_vocabulary_padding():
+    model = GPT(GPTConfig(**{**TINY, "vocab_size": 8}))
+    model.head.token_weight.data[5:] *= 50.0  # make the padding rows (ids 5..7) the likeliest
+    for greedy in (True, False):
+        out = model.generate(np.array([[1, 2]]), max_new_tokens=20, seed=1, greedy=greedy, num_tokens=5)
+        assert out[:, 2:].max() < 5
+    assert model.generate(np.array([[1, 2]]), max_new_tokens=20, seed=1, greedy=True)[:, 2:].max() >= 5

@@ -147,15 +147,19 @@ class GPT(Module):
         loss = ops.cross_entropy(logits, targets) if targets is not None else None
         return logits, loss
 
-    def generate(self, ids, max_new_tokens, temperature=1.0, seed=0, greedy=False):
-        """Extend ids (B, T) by sampling one token at a time from the model."""
+    def generate(self, ids, max_new_tokens, temperature=1.0, seed=0, greedy=False, num_tokens=None):
+        """Extend ids (B, T) by sampling one token at a time from the model.
+
+        ``num_tokens``: only ids below it may be generated. The vocabulary is padded (so it
+        splits over tensor-parallel ranks); the padding rows are not tokens and never may be.
+        """
         generator = host_rng(seed)
         was_training = self.training
         self.eval()
         with no_grad():
             for _ in range(max_new_tokens):
                 context = ids[:, -self.config.block_size:]
-                logits = self(context)[0].data[:, -1, :]  # (B, V)
+                logits = self(context)[0].data[:, -1, :num_tokens]  # (B, V), padding dropped
                 if greedy:
                     next_ids = logits.argmax(axis=-1)
                 else:
