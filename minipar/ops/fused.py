@@ -12,9 +12,9 @@ from minipar.tensor import Function
 
 
 def _softmax(x, axis=-1):
-    shifted = x - x.max(axis=axis, keepdims=True)  # exp never overflows
-    e = xp.exp(shifted)
-    e /= e.sum(axis=axis, keepdims=True)
+    e = x - x.max(axis=axis, keepdims=True)  # exp never overflows
+    xp.exp(e, out=e)  # in place: attention's scores are among the largest arrays of a step
+    e *= 1.0 / e.sum(axis=axis, keepdims=True)  # one division per row, then multiplications
     return e
 
 
@@ -164,6 +164,18 @@ class Dropout(Function):
         return grad * keep_mask, None
 
 
+_causal_masks = {}
+
+
+def _causal_mask(length, dtype):
+    """(T, T) with 0 on and below the diagonal and -inf above it, made once per shape."""
+    key = (length, xp.dtype(dtype).str)
+    if key not in _causal_masks:
+        future = xp.triu(xp.ones((length, length), dtype=bool), k=1)
+        _causal_masks[key] = xp.where(future, -xp.inf, 0.0).astype(dtype)
+    return _causal_masks[key]
+
+
 class CausalAttention(Function):
     """Scaled dot-product attention with a causal mask (Vaswani et al. 2017), fused.
 
@@ -181,9 +193,9 @@ class CausalAttention(Function):
                              f"got {q.shape}, {k.shape}, {v.shape}")
         sequence_length, head_size = q.shape[-2], q.shape[-1]
         scale = 1.0 / math.sqrt(head_size)
-        scores = (q @ xp.swapaxes(k, -1, -2)) * scale  # (B, heads, T, T)
-        future = xp.triu(xp.ones((sequence_length, sequence_length), dtype=bool), k=1)
-        scores[..., future] = -xp.inf
+        scores = q @ xp.swapaxes(k, -1, -2)  # (B, heads, T, T)
+        scores *= scale
+        scores += _causal_mask(sequence_length, scores.dtype)  # -inf above the diagonal
         probabilities = _softmax(scores)
         ctx.save_for_backward(q, k, v, probabilities)
         ctx.scale = scale
