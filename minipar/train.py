@@ -27,6 +27,7 @@ from minipar.errors import CheckpointError, ConfigError
 from minipar.nn.gpt import GPT
 from minipar.optim import AdamW, clip_grad_norm, cosine_learning_rate, decay_groups
 from minipar.parallel.topology import Layout, ProcessGrid
+from minipar.parallel.pipeline.executor import split_microbatches
 
 
 @dataclass
@@ -68,6 +69,11 @@ class TrainConfig:
                               f"= {self.dp} x {self.microbatches} = {self.dp * self.microbatches}")
         if self.bucket_megabytes <= 0:
             raise ConfigError(f"bucket size must be > 0 MB, got {self.bucket_megabytes}")
+        if self.virtual_stages > 1 and self.schedule != "interleaved":
+            raise ConfigError(f"virtual_stages = {self.virtual_stages} needs the interleaved schedule, "
+                              f"not {self.schedule!r}")
+        if self.schedule == "interleaved" and self.pp < 2:
+            raise ConfigError("the interleaved schedule needs at least 2 pipeline stages (pp >= 2), got pp = 1")
         if self.zero not in (0, 1, 2, 3):
             raise ConfigError(f"zero must be 0, 1, 2 or 3, got {self.zero!r}")
         if self.zero and self.dp > 1 and (self.overlap or self.allreduce != "mpi"):
@@ -129,9 +135,6 @@ class Trainer:
         micro_batch = config.batch_size // (config.dp * config.microbatches)
         length = self.model_config.block_size // (config.tp if config.sequence_parallel else 1)
         activation_shape = (micro_batch, length, self.model_config.n_embd)
-        schedule = config.schedule if config.virtual_stages == 1 or config.schedule == "interleaved" else None
-        if schedule is None:
-            raise ConfigError(f"virtual_stages = {config.virtual_stages} needs --schedule interleaved")
         return PipelineExecutor(self.chunks, self.grid.pp, config.schedule, config.microbatches, activation_shape,
                                 getattr(xp, config.dtype), recompute=config.recompute)
 
@@ -168,9 +171,8 @@ class Trainer:
             raise ConfigError(f"batch has {inputs.shape[0]} rows, the configuration says {config.batch_size}")
         inputs = inputs[grid.dp_rank * rows:(grid.dp_rank + 1) * rows]  # (B/dp, T)
         targets = targets[grid.dp_rank * rows:(grid.dp_rank + 1) * rows]
-        micro = rows // config.microbatches
-        micro_inputs = [inputs[i * micro:(i + 1) * micro] for i in range(config.microbatches)]
-        micro_targets = [targets[i * micro:(i + 1) * micro] for i in range(config.microbatches)]
+        micro_inputs = split_microbatches(inputs, config.microbatches)  # m x (B/(dp m), T)
+        micro_targets = split_microbatches(targets, config.microbatches)
 
         for p in self.parameters:
             p.grad = None
