@@ -19,7 +19,7 @@ Pre-Training", section 3.1).
 
 Batches are a pure function of (seed, step, split): every process that asks
 for step 7 gets the same global batch, so a data-parallel rank can take its
-own rows without any communication (``shard_batch``).
+own rows without any communication (``minipar.parallel.data_parallel.local_slice``).
 """
 from dataclasses import dataclass
 from pathlib import Path
@@ -297,11 +297,3 @@ class Dataset:
     def validation_batches(self, batch_size, block_size, count, seed=0):
         """A fixed list of ``count`` validation batches: the same list on every call and every rank."""
         return [self.get_batch("validation", batch_size, block_size, seed, step) for step in range(count)]
-
-
-def shard_batch(inputs, targets, index, count):
-    """Rows ``index``-th of ``count`` equal parts of a global batch (one data-parallel rank's share)."""
-    if inputs.shape[0] % count:
-        raise ConfigError(f"global batch size {inputs.shape[0]} is not divisible by {count} ranks")
-    rows = inputs.shape[0] // count
-    return inputs[index * rows:(index + 1) * rows], targets[index * rows:(index + 1) * rows]

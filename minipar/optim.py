@@ -52,21 +52,6 @@ class Optimizer:
     def update(self, parameter, grad, group):
         raise NotImplementedError
 
-    # The state, as named arrays, so that checkpoints need no pickle.
-    def state_arrays(self, names):
-        """{f"{name}.{slot}": array} for each parameter (in order, named by ``names``)."""
-        out = {}
-        for name, p in zip(names, self.parameters):
-            for slot, value in self.state.get(id(p), {}).items():
-                out[f"{name}.{slot}"] = value
-        return out
-
-    def load_state_arrays(self, names, arrays, step_count):
-        self.step_count = step_count
-        for name, p in zip(names, self.parameters):
-            slots = {key[len(name) + 1:]: value for key, value in arrays.items() if key.startswith(name + ".")}
-            self.state[id(p)] = {slot: xp.array(value, dtype=p.dtype) for slot, value in slots.items()}
-
 
 class SGD(Optimizer):
     def __init__(self, params, lr=0.01, momentum=0.0, weight_decay=0.0):

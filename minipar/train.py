@@ -27,7 +27,9 @@ from minipar.errors import CheckpointError, ConfigError
 from minipar.nn.gpt import GPT
 from minipar.optim import AdamW, clip_grad_norm, cosine_learning_rate, decay_groups
 from minipar.parallel.topology import Layout, ProcessGrid
+from minipar.parallel.data_parallel import local_slice
 from minipar.parallel.pipeline.executor import split_microbatches
+from minipar.parallel.pipeline.partition import stage_parameters
 
 
 @dataclass
@@ -102,7 +104,7 @@ class Trainer:
         set_default_dtype(getattr(xp, train_config.dtype))
         self.grid = ProcessGrid(train_config.layout, world)
         self.chunks = self._build_chunks()
-        self.named_parameters = _unique_named_parameters(self.chunks)
+        self.named_parameters = stage_parameters(self.chunks)  # each object once, by full name
         self.parameters = [p for _, p in self.named_parameters]
         groups = decay_groups(self.named_parameters, train_config.weight_decay)  # by ndim: before ZeRO-3 flattens
         self.zero = self._build_zero()  # before the executor: stage 3 wraps the pieces
@@ -166,11 +168,9 @@ class Trainer:
     def train_step(self, inputs, targets):
         """One optimizer step on the global batch (B, T); returns the mean loss on every rank."""
         config, grid = self.config, self.grid
-        rows = config.batch_size // config.dp
         if inputs.shape[0] != config.batch_size:
             raise ConfigError(f"batch has {inputs.shape[0]} rows, the configuration says {config.batch_size}")
-        inputs = inputs[grid.dp_rank * rows:(grid.dp_rank + 1) * rows]  # (B/dp, T)
-        targets = targets[grid.dp_rank * rows:(grid.dp_rank + 1) * rows]
+        inputs, targets = local_slice((inputs, targets), grid.dp_rank, config.dp)  # (B/dp, T)
         micro_inputs = split_microbatches(inputs, config.microbatches)  # m x (B/(dp m), T)
         micro_targets = split_microbatches(targets, config.microbatches)
 
@@ -340,14 +340,3 @@ class Trainer:
         buckets = self.data_parallel.buckets if self.data_parallel is not None else []
         report["data_parallel_buckets"] = bytes_held(bucket.flat for bucket in buckets)
         return report
-
-
-def _unique_named_parameters(chunks):
-    """Full-model names and parameters of this rank's chunks; a tied weight counted once."""
-    seen, named = set(), []
-    for chunk in chunks:
-        for _, p in chunk.named_parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                named.append((p.shard.full_name, p))
-    return named

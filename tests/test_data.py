@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 
 from minipar.backend import to_host, xp
 from minipar.data import (ADDITION_ALPHABET, AdditionProblem, CharTokenizer, Dataset, addition_dataset,
-                          addition_problems, answer_accuracy, load_text_dataset, shard_batch)
+                          addition_problems, answer_accuracy, load_text_dataset)
 from minipar.errors import ConfigError, DataError
+from minipar.parallel.data_parallel import local_slice
 
 
 # --- tokenizer ---------------------------------------------------------------------------
@@ -265,12 +266,12 @@ def test_batches_are_identical_in_another_process():
 
 def test_shards_reassemble_the_global_batch():
     inputs, targets = counting_dataset().get_batch("train", 12, 4, seed=0, step=0)
-    shards = [shard_batch(inputs, targets, rank, 4) for rank in range(4)]
+    shards = [local_slice((inputs, targets), rank, 4) for rank in range(4)]
     assert all(part[0].shape == (3, 4) for part in shards)
     assert xp.array_equal(xp.concatenate([part[0] for part in shards]), inputs)
     assert xp.array_equal(xp.concatenate([part[1] for part in shards]), targets)
-    with pytest.raises(ConfigError, match="not divisible by 5"):
-        shard_batch(inputs, targets, 0, 5)
+    with pytest.raises(ConfigError, match="not divisible by dp = 5"):
+        local_slice((inputs, targets), 0, 5)
 
 
 def test_validation_batches_are_fixed():

@@ -5,6 +5,8 @@ the ranks of data-parallel replica 0 (one copy of every shard) send their arrays
 0, which joins the tensor-parallel parts and collects the pipeline stages. The list of
 what is coming is small metadata and goes by pickle; the arrays go by buffer ``Send``.
 """
+from dataclasses import asdict
+
 from minipar.backend import xp
 from minipar.parallel.sharding import Shard
 
@@ -15,10 +17,12 @@ def gather_full_arrays(parameters, arrays_by_parameter, grid):
     """{full name: array} on world rank 0, None elsewhere (see module docstring)."""
     world = grid.world
     senders = [r for r in range(world.size) if grid.layout.coordinates(r)[0] == 0]
-    local = [(p.shard, arrays_by_parameter[id(p)]) for p in parameters if id(p) in arrays_by_parameter]
+    # A replicated parameter is the same on every tensor-parallel rank: only tp rank 0 sends it.
+    local = [(p.shard, arrays_by_parameter[id(p)]) for p in parameters
+             if id(p) in arrays_by_parameter and not (p.shard.is_replicated and grid.tp_rank != 0)]
     if world.rank != 0:
         if grid.dp_rank == 0:
-            world.mpi.send([(dataclass_fields(shard), array.shape, array.dtype.str) for shard, array in local],
+            world.mpi.send([(asdict(shard), array.shape, array.dtype.str) for shard, array in local],
                            dest=0, tag=_METADATA_TAG)
             for _, array in local:
                 world.send(xp.ascontiguousarray(array), dest=0, tag=_ARRAY_TAG)
@@ -42,8 +46,3 @@ def gather_full_arrays(parameters, arrays_by_parameter, grid):
             raise RuntimeError(f"gather: parameter {name!r} is missing shards; got indices {sorted(by_index)}")
         full[name] = shard.join([by_index[i] for i in sorted(by_index)])
     return full
-
-
-def dataclass_fields(shard):
-    return {"full_name": shard.full_name, "axis": shard.axis, "index": shard.index,
-            "count": shard.count, "blocks": shard.blocks}

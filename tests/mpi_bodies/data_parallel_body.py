@@ -250,7 +250,7 @@ def check_bad_inputs(communicator):
 
     # Overlap mode: one backward pass too many in a step is an error, not a silent double count.
     model, _ = new_model_and_optimizer()
-    dp = DataParallel(model.parameters(), communicator, overlap=True, accumulation_steps=1)
+    DataParallel(model.parameters(), communicator, overlap=True, accumulation_steps=1)  # its hooks must refuse
     inputs, targets = local_slice(global_batch(0), communicator.rank, size)
     model(inputs, targets)[1].backward()
     try:
