@@ -15,3 +15,14 @@ class CheckpointError(RuntimeError):
 
 class DataError(RuntimeError):
     """A data file that is missing, unreadable or too small for the requested block size."""
+
+
+def require_positive_int(name, value, minimum=1):
+    """``value`` if it is an int >= ``minimum`` (bools refused), else a ConfigError naming ``name``.
+
+    The one check behind every "must be a positive integer" in minipar, so every message reads alike.
+    """
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ConfigError(f"{name} must be {what}, got {value!r}")
+    return value
