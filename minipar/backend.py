@@ -5,24 +5,34 @@ Every array operation in minipar goes through ``xp``:
     from minipar.backend import xp
     y = xp.tanh(x)
 
-NumPy is the only backend today. The CuPy switch is meant to be this one line
-(or the environment variable ``MINIPAR_BACKEND=cupy``): nothing else in the
-package imports NumPy for compute.
+``MINIPAR_BACKEND`` (or ``python -m minipar train --backend ...``, which sets it before
+anything imports this module) picks it, once per process:
 
-Two helpers sit beside ``xp`` because MPI and files need host memory:
-``to_host`` turns any backend array into a NumPy array, ``from_host`` the
-reverse. With NumPy both are no-ops.
+- ``numpy`` (default): the CPU;
+- ``cupy``: a GPU (``pip install "minipar[gpu]"``); docs/gpu.md says what moves where;
+- ``devicesim``: ``minipar.devicesim``, a strict CPU stand-in for CuPy whose arrays refuse
+  to turn into NumPy arrays implicitly, so tests catch what would break on a GPU.
+
+Memory on the device and on the host are kept apart. MPI and files need host memory;
+they get it only through the two named copies below, ``to_host`` and ``from_host``,
+which count what they move (``copy_counts``). With NumPy both are free and count nothing.
 """
 import os
+from collections import Counter
 
+BACKEND_NAMES = ("numpy", "cupy", "devicesim")
 BACKEND_NAME = os.environ.get("MINIPAR_BACKEND", "numpy")
 
 if BACKEND_NAME == "numpy":
     import numpy as xp
 elif BACKEND_NAME == "cupy":  # pragma: no cover - needs a GPU
     import cupy as xp
+elif BACKEND_NAME == "devicesim":
+    from minipar import devicesim as xp
 else:
-    raise ValueError(f"MINIPAR_BACKEND must be 'numpy' or 'cupy', got {BACKEND_NAME!r}")
+    raise ValueError(f"MINIPAR_BACKEND must be one of {', '.join(BACKEND_NAMES)}; got {BACKEND_NAME!r}")
+
+ON_DEVICE = BACKEND_NAME != "numpy"  # arrays live apart from host memory
 
 import numpy as _host  # host memory for MPI buffers and files; never for compute
 
@@ -55,18 +65,88 @@ if BACKEND_NAME == "numpy":
     _keep_freed_arrays_in_the_heap()
 
 
-def to_host(array):
-    """A NumPy array holding the same values (copies off the GPU under CuPy)."""
-    if BACKEND_NAME == "cupy":  # pragma: no cover
-        return xp.asnumpy(array)
-    return _host.asarray(array)
+copy_counts = Counter()  # "to_host", "from_host" (calls) and "to_host_bytes", "from_host_bytes"
 
 
-def from_host(array):
-    """A backend array holding the same values (copies onto the GPU under CuPy)."""
+def reset_copy_counts():
+    copy_counts.clear()
+
+
+def _count(direction, nbytes):
+    copy_counts[direction] += 1
+    copy_counts[direction + "_bytes"] += int(nbytes)
+
+
+def to_host(array, out=None):
+    """A NumPy array holding the same values: a counted device-to-host copy on a device.
+
+    ``out``: a preallocated NumPy array (pinned, for staging) to copy into and return.
+    """
+    if isinstance(array, _host.ndarray) or not ON_DEVICE:  # already host memory: nothing crosses
+        if out is None:
+            return _host.asarray(array)
+        out[...] = array
+        return out
+    _count("to_host", array.nbytes)
+    return xp.asnumpy(array) if out is None else array.get(out=out)
+
+
+def from_host(array, out=None):
+    """A backend array holding the same values: a counted host-to-device copy on a device.
+
+    ``out``: a device array of the same dtype and shape to copy into and return.
+    """
+    if isinstance(array, xp.ndarray):  # already backend memory: nothing crosses
+        if out is None:
+            return array
+        out[...] = array
+        return out
+    host = _host.asarray(array)
+    if ON_DEVICE:
+        _count("from_host", host.nbytes)
+    if out is None:
+        return xp.asarray(host)
+    if ON_DEVICE:
+        out.set(_host.ascontiguousarray(host))
+    else:
+        out[...] = host
+    return out
+
+
+def scalar_to_host(array):
+    """A Python float from a one-element array (the loss): one counted copy on a device."""
+    return float(to_host(array).reshape(()))
+
+
+def empty_pinned(nbytes):
+    """A host byte buffer for staging MPI messages: page-locked under CuPy, so copies to and
+    from the device run at full speed; plain NumPy memory otherwise."""
     if BACKEND_NAME == "cupy":  # pragma: no cover
-        return xp.asarray(array)
-    return array
+        import cupyx
+
+        return cupyx.empty_pinned((nbytes,), dtype=_host.uint8)
+    return _host.empty(nbytes, dtype=_host.uint8)
+
+
+def synchronize():
+    """Wait until the device has finished the work queued so far (before MPI reads its memory)."""
+    if BACKEND_NAME == "cupy":  # pragma: no cover
+        xp.cuda.get_current_stream().synchronize()
+
+
+def device_count():
+    """GPUs this process can see (0 with NumPy; devicesim pretends to have ``devicesim.device_count``)."""
+    if BACKEND_NAME == "cupy":  # pragma: no cover
+        return xp.cuda.runtime.getDeviceCount()
+    return xp.device_count if BACKEND_NAME == "devicesim" else 0
+
+
+def use_device(index):
+    """Make GPU ``index`` the one this process allocates on and computes with."""
+    if BACKEND_NAME == "cupy":  # pragma: no cover
+        xp.cuda.Device(index).use()
+    elif BACKEND_NAME == "devicesim":
+        xp.use_device(index)
 
 
 # float32 unless a run asks for float64 (the equivalence tests do).

@@ -11,10 +11,12 @@ default) and offers
   MPI's built-in; the other names run the hand-built versions in
   ``minipar.comm.collectives``, which give the same results.
 
-Arrays are backend (``xp``) arrays, C-contiguous. They are staged through
-host memory with ``minipar.backend.to_host``/``from_host`` (free with NumPy)
-and moved with MPI's buffer methods into caller-given arrays: nothing is
-pickled.
+Arrays are backend (``xp``) arrays, C-contiguous, moved with MPI's buffer
+methods into caller-given arrays: nothing is pickled. With NumPy they go to
+mpi4py as they are; with a GPU backend a transport (``minipar.comm.transport``:
+``staged``, ``cuda-aware`` or ``nccl``, chosen per Communicator with
+``transport=`` or ``MINIPAR_TRANSPORT`` and inherited by ``split``) moves them,
+offering the same buffer methods on device arrays as ``self.wire``.
 
 Counters. ``comm.counters[name]`` holds, for this rank, ``calls``,
 ``elements`` (total elements of the data the calls were about: the full,
@@ -39,10 +41,10 @@ from dataclasses import asdict
 
 from mpi4py import MPI
 
-from minipar.backend import from_host, to_host
 from minipar.comm import collectives
 from minipar.comm.collectives import Traffic
 from minipar.comm.records import CallRecord, Counters, Request
+from minipar.comm.transport import check_transport, default_transport, make_wire
 from minipar.errors import ConfigError, ShapeError
 
 _MPI_OPS = {"sum": MPI.SUM, "max": MPI.MAX}
@@ -76,16 +78,14 @@ def _check_choice(value, allowed, what, call):
         raise ConfigError(f"{call}: {what} must be one of {sorted(allowed)}, got {value!r}")
 
 
-def _copy_back(host_array, array):
-    if host_array is not array:  # a staged copy (CuPy): bring the result back
-        array[...] = from_host(host_array)
-
-
 class Communicator:
-    def __init__(self, mpi_comm=None):
+    def __init__(self, mpi_comm=None, transport=None):
         self.mpi = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
         self.rank = self.mpi.Get_rank()
         self.size = self.mpi.Get_size()
+        self.transport = default_transport() if transport is None else transport
+        check_transport(self.transport, self.mpi)
+        self.wire = make_wire(self.transport, self.mpi)  # buffer methods that take backend arrays
         self.counters = Counters()
         self._listeners = []
 
@@ -137,7 +137,7 @@ class Communicator:
 
     def split(self, color, key=0):
         """A new Communicator over the ranks that pass the same ``color``, ordered by ``key``."""
-        return Communicator(self.mpi.Split(color, key))
+        return Communicator(self.mpi.Split(color, key), self.transport)
 
     def barrier(self):
         started = time.perf_counter()
@@ -149,15 +149,13 @@ class Communicator:
     def send(self, array, dest, tag=0):
         _check_array(array, "array", "send")
         started = time.perf_counter()
-        self.mpi.Send(to_host(array), dest, tag)
+        self.wire.Send(array, dest, tag)
         self._account("send", array.size, Traffic(array.nbytes, 0), started, array.nbytes)
 
     def recv(self, out, source, tag=0):
         _check_array(out, "out", "recv", writable=True)
         started = time.perf_counter()
-        host_out = to_host(out)
-        self.mpi.Recv(host_out, source, tag)
-        _copy_back(host_out, out)
+        self.wire.Recv(out, source, tag)
         self._account("recv", out.size, Traffic(0, out.nbytes), started, out.nbytes)
         return out
 
@@ -166,9 +164,7 @@ class Communicator:
         _check_array(send_array, "send_array", "sendrecv")
         _check_array(recv_out, "recv_out", "sendrecv", writable=True)
         started = time.perf_counter()
-        host_out = to_host(recv_out)
-        self.mpi.Sendrecv(to_host(send_array), dest, tag, host_out, source, tag)
-        _copy_back(host_out, recv_out)
+        self.wire.Sendrecv(send_array, dest, tag, recv_out, source, tag)
         traffic = Traffic(send_array.nbytes, recv_out.nbytes)
         self._account("sendrecv", send_array.size, traffic, started, send_array.nbytes)
         return recv_out
@@ -177,19 +173,17 @@ class Communicator:
         """Start sending ``array``; do not modify it until the request's ``wait()`` returns."""
         _check_array(array, "array", "isend")
         started = time.perf_counter()
-        host_array = to_host(array)  # the request keeps it alive until the send is done
-        mpi_request = self.mpi.Isend(host_array, dest, tag)
+        mpi_request = self.wire.Isend(array, dest, tag)
         self._account("isend", array.size, Traffic(array.nbytes, 0), started, 0, notify=False)
-        return Request(self, "isend", mpi_request, host_array, array, array.nbytes, started)
+        return Request(self, "isend", mpi_request, None, array, array.nbytes, started)
 
     def irecv(self, out, source, tag=0):
         """Start receiving into ``out``; its contents are valid once ``wait()`` returns."""
         _check_array(out, "out", "irecv", writable=True)
         started = time.perf_counter()
-        host_out = to_host(out)
-        mpi_request = self.mpi.Irecv(host_out, source, tag)
+        mpi_request = self.wire.Irecv(out, source, tag)
         self._account("irecv", out.size, Traffic(0, out.nbytes), started, 0, notify=False)
-        return Request(self, "irecv", mpi_request, host_out, out, out.nbytes, started)
+        return Request(self, "irecv", mpi_request, None, out, out.nbytes, started)
 
     # ---- collectives -------------------------------------------------------------------
 
@@ -209,16 +203,12 @@ class Communicator:
         result = array if out is None else out
         started = time.perf_counter()
         if algorithm == "mpi":
-            host_result = to_host(result)
-            source = MPI.IN_PLACE if out is None else to_host(array)
-            self.mpi.Allreduce(source, host_result, _MPI_OPS[op])
+            self.wire.Allreduce(MPI.IN_PLACE if out is None else array, result, _MPI_OPS[op])
             traffic = self._modelled("allreduce", array.size, array.itemsize)
         else:
             if out is not None:
                 out[...] = array
-            host_result = to_host(result)
-            traffic = _ALLREDUCE_ALGORITHMS[algorithm](self.mpi, host_result, op)
-        _copy_back(host_result, result)
+            traffic = _ALLREDUCE_ALGORITHMS[algorithm](self.wire, result, op)
         self._account("allreduce", array.size, traffic, started, array.nbytes)
         return result
 
@@ -230,11 +220,10 @@ class Communicator:
         _check_choice(op, _MPI_OPS, "op", "iallreduce")
         _check_array(array, "array", "iallreduce", writable=True)
         started = time.perf_counter()
-        host_array = to_host(array)
-        mpi_request = self.mpi.Iallreduce(MPI.IN_PLACE, host_array, _MPI_OPS[op])
+        mpi_request = self.wire.Iallreduce(MPI.IN_PLACE, array, _MPI_OPS[op])
         traffic = self._modelled("allreduce", array.size, array.itemsize)
         self._account("iallreduce", array.size, traffic, started, 0, notify=False)
-        return Request(self, "iallreduce", mpi_request, host_array, array, array.nbytes, started)
+        return Request(self, "iallreduce", mpi_request, None, array, array.nbytes, started)
 
     def allgather(self, send, out, algorithm="mpi"):
         """Concatenate every rank's ``send`` along the first axis, in rank order, into ``out``.
@@ -246,15 +235,12 @@ class Communicator:
         self._check_gather_shapes(piece=send, whole=out, call="allgather")
         started = time.perf_counter()
         if algorithm == "mpi":
-            host_out = to_host(out)
-            self.mpi.Allgather(to_host(send), host_out)
+            self.wire.Allgather(send, out)
             traffic = self._modelled("allgather", out.size, out.itemsize)
         else:
             rows = send.shape[0]
             out[self.rank * rows:(self.rank + 1) * rows] = send  # the ring starts from our own block
-            host_out = to_host(out)
-            traffic = collectives.ring_all_gather(self.mpi, host_out)
-        _copy_back(host_out, out)
+            traffic = collectives.ring_all_gather(self.wire, out)
         self._account("allgather", out.size, traffic, started, out.nbytes)
         return out
 
@@ -268,9 +254,7 @@ class Communicator:
         started = time.perf_counter()
         if self.rank == root:
             self._check_gather_shapes(piece=out, whole=send, call="scatter")
-        host_out = to_host(out)
-        self.mpi.Scatter(to_host(send) if self.rank == root else None, host_out, root=root)
-        _copy_back(host_out, out)
+        self.wire.Scatter(send if self.rank == root else None, out, root=root)
         sent = out.nbytes * (self.size - 1) if self.rank == root else 0
         traffic = Traffic(sent, 0 if self.rank == root else out.nbytes)
         self._account("scatter", out.size * self.size, traffic, started, out.nbytes * self.size)
@@ -286,16 +270,14 @@ class Communicator:
         _check_choice(algorithm, {"mpi", "ring"}, "algorithm", "reduce_scatter")
         self._check_gather_shapes(piece=out, whole=send, call="reduce_scatter")
         started = time.perf_counter()
-        host_out = to_host(out)
         if algorithm == "mpi":
-            self.mpi.Reduce_scatter_block(to_host(send), host_out, _MPI_OPS[op])
+            self.wire.Reduce_scatter_block(send, out, _MPI_OPS[op])
             traffic = self._modelled("reduce_scatter", send.size, send.itemsize)
         else:
-            working_copy = to_host(send).copy()  # the ring reduces in place; leave send intact
-            traffic = collectives.ring_reduce_scatter(self.mpi, working_copy, op)
+            working_copy = send.copy()  # the ring reduces in place; leave send intact
+            traffic = collectives.ring_reduce_scatter(self.wire, working_copy, op)
             rows = out.shape[0]
-            host_out[...] = working_copy[self.rank * rows:(self.rank + 1) * rows]
-        _copy_back(host_out, out)
+            out[...] = working_copy[self.rank * rows:(self.rank + 1) * rows]
         self._account("reduce_scatter", send.size, traffic, started, send.nbytes)
         return out
 
@@ -315,13 +297,11 @@ class Communicator:
         self._check_root(root, "broadcast")
         _check_array(array, "array", "broadcast", writable=True)
         started = time.perf_counter()
-        host_array = to_host(array)
         if algorithm == "mpi":
-            self.mpi.Bcast(host_array, root)
+            self.wire.Bcast(array, root)
             traffic = self._modelled("broadcast", array.size, array.itemsize, root)
         else:
-            traffic = collectives.tree_broadcast(self.mpi, host_array, root)
-        _copy_back(host_array, array)
+            traffic = collectives.tree_broadcast(self.wire, array, root)
         self._account("broadcast", array.size, traffic, started, array.nbytes)
         return array
 
@@ -341,16 +321,13 @@ class Communicator:
         if out is not None:
             _check_out_matches(array, out, "reduce")
         started = time.perf_counter()
-        host_out = to_host(out) if is_root else None
         if algorithm == "mpi":
-            self.mpi.Reduce(to_host(array), host_out, _MPI_OPS[op], root)
+            self.wire.Reduce(array, out if is_root else None, _MPI_OPS[op], root)
             traffic = self._modelled("reduce", array.size, array.itemsize, root)
         else:
-            working = host_out if is_root else to_host(array).copy()  # tree reduce works in place
+            working = out if is_root else array.copy()  # tree reduce works in place
             if is_root:
-                working[...] = to_host(array)
-            traffic = collectives.tree_reduce(self.mpi, working, root, op)
-        if is_root:
-            _copy_back(host_out, out)
+                working[...] = array
+            traffic = collectives.tree_reduce(self.wire, working, root, op)
         self._account("reduce", array.size, traffic, started, array.nbytes)
         return out

@@ -1,0 +1,445 @@
+"""How arrays on a GPU reach the other ranks: the three transports behind the Communicator.
+
+MPI reads and writes memory through pointers. With NumPy those point at host memory and
+the Communicator hands arrays to mpi4py as they are. With a device backend an array lives in
+GPU memory, and there are three ways to move it (ChainerMN's ``naive``, ``flat`` and
+``pure_nccl`` communicators made the same choice):
+
+- ``staged`` (default, works with any MPI, including the ``mpich`` wheel): copy the array
+  into a page-locked host buffer, let MPI move the host buffer, copy what arrived back onto
+  the device. Buffers come from a pool and are reused, so a step allocates none after the
+  first. Each message costs one device-to-host copy where it is sent and one
+  host-to-device copy where it arrives, counted by ``minipar.backend.copy_counts``.
+- ``cuda-aware``: device pointers go to MPI directly (mpi4py understands CuPy arrays).
+  Only an MPI built with CUDA support can do this; one that is not crashes rather than
+  complains, so it is chosen only when the library reports support
+  (``MPIX_Query_cuda_support``, offered by Open MPI and MPICH) or ``force=True``.
+- ``nccl``: NVIDIA's collective library, through ``cupy.cuda.nccl``: one NCCL communicator
+  per process group, built from a unique id that rank 0 broadcasts over MPI. NCCL refuses
+  two ranks of one communicator on the same GPU, so it needs a GPU per rank.
+
+Every transport offers the mpi4py buffer methods the Communicator and the hand-built
+collectives call (``Send``, ``Recv``, ``Sendrecv``, ``Isend``, ``Irecv``, ``Allreduce``,
+``Iallreduce``, ``Allgather``, ``Reduce_scatter_block``, ``Bcast``, ``Reduce``, ``Scatter``),
+taking device arrays. So ring, tree and recursive doubling, built from point to point, run
+over all three unchanged, and the traffic counters, kept by the Communicator from array
+sizes, are identical whichever moves the bytes.
+"""
+import ctypes
+import os
+
+from mpi4py import MPI
+
+from minipar import backend
+from minipar.errors import ConfigError
+
+TRANSPORT_NAMES = ("staged", "cuda-aware", "nccl")
+
+
+# ---- choosing ---------------------------------------------------------------------------
+
+def mpi_reports_cuda_support():
+    """True if the MPI library says it can read GPU memory (``MPIX_Query_cuda_support``).
+
+    mpi4py does not wrap this extension, so it is looked up in the loaded MPI library.
+    False when the library lacks it (then support is unknown, and we do not gamble).
+    """
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/libmpi" in line}
+    except OSError:
+        return False
+    for path in sorted(paths):
+        query = getattr(ctypes.CDLL(path), "MPIX_Query_cuda_support", None)
+        if query is not None:
+            return bool(query())
+    return False
+
+
+def transport_problem(name, backend_name, cuda_aware_mpi, nccl_available, ranks_per_gpu, force=False):
+    """Why transport ``name`` cannot run here (one sentence), or None if it can."""
+    if name not in TRANSPORT_NAMES:
+        return f"transport must be one of {', '.join(TRANSPORT_NAMES)}; got {name!r}"
+    if name == "staged":
+        return None
+    if backend_name == "numpy":
+        return f"transport {name} moves GPU memory, but the backend is numpy (use --backend cupy)"
+    if name == "cuda-aware" and not (cuda_aware_mpi or force):
+        return ("transport cuda-aware: this MPI does not report CUDA support (MPIX_Query_cuda_support), "
+                "and handing it GPU memory would crash; use staged, or force it if you know better")
+    if name == "cuda-aware" and backend_name == "devicesim":
+        return "transport cuda-aware needs real GPU memory; devicesim arrays refuse MPI, as a non-CUDA MPI would"
+    if name == "nccl" and not nccl_available:
+        return "transport nccl needs CuPy built with NCCL (cupy.cuda.nccl) on a GPU"
+    if name == "nccl" and ranks_per_gpu > 1:
+        return f"transport nccl cannot put {ranks_per_gpu} ranks on one GPU (NCCL refuses duplicates); use staged"
+    return None
+
+
+def _nccl_available():
+    if backend.BACKEND_NAME != "cupy":
+        return False
+    try:  # pragma: no cover - needs a GPU
+        from cupy.cuda import nccl
+
+        return bool(nccl.available)
+    except ImportError:
+        return False
+
+
+def check_transport(name, mpi_comm, force=False):
+    """Raise ConfigError on every rank alike if ``name`` cannot run on ``mpi_comm``."""
+    if name == "staged":
+        return  # runs everywhere: no need to ask the other ranks
+    ranks_per_gpu = device_placement(mpi_comm).ranks_per_gpu if name == "nccl" else 1
+    problem = transport_problem(name, backend.BACKEND_NAME, name == "cuda-aware" and mpi_reports_cuda_support(),
+                                _nccl_available(), ranks_per_gpu, force)
+    problems = mpi_comm.allgather(problem)  # small metadata: every rank sees every rank's verdict
+    first = next((p for p in problems if p is not None), None)
+    if first is not None:
+        raise ConfigError(first)
+
+
+def default_transport():
+    return os.environ.get("MINIPAR_TRANSPORT", "staged")
+
+
+def make_wire(name, mpi_comm):
+    """What the Communicator calls buffer methods on: ``mpi_comm`` itself when arrays are host memory."""
+    if not backend.ON_DEVICE:
+        return mpi_comm
+    return {"staged": StagedWire, "cuda-aware": CudaAwareWire, "nccl": NcclWire}[name](mpi_comm)
+
+
+# ---- devices per rank -------------------------------------------------------------------
+
+class Placement:
+    """Which GPU this rank uses, and how many ranks of its node share each GPU."""
+
+    def __init__(self, device, devices, local_rank, local_size):
+        self.device, self.devices, self.local_rank, self.local_size = device, devices, local_rank, local_size
+        self.ranks_per_gpu = -(-local_size // devices) if devices else 0
+
+    def describe(self):
+        if not self.devices:
+            return "device: host (numpy)"
+        shared = f", {self.ranks_per_gpu} ranks per GPU" if self.ranks_per_gpu > 1 else ""
+        return f"device: GPU {self.device} of {self.devices} on this node (node-local rank {self.local_rank}{shared})"
+
+
+def device_for_rank(local_rank, devices):
+    """GPU of the node-local rank: round robin, so ranks r and r + devices share one."""
+    return local_rank % devices
+
+
+def device_placement(mpi_comm):
+    """This rank's placement, from its rank among the ranks sharing its node's memory."""
+    node = mpi_comm.Split_type(MPI.COMM_TYPE_SHARED)
+    local_rank, local_size = node.Get_rank(), node.Get_size()
+    node.Free()
+    devices = backend.device_count()
+    return Placement(device_for_rank(local_rank, devices) if devices else None, devices, local_rank, local_size)
+
+
+def select_device(mpi_comm=None):
+    """Make this rank use its GPU (call before any array is made); returns the Placement.
+
+    ``mpirun -n 8`` on an 8-GPU node gives each rank its own GPU. With more ranks than GPUs
+    they share round robin: it works (that is how the tests run on one GPU), but the
+    ranks on one GPU divide its memory and take turns at its compute.
+    """
+    placement = device_placement(MPI.COMM_WORLD if mpi_comm is None else mpi_comm)
+    if placement.devices:
+        backend.use_device(placement.device)
+    return placement
+
+
+# ---- staged: device -> pinned host buffer -> MPI -> device ----------------------------
+
+class _PinnedPool:
+    """Page-locked host buffers, lent out and given back, so staging allocates nothing in steady state."""
+
+    def __init__(self):
+        self._free = []
+
+    def take(self, like):
+        """A host array of ``like``'s dtype and shape (contents undefined) and the buffer it lives in."""
+        nbytes = like.nbytes
+        fits = [index for index, buffer in enumerate(self._free) if buffer.nbytes >= nbytes]
+        if fits:  # the smallest free buffer that is big enough
+            buffer = self._free.pop(min(fits, key=lambda index: self._free[index].nbytes))
+        else:
+            buffer = backend.empty_pinned(max(nbytes, 1 << 10))
+        return buffer[:nbytes].view(like.dtype).reshape(like.shape), buffer
+
+    def give_back(self, *buffers):
+        self._free.extend(buffer for buffer in buffers if buffer is not None)
+
+
+class _StagedRequest:
+    """A non-blocking MPI request on host buffers; on completion copies the result to the device."""
+
+    def __init__(self, mpi_request, pool, buffers, host_result=None, device_result=None):
+        self._mpi_request, self._pool, self._buffers = mpi_request, pool, buffers
+        self._host_result, self._device_result = host_result, device_result
+
+    def _complete(self):
+        if self._device_result is not None:
+            backend.from_host(self._host_result, out=self._device_result)
+        self._pool.give_back(*self._buffers)
+
+    def Wait(self):
+        self._mpi_request.Wait()
+        self._complete()
+
+    def Test(self):
+        done = self._mpi_request.Test()
+        if done:
+            self._complete()
+        return done
+
+
+class StagedWire:
+    """MPI on host copies: device -> pinned host buffer -> MPI -> host buffer -> device."""
+
+    def __init__(self, mpi_comm):
+        self.mpi = mpi_comm
+        self._pool = _PinnedPool()
+
+    def Get_rank(self):
+        return self.mpi.Get_rank()
+
+    def Get_size(self):
+        return self.mpi.Get_size()
+
+    def _outgoing(self, array):
+        host, buffer = self._pool.take(array)
+        backend.to_host(array, out=host)
+        return host, buffer
+
+    def _arrived(self, host, array, *buffers):
+        backend.from_host(host, out=array)
+        self._pool.give_back(*buffers)
+
+    def Send(self, array, dest, tag=0):
+        host, buffer = self._outgoing(array)
+        self.mpi.Send(host, dest, tag)
+        self._pool.give_back(buffer)
+
+    def Recv(self, out, source, tag=0):
+        host, buffer = self._pool.take(out)
+        self.mpi.Recv(host, source, tag)
+        self._arrived(host, out, buffer)
+
+    def Sendrecv(self, array, dest, sendtag, out, source, recvtag):
+        host_send, send_buffer = self._outgoing(array)
+        host_out, out_buffer = self._pool.take(out)
+        self.mpi.Sendrecv(host_send, dest, sendtag, host_out, source, recvtag)
+        self._arrived(host_out, out, send_buffer, out_buffer)
+
+    def Isend(self, array, dest, tag=0):
+        host, buffer = self._outgoing(array)
+        return _StagedRequest(self.mpi.Isend(host, dest, tag), self._pool, [buffer])
+
+    def Irecv(self, out, source, tag=0):
+        host, buffer = self._pool.take(out)
+        return _StagedRequest(self.mpi.Irecv(host, source, tag), self._pool, [buffer], host, out)
+
+    def Iallreduce(self, in_place, array, op):
+        host, buffer = self._outgoing(array)
+        return _StagedRequest(self.mpi.Iallreduce(MPI.IN_PLACE, host, op), self._pool, [buffer], host, array)
+
+    def Allreduce(self, source, result, op):
+        if source is MPI.IN_PLACE:
+            host_result, result_buffer = self._outgoing(result)
+            host_source, source_buffer = MPI.IN_PLACE, None
+        else:
+            host_result, result_buffer = self._pool.take(result)
+            host_source, source_buffer = self._outgoing(source)
+        self.mpi.Allreduce(host_source, host_result, op)
+        self._arrived(host_result, result, result_buffer, source_buffer)
+
+    def Allgather(self, send, out):
+        host_send, send_buffer = self._outgoing(send)
+        host_out, out_buffer = self._pool.take(out)
+        self.mpi.Allgather(host_send, host_out)
+        self._arrived(host_out, out, send_buffer, out_buffer)
+
+    def Reduce_scatter_block(self, send, out, op):
+        host_send, send_buffer = self._outgoing(send)
+        host_out, out_buffer = self._pool.take(out)
+        self.mpi.Reduce_scatter_block(host_send, host_out, op)
+        self._arrived(host_out, out, send_buffer, out_buffer)
+
+    def Bcast(self, array, root=0):
+        if self.mpi.Get_rank() == root:
+            host, buffer = self._outgoing(array)
+            self.mpi.Bcast(host, root)
+            self._pool.give_back(buffer)  # the root's array already holds the values
+        else:
+            host, buffer = self._pool.take(array)
+            self.mpi.Bcast(host, root)
+            self._arrived(host, array, buffer)
+
+    def Reduce(self, send, out, op, root=0):
+        host_send, send_buffer = self._outgoing(send)
+        if self.mpi.Get_rank() != root:
+            self.mpi.Reduce(host_send, None, op, root)
+            self._pool.give_back(send_buffer)
+            return
+        host_out, out_buffer = self._pool.take(out)
+        self.mpi.Reduce(host_send, host_out, op, root)
+        self._arrived(host_out, out, send_buffer, out_buffer)
+
+    def Scatter(self, send, out, root=0):
+        host_send, send_buffer = self._outgoing(send) if self.mpi.Get_rank() == root else (None, None)
+        host_out, out_buffer = self._pool.take(out)
+        self.mpi.Scatter(host_send, host_out, root=root)
+        self._arrived(host_out, out, send_buffer, out_buffer)
+
+
+# ---- cuda-aware: device pointers straight to MPI ---------------------------------------
+
+class CudaAwareWire:  # pragma: no cover - needs a GPU and a CUDA-aware MPI
+    """mpi4py's own methods on device arrays, after the GPU has finished writing them."""
+
+    def __init__(self, mpi_comm):
+        self.mpi = mpi_comm
+
+    def __getattr__(self, name):
+        method = getattr(self.mpi, name)
+
+        def call(*args, **kwargs):
+            backend.synchronize()  # MPI reads device memory at once; queued kernels must be done
+            return method(*args, **kwargs)
+
+        return call
+
+
+# ---- nccl: NVIDIA's collectives on the GPU ----------------------------------------------
+
+class _NcclRequest:  # pragma: no cover - needs a GPU
+    def __init__(self, wire):
+        self._wire = wire
+
+    def Wait(self):
+        self._wire._flush()
+        backend.synchronize()
+
+    def Test(self):
+        self.Wait()
+        return True
+
+
+class NcclWire:  # pragma: no cover - needs GPUs
+    """One NCCL communicator over the ranks of ``mpi_comm``; device arrays in, device arrays out.
+
+    NCCL has no tags: messages between two ranks match in the order they are posted, which
+    the schedules and collectives here keep. ``Isend``/``Irecv`` are queued and posted
+    together (one NCCL group) at the next call or wait, so pairs of them cannot deadlock.
+    """
+
+    def __init__(self, mpi_comm):
+        from cupy.cuda import nccl
+
+        self.mpi, self._nccl = mpi_comm, nccl
+        unique_id = nccl.get_unique_id() if mpi_comm.Get_rank() == 0 else None
+        unique_id = mpi_comm.bcast(unique_id, root=0)  # 128 bytes of metadata
+        self._comm = nccl.NcclCommunicator(mpi_comm.Get_size(), unique_id, mpi_comm.Get_rank())
+        self._queued = []
+        self._types = {"float16": nccl.NCCL_FLOAT16, "float32": nccl.NCCL_FLOAT32, "float64": nccl.NCCL_FLOAT64,
+                       "int32": nccl.NCCL_INT32, "int64": nccl.NCCL_INT64, "uint8": nccl.NCCL_UINT8}
+        self._ops = {MPI.SUM: nccl.NCCL_SUM, MPI.MAX: nccl.NCCL_MAX}
+
+    def Get_rank(self):
+        return self.mpi.Get_rank()
+
+    def Get_size(self):
+        return self.mpi.Get_size()
+
+    def _args(self, array):
+        return array.data.ptr, array.size, self._types[array.dtype.name]
+
+    @property
+    def _stream(self):
+        return backend.xp.cuda.get_current_stream().ptr
+
+    def _grouped(self, *calls):
+        """Run queued and new point-to-point calls as one NCCL group, then wait for them."""
+        calls, self._queued = [*self._queued, *calls], []
+        self._nccl.groupStart()
+        for call in calls:
+            call()
+        self._nccl.groupEnd()
+
+    def _flush(self):
+        if self._queued:
+            self._grouped()
+
+    def _send(self, array, dest):
+        return lambda: self._comm.send(*self._args(array), dest, self._stream)
+
+    def _recv(self, out, source):
+        return lambda: self._comm.recv(*self._args(out), source, self._stream)
+
+    def Send(self, array, dest, tag=0):
+        self._grouped(self._send(array, dest))
+        backend.synchronize()
+
+    def Recv(self, out, source, tag=0):
+        self._grouped(self._recv(out, source))
+        backend.synchronize()
+
+    def Sendrecv(self, array, dest, sendtag, out, source, recvtag):
+        self._grouped(self._send(array, dest), self._recv(out, source))
+        backend.synchronize()
+
+    def Isend(self, array, dest, tag=0):
+        self._queued.append(self._send(array, dest))
+        return _NcclRequest(self)
+
+    def Irecv(self, out, source, tag=0):
+        self._queued.append(self._recv(out, source))
+        return _NcclRequest(self)
+
+    def _collective(self, run):
+        self._flush()
+        run()
+        backend.synchronize()
+
+    def Allreduce(self, source, result, op):
+        pointer = result.data.ptr if source is MPI.IN_PLACE else source.data.ptr
+        self._collective(lambda: self._comm.allReduce(pointer, *self._args(result), self._ops[op], self._stream))
+
+    def Iallreduce(self, in_place, array, op):
+        self._flush()
+        self._comm.allReduce(array.data.ptr, *self._args(array), self._ops[op], self._stream)
+        return _NcclRequest(self)
+
+    def Allgather(self, send, out):
+        pointer, count, datatype = self._args(send)
+        self._collective(lambda: self._comm.allGather(pointer, out.data.ptr, count, datatype, self._stream))
+
+    def Reduce_scatter_block(self, send, out, op):
+        self._collective(lambda: self._comm.reduceScatter(send.data.ptr, *self._args(out), self._ops[op],
+                                                          self._stream))
+
+    def Bcast(self, array, root=0):
+        self._collective(lambda: self._comm.bcast(*self._args(array), root, self._stream))
+
+    def Reduce(self, send, out, op, root=0):
+        pointer, count, datatype = self._args(send)
+        target = out.data.ptr if out is not None else pointer  # only the root's is written
+        self._collective(lambda: self._comm.reduce(pointer, target, count, datatype, self._ops[op], root,
+                                                   self._stream))
+
+    def Scatter(self, send, out, root=0):
+        """NCCL has no scatter: the root sends block r to rank r, all in one group."""
+        rank, rows = self.mpi.Get_rank(), out.shape[0]
+        if rank != root:
+            self._grouped(self._recv(out, root))
+        else:
+            out[...] = send[root * rows:(root + 1) * rows]
+            self._grouped(*(self._send(send[r * rows:(r + 1) * rows], r) for r in range(self.mpi.Get_size())
+                            if r != root))
+        backend.synchronize()
