@@ -11,10 +11,12 @@ what they copy is CuPy's boundary with host memory (``cupy/_core/core.pyx``):
   ``TypeError``. (CuPy refuses it in operations; it quietly copies ``x[:] = host`` and host
   index arrays to the device. Here those fail too, so that every copy has a name.)
 - ``float(x)``, ``int(x)``, ``bool(x)`` work for one element only and, like printing x, copy
-  it to the host: counted as *implicit* copies, the ones a training step must not make.
+  it to the host: counted as *implicit* copies, the ones a training step must not make;
+- assigning through repeated integer indices raises ``ValueError``: CuPy keeps an undefined
+  one of the values where NumPy keeps the last.
 
-Explicit copies are counted in ``transfers``: ``asnumpy(x)``, ``x.get()``, ``x.item()`` and
-``x.tolist()`` (device to host, "to_host"); ``asarray(host)``, ``array(host)`` and
+Explicit copies are counted in ``transfers``: ``asnumpy(x)``, ``x.get()``, ``x.item()``,
+``x.tolist()`` and ``x.tobytes()`` (device to host, "to_host"); ``asarray(host)``, ``array(host)`` and
 ``x.set(host)`` (host to device, "to_device"); each with its bytes ("to_host_bytes", ...).
 
 The namespace holds what minipar uses of NumPy's API that CuPy also has; anything else is an
@@ -83,7 +85,7 @@ class DeviceArray:
     __array_priority__ = 100
     __hash__ = None
     _HIDDEN = frozenset({"data", "ctypes", "__array_interface__", "__array_struct__", "tofile", "dump",
-                         "dumps", "tobytes", "__buffer__", "__dlpack__", "__cuda_array_interface__"})
+                         "dumps", "__buffer__", "__dlpack__", "__cuda_array_interface__"})
 
     def __init__(self, array):
         self._array = array
@@ -128,6 +130,10 @@ class DeviceArray:
     def tolist(self):
         _count("to_host", self.nbytes)
         return self._array.tolist()
+
+    def tobytes(self, order="C"):
+        _count("to_host", self.nbytes)
+        return self._array.tobytes(order)
 
     def _implicit_copy(self):
         _count("to_host", self.nbytes, implicit=True)
@@ -177,7 +183,12 @@ class DeviceArray:
         return _wrap(self._array[_unwrap(index)])
 
     def __setitem__(self, index, value):
-        self._array[_unwrap(index)] = _unwrap(value)
+        index = _unwrap(index)
+        for part in index if isinstance(index, tuple) else (index,):
+            if isinstance(part, _np.ndarray) and part.dtype.kind in "iu" and _np.unique(part).size < part.size:
+                raise ValueError("assignment through repeated integer indices: CuPy keeps an undefined one of "
+                                 "the values (NumPy the last); accumulate with xp.add.at instead")
+        self._array[index] = _unwrap(value)
 
     def __copy__(self):
         return DeviceArray(self._array.copy())

@@ -150,3 +150,10 @@ def test_devices_are_shared_round_robin_by_node_local_rank():
 
 def test_the_mpi_is_asked_about_cuda():
     assert isinstance(mpi_reports_cuda_support(), bool)
+
+
+def test_assignment_through_repeated_indices_is_refused():
+    x = devicesim.zeros(4)
+    x[devicesim.asarray([0, 2])] = 1.0  # distinct: fine
+    with pytest.raises(ValueError, match="repeated integer indices"):
+        x[devicesim.asarray([1, 1])] = devicesim.asarray([2.0, 3.0])

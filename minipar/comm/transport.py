@@ -91,6 +91,7 @@ def check_transport(name, mpi_comm, force=False):
     """Raise ConfigError on every rank alike if ``name`` cannot run on ``mpi_comm``."""
     if name == "staged":
         return  # runs everywhere: no need to ask the other ranks
+    force = force or os.environ.get("MINIPAR_FORCE_CUDA_AWARE") == "1"
     ranks_per_gpu = device_placement(mpi_comm).ranks_per_gpu if name == "nccl" else 1
     problem = transport_problem(name, backend.BACKEND_NAME, name == "cuda-aware" and mpi_reports_cuda_support(),
                                 _nccl_available(), ranks_per_gpu, force)
