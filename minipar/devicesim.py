@@ -232,7 +232,8 @@ for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul"
 for _name in ("eq", "ne", "lt", "le", "gt", "ge"):
     setattr(DeviceArray, f"__{_name}__", _operator(f"__{_name}__"))
 for _name in ("neg", "pos", "abs", "invert"):
-    setattr(DeviceArray, f"__{_name}__", (lambda name: lambda self: _wrap(getattr(self._array, name)()))(f"__{_name}__"))
+    setattr(DeviceArray, f"__{_name}__", _on_device(getattr(_np, {"neg": "negative", "pos": "positive",
+                                                                 "abs": "absolute", "invert": "invert"}[_name])))
 
 ndarray = DeviceArray
 
@@ -280,7 +281,7 @@ def use_device(index):
     current_device = index
 
 
-class testing:  # noqa: N801 - mirrors cupy.testing
+class testing:  # mirrors cupy.testing
     @staticmethod
     def assert_allclose(actual, desired, *args, **kwargs):
         _np.testing.assert_allclose(asnumpy(actual), asnumpy(desired), *args, **kwargs)
