@@ -184,10 +184,9 @@ class DeviceArray:
 
     def __setitem__(self, index, value):
         index = _unwrap(index)
-        for part in index if isinstance(index, tuple) else (index,):
-            if isinstance(part, _np.ndarray) and part.dtype.kind in "iu" and _np.unique(part).size < part.size:
-                raise ValueError("assignment through repeated integer indices: CuPy keeps an undefined one of "
-                                 "the values (NumPy the last); accumulate with xp.add.at instead")
+        if _repeats(index, self.shape):
+            raise ValueError("assignment through repeated integer indices: CuPy keeps an undefined one of "
+                             "the values (NumPy the last); accumulate with xp.add.at instead")
         self._array[index] = _unwrap(value)
 
     def __copy__(self):
@@ -207,6 +206,16 @@ class DeviceArray:
         if function.__module__ != "numpy" or function.__name__ not in _FUNCTIONS:
             return NotImplemented  # numpy then raises TypeError, as it does for CuPy
         return _wrap(function(*_unwrap(args), **_unwrap(kwargs)))
+
+
+def _repeats(index, shape):
+    """True if an index made only of integer arrays names some element twice."""
+    parts = index if isinstance(index, tuple) else (index,)
+    if not parts or not all(isinstance(part, _np.ndarray) and part.dtype.kind in "iu" for part in parts):
+        return False
+    arrays = _np.broadcast_arrays(*parts)
+    flat = _np.ravel_multi_index([array % size for array, size in zip(arrays, shape)], shape[:len(parts)])
+    return _np.unique(flat).size < flat.size
 
 
 def _from_pickle(host_array):

@@ -157,3 +157,6 @@ def test_assignment_through_repeated_indices_is_refused():
     x[devicesim.asarray([0, 2])] = 1.0  # distinct: fine
     with pytest.raises(ValueError, match="repeated integer indices"):
         x[devicesim.asarray([1, 1])] = devicesim.asarray([2.0, 3.0])
+    rows = devicesim.zeros((2, 3))
+    rows[devicesim.arange(2), devicesim.asarray([1, 1])] -= 1.0  # pairs (0, 1), (1, 1): distinct
+    assert devicesim.asnumpy(rows).tolist() == [[0.0, -1.0, 0.0], [0.0, -1.0, 0.0]]
