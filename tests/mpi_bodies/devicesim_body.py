@@ -100,3 +100,28 @@ def communicator_report(comm, transport=None):
     if backend.BACKEND_NAME == "devicesim":
         report["implicit"] = {key: value for key, value in xp.transfers.items() if key.startswith("implicit")}
     print("REPORT " + json.dumps(report, sort_keys=True), flush=True)
+
+
+def step_copies_report(comm, layout):
+    """One float64 training step of ``layout`` after a warm-up step; prints one ``STEP {json}`` line per
+    rank: the named copies (backend.copy_counts), every crossing devicesim saw (implicit ones apart),
+    and the calls each group's Communicator made, from which the staged copies follow."""
+    from minipar.nn.gpt import GPTConfig
+    from minipar.train import TrainConfig, Trainer
+
+    world = Communicator(comm)
+    model_config = GPTConfig(vocab_size=16, block_size=8, n_layer=2, n_head=4, n_embd=32)
+    trainer = Trainer(model_config, TrainConfig(steps=2, batch_size=8, dtype="float64", **layout), world)
+    ids = numpy.random.default_rng(0).integers(0, 16, (2, 8, 9))
+    batches = [(from_host(step[:, :-1]), from_host(step[:, 1:])) for step in ids]
+    trainer.train_step(*batches[0])  # warm-up: buffers and pools fill
+    groups = {"world": world, "dp": trainer.grid.dp, "tp": trainer.grid.tp, "pp": trainer.grid.pp}
+    for group in groups.values():
+        group.reset_counters()
+    backend.reset_copy_counts()
+    xp.reset_transfers()
+    loss = trainer.train_step(*batches[1])
+    report = {"rank": world.rank, "loss": loss, "named": dict(backend.copy_counts), "seen": dict(xp.transfers),
+              "calls": {name: {call: record["calls"] for call, record in group.counters_snapshot().items()}
+                        for name, group in groups.items() if group.size > 1}}
+    print("STEP " + json.dumps(report, sort_keys=True), flush=True)
