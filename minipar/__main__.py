@@ -11,6 +11,7 @@ gives the same error everywhere and nobody waits for a partner that has quit); w
 any rank prints that rank's traceback and aborts the whole MPI job at once.
 """
 import argparse
+import os
 import sys
 import time
 import traceback
@@ -69,12 +70,41 @@ def add_train_arguments(parser):
     layout.add_argument("--allreduce", choices=["mpi", "ring", "recursive_doubling", "tree"], default="mpi")
 
 
+BACKENDS = ("numpy", "cupy", "devicesim")  # minipar.backend.BACKEND_NAMES, before it may be imported
+TRANSPORTS = ("staged", "cuda-aware", "nccl")
+
+
+def add_device_arguments(parser):
+    group = parser.add_argument_group("device (docs/gpu.md)")
+    group.add_argument("--backend", choices=BACKENDS, default=None,
+                       help="array library: numpy (CPU), cupy (GPU), devicesim (the CPU stand-in for CuPy); "
+                            "default: $MINIPAR_BACKEND or numpy")
+    group.add_argument("--transport", choices=TRANSPORTS, default=None,
+                       help="how GPU arrays reach MPI; default: $MINIPAR_TRANSPORT or staged")
+
+
+def choose_backend(argv):
+    """Apply --backend/--transport before anything imports minipar.backend, which picks xp once."""
+    early = argparse.ArgumentParser(add_help=False)
+    add_device_arguments(early)
+    chosen, _ = early.parse_known_args(argv)
+    if chosen.backend is not None:
+        loaded = sys.modules.get("minipar.backend")
+        if loaded is not None and loaded.BACKEND_NAME != chosen.backend:
+            raise ConfigError(f"--backend {chosen.backend}: this process already computes with "
+                              f"{loaded.BACKEND_NAME} (the backend is chosen once per process)")
+        os.environ["MINIPAR_BACKEND"] = chosen.backend
+    if chosen.transport is not None:
+        os.environ["MINIPAR_TRANSPORT"] = chosen.transport
+
+
 def parse_arguments(argv):
     parser = argparse.ArgumentParser(prog="python -m minipar", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a GPT (single process or under mpiexec)")
     add_model_arguments(train)
     add_train_arguments(train)
+    add_device_arguments(train)
     sample = commands.add_parser("sample", help="generate text from a checkpoint")
     sample.add_argument("--checkpoint", required=True)
     sample.add_argument("--prompt", default="\n")
@@ -89,7 +119,9 @@ def parse_arguments(argv):
 
 
 def main(argv=None):
-    arguments = parse_arguments(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    choose_backend(argv)
+    arguments = parse_arguments(argv)
     if arguments.command == "topology":
         from minipar.parallel.topology import Layout
 

@@ -62,8 +62,10 @@ def evaluate(model, dataset, config, eval_batches, accuracy_problems=200):
 
 def train(arguments):
     from minipar.comm.communicator import Communicator
+    from minipar.comm.transport import describe, select_device
     from minipar.train import Trainer
 
+    placement = select_device()  # before any device memory (and NCCL) exists: this rank's GPU
     world = Communicator()
     is_printer = world.rank == 0
     dataset = (load_text_dataset(arguments.data, arguments.block_size) if arguments.data
@@ -73,6 +75,7 @@ def train(arguments):
     trainer = Trainer(model_config, train_config, world)
     start_step = resume(trainer, arguments.resume) if arguments.resume else 0
     if is_printer:
+        print(describe(world.transport, placement))
         print(f"data: {dataset.name}")
         print(f"model: {model_config}")
         # Counted on an unfilled single-process GPT: under ZeRO-3 a rank's p.data is only its part.

@@ -101,6 +101,20 @@ def check_transport(name, mpi_comm, force=False):
         raise ConfigError(first)
 
 
+_HOW = {"staged": "device -> pinned host buffer -> MPI -> device", "cuda-aware": "device memory straight to MPI",
+        "nccl": "NCCL on the GPUs"}
+
+
+def describe(transport, placement):
+    """The start-up line: backend, where this rank computes, and how its arrays reach MPI."""
+    if not backend.ON_DEVICE:
+        return f"backend: numpy on the host ({placement.local_size} ranks on this node); MPI reads arrays in place"
+    cuda = "yes" if mpi_reports_cuda_support() else "no"
+    simulated = " (simulated on the CPU)" if backend.BACKEND_NAME == "devicesim" else ""
+    return (f"backend: {backend.BACKEND_NAME}; {placement.describe()}{simulated}; transport: {transport} "
+            f"({_HOW[transport]}); MPI reports CUDA support: {cuda}")
+
+
 def default_transport():
     return os.environ.get("MINIPAR_TRANSPORT", "staged")
 

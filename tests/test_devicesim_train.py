@@ -1,0 +1,52 @@
+"""Training on devicesim: a step makes only the documented host<->device copies, and the
+command line trains exactly like NumPy.
+
+    MINIPAR_BACKEND=devicesim python -m pytest -q -m devicesim
+
+docs/gpu.md documents a step's copies: the loss out (one float to the host) and the
+communication the staged transport moves (each buffer handed to MPI copied to the host, each
+buffer MPI fills copied back); the batch is copied in by the caller, before the step.
+"""
+import json
+
+import pytest
+
+from minipar.backend import BACKEND_NAME
+from minipar.testing import run_on_ranks
+
+pytestmark = [
+    pytest.mark.devicesim,
+    pytest.mark.skipif(BACKEND_NAME != "devicesim", reason="run with MINIPAR_BACKEND=devicesim (MPI jobs)"),
+]
+
+# Copies the staged transport makes for one call of MPI's built-in collectives (algorithm "mpi"),
+# in a group of more than one rank: (device -> host, host -> device). Rooted calls are left out:
+# the layouts below make none in groups larger than one.
+STAGED_PER_CALL = {"allreduce": (1, 1), "iallreduce": (1, 1), "allgather": (1, 1), "reduce_scatter": (1, 1),
+                   "send": (1, 0), "isend": (1, 0), "recv": (0, 1), "irecv": (0, 1), "sendrecv": (1, 1),
+                   "barrier": (0, 0)}
+
+
+def step_reports(layout):
+    nranks = layout.get("dp", 1) * layout.get("tp", 1) * layout.get("pp", 1)
+    output = run_on_ranks(nranks, "tests.mpi_bodies.devicesim_body:step_copies_report", timeout=300, layout=layout)
+    reports = [json.loads(line[len("STEP "):]) for line in output.splitlines() if line.startswith("STEP ")]
+    assert sorted(report["rank"] for report in reports) == list(range(nranks)), output
+    return reports
+
+
+@pytest.mark.parametrize("layout", [dict(dp=2, tp=2), dict(dp=2, zero=2)], ids=str)
+def test_a_step_copies_only_the_loss_and_the_staged_messages(layout):
+    for report in step_reports(layout):
+        where = f"rank {report['rank']} of {layout}"
+        calls = [(call, count) for group in report["calls"].values() for call, count in group.items()]
+        unknown = [call for call, _ in calls if call not in STAGED_PER_CALL]
+        assert not unknown, f"{where}: the test does not know the staged copies of {unknown}"
+        to_host = 1 + sum(STAGED_PER_CALL[call][0] * count for call, count in calls)  # 1: the loss
+        to_device = sum(STAGED_PER_CALL[call][1] * count for call, count in calls)
+        named, seen = report["named"], report["seen"]
+        assert (named.get("to_host", 0), named.get("from_host", 0)) == (to_host, to_device), f"{where}: {report}"
+        assert seen.get("implicit_to_host", 0) == 0 and seen.get("implicit_to_device", 0) == 0, \
+            f"{where}: implicit copies (float(), printing, ...) in a step: {seen}"
+        assert (seen.get("to_host", 0), seen.get("to_device", 0)) == (to_host, to_device), \
+            f"{where}: copies outside backend.to_host/from_host: {seen} vs named {named}"
