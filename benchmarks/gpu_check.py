@@ -61,9 +61,11 @@ def equality_worker(comm, out):
     """One step of every case for this world size; rank 0 saves loss and full parameters per case."""
     from minipar.backend import from_host, to_host
     from minipar.comm import Communicator
+    from minipar.comm.transport import select_device
     from minipar.nn.gpt import GPTConfig
     from minipar.train import TrainConfig, Trainer
 
+    select_device(comm)  # before NCCL or any device memory
     world = Communicator(comm)
     for index, case in enumerate(CASES[world.size]):
         model_config = GPTConfig(**MODEL)
@@ -81,9 +83,11 @@ def memory_worker(comm, layout, steps=2):
     """Peak device memory of each rank over a few steps, and what Trainer.memory_report accounts for."""
     from minipar.backend import from_host
     from minipar.comm import Communicator
+    from minipar.comm.transport import select_device
     from minipar.nn.gpt import GPTConfig
     from minipar.train import TrainConfig, Trainer
 
+    select_device(comm)
     meter = PeakMemory()
     world = Communicator(comm)
     model_config = GPTConfig(**MODEL)
@@ -269,11 +273,34 @@ def run_memory(layouts):
     return reports
 
 
+def environment():
+    """What the figures were measured on."""
+    from mpi4py import MPI
+
+    from minipar.backend import BACKEND_NAME, device_count, xp
+    from minipar.comm.transport import mpi_reports_cuda_support
+
+    facts = {"backend": BACKEND_NAME, "devices": device_count(), "mpi": MPI.Get_library_version().splitlines()[0],
+             "mpi_reports_cuda_support": mpi_reports_cuda_support(), "python": sys.version.split()[0],
+             "numpy": numpy.__version__}
+    if BACKEND_NAME == "cupy":
+        facts.update(cupy=xp.__version__, gpu=xp.cuda.runtime.getDeviceProperties(0)["name"].decode())
+    try:
+        import torch
+
+        facts["torch"] = torch.__version__
+    except ImportError:
+        facts["torch"] = None
+    return facts
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="small shapes and few steps (CI, devicesim)")
+    parser.add_argument("--parts", default="equality,speed,memory", help="which parts to run, comma-separated")
     parser.add_argument("--out", default="out/gpu_check.json")
     arguments = parser.parse_args()
+    parts = set(arguments.parts.split(","))
     device_backend = os.environ.get("MINIPAR_BACKEND", "cupy")
     if device_backend not in ("cupy", "devicesim"):
         sys.exit("set MINIPAR_BACKEND=cupy (a GPU) or MINIPAR_BACKEND=devicesim (the CPU stand-in)")
@@ -281,28 +308,32 @@ def main():
     import minipar.backend  # noqa: F401  (this process computes on the device backend; ranks choose their own)
 
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as folder:
-        equality = run_equality(device_backend, folder, bitwise=device_backend == "devicesim")
+    facts = environment()
+    print("environment: " + ", ".join(f"{key} {value}" for key, value in facts.items()))
+    equality, speed, memory = [], {}, []
+    if "equality" in parts:
+        with tempfile.TemporaryDirectory() as folder:
+            equality = run_equality(device_backend, folder, bitwise=device_backend == "devicesim")
     for row in equality:
         print(f"equality {row['ranks']} ranks {row['transport']:10s} {str(row['case']):70s} "
               f"{'ok' if row['equal'] else 'DIFFERS'}  max |diff| {row['max_abs_diff']:.1e}")
-    speed = {}
-    for name, (fields, rows) in (TINY_SHAPES if arguments.tiny else SHAPES).items():
-        steps = 2 if arguments.tiny else 10
+    for name, (fields, rows) in (TINY_SHAPES if arguments.tiny else SHAPES).items() if "speed" in parts else ():
+        steps = 2 if arguments.tiny else 5
         ours, theirs = minipar_step_ms(fields, rows, steps), torch_step_ms(fields, rows, steps)
         speed[name] = {"minipar_ms": ours, "torch_eager_ms": theirs,
                        "throughput_vs_torch": None if theirs is None else theirs / ours}
         versus = "PyTorch eager not available" if theirs is None else \
             f"PyTorch eager {theirs:8.1f} ms, minipar throughput = {theirs / ours:.2f}x PyTorch's"
         print(f"speed {name:32s} minipar {ours:8.1f} ms/step; {versus}")
-    memory = run_memory([{}, dict(dp=2, zero=1), dict(dp=2, tp=2)])
+    if "memory" in parts:
+        memory = run_memory([{}, dict(dp=2, zero=1), dict(dp=2, tp=2)])
     for row in memory:
         accounted = row["memory_report"]["total"]
         print(f"memory {str(row['layout']):24s} rank {row['rank']}: peak {row['peak_bytes'] / 2**20:8.2f} MiB, "
               f"memory report {accounted / 2**20:8.2f} MiB ({row['measured_with']})")
     os.makedirs(os.path.dirname(os.path.abspath(arguments.out)), exist_ok=True)
     with open(arguments.out, "w") as file:
-        json.dump({"backend": device_backend, "equality": equality, "speed": speed, "memory": memory,
+        json.dump({"environment": facts, "equality": equality, "speed": speed, "memory": memory,
                    "seconds": time.perf_counter() - started}, file, indent=1, default=int)
     failed = [row for row in equality if not row["equal"]]
     print(f"{len(equality) - len(failed)} of {len(equality)} equality checks passed; "
