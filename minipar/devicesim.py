@@ -23,6 +23,7 @@ The namespace holds what minipar uses of NumPy's API that CuPy also has; anythin
 ``AttributeError``, so code cannot lean on a function the GPU will not have.
 """
 import functools
+import os
 from collections import Counter
 
 import numpy as _np
@@ -34,7 +35,13 @@ def reset_transfers():
     transfers.clear()
 
 
+# MINIPAR_DEVICESIM_IMPLICIT=raise turns implicit copies into errors, to find where they happen.
+RAISE_ON_IMPLICIT = os.environ.get("MINIPAR_DEVICESIM_IMPLICIT") == "raise"
+
+
 def _count(direction, nbytes, implicit=False):
+    if implicit and RAISE_ON_IMPLICIT:
+        raise TypeError(f"implicit copy {direction.replace('_', ' ')} (MINIPAR_DEVICESIM_IMPLICIT=raise)")
     transfers[direction] += 1
     transfers[direction + "_bytes"] += int(nbytes)
     if implicit:

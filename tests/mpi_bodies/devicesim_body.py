@@ -7,6 +7,7 @@ host<->device copies each call made. The test runs it under NumPy and under devi
 compares: same results, same counters, and under devicesim exactly the staged copies that
 docs/gpu.md documents.
 """
+import gc
 import hashlib
 import json
 
@@ -115,13 +116,15 @@ def step_copies_report(comm, layout):
     ids = numpy.random.default_rng(0).integers(0, 16, (2, 8, 9))
     batches = [(from_host(step[:, :-1]), from_host(step[:, 1:])) for step in ids]
     trainer.train_step(*batches[0])  # warm-up: buffers and pools fill
-    groups = {"world": world, "dp": trainer.grid.dp, "tp": trainer.grid.tp, "pp": trainer.grid.pp}
+    # Every Communicator of this rank, including groups the parallel modules split for themselves.
+    groups = {id(found): found for found in gc.get_objects() if isinstance(found, Communicator)}
     for group in groups.values():
         group.reset_counters()
     backend.reset_copy_counts()
     xp.reset_transfers()
     loss = trainer.train_step(*batches[1])
     report = {"rank": world.rank, "loss": loss, "named": dict(backend.copy_counts), "seen": dict(xp.transfers),
-              "calls": {name: {call: record["calls"] for call, record in group.counters_snapshot().items()}
-                        for name, group in groups.items() if group.size > 1}}
+              "last_stage": trainer.grid.is_last_stage,  # the root of the loss broadcast over the pp group
+              "calls": [{call: record["calls"] for call, record in group.counters_snapshot().items()}
+                        for group in groups.values() if group.size > 1]}
     print("STEP " + json.dumps(report, sort_keys=True), flush=True)
