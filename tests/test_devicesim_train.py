@@ -6,13 +6,19 @@ command line trains exactly like NumPy.
 docs/gpu.md documents a step's copies: the loss out (one float to the host) and the
 communication the staged transport moves (each buffer handed to MPI copied to the host, each
 buffer MPI fills copied back); the batch is copied in by the caller, before the step.
+The command line then trains in float64 to the same losses as NumPy and writes a checkpoint
+whose files are byte for byte NumPy's.
 """
 import json
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 
 from minipar.backend import BACKEND_NAME
-from minipar.testing import run_on_ranks
+from minipar.testing import PACKAGE_PARENT, find_mpiexec, run_on_ranks
 
 pytestmark = [
     pytest.mark.devicesim,
@@ -54,3 +60,26 @@ def test_a_step_copies_only_the_loss_and_the_staged_messages(layout):
             f"{where}: implicit copies (float(), printing, ...) in a step: {seen}"
         assert (seen.get("to_host", 0), seen.get("to_device", 0)) == (to_host, to_device), \
             f"{where}: copies outside backend.to_host/from_host: {seen} vs named {named}"
+
+
+def train_from_the_command_line(backend, out):
+    """``mpiexec -n 4 python -m minipar train --backend ... --dp 2 --tp 2 --dtype float64``: its printed
+    losses and every byte of its checkpoint folder."""
+    environment = {**os.environ, "PYTHONPATH": str(PACKAGE_PARENT)}
+    mpiexec = find_mpiexec()
+    command = [mpiexec, "-n", "4", sys.executable, "-m", "minipar", "train", "--backend", backend, "--dp", "2",
+               "--tp", "2", "--dtype", "float64", "--steps", "6", "--eval-interval", "2", "--out", str(out)]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    losses = re.findall(r"step \d+: train loss [0-9.]+", finished.stdout + finished.stderr)
+    files = {path.relative_to(out).as_posix(): path.read_bytes() for path in sorted(out.rglob("*")) if path.is_file()}
+    return losses, files
+
+
+def test_the_command_line_trains_on_devicesim_exactly_like_numpy(tmp_path):
+    numpy_losses, numpy_files = train_from_the_command_line("numpy", tmp_path / "numpy")
+    device_losses, device_files = train_from_the_command_line("devicesim", tmp_path / "devicesim")
+    assert len(numpy_losses) == 3 and device_losses == numpy_losses
+    assert sorted(device_files) == sorted(numpy_files) and len(numpy_files) >= 3
+    for name, content in numpy_files.items():  # parameters and AdamW state, saved from device memory
+        assert device_files[name] == content, f"{name} differs from NumPy's bytes"
