@@ -318,7 +318,7 @@ _FUNCTIONS = frozenset("""
     expand_dims broadcast_to broadcast_arrays atleast_1d atleast_2d where sum mean var std max min amax amin prod
     cumsum cumprod diff argmax argmin argsort sort flatnonzero nonzero unravel_index ravel_multi_index
     matmul dot einsum outer tensordot clip allclose isclose array_equal any all take take_along_axis
-    put_along_axis searchsorted repeat tile pad copy flip roll unique bincount count_nonzero around round
+    searchsorted repeat tile pad copy flip roll unique bincount count_nonzero around round
     average cross trace diagonal diag
 """.split())
 _NAMES = frozenset("""
