@@ -2,7 +2,7 @@
 
 ``MINIPAR_BACKEND=devicesim`` (or ``--backend devicesim``) makes this module ``xp``. Its
 arrays, ``DeviceArray``, hold a NumPy array, so every result is bitwise what NumPy computes;
-what they copy is CuPy's boundary with host memory (``cupy/_core/core.pyx``):
+what they imitate is CuPy's boundary with host memory (``cupy/_core/core.pyx``):
 
 - ``numpy.asarray(x)`` and ``x.__array__()`` raise ``TypeError`` ("Implicit conversion to a
   NumPy array is not allowed"), so ``numpy.save(f, x)``, ``numpy.testing`` on x and NumPy
