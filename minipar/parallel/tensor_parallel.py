@@ -32,11 +32,11 @@ import dataclasses
 
 from minipar import ops
 from minipar.backend import host_rng, xp
-from minipar.errors import ConfigError, ShapeError
+from minipar.errors import ConfigError, ShapeError, require_positive_int
 from minipar.nn.gpt import initial_state
 from minipar.nn.layers import Embedding, LayerNorm, merge_heads, split_heads, zeros
 from minipar.nn.module import Module, Parameter
-from minipar.parallel.sharding import Shard
+from minipar.parallel.sharding import Shard, shard_of
 from minipar.parallel.tensor_parallel_comm import (VocabParallelCrossEntropy, all_gather_vocabulary,
                                                    enter_parallel_region, leave_parallel_region)
 from minipar.tensor import Tensor, no_grad
@@ -45,8 +45,7 @@ from minipar.tensor import Tensor, no_grad
 def validate_tensor_parallel(config, tp, world_size):
     """Raise ConfigError (the same on every rank) if ``config`` cannot be split over ``tp`` of
     ``world_size`` ranks, naming every number that does not divide."""
-    if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
-        raise ConfigError(f"tp must be a positive integer, got {tp!r}")
+    require_positive_int("tp", tp)
     if world_size % tp:
         raise ConfigError(f"tp ({tp}) must divide the number of MPI ranks ({world_size})")
     splits = [("attention heads", "n_head", config.n_head), ("MLP hidden units", "4 * n_embd", 4 * config.n_embd),
@@ -289,9 +288,7 @@ def tensor_parallel_pieces(config, tp_comm, sequence_parallel=False):
     ``finish_tensor_parallel_gradients`` after backward. Raises ConfigError (on every
     rank alike) for a model that tp does not divide.
     """
-    from mpi4py import MPI  # here, not at the top: validation and the layers need no MPI
-
-    validate_tensor_parallel(config, tp_comm.size, MPI.COMM_WORLD.Get_size())
+    validate_tensor_parallel(config, tp_comm.size, tp_comm.world_size)
     embedding = ParallelEmbedding(config, tp_comm, sequence_parallel)
     blocks = [ParallelBlock(config, tp_comm, sequence_parallel, config.seed + 2 * i + 1)
               for i in range(config.n_layer)]
@@ -303,9 +300,10 @@ def tensor_parallel_pieces(config, tp_comm, sequence_parallel=False):
     placed = set()
     for piece, prefix in zip(pieces, prefixes):
         for name, parameter in piece.named_parameters(prefix):
-            if parameter.shard is not None and parameter.shard.full_name:
+            split = shard_of(parameter)
+            if split is not None and split.full_name:
                 continue  # the head's tied token weight, already placed by the embedding
-            shard = Shard(name) if parameter.shard is None else dataclasses.replace(parameter.shard, full_name=name)
+            shard = Shard(name) if split is None else dataclasses.replace(split, full_name=name)
             values = shard.take(state[name])
             if values.shape != parameter.shape:
                 raise AssertionError(f"{name}: slice {values.shape} does not fit parameter {parameter.shape}")

@@ -102,7 +102,7 @@ def train_single_process(model, loss_of, batches):
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    return losses, {p.shard.full_name: p.data.copy() for p in model.parameters()}
+    return losses, {name: p.data.copy() for name, p in model.named_parameters()}
 
 
 def train_pipeline(communicator, pieces, batches, schedule, microbatches, chunks_per_stage=1,

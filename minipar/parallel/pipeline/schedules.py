@@ -39,7 +39,7 @@ Under these rules a schedule is deadlock-free exactly when the simulator finishe
 from dataclasses import dataclass
 from enum import StrEnum
 
-from minipar.errors import ConfigError
+from minipar.errors import ConfigError, require_positive_int
 
 
 class ActionKind(StrEnum):
@@ -127,15 +127,10 @@ def _backward_actions(microbatch, chunk, total_chunks):
     return actions
 
 
-def _check_count(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-
-
 def _check_layout(num_stages, num_microbatches, stage, num_chunks=1):
-    _check_count("num_stages", num_stages)
-    _check_count("num_microbatches", num_microbatches)
-    _check_count("num_chunks", num_chunks)
+    require_positive_int("num_stages", num_stages)
+    require_positive_int("num_microbatches", num_microbatches)
+    require_positive_int("num_chunks", num_chunks)
     if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage < num_stages:
         raise ConfigError(f"stage must be an integer in [0, {num_stages}), got {stage!r}")
 
