@@ -56,23 +56,21 @@ def validate_tensor_parallel(config, tp, world_size):
         raise ConfigError("tensor parallelism cannot split this model: " + "; ".join(problems))
 
 
-class SequenceShardedParameter(Parameter):
-    """A parameter replicated over the tp group whose layer sees only T/t positions.
+class ReplicatedPartialGradientParameter(Parameter):
+    """A parameter replicated over the tp group (every rank holds all of it) whose gradient is partial.
 
     Under sequence parallelism every part of the model that is not split over the tp
-    ranks (LayerNorms, the position embedding, the biases added after g_bar) runs on
+    ranks (LayerNorms, the position embedding, the biases added after rs) runs on
     this rank's slice of the sequence, so its gradient sums over T/t positions only:
     the full gradient is the sum over the tp group (``finish_tensor_parallel_gradients``).
     """
 
-    __slots__ = ()
-
 
 def _replicated(data, sequence_parallel):
-    return SequenceShardedParameter(data) if sequence_parallel else Parameter(data)
+    return ReplicatedPartialGradientParameter(data) if sequence_parallel else Parameter(data)
 
 
-def _sequence_sharded_layer_norm(width, sequence_parallel):
+def _layer_norm_with_partial_gradients(width, sequence_parallel):
     norm = LayerNorm(width)
     norm.weight, norm.bias = (_replicated(p.data, sequence_parallel) for p in (norm.weight, norm.bias))
     return norm
@@ -139,7 +137,7 @@ class RowParallelLinear(Module):
     """Y = sum_j X_j A_j + b: rank j holds rows j of A (C_in/t, C_out); b is replicated.
 
     The partial products are summed by g (allreduce) or, under sequence parallelism,
-    g_bar (reduce-scatter along T). The bias is added once, after the sum; adding it on
+    rs (reduce-scatter along T). The bias is added once, after the sum; adding it on
     every rank before the sum would count it t times.
     """
 
@@ -186,9 +184,9 @@ class ParallelBlock(Module):
     """Pre-LN block; the LayerNorms are replicated (sequence-sharded under SP)."""
 
     def __init__(self, config, communicator, sequence_parallel, seed):
-        self.attention_norm = _sequence_sharded_layer_norm(config.n_embd, sequence_parallel)
+        self.attention_norm = _layer_norm_with_partial_gradients(config.n_embd, sequence_parallel)
         self.attention = ParallelSelfAttention(config, communicator, sequence_parallel, seed)
-        self.mlp_norm = _sequence_sharded_layer_norm(config.n_embd, sequence_parallel)
+        self.mlp_norm = _layer_norm_with_partial_gradients(config.n_embd, sequence_parallel)
         self.mlp = ParallelMLP(config, communicator, sequence_parallel, seed + 1)
 
     def forward(self, x):
@@ -200,7 +198,7 @@ class VocabParallelEmbedding(Module):
     """Token embedding with its vocabulary rows split: rank j holds ids [j V/t, (j+1) V/t).
 
     Each rank looks up the ids in its range and writes zeros for the others; summing over
-    the ranks (g, or g_bar under SP) gives every id its row exactly once.
+    the ranks (g, or rs under SP) gives every id its row exactly once.
     """
 
     def __init__(self, vocab_size, width, communicator, sequence_parallel=False):
@@ -251,7 +249,7 @@ class VocabParallelHead(Module):
 
     def __init__(self, config, token_weight, communicator, sequence_parallel):
         self.communicator, self.sequence_parallel = communicator, sequence_parallel
-        self.norm = _sequence_sharded_layer_norm(config.n_embd, sequence_parallel)
+        self.norm = _layer_norm_with_partial_gradients(config.n_embd, sequence_parallel)
         self.token_weight = token_weight
 
     def logits_shard(self, x):  # (B, T, C) or (B, T/t, C) under SP -> (B, T, V/t)
@@ -321,17 +319,17 @@ def finish_tensor_parallel_gradients(parameters, tp_comm):
     Under sequence parallelism a replicated parameter θ used at positions τ gets
     dL/dθ = sum over all τ of (dL/dy_τ)(dy_τ/dθ), but rank j computes only its T/t
     positions; the other terms live on the other ranks. The parameters concerned are
-    exactly the ``SequenceShardedParameter``s: every LayerNorm weight and bias (both
+    exactly the ``ReplicatedPartialGradientParameter``s: every LayerNorm weight and bias (both
     per block and the head's), the position embedding, and the row-parallel biases
-    (attention and MLP output, added after g_bar). Split parameters need nothing: all
+    (attention and MLP output, added after rs). Split parameters need nothing: all
     that runs between an all-gather and a reduce-scatter sees the full sequence, so their
-    gradients already sum over all T positions (the token embedding's too, as g_bar's
+    gradients already sum over all T positions (the token embedding's too, as rs's
     backward all-gathers its output gradient). Without sequence parallelism there are no
     such parameters and this is a no-op. All tp ranks hold the same pieces, so they agree
     on the list; one allreduce of the concatenated gradients serves them all. Call it once
     per step, after the last micro-batch's backward (the sum is linear).
     """
-    partial = [p for p in parameters if isinstance(p, SequenceShardedParameter) and p.grad is not None]
+    partial = [p for p in parameters if isinstance(p, ReplicatedPartialGradientParameter) and p.grad is not None]
     if not partial:
         return
     flat = xp.concatenate([p.grad.reshape(-1) for p in partial])

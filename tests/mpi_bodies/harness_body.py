@@ -1,9 +1,11 @@
 """Bodies that exercise minipar.testing itself: a good job, a failing rank, a hung rank."""
 import json
 
+import numpy as np
 from mpi4py import MPI
 
 from minipar.backend import to_host, xp
+from minipar.nn.gpt import GPT, GPTConfig
 
 
 def check_allreduce(comm):
@@ -51,10 +53,6 @@ def echo_arguments(comm, **kwargs):
 def model_forward_is_identical_everywhere(comm):
     """Every rank builds the GPT from the same seed and runs the same batch; returns its loss and
     how many logits differ from rank 0's (broadcast and compared exactly): pytest expects none."""
-    import numpy as np
-
-    from minipar.nn.gpt import GPT, GPTConfig
-
     config = GPTConfig(vocab_size=16, block_size=8, n_layer=2, n_head=2, n_embd=16)
     ids = np.random.default_rng(0).integers(0, 16, (3, 8))
     logits, loss = GPT(config)(ids, ids)

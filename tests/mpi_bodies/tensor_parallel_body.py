@@ -12,7 +12,7 @@ from minipar.comm import Communicator
 from minipar.errors import ConfigError, ShapeError
 from minipar.nn.gpt import GPT, GPTConfig
 from minipar.optim import AdamW
-from minipar.parallel.tensor_parallel import (SequenceShardedParameter, finish_tensor_parallel_gradients,
+from minipar.parallel.tensor_parallel import (ReplicatedPartialGradientParameter, finish_tensor_parallel_gradients,
                                               tensor_parallel_pieces)
 from minipar.parallel.topology import Layout, ProcessGrid
 from minipar.tensor import Tensor
@@ -134,7 +134,7 @@ def check_equivalence(tp_comm, sequence_parallel, with_training=True):
     assert sorted(p.shard.full_name for p in parameters) == sorted(full_state), label
     for p in parameters:  # built as exact slices of the single-process initial weights
         np.testing.assert_array_equal(p.data, p.shard.take(full_state[p.shard.full_name]), err_msg=p.shard.full_name)
-    sequence_sharded = sorted(p.shard.full_name for p in parameters if isinstance(p, SequenceShardedParameter))
+    sequence_sharded = sorted(p.shard.full_name for p in parameters if isinstance(p, ReplicatedPartialGradientParameter))
     # Under SP: every LayerNorm, the position embedding and the row-parallel (output) biases.
     expected_sharded = sorted(n for n in full_state
                               if "norm" in n or n == "embedding.position.weight" or n.endswith("output.bias"))
@@ -155,7 +155,7 @@ def check_equivalence(tp_comm, sequence_parallel, with_training=True):
     tp_comm.reset_counters()
     finish_tensor_parallel_gradients(parameters, tp_comm)
     finishing = {name: (r["calls"], r["elements"]) for name, r in tp_comm.counters_snapshot().items()}
-    summed = sum(p.size for p in parameters if isinstance(p, SequenceShardedParameter))
+    summed = sum(p.size for p in parameters if isinstance(p, ReplicatedPartialGradientParameter))
     assert finishing == ({"allreduce": (1, summed)} if sequence_parallel else {}), f"{label}: {finishing}"
 
     _, reference_loss = reference(ids, targets)
