@@ -13,7 +13,11 @@ Two helpers sit beside ``xp`` because MPI and files need host memory:
 ``to_host`` turns any backend array into a NumPy array, ``from_host`` the
 reverse. With NumPy both are no-ops.
 """
+import ctypes
 import os
+import sys
+
+import numpy as _host  # host memory for MPI buffers and files; never for compute
 
 BACKEND_NAME = os.environ.get("MINIPAR_BACKEND", "numpy")
 
@@ -23,8 +27,6 @@ elif BACKEND_NAME == "cupy":  # pragma: no cover - needs a GPU
     import cupy as xp
 else:
     raise ValueError(f"MINIPAR_BACKEND must be 'numpy' or 'cupy', got {BACKEND_NAME!r}")
-
-import numpy as _host  # host memory for MPI buffers and files; never for compute
 
 
 def reuse_freed_memory():
@@ -40,9 +42,6 @@ def reuse_freed_memory():
     freed blocks in the heap for reuse. Linux with glibc and the NumPy backend only;
     elsewhere nothing changes.
     """
-    import ctypes
-    import sys
-
     if BACKEND_NAME != "numpy" or not sys.platform.startswith("linux"):
         return
     try:

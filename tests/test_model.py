@@ -19,7 +19,8 @@ def float64():
 def test_same_seed_same_model_different_seed_different_model():
     a, b = GPT(GPTConfig(**TINY, seed=3)), GPT(GPTConfig(**TINY, seed=3))
     c = GPT(GPTConfig(**TINY, seed=4))
-    for (name, pa), (_, pb), (_, pc) in zip(a.named_parameters(), b.named_parameters(), c.named_parameters()):
+    triples = zip(a.named_parameters(), b.named_parameters(), c.named_parameters(), strict=True)
+    for (name, pa), (_, pb), (_, pc) in triples:
         np.testing.assert_array_equal(pa.data, pb.data, err_msg=name)
         if name.endswith("weight") and "norm" not in name:
             assert not np.array_equal(pa.data, pc.data), name
@@ -71,7 +72,7 @@ def test_attention_is_causal_in_the_whole_model(float64):
 def test_state_dict_round_trip_and_errors():
     a, b = GPT(GPTConfig(**TINY, seed=1)), GPT(GPTConfig(**TINY, seed=2))
     b.load_state_dict(a.state_dict())
-    for (_, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+    for (_, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         np.testing.assert_array_equal(pa.data, pb.data)
     state = a.state_dict()
     state["head.norm.weight"] = np.ones(99)

@@ -14,7 +14,12 @@ from minipar.errors import ConfigError
 from minipar.nn.gpt import GPT, GPTConfig
 from minipar.parallel.pipeline.executor import split_microbatches
 from minipar.parallel.pipeline.partition import (
-    TIED_EMBEDDING, chunk_piece_ranges, layers_per_chunk, partition, stage_parameters)
+    TIED_EMBEDDING,
+    chunk_piece_ranges,
+    layers_per_chunk,
+    partition,
+    stage_parameters,
+)
 from minipar.testing import run_on_ranks
 
 BODY = "tests.mpi_bodies.pipeline_body:run_checks"

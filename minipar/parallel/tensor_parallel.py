@@ -37,8 +37,12 @@ from minipar.nn.gpt import initial_state
 from minipar.nn.layers import Embedding, LayerNorm, merge_heads, split_heads, zeros
 from minipar.nn.module import Module, Parameter
 from minipar.parallel.sharding import Shard, shard_of
-from minipar.parallel.tensor_parallel_comm import (VocabParallelCrossEntropy, all_gather_vocabulary,
-                                                   enter_parallel_region, leave_parallel_region)
+from minipar.parallel.tensor_parallel_comm import (
+    VocabParallelCrossEntropy,
+    all_gather_vocabulary,
+    enter_parallel_region,
+    leave_parallel_region,
+)
 from minipar.tensor import Tensor, no_grad
 
 
@@ -296,7 +300,7 @@ def tensor_parallel_pieces(config, tp_comm, sequence_parallel=False):
     state = initial_state(config)
     prefixes = ["embedding.", *(f"blocks.{i}." for i in range(config.n_layer)), "head."]
     placed = set()
-    for piece, prefix in zip(pieces, prefixes):
+    for piece, prefix in zip(pieces, prefixes, strict=True):
         for name, parameter in piece.named_parameters(prefix):
             split = shard_of(parameter)
             if split is not None and split.full_name:

@@ -40,7 +40,6 @@ from minipar.backend import xp
 from minipar.errors import ShapeError
 from minipar.tensor import Function
 
-
 # ---- the collectives on arrays ------------------------------------------------------------
 
 def allreduce_sum(array, communicator):

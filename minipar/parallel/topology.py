@@ -67,7 +67,8 @@ class Layout:
                 ranks = " ".join(f"{self.rank_of(dp_rank, t, pp_rank):>2}" for t in range(self.tp))
                 replicas.append(f"dp{dp_rank}[ {ranks} ]")
             lines.append(f"stage {pp_rank}: " + "   ".join(replicas))
-        lines += ["", "[ ... ] = one tensor-parallel group; columns of equal position across boxes = data-parallel groups;",
+        lines += ["",
+                  "[ ... ] = one tensor-parallel group; columns of equal position across boxes = data-parallel groups;",
                   "rows = pipeline stages, a pipeline group links the same slot on every row."]
         return "\n".join(lines)
 

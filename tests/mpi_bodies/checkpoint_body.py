@@ -23,9 +23,13 @@ from minipar.comm import Communicator
 from minipar.errors import CheckpointError
 from minipar.nn.gpt import GPTConfig
 from minipar.parallel import distributed_checkpoint
-from minipar.parallel.distributed_checkpoint import (load_distributed_checkpoint, load_single_process_model,
-                                                     save_distributed_checkpoint, trainer_pieces)
-from minipar.train import Trainer, TrainConfig
+from minipar.parallel.distributed_checkpoint import (
+    load_distributed_checkpoint,
+    load_single_process_model,
+    save_distributed_checkpoint,
+    trainer_pieces,
+)
+from minipar.train import TrainConfig, Trainer
 
 MODEL = dict(vocab_size=16, block_size=8, n_layer=4, n_head=4, n_embd=16, seed=3)
 BATCH = 16

@@ -6,6 +6,8 @@ metadata, arrays with Send/Recv) and compares them, and the step losses, with si
 training on the same global batches. The reference is one step on the whole batch, so it does not
 depend on the number of micro-batches: it is computed once per model and reused by every case.
 """
+from itertools import pairwise
+
 from minipar.backend import from_host, host_rng, set_default_dtype, xp
 from minipar.comm import Communicator
 from minipar.errors import ConfigError
@@ -15,7 +17,11 @@ from minipar.nn.module import Module
 from minipar.optim import AdamW
 from minipar.parallel.pipeline.executor import PipelineExecutor, split_microbatches
 from minipar.parallel.pipeline.partition import (
-    TIED_EMBEDDING, partition, stage_parameters, sum_tied_embedding_gradients)
+    TIED_EMBEDDING,
+    partition,
+    stage_parameters,
+    sum_tied_embedding_gradients,
+)
 from minipar.parallel.pipeline.schedules import RECEIVES
 from minipar.parallel.sharding import label_replicated
 from minipar.trace import Timeline
@@ -183,7 +189,7 @@ def check_timeline(executor, label):
     expected = {"forward": STEPS * executor.num_microbatches * len(executor.chunks),
                 "backward": STEPS * executor.num_microbatches * len(executor.chunks), "recv": STEPS * receives}
     assert count == expected, f"{label}: timeline of rank {executor.stage} counts {count}, expected {expected}"
-    for earlier, later in zip(events, events[1:]):
+    for earlier, later in pairwise(events):
         assert earlier.end <= later.start, f"{label}: {earlier} overlaps {later}"
 
 

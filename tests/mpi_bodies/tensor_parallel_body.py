@@ -12,8 +12,11 @@ from minipar.comm import Communicator
 from minipar.errors import ConfigError, ShapeError
 from minipar.nn.gpt import GPT, GPTConfig
 from minipar.optim import AdamW
-from minipar.parallel.tensor_parallel import (ReplicatedPartialGradientParameter, finish_tensor_parallel_gradients,
-                                              tensor_parallel_pieces)
+from minipar.parallel.tensor_parallel import (
+    ReplicatedPartialGradientParameter,
+    finish_tensor_parallel_gradients,
+    tensor_parallel_pieces,
+)
 from minipar.parallel.topology import Layout, ProcessGrid
 from minipar.tensor import Tensor
 
@@ -78,7 +81,7 @@ def run_pieces(pieces, ids, targets, communicator):
     loss.backward()
     backward.append(communicator.counters_snapshot())
     grad = x.grad
-    for out, x in zip(reversed(outputs), reversed(boundary_inputs)):
+    for out, x in zip(reversed(outputs), reversed(boundary_inputs), strict=True):
         communicator.reset_counters()
         out.backward(grad)
         backward.insert(0, communicator.counters_snapshot())
@@ -134,7 +137,8 @@ def check_equivalence(tp_comm, sequence_parallel, with_training=True):
     assert sorted(p.shard.full_name for p in parameters) == sorted(full_state), label
     for p in parameters:  # built as exact slices of the single-process initial weights
         np.testing.assert_array_equal(p.data, p.shard.take(full_state[p.shard.full_name]), err_msg=p.shard.full_name)
-    sequence_sharded = sorted(p.shard.full_name for p in parameters if isinstance(p, ReplicatedPartialGradientParameter))
+    partial_gradient = ReplicatedPartialGradientParameter
+    sequence_sharded = sorted(p.shard.full_name for p in parameters if isinstance(p, partial_gradient))
     # Under SP: every LayerNorm, the position embedding and the row-parallel (output) biases.
     expected_sharded = sorted(n for n in full_state
                               if "norm" in n or n == "embedding.position.weight" or n.endswith("output.bias"))

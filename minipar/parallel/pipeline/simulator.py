@@ -30,8 +30,22 @@ from dataclasses import dataclass
 
 from minipar.errors import ConfigError
 from minipar.parallel.pipeline.schedules import (
-    BACKWARD, COMPUTES, FORWARD, RECEIVES, RECV_BACKWARD, RECV_FORWARD, SEND_BACKWARD, SEND_FORWARD,
-    SENDS, Action, ActionKind, backward_actions, forward_actions, message_key, stage_of_chunk)
+    BACKWARD,
+    COMPUTES,
+    FORWARD,
+    RECEIVES,
+    RECV_BACKWARD,
+    RECV_FORWARD,
+    SEND_BACKWARD,
+    SEND_FORWARD,
+    SENDS,
+    Action,
+    ActionKind,
+    backward_actions,
+    forward_actions,
+    message_key,
+    stage_of_chunk,
+)
 
 __all__ = ["DeadlockError", "Interval", "ScheduleError", "SimulationResult", "check_schedules",
            "message_key", "simulate"]
