@@ -122,7 +122,7 @@ class ParallelDropout(Module):
 class ColumnParallelLinear(Module):
     """Y_j = X A_j + b_j: rank j holds columns j of A (C_in, C_out/t) and of b.
 
-    The input goes through f (or, under sequence parallelism, the all-gather g), so
+    The input goes through f (or, under sequence parallelism, the all-gather ag), so
     dL/dX is summed over the ranks in backward. ``blocks=3`` splits each of [Q | K | V]
     separately, so a fused QKV weight gives every rank whole heads of all three.
     """
