@@ -159,7 +159,8 @@ class _WatchedRequest:
 
 
 def record_send_buffers(compare, label, watch):
-    compare.value(f"{label}: send-buffer misuse on rank {watch.rank}", watch.violations, [])
+    compare.value(f"{label}: send-buffer misuse on rank {watch.rank} (count, first three)",
+                  [len(watch.violations), watch.violations[:3]], [0, []])
     compare.value(f"{label}: sends still in flight after the steps", len(watch.in_flight), 0)
 
 
