@@ -97,9 +97,7 @@ def memory_worker(comm, layout, steps=2):
         trainer.train_step(from_host(inputs), from_host(targets))
     report = {"rank": world.rank, "peak_bytes": meter.peak(), "memory_report": trainer.memory_report(),
               "layout": layout, "measured_with": meter.how}
-    everyone = comm.gather(report, root=0)  # a few numbers per rank: pickle is fine
-    if world.rank == 0:
-        print("MEMORY " + json.dumps(everyone, default=int), flush=True)
+    return report
 
 
 class PeakMemory:
@@ -263,13 +261,12 @@ def compare(reference_folder, device_folder, nranks, index, case, transport, bit
 
 
 def run_memory(layouts):
-    from minipar.testing import run_on_ranks
+    from minipar.testing import results_from_ranks
 
     reports = []
     for layout in layouts:
         nranks = layout.get("dp", 1) * layout.get("tp", 1) * layout.get("pp", 1)
-        output = run_on_ranks(nranks, "benchmarks.gpu_check:memory_worker", timeout=300, layout=layout)
-        reports += next(json.loads(line[len("MEMORY "):]) for line in output.splitlines() if line.startswith("MEMORY "))
+        reports += results_from_ranks(nranks, "benchmarks.gpu_check:memory_worker", timeout=300, layout=layout)
     return reports
 
 

@@ -122,6 +122,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     choose_backend(argv)
     arguments = parse_arguments(argv)
+    from minipar.backend import reuse_freed_memory
+
+    reuse_freed_memory()  # a program's choice, made here rather than on import
     if arguments.command == "topology":
         from minipar.parallel.topology import Layout
 

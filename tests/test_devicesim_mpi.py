@@ -7,12 +7,10 @@ copies docs/gpu.md documents for the staged transport: each buffer handed to MPI
 the host once, each buffer MPI fills copied back once, so a hand-built collective copies
 exactly the bytes it sends and receives.
 """
-import json
-
 import pytest
 
 from minipar.backend import BACKEND_NAME
-from minipar.testing import run_on_ranks
+from minipar.testing import results_from_ranks
 
 pytestmark = [
     pytest.mark.devicesim,
@@ -24,10 +22,9 @@ HAND_BUILT = ("ring", "tree", "recursive_doubling", "send/recv", "sendrecv", "is
 
 def reports(nranks, backend_name, monkeypatch):
     monkeypatch.setenv("MINIPAR_BACKEND", backend_name)
-    output = run_on_ranks(nranks, "tests.mpi_bodies.devicesim_body:communicator_report", timeout=180)
-    found = [json.loads(line[len("REPORT "):]) for line in output.splitlines() if line.startswith("REPORT ")]
-    assert sorted(report["rank"] for report in found) == list(range(nranks)), output
-    return {report["rank"]: report for report in found}
+    found = results_from_ranks(nranks, "tests.mpi_bodies.devicesim_body:communicator_report", timeout=180)
+    assert [report["rank"] for report in found] == list(range(nranks))
+    return found
 
 
 def staged_copies(name, rank, size, counters):

@@ -9,7 +9,6 @@ buffer MPI fills copied back); the batch is copied in by the caller, before the 
 The command line then trains in float64 to the same losses as NumPy and writes a checkpoint
 whose files are byte for byte NumPy's.
 """
-import json
 import os
 import re
 import subprocess
@@ -18,7 +17,7 @@ import sys
 import pytest
 
 from minipar.backend import BACKEND_NAME
-from minipar.testing import PACKAGE_PARENT, find_mpiexec, run_on_ranks
+from minipar.testing import PACKAGE_PARENT, find_mpiexec, results_from_ranks
 
 pytestmark = [
     pytest.mark.devicesim,
@@ -35,9 +34,9 @@ STAGED_PER_CALL = {"allreduce": (1, 1), "iallreduce": (1, 1), "allgather": (1, 1
 
 def step_reports(layout):
     nranks = layout.get("dp", 1) * layout.get("tp", 1) * layout.get("pp", 1)
-    output = run_on_ranks(nranks, "tests.mpi_bodies.devicesim_body:step_copies_report", timeout=300, layout=layout)
-    reports = [json.loads(line[len("STEP "):]) for line in output.splitlines() if line.startswith("STEP ")]
-    assert sorted(report["rank"] for report in reports) == list(range(nranks)), output
+    reports = results_from_ranks(nranks, "tests.mpi_bodies.devicesim_body:step_copies_report", timeout=300,
+                                 layout=layout)
+    assert [report["rank"] for report in reports] == list(range(nranks))
     return reports
 
 

@@ -1,21 +1,20 @@
 """Bodies of tests/test_devicesim_mpi.py: the Communicator on backend arrays, under any backend.
 
 ``communicator_report`` runs every Communicator call (MPI's built-ins and the hand-built ring,
-tree and recursive doubling) on backend arrays made from known host data, and prints one
-``REPORT {json}`` line per rank: a digest of every result, the traffic counters, and the
-host<->device copies each call made. The test runs it under NumPy and under devicesim and
+tree and recursive doubling) on backend arrays made from known host data, and returns, per
+rank, a digest of every result, the traffic counters, and the host<->device copies each call
+made. The test runs it under NumPy and under devicesim and
 compares: same results, same counters, and under devicesim exactly the staged copies that
 docs/gpu.md documents.
 """
 import gc
 import hashlib
-import json
 
 import numpy
 
 from minipar import backend
 from minipar.backend import from_host, to_host, xp
-from minipar.comm import Communicator, wait_all
+from minipar.comm import Communicator
 
 COUNT = 1003  # not divisible by 2 or 4: blocks of unequal length
 
@@ -63,7 +62,7 @@ def _calls(world):
         calls.append(("sendrecv", "sendrecv", with_out(9, 13, 13),
                       lambda send, out: world.sendrecv(send, right, out, left)))
         calls.append(("isend/irecv", "isend irecv", with_out(10, 17, 17),
-                      lambda send, out: wait_all([world.irecv(out, left), world.isend(send, right)])[0]))
+                      lambda send, out: [request.wait() for request in (world.irecv(out, left), world.isend(send, right))][0]))
     calls.append(("iallreduce", "iallreduce", data(11), lambda array: world.iallreduce(array).wait()))
     return calls
 
@@ -100,12 +99,11 @@ def communicator_report(comm, transport=None):
         report["calls"][name] = {"digest": _digest(result), "counters": counters, "copies": copies}
     if backend.BACKEND_NAME == "devicesim":
         report["implicit"] = {key: value for key, value in xp.transfers.items() if key.startswith("implicit")}
-    print("REPORT " + json.dumps(report, sort_keys=True), flush=True)
+    return report
 
 
 def step_copies_report(comm, layout):
-    """One float64 training step of ``layout`` after a warm-up step; prints one ``STEP {json}`` line per
-    rank: the named copies (backend.copy_counts), every crossing devicesim saw (implicit ones apart),
+    """One float64 training step of ``layout`` after a warm-up step; returns, per rank, the named copies (backend.copy_counts), every crossing devicesim saw (implicit ones apart),
     and the calls each group's Communicator made, from which the staged copies follow."""
     from minipar.nn.gpt import GPTConfig
     from minipar.train import TrainConfig, Trainer
@@ -127,4 +125,4 @@ def step_copies_report(comm, layout):
               "last_stage": trainer.grid.is_last_stage,  # the root of the loss broadcast over the pp group
               "calls": [{call: record["calls"] for call, record in group.counters_snapshot().items()}
                         for group in groups.values() if group.size > 1]}
-    print("STEP " + json.dumps(report, sort_keys=True), flush=True)
+    return report
