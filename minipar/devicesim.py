@@ -221,7 +221,8 @@ def _repeats(index, shape):
     if not parts or not all(isinstance(part, _np.ndarray) and part.dtype.kind in "iu" for part in parts):
         return False
     arrays = _np.broadcast_arrays(*parts)
-    flat = _np.ravel_multi_index([array % size for array, size in zip(arrays, shape)], shape[:len(parts)])
+    dims = shape[:len(parts)]
+    flat = _np.ravel_multi_index([array % size for array, size in zip(arrays, dims, strict=True)], dims)
     return _np.unique(flat).size < flat.size
 
 

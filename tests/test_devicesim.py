@@ -54,9 +54,9 @@ def test_refuses_what_cupy_refuses(what):
 
 def test_host_memory_is_hidden_and_unknown_names_are_missing():
     with pytest.raises(AttributeError, match="host memory"):
-        device([1.0]).data
+        _ = device([1.0]).data
     with pytest.raises(AttributeError, match="devicesim has no 'save'"):
-        devicesim.save
+        _ = devicesim.save
 
 
 def test_explicit_copies_are_counted_and_device_maths_is_not(counted):

@@ -58,13 +58,22 @@ def _calls(world):
     calls.append(("scatter", "scatter", with_out(7, 3 * size, 3),
                   lambda send, out: world.scatter(send if rank == 0 else None, out, root=0)))
     if size > 1:
-        calls.append(("send/recv", "send recv", with_out(8, 11, 11), lambda send, out: _ring_of_sends(world, send, out)))
+        calls.append(("send/recv", "send recv", with_out(8, 11, 11),
+                      lambda send, out: _ring_of_sends(world, send, out)))
         calls.append(("sendrecv", "sendrecv", with_out(9, 13, 13),
                       lambda send, out: world.sendrecv(send, right, out, left)))
         calls.append(("isend/irecv", "isend irecv", with_out(10, 17, 17),
-                      lambda send, out: [request.wait() for request in (world.irecv(out, left), world.isend(send, right))][0]))
+                      lambda send, out: _isend_irecv(world, send, out)))
     calls.append(("iallreduce", "iallreduce", data(11), lambda array: world.iallreduce(array).wait()))
     return calls
+
+
+def _isend_irecv(world, send, out):
+    right, left = (world.rank + 1) % world.size, (world.rank - 1) % world.size
+    requests = [world.irecv(out, left), world.isend(send, right)]
+    for request in requests:
+        request.wait()
+    return out
 
 
 def _reduce_to_rank_0(world, send, out, algorithm):
@@ -103,8 +112,9 @@ def communicator_report(comm, transport=None):
 
 
 def step_copies_report(comm, layout):
-    """One float64 training step of ``layout`` after a warm-up step; returns, per rank, the named copies (backend.copy_counts), every crossing devicesim saw (implicit ones apart),
-    and the calls each group's Communicator made, from which the staged copies follow."""
+    """One float64 training step of ``layout`` after a warm-up step. Returns, per rank, the named
+    copies (backend.copy_counts), every crossing devicesim saw (implicit ones apart), and the
+    calls each of the rank's Communicators made, from which the staged copies follow."""
     from minipar.nn.gpt import GPTConfig
     from minipar.train import TrainConfig, Trainer
 
