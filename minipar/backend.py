@@ -140,6 +140,13 @@ def device_count():
     return xp.device_count if BACKEND_NAME == "devicesim" else 0
 
 
+def current_device():
+    """The GPU this process computes on (None with NumPy)."""
+    if BACKEND_NAME == "cupy":  # pragma: no cover
+        return xp.cuda.Device().id
+    return xp.current_device if BACKEND_NAME == "devicesim" else None
+
+
 def use_device(index):
     """Make GPU ``index`` the one this process allocates on and computes with."""
     if BACKEND_NAME == "cupy":  # pragma: no cover

@@ -27,6 +27,7 @@ sizes, are identical whichever moves the bytes.
 """
 import ctypes
 import os
+from collections import Counter
 
 from mpi4py import MPI
 
@@ -92,7 +93,9 @@ def check_transport(name, mpi_comm, force=False):
     if name == "staged":
         return  # runs everywhere: no need to ask the other ranks
     force = force or os.environ.get("MINIPAR_FORCE_CUDA_AWARE") == "1"
-    ranks_per_gpu = device_placement(mpi_comm).ranks_per_gpu if name == "nccl" else 1
+    # Which GPU each rank of this group computes on (node, device): NCCL refuses any twice.
+    devices = Counter(mpi_comm.allgather((MPI.Get_processor_name(), backend.current_device())))
+    ranks_per_gpu = max(devices.values())
     problem = transport_problem(name, backend.BACKEND_NAME, name == "cuda-aware" and mpi_reports_cuda_support(),
                                 _nccl_available(), ranks_per_gpu, force)
     problems = mpi_comm.allgather(problem)  # small metadata: every rank sees every rank's verdict
