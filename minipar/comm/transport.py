@@ -13,7 +13,8 @@ GPU memory, and there are three ways to move it (ChainerMN's ``naive``, ``flat``
 - ``cuda-aware``: device pointers go to MPI directly (mpi4py understands CuPy arrays).
   Only an MPI built with CUDA support can do this; one that is not crashes rather than
   complains, so it is chosen only when the library reports support
-  (``MPIX_Query_cuda_support``, offered by Open MPI and MPICH) or ``force=True``.
+  (``MPIX_Query_cuda_support``, offered by Open MPI and MPICH) or the user forces it
+  (``MINIPAR_FORCE_CUDA_AWARE=1``).
 - ``nccl``: NVIDIA's collective library, through ``cupy.cuda.nccl``: one NCCL communicator
   per process group, built from a unique id that rank 0 broadcasts over MPI. NCCL refuses
   two ranks of one communicator on the same GPU, so it needs a GPU per rank.
