@@ -160,3 +160,14 @@ def test_assignment_through_repeated_indices_is_refused():
     rows = devicesim.zeros((2, 3))
     rows[devicesim.arange(2), devicesim.asarray([1, 1])] -= 1.0  # pairs (0, 1), (1, 1): distinct
     assert devicesim.asnumpy(rows).tolist() == [[0.0, -1.0, 0.0], [0.0, -1.0, 0.0]]
+
+
+def test_the_backend_cannot_change_inside_a_process():
+    from minipar.__main__ import choose_backend
+    from minipar.backend import BACKEND_NAME
+    from minipar.errors import ConfigError
+
+    other = "devicesim" if BACKEND_NAME == "numpy" else "numpy"
+    with pytest.raises(ConfigError, match=f"--backend {other}: this process already computes with {BACKEND_NAME}"):
+        choose_backend(["train", "--backend", other])
+    choose_backend(["train", "--backend", BACKEND_NAME, "--steps", "1"])  # the same one: fine
