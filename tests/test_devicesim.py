@@ -162,11 +162,12 @@ def test_assignment_through_repeated_indices_is_refused():
     assert devicesim.asnumpy(rows).tolist() == [[0.0, -1.0, 0.0], [0.0, -1.0, 0.0]]
 
 
-def test_the_backend_cannot_change_inside_a_process():
+def test_the_backend_cannot_change_inside_a_process(monkeypatch):
     from minipar.__main__ import choose_backend
     from minipar.backend import BACKEND_NAME
     from minipar.errors import ConfigError
 
+    monkeypatch.setenv("MINIPAR_BACKEND", BACKEND_NAME)  # restored after the test
     other = "devicesim" if BACKEND_NAME == "numpy" else "numpy"
     with pytest.raises(ConfigError, match=f"--backend {other}: this process already computes with {BACKEND_NAME}"):
         choose_backend(["train", "--backend", other])
