@@ -7,7 +7,7 @@ gathers its shards back into full arrays on rank 0, and must match in float64.
 """
 import numpy as np
 
-from minipar.backend import from_host, set_default_dtype, to_host, xp
+from minipar.backend import set_default_dtype, xp
 from minipar.comm import Communicator
 from minipar.nn.gpt import GPT, GPTConfig
 from minipar.optim import AdamW, clip_grad_norm, decay_groups
@@ -22,7 +22,7 @@ def batches(config, model_config, steps):
     out = []
     for _ in range(steps):
         ids = rng.integers(0, model_config.vocab_size, (config.batch_size, model_config.block_size + 1))
-        out.append((from_host(ids[:, :-1]), from_host(ids[:, 1:])))
+        out.append((xp.asarray(ids[:, :-1]), xp.asarray(ids[:, 1:])))
     return out
 
 
@@ -60,8 +60,7 @@ def assert_same_training(name, losses, state, reference_losses, reference_state)
     for key, expected in reference_state.items():
         # Parameters whose exact gradient is 0 (the key bias: softmax ignores a constant shift)
         # move by AdamW-amplified rounding noise of ~1e-12; everything else must agree to 1e-10.
-        np.testing.assert_allclose(to_host(state[key]), to_host(expected), rtol=1e-10, atol=1e-11,
-                                   err_msg=f"{name}: {key}")
+        np.testing.assert_allclose(state[key], expected, rtol=1e-10, atol=1e-11, err_msg=f"{name}: {key}")
 
 
 def check_layouts(comm, cases, grad_clip=1.0):
