@@ -7,7 +7,8 @@ import pytest
 
 from minipar.backend import xp
 from minipar.errors import ConfigError
-from minipar.parallel.zero import Unit, bytes_held, part_length
+from minipar.parallel.gradient_sync import bytes_held
+from minipar.parallel.zero import Unit, part_length
 from minipar.testing import run_on_ranks
 from minipar.train import TrainConfig
 

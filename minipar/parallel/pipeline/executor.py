@@ -40,6 +40,7 @@ With p = 1 there are no messages and the step is plain gradient accumulation ove
 """
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from minipar.backend import xp
@@ -61,6 +62,26 @@ def split_microbatches(batch, num_microbatches):
                           f"choose a number of micro-batches that divides {rows}")
     size = rows // num_microbatches
     return [batch[i * size:(i + 1) * size] for i in range(num_microbatches)]
+
+
+def random_states(module):
+    """The states of ``module``'s random generators (its Dropout layers'), to replay its draws later."""
+    return [generator.bit_generator.state for generator in module.random_generators()]
+
+
+@contextmanager
+def replaying(module, states):
+    """Inside the block ``module`` draws what it drew from ``states`` (``random_states``); after it,
+    its generators carry on as if the block had not run. Recomputation relies on it (and ZeRO-3)."""
+    generators = module.random_generators()
+    current = [generator.bit_generator.state for generator in generators]
+    for generator, state in zip(generators, states):
+        generator.bit_generator.state = state
+    try:
+        yield
+    finally:
+        for generator, state in zip(generators, current):
+            generator.bit_generator.state = state
 
 
 @dataclass
@@ -164,7 +185,7 @@ class PipelineExecutor:
         key = (action.microbatch, action.chunk)
         x = self._inputs[action.microbatch] if chunk.is_first else self._received.pop(("activation", *key))
         if self.recompute:
-            states = [generator.bit_generator.state for generator in chunk.random_generators()]
+            states = random_states(chunk)
             with no_grad():
                 output, loss = self._run_chunk(chunk, x, action.microbatch)
             self._stash[key] = _Stashed(x, None, states)
@@ -185,13 +206,8 @@ class PipelineExecutor:
         stashed = self._stash.pop(key)
         output = stashed.output
         if self.recompute:  # rebuild the graph from the kept input, with the same dropout masks
-            generators = chunk.random_generators()
-            current = [generator.bit_generator.state for generator in generators]
-            for generator, state in zip(generators, stashed.random_states):
-                generator.bit_generator.state = state
-            output, _ = self._run_chunk(chunk, stashed.input, action.microbatch)
-            for generator, state in zip(generators, current):
-                generator.bit_generator.state = state
+            with replaying(chunk, stashed.random_states):
+                output, _ = self._run_chunk(chunk, stashed.input, action.microbatch)
         if chunk.is_last:
             output.backward()
         else:
