@@ -20,8 +20,8 @@ the parts of them this rank owns (``optimizer_groups`` turns groups of parameter
 of those). ``partitioned_over`` names the groups across which the updated tensors are disjoint
 parts of the whole, so a sum over the model (the squared gradient norm) is summed over them too.
 Checkpoints see arrays shaped like each parameter's tensor-parallel shard in every mode
-(``parameter_arrays``, ``load_parameter``, ``optimizer_state_arrays``, ``load_optimizer_state``),
-and ``memory_report`` measures the bytes behind the arrays.
+(``parameter_arrays``, ``load_parameter``, ``optimizer_state_arrays``, ``load_optimizer_state``;
+``gradient_arrays`` for tests), and ``memory_report`` measures the bytes behind the arrays.
 
 Model parallelism adds two sums of the same shape (``finish_gradient_sync()`` after the data-
 parallel one, on the updated tensors; all three are linear, so their order does not change the
@@ -94,6 +94,10 @@ class SingleReplica:
 
     def load_parameter(self, parameter, array):
         parameter.data[...] = array
+
+    def gradient_arrays(self):
+        """{id(p): p's averaged gradient} (after ``finish_gradient_sync``; for tests and inspection)."""
+        return {id(p): p.grad for p in self.parameters}
 
     def optimizer_state_arrays(self, optimizer):
         """{id(p): {"m": array, "v": array}} (zeros before a first step)."""

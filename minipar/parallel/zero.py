@@ -295,6 +295,9 @@ class Zero(SingleReplica):
             return super().parameter_arrays()
         return self._full_arrays({id(p): self.parts[id(p)].data for p in self.parameters})
 
+    def gradient_arrays(self):
+        return self._full_arrays({id(p): self.parts[id(p)].grad for p in self.parameters})
+
     def load_parameter(self, parameter, array):
         if self.stage < 3:
             parameter.data[...] = array

@@ -5,6 +5,8 @@ hyperparameters, the same clipping and learning-rate schedule, one backward per 
 the whole global batch. Each parallel layout then trains k steps on the same batches,
 gathers its shards back into full arrays on rank 0, and must match in float64.
 """
+import json
+
 import numpy as np
 
 from minipar.backend import set_default_dtype, xp
@@ -86,3 +88,47 @@ def check_layouts(comm, cases, grad_clip=1.0):
         comm.Barrier()
         if world.rank == 0:
             print(f"layout ok: {case}", flush=True)
+
+
+RESULT = "result: "  # rank 0's line of JSON per case, which pytest reads back with ``results``
+
+
+def report(world, value):
+    """Rank 0 prints ``value`` as one JSON line for pytest (floats survive JSON exactly)."""
+    if world.rank == 0:
+        print(RESULT + json.dumps(value), flush=True)
+
+
+def results(output):
+    """The values rank 0 reported, in order."""
+    return [json.loads(line[len(RESULT):]) for line in output.splitlines() if line.startswith(RESULT)]
+
+
+def check_gradients(comm, cases):
+    """Right after the gradient sums, before clipping and AdamW (whose normalisation would hide a
+    gradient scaled by a constant, a missing 1/m say): each layout's gradients and global gradient
+    norm against one process's on the same batch. Reports, per case, the norm both ways and, per
+    parameter, the largest difference and the largest reference value."""
+    set_default_dtype(xp.float64)
+    world = Communicator(comm)
+    for case in cases:
+        options = dict(case)
+        model_config = GPTConfig(**{**MODEL, **options.pop("model", {})})
+        config = TrainConfig(steps=STEPS, batch_size=options.pop("batch_size", 16), dtype="float64", **options)
+        inputs, targets = batches(config, model_config, 1)[0]
+        trainer = Trainer(model_config, config, world)
+        loss = trainer.compute_gradients(inputs, targets)
+        norm_squared = trainer.grad_norm_squared()
+        gradients = trainer.gather_state(trainer.sync.gradient_arrays())
+        if world.rank == 0:
+            model = GPT(model_config)
+            reference_loss = model(inputs, targets)[1]
+            reference_loss.backward()
+            reference = dict(model.named_parameters())
+            report(world, {"case": case, "loss": loss, "reference_loss": reference_loss.item(),
+                           "norm_squared": norm_squared,
+                           "reference_norm_squared": sum(float((p.grad ** 2).sum()) for p in reference.values()),
+                           "names": sorted(gradients), "reference_names": sorted(reference),
+                           "gradient_error": {name: float(np.abs(gradients[name] - p.grad).max())
+                                              for name, p in reference.items() if name in gradients},
+                           "gradient_scale": {name: float(np.abs(p.grad).max()) for name, p in reference.items()}})
