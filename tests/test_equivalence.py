@@ -116,4 +116,4 @@ def test_gradients_and_norm_equal_single_process_before_the_update(world_size):
         assert r["names"] == r["reference_names"], case
         for name, error in r["gradient_error"].items():
             # A parameter whose exact gradient is 0 (the key bias) holds rounding noise only.
-            assert error <= 1e-10 * r["gradient_scale"][name] + 1e-15, (case, name, error, r["gradient_scale"][name])
+            assert error <= 1e-12 * r["gradient_scale"][name] + 1e-15, (case, name, error, r["gradient_scale"][name])
