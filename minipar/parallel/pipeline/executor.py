@@ -44,7 +44,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from minipar.backend import xp
-from minipar.errors import ConfigError, ShapeError
+from minipar.errors import ConfigError, ShapeError, require_positive_int
 from minipar.parallel.pipeline.schedules import (
     FORWARD, RECEIVES, RECV_FORWARD, SEND_FORWARD, SENDS, build_schedule, message_tag, peer_rank)
 from minipar.tensor import Tensor, no_grad
@@ -54,8 +54,7 @@ RECEIVE_BUFFERS = 2  # receives posted ahead: double buffering, the next message
 
 def split_microbatches(batch, num_microbatches):
     """Rows [i*b, (i+1)*b) of ``batch`` as micro-batch i, b = B/m: the list ``run`` takes."""
-    if isinstance(num_microbatches, bool) or not isinstance(num_microbatches, int) or num_microbatches < 1:
-        raise ConfigError(f"the number of micro-batches must be a positive integer, got {num_microbatches!r}")
+    require_positive_int("the number of micro-batches", num_microbatches)
     rows = batch.shape[0]
     if rows % num_microbatches:
         raise ConfigError(f"a batch of {rows} rows does not split into {num_microbatches} equal micro-batches; "
