@@ -12,7 +12,7 @@ import itertools
 import pytest
 
 from minipar.testing import run_on_ranks
-from tests.mpi_bodies.equivalence_body import results
+from tests.mpi_bodies.reporting import results
 
 
 def factorisations(world_size):

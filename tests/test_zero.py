@@ -10,7 +10,7 @@ from minipar.errors import ConfigError
 from minipar.parallel.gradient_sync import bytes_held
 from minipar.parallel.zero import Unit, part_length
 from minipar.testing import run_on_ranks
-from tests.mpi_bodies.equivalence_body import results
+from tests.mpi_bodies.reporting import assert_checks
 from minipar.train import TrainConfig
 
 
@@ -43,23 +43,6 @@ def test_zero_refuses_options_of_plain_data_parallelism():
         TrainConfig(dp=2, zero=1, allreduce="ring")
     with pytest.raises(ConfigError, match="zero must be"):
         TrainConfig(zero=4)
-
-
-RELATIONS = {"==": lambda got, expected: got == expected, "<=": lambda got, bound: got <= bound,
-             "<": lambda got, bound: got < bound, ">=": lambda got, bound: got >= bound,
-             "all <=": lambda got, bound: all(value <= bound for value in got),
-             "close": lambda got, expected: got == pytest.approx(expected, rel=1e-12, abs=0),
-             "contains": lambda got, expected: expected in got}
-
-
-def assert_checks(output, labels):
-    """The bodies report {"label", "checks": [[what, got, relation, expected], ...]} (zero_body.report_checks)."""
-    reported = results(output)
-    assert [r["label"] for r in reported] == labels, output
-    for r in reported:
-        assert r["checks"], r["label"]
-        for what, got, relation, expected in r["checks"]:
-            assert RELATIONS[relation](got, expected), f"{r['label']}: {what}: got {got}, expected {relation} {expected}"
 
 
 def test_memory_and_traffic_follow_the_formulas():

@@ -5,8 +5,6 @@ hyperparameters, the same clipping and learning-rate schedule, one backward per 
 the whole global batch. Each parallel layout then trains k steps on the same batches,
 gathers its shards back into full arrays on rank 0, and must match in float64.
 """
-import json
-
 import numpy as np
 
 from minipar.backend import set_default_dtype, xp
@@ -14,6 +12,7 @@ from minipar.comm import Communicator
 from minipar.nn.gpt import GPT, GPTConfig
 from minipar.optim import AdamW, clip_grad_norm, decay_groups
 from minipar.train import Trainer, TrainConfig, learning_rate_at
+from tests.mpi_bodies.reporting import report
 
 MODEL = dict(vocab_size=16, block_size=8, n_layer=8, n_head=8, n_embd=32)
 STEPS = 3
@@ -97,20 +96,6 @@ def check_layouts(comm, cases, grad_clip=1.0):
             reference_losses, reference_state = single_process_run(model_config, config, data)
             report(world, {"case": case, "losses_by_rank": losses_by_rank, "reference_losses": reference_losses,
                            **compare_states(state, reference_state)})
-
-
-RESULT = "result: "  # rank 0's line of JSON per case, which pytest reads back with ``results``
-
-
-def report(world, value):
-    """Rank 0 prints ``value`` as one JSON line for pytest (floats survive JSON exactly)."""
-    if world.rank == 0:
-        print(RESULT + json.dumps(value), flush=True)
-
-
-def results(output):
-    """The values rank 0 reported, in order."""
-    return [json.loads(line[len(RESULT):]) for line in output.splitlines() if line.startswith(RESULT)]
 
 
 def check_gradients(comm, cases):

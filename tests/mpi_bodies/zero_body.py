@@ -20,9 +20,9 @@ from minipar.comm import Communicator
 from minipar.comm.collectives import modelled_traffic
 from minipar.errors import CheckpointError
 from minipar.nn.gpt import GPTConfig
-from minipar.parallel.gradient_sync import SingleReplica
 from minipar.train import Trainer, TrainConfig
-from tests.mpi_bodies.equivalence_body import MODEL, batches, report
+from tests.mpi_bodies.equivalence_body import MODEL, batches
+from tests.mpi_bodies.reporting import report_checks
 
 PADDED = dict(vocab_size=15, block_size=6, n_layer=2, n_head=3, n_embd=15)  # sizes 4 does not divide
 TIED = "embedding.token.weight"
@@ -108,14 +108,6 @@ def memory_and_traffic_checks(trainer, stage, layout, bulk):
     if padded == psi:
         checks.append((f"{name} bytes held against the zero.py formula", held, "==", paper[stage]))
     return checks
-
-
-def report_checks(world, label, checks):
-    """Rank 0 reports {"label": ..., "checks": [[what, got, relation, expected], ...]}; every rank
-    must agree, so the others' checks go to rank 0 too (small metadata)."""
-    everyone = world.mpi.gather(checks, root=0)
-    if world.rank == 0:
-        report(world, {"label": label, "checks": [check for rank_checks in everyone for check in rank_checks]})
 
 
 def check_stage_3_frees_gathered_parameters(comm):
