@@ -13,7 +13,7 @@ RESULT = "result: "
 
 RELATIONS = {"==": lambda got, expected: got == expected, "<=": lambda got, bound: got <= bound,
              "<": lambda got, bound: got < bound, ">=": lambda got, bound: got >= bound,
-             "all <=": lambda got, bound: all(value <= bound for value in got),
+             "all <=": lambda got, bound: all(value <= bound for value in (got.values() if isinstance(got, dict) else got)),
              "close": lambda got, expected: got == pytest.approx(expected, rel=1e-12, abs=0),
              "contains": lambda got, expected: expected in got}
 
