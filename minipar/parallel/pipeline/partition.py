@@ -51,8 +51,9 @@ class PipelineChunk(Module):
     an activation Tensor; every chunk but the last returns its output activation, the last one
     returns ``last_piece(x, targets)``, the scalar loss.
 
-    ``piece_runner``: None calls each piece itself; ZeRO-3 sets ``Zero.run_gathered``, which
-    calls ``piece_runner(piece, x, *targets)`` with the piece's parameters gathered around it.
+    ``piece_runner``: how a piece is called, ``piece_runner(piece, x, *targets)``; None calls the
+    piece itself. The Trainer sets it from its gradient sync: ZeRO-3's ``Zero.run_gathered``
+    gathers the piece's parameters around each call, so the pieces stay as they are.
     """
 
     def __init__(self, pieces, index, total_chunks, first_piece):
@@ -60,7 +61,7 @@ class PipelineChunk(Module):
         self.index = index  # global chunk number c in 0 .. p·v - 1
         self.total_chunks = total_chunks
         self.first_piece = first_piece  # index of pieces[0] in the whole chain (for describing)
-        self.piece_runner = None
+        self.piece_runner = None  # or a callable (piece, x, *targets) -> output
 
     @property
     def is_first(self):
