@@ -134,7 +134,7 @@ class Trainer:
         if config.tp > 1 or config.sequence_parallel:
             pieces = tensor_parallel_pieces(self.model_config, grid.tp, config.sequence_parallel)
         else:
-            pieces = label_replicated(GPT(self.model_config)).pieces()
+            pieces = label_replicated(GPT(self.model_config)).pieces()  # every parameter gets its shard
         return partition(pieces, config.pp, grid.pp_rank, config.virtual_stages, config.split)
 
     def _build_executor(self):
