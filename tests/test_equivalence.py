@@ -11,8 +11,7 @@ import itertools
 
 import pytest
 
-from minipar.testing import run_on_ranks
-from tests.mpi_bodies.reporting import results
+from minipar.testing import results_from_ranks
 
 
 def factorisations(world_size):
@@ -46,10 +45,10 @@ OPTIONS = {
 }
 
 
-def assert_same_training(cases, reported, output):
+def assert_same_training(cases, reported):
     """Each case: every rank's losses equal one process's (relative 1e-11), and every parameter
     within its tolerance (``equivalence_body.compare_states``)."""
-    assert [r["case"] for r in reported] == cases, output
+    assert [r["case"] for r in reported] == cases
     for r in reported:
         case = r["case"]
         for rank, losses in enumerate(r["losses_by_rank"]):
@@ -63,8 +62,9 @@ def assert_same_training(cases, reported, output):
 @pytest.mark.parametrize("world_size", [1, 2, 4, 8])
 def test_every_layout_equals_single_process(world_size):
     cases = [with_microbatches(layout) for layout in factorisations(world_size)] + OPTIONS[world_size]
-    output = run_on_ranks(world_size, "tests.mpi_bodies.equivalence_body:check_layouts", timeout=600, cases=cases)
-    assert_same_training(cases, results(output), output)
+    results = results_from_ranks(world_size, "tests.mpi_bodies.equivalence_body:check_layouts", timeout=600,
+                                 cases=cases)
+    assert_same_training(cases, results[0])
 
 
 # ZeRO (parallel/zero.py) shards over the data-parallel group, so every factorisation with
@@ -95,8 +95,9 @@ def zero_cases(world_size):
 @pytest.mark.parametrize("world_size", [2, 4, 8])
 def test_every_layout_with_zero_equals_single_process(world_size):
     cases = zero_cases(world_size)
-    output = run_on_ranks(world_size, "tests.mpi_bodies.equivalence_body:check_layouts", timeout=600, cases=cases)
-    assert_same_training(cases, results(output), output)
+    results = results_from_ranks(world_size, "tests.mpi_bodies.equivalence_body:check_layouts", timeout=600,
+                                 cases=cases)
+    assert_same_training(cases, results[0])
 
 
 # Gradients and the global norm right after the executor and the gradient sums, before AdamW:
@@ -118,9 +119,9 @@ GRADIENT_CASES = {
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 def test_gradients_and_norm_equal_single_process_before_the_update(world_size):
     cases = GRADIENT_CASES[world_size]
-    output = run_on_ranks(world_size, "tests.mpi_bodies.equivalence_body:check_gradients", timeout=600, cases=cases)
-    reported = results(output)
-    assert [r["case"] for r in reported] == cases, output
+    reported = results_from_ranks(world_size, "tests.mpi_bodies.equivalence_body:check_gradients", timeout=600,
+                                  cases=cases)[0]
+    assert [r["case"] for r in reported] == cases
     for r in reported:
         case = r["case"]
         assert r["loss"] == pytest.approx(r["reference_loss"], rel=1e-12, abs=0), case

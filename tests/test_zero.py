@@ -9,9 +9,9 @@ from minipar.backend import xp
 from minipar.errors import ConfigError
 from minipar.parallel.gradient_sync import bytes_held
 from minipar.parallel.zero import Unit, part_length
-from minipar.testing import run_on_ranks
-from tests.mpi_bodies.reporting import assert_checks
+from minipar.testing import results_from_ranks
 from minipar.train import TrainConfig
+from tests.mpi_bodies.comparisons import assert_as_expected
 
 
 class _Sized:
@@ -46,26 +46,27 @@ def test_zero_refuses_options_of_plain_data_parallelism():
 
 
 def test_memory_and_traffic_follow_the_formulas():
-    output = run_on_ranks(4, "tests.mpi_bodies.zero_body:check_memory_and_traffic", timeout=300)
-    assert_checks(output, [{"dp": 4}, {"dp": 2, "pp": 2}])
+    results = results_from_ranks(4, "tests.mpi_bodies.zero_body:check_memory_and_traffic", timeout=300)
+    assert_as_expected(results, checks=["{'dp': 4}", "{'dp': 2, 'pp': 2}"])
 
 
 def test_stage_3_keeps_no_gathered_parameter_alive():
-    output = run_on_ranks(2, "tests.mpi_bodies.zero_body:check_stage_3_frees_gathered_parameters", timeout=120)
-    assert_checks(output, ["stage 3 frees"])
+    results = results_from_ranks(2, "tests.mpi_bodies.zero_body:check_stage_3_frees_gathered_parameters", timeout=120)
+    assert_as_expected(results, checks=["stage 3 frees"])
 
 
 def test_stage_3_recomputes_with_the_same_dropout_masks():
-    output = run_on_ranks(2, "tests.mpi_bodies.zero_body:check_stage_3_replays_dropout", timeout=120)
-    assert_checks(output, ["stage 3 dropout"])
+    results = results_from_ranks(2, "tests.mpi_bodies.zero_body:check_stage_3_replays_dropout", timeout=120)
+    assert_as_expected(results, checks=["stage 3 dropout"])
 
 
 def test_zero_with_one_data_parallel_rank_has_no_effect_and_says_so():
-    output = run_on_ranks(4, "tests.mpi_bodies.zero_body:check_without_data_parallelism", timeout=120)
-    assert_checks(output, ["dp 1"])
-    assert output.count("note: --zero 2 with dp = 1 has no effect") == 1, output
+    results = results_from_ranks(4, "tests.mpi_bodies.zero_body:check_without_data_parallelism", timeout=120)
+    assert_as_expected(results, checks=["dp 1"])
+    assert results.output.count("note: --zero 2 with dp = 1 has no effect") == 1, results.output
 
 
 def test_checkpoint_arrays_agree_across_stages_and_resume_any_stage():
-    output = run_on_ranks(4, "tests.mpi_bodies.zero_body:check_checkpoint_arrays", timeout=300)
-    assert_checks(output, [{"dp": 2, "pp": 2, "microbatches": 2}, {"dp": 2, "tp": 2, "sequence_parallel": True}])
+    results = results_from_ranks(4, "tests.mpi_bodies.zero_body:check_checkpoint_arrays", timeout=300)
+    assert_as_expected(results, checks=["{'dp': 2, 'pp': 2, 'microbatches': 2}",
+                                        "{'dp': 2, 'tp': 2, 'sequence_parallel': True}"])

@@ -123,7 +123,7 @@ def scatter_batch(global_inputs, global_targets, dp_comm):
     if inputs_shape[0] % size:
         raise ConfigError(f"global batch {inputs_shape[0]} is not divisible by dp = {size}")
     shards = []
-    for array, (shape, dtype) in zip((global_inputs, global_targets), metadata):
+    for array, (shape, dtype) in zip((global_inputs, global_targets), metadata, strict=True):
         shard = xp.empty((shape[0] // size, *shape[1:]), dtype=dtype)
         dp_comm.scatter(xp.ascontiguousarray(array) if rank == 0 else None, shard, root=0)
         shards.append(shard)
@@ -182,7 +182,8 @@ class DataParallel(SingleReplica):
             require_positive_int("uses_per_micro_batch values", k)
         super().__init__(parameters)
         self.comm, self.overlap, self.algorithm = dp_comm, overlap, algorithm
-        self.bucket_bytes, self.accumulation_steps, self.check_interval = bucket_bytes, accumulation_steps, check_interval
+        self.bucket_bytes, self.accumulation_steps = bucket_bytes, accumulation_steps
+        self.check_interval = check_interval
         self.names = [_name_of(p, i) for i, p in enumerate(self.parameters)]
         self.buckets = self._make_buckets()
         self._slot_of = {id(slot.parameter): slot for bucket in self.buckets for slot in bucket.slots}
@@ -222,12 +223,12 @@ class DataParallel(SingleReplica):
 
     def _check_same_parameters_everywhere(self):
         """Mismatched shapes would make the bucket allreduces hang; say which ranks differ."""
-        layout = [(name, tuple(p.shape), p.dtype.str) for name, p in zip(self.names, self.parameters)]
+        layout = [(name, tuple(p.shape), p.dtype.str) for name, p in zip(self.names, self.parameters, strict=True)]
         everyone = self.comm.mpi.allgather(layout)  # small metadata, pickled once at start
         differing = [rank for rank, other in enumerate(everyone) if other != everyone[0]]
         if differing:
             theirs, ours = everyone[differing[0]], everyone[0]
-            example = next((f"{a} where rank 0 has {b}" for a, b in zip(theirs, ours) if a != b),
+            example = next((f"{a} where rank 0 has {b}" for a, b in zip(theirs, ours, strict=False) if a != b),
                            f"{len(theirs)} tensors where rank 0 has {len(ours)}")
             raise ConfigError(f"data-parallel ranks {differing} hold other parameters than dp rank 0 "
                               f"(rank {differing[0]} has {example}); every replica must build the same model")

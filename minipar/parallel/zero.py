@@ -81,13 +81,13 @@ class Unit:
         self.parameters = parameters
         lengths = [part_length(p.size, count) for p in parameters]
         starts = [sum(lengths[:i]) for i in range(len(lengths))]
-        self.places = [slice(start, start + length) for start, length in zip(starts, lengths)]
+        self.places = [slice(start, start + length) for start, length in zip(starts, lengths, strict=True)]
         self.length = sum(lengths)  # S: this rank's part of every parameter of the unit
         self.final = 0  # parameters whose gradient is final in this step
         self.sent = False  # reduce-scattered in this step
 
     def slots(self):
-        return zip(self.parameters, self.places)
+        return zip(self.parameters, self.places, strict=True)
 
 
 def make_units(pieces, count):
@@ -308,7 +308,7 @@ class Zero(SingleReplica):
         moments = {}
         for slot in MOMENTS:
             parts = {id(p): optimizer.state.get(id(part), {}).get(slot, xp.zeros_like(part.data))
-                     for p, part in zip(self.parameters, self.part_list)}
+                     for p, part in zip(self.parameters, self.part_list, strict=True)}
             moments[slot] = self._full_arrays(parts)
         return {id(p): {slot: moments[slot][id(p)] for slot in MOMENTS} for p in self.parameters}
 

@@ -11,9 +11,14 @@ from minipar.errors import ConfigError
 from minipar.nn.gpt import GPT, GPTConfig
 from minipar.nn.module import Parameter
 from minipar.optim import AdamW, decay_groups
-from minipar.parallel.data_parallel import (DataParallel, ReplicaDivergenceError, local_slice, scatter_batch,
-                                            validate_data_parallel)
-from tests.mpi_bodies.reporting import report_checks
+from minipar.parallel.data_parallel import (
+    DataParallel,
+    ReplicaDivergenceError,
+    local_slice,
+    scatter_batch,
+    validate_data_parallel,
+)
+from tests.mpi_bodies.reporting import report
 
 CONFIG = dict(vocab_size=16, block_size=8, n_layer=2, n_head=2, n_embd=16)
 GLOBAL_BATCH = 16  # divisible by dp x micro-batches for dp up to 8 and 2 micro-batches
@@ -36,7 +41,8 @@ CASES = [
 
 def global_batch(step):
     """The global batch of a step: the same on every rank, drawn from (seed, step)."""
-    tokens = host_rng([DATA_SEED, step]).integers(0, CONFIG["vocab_size"], size=(GLOBAL_BATCH, CONFIG["block_size"] + 1))
+    shape = (GLOBAL_BATCH, CONFIG["block_size"] + 1)
+    tokens = host_rng([DATA_SEED, step]).integers(0, CONFIG["vocab_size"], size=shape)
     tokens = from_host(tokens)
     return xp.ascontiguousarray(tokens[:, :-1]), xp.ascontiguousarray(tokens[:, 1:])
 
@@ -148,7 +154,7 @@ def equivalence_checks(communicator):
     for name, options, split, micro_batches in CASES:
         losses, model, grads, counters, dp = data_parallel_run(communicator, options, split, micro_batches)
         checks.append((f"{name}: losses, tolerance ratio", tolerance_ratio(losses, reference_losses), "<=", 1.0))
-        for step, (step_grads, reference_step_grads) in enumerate(zip(grads, reference_grads)):
+        for step, (step_grads, reference_step_grads) in enumerate(zip(grads, reference_grads, strict=True)):
             checks.append((f"{name}: step {step} gradients after the sync, tolerance ratio per parameter",
                            {key: tolerance_ratio(grad, reference_step_grads[key]) for key, grad in step_grads.items()},
                            "all <=", 1.0))
@@ -176,7 +182,7 @@ def check_buckets(communicator):
     assert order == parameters[::-1], "buckets must hold the parameters in reverse order"
     for bucket in sized.buckets:
         assert bucket.flat.nbytes <= 2048 or len(bucket.slots) == 1, f"bucket of {bucket.flat.nbytes} bytes"
-    for first, second in zip(sized.buckets, sized.buckets[1:]):  # greedy: the next one would not fit
+    for first, second in zip(sized.buckets, sized.buckets[1:], strict=False):  # greedy: the next one would not fit
         assert first.flat.nbytes + second.slots[0].parameter.data.nbytes > 2048
 
 
@@ -275,7 +281,7 @@ def run_all_checks(comm):
     checks = equivalence_checks(communicator)
     check_divergence_detected(communicator)
     check_bad_inputs(communicator)
-    report_checks(communicator, f"data parallel on {communicator.size} ranks", checks)
+    return report(["buckets", "broadcast", "equivalence", "divergence", "bad inputs"], checks)
 
 
 def raise_config_error_uncaught(comm):
@@ -310,7 +316,7 @@ def unused_gradients_are_zero(comm):
         checks.append((f"overlap {overlap}, rank {rank}: the unused parameter's gradient",
                        None if extra.grad is None else extra.grad.tolist(), "==", [expected] * 8))
         dp.check_replicas()
-    report_checks(communicator, "unused gradients", checks)
+    return report(["unused gradients"], checks)
 
 
 def shared_parameter_reached_twice(comm):
@@ -350,4 +356,4 @@ def shared_parameter_reached_twice(comm):
         else:
             checks.append((f"rank {rank}: undeclared second use refused", message, "contains",
                            "got a gradient 3 times in one step, expected 2"))
-    report_checks(communicator, "shared parameter", checks)
+    return report(["shared parameter"], checks)

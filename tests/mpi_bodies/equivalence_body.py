@@ -11,8 +11,7 @@ from minipar.backend import set_default_dtype, xp
 from minipar.comm import Communicator
 from minipar.nn.gpt import GPT, GPTConfig
 from minipar.optim import AdamW, clip_grad_norm, decay_groups
-from minipar.train import Trainer, TrainConfig, learning_rate_at
-from tests.mpi_bodies.reporting import report
+from minipar.train import TrainConfig, Trainer, learning_rate_at
 
 MODEL = dict(vocab_size=16, block_size=8, n_layer=8, n_head=8, n_embd=32)
 STEPS = 3
@@ -78,9 +77,10 @@ def check_layouts(comm, cases, grad_clip=1.0):
     """cases: a list of TrainConfig keyword dicts (the layout and its options) for this world size;
     a case may also give "model": GPTConfig fields that replace those of MODEL. Rank 0 reports,
     per case, the losses of every rank and of one process, and ``compare_states`` of the trained
-    parameters against one process's."""
+    parameters against one process's (other ranks return an empty list)."""
     set_default_dtype(xp.float64)
     world = Communicator(comm)
+    reported = []
     for case in cases:
         options = dict(case)
         model_config = GPTConfig(**{**MODEL, **options.pop("model", {})})
@@ -94,17 +94,19 @@ def check_layouts(comm, cases, grad_clip=1.0):
         losses_by_rank = comm.gather(losses, root=0)  # every rank's, whatever its stage (small metadata)
         if world.rank == 0:
             reference_losses, reference_state = single_process_run(model_config, config, data)
-            report(world, {"case": case, "losses_by_rank": losses_by_rank, "reference_losses": reference_losses,
-                           **compare_states(state, reference_state)})
+            reported.append({"case": case, "losses_by_rank": losses_by_rank, "reference_losses": reference_losses,
+                             **compare_states(state, reference_state)})
+    return reported
 
 
 def check_gradients(comm, cases):
     """Right after the gradient sums, before clipping and AdamW (whose normalisation would hide a
     gradient scaled by a constant, a missing 1/m say): each layout's gradients and global gradient
     norm against one process's on the same batch. Reports, per case, the norm both ways and, per
-    parameter, the largest difference and the largest reference value."""
+    parameter, the largest difference and the largest reference value (rank 0; others: [])."""
     set_default_dtype(xp.float64)
     world = Communicator(comm)
+    reported = []
     for case in cases:
         options = dict(case)
         model_config = GPTConfig(**{**MODEL, **options.pop("model", {})})
@@ -119,10 +121,11 @@ def check_gradients(comm, cases):
             reference_loss = model(inputs, targets)[1]
             reference_loss.backward()
             reference = dict(model.named_parameters())
-            report(world, {"case": case, "loss": loss, "reference_loss": reference_loss.item(),
+            reported.append({"case": case, "loss": loss, "reference_loss": reference_loss.item(),
                            "norm_squared": norm_squared,
                            "reference_norm_squared": sum(float((p.grad ** 2).sum()) for p in reference.values()),
                            "names": sorted(gradients), "reference_names": sorted(reference),
                            "gradient_error": {name: float(np.abs(gradients[name] - p.grad).max())
                                               for name, p in reference.items() if name in gradients},
                            "gradient_scale": {name: float(np.abs(p.grad).max()) for name, p in reference.items()}})
+    return reported

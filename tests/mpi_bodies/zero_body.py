@@ -20,9 +20,9 @@ from minipar.comm import Communicator
 from minipar.comm.collectives import modelled_traffic
 from minipar.errors import CheckpointError
 from minipar.nn.gpt import GPTConfig
-from minipar.train import Trainer, TrainConfig
+from minipar.train import TrainConfig, Trainer
 from tests.mpi_bodies.equivalence_body import MODEL, batches
-from tests.mpi_bodies.reporting import report_checks
+from tests.mpi_bodies.reporting import report
 
 PADDED = dict(vocab_size=15, block_size=6, n_layer=2, n_head=3, n_embd=15)  # sizes 4 does not divide
 TIED = "embedding.token.weight"
@@ -47,21 +47,24 @@ def check_memory_and_traffic(comm):
     world = Communicator(comm)
     # (dp 4, pp 1): padded parts, and the tied embedding in two pieces of one rank;
     # (dp 2, pp 2): no padding, every parameter in one piece: the exact DP volume and 1.5x.
+    labels, checks = [], []
     for layout, model in ((dict(dp=4), dict(PADDED, n_layer=4)), (dict(dp=2, pp=2), MODEL)):
-        checks, bulk = [], {}  # bulk: stage -> bytes this rank sent in the step's gradient/parameter traffic
+        layout_checks, bulk = [], {}  # bulk: stage -> bytes this rank sent in the step's gradient/parameter traffic
         for stage in (0, 1, 2, 3):
             trainer, _ = train(world, model, 2, **layout, zero=stage)
-            checks += memory_and_traffic_checks(trainer, stage, layout, bulk)
-        padded_nowhere = all(expected for what, _, _, expected in checks if what == "no padding")
+            layout_checks += memory_and_traffic_checks(trainer, stage, layout, bulk)
+        padded_nowhere = all(expected for what, _, _, expected in layout_checks if what == "no padding")
         if padded_nowhere:
-            checks += [("stages 1 and 2 send what DP sends", [bulk[1], bulk[2]], "==", [bulk[0], bulk[0]]),
-                       ("stage 3 sends 1.5 times DP", 2 * bulk[3], "==", 3 * bulk[0])]
-        report_checks(world, layout, [check for check in checks if check[0] != "no padding"])
+            layout_checks += [("stages 1 and 2 send what DP sends", [bulk[1], bulk[2]], "==", [bulk[0], bulk[0]]),
+                              ("stage 3 sends 1.5 times DP", 2 * bulk[3], "==", 3 * bulk[0])]
+        labels.append(str(layout))
+        checks += [(f"{layout} {what}", *rest) for what, *rest in layout_checks if what != "no padding"]
+    return report(labels, checks)
 
 
 def memory_and_traffic_checks(trainer, stage, layout, bulk):
     count, rank = trainer.grid.dp.size, trainer.grid.dp_rank
-    counters, report = trainer.grid.dp.counters_snapshot(), trainer.memory_report()
+    counters, measured = trainer.grid.dp.counters_snapshot(), trainer.memory_report()
     sizes = {name: array.size for name, array in trainer.parameter_arrays().items()}
     psi = sum(sizes.values())
     padded = sum(count * -(-n // count) for n in sizes.values())
@@ -89,22 +92,22 @@ def memory_and_traffic_checks(trainer, stage, layout, bulk):
         checks += [(f"{name} reduce-scatter bytes", reduce_scatter, "==", (count - 1) * 4 * padded // count),
                    (f"{name} all-gather bytes", all_gather, "==", (count - 1) * 4 * gathered // count)]
         bulk[stage] = reduce_scatter + all_gather
-    checks += [(f"{name} memory", {key: report[key] for key in expected}, "==", expected),
-               (f"{name} total", report["total"], "==",
-                sum(report[key] for key in ("parameters", "gradients", "optimizer_states")))]
+    checks += [(f"{name} memory", {key: measured[key] for key in expected}, "==", expected),
+               (f"{name} total", measured["total"], "==",
+                sum(measured[key] for key in ("parameters", "gradients", "optimizer_states")))]
     if stage == 1:  # every full gradient exists at once at the end of backward, as the paper counts
-        checks.append((f"{name} peak full gradients", report["peak_full_gradients"], "==", 4 * psi))
+        checks.append((f"{name} peak full gradients", measured["peak_full_gradients"], "==", 4 * psi))
     if stage >= 2:  # a full gradient lives until its unit is complete: about one piece at a time
-        checks += [(f"{name} peak full gradients", report["peak_full_gradients"], "<=",
+        checks += [(f"{name} peak full gradients", measured["peak_full_gradients"], "<=",
                     4 * (largest_piece + second_piece)),
-                   (f"{name} peak full gradients, against half of all", report["peak_full_gradients"], "<", 2 * psi)]
+                   (f"{name} peak full gradients, against half of all", measured["peak_full_gradients"], "<", 2 * psi)]
     if stage == 3:  # one piece's gathered parameters, plus the all-gather buffer they are cut from
-        checks += [(f"{name} peak gathered parameters", report["peak_gathered_parameters"], ">=", 4 * largest_piece),
-                   (f"{name} peak gathered parameters", report["peak_gathered_parameters"], "<=",
+        checks += [(f"{name} peak gathered parameters", measured["peak_gathered_parameters"], ">=", 4 * largest_piece),
+                   (f"{name} peak gathered parameters", measured["peak_gathered_parameters"], "<=",
                     8 * largest_padded_piece)]
     paper = {0: 16 * psi, 1: 8 * psi + 8 * psi / count, 2: 4 * psi + 12 * psi / count, 3: 16 * psi / count}
     # Stage 1 keeps gradients whole, as the paper counts them, until the reduce-scatter.
-    held = report["total"] + (report["peak_full_gradients"] - report["gradients"] if stage == 1 else 0)
+    held = measured["total"] + (measured["peak_full_gradients"] - measured["gradients"] if stage == 1 else 0)
     if padded == psi:
         checks.append((f"{name} bytes held against the zero.py formula", held, "==", paper[stage]))
     return checks
@@ -143,7 +146,7 @@ def check_stage_3_frees_gathered_parameters(comm):
                "==", {name: 1 for name in shapes}),
               ("parameters reading as NaN between uses", sum(bool(xp.isnan(p.data).all()) for p in trainer.parameters),
                "==", len(trainer.parameters))]
-    report_checks(world, "stage 3 frees", checks)
+    return report(["stage 3 frees"], checks)
 
 
 def check_stage_3_replays_dropout(comm):
@@ -156,13 +159,13 @@ def check_stage_3_replays_dropout(comm):
             for stage, recompute in ((0, False), (3, False), (3, True))]
     reference = runs[0][0].gather_state()
     checks = []
-    for (trainer, losses), label in zip(runs[1:], ("stage 3", "stage 3 with recomputation")):
+    for (trainer, losses), label in zip(runs[1:], ("stage 3", "stage 3 with recomputation"), strict=True):
         checks.append((f"{label}: losses", losses, "close", runs[0][1]))
         state = trainer.gather_state()
         if world.rank == 0:
             checks += [(f"{label}: {name}, tolerance ratio", tolerance_ratio(state[name], reference[name]), "<=", 1.0)
                        for name in reference]
-    report_checks(world, "stage 3 dropout", checks)
+    return report(["stage 3 dropout"], checks)
 
 
 def check_without_data_parallelism(comm):
@@ -178,15 +181,16 @@ def check_without_data_parallelism(comm):
               ("losses", zero_losses, "==", plain_losses),
               ("parameters differing", sorted(name for name, array in plain.parameter_arrays().items()
                                               if not (zero_arrays[name] == array).all()), "==", [])]
-    report_checks(world, "dp 1", checks)
+    return report(["dp 1"], checks)
 
 
 def check_checkpoint_arrays(comm):
     """Every stage gives the same tensor-parallel-shaped arrays, and any stage resumes from them."""
     set_default_dtype(xp.float64)
     world = Communicator(comm)
+    labels, checks = [], []
     for layout in (dict(dp=2, pp=2, microbatches=2), dict(dp=2, tp=2, sequence_parallel=True)):
-        saved, checks = {}, []
+        saved = {}
         for stage in (0, 1, 2, 3):
             trainer, _ = train(world, MODEL, 2, dtype="float64", **layout, zero=stage)
             saved[stage] = trainer.parameter_arrays(), trainer.optimizer_state_arrays()
@@ -212,7 +216,8 @@ def check_checkpoint_arrays(comm):
                 checks += [(f"saved under stage {stage}, resumed under {(stage + 1) % 4}: {name}, tolerance ratio",
                             tolerance_ratio(ours[name], theirs[name]), "<=", 1.0) for name in theirs]
         checks += load_error_checks(resumed, saved[0])
-        report_checks(world, layout, checks)
+        labels.append(str(layout))
+    return report(labels, checks)
 
 
 def load_error_checks(trainer, saved):

@@ -74,12 +74,12 @@ def replaying(module, states):
     its generators carry on as if the block had not run. Recomputation relies on it (and ZeRO-3)."""
     generators = module.random_generators()
     current = [generator.bit_generator.state for generator in generators]
-    for generator, state in zip(generators, states):
+    for generator, state in zip(generators, states, strict=True):
         generator.bit_generator.state = state
     try:
         yield
     finally:
-        for generator, state in zip(generators, current):
+        for generator, state in zip(generators, current, strict=True):
             generator.bit_generator.state = state
 
 
