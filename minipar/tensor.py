@@ -71,6 +71,11 @@ class Context:
     def save_for_backward(self, *arrays):
         self.saved = arrays
 
+    def needs_input_grad(self, index):
+        """Whether backward must return a gradient for input ``index``; an op may skip the work if not."""
+        x = self.inputs[index]
+        return isinstance(x, Tensor) and x.requires_grad
+
 
 class Function:
     """A differentiable op: subclass it and write ``forward`` and ``backward``."""

@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+from minipar._threads import OVERSUBSCRIBED_MPICH
+
 # The directory holding the ``minipar`` package: with a source checkout this is
 # the repository root, so ``tests.mpi_bodies.*`` import on every rank.
 PACKAGE_PARENT = Path(__file__).resolve().parent.parent
@@ -88,6 +90,10 @@ def _child_environment():
     # Ranks share the machine's cores; one BLAS thread each avoids oversubscription.
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         environment[name] = "1"
+    # Test jobs share a few cores with pytest and each other: waiting ranks sleep instead of
+    # spinning (see minipar/_threads.py), unless the caller chose otherwise.
+    for name, value in OVERSUBSCRIBED_MPICH.items():
+        environment.setdefault(name, value)
     # Leftover process-manager variables (pytest itself started under mpiexec)
     # would make the ranks try to join the wrong job.
     for name in list(environment):
