@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import time
+from itertools import pairwise
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.append(os.path.join(HERE, ".."))
@@ -36,7 +37,7 @@ CONFIGS = {"sequential": ("sequential", 1), "dp2": ("dp", 2), "dp4": ("dp", 4), 
 
 def initial_weights(dtype):
     generator = __import__("numpy").random.default_rng(0)
-    pairs = list(zip(WIDTHS[:-1], WIDTHS[1:]))
+    pairs = list(pairwise(WIDTHS))
     weights = [generator.normal(0, (2 / a) ** 0.5, (a, b)).astype(dtype) for a, b in pairs]
     biases = [generator.normal(0, 0.01, b).astype(dtype) for _, b in pairs]
     return weights, biases
@@ -71,7 +72,11 @@ def minipar_step_function(kind, comm, weights, biases, overlap=False):
     from minipar.comm import Communicator
     from minipar.optim import SGD
     from minipar.parallel.pipeline.executor import PipelineExecutor
-    from minipar.parallel.pipeline.partition import chunk_piece_ranges, partition, stage_parameters
+    from minipar.parallel.pipeline.partition import (
+        chunk_piece_ranges,
+        partition,
+        stage_parameters,
+    )
 
     pieces = minipar_pieces(weights, biases)
     if kind in ("sequential", "dp"):
@@ -170,7 +175,7 @@ def run_config(config, rounds, steps):
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.join(HERE, ".."), os.environ.get("PYTHONPATH")]))
     result = subprocess.run([find_mpiexec(), "-n", str(ranks), sys.executable, __file__, "--worker", config,
                              "--rounds", str(rounds), "--steps", str(steps)],
-                            env=environment, capture_output=True, text=True, timeout=1800)
+                            env=environment, capture_output=True, text=True, timeout=1800, check=False)
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     if result.returncode or not lines:
         sys.exit(f"{config} failed:\n{result.stdout}\n{result.stderr}")

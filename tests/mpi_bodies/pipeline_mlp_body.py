@@ -7,6 +7,8 @@ with p = world size stages; rank 0 gathers the parameters by name and writes, fo
 compare, the single-process run's losses and parameters next to the pipeline's (an .npz file,
 no pickle). The body itself asserts nothing about the numbers.
 """
+from itertools import pairwise
+
 import numpy as np
 
 from minipar import ops
@@ -49,7 +51,7 @@ class MLP(Module):
 
     def __init__(self, seed=5):
         generator = host_rng(seed)
-        pairs = list(zip(WIDTHS[:-1], WIDTHS[1:]))
+        pairs = list(pairwise(WIDTHS))
         self.layers = [ReluLayer(a, b, generator) for a, b in pairs[:-1]] + [CrossEntropyHead(*pairs[-1], generator)]
         label_replicated(self)
 
