@@ -172,7 +172,7 @@ def run_config(config, rounds, steps):
 
     ranks = CONFIGS[config][1]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.join(HERE, ".."), os.environ.get("PYTHONPATH")]))
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), os.path.join(HERE, "..")]))
     result = subprocess.run([find_mpiexec(), "-n", str(ranks), sys.executable, __file__, "--worker", config,
                              "--rounds", str(rounds), "--steps", str(steps)],
                             env=environment, capture_output=True, text=True, timeout=1800, check=False)
