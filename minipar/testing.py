@@ -35,8 +35,6 @@ import sys
 import time
 from pathlib import Path
 
-from minipar._threads import OVERSUBSCRIBED_MPICH
-
 # The directory holding the ``minipar`` package: with a source checkout this is
 # the repository root, so ``tests.mpi_bodies.*`` import on every rank.
 PACKAGE_PARENT = Path(__file__).resolve().parent.parent
@@ -86,6 +84,8 @@ def _launcher_flags_and_environment(mpiexec, environment):
 
 
 def _child_environment():
+    from minipar._threads import OVERSUBSCRIBED_MPICH
+
     environment = dict(os.environ)
     # Ranks share the machine's cores; one BLAS thread each avoids oversubscription.
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
