@@ -101,7 +101,6 @@ class PipelineExecutor:
         self.boundary_shapes, self.dtype = _boundary_shapes(activation_shape, self.total_chunks), xp.dtype(dtype)
         self.recompute, self.timeline = recompute, timeline
         self.peak_stashed = 0
-        self.send_buffers_allocated = 0
         self._free_receive_buffers, self._free_send_buffers = {}, {}  # shape -> buffers no message is using
         self._sends_in_flight = []
         for action in [a for a in self.schedule if a.kind in RECEIVES][:RECEIVE_BUFFERS]:
@@ -275,7 +274,6 @@ class PipelineExecutor:
             self._reclaim_completed_sends()
         if self._free_send_buffers.get(shape):
             return self._free_send_buffers[shape].pop()
-        self.send_buffers_allocated += 1
         return self._new_buffer(action)
 
     # ---- instrumentation -------------------------------------------------------------------
