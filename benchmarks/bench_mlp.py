@@ -65,7 +65,7 @@ def minipar_pieces(weights, biases):
         def forward(self, x, targets):
             return ops.cross_entropy(self.linear(x), targets)
 
-    return [ReluLayer(w, b) for w, b in zip(weights[:-1], biases[:-1])] + [Head(weights[-1], biases[-1])]
+    return [ReluLayer(w, b) for w, b in zip(weights[:-1], biases[:-1], strict=True)] + [Head(weights[-1], biases[-1])]
 
 
 def minipar_step_function(kind, comm, weights, biases, overlap=False):
@@ -90,7 +90,7 @@ def minipar_step_function(kind, comm, weights, biases, overlap=False):
                                          accumulation_steps=MICROBATCHES)
 
         def step(micro_inputs, micro_targets):
-            for x, t in zip(micro_inputs, micro_targets):
+            for x, t in zip(micro_inputs, micro_targets, strict=True):
                 for piece in pieces[:-1]:
                     x = piece(x)
                 (pieces[-1](x, t) * (1.0 / MICROBATCHES)).backward()
@@ -142,8 +142,8 @@ def worker(config, rounds, steps):
     inputs = generator.normal(size=(BATCH, WIDTHS[0])).astype(dtype)
     targets = generator.integers(0, WIDTHS[-1], BATCH)
     if kind == "dp":  # this rank's rows of the global batch
-        rows = BATCH // comm.size
-        inputs, targets = inputs[comm.rank * rows:(comm.rank + 1) * rows], targets[comm.rank * rows:(comm.rank + 1) * rows]
+        mine = slice(comm.rank * BATCH // comm.size, (comm.rank + 1) * BATCH // comm.size)
+        inputs, targets = inputs[mine], targets[mine]
     size = len(inputs) // MICROBATCHES
     micro_inputs = [inputs[i * size:(i + 1) * size] for i in range(MICROBATCHES)]
     micro_targets = [targets[i * size:(i + 1) * size] for i in range(MICROBATCHES)]
@@ -203,10 +203,10 @@ def main():
           f"{'overlap/peer':>13s}")
     for config in arguments.configs.split(","):
         times = run_config(config, arguments.rounds, arguments.steps)
-        ratio = median([a / b for a, b in zip(times["minipar"], times["peer"])])
+        ratio = median([a / b for a, b in zip(times["minipar"], times["peer"], strict=True)])
         overlap = times.get("minipar overlap")
         overlap_ms = f"{median(overlap):11.2f}" if overlap else f"{'':11s}"
-        overlap_ratio = (f"{median([a / b for a, b in zip(overlap, times['peer'])]):12.2f}x" if overlap
+        overlap_ratio = (f"{median([a / b for a, b in zip(overlap, times['peer'], strict=True)]):12.2f}x" if overlap
                          else f"{'':13s}")
         print(f"{config:12s} {median(times['minipar']):11.2f} {overlap_ms} {median(times['peer']):9.2f} "
               f"{ratio:12.2f}x {overlap_ratio}", flush=True)

@@ -139,7 +139,7 @@ def main():
         print("PyTorch not installed: no eager comparison")
         return
     torch_seconds = sorted(times["torch"])[len(times["torch"]) // 2]
-    ratios = sorted(a / b for a, b in zip(times["minipar"], times["torch"]))
+    ratios = sorted(a / b for a, b in zip(times["minipar"], times["torch"], strict=True))
     print(f"torch eager : {torch_seconds * 1e3:8.1f} ms  {tokens / torch_seconds:10.0f} tokens/s")
     print(f"minipar / torch step time: {ratios[len(ratios) // 2]:.2f}x (median of {arguments.rounds} interleaved "
           f"rounds; range {ratios[0]:.2f}-{ratios[-1]:.2f})")

@@ -16,12 +16,12 @@ class PeerMLP:
     def __init__(self, widths, weights, biases, first=0, last=None):
         last = len(widths) - 1 if last is None else last
         self.first, self.last, self.total = first, last, len(widths) - 1
-        sizes = [w.size + b.size for w, b in zip(weights[first:last], biases[first:last])]
+        sizes = [w.size + b.size for w, b in zip(weights[first:last], biases[first:last], strict=True)]
         dtype = weights[0].dtype
         self.flat_params, self.flat_grads = np.empty(sum(sizes), dtype), np.zeros(sum(sizes), dtype)
         self.W, self.b, self.gW, self.gb = [], [], [], []
         start = 0
-        for w, b in zip(weights[first:last], biases[first:last]):  # views into the flat buffers
+        for w, b in zip(weights[first:last], biases[first:last], strict=True):  # views into the flat buffers
             for source, params, grads in ((w, self.W, self.gW), (b, self.b, self.gb)):
                 params.append(self.flat_params[start:start + source.size].reshape(source.shape))
                 grads.append(self.flat_grads[start:start + source.size].reshape(source.shape))
@@ -35,7 +35,7 @@ class PeerMLP:
     def forward(self, x, targets=None, scale=1.0):
         """Returns (output or loss, what backward needs). The head's loss is scaled by ``scale``."""
         inputs, masks = [], []
-        for i, (w, b) in enumerate(zip(self.W, self.b)):
+        for i, (w, b) in enumerate(zip(self.W, self.b, strict=True)):
             inputs.append(x)
             x = x @ w
             x += b
@@ -76,7 +76,7 @@ class PeerMLP:
 def sequential_step(model, micro_inputs, micro_targets, lr, comm=None):
     """One step: m micro-batches, gradient accumulation, an Allreduce over ``comm`` if given, SGD."""
     m = len(micro_inputs)
-    for x, t in zip(micro_inputs, micro_targets):
+    for x, t in zip(micro_inputs, micro_targets, strict=True):
         _, saved = model.forward(x, t, scale=1.0 / m)
         model.backward(saved)
     if comm is not None and comm.size > 1:

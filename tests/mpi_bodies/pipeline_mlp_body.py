@@ -3,13 +3,11 @@
 Run on every rank by tests/test_pipeline_mlp.py. Widths 784, 128, 127, 126, 125, 124, 123, 10
 with ReLU and a cross-entropy head: no two boundaries between stages carry the same shape, so
 the executor gets one activation shape per boundary. Each case trains STEPS SGD steps in float64
-with p = world size stages; rank 0 gathers the parameters by name and writes, for pytest to
-compare, the single-process run's losses and parameters next to the pipeline's (an .npz file,
-no pickle). The body itself asserts nothing about the numbers.
+with p = world size stages. Every rank also runs the single-process reference (it is small) and
+records, for pytest to judge, how its stage's parameters and the last stage's losses compare with
+it; rank 0 also records that the stages together hold every parameter exactly once.
 """
 from itertools import pairwise
-
-import numpy as np
 
 from minipar import ops
 from minipar.backend import from_host, host_rng, to_host, xp
@@ -24,6 +22,7 @@ from minipar.parallel.sharding import label_replicated
 WIDTHS = (784, 128, 127, 126, 125, 124, 123, 10)
 STEPS = 2
 BATCH = 32
+RTOL, ATOL = 1e-10, 1e-12
 
 
 class ReluLayer(Module):
@@ -103,39 +102,23 @@ def train_pipeline(communicator, schedule, microbatches):
     return losses, {name: p.data for name, p in named}
 
 
-def gather_parameters(communicator, named):
-    """On rank 0: [(rank, name, array)] for every stage's parameters (names pickled, arrays by Send/Recv)."""
-    names = sorted(named)
-    listing = communicator.mpi.gather([(name, named[name].shape) for name in names], root=0)
-    if communicator.rank != 0:
-        for name in names:
-            communicator.send(xp.ascontiguousarray(named[name]), 0, tag=1)
-        return None
-    return [(rank, name, named[name] if rank == 0 else communicator.recv(xp.empty(shape, xp.float64), rank, tag=1))
-            for rank, entries in enumerate(listing) for name, shape in entries]
-
-
-def run_cases(comm, cases, output_path):
-    """cases: [[schedule, micro-batches], ...]; rank 0 writes expected and got arrays to output_path."""
+def run_cases(comm, cases):
+    """cases: [[schedule, micro-batches], ...]; returns this rank's comparisons with one process."""
     from minipar.backend import set_default_dtype
+    from tests.mpi_bodies.comparisons import Comparisons
 
     set_default_dtype(xp.float64)
-    communicator = Communicator(comm)
-    results = {}
-    if comm.rank == 0:
-        expected_losses, expected = train_single_process()
-        results["expected/losses"] = np.array(expected_losses)
-        for name, array in expected.items():
-            results[f"expected/{name}"] = array
+    communicator, comparisons = Communicator(comm), Comparisons()
+    expected_losses, expected = train_single_process()
     for schedule, microbatches in cases:
+        label = f"p={comm.size} {schedule} m={microbatches}"
+        comparisons.checks.append(label)
         losses, named = train_pipeline(communicator, schedule, microbatches)
-        label = f"{schedule}-m{microbatches}"
-        all_losses = comm.gather(losses, root=0)  # a few floats per rank
-        gathered = gather_parameters(communicator, named)
+        if losses[0] is not None:  # the last stage
+            comparisons.arrays_close(f"{label}: losses", losses, expected_losses, RTOL, ATOL)
+        for name, array in sorted(named.items()):
+            comparisons.arrays_close(f"{label}: {name}", array, expected[name], RTOL, ATOL)
+        held = comm.gather(sorted(named), root=0)  # names only: small metadata
         if comm.rank == 0:
-            (got_losses,) = [entry for entry in all_losses if entry[0] is not None]
-            results[f"{label}/losses"] = np.array(got_losses)
-            for rank, name, array in gathered:
-                results[f"{label}/{name}@{rank}"] = to_host(array)
-    if comm.rank == 0:
-        np.savez(output_path, **results)
+            comparisons.value(f"{label}: parameters held by the stages", sorted(sum(held, [])), sorted(expected))
+    return comparisons.report()

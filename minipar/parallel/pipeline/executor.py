@@ -49,7 +49,16 @@ from dataclasses import dataclass, field
 from minipar.backend import xp
 from minipar.errors import ConfigError, ShapeError
 from minipar.parallel.pipeline.schedules import (
-    FORWARD, RECEIVES, RECV_FORWARD, SEND_BACKWARD, SEND_FORWARD, SENDS, build_schedule, message_tag, peer_rank)
+    FORWARD,
+    RECEIVES,
+    RECV_FORWARD,
+    SEND_BACKWARD,
+    SEND_FORWARD,
+    SENDS,
+    build_schedule,
+    message_tag,
+    peer_rank,
+)
 from minipar.tensor import Tensor, no_grad
 
 RECEIVE_BUFFERS = 2  # receives posted ahead: double buffering, the next message lands during compute
