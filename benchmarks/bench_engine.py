@@ -42,7 +42,7 @@ def make_leaves(layers, width, seed=0):
 
 def engine_forward(x, weights, biases):
     h = x
-    for w, b in zip(weights, biases):
+    for w, b in zip(weights, biases, strict=True):
         h = (h * w + b).tanh()
     return h.sum()
 
@@ -50,7 +50,7 @@ def engine_forward(x, weights, biases):
 def numpy_step(x, weights, biases):
     """The same chain with a hand-written backward: the floor the engine is measured against."""
     h, outputs = x, []
-    for w, b in zip(weights, biases):
+    for w, b in zip(weights, biases, strict=True):
         h = np.tanh(h * w + b)
         outputs.append(h)
     grad = np.ones_like(h)

@@ -10,8 +10,9 @@ Runs, in turn, ``rounds`` times:
                     back on (MPIR_CVAR_CH4_PROGRESS_THROTTLE=0, MPIR_CVAR_ENABLE_HEAVY_YIELD=0)
 and prints each command's best wall time (start-up, evaluation and the checkpoint included), its
 ratio to the one-process run, and the CPU seconds all its processes used: on C cores no schedule
-can finish that work in less than CPU / C, which bounds what any MPI setting can win. Both jobs train the same model on the same global batches. On a
-shared machine compare the ratios, which are taken within one run, rather than the seconds.
+can finish that work in less than CPU / C, which bounds what any MPI setting can win. Both jobs
+train the same model on the same global batches. On a shared machine compare the ratios, which
+are taken within one run, rather than the seconds.
 """
 import argparse
 import os
