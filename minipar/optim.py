@@ -13,7 +13,7 @@ ZeRO can split the optimizer state across data-parallel ranks.
 """
 import math
 
-from minipar.backend import xp
+from minipar.backend import ON_DEVICE, xp
 from minipar.errors import ConfigError
 
 
@@ -113,14 +113,16 @@ def decay_groups(named_parameters, weight_decay):
 
 def grad_norm_squared(tensors, communicators=()):
     """||g||^2 = Σ g^2 over the gradients of ``tensors`` (in float64), then summed over each of
-    ``communicators``: the whole model's, when every rank passes the tensors only it counts."""
-    total = sum(float((t.grad.astype(xp.float64) ** 2).sum()) for t in tensors if t.grad is not None)
-    if communicators:
-        buffer = xp.array([total], dtype=xp.float64)
-        for communicator in communicators:
-            communicator.allreduce(buffer)
-        total = float(buffer[0])
-    return total
+    ``communicators``: the whole model's, when every rank passes the tensors only it counts.
+
+    A 0-d array: on a GPU it stays there, so the step neither copies it nor waits for it."""
+    buffer = xp.zeros(1, dtype=xp.float64)
+    for t in tensors:
+        if t.grad is not None:
+            buffer += (t.grad.astype(xp.float64) ** 2).sum()
+    for communicator in communicators:
+        communicator.allreduce(buffer)
+    return buffer[0]
 
 
 def clip_grad_norm(parameters, max_norm, total_norm_squared=None):
@@ -128,16 +130,20 @@ def clip_grad_norm(parameters, max_norm, total_norm_squared=None):
 
     A parallel run passes ``total_norm_squared``, the sum of squares over the whole model
     (``grad_norm_squared`` with every shard counted once), so every rank clips by the same
-    factor as one process would. Returns the norm before clipping.
+    factor as one process would. Returns the norm before clipping (a 0-d array).
+
+    On a GPU the factor min(1, scale) is applied even when it is 1 (exactly): deciding on the
+    host would copy the norm there and wait for the GPU on every step.
     """
     parameters = [p for p in parameters if p.grad is not None]
     if total_norm_squared is None:
         total_norm_squared = grad_norm_squared(parameters)
-    total_norm = math.sqrt(total_norm_squared)
+    total_norm = xp.sqrt(total_norm_squared)
     scale = max_norm / (total_norm + 1e-6)
-    if scale < 1.0:
+    if ON_DEVICE or scale < 1.0:
+        factor = xp.minimum(scale, 1.0)
         for p in parameters:
-            p.grad *= scale
+            p.grad *= factor.astype(p.grad.dtype)  # in the gradient's precision, as a Python float would be
     return total_norm
 
 

@@ -23,7 +23,7 @@ evaluates (on the gathered single-process model) and writes files.
 import dataclasses
 from dataclasses import dataclass
 
-from minipar.backend import from_host, set_default_dtype, xp
+from minipar.backend import from_host, scalar_to_host, set_default_dtype, xp
 from minipar.errors import CheckpointError, ConfigError, require_positive_int
 from minipar.nn.gpt import GPT
 from minipar.optim import AdamW, clip_grad_norm, cosine_learning_rate, decay_groups, grad_norm_squared
@@ -205,10 +205,12 @@ class Trainer:
 
     def _share_loss(self, loss):
         """The last stage knows the loss; average it over replicas and give it to every rank."""
-        buffer = xp.array([loss if loss is not None else 0.0], dtype=xp.float64)
+        buffer = xp.zeros(1, dtype=xp.float64)
+        if loss is not None:
+            buffer[0] = loss  # a 0-d array, still on the device
         self.grid.pp.broadcast(buffer, root=self.config.pp - 1)
         self.grid.dp.allreduce(buffer)
-        return float(buffer[0]) / self.config.dp
+        return scalar_to_host(buffer) / self.config.dp  # the step's one copy to the host
 
     # ---- the single-process view -------------------------------------------------------
     def num_parameters(self):

@@ -6,7 +6,7 @@ Fusing keeps them numerically stable (subtract the row maximum before ``exp``) a
 """
 import math
 
-from minipar.backend import xp
+from minipar.backend import ON_DEVICE, xp
 from minipar.errors import ShapeError
 from minipar.tensor import Function
 
@@ -95,7 +95,7 @@ class CrossEntropy(Function):
                              f"got {targets.shape}")
         rows = logits.reshape(-1, logits.shape[-1])
         flat_targets = targets.reshape(-1)
-        if flat_targets.size and (flat_targets.min() < 0 or flat_targets.max() >= rows.shape[1]):
+        if not ON_DEVICE and flat_targets.size and (flat_targets.min() < 0 or flat_targets.max() >= rows.shape[1]):
             raise ShapeError(f"cross_entropy: targets must lie in [0, {rows.shape[1]}), "
                              f"got values from {flat_targets.min()} to {flat_targets.max()}")
         probabilities = _softmax(rows)
@@ -136,7 +136,9 @@ class Embedding(Function):
     def forward(ctx, weight, ids):
         if ids.dtype.kind not in "iu":
             raise ShapeError(f"embedding: ids must be integers, got dtype {ids.dtype}")
-        if ids.size and (ids.min() < 0 or ids.max() >= weight.shape[0]):
+        # On a GPU this check would copy to the host and wait on every forward (CuPy wraps bad
+        # ids silently): there the ids are checked where they are made, by the tokenizer.
+        if not ON_DEVICE and ids.size and (ids.min() < 0 or ids.max() >= weight.shape[0]):
             raise ShapeError(f"embedding: ids must lie in [0, {weight.shape[0]}), "
                              f"got values from {ids.min()} to {ids.max()}")
         ctx.save_for_backward(ids)

@@ -45,7 +45,7 @@ Both give rank d the same rows.
 """
 from dataclasses import dataclass, field
 
-from minipar.backend import xp
+from minipar.backend import to_host, xp
 from minipar.errors import ConfigError, require_positive_int
 from minipar.parallel.gradient_sync import SingleReplica, bytes_held
 
@@ -266,7 +266,7 @@ class DataParallel(SingleReplica):
             values = p.data.astype(xp.float64)
             local[0, 2 * i], local[0, 2 * i + 1] = values.sum(), (values * values).sum()
         everyone = xp.empty((self.comm.size, local.shape[1]), dtype=xp.float64)
-        self.comm.allgather(local, everyone)
+        everyone = to_host(self.comm.allgather(local, everyone))  # a few numbers per rank, compared as bytes
         groups = {}
         for rank in range(self.comm.size):
             groups.setdefault(everyone[rank].tobytes(), []).append(rank)

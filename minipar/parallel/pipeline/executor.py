@@ -197,7 +197,7 @@ class PipelineExecutor:
         if not chunk.is_last:
             return chunk(x), None
         loss = chunk(x, self._targets[microbatch])
-        return loss * (1.0 / self.num_microbatches), loss.item()
+        return loss * (1.0 / self.num_microbatches), loss.data.astype(xp.float64)  # stays on the device
 
     def _forward(self, action):
         started = time.perf_counter()
