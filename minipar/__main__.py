@@ -1,9 +1,11 @@
-"""The command line: python -m minipar train | sample | topology.
+"""The command line: python -m minipar train | sample | topology | plan | calibrate.
 
     python -m minipar train --steps 600                       # one process, the addition task
     mpiexec -n 8 python -m minipar train --dp 2 --tp 2 --pp 2 --microbatches 4
     python -m minipar sample --checkpoint out/ckpt.minipar --prompt "12+34="
     python -m minipar topology --dp 2 --tp 2 --pp 2
+    python -m minipar plan --preset gpt3-175b --gpus 1024 --gpus-per-node 8 --gpu-memory 80
+    mpiexec -n 8 python -m minipar calibrate --out out/calibration.json
 
 Rank discipline: every rank parses and validates the same arguments (so a bad layout
 gives the same error everywhere and nobody waits for a partner that has quit); world rank
@@ -85,6 +87,10 @@ def parse_arguments(argv):
     topology = commands.add_parser("topology", help="draw the dp x tp x pp process grid")
     for name in ("dp", "tp", "pp"):
         topology.add_argument(f"--{name}", type=int, default=1)
+    from minipar.plan import calibrate, cli
+
+    cli.add_arguments(commands.add_parser("plan", help="choose dp x tp x pp, ZeRO, micro-batches for a model and machine"))
+    calibrate.add_arguments(commands.add_parser("calibrate", help="measure this machine into a profile for plan"))
     return parser.parse_args(argv)
 
 
@@ -97,6 +103,10 @@ def main(argv=None):
         layout.validate(layout.world_size)
         print(layout.describe())
         return 0
+    if arguments.command in ("plan", "calibrate"):
+        from minipar.plan import calibrate, cli
+
+        return (cli if arguments.command == "plan" else calibrate).run(arguments)
     if arguments.command == "sample":
         from minipar.run import sample
 

@@ -39,6 +39,7 @@ bytes each; its own count, op by op, in elements:
 
 The first and last pieces add the token ids and the logits' softmax (``piece_activation_bytes``).
 """
+import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -196,6 +197,7 @@ def piece_parameters(model, piece, tp):
     return block_parameters(model, tp)
 
 
+@functools.lru_cache(maxsize=4096)
 def rank_pieces(model, strategy, stage):
     """[(chunk, piece name)] on this stage, in order: embedding, blocks..., head."""
     layers = chunk_layers(model, strategy)
@@ -207,6 +209,7 @@ def rank_pieces(model, strategy, stage):
     return pieces
 
 
+@functools.lru_cache(maxsize=4096)
 def rank_parameters(model, strategy, stage):
     """[(piece index, name, elements)] held on ``stage``, each parameter once (the tied weight once)."""
     out, seen_token = [], False
@@ -220,6 +223,7 @@ def rank_parameters(model, strategy, stage):
     return out
 
 
+@functools.lru_cache(maxsize=4096)
 def zero_units(model, strategy, stage):
     """ZeRO's units (parallel/zero.py ``make_units``): per piece its own parameters, and the tied
     weight alone when two pieces of this rank use it. Returns [(piece indices using it, [elements])]."""
@@ -304,6 +308,7 @@ def piece_activation_bytes(model, piece, b, strategy):
     return norm + e * b * s * h + e * b * s * model.vocab_size
 
 
+@functools.lru_cache(maxsize=4096)
 def chunk_activation_bytes(model, strategy, chunk):
     b = strategy.micro_batch
     pieces = [piece for c, piece in rank_pieces(model, strategy, chunk % strategy.pp) if c == chunk]

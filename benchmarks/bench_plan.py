@@ -1,0 +1,140 @@
+"""The planner's predicted step times against measured ones, for every layout of the world, in one run.
+
+    mpiexec -n 8 python benchmarks/bench_plan.py [--steps 4] [--calibration FILE]
+
+First calibrates this machine in the same job (``minipar.plan.calibrate``: achieved FLOP/s and the
+per-block overhead on real blocks, α–β fits of the collectives for each group size, AdamW's
+bandwidth), unless --calibration gives a file; then, for every dp × tp × pp of the world and a few
+option variants (ZeRO, sequence parallelism, recomputation), measures the median step time of the
+slowest rank and predicts it with ``minipar.plan.cost.step_time`` on the calibrated machine.
+Rank 0 prints a Markdown table, the median relative error |predicted − measured| / measured, and
+the Spearman rank correlation between predicted and measured times (does the planner order the
+layouts right?).
+
+The ranks share the machine's cores (8 ranks on 2 cores, and other jobs): times are noisy, and the
+calibration measures the same shared machine, so compare within one run only.
+"""
+import argparse
+import itertools
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from minipar.backend import xp  # noqa: E402
+from minipar.comm import Communicator  # noqa: E402
+from minipar.nn.gpt import GPTConfig  # noqa: E402
+from minipar.plan.cost import step_time  # noqa: E402
+from minipar.plan.model import ModelSpec, Strategy  # noqa: E402
+from minipar.train import Trainer, TrainConfig  # noqa: E402
+
+MODEL = dict(vocab_size=64, block_size=64, n_layer=8, n_head=8, n_embd=128)  # bench_hybrid's model
+BATCH = 16
+
+
+def layouts(world_size):
+    base = []
+    for dp, tp, pp in itertools.product(range(1, world_size + 1), repeat=3):
+        if dp * tp * pp == world_size:
+            microbatches = min(BATCH // dp, 2 * pp) if pp > 1 else 1
+            base.append(dict(dp=dp, tp=tp, pp=pp, microbatches=microbatches))
+    variants = []
+    for layout in base:
+        if layout["dp"] > 1 and layout["tp"] * layout["pp"] > 1:
+            variants.append({**layout, "zero": 1})
+        if layout["dp"] > 1 and layout["pp"] == 1:
+            variants.append({**layout, "zero": 3})
+        if layout["tp"] > 1 and layout["pp"] > 1:
+            variants.append({**layout, "sequence_parallel": True})
+        if layout["pp"] > 2:
+            variants.append({**layout, "recompute": True})
+    return base + variants
+
+
+def measure(world, layout, steps):
+    config = TrainConfig(steps=steps + 2, batch_size=BATCH, **layout)
+    trainer = Trainer(GPTConfig(**MODEL), config, world)
+    ids = xp.random.default_rng(0).integers(0, MODEL["vocab_size"], (BATCH, MODEL["block_size"] + 1))
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    trainer.train_step(inputs, targets)  # warm up: first-touch allocations, AdamW's moments
+    times = []
+    for _ in range(steps):
+        world.barrier()
+        started = time.perf_counter()
+        trainer.train_step(inputs, targets)
+        times.append(time.perf_counter() - started)
+    local = xp.array([statistics.median(times)])
+    world.allreduce(local, op="max")  # the slowest rank sets the step time
+    strategy = Strategy(config.dp, config.tp, config.pp, BATCH, config.microbatches, config.schedule, 1, config.zero,
+                        config.sequence_parallel, "full" if config.recompute else "", "fp32")
+    return float(local[0]), strategy
+
+
+def ranks(values):
+    """Average ranks (1-based), ties sharing the mean of their positions."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    result = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            result[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return result
+
+
+def spearman(xs, ys):
+    """Spearman's rank correlation: Pearson's correlation of the ranks."""
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    covariance = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    return covariance / (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
+
+
+def calibrated_machine(world, path):
+    from minipar.plan import calibrate
+    from minipar.plan.hardware import Machine, load_machine
+
+    if path:
+        return load_machine(path, gpus=world.size)
+    flops, overhead = calibrate.block_fit("float32", 5, world)
+    bandwidth = calibrate.adam_bandwidth("float32", 5, world)
+    fits = calibrate.collective_fits(world, "float32", 5)
+    return Machine("this machine", world.size, world.size, 1e12, flops, 0, 0, 0, 0, bandwidth, overhead, fits)
+
+
+def main():
+    parser = argparse.ArgumentParser(description="predicted vs measured step times of every layout")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--calibration", default=None, help="a `calibrate` JSON file instead of calibrating now")
+    arguments = parser.parse_args()
+    world = Communicator()
+    machine = calibrated_machine(world, arguments.calibration)
+    model = ModelSpec.from_gpt_config(GPTConfig(**MODEL))
+    rows = []
+    for layout in layouts(world.size):
+        measured, strategy = measure(world, layout, arguments.steps)
+        predicted = step_time(model, strategy, machine, overlap=False)
+        rows.append((strategy, measured, predicted))
+    if world.rank == 0:
+        print(f"model {MODEL}, global batch {BATCH}, float32, {world.size} ranks, median of {arguments.steps} steps; "
+              f"calibration: {machine.flops / 1e9:.2f} GFLOP/s per rank, {machine.overhead_per_block * 1e3:.2f} ms "
+              f"per block")
+        print("| layout | measured ms | predicted ms | error | compute | bubble | tp | pp | dp | optimizer |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        errors = []
+        for strategy, measured, t in rows:
+            errors.append(abs(t["step"] - measured) / measured)
+            parts = " | ".join(f"{t[k] * 1e3:.0f}" for k in ("compute", "bubble", "tp", "pp", "dp", "optimizer"))
+            print(f"| {strategy.describe()} | {measured * 1e3:.0f} | {t['step'] * 1e3:.0f} | "
+                  f"{(t['step'] - measured) / measured:+.0%} | {parts} |")
+        print(f"median relative error {statistics.median(errors):.1%}; Spearman rank correlation "
+              f"{spearman([t['step'] for _, _, t in rows], [m for _, m, _ in rows]):.2f} over {len(rows)} layouts")
+
+
+if __name__ == "__main__":
+    main()
