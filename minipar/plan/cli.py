@@ -10,6 +10,7 @@ predicted step time; prints the top ones with their memory and time breakdown, o
 plain-words explanation of the best and a bar chart of memory per rank.
 """
 import argparse
+import math
 
 from minipar.errors import ConfigError
 from minipar.plan.cost import rank_layouts
@@ -38,6 +39,8 @@ def add_arguments(parser):
                       help="mixed: the papers' GPU runs (16-bit, Adam's 16 bytes/param); fp32: minipar (default for a calibration file)")
     plan.add_argument("--zero", default="0,1,2,3", help="ZeRO stages to consider")
     plan.add_argument("--recompute", default="none,selective,full", help="recomputation to consider")
+    plan.add_argument("--sequence-parallel", choices=["both", "off"], default="both",
+                      help="consider sequence parallelism (both) or not (off, as in Narayanan et al. 2021)")
     plan.add_argument("--no-overlap", action="store_true", help="no overlap of the dp gradient sync with backward")
     plan.add_argument("--top", type=int, default=8)
     plan.add_argument("--explain", action="store_true", help="say in plain words why the best layout wins")
@@ -71,8 +74,7 @@ def options_from(arguments, precision):
         raise ConfigError(f"--recompute takes none,selective,full, got {arguments.recompute!r}")
     if precision == "fp32":
         recompute = tuple(r for r in recompute if r != "selective") or ("",)
-    return {"zero": zero, "sp": (False, True), "recompute": recompute, "precision": precision,
-            "few_microbatches": arguments.gpus > 64}
+    return {"zero": zero, "sp": (False, True) if arguments.sequence_parallel == "both" else (False,), "recompute": recompute, "precision": precision}
 
 
 def run(arguments):
@@ -125,9 +127,12 @@ def no_layout_message(model, machine, batch):
 def nothing_fits_message(predictions, machine):
     smallest = min(predictions, key=lambda p: p.memory["total"])
     need = smallest.memory["total"] / GB
+    # Model states shrink about as 1/GPUs (pp, tp, ZeRO-3), so scale the count by the shortfall.
+    more = machine.gpus_per_node * 2 ** math.ceil(math.log2(max(1.0, machine.gpus * need * GB / machine.memory_bytes
+                                                                     / machine.gpus_per_node)))
     return (f"nothing fits in {machine.memory_bytes / GB:.0f} GB per GPU: the leanest layout "
             f"({smallest.strategy.describe()}) needs {need:.1f} GB per rank; it would fit with --gpu-memory "
-            f"{need * 1.05:.0f}, or with more GPUs (pipeline and ZeRO-3 shards shrink as 1/pp and 1/dp)")
+            f"{math.ceil(need)}, or try about --gpus {more} (model states shrink as 1/(tp·pp), and 1/dp with ZeRO-3)")
 
 
 def explain(fitting, everything, model, machine):
@@ -138,10 +143,14 @@ def explain(fitting, everything, model, machine):
     words.append(f"- Tensor parallelism {s.tp}: its collectives run inside every layer, forward and backward "
                  f"({t['tp']:.3g} s of the step here), so it stays inside one node of {machine.gpus_per_node} GPUs, "
                  f"on NVLink; across nodes the same bytes would crawl over InfiniBand.")
-    words.append(f"- Pipeline parallelism {s.pp}: stages exchange only one activation per micro-batch "
-                 f"({t['pp']:.3g} s), so they can sit on different nodes; the price is the bubble, "
-                 f"(p-1)/(m+p-1) = {(s.pp - 1) / (s.microbatches + s.pp - 1):.1%} of the pipeline with m = "
-                 f"{s.microbatches} micro-batches ({t['bubble']:.3g} s).")
+    if s.pp > 1:
+        words.append(f"- Pipeline parallelism {s.pp}: stages exchange only one activation per micro-batch "
+                     f"({t['pp']:.3g} s), so they can sit on different nodes; the price is the bubble, "
+                     f"(p-1)/(m+p-1) = {(s.pp - 1) / (s.microbatches + s.pp - 1):.1%} of the pipeline with m = "
+                     f"{s.microbatches} micro-batches ({t['bubble']:.3g} s).")
+    else:
+        words.append("- No pipeline: once tensor parallelism and ZeRO have cut the model states, every rank holds "
+                     "all layers, and there is no bubble to pay.")
     words.append(f"- Data parallelism {s.dp}: one gradient sync per step; {t['dp']:.3g} s of it is left exposed "
                  f"after overlapping with the last backward.")
     if s.effective_zero:

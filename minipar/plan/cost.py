@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from minipar.plan.model import (Strategy, check_strategy, divisors, memory_per_rank, parameter_memory,
                                 rank_parameters, rank_pieces, representative_stages, selective_recompute_flops)
-from minipar.plan.traffic import bytes_per_group, step_calls
+from minipar.plan.traffic import step_calls
 
 
 @dataclass
@@ -33,7 +33,6 @@ class Prediction:
     memory: dict  # the fullest rank's terms, bytes
     memory_by_stage: list
     time: dict  # seconds: compute, bubble, tp, pp, dp (exposed), optimizer, step
-    bytes_sent: dict  # rank 0's bytes per group per step
     fits: bool
 
     @property
@@ -97,14 +96,15 @@ def predict(model, strategy, machine, overlap=False):
     memory_by_stage = [memory_per_rank(model, strategy, stage) for stage in representative_stages(strategy)]
     memory = max(memory_by_stage, key=lambda mem: mem["total"])
     return Prediction(strategy, memory, memory_by_stage, step_time(model, strategy, machine, overlap),
-                      bytes_per_group(model, strategy, 0), memory["total"] <= machine.memory_bytes)
+                      memory["total"] <= machine.memory_bytes)
 
 
 def candidate_strategies(model, world, batch_size, gpus_per_node, options):
     """Every layout of ``world`` ranks minipar can run for this model, with the options to try.
 
     tp only inside a node (its collectives run in every layer, Narayanan et al. 2021, section
-    3.2); micro-batch counts that are divisors of the replica's batch; the memory options given.
+    3.2); micro-batches of 1 or 2 rows and the fewest that fill the pipeline (m >= p); the
+    memory options given.
     """
     for dp, tp in itertools.product(divisors(world), repeat=2):
         if world % (dp * tp) or tp > gpus_per_node:
@@ -113,8 +113,9 @@ def candidate_strategies(model, world, batch_size, gpus_per_node, options):
         if pp > model.n_layer or batch_size % dp:
             continue
         per_replica = batch_size // dp
-        counts = [m for m in divisors(per_replica) if m >= pp] if pp > 1 else [1]
-        counts = counts[:1] + counts[-1:] if len(counts) > 2 and options.get("few_microbatches") else counts
+        counts = [m for m in divisors(per_replica) if m >= pp]
+        # Micro-batches of 1 and 2 rows (the bubble shrinks as m grows) and the fewest that fill the pipeline.
+        counts = sorted({m for m in counts if per_replica // m in (1, 2)} | set(counts[:1]))
         for m, zero, sp, recompute in itertools.product(counts, options.get("zero", (0,)), options.get("sp", (False,)),
                                                         options.get("recompute", ("",))):
             if zero and dp == 1 or sp and tp == 1:
