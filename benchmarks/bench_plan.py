@@ -1,6 +1,7 @@
 """The planner's predicted step times against measured ones, for every layout of the world, in one run.
 
     mpiexec -n 8 python benchmarks/bench_plan.py [--steps 4] [--calibration FILE]
+    python benchmarks/bench_plan.py --papers      # Narayanan et al. 2021 Table 1: picks and TFLOP/s
 
 First calibrates this machine in the same job (``minipar.plan.calibrate``: achieved FLOP/s and the
 per-block overhead on real blocks, α–β fits of the collectives for each group size, AdamW's
@@ -24,7 +25,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from minipar.backend import xp  # noqa: E402
-from minipar.comm import Communicator  # noqa: E402
 from minipar.nn.gpt import GPTConfig  # noqa: E402
 from minipar.plan.cost import step_time  # noqa: E402
 from minipar.plan.model import ModelSpec, Strategy  # noqa: E402
@@ -107,11 +107,56 @@ def calibrated_machine(world, path):
     return Machine("this machine", world.size, world.size, 1e12, flops, 0, 0, 0, 0, bandwidth, overhead, fits)
 
 
+# Narayanan et al. 2021, Table 1 (A100 80 GB, s = 2048, V = 51,200, activation recomputation on):
+# preset, GPUs, batch, the paper's tp and pp, its measured TFLOP/s per GPU.
+NARAYANAN_TABLE_1 = [("megatron-1.7b", 32, 512, 1, 1, 137), ("megatron-18b", 256, 1024, 8, 1, 135),
+                     ("megatron-76b", 1024, 1792, 8, 4, 140), ("megatron-145b", 1536, 2304, 8, 8, 148),
+                     ("megatron-310b", 1920, 2160, 8, 16, 155), ("megatron-530b", 2520, 2520, 8, 35, 163),
+                     ("megatron-1t", 3072, 3072, 8, 64, 163)]
+
+
+def papers():
+    """Planner's pick and its prediction for the paper's own layout, for each row of Table 1.
+
+    Throughput counts the FLOPs executed, recomputation included, as the paper does: with full
+    recomputation 72·B·L·s·h²(1 + s/6h + V/12hL) + 24·B·L·s·h²(1 + s/6h), which is exactly
+    Narayanan et al.'s 96·B·s·L·h²(1 + s/6h + V/16Lh).
+    """
+    from minipar.plan.cost import predict, rank_layouts
+    from minipar.plan.hardware import named_machine
+    from minipar.plan.model import PRESETS, flops_per_step
+
+    print("| model | GPUs | batch | paper tp x pp (dp) | paper TFLOP/s/GPU | predicted for the paper's layout | "
+          "planner's pick (paper's options) | its TFLOP/s/GPU | planner's pick (all options) | its TFLOP/s/GPU |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, gpus, batch, tp, pp, measured in NARAYANAN_TABLE_1:
+        model, machine = PRESETS[name], named_machine("a100", gpus)
+        dp = gpus // (tp * pp)
+        paper = Strategy(dp, tp, pp, batch, batch // dp, "1f1b", 1, 0, False, "full", "mixed")  # b = 1, assumed
+        def rate(prediction):  # FLOPs executed, recomputation included: the paper's count
+            full = prediction.strategy.recompute == "full"
+            return flops_per_step(model, batch, recompute_forward=1.0 if full else 0.0) / prediction.step / gpus / 1e12
+
+        picks = []
+        for options in ({"zero": (0,), "sp": (False,), "recompute": ("full",), "precision": "mixed"},
+                        {"zero": (0, 1, 2, 3), "sp": (False, True), "recompute": ("", "selective", "full"),
+                         "precision": "mixed"}):
+            fitting, _ = rank_layouts(model, machine, batch, options, overlap=True)
+            picks.append(f"{fitting[0].strategy.describe()} | {rate(fitting[0]):.0f}" if fitting else "nothing fits | -")
+        print(f"| {name} | {gpus} | {batch} | {tp} x {pp} ({dp}) | {measured} | "
+              f"{rate(predict(model, paper, machine, overlap=True)):.0f} | {picks[0]} | {picks[1]} |", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description="predicted vs measured step times of every layout")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--calibration", default=None, help="a `calibrate` JSON file instead of calibrating now")
+    parser.add_argument("--papers", action="store_true", help="only the Narayanan et al. 2021 Table 1 comparison (no MPI)")
     arguments = parser.parse_args()
+    if arguments.papers:
+        return papers()
+    from minipar.comm import Communicator
+
     world = Communicator()
     machine = calibrated_machine(world, arguments.calibration)
     model = ModelSpec.from_gpt_config(GPTConfig(**MODEL))
