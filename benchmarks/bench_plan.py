@@ -3,11 +3,13 @@
     mpiexec -n 8 python benchmarks/bench_plan.py [--steps 4] [--calibration FILE]
     python benchmarks/bench_plan.py --papers      # Narayanan et al. 2021 Table 1: picks and TFLOP/s
 
-First calibrates this machine in the same job (``minipar.plan.calibrate``: achieved FLOP/s and the
-per-block overhead on real blocks, α–β fits of the collectives for each group size, AdamW's
-bandwidth), unless --calibration gives a file; then, for every dp × tp × pp of the world and a few
-option variants (ZeRO, sequence parallelism, recomputation), measures the median step time of the
-slowest rank and predicts it with ``minipar.plan.cost.step_time`` on the calibrated machine.
+Calibrates this machine in the same job before and after the measurements and averages the two
+(``minipar.plan.calibrate``: achieved FLOP/s and the per-block overhead on real blocks, α–β fits of
+the collectives for each group size, AdamW's bandwidth), unless --calibration gives a file; builds a
+Trainer for every dp × tp × pp of the world and a few option variants (ZeRO, sequence parallelism,
+recomputation) and measures their steps round-robin (step i of every layout before step i + 1 of
+any, so a change of load hits all alike); the median step time of the slowest rank is compared
+with ``minipar.plan.cost.step_time`` on the calibrated machine.
 Rank 0 prints a Markdown table, the median relative error |predicted − measured| / measured, and
 the Spearman rank correlation between predicted and measured times (does the planner order the
 layouts right?).
@@ -53,23 +55,34 @@ def layouts(world_size):
     return base + variants
 
 
-def measure(world, layout, steps):
-    config = TrainConfig(steps=steps + 2, batch_size=BATCH, **layout)
+def build(world, layout):
+    config = TrainConfig(steps=100, batch_size=BATCH, **layout)
     trainer = Trainer(GPTConfig(**MODEL), config, world)
-    ids = xp.random.default_rng(0).integers(0, MODEL["vocab_size"], (BATCH, MODEL["block_size"] + 1))
-    inputs, targets = ids[:, :-1], ids[:, 1:]
-    trainer.train_step(inputs, targets)  # warm up: first-touch allocations, AdamW's moments
-    times = []
-    for _ in range(steps):
-        world.barrier()
-        started = time.perf_counter()
-        trainer.train_step(inputs, targets)
-        times.append(time.perf_counter() - started)
-    local = xp.array([statistics.median(times)])
-    world.allreduce(local, op="max")  # the slowest rank sets the step time
     strategy = Strategy(config.dp, config.tp, config.pp, BATCH, config.microbatches, config.schedule, 1, config.zero,
                         config.sequence_parallel, "full" if config.recompute else "", "fp32")
-    return float(local[0]), strategy
+    return trainer, strategy
+
+
+def measure_round_robin(world, trainers, steps):
+    """Median step time of each trainer (slowest rank), its steps interleaved with the others'.
+
+    Other jobs come and go on a shared machine; taking step i of every layout before step i + 1
+    of any spreads a change of load over all layouts instead of charging it to a few.
+    """
+    ids = xp.random.default_rng(0).integers(0, MODEL["vocab_size"], (BATCH, MODEL["block_size"] + 1))
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    for trainer in trainers:
+        trainer.train_step(inputs, targets)  # warm up: first-touch allocations, AdamW's moments
+    times = [[] for _ in trainers]
+    for _ in range(steps):
+        for trainer, record in zip(trainers, times):
+            world.barrier()
+            started = time.perf_counter()
+            trainer.train_step(inputs, targets)
+            record.append(time.perf_counter() - started)
+    local = xp.array([statistics.median(record) for record in times])
+    world.allreduce(local, op="max")  # the slowest rank sets the step time
+    return [float(t) for t in local]
 
 
 def ranks(values):
@@ -147,6 +160,17 @@ def papers():
               f"{rate(predict(model, paper, machine, overlap=True)):.0f} | {picks[0]} | {picks[1]} |", flush=True)
 
 
+def average_machines(first, second):
+    """The mean of two calibrations of one machine (before and after the measurements)."""
+    import dataclasses
+
+    mean = lambda a, b: (a + b) / 2  # noqa: E731
+    fitted = {key: [mean(a, b) for a, b in zip(first.fitted[key], second.fitted[key])] for key in first.fitted}
+    return dataclasses.replace(first, flops=2 / (1 / first.flops + 1 / second.flops),
+                               overhead_per_block=mean(first.overhead_per_block, second.overhead_per_block),
+                               memory_bandwidth=mean(first.memory_bandwidth, second.memory_bandwidth), fitted=fitted)
+
+
 def main():
     parser = argparse.ArgumentParser(description="predicted vs measured step times of every layout")
     parser.add_argument("--steps", type=int, default=4)
@@ -160,11 +184,12 @@ def main():
     world = Communicator()
     machine = calibrated_machine(world, arguments.calibration)
     model = ModelSpec.from_gpt_config(GPTConfig(**MODEL))
-    rows = []
-    for layout in layouts(world.size):
-        measured, strategy = measure(world, layout, arguments.steps)
-        predicted = step_time(model, strategy, machine, overlap=False)
-        rows.append((strategy, measured, predicted))
+    built = [build(world, layout) for layout in layouts(world.size)]
+    measured = measure_round_robin(world, [trainer for trainer, _ in built], arguments.steps)
+    after = calibrated_machine(world, arguments.calibration)  # again: the load may have changed
+    machine = average_machines(machine, after)
+    rows = [(strategy, seconds, step_time(model, strategy, machine, overlap=False))
+            for (_, strategy), seconds in zip(built, measured)]
     if world.rank == 0:
         print(f"model {MODEL}, global batch {BATCH}, float32, {world.size} ranks, median of {arguments.steps} steps; "
               f"calibration: {machine.flops / 1e9:.2f} GFLOP/s per rank, {machine.overhead_per_block * 1e3:.2f} ms "
