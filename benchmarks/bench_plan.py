@@ -30,7 +30,7 @@ from minipar.backend import xp  # noqa: E402
 from minipar.nn.gpt import GPTConfig  # noqa: E402
 from minipar.plan.cost import step_time  # noqa: E402
 from minipar.plan.model import ModelSpec, Strategy  # noqa: E402
-from minipar.train import Trainer, TrainConfig  # noqa: E402
+from minipar.train import TrainConfig, Trainer  # noqa: E402
 
 MODEL = dict(vocab_size=64, block_size=64, n_layer=8, n_head=8, n_embd=128)  # bench_hybrid's model
 BATCH = 16
@@ -75,7 +75,7 @@ def measure_round_robin(world, trainers, steps):
         trainer.train_step(inputs, targets)  # warm up: first-touch allocations, AdamW's moments
     times = [[] for _ in trainers]
     for _ in range(steps):
-        for trainer, record in zip(trainers, times):
+        for trainer, record in zip(trainers, times, strict=True):
             world.barrier()
             started = time.perf_counter()
             trainer.train_step(inputs, targets)
@@ -104,7 +104,7 @@ def spearman(xs, ys):
     """Spearman's rank correlation: Pearson's correlation of the ranks."""
     rx, ry = ranks(xs), ranks(ys)
     mx, my = statistics.fmean(rx), statistics.fmean(ry)
-    covariance = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    covariance = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
     return covariance / (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
 
 
@@ -146,7 +146,7 @@ def papers():
         model, machine = PRESETS[name], named_machine("a100", gpus)
         dp = gpus // (tp * pp)
         paper = Strategy(dp, tp, pp, batch, batch // dp, "1f1b", 1, 0, False, "full", "mixed")  # b = 1, assumed
-        def rate(prediction):  # FLOPs executed, recomputation included: the paper's count
+        def rate(prediction, model=model, batch=batch, gpus=gpus):  # FLOPs executed, recomputation included
             full = prediction.strategy.recompute == "full"
             return flops_per_step(model, batch, recompute_forward=1.0 if full else 0.0) / prediction.step / gpus / 1e12
 
@@ -155,7 +155,8 @@ def papers():
                         {"zero": (0, 1, 2, 3), "sp": (False, True), "recompute": ("", "selective", "full"),
                          "precision": "mixed"}):
             fitting, _ = rank_layouts(model, machine, batch, options, overlap=True)
-            picks.append(f"{fitting[0].strategy.describe()} | {rate(fitting[0]):.0f}" if fitting else "nothing fits | -")
+            best = fitting[0] if fitting else None
+            picks.append(f"{best.strategy.describe()} | {rate(best):.0f}" if best else "nothing fits | -")
         print(f"| {name} | {gpus} | {batch} | {tp} x {pp} ({dp}) | {measured} | "
               f"{rate(predict(model, paper, machine, overlap=True)):.0f} | {picks[0]} | {picks[1]} |", flush=True)
 
@@ -165,7 +166,8 @@ def average_machines(first, second):
     import dataclasses
 
     mean = lambda a, b: (a + b) / 2  # noqa: E731
-    fitted = {key: [mean(a, b) for a, b in zip(first.fitted[key], second.fitted[key])] for key in first.fitted}
+    fitted = {key: [mean(a, b) for a, b in zip(first.fitted[key], second.fitted[key], strict=True)]
+              for key in first.fitted}
     return dataclasses.replace(first, flops=2 / (1 / first.flops + 1 / second.flops),
                                overhead_per_block=mean(first.overhead_per_block, second.overhead_per_block),
                                memory_bandwidth=mean(first.memory_bandwidth, second.memory_bandwidth), fitted=fitted)
@@ -175,7 +177,8 @@ def main():
     parser = argparse.ArgumentParser(description="predicted vs measured step times of every layout")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--calibration", default=None, help="a `calibrate` JSON file instead of calibrating now")
-    parser.add_argument("--papers", action="store_true", help="only the Narayanan et al. 2021 Table 1 comparison (no MPI)")
+    parser.add_argument("--papers", action="store_true",
+                        help="only the Narayanan et al. 2021 Table 1 comparison (no MPI)")
     arguments = parser.parse_args()
     if arguments.papers:
         return papers()
@@ -189,7 +192,7 @@ def main():
     after = calibrated_machine(world, arguments.calibration)  # again: the load may have changed
     machine = average_machines(machine, after)
     rows = [(strategy, seconds, step_time(model, strategy, machine, overlap=False))
-            for (_, strategy), seconds in zip(built, measured)]
+            for (_, strategy), seconds in zip(built, measured, strict=True)]
     if world.rank == 0:
         print(f"model {MODEL}, global batch {BATCH}, float32, {world.size} ranks, median of {arguments.steps} steps; "
               f"calibration: {machine.flops / 1e9:.2f} GFLOP/s per rank, {machine.overhead_per_block * 1e3:.2f} ms "

@@ -89,7 +89,7 @@ def parse_arguments(argv):
         topology.add_argument(f"--{name}", type=int, default=1)
     from minipar.plan import calibrate, cli
 
-    cli.add_arguments(commands.add_parser("plan", help="choose dp x tp x pp, ZeRO, micro-batches for a model and machine"))
+    cli.add_arguments(commands.add_parser("plan", help="choose dp x tp x pp, ZeRO, micro-batches for a model"))
     calibrate.add_arguments(commands.add_parser("calibrate", help="measure this machine into a profile for plan"))
     return parser.parse_args(argv)
 

@@ -6,8 +6,6 @@ memory_report) and the bytes sent per group (the communicators' traffic counters
 and the peak bytes the autograd engine kept for backward (counted at save_for_backward) to the
 byte, integer index arrays aside (minipar/plan/measure.py says why).
 """
-import json
-
 import pytest
 
 from minipar.errors import ConfigError
@@ -15,9 +13,18 @@ from minipar.nn.gpt import GPT, GPTConfig
 from minipar.plan import cli
 from minipar.plan.cost import stage_forward_flops
 from minipar.plan.hardware import Machine, load_machine, named_machine
-from minipar.plan.model import (PRESETS, ModelSpec, Strategy, flops_per_step, in_flight, korthikanti_layer_bytes,
-                                layer_activation_bytes, paper_parameter_memory, rank_parameters)
-from minipar.testing import run_on_ranks
+from minipar.plan.model import (
+    PRESETS,
+    ModelSpec,
+    Strategy,
+    flops_per_step,
+    in_flight,
+    korthikanti_layer_bytes,
+    layer_activation_bytes,
+    paper_parameter_memory,
+    rank_parameters,
+)
+from minipar.testing import results_from_ranks
 
 SMALL = GPTConfig(vocab_size=64, block_size=16, n_layer=8, n_head=8, n_embd=32)
 
@@ -48,17 +55,18 @@ DEFAULT_LAYOUTS = [_layout(*f) for f in FACTORISATIONS] + [_with_options(*f, i) 
 
 
 def _compare(nranks, layouts):
-    output = run_on_ranks(nranks, "tests.mpi_bodies.plan_body:compare_layouts", timeout=900, layouts=layouts)
-    line = next((text for text in output.splitlines() if text.startswith("PLAN-RESULTS ")), None)
-    assert line is not None, output
+    results = results_from_ranks(nranks, "tests.mpi_bodies.plan_body:compare_layouts", timeout=900, layouts=layouts)
     mismatches = []
-    for result in json.loads(line[len("PLAN-RESULTS "):]):
-        for rank, pair in enumerate(result["ranks"]):
+    for rank, pairs in enumerate(results):
+        assert [pair["layout"] for pair in pairs] == layouts, f"rank {rank} measured other layouts"
+        for pair in pairs:
+            assert set(pair["measured"]) == set(pair["predicted"]), pair
             for quantity, got in pair["measured"].items():
                 expected = pair["predicted"][quantity]
                 if expected != got:
-                    mismatches.append(f"{result['layout']} rank {rank} {quantity}: predicted {expected}, measured {got}")
-    assert len(json.loads(line[len("PLAN-RESULTS "):])) == len(layouts)
+                    mismatches.append(f"{pair['layout']} rank {rank} {quantity}: "
+                                      f"predicted {expected}, measured {got}")
+    assert len(results) == nranks
     assert not mismatches, "\n".join(mismatches)
 
 

@@ -21,6 +21,7 @@ import json
 import os
 import statistics
 import time
+from functools import partial
 
 from minipar.backend import xp
 
@@ -73,7 +74,7 @@ def block_fit(dtype, repeats, world):
             p.data[...] = xp.asarray(0.02, dtype=p.dtype)
         x = Tensor(xp.ones((batch, length, width), dtype=getattr(xp, dtype)), requires_grad=True)
 
-        def step():
+        def step(block=block, x=x):
             block(x).sum().backward()
 
         step()
@@ -119,11 +120,11 @@ def collective_fits(world, dtype, repeats):
                 n = max(size, nbytes // itemsize // size * size)  # a multiple of the group size
                 full = xp.ones(n, dtype=dtype)
                 part = xp.empty(n // size, dtype=dtype)
-                call = {"allreduce": lambda: group.allreduce(full),
-                        "allgather": lambda: group.allgather(part, full),
-                        "reduce_scatter": lambda: group.reduce_scatter(full, part),
-                        "broadcast": lambda: group.broadcast(full, root=0)}[kind]
-                points.append((n * itemsize, _median_time(lambda: _repeat(call, BURST), repeats, world) / BURST))
+                call = {"allreduce": partial(group.allreduce, full),
+                        "allgather": partial(group.allgather, part, full),
+                        "reduce_scatter": partial(group.reduce_scatter, full, part),
+                        "broadcast": partial(group.broadcast, full, root=0)}[kind]
+                points.append((n * itemsize, _median_time(partial(_repeat, call, BURST), repeats, world) / BURST))
             fits[f"{kind}/{size}"] = fit_line(points)
         group.mpi.Free()
     if world.size > 1:  # pairs (0,1), (2,3), ...: every rank busy, as in a pipeline
@@ -132,7 +133,7 @@ def collective_fits(world, dtype, repeats):
         for nbytes in SIZES:
             buffer = xp.ones(nbytes // itemsize, dtype=dtype)
 
-            def exchange():
+            def exchange(buffer=buffer):
                 if peer != world.rank:
                     world.sendrecv(buffer, peer, buffer.copy(), peer)
 

@@ -36,7 +36,8 @@ def add_arguments(parser):
     plan = parser.add_argument_group("search")
     plan.add_argument("--batch-size", type=int, default=None, help="global batch in sequences")
     plan.add_argument("--precision", choices=["mixed", "fp32"], default=None,
-                      help="mixed: the papers' GPU runs (16-bit, Adam's 16 bytes/param); fp32: minipar (default for a calibration file)")
+                      help="mixed: the papers' GPU runs (16-bit, Adam's 16 bytes/param); "
+                           "fp32: minipar (the default with a calibration file)")
     plan.add_argument("--zero", default="0,1,2,3", help="ZeRO stages to consider")
     plan.add_argument("--recompute", default="none,selective,full", help="recomputation to consider")
     plan.add_argument("--sequence-parallel", choices=["both", "off"], default="both",
@@ -74,7 +75,8 @@ def options_from(arguments, precision):
         raise ConfigError(f"--recompute takes none,selective,full, got {arguments.recompute!r}")
     if precision == "fp32":
         recompute = tuple(r for r in recompute if r != "selective") or ("",)
-    return {"zero": zero, "sp": (False, True) if arguments.sequence_parallel == "both" else (False,), "recompute": recompute, "precision": precision}
+    sequence_parallel = (False, True) if arguments.sequence_parallel == "both" else (False,)
+    return {"zero": zero, "sp": sequence_parallel, "recompute": recompute, "precision": precision}
 
 
 def run(arguments):
@@ -121,7 +123,8 @@ def no_layout_message(model, machine, batch):
     return (f"no layout of {machine.gpus} ranks can split this model: tp must divide n_head ({model.n_head}), "
             f"4*n_embd and the vocabulary ({model.vocab_size}) and fit in a node of {machine.gpus_per_node}, pp "
             f"must be at most n_layer ({model.n_layer}), dp must divide the batch ({batch}); try a number of "
-            f"GPUs with more small factors, such as {machine.gpus_per_node * max(1, machine.gpus // machine.gpus_per_node)}")
+            f"GPUs with more small factors, such as "
+            f"{machine.gpus_per_node * max(1, machine.gpus // machine.gpus_per_node)}")
 
 
 def nothing_fits_message(predictions, machine):
@@ -169,7 +172,8 @@ def explain(fitting, everything, model, machine):
     rejected = [p for p in everything if not p.fits]
     if rejected:
         fastest_rejected = min(rejected, key=lambda p: p.step)
-        words.append(f"- {len(rejected)} layouts do not fit; the fastest of them ({fastest_rejected.strategy.describe()}, "
+        words.append(f"- {len(rejected)} layouts do not fit; the fastest of them "
+                     f"({fastest_rejected.strategy.describe()}, "
                      f"{fastest_rejected.step:.3g} s) needs {fastest_rejected.memory['total'] / GB:.0f} GB per rank.")
     return "\n".join(words)
 
@@ -192,7 +196,7 @@ def plot_memory(predictions, machine, path):
     for kind in kinds:
         heights = [p.memory.get(kind, 0) / GB for p in predictions]
         axes.bar(labels, heights, bottom=bottom, label=kind.replace("_", " "))
-        bottom = [b + h for b, h in zip(bottom, heights)]
+        bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
     axes.axhline(machine.memory_bytes / GB, color="black", linestyle="--", label="GPU memory")
     axes.set_ylabel("GB on the fullest rank")
     axes.set_title("memory per rank of the fastest layouts")

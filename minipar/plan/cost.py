@@ -22,8 +22,17 @@ Time per step (one rank's view; the slowest stage sets the pace):
 import itertools
 from dataclasses import dataclass
 
-from minipar.plan.model import (Strategy, check_strategy, divisors, memory_per_rank, parameter_memory,
-                                rank_parameters, rank_pieces, representative_stages, selective_recompute_flops)
+from minipar.plan.model import (
+    Strategy,
+    check_strategy,
+    divisors,
+    memory_per_rank,
+    parameter_memory,
+    rank_parameters,
+    rank_pieces,
+    representative_stages,
+    selective_recompute_flops,
+)
 from minipar.plan.traffic import step_calls
 
 

@@ -46,7 +46,6 @@ from dataclasses import dataclass, replace
 from minipar.errors import ConfigError, require_positive_int
 
 
-
 @dataclass(frozen=True)
 class ModelSpec:
     """A GPT as the planner sees it (the same shapes as ``minipar.nn.gpt.GPTConfig``)."""
@@ -132,7 +131,8 @@ class Strategy:
         return self.zero if self.dp > 1 else 0  # the Trainer ignores ZeRO with one replica
 
     def describe(self):
-        extras = [f"m={self.microbatches}", self.schedule + (f" v={self.virtual_stages}" if self.virtual_stages > 1 else "")]
+        interleaving = f" v={self.virtual_stages}" if self.virtual_stages > 1 else ""
+        extras = [f"m={self.microbatches}", self.schedule + interleaving]
         extras += [f"ZeRO-{self.zero}"] if self.effective_zero else []
         extras += ["SP"] if self.sequence_parallel else []
         extras += [f"recompute-{self.recompute}"] if self.recompute else []
@@ -339,7 +339,8 @@ def activation_memory(model, strategy, stage):
     """
     b, chunks = strategy.micro_batch, rank_chunks(strategy, stage)
     if strategy.effective_zero == 3:
-        return max(piece_activation_bytes(model, piece, b, strategy) for _, piece in rank_pieces(model, strategy, stage))
+        return max(piece_activation_bytes(model, piece, b, strategy)
+                   for _, piece in rank_pieces(model, strategy, stage))
     largest = max(chunk_activation_bytes(model, strategy, c) for c in chunks)
     if strategy.recompute:
         return largest

@@ -137,7 +137,8 @@ def _data_parallel_calls(model, strategy, stage):
             calls.append(Call("dp", "allgather", rows, e, per="step"))
         else:  # gathered for every forward (and rerun) and every backward of each piece using it
             # forward, recomputation, and the backward's rerun: one gather each (_forward_passes)
-            calls.append(Call("dp", "allgather", rows, e, len(users) * strategy.microbatches * _forward_passes(strategy)))
+            gathers = len(users) * strategy.microbatches * _forward_passes(strategy)
+            calls.append(Call("dp", "allgather", rows, e, gathers))
     return calls
 
 

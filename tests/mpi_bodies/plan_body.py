@@ -1,18 +1,16 @@
 """Rank bodies for tests/test_plan.py: run real steps, measure, return predicted and measured side by side.
 
 Every rank computes the planner's prediction for its own grid coordinates and measures its own
-step; rank 0 gathers the pairs and prints them as one JSON line (``PLAN-RESULTS``), which the test
-parses and compares field by field, so a failure names the layout, the rank and the quantity.
+step, and returns the pairs; the test compares them field by field, so a failure names the
+layout, the rank and the quantity.
 """
-import json
-
 from minipar.backend import xp
 from minipar.comm import Communicator
 from minipar.nn.gpt import GPTConfig
 from minipar.plan.measure import measure_step
 from minipar.plan.model import ModelSpec, Strategy, activation_memory, parameter_memory
 from minipar.plan.traffic import bytes_per_group, coordinates
-from minipar.train import Trainer, TrainConfig
+from minipar.train import TrainConfig, Trainer
 
 MODEL = dict(vocab_size=64, block_size=16, n_layer=8, n_head=8, n_embd=32)
 BATCH = 16
@@ -46,12 +44,6 @@ def predicted_and_measured(world, layout):
 
 
 def compare_layouts(comm, layouts):
+    """[{"layout", "predicted", "measured"}] for this rank, one per layout (pytest compares them)."""
     world = Communicator(comm)
-    results = []
-    for layout in layouts:
-        pair = predicted_and_measured(world, layout)
-        everyone = comm.gather(pair, root=0)  # small metadata: a few numbers per rank
-        results.append({"layout": layout, "ranks": everyone})
-    if comm.rank == 0:
-        print("PLAN-RESULTS " + json.dumps(results), flush=True)
-    return results
+    return [{"layout": layout, **predicted_and_measured(world, layout)} for layout in layouts]
