@@ -224,22 +224,44 @@ def rank_parameters(model, strategy, stage):
 
 
 @functools.lru_cache(maxsize=4096)
-def zero_units(model, strategy, stage):
+def zero_named_units(model, strategy, stage):
     """ZeRO's units (parallel/zero.py ``make_units``): per piece its own parameters, and the tied
-    weight alone when two pieces of this rank use it. Returns [(piece indices using it, [elements])]."""
+    weight alone when two pieces of this rank use it. Returns [(piece indices using it, [(name, elements)])]."""
     pieces = rank_pieces(model, strategy, stage)
     shared = sum(piece in ("embedding", "head") for _, piece in pieces) == 2
     units, tied = [], None
     for index, (_, piece) in enumerate(pieces):
-        own = [n for name, n in piece_parameters(model, piece, strategy.tp)
+        own = [(name, n) for name, n in piece_parameters(model, piece, strategy.tp)
                if not (shared and name == "embedding.token.weight")]
         units.append(([index], own))
         if shared and piece in ("embedding", "head"):
             if tied is None:
-                tied = ([], [model.vocab_size // strategy.tp * model.n_embd])
+                tied = ([], [("embedding.token.weight", model.vocab_size // strategy.tp * model.n_embd)])
                 units.append(tied)
             tied[0].append(index)
     return units
+
+
+def zero_units(model, strategy, stage):
+    """``zero_named_units`` with the elements only: [(piece indices, [elements])]."""
+    return [(users, [n for _, n in unit]) for users, unit in zero_named_units(model, strategy, stage)]
+
+
+SEQUENCE_SHARDED = ("norm.weight", "norm.bias", "embedding.position.weight", "attention.output.bias",
+                    "mlp.output.bias")  # gradients SP sums over tp (parallel/tensor_parallel.py)
+
+
+def zero_gradient_elements(model, strategy, stage):
+    """Elements of gradient a ZeRO rank holds after the step: each unit's averaged parts, except that
+    sequence parallelism's sum replaces the parts of the sequence-sharded parameters by copies (a
+    unit whose parts were all replaced is no longer held)."""
+    count, total = strategy.dp, 0
+    for _, unit in zero_named_units(model, strategy, stage):
+        summed = [strategy.sequence_parallel and name.endswith(SEQUENCE_SHARDED) for name, _ in unit]
+        parts = [part_length(n, count) for _, n in unit]
+        total += sum(parts) if not all(summed) else 0
+        total += sum(part for part, copy in zip(parts, summed, strict=True) if copy)
+    return total
 
 
 def part_length(n, count):
@@ -255,7 +277,8 @@ def parameter_memory(model, strategy, stage):
         return {"parameters": e * psi, "gradients": e * psi, "optimizer_states": 2 * e * psi}
     parts = sum(part_length(n, count) for _, unit in zero_units(model, strategy, stage) for n in unit)
     held = count * parts if zero < 3 else parts  # stages 1-2 keep every padded parameter whole
-    return {"parameters": e * held, "gradients": e * parts, "optimizer_states": 2 * e * parts}
+    gradients = zero_gradient_elements(model, strategy, stage)
+    return {"parameters": e * held, "gradients": e * gradients, "optimizer_states": 2 * e * parts}
 
 
 def paper_parameter_memory(psi, zero, dp, k=12):
