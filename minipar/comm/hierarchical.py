@@ -24,33 +24,30 @@ subscript for the link; binomial trees inside the node):
 The sum is the same as the flat allreduce's, formed in another order: equal in exact arithmetic,
 and in floating point equal up to rounding (bitwise equal for integer-valued data).
 
-Nodes come from MPI itself (``MPI.COMM_TYPE_SHARED``: ranks that share memory) or, to teach it on
-one machine, from ``ranks_per_node=K``: ranks 0..K−1 are node 0, K..2K−1 node 1, and so on.
+Nodes come from MPI itself (``shared_memory_node``: ranks that share memory) or, to teach it on
+one machine, from ``node_of_world_rank(K)``: world ranks 0..K−1 are node 0, K..2K−1 node 1, and so
+on (``--ranks-per-node K``). Any group can be split this way, a data-parallel group of a 3D grid too.
 """
 from mpi4py import MPI
 
-from minipar.comm.communicator import Communicator
 from minipar.errors import ConfigError
 
 
 class NodeGroups:
-    """This rank's node communicator (``intra``) and, on leaders, the leaders' one (``leaders``)."""
+    """This rank's node communicator (``intra``) and the node leaders' one (``leaders``).
 
-    def __init__(self, comm, ranks_per_node=None):
-        if ranks_per_node is None:  # the real machine: ranks that can share memory
-            self.intra = Communicator(comm.mpi.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank))
-            ranks_per_node = self.intra.size
-        else:
-            if isinstance(ranks_per_node, bool) or not isinstance(ranks_per_node, int) or ranks_per_node < 1:
-                raise ConfigError(f"ranks_per_node must be a positive integer, got {ranks_per_node!r}")
-            if comm.size % ranks_per_node:
-                raise ConfigError(f"{comm.size} ranks cannot form nodes of {ranks_per_node}: "
-                                  f"ranks_per_node must divide the group size")
-            self.intra = comm.split(color=comm.rank // ranks_per_node, key=comm.rank)
-        self.ranks_per_node = ranks_per_node
+    ``node`` is this rank's node number: ``node_of_world_rank`` (simulated nodes of K consecutive
+    world ranks) or ``shared_memory_node`` (the real machine). Ranks of ``comm`` with the same node
+    form one ``intra`` group, led by its lowest rank.
+    """
+
+    def __init__(self, comm, node):
+        self.comm, self.node = comm, node
+        self.intra = comm.split(color=node, key=comm.rank)
         self.is_leader = self.intra.rank == 0
         # Every rank must join the Split; non-leaders get a group they never use.
         self.leaders = comm.split(color=0 if self.is_leader else 1, key=comm.rank)
+        self.nodes = self.leaders.size if self.is_leader else None
 
     def allreduce(self, array):
         """Sum ``array`` over all ranks in place, node by node (see the module docstring)."""
@@ -71,14 +68,35 @@ class NodeGroups:
         return sum(record.bytes_sent for record in self.leaders.counters.values())
 
 
-def flat_ring_inter_node_bytes_sent(rank, size, ranks_per_node, bytes_sent):
-    """Of the ``bytes_sent`` a rank put on a flat ring, those that crossed to another node.
+def node_of_world_rank(ranks_per_node):
+    """Simulated nodes for teaching on one machine: world ranks 0..K−1 are node 0, K..2K−1 node 1, …"""
+    world = MPI.COMM_WORLD
+    if isinstance(ranks_per_node, bool) or not isinstance(ranks_per_node, int) or ranks_per_node < 1:
+        raise ConfigError(f"ranks_per_node must be a positive integer, got {ranks_per_node!r}")
+    if world.Get_size() % ranks_per_node:
+        raise ConfigError(f"{world.Get_size()} ranks cannot form nodes of {ranks_per_node}: "
+                          f"--ranks-per-node must divide the number of ranks")
+    return world.Get_rank() // ranks_per_node
+
+
+def shared_memory_node(comm):
+    """The real machine: ranks that can share memory are one node; numbered by their lowest rank."""
+    local = comm.mpi.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
+    lowest = local.allreduce(comm.rank, op=MPI.MIN)  # small metadata: one integer
+    local.Free()
+    return lowest
+
+
+def flat_ring_inter_node_bytes_sent(groups, bytes_sent):
+    """Of the ``bytes_sent`` this rank put on a flat ring over ``groups.comm``, those that left its node.
 
     In a ring every message goes to the right neighbour, rank + 1 (mod N), so a rank's bytes
-    cross a node boundary exactly when that neighbour sits on another node.
+    cross a node boundary exactly when that neighbour sits on another node. Collective (every
+    rank learns every rank's node: a few integers).
     """
-    right = (rank + 1) % size
-    return bytes_sent if right // ranks_per_node != rank // ranks_per_node else 0
+    nodes = groups.comm.mpi.allgather(groups.node)
+    right = (groups.comm.rank + 1) % groups.comm.size
+    return bytes_sent if nodes[right] != groups.node else 0
 
 
 def allreduce_costs(n_bytes, ranks_per_node, nodes, alpha_intra, beta_intra, alpha_inter, beta_inter):

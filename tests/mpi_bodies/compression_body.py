@@ -4,7 +4,7 @@ import numpy as np
 from minipar.comm.collectives import block_bounds, modelled_traffic
 from minipar.comm.communicator import Communicator
 from minipar.comm.compression import HalfPrecision, PowerSGD, TopK
-from minipar.comm.hierarchical import NodeGroups, flat_ring_inter_node_bytes_sent
+from minipar.comm.hierarchical import NodeGroups, flat_ring_inter_node_bytes_sent, node_of_world_rank
 
 
 def _rank_gradients(rank, shapes, seed=0):
@@ -95,7 +95,7 @@ def hierarchical_versus_flat(mpi_comm, ranks_per_node, size=1000):
     flat = data.copy()
     comm.allreduce(flat, algorithm="ring")
     flat_sent = comm.counters["allreduce"].bytes_sent
-    groups = NodeGroups(comm, ranks_per_node=ranks_per_node)
+    groups = NodeGroups(comm, node_of_world_rank(ranks_per_node))
     hierarchical = data.copy()
     groups.allreduce(hierarchical)
     real = np.random.default_rng(comm.rank + 100).standard_normal(size)
@@ -106,8 +106,7 @@ def hierarchical_versus_flat(mpi_comm, ranks_per_node, size=1000):
             "relative_difference_real_data": float(np.abs(flat_real - hierarchical_real).max()
                                                    / np.abs(flat_real).max()),
             "hierarchical_inter_node_bytes": groups.inter_node_bytes_sent() // 2,  # two allreduces ran
-            "flat_inter_node_bytes": flat_ring_inter_node_bytes_sent(comm.rank, comm.size, ranks_per_node,
-                                                                     flat_sent),
+            "flat_inter_node_bytes": flat_ring_inter_node_bytes_sent(groups, flat_sent),
             "is_leader": groups.is_leader}
 
 
