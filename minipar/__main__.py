@@ -90,6 +90,9 @@ def parse_arguments(argv):
 
 def main(argv=None):
     arguments = parse_arguments(sys.argv[1:] if argv is None else argv)
+    from minipar.backend import reuse_freed_memory
+
+    reuse_freed_memory()  # a program's choice, made here rather than on import
     if arguments.command == "topology":
         from minipar.parallel.topology import Layout
 
