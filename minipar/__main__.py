@@ -107,9 +107,9 @@ def main(argv=None):
     if arguments.block_size is None:
         # An addition line is "ab+cd=" plus the reversed sum and a newline: 3 digits + 4 characters.
         arguments.block_size = 64 if arguments.data else 3 * arguments.digits + 4
-    from minipar.run import train
+    from minipar.run import train_command
 
-    return train(arguments)
+    return train_command(arguments)
 
 
 def run_as_job():

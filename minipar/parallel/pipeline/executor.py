@@ -40,10 +40,11 @@ With p = 1 there are no messages and the step is plain gradient accumulation ove
 """
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from minipar.backend import xp
-from minipar.errors import ConfigError, ShapeError
+from minipar.errors import ConfigError, ShapeError, require_positive_int
 from minipar.parallel.pipeline.schedules import (
     FORWARD, RECEIVES, RECV_FORWARD, SEND_FORWARD, SENDS, build_schedule, message_tag, peer_rank)
 from minipar.tensor import Tensor, no_grad
@@ -53,14 +54,33 @@ RECEIVE_BUFFERS = 2  # receives posted ahead: double buffering, the next message
 
 def split_microbatches(batch, num_microbatches):
     """Rows [i*b, (i+1)*b) of ``batch`` as micro-batch i, b = B/m: the list ``run`` takes."""
-    if isinstance(num_microbatches, bool) or not isinstance(num_microbatches, int) or num_microbatches < 1:
-        raise ConfigError(f"the number of micro-batches must be a positive integer, got {num_microbatches!r}")
+    require_positive_int("the number of micro-batches", num_microbatches)
     rows = batch.shape[0]
     if rows % num_microbatches:
         raise ConfigError(f"a batch of {rows} rows does not split into {num_microbatches} equal micro-batches; "
                           f"choose a number of micro-batches that divides {rows}")
     size = rows // num_microbatches
     return [batch[i * size:(i + 1) * size] for i in range(num_microbatches)]
+
+
+def random_states(module):
+    """The states of ``module``'s random generators (its Dropout layers'), to replay its draws later."""
+    return [generator.bit_generator.state for generator in module.random_generators()]
+
+
+@contextmanager
+def replaying(module, states):
+    """Inside the block ``module`` draws what it drew from ``states`` (``random_states``); after it,
+    its generators carry on as if the block had not run. Recomputation relies on it (and ZeRO-3)."""
+    generators = module.random_generators()
+    current = [generator.bit_generator.state for generator in generators]
+    for generator, state in zip(generators, states, strict=True):
+        generator.bit_generator.state = state
+    try:
+        yield
+    finally:
+        for generator, state in zip(generators, current, strict=True):
+            generator.bit_generator.state = state
 
 
 @dataclass
@@ -163,7 +183,7 @@ class PipelineExecutor:
         key = (action.microbatch, action.chunk)
         x = self._inputs[action.microbatch] if chunk.is_first else self._received.pop(("activation", *key))
         if self.recompute:
-            states = [generator.bit_generator.state for generator in chunk.random_generators()]
+            states = random_states(chunk)
             with no_grad():
                 output, loss = self._run_chunk(chunk, x, action.microbatch)
             self._stash[key] = _Stashed(x, None, states)
@@ -184,13 +204,8 @@ class PipelineExecutor:
         stashed = self._stash.pop(key)
         output = stashed.output
         if self.recompute:  # rebuild the graph from the kept input, with the same dropout masks
-            generators = chunk.random_generators()
-            current = [generator.bit_generator.state for generator in generators]
-            for generator, state in zip(generators, stashed.random_states):
-                generator.bit_generator.state = state
-            output, _ = self._run_chunk(chunk, stashed.input, action.microbatch)
-            for generator, state in zip(generators, current):
-                generator.bit_generator.state = state
+            with replaying(chunk, stashed.random_states):
+                output, _ = self._run_chunk(chunk, stashed.input, action.microbatch)
         if chunk.is_last:
             output.backward()
         else:
