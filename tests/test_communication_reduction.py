@@ -61,3 +61,47 @@ def test_hierarchical_allreduce_is_exact_and_crosses_nodes_less(nranks, ranks_pe
     assert flat == nodes * 2 * (nranks - 1) / nranks * n_bytes, f"flat ring: {flat} bytes crossed nodes"
     assert hierarchical == 2 * (nodes - 1) * n_bytes, f"hierarchical: {hierarchical} bytes crossed nodes"
     assert sum(_each_rank(results, "is_leader").values()) == nodes
+
+
+TRAINING = "tests.mpi_bodies.communication_training_body"
+
+
+@pytest.mark.parametrize("nranks,layout", [(2, {}), (4, {}), (8, {}), (4, {"tp": 2}), (8, {"tp": 2, "pp": 2})])
+def test_local_sgd_with_h1_and_sgd_is_data_parallelism(nranks, layout):
+    dp = nranks // (layout.get("tp", 1) * layout.get("pp", 1))
+    results = results_from_ranks(nranks, f"{TRAINING}:local_sgd_h1_is_data_parallelism", dp=dp, **layout)
+    for rank, result in enumerate(results):
+        # (1/N) Σ (θ − η g_i) and θ − η (1/N) Σ g_i: the same in exact arithmetic, rounded differently.
+        assert result["local_sgd_losses"] == pytest.approx(result["data_parallel_losses"], rel=1e-12, abs=0), rank
+    assert results[0]["largest_relative_parameter_difference"] < 1e-12
+
+
+@pytest.mark.parametrize("nranks", [2, 4])
+def test_local_sgd_replicas_drift_between_averages_and_meet_at_them(nranks):
+    period, steps = 3, 7
+    results = results_from_ranks(nranks, f"{TRAINING}:local_sgd_replicas_drift_and_meet", period=period, steps=steps)
+    assert results[0]["averaging_steps"] == [2, 5]
+    for step in range(steps):
+        values = {result["checksums"][step] for result in results}
+        if step in (2, 5):
+            assert len(values) == 1, f"step {step}: replicas must agree right after an average, got {values}"
+        else:
+            assert len(values) == nranks, f"step {step}: replicas on their own data must differ, got {values}"
+    for rank, result in enumerate(results):  # one parameter average per period (the buckets of one allreduce each)
+        assert result["allreduce_calls"] == 2 * results[0]["allreduce_calls"] // 2, rank
+
+
+@pytest.mark.parametrize("method", ["fp16", "bf16", "topk", "powersgd"])
+def test_compressed_training_keeps_replicas_identical_and_sends_less(method):
+    results = results_from_ranks(2, f"{TRAINING}:compressed_training", method=method)
+    for step in range(3):
+        assert len({result["checksums"][step] for result in results}) == 1, f"replicas differ after step {step}"
+    for rank, result in enumerate(results):
+        assert result["bytes_sent"] < result["exact_bytes_sent"], (rank, result["bytes_sent"], result["exact_bytes_sent"])
+        # The first step's loss is computed before any update: compression cannot change it.
+        assert result["losses"][0] == result["exact_losses"][0], rank
+        expected_state = {"fp16": [], "bf16": []}.get(method)
+        if expected_state is not None:
+            assert result["state_names"] == expected_state, rank
+        else:
+            assert any(name.startswith("residual.") for name in result["state_names"]), rank
