@@ -26,7 +26,10 @@ from dataclasses import dataclass
 from minipar.backend import from_host, set_default_dtype, xp
 from minipar.errors import CheckpointError, ConfigError, require_positive_int
 from minipar.nn.gpt import GPT
-from minipar.optim import AdamW, clip_grad_norm, cosine_learning_rate, decay_groups, grad_norm_squared
+from minipar.optim import SGD, AdamW, clip_grad_norm, cosine_learning_rate, decay_groups, grad_norm_squared
+from minipar.comm.compression import make_compressor
+from minipar.comm.hierarchical import NodeGroups, node_of_world_rank, shared_memory_node
+from minipar.parallel.communication_reduction import CompressedDataParallel, HierarchicalDataParallel, LocalSGD
 from minipar.parallel.data_parallel import DataParallel, local_slice
 from minipar.parallel.gather import gather_full_arrays
 from minipar.parallel.gradient_sync import MOMENTS, SequenceParallelGradientSum, SingleReplica
@@ -63,7 +66,14 @@ class TrainConfig:
     zero: int = 0  # ZeRO stage over the data-parallel group (0 = off)
     bucket_megabytes: float = 1.0  # data-parallel gradient bucket size
     overlap: bool = False  # start bucket allreduces during backward
-    allreduce: str = "mpi"  # mpi | ring | recursive_doubling | tree
+    allreduce: str = "mpi"  # mpi | ring | recursive_doubling | tree | hierarchical (node by node)
+    ranks_per_node: int = 0  # hierarchical: simulated nodes of K consecutive ranks; 0 = MPI's shared-memory nodes
+    # cutting communication (docs/communication.md)
+    compress: str = "none"  # none | fp16 | bf16 | topk | powersgd: how gradients travel (all but none are lossy)
+    topk_ratio: float = 0.01  # top-k: fraction of each gradient tensor sent per step
+    powersgd_rank: int = 2  # PowerSGD: rank r of the approximation P Qᵀ
+    local_sgd: int = 0  # H > 0: no gradient exchange; average the parameters every H steps (Lin et al. 2020)
+    optimizer: str = "adamw"  # adamw | sgd (plain SGD: local SGD with H = 1 is then exactly data parallelism)
 
     def __post_init__(self):
         if self.dtype not in ("float32", "float64"):
@@ -86,6 +96,32 @@ class TrainConfig:
         if self.zero and self.dp > 1 and (self.overlap or self.allreduce != "mpi"):
             raise ConfigError("--overlap and --allreduce choose how plain data parallelism allreduces; "
                               "ZeRO reduce-scatters and all-gathers instead, so drop them or --zero")
+        self._check_communication_options()
+
+    def _check_communication_options(self):
+        """The options of docs/communication.md: each refused, in one sentence, where it does not apply."""
+        from minipar.comm.compression import COMPRESSION_METHODS
+
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ConfigError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        if self.compress not in COMPRESSION_METHODS:
+            raise ConfigError(f"compress must be one of {COMPRESSION_METHODS}, got {self.compress!r}")
+        if not 0 < self.topk_ratio <= 1:
+            raise ConfigError(f"topk_ratio must be in (0, 1], got {self.topk_ratio!r}")
+        require_positive_int("powersgd_rank", self.powersgd_rank)
+        require_positive_int("local_sgd", self.local_sgd, minimum=0)
+        require_positive_int("ranks_per_node", self.ranks_per_node, minimum=0)
+        chosen = [name for name, on in (("--compress", self.compress != "none"), ("--local-sgd", self.local_sgd > 0),
+                                        ("--allreduce hierarchical", self.allreduce == "hierarchical")) if on]
+        if len(chosen) > 1:
+            raise ConfigError(f"{' and '.join(chosen)} are alternatives: choose one")
+        if chosen and self.zero:
+            raise ConfigError(f"{chosen[0]} changes plain data parallelism's allreduce; ZeRO reduce-scatters "
+                              f"its gradients instead, so drop {chosen[0]} or --zero")
+        if chosen and self.overlap:
+            raise ConfigError(f"{chosen[0]} is blocking (it runs after backward), so it cannot --overlap")
+        if self.ranks_per_node and self.allreduce != "hierarchical":
+            raise ConfigError("--ranks-per-node describes nodes for --allreduce hierarchical; add that or drop it")
 
     @property
     def layout(self):
@@ -124,8 +160,11 @@ class Trainer:
         self.norm_tensors = [self.sync.updated_tensor(p) for _, p in self.counted_once]
         self.norm_groups = (self.grid.tp, self.grid.pp, *self.sync.partitioned_over)
         groups = decay_groups(self.named_parameters, train_config.weight_decay)
-        self.optimizer = AdamW(self.sync.optimizer_groups(groups), lr=train_config.learning_rate,
-                               betas=train_config.betas, weight_decay=train_config.weight_decay)
+        if train_config.optimizer == "sgd":
+            self.optimizer = SGD(self.sync.optimizer_groups(groups), lr=train_config.learning_rate)
+        else:
+            self.optimizer = AdamW(self.sync.optimizer_groups(groups), lr=train_config.learning_rate,
+                                   betas=train_config.betas, weight_decay=train_config.weight_decay)
         self.step_count = 0
 
     # ---- construction ------------------------------------------------------------------
@@ -154,9 +193,18 @@ class Trainer:
             return SingleReplica(self.parameters)
         if config.zero:
             return Zero(self.chunks, self.grid.dp, config.zero, accumulation_steps=config.microbatches)
-        # Broadcasts dp rank 0's parameters at construction, so replicas start identical.
-        return DataParallel(self.parameters, self.grid.dp, bucket_bytes=int(config.bucket_megabytes * 2**20),
-                            overlap=config.overlap, algorithm=config.allreduce, accumulation_steps=config.microbatches)
+        # Each broadcasts dp rank 0's parameters at construction, so replicas start identical.
+        options = {"bucket_bytes": int(config.bucket_megabytes * 2**20), "accumulation_steps": config.microbatches}
+        if config.compress != "none":
+            compressor = make_compressor(config.compress, topk_ratio=config.topk_ratio,
+                                         powersgd_rank=config.powersgd_rank, seed=self.model_config.seed)
+            return CompressedDataParallel(self.parameters, self.grid.dp, compressor, **options)
+        if config.local_sgd:
+            return LocalSGD(self.parameters, self.grid.dp, config.local_sgd, **options)
+        if config.allreduce == "hierarchical":
+            node = node_of_world_rank(config.ranks_per_node) if config.ranks_per_node else shared_memory_node(self.grid.dp)
+            return HierarchicalDataParallel(self.parameters, self.grid.dp, NodeGroups(self.grid.dp, node), **options)
+        return DataParallel(self.parameters, self.grid.dp, overlap=config.overlap, algorithm=config.allreduce, **options)
 
     def _counts_once(self, name, parameter):
         """Whether this rank counts ``parameter`` in sums over the whole model (the gradient norm).
