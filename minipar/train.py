@@ -23,7 +23,8 @@ import dataclasses
 from dataclasses import dataclass
 
 from minipar.backend import from_host, set_default_dtype, xp
-from minipar.errors import CheckpointError, ConfigError
+from minipar.errors import CheckpointError, ConfigError, DataError, require_finite, require_positive_int
+from minipar.job import guard_job
 from minipar.nn.gpt import GPT
 from minipar.optim import AdamW, clip_grad_norm, cosine_learning_rate, decay_groups
 from minipar.parallel.topology import Layout, ProcessGrid
@@ -66,6 +67,11 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "steps" else 1):
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("learning_rate", "min_learning_rate", "weight_decay", "grad_clip"):
+            require_finite(name, getattr(self, name), minimum=0.0)
+        require_finite("bucket_megabytes", self.bucket_megabytes, minimum=0.0, strictly=True)
+        require_positive_int("warmup_steps", self.warmup_steps, minimum=0)
+        require_positive_int("seed", self.seed, minimum=0)
         if self.batch_size % (self.dp * self.microbatches):
             raise ConfigError(f"global batch size {self.batch_size} must be divisible by dp x microbatches "
                               f"= {self.dp} x {self.microbatches} = {self.dp * self.microbatches}")
@@ -86,8 +92,23 @@ class TrainConfig:
     def layout(self):
         return Layout(self.dp, self.tp, self.pp)
 
+    def check_model(self, model_config):
+        """What this layout needs of the model, checked on every rank alike (not on one stage mid-step)."""
+        if self.sequence_parallel and model_config.block_size % self.tp:
+            raise ConfigError(f"sequence parallelism splits the sequence over the {self.tp} tensor-parallel ranks, "
+                              f"so the block size ({model_config.block_size}) must be divisible by tp ({self.tp})")
+
     def to_dict(self):
         return dataclasses.asdict(self)
+
+
+def check_token_ids(inputs, targets, vocab_size):
+    """Ids and targets must lie in [0, vocab_size): checked here, on every rank, before the step starts,
+    rather than inside the first or last pipeline stage alone while the others wait."""
+    for what, ids in (("input ids", inputs), ("targets", targets)):
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+            raise DataError(f"{what} must lie in [0, {vocab_size}), got values from {int(ids.min())} "
+                            f"to {int(ids.max())}")
 
 
 def learning_rate_at(config, step):
@@ -101,6 +122,8 @@ class Trainer:
     def __init__(self, model_config, train_config, world):
         """``world`` is a minipar Communicator over all ranks (its size must be dp*tp*pp)."""
         self.model_config, self.config = model_config, train_config
+        train_config.check_model(model_config)
+        guard_job(world.mpi)  # an uncaught exception or Ctrl-C on any rank ends every rank (minipar/job.py)
         set_default_dtype(getattr(xp, train_config.dtype))
         self.grid = ProcessGrid(train_config.layout, world)
         self.chunks = self._build_chunks()
@@ -170,6 +193,7 @@ class Trainer:
         config, grid = self.config, self.grid
         if inputs.shape[0] != config.batch_size:
             raise ConfigError(f"batch has {inputs.shape[0]} rows, the configuration says {config.batch_size}")
+        check_token_ids(inputs, targets, self.model_config.vocab_size)  # every rank: the same global batch
         inputs, targets = local_slice((inputs, targets), grid.dp_rank, config.dp)  # (B/dp, T)
         micro_inputs = split_microbatches(inputs, config.microbatches)  # m x (B/(dp m), T)
         micro_targets = split_microbatches(targets, config.microbatches)
