@@ -35,7 +35,7 @@ from minipar.parallel.pipeline.partition import stage_parameters
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000  # optimizer steps
+    steps: int = 2000  # optimizer steps of the whole run (the cosine schedule ends here)
     batch_size: int = 64  # global batch, in sequences, summed over data-parallel replicas
     learning_rate: float = 3e-3  # peak of the warmup + cosine schedule
     min_learning_rate: float = 3e-4  # where the cosine ends
