@@ -30,6 +30,7 @@ script that builds a ``Trainer`` gets the same ending for an uncaught exception 
 """
 import hashlib
 import json
+import os
 import signal
 import sys
 import threading
@@ -134,7 +135,8 @@ def abort_job(world, error, code=None):
         sys.stderr.flush()
         time.sleep(0.2)  # let the line reach the launcher before the job is torn down
     finally:
-        world.Abort(code)
+        world.Abort(code)  # asks the launcher to kill every rank; MPICH's Abort may return before it has
+        os._exit(code)  # so this rank leaves by itself, running no more Python (and no MPI_Finalize)
 
 
 def _wait_for_ctrl_c(world):

@@ -94,6 +94,13 @@ class TrainConfig:
 
     def check_model(self, model_config):
         """What this layout needs of the model, checked on every rank alike (not on one stage mid-step)."""
+        from minipar.parallel.pipeline.partition import layers_per_chunk
+
+        layers_per_chunk(model_config.n_layer, self.pp, self.virtual_stages, self.split)
+        if self.tp > 1 or self.sequence_parallel:
+            from minipar.parallel.tensor_parallel import validate_tensor_parallel
+
+            validate_tensor_parallel(model_config, self.tp, self.layout.world_size)
         if self.sequence_parallel and model_config.block_size % self.tp:
             raise ConfigError(f"sequence parallelism splits the sequence over the {self.tp} tensor-parallel ranks, "
                               f"so the block size ({model_config.block_size}) must be divisible by tp ({self.tp})")
