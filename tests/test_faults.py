@@ -245,7 +245,7 @@ def test_kill_9_of_one_rank_loses_only_the_steps_since_the_last_save_and_resume_
 # ---- the disk fills up -----------------------------------------------------------------------
 def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path):
     out = tmp_path / "out"
-    job = Job(script(tmp_path, 2, 1, "disk", 2, "train", "--dp", "2", "--steps", "12", "--save-every", "3",
+    job = Job(script(tmp_path, 2, 1, "disk", 2, "train", "--tp", "2", "--steps", "12", "--save-every", "3",
                      "--out", str(out), *SMALL), tmp_path)
     code, ended, stdout, stderr = job.finish()
     assert code == 2, stderr
