@@ -277,3 +277,37 @@ def test_nan_loss_stops_every_rank_naming_the_step_and_saves_nothing(tmp_path):
     saved = index_of(out)  # saved after every step that was still finite, never after the NaN
     assert saved["step"] == step - 1
     assert all(value == value for value in saved["history"]["train_loss"])
+
+
+# ---- exact resume, with the cosine active, under ZeRO and sequence parallelism ------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [["--dp", "2", "--zero", "2"], ["--tp", "2", "--sequence-parallel"]],
+                         ids=["zero2", "sequence-parallel"])
+def test_a_run_split_in_two_gives_the_losses_of_the_uninterrupted_run(tmp_path, layout):
+    run = ["train", *layout, "--steps", "16", "--warmup", "3", *SMALL]
+    code, _, _, stderr = Job(cli(2, *run, "--out", str(tmp_path / "a")), tmp_path).finish()
+    assert code == 0, stderr
+    code, _, _, stderr = Job(cli(2, *run, "--stop-after", "7", "--out", str(tmp_path / "b")), tmp_path).finish()
+    assert code == 0, stderr
+    # No schedule on the second command line: it comes from the checkpoint.
+    code, _, _, stderr = Job(cli(2, "train", *layout, *SMALL, "--resume", str(tmp_path / "b" / "ckpt.minipar"),
+                                 "--out", str(tmp_path / "b")), tmp_path).finish()
+    assert code == 0, stderr
+    expected, got = index_of(tmp_path / "a")["history"]["train_loss"], index_of(tmp_path / "b")["history"]["train_loss"]
+    assert len(got) == 16 and got == expected
+
+
+@pytest.mark.slow
+def test_a_run_resumed_under_another_layout_agrees_to_float64_rounding(tmp_path):
+    run = ["train", "--steps", "12", "--warmup", "3", "--dtype", "float64", *SMALL]
+    code, _, _, stderr = Job(cli(1, *run, "--out", str(tmp_path / "a")), tmp_path).finish()
+    assert code == 0, stderr
+    code, _, _, stderr = Job(cli(2, *run, "--dp", "2", "--stop-after", "6", "--out", str(tmp_path / "b")),
+                             tmp_path).finish()
+    assert code == 0, stderr
+    code, _, _, stderr = Job(cli(1, "train", "--dtype", "float64", *SMALL, "--resume",
+                                 str(tmp_path / "b" / "ckpt.minipar"), "--out", str(tmp_path / "b")), tmp_path).finish()
+    assert code == 0, stderr
+    expected, got = index_of(tmp_path / "a")["history"]["train_loss"], index_of(tmp_path / "b")["history"]["train_loss"]
+    assert len(got) == 12
+    assert max(abs(a - b) / abs(a) for a, b in zip(expected, got)) < 1e-12
