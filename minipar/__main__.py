@@ -243,6 +243,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
 
     def body():
+        from minipar.backend import reuse_freed_memory
+
+        reuse_freed_memory()  # a program's choice, made here rather than on import
         world = job_world()
         command, plan = agree(world, lambda: _prepare(argv, world.Get_size() if world is not None else 1))
         return command.run(plan)
