@@ -160,7 +160,7 @@ def test_exception_on_one_rank_mid_step_ends_every_rank_with_one_message(tmp_pat
     assert index_of(out)["step"] == 4 and leftovers(out) == []  # the save before the fault is whole
 
 
-@pytest.mark.parametrize("where", ["check", "batch"])
+@pytest.mark.parametrize("where", ["check", pytest.param("batch", marks=pytest.mark.slow)])
 def test_data_error_on_one_rank_is_said_once_naming_the_rank(tmp_path, where):
     out = tmp_path / "out"
     job = Job(script(tmp_path, 4, 3, where, 3, "train", "--dp", "4", "--steps", "8", "--save-every", "2",
@@ -191,6 +191,7 @@ def test_data_file_missing_on_half_the_ranks(tmp_path):
     assert "Traceback" not in stderr and not (tmp_path / "out" / "ckpt.minipar").exists()
 
 
+@pytest.mark.slow
 def test_ranks_started_with_different_data_refuse_to_train(tmp_path):
     first, second = tmp_path / "a.txt", tmp_path / "b.txt"
     first.write_text("abcdefgh\n" * 50)
