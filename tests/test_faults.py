@@ -139,6 +139,12 @@ def fault_time(stderr):
     return float(times[0])
 
 
+def report(case, code, seconds, stderr):
+    """One row of the closing table (shown by ``pytest -rP``): the case, exit status, seconds, first message line."""
+    first = next((line for line in stderr.splitlines() if line.startswith(("error", "interrupted"))), "")
+    print(f"FAULT-TABLE | {case} | {code} | {seconds:.1f} | {first[:160]}")
+
+
 def index_of(folder):
     return json.loads((Path(folder) / "ckpt.minipar" / "index.json").read_text())
 
@@ -153,6 +159,7 @@ def test_exception_on_one_rank_mid_step_ends_every_rank_with_one_message(tmp_pat
     job = Job(script(tmp_path, 4, 3, "gradients", 6, "train", "--dp", "2", "--pp", "2", "--microbatches", "2",
                      "--steps", "20", "--save-every", "4", "--out", str(out), *SMALL, "--n-layer", "2"), tmp_path)
     code, ended, stdout, stderr = job.finish()
+    report("exception on rank 3 of 4 mid-step", code, ended - fault_time(stderr), stderr)
     assert code == 1, stderr
     assert ended - fault_time(stderr) < ENDS_WITHIN, stderr
     assert stderr.count("error on rank 3 of 4: ZeroDivisionError: injected bug; ending the job") == 1, stderr
@@ -166,6 +173,7 @@ def test_data_error_on_one_rank_is_said_once_naming_the_rank(tmp_path, where):
     job = Job(script(tmp_path, 4, 3, where, 3, "train", "--dp", "4", "--steps", "8", "--save-every", "2",
                      "--out", str(out), *SMALL), tmp_path)
     code, ended, stdout, stderr = job.finish()
+    report(f"DataError on rank 3 of 4 ({where})", code, ended - fault_time(stderr), stderr)
     assert code == 2, stderr
     assert ended - fault_time(stderr) < ENDS_WITHIN, stderr
     if where == "check":  # found while checking: every rank learns it, rank 0 says it
@@ -185,7 +193,9 @@ def test_data_file_missing_on_half_the_ranks(tmp_path):
     mpiexec = find_mpiexec()
     command = [mpiexec, "-n", "2", sys.executable, "-m", "minipar", *common, "--data", str(text), ":",
                "-n", "2", sys.executable, "-m", "minipar", *common, "--data", str(missing)]
-    code, ended, stdout, stderr = Job(command, tmp_path).finish()
+    job = Job(command, tmp_path)
+    code, ended, stdout, stderr = job.finish()
+    report("data file missing on ranks 2, 3 of 4 (MPMD)", code, ended - job.started, stderr)
     assert code == 2, stderr
     assert stderr.count(f"error: on ranks 2, 3 of 4: data file '{missing}' does not exist") == 1, stderr
     assert "Traceback" not in stderr and not (tmp_path / "out" / "ckpt.minipar").exists()
@@ -212,6 +222,7 @@ def test_ctrl_c_to_the_launcher_ends_every_rank(tmp_path):
     sent = time.time()
     job.process.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal does to mpiexec
     code, ended, stdout, stderr = job.finish()
+    report("SIGINT to mpiexec (4 ranks)", code, ended - sent, stderr)
     assert code != 0 and ended - sent < ENDS_WITHIN, (code, ended - sent, stderr)
     assert stderr.count("interrupted (Ctrl-C)") == 1 and "Traceback" not in stderr, stderr
     index = index_of(out)
@@ -233,6 +244,7 @@ def test_kill_9_of_one_rank_loses_only_the_steps_since_the_last_save_and_resume_
     killed = time.time()
     os.kill(victim, signal.SIGKILL)
     code, ended, stdout, stderr = job.finish()
+    report("SIGKILL of rank 1 of 2", code, ended - killed, stderr)
     assert code != 0 and ended - killed < 30.0, (code, ended - killed, stderr)
     saved = index_of(broken)["step"]
     assert 8 <= saved < 24 and leftovers(broken) == []
@@ -249,6 +261,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path):
     job = Job(script(tmp_path, 2, 1, "disk", 2, "train", "--tp", "2", "--steps", "12", "--save-every", "3",
                      "--out", str(out), *SMALL), tmp_path)
     code, ended, stdout, stderr = job.finish()
+    report("ENOSPC on rank 1 of 2 at the 2nd save", code, ended - fault_time(stderr), stderr)
     assert code == 2, stderr
     assert ended - fault_time(stderr) < ENDS_WITHIN, stderr
     message = [line for line in stderr.splitlines() if line.startswith("error:")]
@@ -259,18 +272,20 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path):
 
 # ---- the sequence-parallel + pipeline hang, and a NaN loss ------------------------------------
 def test_sequence_parallel_block_size_is_checked_on_every_stage(tmp_path):
-    code, ended, stdout, stderr = Job(cli(4, "train", "--tp", "2", "--pp", "2", "--sequence-parallel",
-                                          "--block-size", "9", "--steps", "2", "--out", str(tmp_path / "out"),
-                                          *SMALL, "--n-layer", "2"), tmp_path).finish()
+    job = Job(cli(4, "train", "--tp", "2", "--pp", "2", "--sequence-parallel", "--block-size", "9", "--steps", "2",
+                  "--out", str(tmp_path / "out"), *SMALL, "--n-layer", "2"), tmp_path)
+    code, ended, stdout, stderr = job.finish()
+    report("--sequence-parallel, tp 2 x pp 2, block 9", code, ended - job.started, stderr)
     assert code == 2 and "Traceback" not in stderr, stderr
     assert stderr.count("the block size (9) must be divisible by tp (2)") == 1, stderr
 
 
 def test_nan_loss_stops_every_rank_naming_the_step_and_saves_nothing(tmp_path):
     out = tmp_path / "out"
-    code, ended, stdout, stderr = Job(cli(2, "train", "--dp", "2", "--lr", "1e30", "--warmup", "0", "--grad-clip",
-                                          "0", "--steps", "30", "--save-every", "1", "--out", str(out), *SMALL),
-                                      tmp_path).finish()
+    job = Job(cli(2, "train", "--dp", "2", "--lr", "1e30", "--warmup", "0", "--grad-clip", "0", "--steps", "30",
+                  "--save-every", "1", "--out", str(out), *SMALL), tmp_path)
+    code, ended, stdout, stderr = job.finish()
+    report("NaN loss (--lr 1e30), 2 ranks", code, ended - job.started, stderr)
     assert code == 2 and "Traceback" not in stderr, stderr
     lines = [line for line in stderr.splitlines() if "the training loss is nan at step" in line]
     assert len(lines) == 1, stderr
