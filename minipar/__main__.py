@@ -179,9 +179,9 @@ def check_train(arguments, world_size):
 
 
 def run_train(plan):
-    from minipar.run import train
+    from minipar.run import train_command
 
-    return train(plan)
+    return train_command(plan)
 
 
 def check_sample(arguments, world_size):

@@ -177,9 +177,9 @@ def evaluate(model, dataset, config, eval_batches, accuracy_problems=200):
     return report
 
 
-def train(plan):
-    """Train as ``plan`` (from ``check_train``) says; every rank. Returns 0, or raises a JobError on every
-    rank if the loss stops being finite (nothing is saved then)."""
+def train_command(plan):
+    """``python -m minipar train``: the CLI around ``minipar.train.Trainer``, as ``plan`` (from ``check_train``)
+    says; every rank. Returns 0, or raises a JobError on every rank if the loss stops being finite."""
     from minipar.comm.communicator import Communicator
     from minipar.train import Trainer
 
@@ -189,11 +189,10 @@ def train(plan):
     trainer = Trainer(model_config, train_config, world)
     if arguments.resume:
         resume(trainer, arguments.resume)
+    total = trainer.num_parameters()  # collective
     if is_printer:
         print(f"data: {dataset.name}")
         print(f"model: {model_config}")
-        # Counted on an unfilled single-process GPT: under ZeRO-3 a rank's p.data is only its part.
-        total = GPT(model_config, initialise=False).num_parameters()
         print(f"layout: dp {train_config.dp} x tp {train_config.tp} x pp {train_config.pp} on {world.size} ranks, "
               f"{total:,} parameters in the model")
         for note in plan.notes:

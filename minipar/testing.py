@@ -97,10 +97,16 @@ def _launcher_flags_and_environment(mpiexec, environment):
 
 
 def _child_environment():
+    from minipar._threads import OVERSUBSCRIBED_MPICH
+
     environment = dict(os.environ)
     # Ranks share the machine's cores; one BLAS thread each avoids oversubscription.
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         environment[name] = "1"
+    # Test jobs share a few cores with pytest and each other: waiting ranks sleep instead of
+    # spinning (see minipar/_threads.py), unless the caller chose otherwise.
+    for name, value in OVERSUBSCRIBED_MPICH.items():
+        environment.setdefault(name, value)
     # Leftover process-manager variables (pytest itself started under mpiexec)
     # would make the ranks try to join the wrong job.
     for name in list(environment):

@@ -42,13 +42,13 @@ INJECT = textwrap.dedent("""
         print(f"FAULT AT {time.time():.3f}", file=sys.stderr, flush=True)
 
     if here and WHERE == "gradients":  # an exception mid-step, while the other ranks wait in a collective
-        original = minipar.train.Trainer._finish_gradients
+        original = minipar.train.Trainer.update
         def broken(self):
             if self.step_count == AT:
                 mark()
                 raise ZeroDivisionError("injected bug")
             return original(self)
-        minipar.train.Trainer._finish_gradients = broken
+        minipar.train.Trainer.update = broken
     if here and WHERE == "batch":  # a DataError on one rank mid-run
         original_batch = minipar.data.Dataset.get_batch
         def broken_batch(self, split, *args):
