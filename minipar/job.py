@@ -126,7 +126,8 @@ def abort_job(world, error, code=None):
     if code is None:
         code = EXIT_INTERRUPTED if isinstance(error, KeyboardInterrupt) else (
             EXIT_USER_ERROR if isinstance(error, USER_ERRORS) else EXIT_CRASH)
-    lines = f"error on rank {rank} of {size}: {describe(error)}; ending the job\n"
+    # A fresh line first: rank 0's progress bar may be half-way along the terminal's line.
+    lines = f"\nerror on rank {rank} of {size}: {describe(error)}; ending the job\n"
     if code == EXIT_CRASH:
         lines += "".join(traceback.format_exception(type(error), error, error.__traceback__))
     try:
