@@ -24,7 +24,8 @@ import dataclasses
 from dataclasses import dataclass
 
 from minipar.backend import from_host, set_default_dtype, xp
-from minipar.errors import CheckpointError, ConfigError, require_positive_int
+from minipar.errors import CheckpointError, ConfigError, DataError, require_finite, require_positive_int
+from minipar.job import guard_job
 from minipar.nn.gpt import GPT
 from minipar.optim import SGD, AdamW, clip_grad_norm, cosine_learning_rate, decay_groups, grad_norm_squared
 from minipar.comm.compression import make_compressor
@@ -43,7 +44,7 @@ from minipar.parallel.zero import Zero
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000  # optimizer steps
+    steps: int = 2000  # optimizer steps of the whole run (the cosine schedule ends here)
     batch_size: int = 64  # global batch, in sequences, summed over data-parallel replicas
     learning_rate: float = 3e-3  # peak of the warmup + cosine schedule
     min_learning_rate: float = 3e-4  # where the cosine ends
@@ -81,6 +82,11 @@ class TrainConfig:
         require_positive_int("steps", self.steps, minimum=0)
         for name in ("batch_size", "dp", "tp", "pp", "microbatches", "virtual_stages"):
             require_positive_int(name, getattr(self, name))
+        for name in ("learning_rate", "min_learning_rate", "weight_decay", "grad_clip"):
+            require_finite(name, getattr(self, name), minimum=0.0)
+        require_finite("bucket_megabytes", self.bucket_megabytes, minimum=0.0, strictly=True)
+        require_positive_int("warmup_steps", self.warmup_steps, minimum=0)
+        require_positive_int("seed", self.seed, minimum=0)
         if self.batch_size % (self.dp * self.microbatches):
             raise ConfigError(f"global batch size {self.batch_size} must be divisible by dp x microbatches "
                               f"= {self.dp} x {self.microbatches} = {self.dp * self.microbatches}")
@@ -127,8 +133,30 @@ class TrainConfig:
     def layout(self):
         return Layout(self.dp, self.tp, self.pp)
 
+    def check_model(self, model_config):
+        """What this layout needs of the model, checked on every rank alike (not on one stage mid-step)."""
+        from minipar.parallel.pipeline.partition import layers_per_chunk
+
+        layers_per_chunk(model_config.n_layer, self.pp, self.virtual_stages, self.split)
+        if self.tp > 1 or self.sequence_parallel:
+            from minipar.parallel.tensor_parallel import validate_tensor_parallel
+
+            validate_tensor_parallel(model_config, self.tp, self.layout.world_size)
+        if self.sequence_parallel and model_config.block_size % self.tp:
+            raise ConfigError(f"sequence parallelism splits the sequence over the {self.tp} tensor-parallel ranks, "
+                              f"so the block size ({model_config.block_size}) must be divisible by tp ({self.tp})")
+
     def to_dict(self):
         return dataclasses.asdict(self)
+
+
+def check_token_ids(inputs, targets, vocab_size):
+    """Ids and targets must lie in [0, vocab_size): checked here, on every rank, before the step starts,
+    rather than inside the first or last pipeline stage alone while the others wait."""
+    for what, ids in (("input ids", inputs), ("targets", targets)):
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+            raise DataError(f"{what} must lie in [0, {vocab_size}), got values from {int(ids.min())} "
+                            f"to {int(ids.max())}")
 
 
 def learning_rate_at(config, step):
@@ -142,6 +170,8 @@ class Trainer:
     def __init__(self, model_config, train_config, world):
         """``world`` is a minipar Communicator over all ranks (its size must be dp*tp*pp)."""
         self.model_config, self.config = model_config, train_config
+        train_config.check_model(model_config)
+        guard_job(world.mpi)  # an uncaught exception or Ctrl-C on any rank ends every rank (minipar/job.py)
         set_default_dtype(getattr(xp, train_config.dtype))
         self.grid = ProcessGrid(train_config.layout, world)  # validates the layout on every rank first
         self.chunks = self._build_chunks()
@@ -230,6 +260,7 @@ class Trainer:
         config = self.config
         if inputs.shape[0] != config.batch_size:
             raise ConfigError(f"batch has {inputs.shape[0]} rows, the configuration says {config.batch_size}")
+        check_token_ids(inputs, targets, self.model_config.vocab_size)  # every rank: the same global batch
         inputs, targets = local_slice((inputs, targets), self.grid.dp_rank, config.dp)  # (B/dp, T)
         self.sync.start_step()
         loss = self.executor.run(split_microbatches(inputs, config.microbatches),  # m x (B/(dp m), T)
