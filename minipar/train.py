@@ -344,6 +344,14 @@ class Trainer:
                 raise CheckpointError(f"{what} {name!r}: rank {self.grid.world.rank} needs shape {p.shape}, "
                                       f"got {found}")
 
+    def sync_state_arrays(self):
+        """{name: array} that only this rank holds (``sync.state_arrays``): compression residuals,
+        local SGD's replica; saved per rank, restored under the same layout."""
+        return self.sync.state_arrays(self.optimizer)
+
+    def load_sync_state_arrays(self, arrays):
+        self.sync.load_state_arrays({name: from_host(array) for name, array in arrays.items()}, self.optimizer)
+
     def memory_report(self):
         """Bytes this rank holds after a step (``memory_report`` of the gradient sync in use)."""
         return self.sync.memory_report(self.optimizer)

@@ -12,6 +12,7 @@ What each gives up: compression is lossy (error feedback keeps what was not sent
 later); local SGD lets replicas drift apart for H − 1 steps. With plain SGD and H = 1 local SGD
 is data parallelism exactly, because the update is linear: (1/N) Σ_i (θ − η g_i) = θ − η ḡ.
 """
+from minipar.backend import xp
 from minipar.parallel.data_parallel import DataParallel
 from minipar.parallel.gradient_sync import SingleReplica, bytes_held
 
@@ -34,11 +35,11 @@ class CompressedDataParallel(DataParallel):
         self.compressor.average(gradients, self.comm)  # in place: each becomes the (approximate) mean
         self._end_step()
 
-    def state_arrays(self):
+    def state_arrays(self, optimizer):
         """The compressor's state (residuals, PowerSGD's Q) for this rank's checkpoint."""
         return self.compressor.state_arrays()
 
-    def load_state_arrays(self, arrays):
+    def load_state_arrays(self, arrays, optimizer):
         self.compressor.load_state_arrays(arrays)
 
     def memory_report(self, optimizer):
@@ -91,6 +92,25 @@ class LocalSGD(DataParallel):
         if self.is_averaging_step(step):
             self.average_parameters()
             self.check_replicas()
+
+    def state_arrays(self, optimizer):
+        """This replica's own parameters and AdamW moments: between averages they differ from dp
+        rank 0's, which is all the shared part of a checkpoint holds."""
+        arrays = {}
+        for i, p in enumerate(self.parameters):
+            arrays[f"parameter.{i}"] = p.data
+            for slot, moment in optimizer.state.get(id(p), {}).items():
+                arrays[f"{slot}.{i}"] = moment
+        return arrays
+
+    def load_state_arrays(self, arrays, optimizer):
+        for name, array in arrays.items():
+            kind, index = name.rsplit(".", 1)
+            p = self.parameters[int(index)]
+            if kind == "parameter":
+                p.data[...] = array
+            else:
+                optimizer.state.setdefault(id(p), {})[kind] = xp.asarray(array, dtype=p.dtype).copy()
 
     def is_averaging_step(self, step):
         """Steps are counted from 0; replicas average after steps H−1, 2H−1, …"""

@@ -94,7 +94,15 @@ def trainer_pieces(trainer):
     for name, slots in trainer.optimizer_state_arrays().items():
         for slot in ("m", "v"):
             pieces[f"optimizer/{slot}/{name}"] = (shards[name], slots[slot])
+    rank = trainer.grid.world.rank
+    for name, array in trainer.sync_state_arrays().items():  # this rank's alone: its own key
+        pieces[f"{_sync_prefix(rank)}{name}"] = (Shard(name), array)
     return pieces
+
+
+def _sync_prefix(rank):
+    """Keys of state only one rank holds (compression residuals, local SGD's replica): by world rank."""
+    return f"sync/rank-{rank:05d}/"
 
 
 def _full_shape(shard, local_shape):
@@ -383,7 +391,27 @@ def load_distributed_checkpoint(path, trainer):
     trainer.load_parameter_arrays({name: arrays[f"model/{name}"] for name in full_shapes})
     trainer.load_optimizer_state_arrays({name: {slot: arrays[f"optimizer/{slot}/{name}"] for slot in ("m", "v")}
                                          for name in full_shapes}, index["step"])
+    _load_sync_state(path, index, trainer)
     return index
+
+
+def _load_sync_state(path, index, trainer):
+    """Per-rank state (``Trainer.sync_state_arrays``) comes back only under the layout that saved it;
+    under another one the residuals restart from zero, and rank 0 says so."""
+    grid = trainer.grid
+    saved = [key for key in index["arrays"] if key.startswith("sync/")]
+    same_layout = index["layout"] == {"dp": grid.layout.dp, "tp": grid.layout.tp, "pp": grid.layout.pp}
+    if not same_layout:
+        if saved and grid.world.rank == 0:
+            print("note: this checkpoint holds per-rank state (compression residuals or local SGD replicas) "
+                  "saved under another layout; it restarts from zero here, so the resumed run is not exact",
+                  flush=True)
+        saved = []
+    prefix = _sync_prefix(grid.world.rank)
+    wanted = {key: (Shard(key[len(prefix):]), index["arrays"][key]["shape"])
+              for key in saved if key.startswith(prefix)}
+    arrays = read_arrays(path, index, wanted, grid.world) if saved else {}
+    trainer.load_sync_state_arrays({key[len(prefix):]: array for key, array in arrays.items()})
 
 
 def load_single_process_model(path):

@@ -60,3 +60,22 @@ def compressed_training(comm, method, steps=3):
     return {"exact_losses": exact_losses, "losses": losses, "checksums": checksums,
             "bytes_sent": sent, "exact_bytes_sent": exact_bytes,
             "state_names": sorted(trainer.sync.state_arrays())}
+
+
+def resume_is_exact(comm, folder, steps=6, split=3, **options):
+    """Losses of an uninterrupted run against one saved after ``split`` steps and resumed in a new Trainer."""
+    from minipar.parallel.distributed_checkpoint import load_distributed_checkpoint, save_distributed_checkpoint
+
+    _, straight, _ = _train(comm, steps, **options)
+    set_default_dtype(xp.float64)
+    world = Communicator(comm)
+    config = TrainConfig(steps=steps, batch_size=16, dtype="float64", warmup_steps=1, learning_rate=0.05,
+                         grad_clip=0.0, weight_decay=0.0, **options)
+    data = _batches(config.batch_size, steps)
+    first = Trainer(GPTConfig(**MODEL), config, world)
+    pieces = [first.train_step(*batch) for batch in data[:split]]
+    save_distributed_checkpoint(folder, first, keep=1)
+    second = Trainer(GPTConfig(**MODEL), config, world)
+    load_distributed_checkpoint(folder, second)
+    pieces += [second.train_step(*batch) for batch in data[split:]]
+    return {"straight": straight, "resumed": pieces, "sync_state": sorted(second.sync_state_arrays())}
