@@ -68,8 +68,12 @@ def _host_array(name, value):
     return array if array.flags.c_contiguous else array.copy(order="C")
 
 
+# Every entry gets ZIP's earliest time, not the clock's: the same arrays always make the same bytes.
+ENTRY_TIME = (1980, 1, 1, 0, 0, 0)
+
+
 def _write_entry(archive, name, array):
-    with archive.open(f"arrays/{name}.npy", "w", force_zip64=True) as entry:
+    with archive.open(zipfile.ZipInfo(f"arrays/{name}.npy", ENTRY_TIME), "w", force_zip64=True) as entry:
         npy_format.write_array(entry, array, allow_pickle=False)
 
 
@@ -155,7 +159,7 @@ def write_array_file(path, arrays, metadata=None):
 
     def write_archive(file):
         with zipfile.ZipFile(file, "w", compression=zipfile.ZIP_STORED) as archive:
-            archive.writestr(MANIFEST, manifest_text)
+            archive.writestr(zipfile.ZipInfo(MANIFEST, ENTRY_TIME), manifest_text)
             for name, array in host_arrays.items():
                 _write_entry(archive, name, array)
 

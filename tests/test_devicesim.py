@@ -172,3 +172,16 @@ def test_the_backend_cannot_change_inside_a_process(monkeypatch):
     with pytest.raises(ConfigError, match=f"--backend {other}: this process already computes with {BACKEND_NAME}"):
         choose_backend(["train", "--backend", other])
     choose_backend(["train", "--backend", BACKEND_NAME, "--steps", "1"])  # the same one: fine
+
+
+def test_checkpoint_files_depend_on_the_values_only(tmp_path, monkeypatch):
+    """Same arrays, same bytes, whenever they are saved (so a device run's files equal NumPy's)."""
+    import time
+
+    from minipar.checkpoint import save_checkpoint
+
+    arrays = {"w": numpy.arange(6.0).reshape(2, 3)}
+    save_checkpoint(tmp_path / "first.minipar", arrays, {"step": 1})
+    monkeypatch.setattr(time, "time", lambda: 1.9e9)  # another day
+    save_checkpoint(tmp_path / "later.minipar", arrays, {"step": 1})
+    assert (tmp_path / "first.minipar").read_bytes() == (tmp_path / "later.minipar").read_bytes()
