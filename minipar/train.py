@@ -23,7 +23,7 @@ evaluates (on the gathered single-process model) and writes files.
 import dataclasses
 from dataclasses import dataclass
 
-from minipar.backend import from_host, scalar_to_host, set_default_dtype, xp
+from minipar.backend import from_host, scalar_to_host, set_default_dtype, to_host, xp
 from minipar.errors import CheckpointError, ConfigError, DataError, require_finite, require_positive_int
 from minipar.job import guard_job
 from minipar.nn.gpt import GPT
@@ -152,11 +152,15 @@ class TrainConfig:
 
 def check_token_ids(inputs, targets, vocab_size):
     """Ids and targets must lie in [0, vocab_size): checked here, on every rank, before the step starts,
-    rather than inside the first or last pipeline stage alone while the others wait."""
-    for what, ids in (("input ids", inputs), ("targets", targets)):
-        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-            raise DataError(f"{what} must lie in [0, {vocab_size}), got values from {int(ids.min())} "
-                            f"to {int(ids.max())}")
+    rather than inside the first or last pipeline stage alone while the others wait. On a GPU (where a
+    bad id would silently wrap) their ranges come to the host as one named copy of four integers."""
+    checked = [(what, ids) for what, ids in (("input ids", inputs), ("targets", targets)) if ids.size]
+    if not checked:
+        return
+    bounds = to_host(xp.stack([bound for _, ids in checked for bound in (ids.min(), ids.max())]))
+    for (what, _), (lowest, highest) in zip(checked, bounds.reshape(-1, 2).tolist(), strict=True):
+        if lowest < 0 or highest >= vocab_size:
+            raise DataError(f"{what} must lie in [0, {vocab_size}), got values from {lowest} to {highest}")
 
 
 def learning_rate_at(config, step):

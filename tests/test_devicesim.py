@@ -185,3 +185,16 @@ def test_checkpoint_files_depend_on_the_values_only(tmp_path, monkeypatch):
     monkeypatch.setattr(time, "time", lambda: 1.9e9)  # another day
     save_checkpoint(tmp_path / "later.minipar", arrays, {"step": 1})
     assert (tmp_path / "first.minipar").read_bytes() == (tmp_path / "later.minipar").read_bytes()
+
+
+def test_token_ids_are_checked_with_one_copy_of_their_range():
+    from minipar import backend
+    from minipar.errors import DataError
+    from minipar.train import check_token_ids
+
+    inputs, targets = backend.from_host(numpy.array([[0, 3], [1, 2]])), backend.from_host(numpy.array([[1, 4]]))
+    backend.reset_copy_counts()
+    with pytest.raises(DataError, match=r"targets must lie in \[0, 4\), got values from 1 to 4"):
+        check_token_ids(inputs, targets, 4)
+    check_token_ids(inputs, inputs, 4)
+    assert backend.copy_counts["to_host"] == (2 if backend.ON_DEVICE else 0)  # one per call on a device

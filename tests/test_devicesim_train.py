@@ -3,8 +3,8 @@ command line trains exactly like NumPy.
 
     MINIPAR_BACKEND=devicesim python -m pytest -q -m devicesim
 
-docs/gpu.md documents a step's copies: the loss out (one float to the host) and the
-communication the staged transport moves (each buffer handed to MPI copied to the host, each
+docs/gpu.md documents a step's copies: the batch's id range and the loss out (four integers and
+one float to the host) and the communication the staged transport moves (each buffer handed to MPI copied to the host, each
 buffer MPI fills copied back); the batch is copied in by the caller, before the step.
 The command line then trains in float64 to the same losses as NumPy and writes a checkpoint
 whose files are byte for byte NumPy's.
@@ -42,7 +42,7 @@ def step_reports(layout):
 
 @pytest.mark.parametrize("layout", [dict(dp=2, tp=2), dict(dp=2, zero=2),
                                     dict(pp=2, tp=2, microbatches=2, sequence_parallel=True)], ids=str)
-def test_a_step_copies_only_the_loss_and_the_staged_messages(layout):
+def test_a_step_copies_only_the_id_range_the_loss_and_the_staged_messages(layout):
     for report in step_reports(layout):
         where = f"rank {report['rank']} of {layout}"
         calls = [(call, count) for group in report["calls"] for call, count in group.items()]
@@ -51,7 +51,7 @@ def test_a_step_copies_only_the_loss_and_the_staged_messages(layout):
             calls.append(("send" if report["last_stage"] else "recv", 1))
         unknown = [call for call, _ in calls if call not in STAGED_PER_CALL]
         assert not unknown, f"{where}: the test does not know the staged copies of {unknown}"
-        to_host = 1 + sum(STAGED_PER_CALL[call][0] * count for call, count in calls)  # 1: the loss
+        to_host = 2 + sum(STAGED_PER_CALL[call][0] * count for call, count in calls)  # the ids' range, the loss
         to_device = sum(STAGED_PER_CALL[call][1] * count for call, count in calls)
         named, seen = report["named"], report["seen"]
         assert (named.get("to_host", 0), named.get("from_host", 0)) == (to_host, to_device), f"{where}: {report}"

@@ -155,7 +155,7 @@ class Embedding(Function):
         if ids.dtype.kind not in "iu":
             raise ShapeError(f"embedding: ids must be integers, got dtype {ids.dtype}")
         # On a GPU this check would copy to the host and wait on every forward (CuPy wraps bad
-        # ids silently): there the ids are checked where they are made, by the tokenizer.
+        # ids silently): there the training step checks the batch once (train.check_token_ids).
         if not ON_DEVICE and ids.size and (ids.min() < 0 or ids.max() >= weight.shape[0]):
             raise ShapeError(f"embedding: ids must lie in [0, {weight.shape[0]}), "
                              f"got values from {ids.min()} to {ids.max()}")
