@@ -5,7 +5,8 @@
     MINIPAR_BACKEND=devicesim python benchmarks/gpu_check.py --tiny   # the same script on the CPU stand-in
 
 1. equality: one float64 training step of every mode (dp, tp, sequence parallel, pipeline
-   schedules, ZeRO 1-3, hand-built allreduces, 3D) at 1, 2 and 4 ranks sharing the GPU, over
+   schedules, ZeRO 1-3, hand-built and hierarchical allreduces, fp16/bf16/top-k/PowerSGD
+   compression, local SGD, 3D) at 1, 2 and 4 ranks sharing the GPU, over
    each transport that can run here, against the same step under NumPy. CuPy's kernels sum
    in other orders than NumPy's, so CuPy must agree to rtol 1e-9; devicesim, which is NumPy
    underneath, must agree bitwise.
@@ -34,11 +35,13 @@ CASES = {  # every mode at the world size that shows it; each runs one step
     1: [{}, dict(microbatches=2, recompute=True)],
     2: [dict(dp=2), dict(tp=2), dict(tp=2, sequence_parallel=True), dict(pp=2, microbatches=2),
         dict(pp=2, microbatches=4, schedule="gpipe"), dict(dp=2, zero=1), dict(dp=2, zero=2), dict(dp=2, zero=3),
-        dict(dp=2, allreduce="ring"), dict(dp=2, overlap=True, bucket_megabytes=0.01, microbatches=2)],
+        dict(dp=2, allreduce="ring"), dict(dp=2, overlap=True, bucket_megabytes=0.01, microbatches=2),
+        dict(dp=2, compress="fp16"), dict(dp=2, compress="bf16"), dict(dp=2, compress="topk"),
+        dict(dp=2, compress="powersgd"), dict(dp=2, local_sgd=1)],
     4: [dict(dp=2, tp=2), dict(dp=2, pp=2, microbatches=2), dict(tp=2, pp=2, microbatches=2, sequence_parallel=True),
         dict(pp=4, microbatches=4, schedule="interleaved", virtual_stages=2), dict(dp=4, zero=3),
         dict(dp=2, tp=2, zero=2, sequence_parallel=True), dict(dp=4, allreduce="recursive_doubling"),
-        dict(dp=4, allreduce="tree")],
+        dict(dp=4, allreduce="tree"), dict(dp=4, allreduce="hierarchical", ranks_per_node=2)],
 }
 SHAPES = {  # name: (GPTConfig fields, batch)
     "shakespeare L6 C384 T256 B64": (dict(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384), 64),

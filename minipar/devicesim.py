@@ -72,8 +72,10 @@ def _wrap(value):
     """Arrays (and NumPy scalars, which CuPy returns as 0-d arrays) become device arrays."""
     if isinstance(value, (_np.ndarray, _np.generic)):
         return DeviceArray(_np.asarray(value))
-    if isinstance(value, (list, tuple)):
-        return type(value)(_wrap(item) for item in value)
+    if isinstance(value, list):
+        return [_wrap(item) for item in value]
+    if isinstance(value, tuple):  # NumPy's named results (linalg.qr) are plain tuples in CuPy
+        return tuple(_wrap(item) for item in value)
     return value
 
 
@@ -242,7 +244,8 @@ def _operator(name, in_place=False):
     return apply
 
 
-for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or", "xor"):
+for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or", "xor", "lshift",
+              "rshift"):
     setattr(DeviceArray, f"__{_name}__", _operator(f"__{_name}__"))
     setattr(DeviceArray, f"__r{_name}__", _operator(f"__r{_name}__"))
     setattr(DeviceArray, f"__i{_name}__", _operator(f"__i{_name}__", in_place=True))
@@ -298,6 +301,11 @@ def use_device(index):
     current_device = index
 
 
+class linalg:  # mirrors cupy.linalg (the part minipar uses)
+    qr = staticmethod(_on_device(_np.linalg.qr))
+    norm = staticmethod(_on_device(_np.linalg.norm))
+
+
 class testing:  # mirrors cupy.testing
     @staticmethod
     def assert_allclose(actual, desired, *args, **kwargs):
@@ -317,7 +325,7 @@ _FUNCTIONS = frozenset("""
     zeros ones empty full zeros_like ones_like empty_like full_like arange linspace eye identity tri triu tril
     concatenate stack vstack hstack split array_split swapaxes moveaxis transpose reshape ravel squeeze
     expand_dims broadcast_to broadcast_arrays atleast_1d atleast_2d where sum mean var std max min amax amin prod
-    cumsum cumprod diff argmax argmin argsort sort flatnonzero nonzero unravel_index ravel_multi_index
+    cumsum cumprod diff argmax argmin argsort argpartition sort flatnonzero nonzero unravel_index ravel_multi_index
     matmul dot einsum outer tensordot clip allclose isclose array_equal any all take take_along_axis
     searchsorted repeat tile pad copy flip roll unique bincount count_nonzero around round
     average cross trace diagonal diag

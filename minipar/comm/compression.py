@@ -34,7 +34,7 @@ Every compressor keeps its state (residuals, Q) in ``state_arrays()`` so a check
 """
 import math
 
-import numpy as _host  # bit patterns and the shared random start of Q are host-side, named here
+import numpy as _host  # the shared random start of Q is drawn on the host; errstate quiets fp16's inf
 
 from minipar.backend import from_host, xp
 from minipar.comm.collectives import Traffic, block_bounds, ring_all_gather
@@ -51,11 +51,11 @@ def fp16_encode(values):
     Beyond ±65504 the cast gives ±inf, as fp16 hardware does: that is fp16's range, not an error.
     """
     with _host.errstate(over="ignore"):
-        return values.astype(_host.float16).view(_host.uint16)
+        return values.astype(xp.float16).view(xp.uint16)
 
 
 def fp16_decode(words, dtype):
-    return words.view(_host.float16).astype(dtype)
+    return words.view(xp.float16).astype(dtype)
 
 
 def bf16_encode(values):
@@ -64,14 +64,14 @@ def bf16_encode(values):
     Adding 0x7FFF plus the lowest kept bit before the shift rounds ties to even; NaN is kept NaN
     by forcing a mantissa bit.
     """
-    bits = _host.ascontiguousarray(values, dtype=_host.float32).view(_host.uint32)
+    bits = xp.ascontiguousarray(values, dtype=xp.float32).view(xp.uint32)
     rounded = bits + (0x7FFF + ((bits >> 16) & 1))
-    rounded = _host.where(_host.isnan(values), bits | 0x00400000, rounded)
-    return (rounded >> 16).astype(_host.uint16)
+    rounded = xp.where(xp.isnan(values), bits | 0x00400000, rounded)
+    return (rounded >> 16).astype(xp.uint16)
 
 
 def bf16_decode(words, dtype):
-    return (words.astype(_host.uint32) << 16).view(_host.float32).astype(dtype)
+    return (words.astype(xp.uint32) << 16).view(xp.float32).astype(dtype)
 
 
 CODECS = {"fp16": (fp16_encode, fp16_decode), "bf16": (bf16_encode, bf16_decode)}
@@ -88,7 +88,7 @@ def bf16_ring_allreduce(mpi_comm, buffer, op="sum"):
 
 
 def compressed_ring_allreduce(mpi_comm, buffer, codec, op="sum"):
-    """Ring allreduce (sum) of a host array whose every message is 16-bit, in place; returns Traffic.
+    """Ring allreduce (sum) of a backend array whose every message is 16-bit, in place; returns Traffic.
 
     The ring of ``collectives.ring_allreduce`` with one change: a block is encoded before each
     hop and decoded and added on arrival. After the reduce-scatter each rank rounds its finished
@@ -103,7 +103,7 @@ def compressed_ring_allreduce(mpi_comm, buffer, codec, op="sum"):
     bounds = block_bounds(flat.size, size)
     right, left = (rank + 1) % size, (rank - 1) % size
     traffic = Traffic()
-    incoming = _host.empty(bounds[0][1] - bounds[0][0], dtype=_host.uint16)
+    incoming = xp.empty(bounds[0][1] - bounds[0][0], dtype=xp.uint16)
     for step in range(size - 1):
         send_start, send_stop = bounds[(rank - step - 1) % size]
         receive_start, receive_stop = bounds[(rank - step - 2) % size]
@@ -112,7 +112,7 @@ def compressed_ring_allreduce(mpi_comm, buffer, codec, op="sum"):
         mpi_comm.Sendrecv(outgoing, right, _COMPRESSED_RING_TAG, arrived, left, _COMPRESSED_RING_TAG)
         flat[receive_start:receive_stop] += decode(arrived, flat.dtype)
         traffic += Traffic(outgoing.nbytes, arrived.nbytes)
-    words = _host.empty(flat.size, dtype=_host.uint16)
+    words = xp.empty(flat.size, dtype=xp.uint16)
     own_start, own_stop = bounds[rank]
     words[own_start:own_stop] = encode(flat[own_start:own_stop])
     traffic += ring_all_gather(mpi_comm, words)
