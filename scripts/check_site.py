@@ -1,16 +1,16 @@
 """Open every page of the built site in headless Chromium and fail on what a reader would see broken.
 
-    mkdocs build --strict && python scripts/check_site.py            # the site in site/
+    mkdocs build --strict && python scripts/check_site.py            # the site in build/site/
     python scripts/check_site.py --allow-unexecuted                    # a build without executed lessons
 
-Serves ``site/`` on 127.0.0.1 (a free port, this machine only) and drives Debian's ``chromium`` through
+Serves ``build/site/`` on 127.0.0.1 (a free port, this machine only) and drives Debian's ``chromium`` through
 ``chromedriver`` with selenium (``apt-get install -y chromium chromium-driver``; nothing is downloaded at
 run time). Every page must load with:
 
 * no console error (a failed request, a JavaScript exception, a missing script or stylesheet);
 * every image loaded (``naturalWidth > 0``);
 * its figures: a lesson page shows at least as many images as its executed outputs hold
-  (``site/minipar-site.json``, written by the build), and it must have been executed unless
+  (``build/site/minipar-site.json``, written by the build), and it must have been executed unless
   ``--allow-unexecuted``;
 * its formulas typeset: every formula is MathML (``<math>``), none left as raw TeX;
 * every link inside the site pointing to a page or file that exists, and to an anchor on that page.
@@ -40,8 +40,14 @@ RAW_TEX = re.compile(r"\\(frac|sum|partial|cdot|approx|tanh)\b|\$\$")
 PAGE_STATE = """
 const images = [...document.images].map(img => ({src: img.currentSrc || img.src, ok: img.complete && img.naturalWidth > 0,
                                                   output: !!img.closest('.jp-OutputArea-output')}));
-const text = [...document.querySelectorAll('article p, article li, article td, .jp-MarkdownOutput')]
-             .map(node => node.innerText).join('\\n');
+const walker = document.createTreeWalker(document.querySelector('article') || document.body, NodeFilter.SHOW_TEXT);
+const prose = [];  // the text a reader sees as prose: not code, not already typeset
+while (walker.nextNode()) {
+  if (!walker.currentNode.parentElement.closest('code, pre, math, script, style, .highlight')) {
+    prose.push(walker.currentNode.textContent);
+  }
+}
+const text = prose.join(' ');
 const links = [...document.querySelectorAll('a[href]')].map(a => a.href);
 return {images, links, text, formulas: document.querySelectorAll('math').length,
         mathErrors: document.querySelectorAll('math merror').length, title: document.title,
@@ -137,13 +143,15 @@ def check_page(driver, base, page, lessons, allow_unexecuted):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--site", default=str(ROOT / "site"), help="the built site (default: site/)")
+    parser.add_argument("--site", default=str(ROOT / "build" / "site"), help="the built site (default: build/site/)")
     parser.add_argument("--out", default=str(ROOT / "build" / "site-check"), help="where screenshots go")
     parser.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
     parser.add_argument("--chromedriver", default=shutil.which("chromedriver") or "/usr/bin/chromedriver")
     parser.add_argument("--allow-unexecuted", action="store_true",
                         help="accept lesson pages built without executing the lessons (the default CI build)")
     parser.add_argument("--verbose", action="store_true", help="one line per page")
+    parser.add_argument("--only", nargs="*", default=None, metavar="PATH",
+                        help="check only the pages whose path starts so (e.g. lessons/05 site/); default: every page")
     args = parser.parse_args(argv)
     site, out = Path(args.site), Path(args.out)
     manifest_path = site / "minipar-site.json"
@@ -159,6 +167,8 @@ def main(argv=None):
     failures, figures, formulas = 0, 0, 0
     try:
         pages = pages_of(site)
+        if args.only is not None:
+            pages = [page for page in pages if page.startswith(tuple(args.only))]
         for page in pages:
             started = time.perf_counter()
             state, problems = check_page(driver, base, page, lessons, args.allow_unexecuted)

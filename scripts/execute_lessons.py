@@ -26,6 +26,9 @@ LESSONS = ROOT / "lessons"
 EXECUTED = ROOT / "build" / "lessons"
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 STOP_CLUSTERS = "import minipar.lessons\nminipar.lessons.stop_mpi_cluster()"
+# Run silently before the lesson (no execution count, nothing stored): a %%px cell shows a text progress
+# bar after 2 s, which a static page would keep as dozens of "%px: 0%|" lines. Only the display changes.
+NO_PROGRESS_BARS = "import ipyparallel.client.magics\nipyparallel.client.magics.ParallelMagics.progress_after_seconds = -1"
 
 
 def source_digest(notebook):
@@ -52,6 +55,10 @@ def execute(path, cell_timeout):
         with client.setup_kernel():
             kernel_pid = client.km.provisioner.pid
             try:
+                if uses_cluster:
+                    reply = client.wait_for_reply(client.kc.execute(NO_PROGRESS_BARS, silent=True, store_history=False))
+                    if reply is None or reply["content"]["status"] != "ok":
+                        raise RuntimeError(f"{path.name}: could not turn off ipyparallel's progress bars")
                 for index, cell in enumerate(list(notebook.cells)):
                     try:
                         client.execute_cell(cell, index)

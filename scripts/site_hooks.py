@@ -16,7 +16,7 @@ What they add to a plain mkdocs-material + mkdocs-jupyter + mkdocstrings build:
   of the repository (``../tests/x.py``, ``../benchmarks/y.py``) to a generated page that shows the
   file with numbered lines. A link to a file that does not exist, or to a line (``#L40``: lines move,
   symbols do not), is a warning and so fails the strict build.
-* **A manifest**, ``site/minipar-site.json``: for every lesson page, whether it was executed and how
+* **A manifest**, ``build/site/minipar-site.json``: for every lesson page, whether it was executed and how
   many figures its outputs hold. ``scripts/check_site.py`` reads it to require those figures.
 """
 import hashlib
@@ -241,7 +241,7 @@ def _mathml(tex, display, where):
     try:
         return convert(html.unescape(tex).strip(), display="block" if display else "inline")
     except Exception as error:  # noqa: BLE001 - any parse error: report the formula, keep its text
-        log.warning(f"{where}: cannot typeset the formula {tex!r}: {error}")
+        log.warning(f"{where}: cannot typeset the formula {tex!r}: {type(error).__name__} {error}".rstrip())
         return f"<code>{tex}</code>"
 
 
