@@ -8,7 +8,10 @@ What they add to a plain mkdocs-material + mkdocs-jupyter + mkdocstrings build:
   lesson; a stale copy is a warning, so ``mkdocs build --strict`` fails and names the command. With
   no executed copy the page shows the lesson's code without outputs and a note saying so (an info
   message; set ``MINIPAR_SITE_REQUIRE_EXECUTED=1`` to make it a warning, as the full-site job does).
-  Each lesson page starts with a note linking the docs pages about its idea.
+  Each lesson page starts with a note linking the docs pages about its idea, and the links in its
+  Markdown cells (``../docs/X.md``, ``../minipar/a/b.py#Name``, ``06_hybrid.ipynb``), which nbconvert
+  renders where MkDocs cannot check them, are pointed at this site's pages (the browser check then
+  verifies each page and anchor).
 * **Links out of docs/**, written so that they also work on GitHub, are checked and rewritten:
   ``../lessons/X.ipynb`` to the lesson's page; ``../minipar/a/b.py`` and ``../minipar/a/b.py#Name.attr``
   to the API reference's entry for ``minipar.a.b`` / ``minipar.a.b.Name.attr`` (an mkdocs-autorefs
@@ -113,27 +116,87 @@ def _lesson_note(name, executed, executed_at, lesson_uri, files):
     return _markdown_cell(f"> {run} {about}{where}")
 
 
+def _api_pages(config):
+    """{module name: the API page (src_uri) that documents it}, read from the '::: module' lines."""
+    pages = {}
+    for page in sorted(Path(config["docs_dir"], "api").glob("*.md")):
+        for line in page.read_text(encoding="utf-8").splitlines():
+            if line.startswith("::: "):
+                pages[line[4:].strip()] = f"api/{page.name}"
+    return pages
+
+
+def _with_site_links(cell, lesson_uri, files, config):
+    """A lesson's Markdown cell with its links out of lessons/ pointed at this site's pages.
+
+    nbconvert renders a notebook's Markdown, so MkDocs never sees these links: ``../docs/X.md#a`` becomes
+    the page X, ``../minipar/a/b.py#Name`` the API reference's entry (the browser check then verifies
+    every such page and anchor); a link to a docs page that does not exist is a warning.
+    """
+    if cell["cell_type"] != "markdown":
+        return cell
+    source = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+    lesson_dir = posixpath.dirname(lesson_uri.replace(".ipynb", "/"))
+    api_pages = _api_pages(config)
+
+    def url_of(src_uri, fragment):
+        target = files.get_file_from_path(src_uri)
+        if target is None:
+            return None
+        return posixpath.relpath(target.url or ".", lesson_dir) + "/" + (f"#{fragment}" if fragment else "")
+
+    def rewrite(match):
+        text, target = match.group("text"), match.group("target")
+        path_part, _, fragment = target.partition("#")
+        if "://" in path_part or not path_part:
+            return match.group(0)
+        resolved = _resolve(path_part, LESSONS / "x.ipynb", ROOT / "no such folder")
+        if resolved is None:
+            return match.group(0)
+        url = None
+        if resolved.startswith("lessons/") and resolved.endswith(".ipynb") and (ROOT / resolved).exists():
+            # mkdocs-jupyter gives the page its URL after this hook: lessons/NAME/ (use_directory_urls)
+            url = posixpath.relpath(resolved.removesuffix(".ipynb"), lesson_dir) + "/" + (f"#{fragment}" if fragment else "")
+        elif resolved.startswith("docs/"):
+            url = url_of(resolved[len("docs/"):], fragment)
+        elif resolved.startswith("minipar/") and resolved.endswith(".py"):
+            module = _module_of(resolved)
+            if module in api_pages:
+                url = url_of(api_pages[module], module + (f".{fragment}" if fragment else ""))
+        elif resolved in _source_pages:
+            url = url_of(_source_pages[resolved], fragment)
+        if url is None:
+            log.warning(f"{lesson_uri} links to '{target}', which has no page on this site")
+            return match.group(0)
+        return f"[{text}]({url})"
+
+    rewritten = LINK.sub(rewrite, source)
+    return cell if rewritten == source else dict(cell, source=rewritten)
+
+
 @event_priority(100)  # before mkdocs-jupyter's on_files, so the lesson files become notebook pages
 def on_files(files, config):
     _lessons.clear()
     _source_pages.clear()
-    for path in sorted(LESSONS.glob("*.ipynb")):
-        notebook, executed, executed_at = _choose_lesson(path)
-        uri = f"lessons/{path.name}"
-        notebook = dict(notebook, cells=list(notebook["cells"]))
-        notebook["cells"].insert(1, _lesson_note(path.stem, executed, executed_at, uri, files))
-        target = PREPARED / uri
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(notebook, indent=1), encoding="utf-8")
-        files.append(File(uri, str(PREPARED), config["site_dir"], config["use_directory_urls"]))
-        _lessons[uri] = {"name": path.stem, "executed": executed, "figures": _figures(notebook),
-                         "executed_at": executed_at}
     docs_dir = Path(config["docs_dir"])
     for page in list(files.documentation_pages()):
         if page.abs_src_path and page.src_uri.endswith(".md"):
             for repository_path in _outside_targets(Path(page.abs_src_path), docs_dir):
                 if repository_path not in _source_pages and (ROOT / repository_path).is_file():
                     _source_pages[repository_path] = _add_source_page(repository_path, files, config)
+    lessons = sorted(LESSONS.glob("*.ipynb"))
+    for path in lessons:  # every lesson page exists before any lesson's links are pointed at them
+        files.append(File(f"lessons/{path.name}", str(PREPARED), config["site_dir"], config["use_directory_urls"]))
+    for path in lessons:
+        notebook, executed, executed_at = _choose_lesson(path)
+        uri = f"lessons/{path.name}"
+        notebook = dict(notebook, cells=[_with_site_links(cell, uri, files, config) for cell in notebook["cells"]])
+        notebook["cells"].insert(1, _lesson_note(path.stem, executed, executed_at, uri, files))
+        target = PREPARED / uri
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(notebook, indent=1), encoding="utf-8")
+        _lessons[uri] = {"name": path.stem, "executed": executed, "figures": _figures(notebook),
+                         "executed_at": executed_at}
     return files
 
 
