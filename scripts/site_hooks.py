@@ -51,6 +51,7 @@ LESSON_PAGES = {
     "05_pipeline_parallel": ["pipeline_schedules.md", "pipeline_parallel.md"],
     "06_hybrid": ["hybrid.md"],
     "07_zero": ["zero.md"],
+    "08_planning": ["planning.md"],  # lesson and page come together (branch plan)
 }
 
 LINK = re.compile(r"(?<!!)\[(?P<text>(?:[^\[\]]|\[[^\[\]]*\])*)\]\((?P<target>[^()\s]+)\)")
