@@ -175,10 +175,23 @@ def _with_site_links(cell, lesson_uri, files, config):
     return cell if rewritten == source else dict(cell, source=rewritten)
 
 
+def _check_api_coverage(config):
+    """Every public module of minipar has an entry ('::: minipar.x') on an API page; a new one is a warning."""
+    documented = set(_api_pages(config))
+    for path in sorted((ROOT / "minipar").rglob("*.py")):
+        module = _module_of(path.relative_to(ROOT).as_posix())
+        if path.name.startswith("_") or module in documented:
+            continue  # __init__, __main__ and private modules
+        group = posixpath.dirname(path.relative_to(ROOT).as_posix())
+        log.warning(f"{module} is not in the API reference: add '::: {module}' to the page in docs/api/ "
+                    f"that documents {group}/")
+
+
 @event_priority(100)  # before mkdocs-jupyter's on_files, so the lesson files become notebook pages
 def on_files(files, config):
     _lessons.clear()
     _source_pages.clear()
+    _check_api_coverage(config)
     docs_dir = Path(config["docs_dir"])
     for page in list(files.documentation_pages()):
         if page.abs_src_path and page.src_uri.endswith(".md"):
