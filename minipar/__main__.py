@@ -90,6 +90,9 @@ def parse_arguments(argv):
 
 def main(argv=None):
     arguments = parse_arguments(sys.argv[1:] if argv is None else argv)
+    from minipar.backend import reuse_freed_memory
+
+    reuse_freed_memory()  # a program's choice, made here rather than on import
     if arguments.command == "topology":
         from minipar.parallel.topology import Layout
 
@@ -104,9 +107,9 @@ def main(argv=None):
     if arguments.block_size is None:
         # An addition line is "ab+cd=" plus the reversed sum and a newline: 3 digits + 4 characters.
         arguments.block_size = 64 if arguments.data else 3 * arguments.digits + 4
-    from minipar.run import train
+    from minipar.run import train_command
 
-    return train(arguments)
+    return train_command(arguments)
 
 
 def run_as_job():

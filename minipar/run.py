@@ -60,7 +60,8 @@ def evaluate(model, dataset, config, eval_batches, accuracy_problems=200):
     return report
 
 
-def train(arguments):
+def train_command(arguments):
+    """``python -m minipar train``: the CLI around ``minipar.train.Trainer`` (module docstring)."""
     from minipar.comm.communicator import Communicator
     from minipar.train import Trainer
 
@@ -69,14 +70,12 @@ def train(arguments):
     dataset = (load_text_dataset(arguments.data, arguments.block_size) if arguments.data
                else addition_dataset(digits=arguments.digits))
     model_config, train_config = build_configs(arguments, dataset.tokenizer.vocab_size)
-    train_config.layout.validate(world.size)  # every rank, before any communication
-    trainer = Trainer(model_config, train_config, world)
+    trainer = Trainer(model_config, train_config, world)  # validates the layout on every rank first
     start_step = resume(trainer, arguments.resume) if arguments.resume else 0
+    total = trainer.num_parameters()  # collective
     if is_printer:
         print(f"data: {dataset.name}")
         print(f"model: {model_config}")
-        # Counted on an unfilled single-process GPT: under ZeRO-3 a rank's p.data is only its part.
-        total = GPT(model_config, initialise=False).num_parameters()
         print(f"layout: dp {train_config.dp} x tp {train_config.tp} x pp {train_config.pp} on {world.size} ranks, "
               f"{total:,} parameters in the model")
     progress = _progress_bar(range(start_step, train_config.steps), enabled=is_printer)
