@@ -42,6 +42,17 @@ from itertools import zip_longest
 from minipar.backend import default_dtype, xp
 
 _grad_enabled = True
+_saved_observers = []  # opt-in: see observe_saved
+
+
+@contextmanager
+def observe_saved(observer):
+    """Call ``observer(arrays)`` at every ``save_for_backward`` in the block (to count activation memory)."""
+    _saved_observers.append(observer)
+    try:
+        yield
+    finally:
+        _saved_observers.remove(observer)
 
 
 @contextmanager
@@ -70,6 +81,8 @@ class Context:
 
     def save_for_backward(self, *arrays):
         self.saved = arrays
+        for observer in _saved_observers:
+            observer(arrays)
 
     def needs_input_grad(self, index):
         """Whether backward must return a gradient for input ``index``; an op may skip the work if not."""

@@ -296,7 +296,8 @@ def _run_body_on_this_rank(target, kwargs_json):
         sys.stdout.flush()
         sys.stderr.write(f"rank {world.rank} of {world.size} failed:\n{traceback.format_exc()}")
         sys.stderr.flush()
-        world.Abort(1)
+        world.Abort(1)  # the launcher ends every rank; MPICH's MPI_Abort may return before it does,
+        os._exit(1)  # so leave now rather than run on into MPI_Finalize with partners gone
     sys.stdout.flush()
 
 

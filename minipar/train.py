@@ -24,9 +24,13 @@ import dataclasses
 from dataclasses import dataclass
 
 from minipar.backend import from_host, set_default_dtype, xp
-from minipar.errors import CheckpointError, ConfigError, require_positive_int
+from minipar.errors import CheckpointError, ConfigError, DataError, require_finite, require_positive_int
+from minipar.job import guard_job
 from minipar.nn.gpt import GPT
-from minipar.optim import AdamW, clip_grad_norm, cosine_learning_rate, decay_groups, grad_norm_squared
+from minipar.optim import SGD, AdamW, clip_grad_norm, cosine_learning_rate, decay_groups, grad_norm_squared
+from minipar.comm.compression import make_compressor
+from minipar.comm.hierarchical import NodeGroups, node_of_world_rank, shared_memory_node
+from minipar.parallel.communication_reduction import CompressedDataParallel, HierarchicalDataParallel, LocalSGD
 from minipar.parallel.data_parallel import DataParallel, local_slice
 from minipar.parallel.gather import gather_full_arrays
 from minipar.parallel.gradient_sync import MOMENTS, SequenceParallelGradientSum, SingleReplica
@@ -40,7 +44,7 @@ from minipar.parallel.zero import Zero
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000  # optimizer steps
+    steps: int = 2000  # optimizer steps of the whole run (the cosine schedule ends here)
     batch_size: int = 64  # global batch, in sequences, summed over data-parallel replicas
     learning_rate: float = 3e-3  # peak of the warmup + cosine schedule
     min_learning_rate: float = 3e-4  # where the cosine ends
@@ -63,7 +67,14 @@ class TrainConfig:
     zero: int = 0  # ZeRO stage over the data-parallel group (0 = off)
     bucket_megabytes: float = 1.0  # data-parallel gradient bucket size
     overlap: bool = False  # start bucket allreduces during backward
-    allreduce: str = "mpi"  # mpi | ring | recursive_doubling | tree
+    allreduce: str = "mpi"  # mpi | ring | recursive_doubling | tree | hierarchical (node by node)
+    ranks_per_node: int = 0  # hierarchical: simulated nodes of K consecutive ranks; 0 = MPI's shared-memory nodes
+    # cutting communication (docs/communication.md)
+    compress: str = "none"  # none | fp16 | bf16 | topk | powersgd: how gradients travel (all but none are lossy)
+    topk_ratio: float = 0.01  # top-k: fraction of each gradient tensor sent per step
+    powersgd_rank: int = 2  # PowerSGD: rank r of the approximation P Qᵀ
+    local_sgd: int = 0  # H > 0: no gradient exchange; average the parameters every H steps (Lin et al. 2020)
+    optimizer: str = "adamw"  # adamw | sgd (plain SGD: local SGD with H = 1 is then exactly data parallelism)
 
     def __post_init__(self):
         if self.dtype not in ("float32", "float64"):
@@ -71,6 +82,11 @@ class TrainConfig:
         require_positive_int("steps", self.steps, minimum=0)
         for name in ("batch_size", "dp", "tp", "pp", "microbatches", "virtual_stages"):
             require_positive_int(name, getattr(self, name))
+        for name in ("learning_rate", "min_learning_rate", "weight_decay", "grad_clip"):
+            require_finite(name, getattr(self, name), minimum=0.0)
+        require_finite("bucket_megabytes", self.bucket_megabytes, minimum=0.0, strictly=True)
+        require_positive_int("warmup_steps", self.warmup_steps, minimum=0)
+        require_positive_int("seed", self.seed, minimum=0)
         if self.batch_size % (self.dp * self.microbatches):
             raise ConfigError(f"global batch size {self.batch_size} must be divisible by dp x microbatches "
                               f"= {self.dp} x {self.microbatches} = {self.dp * self.microbatches}")
@@ -86,13 +102,61 @@ class TrainConfig:
         if self.zero and self.dp > 1 and (self.overlap or self.allreduce != "mpi"):
             raise ConfigError("--overlap and --allreduce choose how plain data parallelism allreduces; "
                               "ZeRO reduce-scatters and all-gathers instead, so drop them or --zero")
+        self._check_communication_options()
+
+    def _check_communication_options(self):
+        """The options of docs/communication.md: each refused, in one sentence, where it does not apply."""
+        from minipar.comm.compression import COMPRESSION_METHODS
+
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ConfigError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        if self.compress not in COMPRESSION_METHODS:
+            raise ConfigError(f"compress must be one of {COMPRESSION_METHODS}, got {self.compress!r}")
+        if not 0 < self.topk_ratio <= 1:
+            raise ConfigError(f"topk_ratio must be in (0, 1], got {self.topk_ratio!r}")
+        require_positive_int("powersgd_rank", self.powersgd_rank)
+        require_positive_int("local_sgd", self.local_sgd, minimum=0)
+        require_positive_int("ranks_per_node", self.ranks_per_node, minimum=0)
+        chosen = [name for name, on in (("--compress", self.compress != "none"), ("--local-sgd", self.local_sgd > 0),
+                                        ("--allreduce hierarchical", self.allreduce == "hierarchical")) if on]
+        if len(chosen) > 1:
+            raise ConfigError(f"{' and '.join(chosen)} are alternatives: choose one")
+        if chosen and self.zero:
+            raise ConfigError(f"{chosen[0]} changes plain data parallelism's allreduce; ZeRO reduce-scatters "
+                              f"its gradients instead, so drop {chosen[0]} or --zero")
+        if chosen and self.overlap:
+            raise ConfigError(f"{chosen[0]} is blocking (it runs after backward), so it cannot --overlap")
+        if self.ranks_per_node and self.allreduce != "hierarchical":
+            raise ConfigError("--ranks-per-node describes nodes for --allreduce hierarchical; add that or drop it")
 
     @property
     def layout(self):
         return Layout(self.dp, self.tp, self.pp)
 
+    def check_model(self, model_config):
+        """What this layout needs of the model, checked on every rank alike (not on one stage mid-step)."""
+        from minipar.parallel.pipeline.partition import layers_per_chunk
+
+        layers_per_chunk(model_config.n_layer, self.pp, self.virtual_stages, self.split)
+        if self.tp > 1 or self.sequence_parallel:
+            from minipar.parallel.tensor_parallel import validate_tensor_parallel
+
+            validate_tensor_parallel(model_config, self.tp, self.layout.world_size)
+        if self.sequence_parallel and model_config.block_size % self.tp:
+            raise ConfigError(f"sequence parallelism splits the sequence over the {self.tp} tensor-parallel ranks, "
+                              f"so the block size ({model_config.block_size}) must be divisible by tp ({self.tp})")
+
     def to_dict(self):
         return dataclasses.asdict(self)
+
+
+def check_token_ids(inputs, targets, vocab_size):
+    """Ids and targets must lie in [0, vocab_size): checked here, on every rank, before the step starts,
+    rather than inside the first or last pipeline stage alone while the others wait."""
+    for what, ids in (("input ids", inputs), ("targets", targets)):
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+            raise DataError(f"{what} must lie in [0, {vocab_size}), got values from {int(ids.min())} "
+                            f"to {int(ids.max())}")
 
 
 def learning_rate_at(config, step):
@@ -106,6 +170,8 @@ class Trainer:
     def __init__(self, model_config, train_config, world):
         """``world`` is a minipar Communicator over all ranks (its size must be dp*tp*pp)."""
         self.model_config, self.config = model_config, train_config
+        train_config.check_model(model_config)
+        guard_job(world.mpi)  # an uncaught exception or Ctrl-C on any rank ends every rank (minipar/job.py)
         set_default_dtype(getattr(xp, train_config.dtype))
         self.grid = ProcessGrid(train_config.layout, world)  # validates the layout on every rank first
         self.chunks = self._build_chunks()
@@ -124,8 +190,11 @@ class Trainer:
         self.norm_tensors = [self.sync.updated_tensor(p) for _, p in self.counted_once]
         self.norm_groups = (self.grid.tp, self.grid.pp, *self.sync.partitioned_over)
         groups = decay_groups(self.named_parameters, train_config.weight_decay)
-        self.optimizer = AdamW(self.sync.optimizer_groups(groups), lr=train_config.learning_rate,
-                               betas=train_config.betas, weight_decay=train_config.weight_decay)
+        if train_config.optimizer == "sgd":
+            self.optimizer = SGD(self.sync.optimizer_groups(groups), lr=train_config.learning_rate)
+        else:
+            self.optimizer = AdamW(self.sync.optimizer_groups(groups), lr=train_config.learning_rate,
+                                   betas=train_config.betas, weight_decay=train_config.weight_decay)
         self.step_count = 0
 
     # ---- construction ------------------------------------------------------------------
@@ -154,9 +223,18 @@ class Trainer:
             return SingleReplica(self.parameters)
         if config.zero:
             return Zero(self.chunks, self.grid.dp, config.zero, accumulation_steps=config.microbatches)
-        # Broadcasts dp rank 0's parameters at construction, so replicas start identical.
-        return DataParallel(self.parameters, self.grid.dp, bucket_bytes=int(config.bucket_megabytes * 2**20),
-                            overlap=config.overlap, algorithm=config.allreduce, accumulation_steps=config.microbatches)
+        # Each broadcasts dp rank 0's parameters at construction, so replicas start identical.
+        options = {"bucket_bytes": int(config.bucket_megabytes * 2**20), "accumulation_steps": config.microbatches}
+        if config.compress != "none":
+            compressor = make_compressor(config.compress, topk_ratio=config.topk_ratio,
+                                         powersgd_rank=config.powersgd_rank, seed=self.model_config.seed)
+            return CompressedDataParallel(self.parameters, self.grid.dp, compressor, **options)
+        if config.local_sgd:
+            return LocalSGD(self.parameters, self.grid.dp, config.local_sgd, **options)
+        if config.allreduce == "hierarchical":
+            node = node_of_world_rank(config.ranks_per_node) if config.ranks_per_node else shared_memory_node(self.grid.dp)
+            return HierarchicalDataParallel(self.parameters, self.grid.dp, NodeGroups(self.grid.dp, node), **options)
+        return DataParallel(self.parameters, self.grid.dp, overlap=config.overlap, algorithm=config.allreduce, **options)
 
     def _counts_once(self, name, parameter):
         """Whether this rank counts ``parameter`` in sums over the whole model (the gradient norm).
@@ -182,6 +260,7 @@ class Trainer:
         config = self.config
         if inputs.shape[0] != config.batch_size:
             raise ConfigError(f"batch has {inputs.shape[0]} rows, the configuration says {config.batch_size}")
+        check_token_ids(inputs, targets, self.model_config.vocab_size)  # every rank: the same global batch
         inputs, targets = local_slice((inputs, targets), self.grid.dp_rank, config.dp)  # (B/dp, T)
         self.sync.start_step()
         loss = self.executor.run(split_microbatches(inputs, config.microbatches),  # m x (B/(dp m), T)
@@ -264,6 +343,14 @@ class Trainer:
                 found = "nothing" if name not in arrays else f"shape {tuple(arrays[name].shape)}"
                 raise CheckpointError(f"{what} {name!r}: rank {self.grid.world.rank} needs shape {p.shape}, "
                                       f"got {found}")
+
+    def sync_state_arrays(self):
+        """{name: array} that only this rank holds (``sync.state_arrays``): compression residuals,
+        local SGD's replica; saved per rank, restored under the same layout."""
+        return self.sync.state_arrays(self.optimizer)
+
+    def load_sync_state_arrays(self, arrays):
+        self.sync.load_state_arrays({name: from_host(array) for name, array in arrays.items()}, self.optimizer)
 
     def memory_report(self):
         """Bytes this rank holds after a step (``memory_report`` of the gradient sync in use)."""

@@ -51,7 +51,8 @@ LESSON_PAGES = {
     "05_pipeline_parallel": ["pipeline_schedules.md", "pipeline_parallel.md"],
     "06_hybrid": ["hybrid.md"],
     "07_zero": ["zero.md"],
-    "08_planning": ["planning.md"],  # lesson and page come together (branch plan)
+    "08_planning": ["planning.md"],
+    "09_cutting_communication": ["communication.md"],
 }
 
 LINK = re.compile(r"(?<!!)\[(?P<text>(?:[^\[\]]|\[[^\[\]]*\])*)\]\((?P<target>[^()\s]+)\)")

@@ -87,6 +87,14 @@ class SingleReplica:
     def after_optimizer_step(self, step):
         """Nothing to rebuild or compare with one replica."""
 
+    def state_arrays(self, optimizer):
+        """{name: array} of state that is this rank's alone and must travel in a checkpoint for an
+        exact resume (compression residuals, local SGD's drifting replicas); none here."""
+        return {}
+
+    def load_state_arrays(self, arrays, optimizer):
+        """The reverse of ``state_arrays``, after the parameters and moments are loaded."""
+
     # ---- arrays shaped like the tensor-parallel shards (checkpoints) ---------------------------
     def parameter_arrays(self):
         """{id(p): a copy of p's array}."""
