@@ -85,11 +85,18 @@ def parse_arguments(argv):
     topology = commands.add_parser("topology", help="draw the dp x tp x pp process grid")
     for name in ("dp", "tp", "pp"):
         topology.add_argument(f"--{name}", type=int, default=1)
+    commands.add_parser("course", add_help=False,
+                        help="the course: list | student DIR | check NAME | grade DIRS --csv FILE")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
-    arguments = parse_arguments(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["course"]:  # the course has its own command line (minipar/course/cli.py)
+        from minipar.course.cli import main as course_main
+
+        return course_main(argv[1:])
+    arguments = parse_arguments(argv)
     if arguments.command == "topology":
         from minipar.parallel.topology import Layout
 

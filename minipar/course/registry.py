@@ -1,0 +1,60 @@
+"""The exercises, in the order a student does them.
+
+Each exercise is one or more solution regions (``### BEGIN SOLUTION`` … ``### END SOLUTION``)
+inside named functions of one file of the package, and a list of checks run on real MPI
+ranks (``checks_*.py``). ``world_size`` is the number of ranks ``course check`` launches;
+each check then runs on sub-communicators of the sizes where bugs hide (1, 2, 3, 4, 8 …).
+"""
+from dataclasses import dataclass
+
+from minipar.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Exercise:
+    name: str
+    title: str
+    path: str                 # the file holding the solution regions, relative to the repository root
+    functions: tuple          # qualified names of the functions with a region ("LayerNorm.backward")
+    minutes: int              # estimated time for a student who has read the lesson
+    checks: str               # "module:NAME" of the check list in minipar.course
+    world_size: int = 8       # ranks that `course check` starts
+    lesson: str = ""          # the notebook to read first
+    docs: str = ""            # the page with the maths
+
+
+EXERCISES = (
+    Exercise("layer_norm_backward", "Warm-up: the backward of layer normalisation (one process)",
+             "minipar/ops/fused.py", ("LayerNorm.backward",), 20, "checks_ops:CHECKS",
+             world_size=1, lesson="lessons/01_autograd.ipynb", docs="docs/design.md"),
+    Exercise("ring_allreduce", "Ring allreduce = ring reduce-scatter + ring all-gather over Sendrecv",
+             "minipar/comm/collectives.py", ("ring_reduce_scatter", "ring_all_gather"), 40,
+             "checks_comm:RING", lesson="lessons/02_collectives.ipynb", docs="docs/collectives.md"),
+    Exercise("recursive_doubling", "Recursive-doubling allreduce, folding ranks beyond a power of two",
+             "minipar/comm/collectives.py", ("recursive_doubling_allreduce",), 40,
+             "checks_comm:RECURSIVE_DOUBLING", lesson="lessons/02_collectives.ipynb", docs="docs/collectives.md"),
+    Exercise("process_grid", "The 3D grid: rank -> (dp, tp, pp) coordinates and the three sub-communicators",
+             "minipar/parallel/topology.py", ("Layout.coordinates", "ProcessGrid.__init__"), 25,
+             "checks_grid:CHECKS", lesson="lessons/06_hybrid.ipynb", docs="docs/hybrid.md"),
+)
+
+
+def exercise_named(name):
+    for exercise in EXERCISES:
+        if exercise.name == name:
+            return exercise
+    names = ", ".join(exercise.name for exercise in EXERCISES)
+    raise ConfigError(f"no exercise named {name!r}; the exercises are: {names}")
+
+
+def exercises_in(path):
+    """The exercises whose regions live in ``path`` (relative to the repository root)."""
+    return [exercise for exercise in EXERCISES if exercise.path == path]
+
+
+def checks_of(exercise):
+    """The exercise's list of ``Check``s (imported on demand: checks import MPI-side code)."""
+    import importlib
+
+    module_name, attribute = exercise.checks.split(":")
+    return getattr(importlib.import_module(f"minipar.course.{module_name}"), attribute)
