@@ -52,7 +52,7 @@ def compare(what, got, expected, formula, hint=None, rtol=1e-12, atol=1e-12):
     message = (f"{what}{shown}: expected {_show(expected[index])} ({formula}), got {_show(got[index])}"
                f" ({int(wrong.sum())} of {wrong.size} values wrong)")
     extra = hint(index, got[index], expected[index]) if hint else ""
-    raise CheckFailure(message + (f"; {extra}" if extra else ""))
+    raise CheckFailure(message + (f"\n{extra}" if extra else ""))
 
 
 def require(condition, message):

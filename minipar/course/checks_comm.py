@@ -7,7 +7,68 @@ ranks beyond a power of two in recursive doubling.
 """
 import numpy as np
 
-from minipar.course.checking import Check, compare, digit_data, digit_sum, digits_hint, require
+from minipar.course.checking import Check, CheckFailure, compare, digit_data, digit_sum, digits_hint, require
+
+
+class TracingComm:
+    """An mpi4py communicator that notes each point-to-point message: step, partner, block of ``buffer``.
+
+    The trace is only read after a check has failed, to say where the messages first left the
+    textbook schedule; a different but correct schedule never fails because of it.
+    """
+
+    def __init__(self, comm, buffer):
+        self.comm, self.buffer, self.sent, self.received = comm, buffer, [], []
+
+    def __getattr__(self, name):
+        return getattr(self.comm, name)
+
+    def _block(self, array):
+        base = self.buffer.__array_interface__["data"][0]
+        offset = (np.asarray(array).__array_interface__["data"][0] - base) // self.buffer.itemsize
+        if not 0 <= offset < self.buffer.size:
+            return None
+        bounds = _collectives().block_bounds(self.buffer.size, self.comm.Get_size())
+        return next((b for b, (start, stop) in enumerate(bounds) if start == offset), None)
+
+    def Sendrecv(self, sendbuf, dest, sendtag=0, recvbuf=None, source=None, recvtag=None, status=None):
+        self.sent.append((dest, self._block(sendbuf)))
+        self.received.append((source, self._block(recvbuf)))
+        return self.comm.Sendrecv(sendbuf, dest, sendtag, recvbuf, source, recvtag, status)
+
+    def Send(self, buf, dest, tag=0):
+        self.sent.append((dest, self._block(buf)))
+        return self.comm.Send(buf, dest, tag)
+
+    def Recv(self, buf, source, tag=0, status=None):
+        self.received.append((source, self._block(buf)))
+        return self.comm.Recv(buf, source, tag, status)
+
+
+def _ring_schedule_hint(trace, rank, size, first_block):
+    """Where this rank's sends first differ from the ring: block (r − s − first_block) mod N to r + 1."""
+    for step, (dest, block) in enumerate(trace.sent):
+        expected = (rank - step - first_block) % size
+        if dest != (rank + 1) % size or (block is not None and block != expected):
+            shown = f"block {block}" if block is not None else "a buffer that is not one block of it"
+            rule = f"(r - s - {first_block}) mod N" if first_block else "(r - s) mod N"
+            return (f"at step {step} rank {rank} sent {shown} to rank {dest}; at step s the ring sends block "
+                    f"{rule} = {expected} to r + 1 = {(rank + 1) % size} and receives from r - 1 = "
+                    f"{(rank - 1) % size}")
+    return ""
+
+
+def _traced(run, trace, hint):
+    """Run ``run()``; on a failure or an exception, add where the messages left the schedule."""
+    try:
+        run()
+    except Exception as error:  # noqa: BLE001 - re-raised with the trace's hint
+        extra = hint()
+        if not extra:
+            raise
+        lines = str(error).strip().splitlines() or [""]
+        what = str(error) if isinstance(error, CheckFailure) else f"raised {type(error).__name__}: {lines[-1]}"
+        raise CheckFailure(f"{what}\n{extra}") from error
 
 
 def _collectives():
@@ -24,11 +85,18 @@ def check_reduce_scatter(comm):
     rank, size = comm.Get_rank(), comm.Get_size()
     count = 3 * size + 1
     buffer = digit_data(rank, count)
-    traffic = _collectives().ring_reduce_scatter(comm, buffer)
+    trace = TracingComm(comm, buffer)
     start, stop = _own_block(count, rank, size)
-    compare(f"rank {rank}: block {rank} (elements {start}:{stop}) after ring_reduce_scatter, element",
-            buffer[start:stop], digit_sum(size, count)[start:stop],
-            "the sum over all ranks of their element", digits_hint(size))
+    outcome = {}
+
+    def run():
+        outcome["traffic"] = _collectives().ring_reduce_scatter(trace, buffer)
+        compare(f"rank {rank}: block {rank} (elements {start}:{stop}) after ring_reduce_scatter, element",
+                buffer[start:stop], digit_sum(size, count)[start:stop],
+                "the sum over all ranks of their element", digits_hint(size))
+
+    _traced(run, trace, lambda: _ring_schedule_hint(trace, rank, size, 1))
+    traffic = outcome["traffic"]
     sent = (count - (stop - start)) * buffer.itemsize
     require(traffic is not None and traffic.bytes_sent == sent,
             f"rank {rank}: ring_reduce_scatter reported {getattr(traffic, 'bytes_sent', None)} bytes sent, "
@@ -42,9 +110,16 @@ def check_all_gather(comm):
     buffer = np.full(count, -1.0)        # only the own block is known on entry
     start, stop = _own_block(count, rank, size)
     buffer[start:stop] = everyone[start:stop]
-    traffic = _collectives().ring_all_gather(comm, buffer)
-    compare(f"rank {rank}: buffer after ring_all_gather, element", buffer, everyone,
-            "block b comes from rank b; -1 means nothing arrived")
+    trace = TracingComm(comm, buffer)
+    outcome = {}
+
+    def run():
+        outcome["traffic"] = _collectives().ring_all_gather(trace, buffer)
+        compare(f"rank {rank}: buffer after ring_all_gather, element", buffer, everyone,
+                "block b comes from rank b; -1 means nothing arrived")
+
+    _traced(run, trace, lambda: _ring_schedule_hint(trace, rank, size, 0))
+    traffic = outcome["traffic"]
     next_block = _own_block(count, (rank + 1) % size, size)
     sent = 0 if size == 1 else (count - (next_block[1] - next_block[0])) * buffer.itemsize
     require(traffic is not None and traffic.bytes_sent == sent,

@@ -53,6 +53,16 @@ def _launch(name, directory, world_size, result_dir, limit, start, log):
                             start_new_session=True)
 
 
+def _record_crash(result_dir, index, items, world, limit, returncode, tail):
+    """The job died in entry ``index`` without a rank recording why (a crash, or the backstop's kill)."""
+    participants = range(min(items[index][2], world))
+    missing = sorted(set(participants) - set(read_entry(result_dir, index, world)))
+    reason = f"before the job ended (exit code {returncode})"
+    if not read_entry(result_dir, index, world):
+        reason = reason[:-1] + f"; its last output: {(' | '.join(tail) or 'none')[-600:]})"
+    abort_file(result_dir, index).write_text(json.dumps({"missing": missing, "limit": limit, "reason": reason}))
+
+
 def check(name, directory=".", limit=60.0, out=print):
     """Grade exercise ``name`` in ``directory``; prints as it goes through ``out``; returns a CheckResult."""
     from minipar.testing import _kill_job
@@ -90,23 +100,12 @@ def check(name, directory=".", limit=60.0, out=print):
                 tail = log.read().strip().splitlines()[-6:]
             if printed >= len(items):
                 break
-            # The job ended before entry `printed` completed: record who had not finished, go on after it.
-            participants = range(min(items[printed][2], world))
-            if not abort_file(result_dir, printed).exists():
-                missing = sorted(set(participants) - set(read_entry(result_dir, printed, world)))
-                reason = f"before the job ended (exit code {process.returncode})"
-                abort_file(result_dir, printed).write_text(json.dumps({"missing": missing, "limit": limit,
-                                                                       "reason": reason}))
-                if not read_entry(result_dir, printed, world):
-                    tail_text = " | ".join(tail) if tail else "no output"
-                    abort_file(result_dir, printed).write_text(json.dumps({
-                        "missing": missing, "limit": limit,
-                        "reason": f"before the job ended (exit code {process.returncode}; its last output: "
-                                  f"{tail_text[-600:]})"}))
-            for line in entry_lines(result_dir, printed, items, world):
-                emit(line)
-            printed += 1
-            start = printed
+            if not any(abort_file(result_dir, index).exists() for index in range(start, printed)):
+                _record_crash(result_dir, printed, items, world, limit, process.returncode, tail)
+                for line in entry_lines(result_dir, printed, items, world):
+                    emit(line)
+                printed += 1
+            start = printed  # a new job for the entries after the one that ended this job
         passed = sum(1 for index, (_, _, size) in enumerate(items)
                      if (entry_outcome(result_dir, index, size, world) or ("",))[0] == "pass")
     result = CheckResult(name, passed, len(items), lines)

@@ -6,7 +6,7 @@ ranks that did not finish. The last line is the score: ``3/4 checks passed``.
 """
 import json
 
-from minipar.course.runner import abort_file, read_entry
+from minipar.course.runner import abort_file, read_entry, stuck_file
 
 
 def entry_outcome(result_dir, index, size, world_size):
@@ -25,21 +25,29 @@ def entry_outcome(result_dir, index, size, world_size):
         rank, first = failures[0]
         same = [other for other, outcome in failures[1:] if outcome.get("message", "").split(": ", 1)[-1]
                 == first.get("message", "").split(": ", 1)[-1]]
-        line = first["message"] if first["message"].startswith("rank ") else f"rank {rank}: {first['message']}"
+        message = first["message"] if first["message"].startswith("rank ") else f"rank {rank}: {first['message']}"
+        line, *rest = message.splitlines()
         if first["status"] == "error" and same:
             line += f" (the same on {len(same)} other rank{'s' if len(same) > 1 else ''})"
         elif len(failures) > 1:
             line += f" (ranks {[r for r, _ in failures]} failed; the first is shown)"
-        lines.append(line)
+        lines += [line, *rest]
+        raised = [(other, outcome) for other, outcome in failures if outcome["status"] == "error"]
+        if raised and first["status"] != "error":  # an exception elsewhere is the likelier cause
+            lines.append(f"rank {raised[0][0]}: {raised[0][1]['message']}")
     if aborted.exists():
         record = json.loads(aborted.read_text())
         missing = record["missing"]
         if missing:
             why = {"time limit": f"within the {record['limit']:g} s limit",
-                   "a rank raised while others waited": "after another rank raised"}.get(record["reason"],
+                   "a rank failed while others waited": "after another rank failed"}.get(record["reason"],
                                                                                            record["reason"])
             lines.append(f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} did not finish "
                          f"{why}: stuck waiting for a message that no rank sends, or for a rank that failed")
+            for rank in missing[:3]:
+                path = stuck_file(result_dir, index, rank)
+                if path.exists():
+                    lines.append(f"rank {rank} was at {path.read_text()}")
     if not lines:
         return "pass", ""
     return "fail", "\n".join(lines)

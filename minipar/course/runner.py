@@ -10,7 +10,7 @@ job never needs a collective that a broken rank could block.
 
 A run never hangs. A rank gives up on an entry when its time limit passes (a watchdog thread,
 so even a rank stuck inside ``Recv`` gives up), or a few seconds after another rank reported
-an exception while some ranks have not finished (they wait for that rank's messages). The
+a failure while some ranks have not finished (they may wait for that rank's messages). The
 first rank to give up writes ``<entry>.abort.json`` naming the ranks that did not finish and
 ends the job with ``MPI.COMM_WORLD.Abort``. The parent (``grader.py``) then reads the files
 and starts a new job from the next entry.
@@ -26,7 +26,7 @@ import time
 import traceback
 from pathlib import Path
 
-GRACE_AFTER_ERROR = 5.0    # seconds the others get to finish after a rank raised
+GRACE_AFTER_FAILURE = 5.0  # seconds the others get to finish after a rank failed or raised
 POLL = 0.02
 
 
@@ -67,7 +67,9 @@ def run_entry(check, comm):
     except CheckFailure as failure:
         outcome = {"status": "fail", "message": str(failure)}
     except Exception as error:  # noqa: BLE001 - the student's code may raise anything; report it in one line
-        outcome = {"status": "error", "message": f"raised {type(error).__name__}: {error}{_where(error)}"}
+        lines = str(error).strip().splitlines() or [""]
+        # MPI errors carry a whole error stack; its last line says what went wrong.
+        outcome = {"status": "error", "message": f"raised {type(error).__name__}: {lines[-1].strip()}{_where(error)}"}
     outcome["seconds"] = round(time.perf_counter() - started, 3)
     return outcome
 
@@ -82,10 +84,33 @@ def read_entry(result_dir, index, world_size):
     return outcomes
 
 
+def stuck_file(result_dir, index, rank):
+    return Path(result_dir) / f"{index:03d}.{rank}.stuck"
+
+
+def giving_up_file(result_dir, index):
+    return Path(result_dir) / f"{index:03d}.giving-up"
+
+
+def where_main_thread_is():
+    """``path:line in function: source`` of the main thread's innermost frame in minipar outside the course."""
+    frame = sys._current_frames().get(threading.main_thread().ident)
+    stack = traceback.extract_stack(frame) if frame is not None else []
+    inside = [entry for entry in stack if "minipar" in entry.filename and "/course/" not in entry.filename]
+    if not inside:
+        return "outside minipar"
+    entry = inside[-1]
+    parts = Path(entry.filename).parts
+    short = "/".join(parts[parts.index("minipar"):]) if "minipar" in parts else entry.filename
+    return f"{short}:{entry.lineno} in {entry.name}: {(entry.line or '').strip()}"
+
+
 def give_up(result_dir, index, world_size, participants, limit, reason, report_lines=None):
     """Record which ranks did not finish entry ``index`` and end the job (first caller only)."""
     from mpi4py import MPI
 
+    giving_up_file(result_dir, index).touch()   # the stuck ranks' watchdogs write where they are stuck
+    time.sleep(1.0)
     try:
         lock = os.open(Path(result_dir) / f"{index:03d}.abort.lock", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         os.close(lock)
@@ -106,8 +131,9 @@ def give_up(result_dir, index, world_size, participants, limit, reason, report_l
 class Watchdog:
     """Calls ``on_expiry(index)`` if entry ``index`` is still current ``limit`` seconds after it began."""
 
-    def __init__(self, on_expiry):
+    def __init__(self, on_expiry, result_dir, rank):
         self.on_expiry, self.current, self.lock = on_expiry, None, threading.Lock()
+        self.result_dir, self.rank = result_dir, rank
         self.deadline = None
         threading.Thread(target=self._watch, daemon=True).start()
 
@@ -120,12 +146,17 @@ class Watchdog:
             self.current = None
 
     def _watch(self):
+        noted = None
         while True:
             time.sleep(0.1)
             with self.lock:
                 expired = self.current is not None and time.monotonic() > self.deadline
                 index = self.current
+            if index is not None and index != noted and giving_up_file(self.result_dir, index).exists():
+                noted = index   # another rank is ending the job while this one is still inside the entry
+                stuck_file(self.result_dir, index, self.rank).write_text(where_main_thread_is())
             if expired:
+                stuck_file(self.result_dir, index, self.rank).write_text(where_main_thread_is())
                 self.on_expiry(index)
                 return
 
@@ -154,7 +185,7 @@ def run(name, result_dir, limit, start=0, report=False):
 
     participants_of = {}
     watchdog = Watchdog(lambda index: give_up(result_dir, index, world_size, participants_of[index], limit,
-                                              "time limit", report_abort))
+                                              "time limit", report_abort), result_dir, rank)
     passed = 0
     for index in range(start, len(items)):
         label, check, size = items[index]
@@ -174,11 +205,11 @@ def run(name, result_dir, limit, start=0, report=False):
             outcomes = read_entry(result_dir, index, world_size)
             if len(outcomes) == world_size:
                 break
-            if error_seen is None and any(o["status"] == "error" for o in outcomes.values()):
+            if error_seen is None and any(o["status"] in ("error", "fail") for o in outcomes.values()):
                 error_seen = time.monotonic()
-            if error_seen is not None and time.monotonic() - error_seen > GRACE_AFTER_ERROR:
+            if error_seen is not None and time.monotonic() - error_seen > GRACE_AFTER_FAILURE:
                 give_up(result_dir, index, world_size, participants_of[index], limit,
-                        "a rank raised while others waited", report_abort)
+                        "a rank failed while others waited", report_abort)
             time.sleep(POLL)
         watchdog.end()
         for line in entry_lines(result_dir, index, items, world_size):

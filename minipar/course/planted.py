@@ -1,0 +1,80 @@
+"""Realistic wrong solutions, as text patches on the reference, that every check must catch.
+
+Each ``Planted`` replaces ``old`` (which must occur exactly once in ``path``) by ``new`` in a
+copy of the reference tree; ``tests/test_course.py`` grades the copy and asserts that some
+check fails and that the failure message contains ``expect``, the words that point at the
+mistake. Teacher-only: left out of the student version.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Planted:
+    exercise: str
+    name: str          # the mistake, as a student would make it
+    path: str
+    old: str
+    new: str
+    expect: str        # a fragment of the failure message that points at the mistake
+    limit: float = 60  # a planted deadlock only needs a short limit to be caught
+
+
+def apply(planted, root):
+    """Patch the tree at ``root`` in place."""
+    path = Path(root) / planted.path
+    text = path.read_text()
+    if text.count(planted.old) != 1:
+        raise ValueError(f"planted {planted.name!r}: the text to replace occurs {text.count(planted.old)} times "
+                         f"in {planted.path}, not once; update minipar/course/planted.py")
+    path.write_text(text.replace(planted.old, planted.new))
+
+
+FUSED, COLLECTIVES, TOPOLOGY = "minipar/ops/fused.py", "minipar/comm/collectives.py", "minipar/parallel/topology.py"
+
+PLANTED = (
+    Planted("layer_norm_backward", "g_hat without the weight", FUSED,
+            "g_hat = grad * weight", "g_hat = grad", "dL/dx"),
+    Planted("layer_norm_backward", "grad_weight summed without x_hat", FUSED,
+            "grad_weight = (rows * x_hat.reshape(rows.shape)).sum(axis=0)", "grad_weight = rows.sum(axis=0)",
+            "dL/dweight"),
+    Planted("layer_norm_backward", "the mean(g_hat) term dropped", FUSED,
+            "(g_hat - g_hat.mean(axis=-1, keepdims=True)\n", "(g_hat\n", "dL/dx"),
+
+    Planted("ring_allreduce", "ring neighbours swapped in the reduce-scatter", COLLECTIVES,
+            "right, left = (rank + 1) % size, (rank - 1) % size\n    incoming_space",
+            "right, left = (rank - 1) % size, (rank + 1) % size\n    incoming_space", "to r + 1 = 1 and receives from r - 1"),
+    Planted("ring_allreduce", "reduce-scatter block index off by one", COLLECTIVES,
+            "send_start, send_stop = bounds[(rank - step - 1) % size]\n"
+            "        receive_start, receive_stop = bounds[(rank - step - 2) % size]",
+            "send_start, send_stop = bounds[(rank - step) % size]\n"
+            "        receive_start, receive_stop = bounds[(rank - step - 1) % size]", "after ring_reduce_scatter"),
+    Planted("ring_allreduce", "received block overwrites instead of adding", COLLECTIVES,
+            "reduce_into(flat[receive_start:receive_stop], incoming)",
+            "flat[receive_start:receive_stop] = incoming", "contributions missing"),
+    Planted("ring_allreduce", "all-gather forwards a block it has not received yet", COLLECTIVES,
+            "send_start, send_stop = bounds[(rank - step) % size]",
+            "send_start, send_stop = bounds[(rank - step + 1) % size]", "at step s the ring sends block (r - s) mod N"),
+
+    Planted("recursive_doubling", "partner = rank XOR distance, ignoring the folded ranks", COLLECTIVES,
+            "partner = 2 * partner_position + 1 if partner_position < extra else partner_position + extra",
+            "partner = rank ^ distance", "Invalid rank has value 3", limit=15),
+    Planted("recursive_doubling", "folded ranks never get the result back", COLLECTIVES,
+            "    if rank < 2 * extra:\n        mpi_comm.Send(flat, rank - 1, tag)\n"
+            "        traffic += Traffic(flat.nbytes, 0)\n",
+            "", "did not finish", limit=15),
+    Planted("recursive_doubling", "distance grows by one instead of doubling", COLLECTIVES,
+            "        distance *= 2\n\n    if rank < 2 * extra:", "        distance += 1\n\n    if rank < 2 * extra:",
+            "counted more than once"),
+
+    Planted("process_grid", "data-parallel rank varies fastest", TOPOLOGY,
+            "tp_rank = rank % self.tp\n        dp_rank = rank // self.tp % self.dp",
+            "dp_rank = rank % self.dp\n        tp_rank = rank // self.dp % self.tp", "coordinates"),
+    Planted("process_grid", "tensor- and data-parallel colours swapped", TOPOLOGY,
+            "self.tp = world.split(color=self.dp_rank + layout.dp * self.pp_rank, key=self.tp_rank)",
+            "self.tp = world.split(color=self.tp_rank + layout.tp * self.pp_rank, key=self.tp_rank)",
+            "grid.tp holds world ranks"),
+    Planted("process_grid", "pipeline groups ignore the replica", TOPOLOGY,
+            "self.pp = world.split(color=self.tp_rank + layout.tp * self.dp_rank, key=self.pp_rank)",
+            "self.pp = world.split(color=self.tp_rank, key=self.pp_rank)", "grid.pp holds world ranks"),
+)
