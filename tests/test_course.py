@@ -170,3 +170,53 @@ def test_grade_a_class_to_csv(tmp_path, student_tree):
         table = list(csv.DictReader(handle))
     assert [row["passed"] for row in table] == [str(rows[0]["total"]), "0"]
     assert table[0]["process_grid"] == "7/7" and table[1]["process_grid"] == "0/7"
+
+
+# --- the notebooks' exercises: a stub fails at its own cell, clearly, and never hangs -----------
+
+def lesson_exercise_params():
+    nbformat = pytest.importorskip("nbformat")
+    params = []
+    for path in sorted((ROOT / "lessons").glob("*.ipynb")):
+        notebook = nbformat.read(path, as_version=4)
+        for index, cell in enumerate(notebook.cells):
+            if cell.cell_type == "code" and markers.BEGIN in cell.source:
+                label = markers.notebook_exercise_label(cell.source, path.name)
+                params.append(pytest.param(path.name, index, label, id=f"{path.stem} {label}",
+                                           marks=pytest.mark.slow))
+    return params
+
+
+@pytest.mark.parametrize("name, index, label", lesson_exercise_params())
+def test_student_notebook_fails_at_the_exercise_cell(name, index, label, tmp_path):
+    """Only this exercise's cell stubbed (the package and earlier cells done): the run stops there."""
+    nbformat = pytest.importorskip("nbformat")
+    from tests.test_lessons import run_notebook
+
+    notebook = nbformat.read(ROOT / "lessons" / name, as_version=4)
+    single = nbformat.v4.new_notebook(cells=[notebook.cells[index]], metadata=notebook.metadata)
+    markers.stub_notebook(single, name)
+    notebook.cells[index] = single.cells[0]
+    path = tmp_path / name
+    nbformat.write(notebook, path)
+    with pytest.raises(pytest.fail.Exception) as failure:
+        run_notebook(path, notebook)
+    message = str(failure.value)
+    assert f"cell {index} failed" in message, message[-3000:]
+    assert f"NotImplementedError: exercise {label}" in message, message[-3000:]
+    assert "CellTimeoutError" not in message and "timed out" not in message
+
+
+def test_student_lesson_1_fails_at_exercise_1_1(student_tree, monkeypatch):
+    """The generated student version, run headless as a student would: lesson 1 stops at EXERCISE 1.1."""
+    nbformat = pytest.importorskip("nbformat")
+    from tests.test_lessons import run_notebook
+
+    monkeypatch.setenv("PYTHONPATH", str(student_tree))    # the kernel imports the student's minipar
+    path = student_tree / "lessons" / "01_autograd.ipynb"
+    notebook = nbformat.read(path, as_version=4)
+    exercise = next(index for index, cell in enumerate(notebook.cells) if "EXERCISE 1.1" in cell.source
+                    and cell.cell_type == "code")
+    with pytest.raises(pytest.fail.Exception) as failure:
+        run_notebook(path, notebook)
+    assert f"cell {exercise} failed" in str(failure.value) and "exercise 1.1" in str(failure.value)
