@@ -21,7 +21,7 @@ from pathlib import Path
 
 from minipar.course.checking import entries
 from minipar.course.registry import EXERCISES, checks_of, exercise_named
-from minipar.course.report import entry_lines, entry_outcome
+from minipar.course.report import Compactor, entry_lines, entry_outcome
 from minipar.course.runner import abort_file, read_entry
 
 STARTUP_ALLOWANCE = 60.0   # seconds for mpiexec and the imports on a loaded machine, before any limit counts
@@ -71,7 +71,7 @@ def check(name, directory=".", limit=60.0, out=print):
     directory = Path(directory).resolve()
     items = entries(checks_of(exercise))
     world = exercise.world_size
-    lines = []
+    lines, compact = [], Compactor()
 
     def emit(line):
         lines.append(line)
@@ -88,7 +88,7 @@ def check(name, directory=".", limit=60.0, out=print):
                 while True:
                     finished = process.poll() is not None
                     while printed < len(items) and entry_outcome(result_dir, printed, items[printed][2], world):
-                        for line in entry_lines(result_dir, printed, items, world):
+                        for line in compact(entry_lines(result_dir, printed, items, world)):
                             emit(line)
                         printed += 1
                     if finished:
@@ -102,7 +102,7 @@ def check(name, directory=".", limit=60.0, out=print):
                 break
             if not any(abort_file(result_dir, index).exists() for index in range(start, printed)):
                 _record_crash(result_dir, printed, items, world, limit, process.returncode, tail)
-                for line in entry_lines(result_dir, printed, items, world):
+                for line in compact(entry_lines(result_dir, printed, items, world)):
                     emit(line)
                 printed += 1
             start = printed  # a new job for the entries after the one that ended this job

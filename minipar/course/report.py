@@ -5,6 +5,7 @@ failing rank's message (the first wrong value, expected vs got, and its formula)
 ranks that did not finish. The last line is the score: ``3/4 checks passed``.
 """
 import json
+import re
 
 from minipar.course.runner import abort_file, read_entry, stuck_file
 
@@ -70,3 +71,20 @@ def passed_entries(result_dir, items, world_size):
 
 def score_line(result_dir, items, world_size):
     return f"{passed_entries(result_dir, items, world_size)}/{len(items)} checks passed"
+
+
+_RANK_COUNTS = re.compile(r" \((the same on \d+ other ranks?|ranks \[[0-9, ]+\] failed; the first is shown)\)")
+
+
+class Compactor:
+    """Shortens a failure whose explanation repeats the previous entry's to "(the same as above)"."""
+
+    def __init__(self):
+        self.previous = None
+
+    def __call__(self, lines):
+        details = [_RANK_COUNTS.sub("", line) for line in lines[1:]]
+        if details and details == self.previous:
+            return [lines[0], "      (the same as above)"]
+        self.previous = details or None
+        return lines

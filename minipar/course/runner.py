@@ -167,7 +167,7 @@ def run(name, result_dir, limit, start=0, report=False):
 
     from minipar.course.checking import entries
     from minipar.course.registry import checks_of, exercise_named
-    from minipar.course.report import entry_lines, score_line
+    from minipar.course.report import Compactor, entry_lines, score_line
 
     world = MPI.COMM_WORLD
     rank, world_size = world.Get_rank(), world.Get_size()
@@ -183,7 +183,7 @@ def run(name, result_dir, limit, start=0, report=False):
                       "mpirun starts a new job for the rest)")
             print(score_line(result_dir, items, world_size))
 
-    participants_of = {}
+    participants_of, compact = {}, Compactor()
     watchdog = Watchdog(lambda index: give_up(result_dir, index, world_size, participants_of[index], limit,
                                               "time limit", report_abort), result_dir, rank)
     passed = 0
@@ -212,7 +212,7 @@ def run(name, result_dir, limit, start=0, report=False):
                         "a rank failed while others waited", report_abort)
             time.sleep(POLL)
         watchdog.end()
-        for line in entry_lines(result_dir, index, items, world_size):
+        for line in compact(entry_lines(result_dir, index, items, world_size)):
             say(line, flush=True)
         passed += all(o["status"] in ("pass", "idle") for o in outcomes.values())
     say(score_line(result_dir, items, world_size), flush=True)
