@@ -79,11 +79,11 @@ def test_notebook_cell_region_under_a_rank_condition_is_refused():
 
 def test_student_version_stubs_every_exercise_and_keeps_no_solution(student_tree):
     for exercise in EXERCISES:
-        text = (student_tree / exercise.path).read_text()
-        assert markers.BEGIN not in text
-        for function in exercise.functions:
-            assert f"exercise {exercise.name}: write {function} in {exercise.path}" in text, function
-        compile(text, exercise.path, "exec")
+        for path, function in exercise.regions:
+            text = (student_tree / path).read_text()
+            assert markers.BEGIN not in text
+            assert f"exercise {exercise.name}: write {function} in {path}" in text, function
+            compile(text, path, "exec")
     assert not (student_tree / "tests" / "test_course.py").exists()
     assert not (student_tree / "minipar" / "course" / "planted.py").exists()
     assert (student_tree / "tests" / "test_exercises.py").exists()

@@ -36,9 +36,10 @@ def list_exercises():
     print(f"{'#':>2}  {'exercise':<22} {'min':>4}  {'ranks':>5}  {'checks':>6}  where")
     for number, exercise in enumerate(EXERCISES, start=1):
         total += exercise.minutes
-        functions = ", ".join(exercise.functions)
+        where = "; ".join(f"{path}: {', '.join(f for p, f in exercise.regions if p == path)}"
+                          for path in exercise.paths)
         print(f"{number:>2}  {exercise.name:<22} {exercise.minutes:>4}  {exercise.world_size:>5}  "
-              f"{len(entries(checks_of(exercise))):>6}  {exercise.path}: {functions}")
+              f"{len(entries(checks_of(exercise))):>6}  {where}")
         print(f"    {exercise.title}; read {exercise.lesson} and {exercise.docs}")
     print(f"about {total // 60} h {total % 60} min in all; check one with "
           "`python -m minipar course check NAME` (or under `mpirun -n 8`)")

@@ -118,7 +118,7 @@ def _student_tree(reference_root, student_dir, destination):
     from minipar.course.student import copy_reference_tree
 
     copy_reference_tree(reference_root, destination)
-    for path in sorted({exercise.path for exercise in EXERCISES}):
+    for path in sorted({path for exercise in EXERCISES for path in exercise.paths}):
         source = Path(student_dir) / path
         if source.exists():
             shutil.copyfile(source, destination / path)

@@ -21,6 +21,17 @@ class Exercise:
     world_size: int = 8       # ranks that `course check` starts
     lesson: str = ""          # the notebook to read first
     docs: str = ""            # the page with the maths
+    more: tuple = ()          # regions in other files: ((path, (function, ...)), ...)
+
+    @property
+    def regions(self):
+        """Every (path, qualified function name) with a solution region of this exercise."""
+        pairs = [(self.path, function) for function in self.functions]
+        return pairs + [(path, function) for path, functions in self.more for function in functions]
+
+    @property
+    def paths(self):
+        return sorted({path for path, _ in self.regions})
 
 
 EXERCISES = (
@@ -48,8 +59,8 @@ def exercise_named(name):
 
 
 def exercises_in(path):
-    """The exercises whose regions live in ``path`` (relative to the repository root)."""
-    return [exercise for exercise in EXERCISES if exercise.path == path]
+    """The exercises with regions in ``path`` (relative to the repository root)."""
+    return [exercise for exercise in EXERCISES if path in exercise.paths]
 
 
 def checks_of(exercise):

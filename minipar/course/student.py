@@ -71,8 +71,8 @@ def copy_reference_tree(root, destination, leave_out=()):
 
 def _exercise_of(path):
     """{qualified function name: exercise name} for the regions allowed in ``path``."""
-    return {function: exercise.name for exercise in EXERCISES if exercise.path == path
-            for function in exercise.functions}
+    return {function: exercise.name for exercise in EXERCISES for where, function in exercise.regions
+            if where == path}
 
 
 def stub_package_file(text, path):
@@ -109,10 +109,10 @@ def write_student_version(destination, root=None):
         for region in regions:
             found.setdefault(relative, []).append(region.function)
     for exercise in EXERCISES:
-        missing = set(exercise.functions) - set(found.get(exercise.path, []))
+        missing = [f"{function} of {path}" for path, function in exercise.regions
+                   if function not in found.get(path, [])]
         if missing:
-            raise MarkerError(f"exercise {exercise.name}: no solution region in {', '.join(sorted(missing))} "
-                              f"of {exercise.path}")
+            raise MarkerError(f"exercise {exercise.name}: no solution region in {', '.join(missing)}")
     notebooks = {}
     for path in sorted(destination.glob("lessons/*.ipynb")):
         notebook = nbformat.read(path, as_version=4)
