@@ -92,17 +92,22 @@ def giving_up_file(result_dir, index):
     return Path(result_dir) / f"{index:03d}.giving-up"
 
 
-def where_main_thread_is():
-    """``path:line in function: source`` of the main thread's innermost frame in minipar outside the course."""
+def _short(filename):
+    parts = Path(filename).parts
+    return "/".join(parts[parts.index("minipar"):]) if "minipar" in parts else filename
+
+
+def where_main_thread_is(exercise_paths=()):
+    """``path:line in function: source`` where the main thread waits: the innermost frame in the
+    exercise's files, else the innermost in minipar outside the course package."""
     frame = sys._current_frames().get(threading.main_thread().ident)
     stack = traceback.extract_stack(frame) if frame is not None else []
     inside = [entry for entry in stack if "minipar" in entry.filename and "/course/" not in entry.filename]
+    preferred = [entry for entry in inside if _short(entry.filename) in exercise_paths]
     if not inside:
         return "outside minipar"
-    entry = inside[-1]
-    parts = Path(entry.filename).parts
-    short = "/".join(parts[parts.index("minipar"):]) if "minipar" in parts else entry.filename
-    return f"{short}:{entry.lineno} in {entry.name}: {(entry.line or '').strip()}"
+    entry = (preferred or inside)[-1]
+    return f"{_short(entry.filename)}:{entry.lineno} in {entry.name}: {(entry.line or '').strip()}"
 
 
 def give_up(result_dir, index, world_size, participants, limit, reason, report_lines=None):
@@ -131,9 +136,9 @@ def give_up(result_dir, index, world_size, participants, limit, reason, report_l
 class Watchdog:
     """Calls ``on_expiry(index)`` if entry ``index`` is still current ``limit`` seconds after it began."""
 
-    def __init__(self, on_expiry, result_dir, rank):
+    def __init__(self, on_expiry, result_dir, rank, exercise_paths):
         self.on_expiry, self.current, self.lock = on_expiry, None, threading.Lock()
-        self.result_dir, self.rank = result_dir, rank
+        self.result_dir, self.rank, self.exercise_paths = result_dir, rank, exercise_paths
         self.deadline = None
         threading.Thread(target=self._watch, daemon=True).start()
 
@@ -154,9 +159,9 @@ class Watchdog:
                 index = self.current
             if index is not None and index != noted and giving_up_file(self.result_dir, index).exists():
                 noted = index   # another rank is ending the job while this one is still inside the entry
-                stuck_file(self.result_dir, index, self.rank).write_text(where_main_thread_is())
+                stuck_file(self.result_dir, index, self.rank).write_text(where_main_thread_is(self.exercise_paths))
             if expired:
-                stuck_file(self.result_dir, index, self.rank).write_text(where_main_thread_is())
+                stuck_file(self.result_dir, index, self.rank).write_text(where_main_thread_is(self.exercise_paths))
                 self.on_expiry(index)
                 return
 
@@ -171,7 +176,8 @@ def run(name, result_dir, limit, start=0, report=False):
 
     world = MPI.COMM_WORLD
     rank, world_size = world.Get_rank(), world.Get_size()
-    items = entries(checks_of(exercise_named(name)))
+    exercise = exercise_named(name)
+    items = entries(checks_of(exercise))
     say = print if report and rank == 0 else (lambda *args, **kwargs: None)
 
     def report_abort(index):
@@ -185,7 +191,7 @@ def run(name, result_dir, limit, start=0, report=False):
 
     participants_of, compact = {}, Compactor()
     watchdog = Watchdog(lambda index: give_up(result_dir, index, world_size, participants_of[index], limit,
-                                              "time limit", report_abort), result_dir, rank)
+                                              "time limit", report_abort), result_dir, rank, exercise.paths)
     passed = 0
     for index in range(start, len(items)):
         label, check, size = items[index]

@@ -1,0 +1,76 @@
+"""Checks for the pipeline: the 1F1B schedule as data (schedules.py), checked by the simulator
+before anything runs, then the executor on real ranks against one process's gradients.
+
+The simulator is the oracle for a schedule: every send has its receive, nothing deadlocks,
+each stage runs every micro-batch's forward and backward once, and 1F1B's point holds: stage s
+never stashes more than min(p − s, m) micro-batches, with GPipe's bubble (p − 1)/(m + p − 1).
+"""
+from fractions import Fraction
+
+import numpy as np
+
+from minipar.course.checking import Check, CheckFailure, compare
+
+LAYOUTS = [(p, m) for p in (1, 2, 3, 4, 6) for m in (1, 2, p, 2 * p + 1)]
+
+
+def check_schedule_on_paper(comm):
+    from minipar.parallel.pipeline.schedules import BACKWARD, FORWARD, build_all_schedules
+    from minipar.parallel.pipeline.simulator import ScheduleError, simulate
+
+    for p, m in sorted(set(LAYOUTS)):
+        schedules = build_all_schedules("1f1b", p, m)
+        for stage, actions in enumerate(schedules):
+            for kind in (FORWARD, BACKWARD):
+                done = sorted(action.microbatch for action in actions if action.kind == kind)
+                if done != list(range(m)):
+                    raise CheckFailure(f"1f1b, p = {p}, m = {m}: stage {stage} runs {kind.name} on micro-batches "
+                                       f"{done}, expected each of 0 … {m - 1} once")
+        try:
+            result = simulate(schedules, forward_time=Fraction(1), backward_time=Fraction(2), send_time=Fraction(0))
+        except ScheduleError as error:
+            raise CheckFailure(f"1f1b, p = {p}, m = {m}: the simulator refuses the schedules: {error}") from None
+        allowed = [min(p - stage, m) for stage in range(p)]
+        for stage in range(p):
+            if result.peak_in_flight[stage] > allowed[stage]:
+                raise CheckFailure(
+                    f"1f1b, p = {p}, m = {m}: stage {stage} stashes {result.peak_in_flight[stage]} micro-batches at "
+                    f"once, 1F1B allows min(p − s, m) = {allowed[stage]}: p − s − 1 warm-up forwards, then one "
+                    f"backward after each forward")
+        expected = Fraction(p - 1, m + p - 1)
+        if result.bubble_fraction != expected:
+            raise CheckFailure(f"1f1b, p = {p}, m = {m}: bubble {result.bubble_fraction} of the step, expected "
+                               f"(p − 1)/(m + p − 1) = {expected}: a backward waits longer than it must")
+
+
+def check_schedule_on_ranks(comm):
+    """p ranks run the student's 1F1B through the executor; gradients equal one process's."""
+    from minipar.backend import from_host, host_rng, set_default_dtype, to_host, xp
+    from minipar.comm import Communicator
+    from minipar.nn.gpt import GPT, GPTConfig
+    from minipar.parallel.pipeline.executor import PipelineExecutor, split_microbatches
+    from minipar.parallel.pipeline.partition import partition, stage_parameters, sum_tied_embedding_gradients
+
+    set_default_dtype(xp.float64)
+    pp = Communicator(comm)
+    m, rows = 2 * pp.size + 1, 1
+    config = GPTConfig(vocab_size=8, block_size=4, n_layer=pp.size, n_head=2, n_embd=8)
+    rng = host_rng(9)
+    inputs = from_host(rng.integers(0, config.vocab_size, (m * rows, config.block_size)))
+    targets = from_host(rng.integers(0, config.vocab_size, (m * rows, config.block_size)))
+    reference = GPT(config)
+    reference(inputs, targets)[1].backward()
+    expected = {name: to_host(q.grad) for name, q in reference.named_parameters()}
+    chunks = partition(GPT(config).pieces(), pp.size, pp.rank)
+    executor = PipelineExecutor(chunks, pp, "1f1b", m, (rows, config.block_size, config.n_embd), xp.float64)
+    executor.run(split_microbatches(inputs, m), split_microbatches(targets, m))
+    sum_tied_embedding_gradients(chunks, pp)
+    for name, parameter in stage_parameters(chunks):
+        compare(f"stage {pp.rank}: dL/d{name}, element", np.asarray(to_host(parameter.grad)), expected[name],
+                "one process's gradient on the whole batch (each micro-batch's loss scaled by 1/m)")
+
+
+ONE_F_ONE_B = [
+    Check("1f1b schedules on paper (simulator), p ≤ 6", (1,), check_schedule_on_paper),
+    Check("1f1b through the executor vs one process", (2, 4), check_schedule_on_ranks),
+]
