@@ -30,7 +30,7 @@ def entries(checks):
 
 def _show(value):
     value = value.item() if hasattr(value, "item") else value
-    if isinstance(value, float) and value == int(value) and abs(value) < 1e15:
+    if isinstance(value, float) and np.isfinite(value) and value == int(value) and abs(value) < 1e15:
         return f"{int(value)}"
     return f"{value:.10g}" if isinstance(value, float) else repr(value)
 
