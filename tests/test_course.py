@@ -17,7 +17,11 @@ from minipar.course.grader import check, grade
 from minipar.course.markers import MarkerError
 from minipar.course.planted import PLANTED, apply
 from minipar.course.registry import EXERCISES
-from minipar.course.student import copy_reference_tree, reference_root, write_student_version
+from minipar.course.student import (
+    copy_reference_tree,
+    reference_root,
+    write_student_version,
+)
 
 pytestmark = pytest.mark.course
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,14 +98,14 @@ def test_student_version_stubs_every_exercise_and_keeps_no_solution(student_tree
 def test_student_version_refuses_a_non_empty_directory(tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
     result = subprocess.run([sys.executable, "-m", "minipar", "course", "student", str(tmp_path)],
-                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+                            check=False, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 2 and "is not empty" in result.stderr
     assert (tmp_path / "keep.txt").read_text() == "mine"
 
 
 def test_course_list_names_every_exercise():
-    result = subprocess.run([sys.executable, "-m", "minipar", "course", "list"], capture_output=True, text=True,
-                            cwd=ROOT, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "minipar", "course", "list"], check=False,
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
     for exercise in EXERCISES:
         assert exercise.name in result.stdout and exercise.path in result.stdout
@@ -155,7 +159,7 @@ def test_check_inside_an_mpi_job_prints_one_report():
     from minipar.testing import _child_environment, find_mpiexec
 
     result = subprocess.run([find_mpiexec(), "-n", "8", sys.executable, "-m", "minipar", "course", "check",
-                             "ring_allreduce"], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                             "ring_allreduce"], check=False, capture_output=True, text=True, cwd=ROOT, timeout=300,
                             env=_child_environment())
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("checks passed") == 1 and result.stdout.strip().endswith("13/13 checks passed")

@@ -91,7 +91,7 @@ def digits_hint(size):
                          f"{', '.join(map(str, missing))}")
         if extra:
             parts.append("counted more than once: " + ", ".join(extra))
-        return (" and ".join(parts) + f" (element j of rank r is (1 + j mod 4)·10^r, so each digit "
+        return (" and ".join(parts) + " (element j of rank r is (1 + j mod 4)·10^r, so each digit "
                 "counts one rank's contribution)") if parts else ""
 
     return hint

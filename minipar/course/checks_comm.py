@@ -7,7 +7,15 @@ ranks beyond a power of two in recursive doubling.
 """
 import numpy as np
 
-from minipar.course.checking import Check, CheckFailure, compare, digit_data, digit_sum, digits_hint, require
+from minipar.course.checking import (
+    Check,
+    CheckFailure,
+    compare,
+    digit_data,
+    digit_sum,
+    digits_hint,
+    require,
+)
 
 
 class TracingComm:
@@ -62,7 +70,7 @@ def _traced(run, trace, hint):
     """Run ``run()``; on a failure or an exception, add where the messages left the schedule."""
     try:
         run()
-    except Exception as error:  # noqa: BLE001 - re-raised with the trace's hint
+    except Exception as error:
         extra = hint()
         if not extra:
             raise

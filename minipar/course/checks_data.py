@@ -9,7 +9,7 @@ import numpy as np
 
 from minipar.course.checking import Check, CheckFailure, compare, require
 
-MODEL = dict(vocab_size=8, block_size=4, n_layer=2, n_head=2, n_embd=8)
+MODEL = {"vocab_size": 8, "block_size": 4, "n_layer": 2, "n_head": 2, "n_embd": 8}
 
 
 def _batch(rows, seed=12):
@@ -87,7 +87,7 @@ def _zero_check(comm):
     from minipar.comm import Communicator
     from minipar.nn.gpt import GPT, GPTConfig
     from minipar.optim import AdamW, clip_grad_norm, decay_groups
-    from minipar.train import Trainer, TrainConfig, learning_rate_at
+    from minipar.train import TrainConfig, Trainer, learning_rate_at
 
     set_default_dtype(xp.float64)
     world = Communicator(comm)

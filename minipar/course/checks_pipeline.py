@@ -15,7 +15,11 @@ LAYOUTS = [(p, m) for p in (1, 2, 3, 4, 6) for m in (1, 2, p, 2 * p + 1)]
 
 
 def check_schedule_on_paper(comm):
-    from minipar.parallel.pipeline.schedules import BACKWARD, FORWARD, build_all_schedules
+    from minipar.parallel.pipeline.schedules import (
+        BACKWARD,
+        FORWARD,
+        build_all_schedules,
+    )
     from minipar.parallel.pipeline.simulator import ScheduleError, simulate
 
     for p, m in sorted(set(LAYOUTS)):
@@ -49,7 +53,11 @@ def check_schedule_on_ranks(comm):
     from minipar.comm import Communicator
     from minipar.nn.gpt import GPT, GPTConfig
     from minipar.parallel.pipeline.executor import PipelineExecutor, split_microbatches
-    from minipar.parallel.pipeline.partition import partition, stage_parameters, sum_tied_embedding_gradients
+    from minipar.parallel.pipeline.partition import (
+        partition,
+        stage_parameters,
+        sum_tied_embedding_gradients,
+    )
 
     set_default_dtype(xp.float64)
     pp = Communicator(comm)

@@ -8,7 +8,14 @@ single-process cross-entropy of the whole logits, forward and backward.
 """
 import numpy as np
 
-from minipar.course.checking import Check, CheckFailure, compare, digit_data, digit_sum, digits_hint
+from minipar.course.checking import (
+    Check,
+    CheckFailure,
+    compare,
+    digit_data,
+    digit_sum,
+    digits_hint,
+)
 
 
 def _setup(comm):
@@ -27,7 +34,10 @@ def _host(array):
 
 def check_f_and_g(comm):
     from minipar.backend import from_host
-    from minipar.parallel.tensor_parallel_comm import CopyToTensorParallelRegion, ReduceFromTensorParallelRegion
+    from minipar.parallel.tensor_parallel_comm import (
+        CopyToTensorParallelRegion,
+        ReduceFromTensorParallelRegion,
+    )
     from minipar.tensor import Tensor
 
     tp = _setup(comm)
@@ -125,7 +135,8 @@ def _vocab_check(offset):
         whole = Tensor(from_host(logits), requires_grad=True)
         expected = CrossEntropy.apply(whole, from_host(targets))
         compare(f"rank {rank}: the loss (logits + {offset:g})", _host(loss.data), _host(expected.data),
-                "mean_i [log Σ_v exp(z_iv − m_i) − (z_it − m_i)], m_i the global row max, over the whole vocabulary")
+                "mean_i [log Σ_v exp(z_iv − m_i) − (z_it − m_i)], m_i the global row max, "
+                "over the whole vocabulary")
         loss.backward()
         expected.backward()
         compare(f"rank {rank}: dL/dz on this rank's vocabulary slice [{start}, {start + local}), element",

@@ -40,7 +40,11 @@ class CheckResult:
 
 
 def _launch(name, directory, world_size, result_dir, limit, start, log):
-    from minipar.testing import _child_environment, _launcher_flags_and_environment, find_mpiexec
+    from minipar.testing import (
+        _child_environment,
+        _launcher_flags_and_environment,
+        find_mpiexec,
+    )
 
     mpiexec = find_mpiexec()
     environment = _child_environment()

@@ -167,6 +167,6 @@ def stub_notebook(notebook, notebook_name):
             what = (f"write the body of {region.function}" if region.function else "write the missing code")
             return stub_lines(region.indent, label, f"{what} in {notebook_name}, then run the cell again")
 
-        cell.source, regions = replace_regions(cell.source, f"{notebook_name} cell {index}", stub_for)
+        cell.source, _ = replace_regions(cell.source, f"{notebook_name} cell {index}", stub_for)
         labels.append(label)
     return labels

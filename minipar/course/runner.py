@@ -194,7 +194,7 @@ def run(name, result_dir, limit, start=0, report=False):
                                               "time limit", report_abort), result_dir, rank, exercise.paths)
     passed = 0
     for index in range(start, len(items)):
-        label, check, size = items[index]
+        _, check, size = items[index]
         participants_of[index] = list(range(min(size, world_size)))
         watchdog.begin(index, limit)
         if size > world_size:
