@@ -120,4 +120,7 @@ def main():
 
 
 if __name__ == "__main__":
+    from minipar.backend import reuse_freed_memory
+
+    reuse_freed_memory()  # as the CLI does: freed activation blocks stay in the heap for reuse
     main()

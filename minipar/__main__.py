@@ -97,6 +97,9 @@ def main(argv=None):
 
         return course_main(argv[1:])
     arguments = parse_arguments(argv)
+    from minipar.backend import reuse_freed_memory
+
+    reuse_freed_memory()  # a program's choice, made here rather than on import
     if arguments.command == "topology":
         from minipar.parallel.topology import Layout
 

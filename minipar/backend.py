@@ -13,7 +13,11 @@ Two helpers sit beside ``xp`` because MPI and files need host memory:
 ``to_host`` turns any backend array into a NumPy array, ``from_host`` the
 reverse. With NumPy both are no-ops.
 """
+import ctypes
 import os
+import sys
+
+import numpy as _host  # host memory for MPI buffers and files; never for compute
 
 BACKEND_NAME = os.environ.get("MINIPAR_BACKEND", "numpy")
 
@@ -24,22 +28,21 @@ elif BACKEND_NAME == "cupy":  # pragma: no cover - needs a GPU
 else:
     raise ValueError(f"MINIPAR_BACKEND must be 'numpy' or 'cupy', got {BACKEND_NAME!r}")
 
-import numpy as _host  # host memory for MPI buffers and files; never for compute
 
-
-def _keep_freed_arrays_in_the_heap():
+def reuse_freed_memory():
     """Let glibc's malloc recycle large blocks instead of returning them to the kernel.
+
+    A process-wide setting, so importing minipar never makes it: programs call it once at
+    start-up (``python -m minipar`` and the benchmarks do; a library user may too).
 
     Every op makes fresh arrays of activation size (a few MB). By default glibc maps each
     such block from the kernel and unmaps it when freed, so every op pays page faults on
     memory it just had: measured here, a training step of the benchmark GPT took 129 ms
     with that and 106 ms without (benchmarks/bench_step.py). Raising the thresholds keeps
-    freed blocks in the heap for reuse. Linux with glibc only; elsewhere nothing changes.
+    freed blocks in the heap for reuse. Linux with glibc and the NumPy backend only;
+    elsewhere nothing changes.
     """
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
+    if BACKEND_NAME != "numpy" or not sys.platform.startswith("linux"):
         return
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -49,10 +52,6 @@ def _keep_freed_arrays_in_the_heap():
     trim_threshold, mmap_threshold = -1, -3  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD in malloc.h
     mallopt(mmap_threshold, 1 << 30)
     mallopt(trim_threshold, 1 << 30)
-
-
-if BACKEND_NAME == "numpy":
-    _keep_freed_arrays_in_the_heap()
 
 
 def to_host(array):

@@ -6,12 +6,17 @@ body to ``mpiexec`` and checks how the job ended:
     from minipar.testing import run_on_ranks
 
     def test_sum():
-        output = run_on_ranks(4, "tests.mpi_bodies.my_body:check_sum", size=10)
-        assert "rank 0 ok" in output
+        results = results_from_ranks(4, "tests.mpi_bodies.my_body:check_sum", size=10)
+        assert results == [45.0] * 4, f"expected 45.0 on every rank, got {results}"
 
     # tests/mpi_bodies/my_body.py
     def check_sum(comm, size):          # comm is MPI.COMM_WORLD
-        ...                             # plain asserts; raise on any rank to fail
+        ...                             # raise on any rank to fail the job at once
+        return total                    # small, JSON-able: pytest compares it
+
+``results_from_ranks`` returns each rank's return value, as a list indexed by
+rank, for pytest to compare with what it expects; ``run_on_ranks`` returns the
+job's stdout instead (older bodies print confirmation lines).
 
 The parent (``run_on_ranks``) launches
 
@@ -32,6 +37,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,6 +47,13 @@ PACKAGE_PARENT = Path(__file__).resolve().parent.parent
 
 # Seconds mpiexec gets to tear its ranks down after SIGTERM before SIGKILL.
 _TERMINATE_GRACE = 5.0
+
+# The keyword argument that carries the results file to the ranks (removed before the body is called).
+_RESULTS_FILE = "_minipar_results_file"
+
+# A rank's result travels as JSON through a pickled gather: metadata, never bulk arrays.
+# Summarise arrays on the rank (a norm, a maximum difference, a few values) to stay under this.
+MAX_RESULT_BYTES = 1 << 20
 
 
 def find_mpiexec(python=None, search_path=None):
@@ -203,6 +216,55 @@ def run_on_ranks(nranks, target, timeout=120, **kwargs):
     return stdout
 
 
+class RankResults(list):
+    """Each rank's return value, indexed by rank; ``output`` holds the job's stdout."""
+
+    output = ""
+
+
+def results_from_ranks(nranks, target, timeout=120, **kwargs):
+    """Run ``target`` like ``run_on_ranks`` and return what ``function(comm, **kwargs)`` returned on each rank.
+
+    Every rank's return value must be JSON-serialisable (NumPy scalars and small
+    arrays are turned into numbers and lists) and at most ``MAX_RESULT_BYTES``
+    long as JSON; rank 0 gathers them and writes one file that the parent reads.
+    Returns a ``RankResults`` list (``results[r]`` is rank r's value) whose
+    ``output`` attribute is the job's stdout. Failures and hangs raise as in
+    ``run_on_ranks``.
+    """
+    if _RESULTS_FILE in kwargs:
+        raise ValueError(f"{_RESULTS_FILE} is reserved for the harness")
+    with tempfile.TemporaryDirectory(prefix="minipar-results-") as folder:
+        path = Path(folder) / "results.json"
+        output = run_on_ranks(nranks, target, timeout=timeout, **kwargs, **{_RESULTS_FILE: str(path)})
+        if not path.is_file():
+            raise AssertionError(f"{target} on {nranks} ranks exited cleanly but wrote no results.\n"
+                                 f"{_format_output(output, '')}")
+        results = RankResults(json.loads(path.read_text()))
+    results.output = output
+    return results
+
+
+def _to_json(value):
+    """``json.dumps``'s fallback: NumPy (or CuPy) scalars and arrays become numbers and lists."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"a rank result must be JSON-serialisable, got {type(value).__name__}")
+
+
+def _send_results(world, result, path):
+    """Gather every rank's result (as JSON text) on rank 0, which writes them to ``path`` atomically."""
+    text = json.dumps(result, default=_to_json)
+    if len(text) > MAX_RESULT_BYTES:
+        raise ValueError(f"rank {world.rank}'s result is {len(text)} bytes of JSON, over {MAX_RESULT_BYTES}: "
+                         "summarise arrays on the rank instead of returning them")
+    texts = world.gather(text, root=0)
+    if world.rank == 0:
+        partial = Path(path).with_suffix(".partial")
+        partial.write_text("[" + ",\n".join(texts) + "]")
+        os.replace(partial, path)
+
+
 def _format_output(stdout, stderr):
     return f"--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}"
 
@@ -217,7 +279,11 @@ def _run_body_on_this_rank(target, kwargs_json):
 
         module_name, function_name = target.split(":", 1)
         body = getattr(importlib.import_module(module_name), function_name)
-        body(world, **json.loads(kwargs_json))
+        kwargs = json.loads(kwargs_json)
+        results_file = kwargs.pop(_RESULTS_FILE, None)
+        result = body(world, **kwargs)
+        if results_file is not None:
+            _send_results(world, result, results_file)
     except BaseException:  # noqa: BLE001 - any failure, even SystemExit, must end the whole job
         import traceback
 

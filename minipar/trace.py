@@ -202,9 +202,7 @@ def plot_gantt(path, events_per_rank, title="", *, time_unit="ms"):
     """
     if time_unit not in _TIME_UNITS:
         raise ValueError(f"time_unit must be one of {sorted(_TIME_UNITS)}, got {time_unit!r}")
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
+    from matplotlib.patches import Patch  # here: matplotlib takes a second to import, traces need none
 
     by_rank = _events_by_rank(events_per_rank)
     scale, axis_label = _TIME_UNITS[time_unit]
@@ -215,6 +213,25 @@ def plot_gantt(path, events_per_rank, title="", *, time_unit="ms"):
     chunks_of = {rank: sorted({event.args["chunk"] for event in by_rank[rank]
                                if "chunk" in event.args}) for rank in ranks}
     interleaved = any(len(chunks) > 1 for chunks in chunks_of.values())
+    figure, axes = _gantt_axes(ranks, end, axis_label, title)
+
+    palette = dict(_COLOURS)
+    seen = []
+    for row, rank in enumerate(ranks):
+        _draw_rank_row(axes, row, by_rank[rank], chunks_of[rank], palette, seen,
+                       lambda event: (float(event.start - origin) * scale, float(event.end - event.start) * scale))
+
+    order = [c for c in _COLOURS if c in seen] + [c for c in seen if c not in _COLOURS]
+    axes.legend(handles=[Patch(color=palette[c], label=c) for c in order],
+                title="lighter: later chunk" if interleaved else None,
+                loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    _write_atomically(path, lambda file: figure.savefig(file, format="png"))
+
+
+def _gantt_axes(ranks, end, axis_label, title):
+    """A figure on matplotlib's Agg canvas and its axes: a band per rank, rank 0 on top, time from 0 to end."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # deferred as in plot_gantt
+    from matplotlib.figure import Figure
 
     height = max(2.2, 1.1 + 0.55 * len(ranks))  # inches: a band per rank, title, axis, legend
     figure = Figure(figsize=(12, height), dpi=120)
@@ -227,41 +244,36 @@ def plot_gantt(path, events_per_rank, title="", *, time_unit="ms"):
     axes.set_xlabel(axis_label)
     axes.set_title(title)
     axes.grid(axis="x", color="#eeeeee", zorder=0)
+    return figure, axes
 
+
+def _draw_rank_row(axes, row, events, chunks, palette, seen, place):
+    """One rank's boxes in band ``row``; ``place(event)`` gives (left, width) in axis units.
+
+    Adds each new category to ``seen`` (for the legend) and labels compute boxes with their
+    micro-batch where the text fits.
+    """
+    figure = axes.get_figure()
     # A label fits when the box is wider, in pixels, than the text at this font size.
-    pixels_per_unit = axes.get_position().width * figure.get_figwidth() * figure.dpi / end
+    pixels_per_unit = axes.get_position().width * figure.get_figwidth() * figure.dpi / axes.get_xlim()[1]
     font_size = 7
     character_pixels = 0.62 * font_size * figure.dpi / 72
-
-    palette = dict(_COLOURS)
-    seen = []
-    for row, rank in enumerate(ranks):
-        chunks = chunks_of[rank]
-        boxes, colours = [], []
-        for event in by_rank[rank]:
-            left = float(event.start - origin) * scale
-            width = float(event.end - event.start) * scale
-            if width <= 0:
-                continue  # a send takes no time on the sender's side
-            colour = _colour_for(event.category, palette)
-            if event.category not in seen:
-                seen.append(event.category)
-            is_compute = event.category in COMPUTE_CATEGORIES
-            if is_compute and len(chunks) > 1 and "chunk" in event.args:
-                depth = chunks.index(event.args["chunk"]) / (len(chunks) - 1)
-                colour = _lighten(colour, 0.45 * depth)
-            boxes.append((left, width))
-            colours.append(colour)
-            label = str(event.args.get("microbatch", ""))
-            if is_compute and label and width * pixels_per_unit > len(label) * character_pixels + 3:
-                axes.text(left + width / 2, row, label, ha="center", va="center",
-                          fontsize=font_size, zorder=3)
-        # One collection per rank: drawing hundreds of separate bars is slow.
-        axes.broken_barh(boxes, (row - 0.4, 0.8), facecolors=colours, edgecolor="white",
-                         linewidth=0.5, zorder=2)
-
-    order = [c for c in _COLOURS if c in seen] + [c for c in seen if c not in _COLOURS]
-    axes.legend(handles=[Patch(color=palette[c], label=c) for c in order],
-                title="lighter: later chunk" if interleaved else None,
-                loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    _write_atomically(path, lambda file: figure.savefig(file, format="png"))
+    boxes, colours = [], []
+    for event in events:
+        left, width = place(event)
+        if width <= 0:
+            continue  # a send takes no time on the sender's side
+        colour = _colour_for(event.category, palette)
+        if event.category not in seen:
+            seen.append(event.category)
+        is_compute = event.category in COMPUTE_CATEGORIES
+        if is_compute and len(chunks) > 1 and "chunk" in event.args:
+            depth = chunks.index(event.args["chunk"]) / (len(chunks) - 1)
+            colour = _lighten(colour, 0.45 * depth)
+        boxes.append((left, width))
+        colours.append(colour)
+        label = str(event.args.get("microbatch", ""))
+        if is_compute and label and width * pixels_per_unit > len(label) * character_pixels + 3:
+            axes.text(left + width / 2, row, label, ha="center", va="center", fontsize=font_size, zorder=3)
+    # One collection per rank: drawing hundreds of separate bars is slow.
+    axes.broken_barh(boxes, (row - 0.4, 0.8), facecolors=colours, edgecolor="white", linewidth=0.5, zorder=2)

@@ -26,6 +26,7 @@ from minipar.backend import from_host, set_default_dtype, xp
 from minipar.errors import CheckpointError, ConfigError
 from minipar.nn.gpt import GPT
 from minipar.optim import AdamW, clip_grad_norm, cosine_learning_rate, decay_groups
+from minipar.parallel.sharding import label_replicated
 from minipar.parallel.topology import Layout, ProcessGrid
 from minipar.parallel.data_parallel import local_slice
 from minipar.parallel.pipeline.executor import split_microbatches
@@ -125,7 +126,7 @@ class Trainer:
 
             pieces = tensor_parallel_pieces(self.model_config, grid.tp, config.sequence_parallel)
         else:
-            pieces = GPT(self.model_config).pieces()
+            pieces = label_replicated(GPT(self.model_config)).pieces()  # every parameter gets its shard
         from minipar.parallel.pipeline.partition import partition
 
         return partition(pieces, config.pp, grid.pp_rank, config.virtual_stages, config.split)

@@ -14,7 +14,8 @@ from minipar.data import CharTokenizer
 from minipar.errors import CheckpointError
 from minipar.parallel import distributed_checkpoint
 from minipar.parallel.distributed_checkpoint import load_single_process_model, read_index
-from minipar.testing import PACKAGE_PARENT, find_mpiexec, run_on_ranks
+from minipar.testing import PACKAGE_PARENT, find_mpiexec, results_from_ranks
+from tests.mpi_bodies.comparisons import assert_as_expected
 
 BODY = "tests.mpi_bodies.checkpoint_body"
 
@@ -24,15 +25,16 @@ def test_chain_of_layouts_equals_one_uninterrupted_run(tmp_path):
     segments = [dict(dp=2, tp=2, pp=2, microbatches=2, steps=2),
                 dict(tp=4, pp=2, microbatches=4, schedule="gpipe", sequence_parallel=True, steps=2),
                 dict(dp=8, steps=2)]
-    output = run_on_ranks(8, f"{BODY}:run_chain", timeout=120, folder=str(tmp_path), segments=segments,
-                          total_steps=8)
-    assert output.count("segment ok") == 3
+    results = results_from_ranks(8, f"{BODY}:run_chain", timeout=120, folder=str(tmp_path), segments=segments,
+                                 total_steps=8)
+    assert_as_expected(results, checks=["segment 0", "segment 1", "segment 2"])
     files = sorted(os.listdir(tmp_path / "after-2"))
     # 2x2x2: data-parallel replica 0 writes (ranks 0, 1 on stage 0; 4, 5 on stage 1), rank 0 the index.
-    assert files == ["index.json"] + [f"shard-rank-{r:05d}.minipar" for r in (0, 1, 4, 5)]
-    output = run_on_ranks(1, f"{BODY}:finish_chain_single_process", timeout=60, folder=str(tmp_path), steps=2,
-                          total_steps=8)
-    assert "chain ok: 8 steps" in output
+    expected = ["index.json"] + [f"shard-rank-{r:05d}.minipar" for r in (0, 1, 4, 5)]
+    assert files == expected, f"files written under 2x2x2: expected {expected}, got {files}"
+    results = results_from_ranks(1, f"{BODY}:finish_chain_single_process", timeout=60, folder=str(tmp_path),
+                                 steps=2, total_steps=8)
+    assert_as_expected(results, checks=["chain of 8 steps"])
 
 
 def test_resume_on_four_ranks(tmp_path):
@@ -45,22 +47,20 @@ def test_resume_on_four_ranks(tmp_path):
         (dict(dp=2, tp=2, zero=2, microbatches=2), dict(dp=4, zero=1), 2, 2),
         (dict(dp=4, zero=3), dict(dp=4, zero=3), 2, 2),  # same layout, bit for bit
     ]
-    output = run_on_ranks(4, f"{BODY}:resume_cases", timeout=120, folder=str(tmp_path), cases=cases,
-                          total_steps=4)
-    assert output.count("resume ok") == len(cases)
+    results = results_from_ranks(4, f"{BODY}:resume_cases", timeout=120, folder=str(tmp_path), cases=cases,
+                                 total_steps=4)
+    assert_as_expected(results, checks=[f"{a} -> {b}" for a, b, _, _ in cases])
 
 
 def test_failed_save_keeps_previous_checkpoint_and_names_the_rank(tmp_path):
-    output = run_on_ranks(4, f"{BODY}:failed_save_keeps_previous", timeout=60, folder=str(tmp_path))
-    assert "atomic save ok" in output
+    results = results_from_ranks(4, f"{BODY}:failed_save_keeps_previous", timeout=60, folder=str(tmp_path))
+    assert_as_expected(results, checks=["atomic save"])
 
 
 def test_corrupt_checkpoints_fail_alike_on_every_rank(tmp_path):
-    output = run_on_ranks(4, f"{BODY}:corrupt_checkpoints", timeout=90, folder=str(tmp_path))
-    assert "corruption ok" in output
-    for case in ("flipped", "truncated", "swapped", "missing-shard", "missing-index", "missing-folder", "untiled",
-                 "other-shape"):
-        assert f"{case}: " in output
+    results = results_from_ranks(4, f"{BODY}:corrupt_checkpoints", timeout=90, folder=str(tmp_path))
+    assert_as_expected(results, checks=["flipped", "truncated", "swapped", "missing-shard", "missing-index",
+                                        "missing-folder", "untiled", "other-shape"])
 
 
 def test_crash_between_the_two_renames_leaves_both_checkpoints_and_a_hint(tmp_path, monkeypatch):

@@ -168,7 +168,7 @@ def test_masked_fill():
 @given(shape_a=st.lists(st.integers(1, 3), min_size=1, max_size=3),
        drop=st.lists(st.booleans(), min_size=3, max_size=3))
 def test_broadcasting_property(shape_a, drop):
-    shape_b = tuple(1 if d else n for n, d in zip(shape_a, drop))
+    shape_b = tuple(1 if d else n for n, d in zip(shape_a, drop[:len(shape_a)], strict=True))
     check_gradients(lambda a, b: ops.mul(ops.add(a, b), b), [randn(*shape_a), randn(*shape_b)])
 
 

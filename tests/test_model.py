@@ -1,7 +1,11 @@
-"""nn modules and the GPT: gradients, reproducible init, state dicts, config validation."""
+"""nn modules and the GPT: gradients, reproducible init, state dicts, config validation, layering."""
+import ast
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+import minipar.nn
 from minipar.backend import set_default_dtype
 from minipar.errors import CheckpointError, ConfigError
 from minipar.nn.gpt import GPT, GPTConfig
@@ -19,7 +23,8 @@ def float64():
 def test_same_seed_same_model_different_seed_different_model():
     a, b = GPT(GPTConfig(**TINY, seed=3)), GPT(GPTConfig(**TINY, seed=3))
     c = GPT(GPTConfig(**TINY, seed=4))
-    for (name, pa), (_, pb), (_, pc) in zip(a.named_parameters(), b.named_parameters(), c.named_parameters()):
+    triples = zip(a.named_parameters(), b.named_parameters(), c.named_parameters(), strict=True)
+    for (name, pa), (_, pb), (_, pc) in triples:
         np.testing.assert_array_equal(pa.data, pb.data, err_msg=name)
         if name.endswith("weight") and "norm" not in name:
             assert not np.array_equal(pa.data, pc.data), name
@@ -71,7 +76,7 @@ def test_attention_is_causal_in_the_whole_model(float64):
 def test_state_dict_round_trip_and_errors():
     a, b = GPT(GPTConfig(**TINY, seed=1)), GPT(GPTConfig(**TINY, seed=2))
     b.load_state_dict(a.state_dict())
-    for (_, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+    for (_, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         np.testing.assert_array_equal(pa.data, pb.data)
     state = a.state_dict()
     state["head.norm.weight"] = np.ones(99)
@@ -126,3 +131,24 @@ def test_generation_never_emits_vocabulary_padding():
         out = model.generate(np.array([[1, 2]]), max_new_tokens=20, seed=1, greedy=greedy, num_tokens=5)
         assert out[:, 2:].max() < 5
     assert model.generate(np.array([[1, 2]]), max_new_tokens=20, seed=1, greedy=True)[:, 2:].max() >= 5
+
+
+def test_nn_knows_nothing_of_parallelism():
+    """Layers point one way (backend -> autograd -> nn -> parallel): nn imports no parallel code, no MPI."""
+    forbidden = ("minipar.parallel", "minipar.comm", "minipar.train", "mpi4py")
+    found = []
+    for path in sorted(Path(minipar.nn.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{path.name}: {name}" for name in names if name.startswith(forbidden)]
+    assert found == [], f"nn imports parallel code: {found}"
+
+
+def test_parameters_carry_their_model_name_and_no_shard():
+    """The parallel side attaches ``shard``; the model only names its parameters."""
+    model = GPT(GPTConfig(**TINY))
+    names = [(name, p.name) for name, p in model.named_parameters() if p.name != name]
+    assert names == [], f"(name in the model, p.name) that differ: {names}"
+    assert not any(hasattr(p, "shard") for p in model.parameters()), "a plain GPT's parameter has a shard"
+

@@ -1,5 +1,4 @@
 """minipar.testing runs bodies on N ranks, reports failures by rank, and kills hung jobs."""
-import re
 import subprocess
 import time
 from pathlib import Path
@@ -7,22 +6,40 @@ from pathlib import Path
 import pytest
 
 from minipar import testing
-from minipar.testing import find_mpiexec, run_on_ranks
+from minipar.testing import find_mpiexec, results_from_ranks, run_on_ranks
 
 BODY = "tests.mpi_bodies.harness_body"
 
 
 @pytest.mark.parametrize("nranks", [1, 2, 4, 8])
-def test_allreduce_checked_on_every_rank(nranks):
-    output = run_on_ranks(nranks, f"{BODY}:check_allreduce")
-    for rank in range(nranks):
-        assert f"rank {rank} of {nranks}: allreduce ok" in output
-    assert output.count("allreduce ok") == nranks
+def test_every_rank_returns_its_result(nranks):
+    results = results_from_ranks(nranks, f"{BODY}:check_allreduce")
+    total = nranks * (nranks + 1) / 2
+    expected = [{"rank": rank, "size": nranks, "values": [total] * 5} for rank in range(nranks)]
+    assert results == expected, f"expected {expected}, got {results}"
+    assert results.output.count("allreduce done") == nranks  # stdout still comes back
+
+
+def test_old_stdout_interface_still_works():
+    output = run_on_ranks(2, f"{BODY}:check_allreduce")
+    assert output.count("allreduce done") == 2, output
 
 
 def test_keyword_arguments_reach_the_body():
-    output = run_on_ranks(2, f"{BODY}:echo_arguments", size=7, name="ring", sizes=[0, 1])
-    assert 'arguments: {"name": "ring", "size": 7, "sizes": [0, 1]}' in output
+    arguments = dict(size=7, name="ring", sizes=[0, 1])
+    results = results_from_ranks(2, f"{BODY}:echo_arguments", **arguments)
+    assert results == [arguments, arguments], f"expected {arguments} on both ranks, got {results}"
+    assert 'arguments: {"name": "ring", "size": 7, "sizes": [0, 1]}' in results.output
+
+
+def test_unserialisable_result_fails_naming_the_rank():
+    with pytest.raises(AssertionError, match=r"rank 1 of 2 failed:(.|\n)*must be JSON-serialisable, got object"):
+        results_from_ranks(2, f"{BODY}:return_unserialisable", timeout=60, failing_rank=1)
+
+
+def test_bulk_array_result_is_refused():
+    with pytest.raises(AssertionError, match=r"rank 0 of 1 failed:(.|\n)*summarise arrays on the rank"):
+        results_from_ranks(1, f"{BODY}:return_too_much", timeout=60)
 
 
 @pytest.mark.parametrize("nranks", [2, 4])
@@ -98,8 +115,8 @@ def test_killing_a_job_reaches_processes_in_their_own_sessions(monkeypatch):
 
 @pytest.mark.parametrize("nranks", [1, 2, 4, 8])
 def test_model_forward_is_identical_on_every_rank(nranks):
-    output = run_on_ranks(nranks, "tests.mpi_bodies.harness_body:model_forward_is_identical_everywhere", timeout=120)
-    # Ranks print concurrently, so lines may run together: find the reports anywhere in the output.
-    reports = re.findall(r"rank (\d+): forward identical, loss (\d+\.\d{6})", output)
-    assert sorted(int(rank) for rank, _ in reports) == list(range(nranks))
-    assert len({loss for _, loss in reports}) == 1
+    results = results_from_ranks(nranks, f"{BODY}:model_forward_is_identical_everywhere", timeout=120)
+    differing = [result["logits_differing_from_rank_0"] for result in results]
+    assert differing == [0] * nranks, f"logits differing from rank 0's, per rank: {differing}"
+    losses = [result["loss"] for result in results]
+    assert losses == [losses[0]] * nranks, f"losses differ across ranks: {losses}"

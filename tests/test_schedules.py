@@ -4,16 +4,31 @@ Times are exact fractions, so bubbles are compared with ``==`` against the formu
 forward 1, backward 2 per action (per chunk when interleaved).
 """
 from fractions import Fraction
+from itertools import pairwise
 
 import pytest
 
 from minipar.errors import ConfigError
 from minipar.parallel.pipeline.schedules import (
-    BACKWARD, COMPUTES, FORWARD, RECEIVES, RECV_BACKWARD, RECV_FORWARD, SEND_BACKWARD,
-    SEND_FORWARD, SENDS, Action, build_all_schedules, build_schedule, gpipe,
-    interleaved_one_f_one_b, message_tag, one_f_one_b, peer_rank)
-from minipar.parallel.pipeline.simulator import (
-    DeadlockError, ScheduleError, message_key, simulate)
+    BACKWARD,
+    COMPUTES,
+    FORWARD,
+    RECEIVES,
+    RECV_BACKWARD,
+    RECV_FORWARD,
+    SEND_BACKWARD,
+    SEND_FORWARD,
+    SENDS,
+    Action,
+    build_all_schedules,
+    build_schedule,
+    gpipe,
+    interleaved_one_f_one_b,
+    message_tag,
+    one_f_one_b,
+    peer_rank,
+)
+from minipar.parallel.pipeline.simulator import DeadlockError, ScheduleError, message_key, simulate
 
 STAGE_COUNTS = (1, 2, 3, 4, 8)
 FORWARD_TIME, BACKWARD_TIME = Fraction(1), Fraction(2)
@@ -149,7 +164,7 @@ def test_timeline_respects_every_dependency(name, stages, microbatches, chunks):
 
     sent_at = {}
     for rank_timeline in result.timeline:
-        assert all(a.end <= b.start for a, b in zip(rank_timeline, rank_timeline[1:]))
+        assert all(a.end <= b.start for a, b in pairwise(rank_timeline))
         sent_at.update({key(i): i.start for i in rank_timeline if i.kind in SENDS})
     finished = {}
     for rank_timeline in result.timeline:

@@ -8,8 +8,7 @@ import pytest
 import minipar.trace as trace
 from minipar.parallel.pipeline.schedules import build_all_schedules
 from minipar.parallel.pipeline.simulator import simulate
-from minipar.trace import (
-    Timeline, TraceEvent, measured_bubble_fraction, plot_gantt, write_chrome_trace)
+from minipar.trace import Timeline, TraceEvent, measured_bubble_fraction, plot_gantt, write_chrome_trace
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -1,6 +1,6 @@
 """Communication: the Communicator (buffer methods, counters, listeners) and hand-built collectives."""
 from minipar.comm.collectives import Traffic
 from minipar.comm.communicator import Communicator
-from minipar.comm.records import CallRecord, Request, wait_all
+from minipar.comm.records import CallRecord, Request
 
-__all__ = ["CallRecord", "Communicator", "Request", "Traffic", "wait_all"]
+__all__ = ["CallRecord", "Communicator", "Request", "Traffic"]

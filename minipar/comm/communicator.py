@@ -92,6 +92,14 @@ class Communicator:
     def __repr__(self):
         return f"Communicator(rank={self.rank}, size={self.size})"
 
+    @property
+    def world_size(self):
+        """Ranks in the whole MPI job (COMM_WORLD), of which this communicator may be a group.
+
+        For validating a layout against the job it runs in; no message moves.
+        """
+        return MPI.COMM_WORLD.Get_size()
+
     # ---- bookkeeping ---------------------------------------------------------------
 
     def reset_counters(self):

@@ -60,8 +60,3 @@ class Request:
         record = self._communicator._record_of(self._name)
         record.seconds += finished - blocked_since
         self._communicator._notify(self._name, self._started, finished, self._nbytes)
-
-
-def wait_all(requests):
-    """Wait for every request; returns their results in order."""
-    return [request.wait() for request in requests]

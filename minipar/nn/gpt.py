@@ -20,10 +20,9 @@ from dataclasses import dataclass
 
 from minipar import ops
 from minipar.backend import default_dtype, host_rng, xp
-from minipar.errors import ConfigError
+from minipar.errors import ConfigError, require_positive_int
 from minipar.nn.layers import Block, Dropout, Embedding, LayerNorm
 from minipar.nn.module import Module
-from minipar.parallel.sharding import label_replicated
 from minipar.tensor import Tensor, no_grad
 
 
@@ -45,8 +44,7 @@ class GPTConfig:
             if isinstance(value, bool) != (field.type is bool) or not isinstance(value, allowed):
                 raise ConfigError(f"GPTConfig.{field.name} must be {field.type.__name__}, got {value!r}")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"GPTConfig.{name} must be at least 1, got {getattr(self, name)}")
+            require_positive_int(f"GPTConfig.{name}", getattr(self, name))
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
@@ -128,9 +126,10 @@ class GPT(Module):
         self.blocks = [Block(config.n_embd, config.n_head, config.dropout, config.bias, config.seed + 2 * i + 1)
                        for i in range(config.n_layer)]
         self.head = TiedHead(config, self.embedding.token.weight)
+        for name, p in self.named_parameters():
+            p.name = name  # its name in the whole model, which a piece alone does not know
         if initialise:
             self.load_state_dict(initial_state(config))
-        label_replicated(self)
 
     def pieces(self):
         """The model as a chain of pieces, the unit a pipeline stage is made of:
@@ -163,7 +162,7 @@ class GPT(Module):
                 if greedy:
                     next_ids = logits.argmax(axis=-1)
                 else:
-                    probabilities = ops.fused._softmax(logits / temperature)
+                    probabilities = ops.softmax(Tensor(logits / temperature)).data
                     next_ids = xp.asarray([generator.choice(len(p), p=p / p.sum()) for p in probabilities])
                 ids = xp.concatenate([ids, next_ids[:, None].astype(ids.dtype)], axis=1)
         self.train(was_training)

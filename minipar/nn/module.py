@@ -5,13 +5,15 @@ from minipar.tensor import Tensor
 
 
 class Parameter(Tensor):
-    """A Tensor the optimizer updates: a leaf that always requires a gradient."""
+    """A Tensor the optimizer updates: a leaf that always requires a gradient.
 
-    __slots__ = ("shard",)
+    No ``__slots__``: code outside ``nn/`` may attach what it needs to know about a
+    parameter as a plain attribute (the parallel side attaches ``shard``, see
+    minipar.parallel.sharding); the model itself knows nothing of it.
+    """
 
     def __init__(self, data):
         super().__init__(from_host(data), requires_grad=True)
-        self.shard = None  # set by minipar.parallel.sharding: which slice of which full parameter
 
 
 class Module:

@@ -80,7 +80,7 @@ class LayerNorm(Function):
         g_hat = grad * weight
         grad_x = inverse_std * (g_hat - g_hat.mean(axis=-1, keepdims=True)
                                 - x_hat * (g_hat * x_hat).mean(axis=-1, keepdims=True))
-        return grad_x, grad_weight, grad_bias, None
+        return grad_x, grad_weight, grad_bias
         ### END SOLUTION
 
 

@@ -11,7 +11,7 @@ def _normalise_axes(axis, ndim):
     return tuple(a % ndim for a in axes)
 
 
-def _expand_reduced(grad, shape, axes, keepdims):
+def _expand_reduced(grad, axes, keepdims):
     """Put back the reduced axes (as size 1) so ``grad`` broadcasts against the input."""
     if not keepdims:
         grad = xp.expand_dims(grad, axes) if axes else grad
@@ -26,7 +26,7 @@ class Sum(Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = _expand_reduced(grad, ctx.shape, ctx.axes, ctx.keepdims)
+        grad = _expand_reduced(grad, ctx.axes, ctx.keepdims)
         return xp.broadcast_to(grad, ctx.shape)
 
 
@@ -41,7 +41,7 @@ class Mean(Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = _expand_reduced(grad, ctx.shape, ctx.axes, ctx.keepdims)
+        grad = _expand_reduced(grad, ctx.axes, ctx.keepdims)
         return xp.broadcast_to(grad / ctx.count, ctx.shape)
 
 
@@ -60,7 +60,7 @@ class Max(Function):
     @staticmethod
     def backward(ctx, grad):
         (share,) = ctx.saved
-        return _expand_reduced(grad, share.shape, ctx.axes, ctx.keepdims) * share
+        return _expand_reduced(grad, ctx.axes, ctx.keepdims) * share
 
 
 class Reshape(Function):
@@ -118,7 +118,7 @@ class GetItem(Function):
             full[ctx.index] = grad  # a view: each input element is picked at most once
         else:
             xp.add.at(full, ctx.index, grad)
-        return full, None
+        return full
 
 
 class Concatenate(Function):

@@ -31,7 +31,7 @@ from pathlib import Path
 from minipar.backend import to_host, xp
 from minipar.checkpoint import read_array_file, read_json, sha256_of, write_array_file, write_json_atomic
 from minipar.errors import CheckpointError, ConfigError
-from minipar.parallel.sharding import Shard
+from minipar.parallel.sharding import Shard, label_replicated
 
 FORMAT_NAME = "minipar-distributed-checkpoint"
 FORMAT_VERSION = 1
@@ -328,7 +328,7 @@ def load_single_process_model(path):
         config = GPTConfig.from_dict(index["model_config"])
     except (ConfigError, TypeError) as failure:
         raise CheckpointError(f"checkpoint {str(path)!r} has an invalid model config: {failure}") from None
-    model = GPT(config, initialise=False)
+    model = label_replicated(GPT(config, initialise=False))
     arrays = read_arrays(path, index, {f"model/{name}": (p.shard, p.shape) for name, p in model.named_parameters()})
     model.load_state_dict({key[len("model/"):]: value for key, value in arrays.items()})
     return model, index

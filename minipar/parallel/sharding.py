@@ -1,7 +1,8 @@
 """How each parameter of a parallel model relates to the single-process model.
 
-Every Parameter carries a ``Shard``: the name it has in the single-process GPT and which
-slice of that full array it holds. That one description serves three jobs:
+Every Parameter the parallel side handles carries a ``Shard``, attached as the plain
+attribute ``p.shard`` (``minipar.nn`` knows nothing of it): the name the parameter has
+in the single-process GPT and which slice of that full array it holds. That one description serves three jobs:
   - building a parallel model as exact slices of the single-process one (``take``);
   - gathering a parallel model back into a single-process state dict (``join``);
   - loading a checkpoint saved under one layout into any other.
@@ -45,9 +46,20 @@ class Shard:
                                for b in range(self.blocks)], axis=self.axis)
 
 
+def shard_of(parameter):
+    """The parameter's ``Shard``, or None if the parallel side has not labelled it yet."""
+    return getattr(parameter, "shard", None)
+
+
 def label_replicated(module):
-    """Give every parameter of a single-process module a replicated Shard named as in the module."""
+    """Give every unlabelled parameter of a single-process module a replicated Shard; returns the module.
+
+    The model (``minipar.nn``) knows nothing of parallelism; the parallel side calls this
+    when it builds pieces from a plain model, so every parameter it handles has a ``shard``.
+    The full name is the one the model gave the parameter (``p.name``, set by ``GPT``),
+    else its name in ``module``.
+    """
     for name, p in module.named_parameters():
-        if p.shard is None:
-            p.shard = Shard(name)
+        if shard_of(p) is None:
+            p.shard = Shard(getattr(p, "name", None) or name)
     return module

@@ -32,21 +32,24 @@ import dataclasses
 
 from minipar import ops
 from minipar.backend import host_rng, xp
-from minipar.errors import ConfigError, ShapeError
+from minipar.errors import ConfigError, ShapeError, require_positive_int
 from minipar.nn.gpt import initial_state
 from minipar.nn.layers import Embedding, LayerNorm, merge_heads, split_heads, zeros
 from minipar.nn.module import Module, Parameter
-from minipar.parallel.sharding import Shard
-from minipar.parallel.tensor_parallel_comm import (VocabParallelCrossEntropy, all_gather_vocabulary,
-                                                   enter_parallel_region, leave_parallel_region)
+from minipar.parallel.sharding import Shard, shard_of
+from minipar.parallel.tensor_parallel_comm import (
+    VocabParallelCrossEntropy,
+    all_gather_vocabulary,
+    enter_parallel_region,
+    leave_parallel_region,
+)
 from minipar.tensor import Tensor, no_grad
 
 
 def validate_tensor_parallel(config, tp, world_size):
     """Raise ConfigError (the same on every rank) if ``config`` cannot be split over ``tp`` of
     ``world_size`` ranks, naming every number that does not divide."""
-    if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
-        raise ConfigError(f"tp must be a positive integer, got {tp!r}")
+    require_positive_int("tp", tp)
     if world_size % tp:
         raise ConfigError(f"tp ({tp}) must divide the number of MPI ranks ({world_size})")
     splits = [("attention heads", "n_head", config.n_head), ("MLP hidden units", "4 * n_embd", 4 * config.n_embd),
@@ -57,23 +60,21 @@ def validate_tensor_parallel(config, tp, world_size):
         raise ConfigError("tensor parallelism cannot split this model: " + "; ".join(problems))
 
 
-class SequenceShardedParameter(Parameter):
-    """A parameter replicated over the tp group whose layer sees only T/t positions.
+class ReplicatedPartialGradientParameter(Parameter):
+    """A parameter replicated over the tp group (every rank holds all of it) whose gradient is partial.
 
     Under sequence parallelism every part of the model that is not split over the tp
-    ranks (LayerNorms, the position embedding, the biases added after g_bar) runs on
+    ranks (LayerNorms, the position embedding, the biases added after rs) runs on
     this rank's slice of the sequence, so its gradient sums over T/t positions only:
     the full gradient is the sum over the tp group (``finish_tensor_parallel_gradients``).
     """
 
-    __slots__ = ()
-
 
 def _replicated(data, sequence_parallel):
-    return SequenceShardedParameter(data) if sequence_parallel else Parameter(data)
+    return ReplicatedPartialGradientParameter(data) if sequence_parallel else Parameter(data)
 
 
-def _sequence_sharded_layer_norm(width, sequence_parallel):
+def _layer_norm_with_partial_gradients(width, sequence_parallel):
     norm = LayerNorm(width)
     norm.weight, norm.bias = (_replicated(p.data, sequence_parallel) for p in (norm.weight, norm.bias))
     return norm
@@ -121,7 +122,7 @@ class ParallelDropout(Module):
 class ColumnParallelLinear(Module):
     """Y_j = X A_j + b_j: rank j holds columns j of A (C_in, C_out/t) and of b.
 
-    The input goes through f (or, under sequence parallelism, the all-gather g), so
+    The input goes through f (or, under sequence parallelism, the all-gather ag), so
     dL/dX is summed over the ranks in backward. ``blocks=3`` splits each of [Q | K | V]
     separately, so a fused QKV weight gives every rank whole heads of all three.
     """
@@ -140,7 +141,7 @@ class RowParallelLinear(Module):
     """Y = sum_j X_j A_j + b: rank j holds rows j of A (C_in/t, C_out); b is replicated.
 
     The partial products are summed by g (allreduce) or, under sequence parallelism,
-    g_bar (reduce-scatter along T). The bias is added once, after the sum; adding it on
+    rs (reduce-scatter along T). The bias is added once, after the sum; adding it on
     every rank before the sum would count it t times.
     """
 
@@ -187,9 +188,9 @@ class ParallelBlock(Module):
     """Pre-LN block; the LayerNorms are replicated (sequence-sharded under SP)."""
 
     def __init__(self, config, communicator, sequence_parallel, seed):
-        self.attention_norm = _sequence_sharded_layer_norm(config.n_embd, sequence_parallel)
+        self.attention_norm = _layer_norm_with_partial_gradients(config.n_embd, sequence_parallel)
         self.attention = ParallelSelfAttention(config, communicator, sequence_parallel, seed)
-        self.mlp_norm = _sequence_sharded_layer_norm(config.n_embd, sequence_parallel)
+        self.mlp_norm = _layer_norm_with_partial_gradients(config.n_embd, sequence_parallel)
         self.mlp = ParallelMLP(config, communicator, sequence_parallel, seed + 1)
 
     def forward(self, x):
@@ -201,7 +202,7 @@ class VocabParallelEmbedding(Module):
     """Token embedding with its vocabulary rows split: rank j holds ids [j V/t, (j+1) V/t).
 
     Each rank looks up the ids in its range and writes zeros for the others; summing over
-    the ranks (g, or g_bar under SP) gives every id its row exactly once.
+    the ranks (g, or rs under SP) gives every id its row exactly once.
     """
 
     def __init__(self, vocab_size, width, communicator, sequence_parallel=False):
@@ -252,7 +253,7 @@ class VocabParallelHead(Module):
 
     def __init__(self, config, token_weight, communicator, sequence_parallel):
         self.communicator, self.sequence_parallel = communicator, sequence_parallel
-        self.norm = _sequence_sharded_layer_norm(config.n_embd, sequence_parallel)
+        self.norm = _layer_norm_with_partial_gradients(config.n_embd, sequence_parallel)
         self.token_weight = token_weight
 
     def logits_shard(self, x):  # (B, T, C) or (B, T/t, C) under SP -> (B, T, V/t)
@@ -289,9 +290,7 @@ def tensor_parallel_pieces(config, tp_comm, sequence_parallel=False):
     ``finish_tensor_parallel_gradients`` after backward. Raises ConfigError (on every
     rank alike) for a model that tp does not divide.
     """
-    from mpi4py import MPI  # here, not at the top: validation and the layers need no MPI
-
-    validate_tensor_parallel(config, tp_comm.size, MPI.COMM_WORLD.Get_size())
+    validate_tensor_parallel(config, tp_comm.size, tp_comm.world_size)
     embedding = ParallelEmbedding(config, tp_comm, sequence_parallel)
     blocks = [ParallelBlock(config, tp_comm, sequence_parallel, config.seed + 2 * i + 1)
               for i in range(config.n_layer)]
@@ -301,11 +300,12 @@ def tensor_parallel_pieces(config, tp_comm, sequence_parallel=False):
     state = initial_state(config)
     prefixes = ["embedding.", *(f"blocks.{i}." for i in range(config.n_layer)), "head."]
     placed = set()
-    for piece, prefix in zip(pieces, prefixes):
+    for piece, prefix in zip(pieces, prefixes, strict=True):
         for name, parameter in piece.named_parameters(prefix):
-            if parameter.shard is not None and parameter.shard.full_name:
+            split = shard_of(parameter)
+            if split is not None and split.full_name:
                 continue  # the head's tied token weight, already placed by the embedding
-            shard = Shard(name) if parameter.shard is None else dataclasses.replace(parameter.shard, full_name=name)
+            shard = Shard(name) if split is None else dataclasses.replace(split, full_name=name)
             values = shard.take(state[name])
             if values.shape != parameter.shape:
                 raise AssertionError(f"{name}: slice {values.shape} does not fit parameter {parameter.shape}")
@@ -323,17 +323,17 @@ def finish_tensor_parallel_gradients(parameters, tp_comm):
     Under sequence parallelism a replicated parameter θ used at positions τ gets
     dL/dθ = sum over all τ of (dL/dy_τ)(dy_τ/dθ), but rank j computes only its T/t
     positions; the other terms live on the other ranks. The parameters concerned are
-    exactly the ``SequenceShardedParameter``s: every LayerNorm weight and bias (both
+    exactly the ``ReplicatedPartialGradientParameter``s: every LayerNorm weight and bias (both
     per block and the head's), the position embedding, and the row-parallel biases
-    (attention and MLP output, added after g_bar). Split parameters need nothing: all
+    (attention and MLP output, added after rs). Split parameters need nothing: all
     that runs between an all-gather and a reduce-scatter sees the full sequence, so their
-    gradients already sum over all T positions (the token embedding's too, as g_bar's
+    gradients already sum over all T positions (the token embedding's too, as rs's
     backward all-gathers its output gradient). Without sequence parallelism there are no
     such parameters and this is a no-op. All tp ranks hold the same pieces, so they agree
     on the list; one allreduce of the concatenated gradients serves them all. Call it once
     per step, after the last micro-batch's backward (the sum is linear).
     """
-    partial = [p for p in parameters if isinstance(p, SequenceShardedParameter) and p.grad is not None]
+    partial = [p for p in parameters if isinstance(p, ReplicatedPartialGradientParameter) and p.grad is not None]
     if not partial:
         return
     flat = xp.concatenate([p.grad.reshape(-1) for p in partial])

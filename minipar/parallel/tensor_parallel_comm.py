@@ -16,11 +16,12 @@ Sequence parallelism (Korthikanti et al. 2022, section 4.2) keeps the activation
 between parallel regions split along the sequence, rank j holding positions
 [j T/t, (j+1) T/t). The two ops become
 
-    g     (replaces f): forward all-gather along T,   backward reduce-scatter along T
-    g_bar (replaces g): forward reduce-scatter along T, backward all-gather along T
+    ag  (replaces f): forward all-gather along T,     backward reduce-scatter along T
+    rs  (replaces g): forward reduce-scatter along T, backward all-gather along T
 
-A ring allreduce is a reduce-scatter followed by an all-gather, so this moves the same
-bytes as f and g; the saving is memory, not traffic (see docs/tensor_parallel.md).
+(the paper calls them g and ḡ; here g keeps Megatron's meaning, the allreduce). A ring
+allreduce is a reduce-scatter followed by an all-gather, so this moves the same bytes as f
+and g; the saving is memory, not traffic (see docs/tensor_parallel.md).
 
 Layout. The communicator's ``allgather`` and ``reduce_scatter`` stack rank blocks along
 axis 0: MPI's Allgather and Reduce_scatter_block see one flat buffer cut into t
@@ -38,7 +39,6 @@ buffer methods, so ``communicator.counters`` records each call and its bytes.
 from minipar.backend import xp
 from minipar.errors import ShapeError
 from minipar.tensor import Function
-
 
 # ---- the collectives on arrays ------------------------------------------------------------
 
@@ -96,10 +96,10 @@ class ReduceFromTensorParallelRegion(Function):
         return grad
 
 
-# ---- sequence parallelism's g and g_bar --------------------------------------------------------
+# ---- sequence parallelism's ag and rs (the paper's g and ḡ) ---------------------------------------
 
 class GatherFromSequenceParallelRegion(Function):
-    """Korthikanti's g: all-gather the sequence forward, reduce-scatter it backward.
+    """Sequence parallelism's ag (the paper's g): all-gather the sequence forward, reduce-scatter it backward.
 
     Forward: (B, T/t, C) -> (B, T, C), the full sequence a column-parallel matmul needs.
     Backward: every rank's branch contributed to dL/dx at all T positions; summing over
@@ -117,7 +117,7 @@ class GatherFromSequenceParallelRegion(Function):
 
 
 class ReduceScatterToSequenceParallelRegion(Function):
-    """Korthikanti's g_bar: reduce-scatter the sequence forward, all-gather it backward.
+    """Sequence parallelism's rs (the paper's ḡ): reduce-scatter the sequence forward, all-gather it backward.
 
     Forward: the partial sums (B, T, C) of a row-parallel matmul are summed over ranks and
     each rank keeps its T/t positions. Backward: y_j depends on every rank's partial sum
@@ -135,14 +135,14 @@ class ReduceScatterToSequenceParallelRegion(Function):
 
 
 def enter_parallel_region(x, communicator, sequence_parallel):
-    """Before a column-parallel layer: f on (B, T, C), or g (all-gather) on (B, T/t, C) under SP."""
+    """Before a column-parallel layer: f on (B, T, C), or ag (all-gather) on (B, T/t, C) under SP."""
     if sequence_parallel:
         return GatherFromSequenceParallelRegion.apply(x, communicator=communicator)
     return CopyToTensorParallelRegion.apply(x, communicator=communicator)
 
 
 def leave_parallel_region(partial, communicator, sequence_parallel):
-    """After a row-parallel layer: g (allreduce) to (B, T, C), or g_bar (reduce-scatter) to (B, T/t, C)."""
+    """After a row-parallel layer: g (allreduce) to (B, T, C), or rs (reduce-scatter) to (B, T/t, C)."""
     if sequence_parallel:
         return ReduceScatterToSequenceParallelRegion.apply(partial, communicator=communicator)
     return ReduceFromTensorParallelRegion.apply(partial, communicator=communicator)

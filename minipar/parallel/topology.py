@@ -15,7 +15,7 @@ Each rank belongs to three groups:
 """
 from dataclasses import dataclass
 
-from minipar.errors import ConfigError
+from minipar.errors import ConfigError, require_positive_int
 
 
 @dataclass(frozen=True)
@@ -30,8 +30,7 @@ class Layout:
 
     def validate(self, world_size):
         for name in ("dp", "tp", "pp"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ConfigError(f"--{name} must be a positive integer, got {getattr(self, name)!r}")
+            require_positive_int(f"--{name}", getattr(self, name))
         if self.world_size != world_size:
             raise ConfigError(f"dp x tp x pp = {self.dp} x {self.tp} x {self.pp} = {self.world_size} "
                               f"does not equal the number of MPI ranks ({world_size}); "
@@ -70,7 +69,8 @@ class Layout:
                 ranks = " ".join(f"{self.rank_of(dp_rank, t, pp_rank):>2}" for t in range(self.tp))
                 replicas.append(f"dp{dp_rank}[ {ranks} ]")
             lines.append(f"stage {pp_rank}: " + "   ".join(replicas))
-        lines += ["", "[ ... ] = one tensor-parallel group; columns of equal position across boxes = data-parallel groups;",
+        lines += ["",
+                  "[ ... ] = one tensor-parallel group; columns of equal position across boxes = data-parallel groups;",
                   "rows = pipeline stages, a pipeline group links the same slot on every row."]
         return "\n".join(lines)
 

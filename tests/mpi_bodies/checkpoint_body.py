@@ -9,13 +9,14 @@ every layout equals it. Values are compared after gathering the shards with
 Bad input: each body makes every rank try the same thing, catches the CheckpointError, and
 checks (by allgather) that every rank raised the very same message -- a rank that hung instead
 would leave the job to the harness's timeout, and a rank that did not raise fails the check.
+
+Every body records its comparisons (tests/mpi_bodies/comparisons.py) and returns them to pytest.
 """
 import json
 import os
 import shutil
 from pathlib import Path
 
-import numpy as np  # test data and comparisons only
 from mpi4py import MPI
 
 from minipar.backend import host_rng, xp
@@ -23,9 +24,14 @@ from minipar.comm import Communicator
 from minipar.errors import CheckpointError
 from minipar.nn.gpt import GPTConfig
 from minipar.parallel import distributed_checkpoint
-from minipar.parallel.distributed_checkpoint import (load_distributed_checkpoint, load_single_process_model,
-                                                     save_distributed_checkpoint, trainer_pieces)
-from minipar.train import Trainer, TrainConfig
+from minipar.parallel.distributed_checkpoint import (
+    load_distributed_checkpoint,
+    load_single_process_model,
+    save_distributed_checkpoint,
+    trainer_pieces,
+)
+from minipar.train import TrainConfig, Trainer
+from tests.mpi_bodies.comparisons import Comparisons
 
 MODEL = dict(vocab_size=16, block_size=8, n_layer=4, n_head=4, n_embd=16, seed=3)
 BATCH = 16
@@ -69,54 +75,59 @@ def reference(total_steps, steps):
     return train(trainer, steps), gathered(trainer)
 
 
-def assert_states_close(label, state, expected, exact=False):
-    assert sorted(state) == sorted(expected), f"{label}: names differ"
+def compare_states(compare, label, state, expected, exact=False):
+    compare.value(f"{label}: names", sorted(state), sorted(expected))
     for key, value in expected.items():
+        if key not in state:
+            continue
         if exact:
-            assert np.array_equal(state[key], value), f"{label}: {key} differs"
+            compare.arrays_equal(f"{label}: {key}", state[key], value)
         else:
-            np.testing.assert_allclose(state[key], value, rtol=RTOL, atol=ATOL, err_msg=f"{label}: {key}")
+            compare.arrays_close(f"{label}: {key}", state[key], value, rtol=RTOL, atol=ATOL)
 
 
 def run_chain(comm, folder, segments, total_steps):
     """Each segment: a layout for this world, steps to train; load the previous checkpoint, save the next."""
-    world, losses = Communicator(comm), []
+    world, losses, compare = Communicator(comm), [], Comparisons()
     for number, segment in enumerate(segments):
         layout = dict(segment)
         steps = layout.pop("steps")
         trainer = Trainer(GPTConfig(**MODEL), train_config(total_steps, **layout), world)
         if number > 0:
             load_distributed_checkpoint(os.path.join(folder, f"after-{len(losses)}"), trainer)
-            assert trainer.step_count == len(losses)
+            compare.value(f"segment {segment}: step after loading", trainer.step_count, len(losses))
         losses += train(trainer, steps)
         save_distributed_checkpoint(os.path.join(folder, f"after-{len(losses)}"), trainer)
-        if world.rank == 0:
-            print(f"segment ok: {segment}", flush=True)
+        compare.checks.append(f"segment {number}")
     if world.rank == 0:
         Path(folder, "chain-losses.json").write_text(json.dumps(losses))
+    return compare.report()
 
 
 def finish_chain_single_process(comm, folder, steps, total_steps):
     """1 x 1 x 1: load the chain's last checkpoint, train the rest, compare with no interruption at all."""
-    assert comm.size == 1
+    compare = Comparisons()
+    compare.value("ranks", comm.size, 1)
     losses = json.loads(Path(folder, "chain-losses.json").read_text())
     path = os.path.join(folder, f"after-{len(losses)}")
     trainer = Trainer(GPTConfig(**MODEL), train_config(total_steps), Communicator(comm))
     load_distributed_checkpoint(path, trainer)
     model, index = load_single_process_model(path)  # what `sample` uses: the same values
-    assert index["step"] == len(losses) and index["layout"] == {"dp": 8, "tp": 1, "pp": 1}
+    compare.value("index (step, layout)", [index["step"], index["layout"]], [len(losses), {"dp": 8, "tp": 1, "pp": 1}])
+    state = gathered(trainer)
     for name, value in model.state_dict().items():
-        assert np.array_equal(value, gathered(trainer)[f"model/{name}"]), name
+        compare.arrays_equal(f"single-process model against the Trainer: {name}", value, state[f"model/{name}"])
     losses += train(trainer, steps)
     expected_losses, expected_state = reference(total_steps, len(losses))
-    np.testing.assert_allclose(losses, expected_losses, rtol=1e-11, atol=0, err_msg="losses")
-    assert_states_close("chain", gathered(trainer), expected_state)
-    print(f"chain ok: {len(losses)} steps", flush=True)
+    compare.arrays_close("losses of the whole chain", losses, expected_losses, rtol=1e-11)
+    compare_states(compare, "chain", gathered(trainer), expected_state)
+    compare.checks.append(f"chain of {len(losses)} steps")
+    return compare.report()
 
 
 def resume_cases(comm, folder, cases, total_steps):
     """Each case: layout A, layout B, n, m. Same layout: bit for bit equal; otherwise to rounding."""
-    world = Communicator(comm)
+    world, compare = Communicator(comm), Comparisons()
     for number, (layout_a, layout_b, steps_before, steps_after) in enumerate(cases):
         path = os.path.join(folder, f"case-{number}")
         first = Trainer(GPTConfig(**MODEL), train_config(total_steps, **layout_a), world)
@@ -126,21 +137,24 @@ def resume_cases(comm, folder, cases, total_steps):
         load_distributed_checkpoint(path, second)
         losses += train(second, steps_after)
         state = gathered(second)
+        label = f"{layout_a} -> {layout_b}"
         if layout_a == layout_b:
             uninterrupted = Trainer(GPTConfig(**MODEL), train_config(total_steps, **layout_b), world)
             expected_losses = train(uninterrupted, steps_before + steps_after)
             expected_state = gathered(uninterrupted)
-            assert losses == expected_losses, (losses, expected_losses)
+            compare.value(f"{label}: losses (bit for bit)", losses, expected_losses)
         elif world.rank == 0:
             expected_losses, expected_state = reference(total_steps, steps_before + steps_after)
-            np.testing.assert_allclose(losses, expected_losses, rtol=1e-11, atol=0)
+            compare.arrays_close(f"{label}: losses", losses, expected_losses, rtol=1e-11)
         if world.rank == 0:
-            assert_states_close(f"{layout_a} -> {layout_b}", state, expected_state, exact=layout_a == layout_b)
-            print(f"resume ok: {layout_a} -> {layout_b}", flush=True)
+            compare_states(compare, label, state, expected_state, exact=layout_a == layout_b)
+        compare.checks.append(label)
+    compare.value("ranks", world.size, 4)  # every rank compares something
+    return compare.report()
 
 
 # ---- failures ------------------------------------------------------------------------------------
-def expect_same_error_everywhere(comm, action, *fragments):
+def expect_same_error_everywhere(compare, what, comm, action, *fragments):
     """Run ``action``; every rank must raise a CheckpointError, the same one, containing ``fragments``."""
     try:
         action()
@@ -148,11 +162,11 @@ def expect_same_error_everywhere(comm, action, *fragments):
         message = str(error)
     else:
         message = None
-    messages = comm.allgather(message)
-    assert None not in messages, f"ranks {[r for r, m in enumerate(messages) if m is None]} raised nothing"
-    assert len(set(messages)) == 1, f"ranks raised different errors: {messages}"
-    for fragment in fragments:
-        assert fragment in message, f"{fragment!r} not in {message!r}"
+    messages = comm.allgather(message)  # small metadata: pickle is fine
+    compare.value(f"{what}: ranks that raised no CheckpointError", [r for r, m in enumerate(messages) if m is None], [])
+    compare.value(f"{what}: different messages across ranks", len(set(messages)), 1)
+    compare.value(f"{what}: phrases missing from the message {message!r}",
+                  [fragment for fragment in fragments if fragment not in (message or "")], [])
     return message
 
 
@@ -162,7 +176,7 @@ def snapshot(folder):
 
 
 def failed_save_keeps_previous(comm, folder):
-    world = Communicator(comm)
+    world, compare = Communicator(comm), Comparisons()
     layout = dict(tp=2, pp=2, microbatches=2)  # all four ranks write a file
     trainer = Trainer(GPTConfig(**MODEL), train_config(4, **layout), world)
     path = Path(folder, "ckpt")
@@ -178,41 +192,48 @@ def failed_save_keeps_previous(comm, folder):
 
     if world.rank == 1:
         distributed_checkpoint.write_array_file = write_half_then_fail
-    expect_same_error_everywhere(comm, lambda: save_distributed_checkpoint(path, trainer),
+    expect_same_error_everywhere(compare, "full disk on rank 1", comm,
+                                 lambda: save_distributed_checkpoint(path, trainer),
                                  "failed on rank 1", "No space left on device", "previous checkpoint")
     distributed_checkpoint.write_array_file = real_write
     if world.rank == 0:
-        assert snapshot(path) == before, "a failed save changed the previous checkpoint"
-        assert sorted(p.name for p in Path(folder).iterdir()) == ["ckpt"], "leftovers beside the checkpoint"
+        compare.true("a failed save left the previous checkpoint's bytes as they were", snapshot(path) == before)
+        compare.value("files beside the checkpoint after a failed save",
+                      sorted(p.name for p in Path(folder).iterdir()), ["ckpt"])
     comm.Barrier()
     # The previous checkpoint is complete: it loads and holds step 1.
     restored = Trainer(GPTConfig(**MODEL), train_config(4, **layout), world)
-    assert load_distributed_checkpoint(path, restored)["step"] == 1
+    compare.value("step of the previous checkpoint, loaded", load_distributed_checkpoint(path, restored)["step"], 1)
 
     real_index_writer = distributed_checkpoint.write_json_atomic
     if world.rank == 0:
         def no_index(file_path, value):
             raise OSError(5, "Input/output error (simulated)")
         distributed_checkpoint.write_json_atomic = no_index
-    expect_same_error_everywhere(comm, lambda: save_distributed_checkpoint(path, trainer),
+    expect_same_error_everywhere(compare, "index write failing on rank 0", comm,
+                                 lambda: save_distributed_checkpoint(path, trainer),
                                  "failed on rank 0", "Input/output error")
     distributed_checkpoint.write_json_atomic = real_index_writer
     if world.rank == 0:
-        assert snapshot(path) == before and sorted(os.listdir(folder)) == ["ckpt"]
+        compare.true("a failed index write left the previous checkpoint's bytes as they were", snapshot(path) == before)
+        compare.value("files beside the checkpoint after a failed index write", sorted(os.listdir(folder)), ["ckpt"])
 
     save_distributed_checkpoint(path, trainer)  # a save that works replaces the old checkpoint
     if world.rank == 0:
-        assert sorted(os.listdir(folder)) == ["ckpt"] and snapshot(path) != before
+        compare.value("files after a save that works", sorted(os.listdir(folder)), ["ckpt"])
+        compare.true("a save that works replaced the checkpoint", snapshot(path) != before)
     other_layout = Trainer(GPTConfig(**MODEL), train_config(4, dp=4), world)
-    assert load_distributed_checkpoint(path, other_layout)["step"] == 2
+    compare.value("step of the new checkpoint, loaded under dp 4",
+                  load_distributed_checkpoint(path, other_layout)["step"], 2)
     expected, state = gathered(trainer), gathered(other_layout)
     if world.rank == 0:
-        assert_states_close("after overwrite", state, expected, exact=True)  # moved, not recomputed
-        print("atomic save ok", flush=True)
+        compare_states(compare, "after overwrite", state, expected, exact=True)  # moved, not recomputed
+    compare.checks.append("atomic save")
+    return compare.report()
 
 
 def corrupt_checkpoints(comm, folder):
-    world = Communicator(comm)
+    world, compare = Communicator(comm), Comparisons()
     layout = dict(tp=2, pp=2, microbatches=2)  # loading under the same layout: rank r reads its own file
     trainer = Trainer(GPTConfig(**MODEL), train_config(4, **layout), world)
     train(trainer, 1)
@@ -228,9 +249,9 @@ def corrupt_checkpoints(comm, folder):
             damage(broken)
         comm.Barrier()
         fresh = Trainer(GPTConfig(**model), train_config(4, **layout), world)
-        message = expect_same_error_everywhere(comm, lambda: load_distributed_checkpoint(broken, fresh), *fragments)
-        if world.rank == 0:
-            print(f"{name}: {message}", flush=True)
+        expect_same_error_everywhere(compare, name, comm, lambda: load_distributed_checkpoint(broken, fresh),
+                                     *fragments)
+        compare.checks.append(name)
 
     def flip_byte(broken):
         shard = broken / "shard-rank-00003.minipar"
@@ -262,6 +283,6 @@ def corrupt_checkpoints(comm, folder):
          model={**MODEL, "n_embd": 32})
     # After all that, nothing is out of step: the pristine checkpoint loads under another layout.
     survivor = Trainer(GPTConfig(**MODEL), train_config(4, dp=2, tp=2, sequence_parallel=True), world)
-    assert load_distributed_checkpoint(pristine, survivor)["step"] == 1
-    if world.rank == 0:
-        print("corruption ok", flush=True)
+    compare.value("step of the pristine checkpoint, loaded after all that",
+                  load_distributed_checkpoint(pristine, survivor)["step"], 1)
+    return compare.report()

@@ -1,15 +1,18 @@
 """Checks for minipar.comm, run on every rank by tests/test_collectives.py (one launch per world size).
 
+Each check records its comparisons (tests/mpi_bodies/comparisons.py) and ``run_all_checks``
+returns them: pytest fails listing every one that differs, with its rank, expected and got.
+
 Contributions are small integers stored as floats, so every sum is exact in
 float32 and float64 whatever the order of additions: hand-built and built-in
 results must agree exactly, not within a tolerance. One check uses real-valued
 data and bounds the rounding error instead.
 """
-from mpi4py import MPI
 
 from minipar.backend import xp
 from minipar.comm import Communicator, collectives
 from minipar.errors import ConfigError, ShapeError
+from tests.mpi_bodies.comparisons import Comparisons
 
 SIZES = (0, 1, 7, 64, 1003)
 DTYPES = (xp.float32, xp.float64)
@@ -26,24 +29,14 @@ def all_contributions(size, count, dtype, salt=0):
     return xp.stack([contribution(rank, count, dtype, salt) for rank in range(size)]) if size else None
 
 
-def assert_equal(actual, expected, what):
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape}, expected {expected.shape}"
-    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype}, expected {expected.dtype}"
-    mismatched = xp.flatnonzero(actual.reshape(-1) != expected.reshape(-1))
-    assert mismatched.size == 0, (
-        f"{what}: {mismatched.size} of {actual.size} elements differ, first at flat index "
-        f"{mismatched[0]}: got {actual.reshape(-1)[mismatched[0]]}, expected {expected.reshape(-1)[mismatched[0]]}"
-    )
-
-
-def assert_same_on_every_rank(communicator, array, what):
+def compare_across_ranks(communicator, compare, array, what):
     gathered = xp.empty((communicator.size, array.size), dtype=array.dtype)
     communicator.mpi.Allgather(xp.ascontiguousarray(array.reshape(-1)), gathered)
     for rank in range(communicator.size):
-        assert_equal(gathered[rank], gathered[0], f"{what}: rank {rank} differs from rank 0 (bitwise)")
+        compare.arrays_equal(f"{what}: rank {rank} against rank 0 (bitwise)", gathered[rank], gathered[0])
 
 
-def check_allreduce(communicator):
+def check_allreduce(communicator, compare):
     rank, size = communicator.rank, communicator.size
     for dtype in DTYPES:
         for count in SIZES:
@@ -55,24 +48,26 @@ def check_allreduce(communicator):
                     what = f"allreduce {op} {algorithm} {xp.dtype(dtype).name} n={count} rank {rank}"
                     in_place = contribution(rank, count, dtype)
                     returned = communicator.allreduce(in_place, op=op, algorithm=algorithm)
-                    assert returned is in_place, f"{what}: in-place call must return its array"
-                    assert_equal(in_place, expected, what)
+                    compare.true(f"{what}: the in-place call returns its array", returned is in_place)
+                    compare.arrays_equal(what, in_place, expected)
                     if count in (0, 1003):
                         source = contribution(rank, count, dtype)
                         out = xp.full(count, xp.nan, dtype=dtype)
-                        assert communicator.allreduce(source, out=out, op=op, algorithm=algorithm) is out
-                        assert_equal(out, expected, what + " (out=)")
-                        assert_equal(source, contribution(rank, count, dtype), what + ": input changed")
+                        returned = communicator.allreduce(source, out=out, op=op, algorithm=algorithm)
+                        compare.true(f"{what}: returns out=", returned is out)
+                        compare.arrays_equal(what + " (out=)", out, expected)
+                        compare.arrays_equal(what + ": input unchanged", source, contribution(rank, count, dtype))
     # A multi-dimensional array and a 0-d array reduce like their flat contents.
     matrix = contribution(rank, 12, xp.float64).reshape(3, 4)
     for algorithm in ("ring", "recursive_doubling", "tree"):
         result = communicator.allreduce(matrix.copy(), algorithm=algorithm)
-        assert_equal(result, all_contributions(size, 12, xp.float64).sum(axis=0).reshape(3, 4), f"3x4 {algorithm}")
+        expected = all_contributions(size, 12, xp.float64).sum(axis=0).reshape(3, 4)
+        compare.arrays_equal(f"3x4 {algorithm}", result, expected)
         scalar = communicator.allreduce(xp.array(float(rank + 1)), algorithm=algorithm)
-        assert float(scalar) == size * (size + 1) / 2, f"0-d allreduce {algorithm}: {scalar}"
+        compare.value(f"0-d allreduce {algorithm}", float(scalar), size * (size + 1) / 2)
 
 
-def check_allreduce_rounding(communicator):
+def check_allreduce_rounding(communicator, compare):
     """Real-valued data: every algorithm within the summation error bound, bitwise equal across ranks."""
     rank, size = communicator.rank, communicator.size
     for dtype in DTYPES:
@@ -85,11 +80,12 @@ def check_allreduce_rounding(communicator):
         for algorithm in ("ring", "recursive_doubling", "tree"):
             ours = communicator.allreduce(data.copy(), algorithm=algorithm)
             error = xp.abs(ours.astype(xp.float64) - builtin.astype(xp.float64))
-            assert (error <= bound).all(), f"{algorithm} {dtype}: error {error.max()} above bound"
-            assert_same_on_every_rank(communicator, ours, f"{algorithm} allreduce {xp.dtype(dtype).name}")
+            compare.value(f"{algorithm} {xp.dtype(dtype).name} rank {rank}: elements above the error bound",
+                          int((error > bound).sum()), 0)
+            compare_across_ranks(communicator, compare, ours, f"{algorithm} allreduce {xp.dtype(dtype).name}")
 
 
-def check_allgather_and_reduce_scatter(communicator):
+def check_allgather_and_reduce_scatter(communicator, compare):
     rank, size = communicator.rank, communicator.size
     for dtype in DTYPES:
         for shape in [(count,) for count in SIZES] + [(3, 5)]:
@@ -100,7 +96,7 @@ def check_allgather_and_reduce_scatter(communicator):
                 gathered = xp.full((size * shape[0], *shape[1:]), xp.nan, dtype=dtype)
                 communicator.allgather(piece, gathered, algorithm=algorithm)
                 expected = all_contributions(size, count, dtype).reshape(size * shape[0], *shape[1:])
-                assert_equal(gathered, expected, "allgather " + what)
+                compare.arrays_equal("allgather " + what, gathered, expected)
 
                 for op in ("sum", "max"):
                     full = contribution(rank, size * count, dtype, salt=1).reshape(size * shape[0], *shape[1:])
@@ -110,11 +106,11 @@ def check_allgather_and_reduce_scatter(communicator):
                     everyone = all_contributions(size, size * count, dtype, salt=1)
                     reduced = everyone.sum(axis=0) if op == "sum" else everyone.max(axis=0)
                     expected = reduced.reshape(size * shape[0], *shape[1:])[rank * shape[0]:(rank + 1) * shape[0]]
-                    assert_equal(mine, expected, f"reduce_scatter {op} " + what)
-                    assert_equal(full, untouched, f"reduce_scatter {op} changed its input, " + what)
+                    compare.arrays_equal(f"reduce_scatter {op} " + what, mine, expected)
+                    compare.arrays_equal(f"reduce_scatter {op} input unchanged, " + what, full, untouched)
 
 
-def check_broadcast_and_reduce(communicator):
+def check_broadcast_and_reduce(communicator, compare):
     rank, size = communicator.rank, communicator.size
     for dtype in DTYPES:
         for count in SIZES:
@@ -123,7 +119,7 @@ def check_broadcast_and_reduce(communicator):
                     what = f"{algorithm} {xp.dtype(dtype).name} n={count} root {root} rank {rank}"
                     array = contribution(rank, count, dtype)
                     communicator.broadcast(array, root=root, algorithm=algorithm)
-                    assert_equal(array, contribution(root, count, dtype), "broadcast " + what)
+                    compare.arrays_equal("broadcast " + what, array, contribution(root, count, dtype))
 
                     everyone = all_contributions(size, count, dtype)
                     for op, expected in (("sum", everyone.sum(axis=0)), ("max", everyone.max(axis=0))):
@@ -131,9 +127,10 @@ def check_broadcast_and_reduce(communicator):
                         source = contribution(rank, count, dtype)
                         result = communicator.reduce(source, out, root=root, op=op, algorithm=algorithm)
                         if rank == root:
-                            assert result is out
-                            assert_equal(out, expected, f"reduce {op} " + what)
-                        assert_equal(source, contribution(rank, count, dtype), f"reduce {op} changed input " + what)
+                            compare.true(f"reduce {op} {what}: returns out", result is out)
+                            compare.arrays_equal(f"reduce {op} " + what, out, expected)
+                        compare.arrays_equal(f"reduce {op} input unchanged " + what, source,
+                                             contribution(rank, count, dtype))
 
 
 def _gather_record(communicator, name):
@@ -148,7 +145,7 @@ def binomial_fan_out(relative, size):
     return sum(1 for j in range(lowest_bit.bit_length() - 1) if relative + (1 << j) < size)
 
 
-def check_traffic(communicator):
+def check_traffic(communicator, compare):
     """Hand-built collectives count exact bytes; the built-ins record the same textbook volumes."""
     rank, size = communicator.rank, communicator.size
     lg_ceiling = (size - 1).bit_length()  # ⌈lg N⌉
@@ -160,15 +157,17 @@ def check_traffic(communicator):
             for algorithm in ("ring", "mpi"):
                 communicator.reset_counters()
                 communicator.allreduce(contribution(rank, count, dtype), algorithm=algorithm)
+                what = f"{algorithm} allreduce {xp.dtype(dtype).name} n={count}"
                 record = communicator.counters["allreduce"]
-                assert (record.calls, record.elements) == (1, count), record
+                compare.value(f"{what}: (calls, elements)", (record.calls, record.elements), (1, count))
                 per_algorithm[algorithm] = _gather_record(communicator, "allreduce")
                 totals = [sum(pair[i] for pair in per_algorithm[algorithm]) for i in (0, 1)]
-                assert totals == [2 * (size - 1) * nbytes] * 2, f"{algorithm} allreduce totals {totals}, n={count}"
+                compare.value(f"{what}: total bytes (sent, received)", totals, [2 * (size - 1) * nbytes] * 2)
                 if count % size == 0:
-                    assert record.bytes_sent == 2 * (size - 1) * nbytes // size, (algorithm, record)
-                    assert record.bytes_received == 2 * (size - 1) * nbytes // size, (algorithm, record)
-            assert per_algorithm["mpi"] == per_algorithm["ring"], "the built-in's model must match the ring"
+                    compare.value(f"{what}: this rank's bytes (sent, received)",
+                                  (record.bytes_sent, record.bytes_received), (2 * (size - 1) * nbytes // size,) * 2)
+            compare.value(f"allreduce n={count}: the built-in's modelled bytes per rank against the ring's",
+                          per_algorithm["mpi"], per_algorithm["ring"])
 
             piece_count = count // size if count % size == 0 else count
             full_bytes = size * piece_count * itemsize
@@ -179,9 +178,11 @@ def check_traffic(communicator):
                 communicator.reduce_scatter(gathered, xp.empty(piece_count, dtype=dtype), algorithm=algorithm)
                 for name in ("allgather", "reduce_scatter"):
                     record = communicator.counters[name]
-                    assert (record.calls, record.elements) == (1, size * piece_count), (name, record)
-                    assert record.bytes_sent == record.bytes_received == (size - 1) * full_bytes // size, (
-                        f"{algorithm} {name}: {record}, expected {(size - 1) * full_bytes // size}")
+                    what = f"{algorithm} {name} {xp.dtype(dtype).name} n={size * piece_count}"
+                    compare.value(f"{what}: (calls, elements)", (record.calls, record.elements),
+                                  (1, size * piece_count))
+                    compare.value(f"{what}: bytes (sent, received)", (record.bytes_sent, record.bytes_received),
+                                  ((size - 1) * full_bytes // size,) * 2)
 
             for algorithm in ("tree", "mpi"):
                 root = size - 1
@@ -192,13 +193,16 @@ def check_traffic(communicator):
                 from_parent = 0 if rank == root else nbytes
                 fan_out = binomial_fan_out((rank - root) % size, size) * nbytes
                 if rank == root:
-                    assert fan_out == lg_ceiling * nbytes, "the root sends to ⌈lg N⌉ children"
+                    compare.value("the root's fan-out is ⌈lg N⌉ children", fan_out, lg_ceiling * nbytes)
                 broadcast, reduce = communicator.counters["broadcast"], communicator.counters["reduce"]
-                assert (broadcast.bytes_sent, broadcast.bytes_received) == (fan_out, from_parent), broadcast
-                assert (reduce.bytes_sent, reduce.bytes_received) == (from_parent, fan_out), reduce
+                what = f"{algorithm} {xp.dtype(dtype).name} n={count} root {root}"
+                compare.value(f"broadcast {what}: bytes (sent, received)",
+                              (broadcast.bytes_sent, broadcast.bytes_received), (fan_out, from_parent))
+                compare.value(f"reduce {what}: bytes (sent, received)",
+                              (reduce.bytes_sent, reduce.bytes_received), (from_parent, fan_out))
                 for name in ("broadcast", "reduce"):
                     totals = [sum(pair[i] for pair in _gather_record(communicator, name)) for i in (0, 1)]
-                    assert totals == [(size - 1) * nbytes] * 2, f"{algorithm} {name} totals {totals}"
+                    compare.value(f"{name} {what}: total bytes (sent, received)", totals, [(size - 1) * nbytes] * 2)
 
             communicator.reset_counters()
             communicator.allreduce(contribution(rank, count, dtype), algorithm="recursive_doubling")
@@ -210,11 +214,11 @@ def check_traffic(communicator):
             else:
                 expected = (rounds, rounds)
             record = communicator.counters["allreduce"]
-            assert (record.bytes_sent, record.bytes_received) == (expected[0] * nbytes, expected[1] * nbytes), (
-                f"recursive doubling rank {rank}: {record}, expected {expected} × {nbytes}")
+            compare.value(f"recursive doubling {xp.dtype(dtype).name} n={count}: bytes (sent, received)",
+                          (record.bytes_sent, record.bytes_received), (expected[0] * nbytes, expected[1] * nbytes))
 
 
-def check_point_to_point(communicator):
+def check_point_to_point(communicator, compare):
     rank, size = communicator.rank, communicator.size
     right, left = (rank + 1) % size, (rank - 1) % size
     events = []
@@ -224,12 +228,12 @@ def check_point_to_point(communicator):
         mine = contribution(rank, 64, dtype)
         incoming = xp.empty(64, dtype=dtype)
         communicator.sendrecv(mine, right, incoming, left, tag=3)
-        assert_equal(incoming, contribution(left, 64, dtype), "sendrecv")
+        compare.arrays_equal(f"sendrecv {xp.dtype(dtype).name}", incoming, contribution(left, 64, dtype))
 
         receive = communicator.irecv(xp.empty(64, dtype=dtype), left, tag=4)
         send = communicator.isend(mine, right, tag=4)
         send.wait()
-        assert_equal(receive.wait(), contribution(left, 64, dtype), "isend/irecv")
+        compare.arrays_equal(f"isend/irecv {xp.dtype(dtype).name}", receive.wait(), contribution(left, 64, dtype))
 
         if size > 1:  # blocking send/recv: even ranks send first, so the pairs cannot deadlock
             partner = rank ^ 1
@@ -240,24 +244,29 @@ def check_point_to_point(communicator):
                 else:
                     communicator.recv(incoming, partner, tag=5)
                     communicator.send(mine, partner, tag=5)
-                assert_equal(incoming, contribution(partner, 64, dtype), "send/recv")
+                compare.arrays_equal(f"send/recv {xp.dtype(dtype).name}", incoming, contribution(partner, 64, dtype))
 
         summed = contribution(rank, 1003, dtype)
         request = communicator.iallreduce(summed)
-        assert request.wait() is summed
-        assert_equal(summed, all_contributions(size, 1003, dtype).sum(axis=0), "iallreduce")
+        compare.true(f"iallreduce {xp.dtype(dtype).name}: wait returns the array", request.wait() is summed)
+        expected = all_contributions(size, 1003, dtype).sum(axis=0)
+        compare.arrays_equal(f"iallreduce {xp.dtype(dtype).name}", summed, expected)
 
     record = communicator.counters["sendrecv"]
-    assert (record.calls, record.elements, record.bytes_sent) == (2, 128, 64 * 4 + 64 * 8), record
-    assert communicator.counters["isend"].bytes_sent == communicator.counters["irecv"].bytes_received == 64 * 12
-    assert communicator.counters["iallreduce"].calls == 2
-    assert communicator.counters["never_called"].calls == 0
+    compare.value("sendrecv (calls, elements, bytes sent)", (record.calls, record.elements, record.bytes_sent),
+                  (2, 128, 64 * 4 + 64 * 8))
+    compare.value("bytes (isend sent, irecv received)", (communicator.counters["isend"].bytes_sent,
+                                                         communicator.counters["irecv"].bytes_received), (64 * 12,) * 2)
+    compare.value("iallreduce calls", communicator.counters["iallreduce"].calls, 2)
+    compare.value("calls of a collective never called", communicator.counters["never_called"].calls, 0)
     snapshot = communicator.counters_snapshot()
-    assert set(snapshot["sendrecv"]) == {"calls", "elements", "bytes_sent", "bytes_received", "seconds"}
-    assert ("sendrecv", 64 * 4) in events and ("iallreduce", 1003 * 8) in events, events
+    compare.value("counter fields", sorted(snapshot["sendrecv"]),
+                  sorted(["calls", "elements", "bytes_sent", "bytes_received", "seconds"]))
+    compare.value("listener saw (sendrecv, 256 B) and (iallreduce, 8024 B)",
+                  [("sendrecv", 64 * 4) in events, ("iallreduce", 1003 * 8) in events], [True, True])
 
 
-def check_bad_input(communicator):
+def check_bad_input(communicator, compare):
     """Bad arguments raise minipar errors on every rank before any message moves."""
     size = communicator.size
     array = xp.zeros((4, 6))
@@ -281,34 +290,33 @@ def check_bad_input(communicator):
     for error_type, words, call in cases:
         try:
             call()
-        except error_type as error:
-            assert words in str(error), f"message {error!r} should mention {words!r}"
+        except (ConfigError, ShapeError) as error:
+            got = [type(error).__name__, words in str(error), str(error) if words not in str(error) else ""]
         else:
-            raise AssertionError(f"expected {error_type.__name__} mentioning {words!r}")
+            got = ["nothing raised", False, ""]
+        compare.value(f"bad input: {error_type.__name__} mentioning {words!r}", got, [error_type.__name__, True, ""])
 
 
-def check_split(communicator):
+def check_split(communicator, compare):
     rank = communicator.rank
     half = communicator.split(color=rank % 2, key=rank)
     members = [r for r in range(communicator.size) if r % 2 == rank % 2]
-    assert (half.size, half.rank) == (len(members), members.index(rank))
+    compare.value("split: (size, rank)", (half.size, half.rank), (len(members), members.index(rank)))
     total = half.allreduce(xp.array([float(rank)]), algorithm="ring")
-    assert float(total[0]) == sum(members), (total, members)
-    assert communicator.counters["allreduce"].calls == 0, "the parent's counters must stay separate"
-    assert half.counters["allreduce"].calls == 1
+    compare.value("split: ring allreduce of the ranks in the half", float(total[0]), float(sum(members)))
+    compare.value("allreduce calls counted (parent, half): separate counters",
+                  (communicator.counters["allreduce"].calls, half.counters["allreduce"].calls), (0, 1))
+
+
+CHECKS = [check_allreduce, check_allreduce_rounding, check_allgather_and_reduce_scatter,
+          check_broadcast_and_reduce, check_traffic, check_point_to_point, check_bad_input, check_split]
 
 
 def run_all_checks(comm):
-    communicator = Communicator(comm)
-    checks = [check_allreduce, check_allreduce_rounding, check_allgather_and_reduce_scatter,
-              check_broadcast_and_reduce, check_traffic, check_point_to_point, check_bad_input, check_split]
-    for check in checks:
+    """Every check on this rank; returns the comparisons for pytest to judge."""
+    communicator, compare = Communicator(comm), Comparisons()
+    for check in CHECKS:
         communicator.reset_counters()
-        check(communicator)
-    comm.Barrier()
-    if comm.rank == 0:
-        print(f"all {len(checks)} collective checks passed on {comm.size} ranks", flush=True)
-
-
-if __name__ == "__main__":
-    run_all_checks(MPI.COMM_WORLD)
+        check(communicator, compare)
+        compare.checks.append(check.__name__)
+    return compare.report()

@@ -5,7 +5,14 @@ every stage's parameters by their single-process name (``shard.full_name``; name
 metadata, arrays with Send/Recv) and compares them, and the step losses, with single-process
 training on the same global batches. The reference is one step on the whole batch, so it does not
 depend on the number of micro-batches: it is computed once per model and reused by every case.
+
+Every executor talks through a ``SendBufferWatch``: a send buffer must not be handed to another
+``isend`` or change while its send is in flight (MPI leaves the result undefined; with small
+messages sent eagerly the bug passes unseen). Every comparison is recorded
+(tests/mpi_bodies/comparisons.py) and returned to pytest.
 """
+from itertools import pairwise
+
 from minipar.backend import from_host, host_rng, set_default_dtype, xp
 from minipar.comm import Communicator
 from minipar.errors import ConfigError
@@ -15,10 +22,15 @@ from minipar.nn.module import Module
 from minipar.optim import AdamW
 from minipar.parallel.pipeline.executor import PipelineExecutor, split_microbatches
 from minipar.parallel.pipeline.partition import (
-    TIED_EMBEDDING, partition, stage_parameters, sum_tied_embedding_gradients)
+    TIED_EMBEDDING,
+    partition,
+    stage_parameters,
+    sum_tied_embedding_gradients,
+)
 from minipar.parallel.pipeline.schedules import RECEIVES
 from minipar.parallel.sharding import label_replicated
 from minipar.trace import Timeline
+from tests.mpi_bodies.comparisons import Comparisons
 
 STEPS = 3
 BATCH = 48  # divisible by every micro-batch count the tests use (1, 2, 3, 4, 8, 16)
@@ -90,6 +102,68 @@ def mlp_batches():
     return batches
 
 
+# ---- a communicator that watches its send buffers ------------------------------------------------
+
+class SendBufferWatch:
+    """The wrapped Communicator, with every ``isend``'s buffer watched until its request completes.
+
+    A buffer still in flight must not be passed to another ``isend`` nor be written to; both are
+    recorded in ``violations``. Everything else goes to the wrapped communicator.
+    """
+
+    def __init__(self, communicator):
+        self._communicator = communicator
+        self.in_flight = []  # [buffer, copy at isend time, tag]
+        self.violations, self.sends = [], 0
+
+    def __getattr__(self, name):
+        return getattr(self._communicator, name)
+
+    def check_in_flight(self, when):
+        for buffer, copy, tag in self.in_flight:
+            if not xp.array_equal(buffer, copy):
+                self.violations.append(f"the buffer of the send with tag {tag} changed while in flight ({when})")
+                copy[...] = buffer  # report each change once
+
+    def isend(self, array, dest, tag=0):
+        self.check_in_flight(f"at the isend with tag {tag}")
+        for buffer, _, other_tag in self.in_flight:
+            if xp.shares_memory(buffer, array):
+                self.violations.append(f"isend with tag {tag} reuses the buffer of tag {other_tag}, still in flight")
+        request = self._communicator.isend(array, dest, tag)
+        entry = [array, array.copy(), tag]
+        self.in_flight.append(entry)
+        self.sends += 1
+        return _WatchedRequest(self, request, entry)
+
+
+class _WatchedRequest:
+    def __init__(self, watch, request, entry):
+        self._watch, self._request, self._entry = watch, request, entry
+
+    def _completed(self):
+        if self._entry in self._watch.in_flight:
+            self._watch.check_in_flight(f"when the send with tag {self._entry[2]} completed")
+            self._watch.in_flight.remove(self._entry)
+
+    def test(self):
+        done = self._request.test()
+        if done:
+            self._completed()
+        return done
+
+    def wait(self):
+        result = self._request.wait()
+        self._completed()
+        return result
+
+
+def record_send_buffers(compare, label, watch):
+    compare.value(f"{label}: send-buffer misuse on rank {watch.rank} (count, first three)",
+                  [len(watch.violations), watch.violations[:3]], [0, []])
+    compare.value(f"{label}: sends still in flight after the steps", len(watch.in_flight), 0)
+
+
 # ---- reference and pipeline training ------------------------------------------------------------
 
 def train_single_process(model, loss_of, batches):
@@ -102,7 +176,7 @@ def train_single_process(model, loss_of, batches):
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    return losses, {p.shard.full_name: p.data.copy() for p in model.parameters()}
+    return losses, {name: p.data.copy() for name, p in model.named_parameters()}
 
 
 def train_pipeline(communicator, pieces, batches, schedule, microbatches, chunks_per_stage=1,
@@ -112,8 +186,8 @@ def train_pipeline(communicator, pieces, batches, schedule, microbatches, chunks
     named = stage_parameters(chunks)
     optimizer = AdamW([p for _, p in named], lr=0.02, weight_decay=0.1)
     activation_shape = (BATCH // microbatches, *activation_tail)
-    executor = PipelineExecutor(chunks, communicator, schedule, microbatches, activation_shape, xp.float64,
-                                recompute=recompute, timeline=Timeline(communicator.rank))
+    executor = PipelineExecutor(chunks, SendBufferWatch(communicator), schedule, microbatches, activation_shape,
+                                xp.float64, recompute=recompute, timeline=Timeline(communicator.rank))
     losses = []
     for inputs, targets in batches:
         optimizer.zero_grad()
@@ -141,25 +215,23 @@ def gather_to_rank0(communicator, named_arrays):
     return gathered
 
 
-def compare_with_reference(communicator, label, reference, losses, named_arrays, copies_of_tied=1):
-    """Rank 0 checks every gathered parameter and the last stage's losses against the reference."""
+def compare_with_reference(compare, communicator, label, reference, losses, named_arrays, copies_of_tied=1):
+    """Rank 0 compares every gathered parameter and the last stage's losses with the reference."""
     all_losses = communicator.mpi.gather(losses, root=0)
     gathered = gather_to_rank0(communicator, named_arrays)
     if communicator.rank != 0:
         return
     reference_losses, reference_state = reference
-    (pipeline_losses,) = [entry for entry in all_losses if entry is not None]
-    xp.testing.assert_allclose(pipeline_losses, reference_losses, rtol=RTOL, atol=ATOL, err_msg=f"{label}: losses")
-    assert sorted(gathered) == sorted(reference_state), f"{label}: names {sorted(gathered)}"
-    worst = 0.0
+    reporting = [rank for rank, entry in enumerate(all_losses) if entry is not None]
+    compare.value(f"{label}: ranks reporting losses", reporting, [communicator.size - 1])
+    compare.arrays_close(f"{label}: losses", all_losses[reporting[-1]] if reporting else [], reference_losses,
+                         rtol=RTOL, atol=ATOL)
+    compare.value(f"{label}: parameter names", sorted(gathered), sorted(reference_state))
     for name, copies in gathered.items():
         expected_copies = copies_of_tied if name == TIED_EMBEDDING else 1
-        assert len(copies) == expected_copies, f"{label}: {name} held by ranks {[r for r, _ in copies]}"
+        compare.value(f"{label}: copies of {name}", len(copies), expected_copies)
         for rank, array in copies:
-            xp.testing.assert_allclose(array, reference_state[name], rtol=RTOL, atol=ATOL,
-                                       err_msg=f"{label}: {name} on rank {rank}")
-            worst = max(worst, float(abs(array - reference_state[name]).max()))
-    print(f"ok {label}: max parameter difference {worst:.1e}", flush=True)
+            compare.arrays_close(f"{label}: {name} on rank {rank}", array, reference_state[name], rtol=RTOL, atol=ATOL)
 
 
 def expected_peak_stash(schedule, stages, stage, microbatches, chunks_per_stage):
@@ -174,7 +246,7 @@ def expected_peak_stash(schedule, stages, stage, microbatches, chunks_per_stage)
 
 # ---- the checks -----------------------------------------------------------------------------
 
-def check_timeline(executor, label):
+def check_timeline(compare, executor, label):
     """STEPS steps recorded: one event per compute and receive action, one after another in time."""
     events = executor.timeline.events
     count = {category: sum(event.category == category for event in events) for category in ("forward", "backward")}
@@ -182,13 +254,13 @@ def check_timeline(executor, label):
     count["recv"] = sum(event.category == "recv" for event in events)
     expected = {"forward": STEPS * executor.num_microbatches * len(executor.chunks),
                 "backward": STEPS * executor.num_microbatches * len(executor.chunks), "recv": STEPS * receives}
-    assert count == expected, f"{label}: timeline of rank {executor.stage} counts {count}, expected {expected}"
-    for earlier, later in zip(events, events[1:]):
-        assert earlier.end <= later.start, f"{label}: {earlier} overlaps {later}"
+    compare.value(f"{label}: events in the timeline of rank {executor.stage}", count, expected)
+    overlapping = [f"{earlier} and {later}" for earlier, later in pairwise(events) if earlier.end > later.start]
+    compare.value(f"{label}: overlapping events on rank {executor.stage}", overlapping[:3], [])
 
 
-def check_gpt_cases(communicator, cases, n_layer=8):
-    """cases: [schedule, micro-batches, chunks per stage, recompute, optional split]; returns how many ran."""
+def check_gpt_cases(compare, communicator, cases, n_layer=8):
+    """cases: [schedule, micro-batches, chunks per stage, recompute, optional split]."""
     config = gpt_config(n_layer)
     batches = gpt_batches(config)
     reference = None
@@ -203,14 +275,14 @@ def check_gpt_cases(communicator, cases, n_layer=8):
             communicator, GPT(config).pieces(), batches, schedule, microbatches, chunks_per_stage, recompute,
             activation_tail=(LENGTH, config.n_embd), split=split)
         expected = expected_peak_stash(schedule, p, communicator.rank, microbatches, chunks_per_stage)
-        assert executor.peak_stashed == expected, \
-            f"{label}: rank {communicator.rank} stashed {executor.peak_stashed} at peak, expected {expected}"
-        check_timeline(executor, label)
-        compare_with_reference(communicator, label, reference, losses, named, copies_of_tied=1 if p == 1 else 2)
-    return len(cases)
+        compare.value(f"{label}: peak stash on rank {communicator.rank}", executor.peak_stashed, expected)
+        check_timeline(compare, executor, label)
+        record_send_buffers(compare, label, executor.comm)
+        compare_with_reference(compare, communicator, label, reference, losses, named,
+                               copies_of_tied=1 if p == 1 else 2)
 
 
-def check_mlp_cases(communicator, cases):
+def check_mlp_cases(compare, communicator, cases):
     """The same machinery on a plain MLP. Its Linear layers save their input for dW = x^T dy, so a
     received activation that aliased a reused receive buffer would corrupt these weights (GPipe on
     2 stages with 3 micro-batches overwrites micro-batch 0's input before its backward)."""
@@ -220,27 +292,27 @@ def check_mlp_cases(communicator, cases):
         reference = train_single_process(MLPStack(), lambda model, x, y: model.loss(x, y), batches)
     for schedule, microbatches, chunks_per_stage, recompute in cases:
         label = f"mlp p={communicator.size} {schedule} m={microbatches} v={chunks_per_stage} recompute={recompute}"
-        losses, named, _ = train_pipeline(communicator, MLPStack().pieces(), batches, schedule, microbatches,
-                                          chunks_per_stage, recompute, activation_tail=(6,))
-        compare_with_reference(communicator, label, reference, losses, named)
-    return len(cases)
+        losses, named, executor = train_pipeline(communicator, MLPStack().pieces(), batches, schedule, microbatches,
+                                                 chunks_per_stage, recompute, activation_tail=(6,))
+        record_send_buffers(compare, label, executor.comm)
+        compare_with_reference(compare, communicator, label, reference, losses, named)
 
 
-def check_tied_embedding_reduction_matters(communicator):
+def check_tied_embedding_reduction_matters(compare, communicator):
     """Without summing the tied gradients, both copies drift from single-process training."""
     config = gpt_config()
     batches = gpt_batches(config)
     reference = train_single_process(GPT(config), lambda model, ids, targets: model(ids, targets)[1], batches)
     _, named, _ = train_pipeline(communicator, GPT(config).pieces(), batches, "1f1b", 4, sum_tied=False,
                                  activation_tail=(LENGTH, config.n_embd))
+    compare.value(f"rank {communicator.rank} holds a copy of the tied weight", TIED_EMBEDDING in named, True)
     if TIED_EMBEDDING in named:
         difference = float(abs(named[TIED_EMBEDDING] - reference[1][TIED_EMBEDDING]).max())
-        assert difference > 1e-4, f"rank {communicator.rank}: the unsummed tied copy differs by only {difference}"
-        print(f"ok tied embedding: unsummed copy on rank {communicator.rank} is off by {difference:.1e}", flush=True)
-    return 1
+        compare.true(f"the unsummed tied copy drifts (by more than 1e-4) on rank {communicator.rank}",
+                     difference > 1e-4, f"it differs by only {difference}")
 
 
-def check_recompute_replays_dropout(communicator):
+def check_recompute_replays_dropout(compare, communicator):
     """With dropout on, recomputation draws the same masks again: gradients equal the stashed run's."""
     config = GPTConfig(vocab_size=11, block_size=8, n_layer=4, n_head=2, n_embd=8, seed=7, dropout=0.3)
     ids, targets = gpt_batches(config)[0]
@@ -253,13 +325,13 @@ def check_recompute_replays_dropout(communicator):
             executor.run(split_microbatches(ids, executor.num_microbatches),
                          split_microbatches(targets, executor.num_microbatches))
         gradients.append({name: p.grad for name, p in stage_parameters(chunks)})
+    compare.value(f"parameter names with and without recomputation on rank {communicator.rank}",
+                  sorted(gradients[1]), sorted(gradients[0]))
     for name, stashed in gradients[0].items():
-        assert xp.array_equal(stashed, gradients[1][name]), f"rank {communicator.rank}: {name} differs"
-    print(f"ok recompute with dropout on rank {communicator.rank}", flush=True)
-    return 1
+        compare.arrays_equal(f"recompute with dropout: gradient of {name}", gradients[1][name], stashed)
 
 
-def check_config_errors(communicator):
+def check_config_errors(compare, communicator):
     """Bad input raises a ConfigError naming its numbers on every rank, before any message moves."""
     pieces, p, rank = GPT(gpt_config()).pieces(), communicator.size, communicator.rank
     shape = (2, LENGTH, 8)
@@ -291,25 +363,29 @@ def check_config_errors(communicator):
         except ConfigError as error:
             message = str(error)
         else:
-            raise AssertionError(f"rank {rank}: {what} was accepted")
-        assert any(character.isdigit() for character in message), f"{what}: the message names no number: {message}"
-    print(f"ok config errors on rank {rank}: {len(bad_calls)} bad inputs refused", flush=True)
-    return len(bad_calls)
+            message = None
+        compare.value(f"{what}: (refused with a ConfigError, its message names a number)",
+                      [message is not None, message is not None and any(c.isdigit() for c in message)], [True, True])
 
 
 def run_checks(comm, gpt_cases=(), mlp_cases=(), deep_gpt_cases=(), tied=False, errors=False):
-    """Everything for one world size in one launch (an mpiexec start costs seconds on two cores)."""
+    """Everything for one world size in one launch (an mpiexec start costs seconds on two cores).
+
+    Returns the comparisons for pytest; ``checks`` names each case that ran.
+    """
     set_default_dtype(xp.float64)
-    communicator = Communicator(comm)
-    counts = [check_gpt_cases(communicator, gpt_cases)]
-    if deep_gpt_cases:
-        counts.append(check_gpt_cases(communicator, deep_gpt_cases, n_layer=16))
-    counts.append(check_mlp_cases(communicator, mlp_cases))
+    communicator, compare = Communicator(comm), Comparisons()
+    for n_layer, cases in ((8, gpt_cases), (16, deep_gpt_cases)):
+        if cases:
+            check_gpt_cases(compare, communicator, cases, n_layer)
+            compare.checks += [f"gpt L={n_layer} {case}" for case in cases]
+    check_mlp_cases(compare, communicator, mlp_cases)
+    compare.checks += [f"mlp {case}" for case in mlp_cases]
     if tied:
-        counts.append(check_tied_embedding_reduction_matters(communicator))
-        counts.append(check_recompute_replays_dropout(communicator))
+        check_tied_embedding_reduction_matters(compare, communicator)
+        check_recompute_replays_dropout(compare, communicator)
+        compare.checks += ["tied embedding", "recompute with dropout"]
     if errors:
-        counts.append(check_config_errors(communicator))
-    communicator.barrier()
-    if communicator.rank == 0:
-        print(f"pipeline checks passed on {communicator.size} ranks: {sum(counts)}", flush=True)
+        check_config_errors(compare, communicator)
+        compare.checks.append("config errors")
+    return compare.report()

@@ -4,6 +4,10 @@ One launch per world size; the tensor-parallel group is the whole world (tp = N)
 on 4 ranks, the two tp groups of a dp 2 x tp 2 grid. Everything runs in float64 and is
 compared with the single-process GPT on the same batch: the sharded model is the same
 computation with the sums split across ranks, so only rounding differs (rtol 1e-10).
+
+Biases and LayerNorm gains start at random values, not GPT-2's 0 and 1, in both models: a
+bias added on every rank before a sum, or a gain left out, would be invisible otherwise.
+Every comparison is recorded (tests/mpi_bodies/comparisons.py) and returned to pytest.
 """
 import numpy as np
 
@@ -12,10 +16,14 @@ from minipar.comm import Communicator
 from minipar.errors import ConfigError, ShapeError
 from minipar.nn.gpt import GPT, GPTConfig
 from minipar.optim import AdamW
-from minipar.parallel.tensor_parallel import (SequenceShardedParameter, finish_tensor_parallel_gradients,
-                                              tensor_parallel_pieces)
+from minipar.parallel.tensor_parallel import (
+    ReplicatedPartialGradientParameter,
+    finish_tensor_parallel_gradients,
+    tensor_parallel_pieces,
+)
 from minipar.parallel.topology import Layout, ProcessGrid
 from minipar.tensor import Tensor
+from tests.mpi_bodies.comparisons import Comparisons
 
 MODEL = dict(vocab_size=16, block_size=8, n_layer=2, n_head=8, n_embd=32)
 BATCH = 2
@@ -40,7 +48,7 @@ def unique_parameters(pieces):
     return out
 
 
-def joined(parameter, array, communicator):
+def joined(parameter, array, communicator, compare):
     """The full single-process array from every tp rank's shard (raw MPI: no counters touched)."""
     local = xp.ascontiguousarray(array).reshape(-1)
     parts = xp.empty((communicator.size, local.size), dtype=local.dtype)
@@ -48,14 +56,25 @@ def joined(parameter, array, communicator):
     parts = [part.reshape(array.shape) for part in parts]
     if parameter.shard.is_replicated:
         for rank, part in enumerate(parts):  # replicated parameters must agree across the group
-            np.testing.assert_allclose(part, parts[0], rtol=RTOL, atol=0,
-                                       err_msg=f"{parameter.shard.full_name}: tp rank {rank} differs from rank 0")
+            compare.arrays_close(f"{parameter.shard.full_name}: tp rank {rank} against rank 0", part, parts[0], RTOL)
     return parameter.shard.join(parts)
 
 
-def assert_close(actual, expected, what):
+def close(compare, what, actual, expected):
     scale = float(np.abs(expected).max()) if np.size(expected) else 0.0
-    np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=1e-12 * scale, err_msg=what)
+    compare.arrays_close(what, actual, expected, rtol=RTOL, atol=1e-12 * scale)
+
+
+def start_away_from_zero_and_one(reference, parameters, seed=21):
+    """Draw every bias and LayerNorm gain (GPT-2 starts them at 0 and 1) at random, in both models."""
+    state = reference.state_dict()
+    generator = np.random.default_rng(seed)
+    for name in sorted(state):
+        if name.endswith("bias") or "norm" in name:
+            state[name] = generator.normal(0.5, 0.3, state[name].shape)
+    reference.load_state_dict(state)
+    for p in parameters:
+        p.data[...] = p.shard.take(state[p.shard.full_name])
 
 
 def run_pieces(pieces, ids, targets, communicator):
@@ -78,7 +97,7 @@ def run_pieces(pieces, ids, targets, communicator):
     loss.backward()
     backward.append(communicator.counters_snapshot())
     grad = x.grad
-    for out, x in zip(reversed(outputs), reversed(boundary_inputs)):
+    for out, x in zip(reversed(outputs), reversed(boundary_inputs), strict=True):
         communicator.reset_counters()
         out.backward(grad)
         backward.insert(0, communicator.counters_snapshot())
@@ -109,73 +128,81 @@ def expected_traffic(config, sequence_parallel, tp):
     return [embedding, *[block] * config.n_layer, head]
 
 
-def check_traffic(counters, expected, tp, what):
+def check_traffic(compare, counters, expected, tp, what):
     """Calls and elements exactly; bytes from the ring model: allreduce 2(t-1)/t n, the others (t-1)/t n."""
     got = {name: (record["calls"], record["elements"]) for name, record in counters.items()}
-    assert got == expected, f"{what}: traffic {got}, expected {expected}"
+    compare.value(f"{what}: traffic (calls, elements)", got, expected)
     for name, (_, elements) in expected.items():
         factor = 2 if name == "allreduce" else 1
-        expected_bytes = factor * (tp - 1) * elements * 8 // tp
-        assert counters[name]["bytes_sent"] == expected_bytes, (
-            f"{what}: {name} sent {counters[name]['bytes_sent']} bytes, expected {expected_bytes}")
+        sent = counters.get(name, {}).get("bytes_sent")
+        compare.value(f"{what}: {name} bytes sent", sent, factor * (tp - 1) * elements * 8 // tp)
 
 
 def block_bytes(traffic):
     return sum(record["bytes_sent"] for record in traffic.values())
 
 
-def check_equivalence(tp_comm, sequence_parallel, with_training=True):
+def check_equivalence(compare, tp_comm, sequence_parallel, with_training=True):
     config = GPTConfig(**MODEL)
     tp, label = tp_comm.size, f"tp={tp_comm.size} sp={sequence_parallel}"
     reference = GPT(config)
     pieces = tensor_parallel_pieces(config, tp_comm, sequence_parallel)
     parameters = unique_parameters(pieces)
     full_state = reference.state_dict()
-    assert sorted(p.shard.full_name for p in parameters) == sorted(full_state), label
+    compare.value(f"{label}: full names of the pieces' parameters", sorted(p.shard.full_name for p in parameters),
+                  sorted(full_state))
     for p in parameters:  # built as exact slices of the single-process initial weights
-        np.testing.assert_array_equal(p.data, p.shard.take(full_state[p.shard.full_name]), err_msg=p.shard.full_name)
-    sequence_sharded = sorted(p.shard.full_name for p in parameters if isinstance(p, SequenceShardedParameter))
+        name = p.shard.full_name
+        compare.arrays_equal(f"{label}: initial {name}", p.data, p.shard.take(full_state[name]))
+    partial_gradient = ReplicatedPartialGradientParameter
+    sequence_sharded = sorted(p.shard.full_name for p in parameters if isinstance(p, partial_gradient))
     # Under SP: every LayerNorm, the position embedding and the row-parallel (output) biases.
     expected_sharded = sorted(n for n in full_state
                               if "norm" in n or n == "embedding.position.weight" or n.endswith("output.bias"))
-    assert sequence_sharded == (expected_sharded if sequence_parallel else []), f"{label}: {sequence_sharded}"
+    compare.value(f"{label}: replicated parameters with partial gradients", sequence_sharded,
+                  expected_sharded if sequence_parallel else [])
+    start_away_from_zero_and_one(reference, parameters)
 
     ids, targets = batch(config, seed=5)
     loss, forward, backward, shapes = run_pieces(pieces, ids, targets, tp_comm)
     local_length = config.block_size // (tp if sequence_parallel else 1)
-    assert shapes == [(BATCH, local_length, config.n_embd)] * (config.n_layer + 1), f"{label}: {shapes}"
+    compare.value(f"{label}: activation shapes between pieces", shapes,
+                  [(BATCH, local_length, config.n_embd)] * (config.n_layer + 1))
     expected = expected_traffic(config, sequence_parallel, tp)
     for index, (fwd, bwd) in enumerate(expected):
-        check_traffic(forward[index], fwd, tp, f"{label} piece {index} forward")
-        check_traffic(backward[index], bwd, tp, f"{label} piece {index} backward")
+        check_traffic(compare, forward[index], fwd, tp, f"{label} piece {index} forward")
+        check_traffic(compare, backward[index], bwd, tp, f"{label} piece {index} backward")
     # Narayanan et al. 2021: a layer moves 8 b s h (t-1)/t elements per micro-batch, forward plus backward.
-    per_layer = block_bytes(forward[1]) + block_bytes(backward[1])
-    assert per_layer == 8 * BATCH * config.block_size * config.n_embd * (tp - 1) // tp * 8, label
+    compare.value(f"{label}: bytes one layer sends, forward plus backward",
+                  block_bytes(forward[1]) + block_bytes(backward[1]),
+                  8 * BATCH * config.block_size * config.n_embd * (tp - 1) // tp * 8)
 
     tp_comm.reset_counters()
     finish_tensor_parallel_gradients(parameters, tp_comm)
     finishing = {name: (r["calls"], r["elements"]) for name, r in tp_comm.counters_snapshot().items()}
-    summed = sum(p.size for p in parameters if isinstance(p, SequenceShardedParameter))
-    assert finishing == ({"allreduce": (1, summed)} if sequence_parallel else {}), f"{label}: {finishing}"
+    summed = sum(p.size for p in parameters if isinstance(p, ReplicatedPartialGradientParameter))
+    compare.value(f"{label}: traffic of finish_tensor_parallel_gradients", finishing,
+                  {"allreduce": (1, summed)} if sequence_parallel else {})
 
     _, reference_loss = reference(ids, targets)
     reference_loss.backward()
-    assert_close(loss.item(), reference_loss.item(), f"{label}: loss")
+    close(compare, f"{label}: loss", loss.item(), reference_loss.item())
     reference_grads = {name: p.grad for name, p in reference.named_parameters()}
     for p in parameters:
-        assert p.grad is not None, f"{label}: {p.shard.full_name} got no gradient"
-        assert_close(joined(p, p.grad, tp_comm), reference_grads[p.shard.full_name],
-                     f"{label}: grad of {p.shard.full_name}")
+        compare.true(f"{label}: {p.shard.full_name} has a gradient", p.grad is not None)
+        if p.grad is not None:
+            close(compare, f"{label}: grad of {p.shard.full_name}", joined(p, p.grad, tp_comm, compare),
+                  reference_grads[p.shard.full_name])
     x = ids
     for piece in pieces[:-1]:
         x = piece(x)
-    assert_close(pieces[-1].logits(x).data, reference(ids)[0].data, f"{label}: gathered logits")
+    close(compare, f"{label}: gathered logits", pieces[-1].logits(x).data, reference(ids)[0].data)
     if with_training:
-        check_training(config, reference, pieces, parameters, tp_comm, label)
+        check_training(compare, config, reference, pieces, parameters, tp_comm, label)
     return forward, backward
 
 
-def check_training(config, reference, pieces, parameters, tp_comm, label):
+def check_training(compare, config, reference, pieces, parameters, tp_comm, label):
     """k AdamW steps, each rank updating only its shards, track single-process training."""
     reference_optimizer, optimizer = AdamW(reference.parameters(), **ADAMW), AdamW(parameters, **ADAMW)
     initial = reference.state_dict()
@@ -194,7 +221,7 @@ def check_training(config, reference, pieces, parameters, tp_comm, label):
         loss.backward()
         finish_tensor_parallel_gradients(parameters, tp_comm)
         optimizer.step()
-        assert_close(loss.item(), reference_loss.item(), f"{label}: loss at step {step}")
+        close(compare, f"{label}: loss at step {step}", loss.item(), reference_loss.item())
     # Compare what training changed, to 1e-10 of the largest change in each tensor. (Adam divides
     # by sqrt(v) + eps, so a gradient that is zero in exact arithmetic, like the key bias's, under
     # which softmax is shift invariant, turns rounding noise into moves of ~1e-14 in either run.)
@@ -202,16 +229,17 @@ def check_training(config, reference, pieces, parameters, tp_comm, label):
     for p in parameters:
         name = p.shard.full_name
         expected_change = final[name] - initial[name]
-        np.testing.assert_allclose(joined(p, p.data, tp_comm) - initial[name], expected_change, rtol=RTOL,
-                                   atol=RTOL * float(np.abs(expected_change).max()),
-                                   err_msg=f"{label}: change of {name} over {STEPS} AdamW steps")
+        compare.arrays_close(f"{label}: change of {name} over {STEPS} AdamW steps",
+                             joined(p, p.data, tp_comm, compare) - initial[name], expected_change, rtol=RTOL,
+                             atol=RTOL * float(np.abs(expected_change).max()))
 
 
-def check_dropout(tp_comm, sequence_parallel):
+def check_dropout(compare, tp_comm, sequence_parallel):
     """With dropout the sharded model draws the single-process masks, so it still matches."""
     config = GPTConfig(**MODEL, dropout=0.2)
     label = f"dropout tp={tp_comm.size} sp={sequence_parallel}"
     reference, pieces = GPT(config), tensor_parallel_pieces(config, tp_comm, sequence_parallel)
+    start_away_from_zero_and_one(reference, unique_parameters(pieces), seed=22)
     ids, targets = batch(config, seed=9)
     _, reference_loss = reference(ids, targets)
     reference_loss.backward()
@@ -222,57 +250,66 @@ def check_dropout(tp_comm, sequence_parallel):
     loss.backward()
     parameters = unique_parameters(pieces)
     finish_tensor_parallel_gradients(parameters, tp_comm)
-    assert_close(loss.item(), reference_loss.item(), f"{label}: loss")
+    close(compare, f"{label}: loss", loss.item(), reference_loss.item())
     reference_grads = {name: p.grad for name, p in reference.named_parameters()}
     for p in parameters:
-        assert_close(joined(p, p.grad, tp_comm), reference_grads[p.shard.full_name], f"{label}: {p.shard.full_name}")
+        close(compare, f"{label}: grad of {p.shard.full_name}", joined(p, p.grad, tp_comm, compare),
+              reference_grads[p.shard.full_name])
 
 
-def same_error_everywhere(communicator, error_type, call):
-    """``call()`` must raise ``error_type`` on every rank, with the same message everywhere."""
+def raised(communicator, call):
+    """(error type, message) that ``call()`` raised, and whether every rank got the same message."""
     try:
         call()
-    except error_type as error:
-        message = str(error)
+    except (ConfigError, ShapeError) as error:
+        kind, message = type(error).__name__, str(error)
     else:
-        raise AssertionError(f"rank {communicator.rank}: expected {error_type.__name__}, nothing was raised")
+        kind, message = "nothing raised", ""
     messages = communicator.mpi.allgather(message)  # small metadata: pickle is fine
-    assert len(set(messages)) == 1, f"ranks disagree on the error: {messages}"
-    return message
+    return kind, message, len(set(messages)) == 1
 
 
-def check_bad_input(tp_comm):
+def check_bad_input(compare, tp_comm):
     tp = tp_comm.size
     if tp == 1:
         return
     bad = GPTConfig(vocab_size=15, block_size=8, n_layer=1, n_head=3, n_embd=12)
-    message = same_error_everywhere(tp_comm, ConfigError, lambda: tensor_parallel_pieces(bad, tp_comm))
-    assert f"n_head (3) must be divisible by tp ({tp})" in message, message
-    assert f"vocab_size (15) must be divisible by tp ({tp})" in message, message
     embedding = tensor_parallel_pieces(GPTConfig(**MODEL), tp_comm, sequence_parallel=True)[0]
     odd_length = np.zeros((BATCH, 3), dtype=np.int64)
-    message = same_error_everywhere(tp_comm, ConfigError, lambda: embedding(odd_length))
-    assert f"sequence length 3 must be divisible by tp ({tp})" in message, message
     out_of_vocabulary = np.full((BATCH, MODEL["block_size"]), MODEL["vocab_size"], dtype=np.int64)
-    message = same_error_everywhere(tp_comm, ShapeError, lambda: embedding(out_of_vocabulary))
-    assert "ids must lie in [0, 16)" in message, message
+    cases = [
+        ("a model tp does not divide", lambda: tensor_parallel_pieces(bad, tp_comm), ConfigError,
+         [f"n_head (3) must be divisible by tp ({tp})", f"vocab_size (15) must be divisible by tp ({tp})"]),
+        ("a sequence tp does not divide", lambda: embedding(odd_length), ConfigError,
+         [f"sequence length 3 must be divisible by tp ({tp})"]),
+        ("ids outside the vocabulary", lambda: embedding(out_of_vocabulary), ShapeError, ["ids must lie in [0, 16)"]),
+    ]
+    for what, call, error_type, phrases in cases:
+        kind, message, agreed = raised(tp_comm, call)
+        compare.value(f"bad input, {what}: (error, phrases found, same message on every rank)",
+                      [kind, [phrase in message for phrase in phrases], agreed],
+                      [error_type.__name__, [True] * len(phrases), True])
 
 
 def run_all_checks(comm):
+    """Every check on this rank; returns the comparisons for pytest to judge."""
     set_default_dtype(np.float64)
-    world = Communicator(comm)
+    world, compare = Communicator(comm), Comparisons()
     traffic = {}
     for sequence_parallel in (False, True):
-        traffic[sequence_parallel] = check_equivalence(world, sequence_parallel)
-        check_dropout(world, sequence_parallel)
+        traffic[sequence_parallel] = check_equivalence(compare, world, sequence_parallel)
+        compare.checks.append(f"equivalence sp={sequence_parallel}")
+        check_dropout(compare, world, sequence_parallel)
+        compare.checks.append(f"dropout sp={sequence_parallel}")
     # Korthikanti et al. 2022: the all-gathers and reduce-scatters move what the allreduces did.
     for direction in (0, 1):
-        assert block_bytes(traffic[True][direction][1]) == block_bytes(traffic[False][direction][1])
-    check_bad_input(world)
-    checks = 5
+        compare.value(f"bytes of a block {('forward', 'backward')[direction]}: sequence parallel against plain",
+                      block_bytes(traffic[True][direction][1]), block_bytes(traffic[False][direction][1]))
+    check_bad_input(compare, world)
+    compare.checks.append("bad input")
     if world.size == 4:  # two tensor-parallel groups side by side in a dp 2 x tp 2 grid
         grid = ProcessGrid(Layout(dp=2, tp=2), world)
         for sequence_parallel in (False, True):
-            check_equivalence(grid.tp, sequence_parallel, with_training=False)
-        checks += 1
-    print(f"rank {world.rank}: all {checks} tensor-parallel checks passed on {world.size} ranks", flush=True)
+            check_equivalence(compare, grid.tp, sequence_parallel, with_training=False)
+        compare.checks.append("equivalence in the tp groups of dp 2 x tp 2")
+    return compare.report()

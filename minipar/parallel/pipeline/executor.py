@@ -96,7 +96,6 @@ class PipelineExecutor:
         self.activation_shape, self.dtype = tuple(activation_shape), xp.dtype(dtype)
         self.recompute, self.timeline = recompute, timeline
         self.peak_stashed = 0
-        self.send_buffers_allocated = 0
         has_receives = any(action.kind in RECEIVES for action in self.schedule)
         self._free_receive_buffers = [self._new_buffer() for _ in range(RECEIVE_BUFFERS if has_receives else 0)]
         self._free_send_buffers, self._sends_in_flight = [], []
@@ -257,7 +256,6 @@ class PipelineExecutor:
             self._reclaim_completed_sends()
         if self._free_send_buffers:
             return self._free_send_buffers.pop()
-        self.send_buffers_allocated += 1
         return self._new_buffer()
 
     # ---- instrumentation -------------------------------------------------------------------

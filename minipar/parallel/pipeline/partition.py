@@ -160,7 +160,7 @@ def stage_parameters(chunks):
             if id(parameter) not in seen:
                 seen.add(id(parameter))
                 shard = getattr(parameter, "shard", None)
-                named.append((shard.full_name if shard is not None else name, parameter))
+                named.append((shard.full_name if shard is not None else (parameter.name or name), parameter))
     return named
 
 

@@ -39,7 +39,7 @@ Under these rules a schedule is deadlock-free exactly when the simulator finishe
 from dataclasses import dataclass
 from enum import StrEnum
 
-from minipar.errors import ConfigError
+from minipar.errors import ConfigError, require_positive_int
 
 
 class ActionKind(StrEnum):
@@ -97,21 +97,32 @@ def peer_rank(action, num_stages):
     return stage_of_chunk(action.peer_chunk, num_stages)
 
 
-def message_tag(action, total_chunks):
-    """The MPI tag shared by a send and its receive: unique per (direction, micro-batch, boundary).
+def message_key(action):
+    """What a send and its receive agree on: (direction, micro-batch, sending chunk).
 
-    ``2·(microbatch·total_chunks + sending chunk) + direction``, direction 0 for activations and
-    1 for gradients. The MPI standard guarantees tags up to 32767, which covers
-    ``2·m·p·v ≤ 32768`` (for instance m = 64 micro-batches over 256 chunks).
+    Direction 0 is an activation (forward), 1 a gradient (backward). The simulator matches
+    messages by this key; ``message_tag`` numbers it for MPI.
     """
     if action.peer_chunk is None:
-        raise ConfigError(f"{action!r} is compute and has no message tag")
+        raise ConfigError(f"{action!r} is compute and sends no message")
     sending_chunk = action.chunk if action.kind in SENDS else action.peer_chunk
     direction = 0 if action.kind in (SEND_FORWARD, RECV_FORWARD) else 1
-    return 2 * (action.microbatch * total_chunks + sending_chunk) + direction
+    return direction, action.microbatch, sending_chunk
 
 
-def _forward_actions(microbatch, chunk, total_chunks):
+def message_tag(action, total_chunks):
+    """The MPI tag shared by a send and its receive: ``message_key`` as one number.
+
+    ``2·(microbatch·total_chunks + sending chunk) + direction``. The MPI standard guarantees
+    tags up to 32767, which covers ``2·m·p·v ≤ 32768`` (for instance m = 64 micro-batches
+    over 256 chunks).
+    """
+    direction, microbatch, sending_chunk = message_key(action)
+    return 2 * (microbatch * total_chunks + sending_chunk) + direction
+
+
+def forward_actions(microbatch, chunk, total_chunks):
+    """One chunk's forward of one micro-batch: receive (unless first), compute, send (unless last)."""
     actions = [Action(RECV_FORWARD, microbatch, chunk)] if chunk > 0 else []
     actions.append(Action(FORWARD, microbatch, chunk))
     if chunk < total_chunks - 1:
@@ -119,7 +130,8 @@ def _forward_actions(microbatch, chunk, total_chunks):
     return actions
 
 
-def _backward_actions(microbatch, chunk, total_chunks):
+def backward_actions(microbatch, chunk, total_chunks):
+    """One chunk's backward of one micro-batch: receive (unless last), compute, send (unless first)."""
     actions = [Action(RECV_BACKWARD, microbatch, chunk)] if chunk < total_chunks - 1 else []
     actions.append(Action(BACKWARD, microbatch, chunk))
     if chunk > 0:
@@ -127,15 +139,10 @@ def _backward_actions(microbatch, chunk, total_chunks):
     return actions
 
 
-def _check_count(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-
-
 def _check_layout(num_stages, num_microbatches, stage, num_chunks=1):
-    _check_count("num_stages", num_stages)
-    _check_count("num_microbatches", num_microbatches)
-    _check_count("num_chunks", num_chunks)
+    require_positive_int("num_stages", num_stages)
+    require_positive_int("num_microbatches", num_microbatches)
+    require_positive_int("num_chunks", num_chunks)
     if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage < num_stages:
         raise ConfigError(f"stage must be an integer in [0, {num_stages}), got {stage!r}")
 
@@ -156,9 +163,9 @@ def gpipe(num_stages, num_microbatches, stage):
     _check_layout(num_stages, num_microbatches, stage)
     actions = []
     for microbatch in range(num_microbatches):
-        actions += _forward_actions(microbatch, stage, num_stages)
+        actions += forward_actions(microbatch, stage, num_stages)
     for microbatch in range(num_microbatches):
-        actions += _backward_actions(microbatch, stage, num_stages)
+        actions += backward_actions(microbatch, stage, num_stages)
     return actions
 
 
@@ -175,12 +182,12 @@ def one_f_one_b(num_stages, num_microbatches, stage):
     warmup = min(num_stages - stage - 1, num_microbatches)
     actions = []
     for microbatch in range(warmup):
-        actions += _forward_actions(microbatch, stage, num_stages)
+        actions += forward_actions(microbatch, stage, num_stages)
     for step in range(num_microbatches - warmup):
-        actions += _forward_actions(warmup + step, stage, num_stages)
-        actions += _backward_actions(step, stage, num_stages)
+        actions += forward_actions(warmup + step, stage, num_stages)
+        actions += backward_actions(step, stage, num_stages)
     for microbatch in range(num_microbatches - warmup, num_microbatches):
-        actions += _backward_actions(microbatch, stage, num_stages)
+        actions += backward_actions(microbatch, stage, num_stages)
     return actions
 
 
@@ -230,12 +237,12 @@ def interleaved_one_f_one_b(num_stages, num_microbatches, stage, num_chunks):
     warmup = min((num_chunks - 1) * num_stages + 2 * (num_stages - stage - 1), units)
     actions = []
     for index in range(warmup):
-        actions += _forward_actions(*unit(index, backward=False), total_chunks)
+        actions += forward_actions(*unit(index, backward=False), total_chunks)
     for step in range(units - warmup):
-        actions += _forward_actions(*unit(warmup + step, backward=False), total_chunks)
-        actions += _backward_actions(*unit(step, backward=True), total_chunks)
+        actions += forward_actions(*unit(warmup + step, backward=False), total_chunks)
+        actions += backward_actions(*unit(step, backward=True), total_chunks)
     for index in range(units - warmup, units):
-        actions += _backward_actions(*unit(index, backward=True), total_chunks)
+        actions += backward_actions(*unit(index, backward=True), total_chunks)
     return actions
 
 

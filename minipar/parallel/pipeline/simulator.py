@@ -30,8 +30,25 @@ from dataclasses import dataclass
 
 from minipar.errors import ConfigError
 from minipar.parallel.pipeline.schedules import (
-    BACKWARD, COMPUTES, FORWARD, RECEIVES, RECV_BACKWARD, RECV_FORWARD, SEND_BACKWARD,
-    SEND_FORWARD, SENDS, Action, ActionKind, stage_of_chunk)
+    BACKWARD,
+    COMPUTES,
+    FORWARD,
+    RECEIVES,
+    RECV_BACKWARD,
+    RECV_FORWARD,
+    SEND_BACKWARD,
+    SEND_FORWARD,
+    SENDS,
+    Action,
+    ActionKind,
+    backward_actions,
+    forward_actions,
+    message_key,
+    stage_of_chunk,
+)
+
+__all__ = ["DeadlockError", "Interval", "ScheduleError", "SimulationResult", "check_schedules",
+           "message_key", "simulate"]
 
 
 class ScheduleError(ConfigError):
@@ -82,22 +99,6 @@ class SimulationResult:
     num_chunks: int         # chunks in the whole model (p·v)
 
 
-def message_key(action):
-    """What a send and its receive agree on: (direction, micro-batch, sending chunk)."""
-    sending_chunk = action.chunk if action.kind in SENDS else action.peer_chunk
-    direction = "activation" if action.kind in (SEND_FORWARD, RECV_FORWARD) else "gradient"
-    return direction, action.microbatch, sending_chunk
-
-
-def _expected_actions(microbatch, chunk, total_chunks):
-    kinds = [FORWARD, BACKWARD]
-    if chunk > 0:
-        kinds += [RECV_FORWARD, SEND_BACKWARD]
-    if chunk < total_chunks - 1:
-        kinds += [SEND_FORWARD, RECV_BACKWARD]
-    return [(kind, microbatch, chunk) for kind in kinds]
-
-
 # Pairs (earlier, later) that must appear in this order on a rank for the same (micro-batch, chunk).
 _ORDER_RULES = ((RECV_FORWARD, FORWARD), (FORWARD, SEND_FORWARD), (FORWARD, BACKWARD),
                 (RECV_BACKWARD, BACKWARD), (BACKWARD, SEND_BACKWARD))
@@ -117,6 +118,19 @@ def check_schedules(schedules_per_rank):
               for action in schedule]
     if not placed:
         raise ScheduleError("every rank's schedule is empty")
+    _check_placement(placed, num_ranks)
+    _check_messages(placed)
+    num_microbatches = 1 + max(action.microbatch for _, action in placed)
+    total_chunks = 1 + max(action.chunk for _, action in placed)
+    total_chunks += -total_chunks % num_ranks  # round up: the top chunks may be missing outright
+    _check_whole_step(placed, num_microbatches, total_chunks)
+    for rank, schedule in enumerate(schedules_per_rank):
+        _check_order(rank, schedule)
+    return num_microbatches, total_chunks
+
+
+def _check_placement(placed, num_ranks):
+    """Every action is an Action with non-negative indices, run by the rank its chunk lives on."""
     for rank, action in placed:
         if not isinstance(action, Action) or not isinstance(action.kind, ActionKind):
             raise ScheduleError(f"rank {rank}: {action!r} is not an Action with an ActionKind")
@@ -127,7 +141,9 @@ def check_schedules(schedules_per_rank):
                 f"rank {rank} runs {action!r}, but chunk {action.chunk} lives on rank "
                 f"{stage_of_chunk(action.chunk, num_ranks)} of {num_ranks}")
 
-    # Matched like MPI tags: a message is (direction, micro-batch, sending chunk).
+
+def _check_messages(placed):
+    """Matched like MPI tags: each message (``message_key``) has exactly one send and one receive."""
     sends = Counter(message_key(action) for _, action in placed if action.kind in SENDS)
     receives = Counter(message_key(action) for _, action in placed if action.kind in RECEIVES)
     unmatched = []
@@ -140,14 +156,15 @@ def check_schedules(schedules_per_rank):
         raise ScheduleError("every send needs exactly one receive and every receive exactly "
                             "one send: " + _listed(unmatched))
 
-    num_microbatches = 1 + max(action.microbatch for _, action in placed)
-    total_chunks = 1 + max(action.chunk for _, action in placed)
-    total_chunks += -total_chunks % num_ranks  # round up: the top chunks may be missing outright
+
+def _check_whole_step(placed, num_microbatches, total_chunks):
+    """Each (micro-batch, chunk) has the actions ``forward_actions`` and ``backward_actions`` list, once."""
     found = Counter((action.kind, action.microbatch, action.chunk) for _, action in placed)
     expected = Counter()
     for microbatch in range(num_microbatches):
         for chunk in range(total_chunks):
-            expected.update(_expected_actions(microbatch, chunk, total_chunks))
+            unit = forward_actions(microbatch, chunk, total_chunks) + backward_actions(microbatch, chunk, total_chunks)
+            expected.update((action.kind, action.microbatch, action.chunk) for action in unit)
     wrong = []
     for key in sorted(set(found) | set(expected), key=str):
         if found[key] != expected[key]:
@@ -158,16 +175,17 @@ def check_schedules(schedules_per_rank):
         raise ScheduleError(f"the schedules are not one whole step of {num_microbatches} "
                             f"micro-batches over {total_chunks} chunks: " + _listed(wrong))
 
-    for rank, schedule in enumerate(schedules_per_rank):
-        position = {(a.kind, a.microbatch, a.chunk): index for index, a in enumerate(schedule)}
-        for earlier, later in _ORDER_RULES:
-            for (kind, microbatch, chunk), index in position.items():
-                before = position.get((earlier, microbatch, chunk))
-                if kind == later and before is not None and before > index:
-                    raise ScheduleError(
-                        f"rank {rank} runs {later.name}(microbatch={microbatch}, chunk={chunk}) "
-                        f"at position {index}, before its {earlier.name} at position {before}")
-    return num_microbatches, total_chunks
+
+def _check_order(rank, schedule):
+    """On one rank, the ``_ORDER_RULES`` pairs of each (micro-batch, chunk) come in order."""
+    position = {(a.kind, a.microbatch, a.chunk): index for index, a in enumerate(schedule)}
+    for earlier, later in _ORDER_RULES:
+        for (kind, microbatch, chunk), index in position.items():
+            before = position.get((earlier, microbatch, chunk))
+            if kind == later and before is not None and before > index:
+                raise ScheduleError(
+                    f"rank {rank} runs {later.name}(microbatch={microbatch}, chunk={chunk}) "
+                    f"at position {index}, before its {earlier.name} at position {before}")
 
 
 def simulate(schedules_per_rank, forward_time=1.0, backward_time=2.0, send_time=0):
@@ -187,53 +205,66 @@ def simulate(schedules_per_rank, forward_time=1.0, backward_time=2.0, send_time=
     if not send_time >= 0:
         raise ConfigError(f"send_time must be non-negative, got {send_time!r}")
     num_microbatches, total_chunks = check_schedules(schedules_per_rank)
-    num_ranks = len(schedules_per_rank)
-
-    arrival = {}                      # message key -> time the receiver can have it
-    next_action = [0] * num_ranks     # index of each rank's next action
-    clock = [0] * num_ranks
-    timeline = [[] for _ in range(num_ranks)]
-    stashed = [0] * num_ranks
-    peak_in_flight = [0] * num_ranks
-    compute_time = [0] * num_ranks
-
+    ranks = [_RankState(schedule) for schedule in schedules_per_rank]
+    arrival = {}  # message key -> time the receiver can have it
     # A rank's timing depends only on when its messages arrive, so running each rank until it
     # blocks, round after round, gives the same times as any interleaving of real ranks.
     progress = True
     while progress:
         progress = False
-        for rank, schedule in enumerate(schedules_per_rank):
-            while next_action[rank] < len(schedule):
-                action = schedule[next_action[rank]]
-                start = clock[rank]
-                if action.kind in RECEIVES:
-                    key = message_key(action)
-                    if key not in arrival:
-                        break  # blocked: try the other ranks
-                    end = max(start, arrival.pop(key))
-                elif action.kind in SENDS:
-                    arrival[message_key(action)] = start + send_time
-                    end = start
-                else:
-                    end = start + (forward_time if action.kind == FORWARD else backward_time)
-                    compute_time[rank] += end - start
-                    stashed[rank] += 1 if action.kind == FORWARD else -1
-                    peak_in_flight[rank] = max(peak_in_flight[rank], stashed[rank])
-                timeline[rank].append(Interval(rank, action.kind, action.microbatch,
-                                               action.chunk, start, end))
-                clock[rank] = end
-                next_action[rank] += 1
-                progress = True
-
-    stuck = [rank for rank in range(num_ranks) if next_action[rank] < len(schedules_per_rank[rank])]
+        for rank, state in enumerate(ranks):
+            progress |= state.run_until_blocked(rank, arrival, forward_time, backward_time, send_time)
+    stuck = [rank for rank, state in enumerate(ranks) if not state.finished]
     if stuck:
-        waits = ", ".join(f"rank {rank} waits at action {next_action[rank]}: "
-                          f"{schedules_per_rank[rank][next_action[rank]]!r}" for rank in stuck)
-        raise DeadlockError(f"deadlock: {len(stuck)} of {num_ranks} ranks can never finish; "
-                            f"{waits}")
-
-    makespan = max(clock)
-    bubble_fraction = 1 - sum(compute_time) / (num_ranks * makespan)
-    return SimulationResult(timeline=timeline, makespan=makespan, bubble_fraction=bubble_fraction,
-                            peak_in_flight=peak_in_flight, compute_time=compute_time,
+        waits = ", ".join(f"rank {rank} waits at action {ranks[rank].next_action}: "
+                          f"{ranks[rank].schedule[ranks[rank].next_action]!r}" for rank in stuck)
+        raise DeadlockError(f"deadlock: {len(stuck)} of {len(ranks)} ranks can never finish; {waits}")
+    makespan = max(state.clock for state in ranks)
+    compute_time = [state.compute_time for state in ranks]
+    return SimulationResult(timeline=[state.timeline for state in ranks], makespan=makespan,
+                            bubble_fraction=1 - sum(compute_time) / (len(ranks) * makespan),
+                            peak_in_flight=[state.peak_in_flight for state in ranks], compute_time=compute_time,
                             num_microbatches=num_microbatches, num_chunks=total_chunks)
+
+
+class _RankState:
+    """One simulated rank: its schedule, how far it got, its clock and what it recorded."""
+
+    def __init__(self, schedule):
+        self.schedule, self.next_action = schedule, 0
+        self.clock = self.compute_time = 0
+        self.stashed = self.peak_in_flight = 0
+        self.timeline = []
+
+    @property
+    def finished(self):
+        return self.next_action == len(self.schedule)
+
+    def run_until_blocked(self, rank, arrival, forward_time, backward_time, send_time):
+        """Run actions until a receive whose message has not been sent; return whether any ran.
+
+        A send never blocks and posts its message's arrival time in ``arrival``; a receive
+        takes its message out of it.
+        """
+        progressed = False
+        while not self.finished:
+            action = self.schedule[self.next_action]
+            start = self.clock
+            if action.kind in RECEIVES:
+                key = message_key(action)
+                if key not in arrival:
+                    break  # blocked: try the other ranks
+                end = max(start, arrival.pop(key))
+            elif action.kind in SENDS:
+                arrival[message_key(action)] = start + send_time
+                end = start
+            else:
+                end = start + (forward_time if action.kind == FORWARD else backward_time)
+                self.compute_time += end - start
+                self.stashed += 1 if action.kind == FORWARD else -1
+                self.peak_in_flight = max(self.peak_in_flight, self.stashed)
+            self.timeline.append(Interval(rank, action.kind, action.microbatch, action.chunk, start, end))
+            self.clock = end
+            self.next_action += 1
+            progressed = True
+        return progressed
