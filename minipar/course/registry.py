@@ -47,6 +47,19 @@ EXERCISES = (
     Exercise("process_grid", "The 3D grid: rank -> (dp, tp, pp) coordinates and the three sub-communicators",
              "minipar/parallel/topology.py", ("Layout.coordinates", "ProcessGrid.__init__"), 25,
              "checks_grid:CHECKS", lesson="lessons/06_hybrid.ipynb", docs="docs/hybrid.md"),
+    Exercise("megatron_f_g", "Megatron's f and g, and the column- and row-parallel linear forward",
+             "minipar/parallel/tensor_parallel_comm.py",
+             ("CopyToTensorParallelRegion.forward", "CopyToTensorParallelRegion.backward",
+              "ReduceFromTensorParallelRegion.forward", "ReduceFromTensorParallelRegion.backward"), 35,
+             "checks_tensor:F_AND_G", lesson="lessons/04_tensor_parallel.ipynb", docs="docs/tensor_parallel.md",
+             more=(("minipar/parallel/tensor_parallel.py",
+                    ("ColumnParallelLinear.forward", "RowParallelLinear.forward")),)),
+    Exercise("vocab_parallel_loss", "Vocabulary-parallel cross-entropy: global max, global sum, the target's shard",
+             "minipar/parallel/tensor_parallel_comm.py", ("VocabParallelCrossEntropy.forward",), 40,
+             "checks_tensor:VOCAB", lesson="lessons/04_tensor_parallel.ipynb", docs="docs/tensor_parallel.md"),
+    Exercise("one_f_one_b", "The 1F1B schedule as data, checked by the simulator, then run by the executor",
+             "minipar/parallel/pipeline/schedules.py", ("one_f_one_b",), 30, "checks_pipeline:ONE_F_ONE_B",
+             world_size=4, lesson="lessons/05_pipeline_parallel.ipynb", docs="docs/pipeline_schedules.md"),
 )
 
 
