@@ -62,7 +62,8 @@ def _data_parallel_check(overlap, microbatches, bucket_bytes):
                           accumulation_steps=m)
         dp.start_step()
         mine = local_slice((inputs, targets), rank, size)
-        for index, (x, y) in enumerate(zip(split_microbatches(mine[0], m), split_microbatches(mine[1], m), strict=True)):
+        micro = zip(split_microbatches(mine[0], m), split_microbatches(mine[1], m), strict=True)
+        for index, (x, y) in enumerate(micro):
             dp_comm.reset_counters()
             (model(x, y)[1] * (1.0 / m)).backward()
             sent = sum(record.calls for name, record in dp_comm.counters.items() if "allreduce" in name)
