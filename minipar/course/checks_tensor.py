@@ -136,7 +136,7 @@ def _vocab_check(offset):
         expected = CrossEntropy.apply(whole, from_host(targets))
         compare(f"rank {rank}: the loss (logits + {offset:g})", _host(loss.data), _host(expected.data),
                 "mean_i [log Σ_v exp(z_iv − m_i) − (z_it − m_i)], m_i the global row max, "
-                "over the whole vocabulary")
+                "over the whole vocabulary", _vocab_mistakes(logits, targets, size, rank))
         loss.backward()
         expected.backward()
         compare(f"rank {rank}: dL/dz on this rank's vocabulary slice [{start}, {start + local}), element",
@@ -146,6 +146,40 @@ def _vocab_check(offset):
             raise CheckFailure(f"rank {rank}: the loss is not finite: subtract the global row max before exp")
 
     return check
+
+
+def _vocab_mistakes(logits, targets, size, rank):
+    """A hint naming the loss a student gets when one of the three allreduces is missing."""
+    rows, flat_targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    local = rows.shape[1] // size
+    shards = [rows[:, j * local:(j + 1) * local] for j in range(size)]
+    picked = rows[np.arange(rows.shape[0]), flat_targets]
+    owner = flat_targets // local
+    global_max = rows.max(axis=1)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        shard_max = np.stack([shard.max(axis=1) for shard in shards])           # (N, n)
+        candidates = {
+            "the loss with each rank's own row max (allreduce the max, op='max')":
+                np.log(sum(np.exp(shard - shard_max[j][:, None]).sum(axis=1) for j, shard in enumerate(shards)))
+                - (picked - shard_max[owner, np.arange(rows.shape[0])]),
+            "the loss with only this rank's Σ exp (allreduce the sum of exponentials)":
+                np.log(np.exp(shards[rank] - global_max[:, None]).sum(axis=1)) - (picked - global_max),
+        }
+        log_sum = np.log(np.exp(rows - global_max[:, None]).sum(axis=1))
+        for edge, position in (("first", 0), ("last", local - 1)):
+            lost = flat_targets % local == position       # the target logit counted on no rank
+            name = (f"the loss with targets on a shard's {edge} entry found on no rank: check the range "
+                    "[vocab_start, vocab_start + V/t) of this rank's targets")
+            candidates[name] = log_sum - np.where(lost, 0.0, picked - global_max)
+    values = {name: float(np.mean(value)) for name, value in candidates.items()}
+
+    def hint(index, got, expected):
+        for name, value in values.items():
+            if np.isclose(float(got), value, rtol=1e-12, atol=1e-12):
+                return f"your loss equals {name}"
+        return ""
+
+    return hint
 
 
 F_AND_G = [

@@ -31,6 +31,8 @@ def apply(planted, root):
 
 
 FUSED, COLLECTIVES, TOPOLOGY = "minipar/ops/fused.py", "minipar/comm/collectives.py", "minipar/parallel/topology.py"
+TP_COMM, TP_LAYERS = "minipar/parallel/tensor_parallel_comm.py", "minipar/parallel/tensor_parallel.py"
+SCHEDULES = "minipar/parallel/pipeline/schedules.py"
 
 PLANTED = (
     Planted("layer_norm_backward", "g_hat without the weight", FUSED,
@@ -78,4 +80,37 @@ PLANTED = (
     Planted("process_grid", "pipeline groups ignore the replica", TOPOLOGY,
             "self.pp = world.split(color=self.tp_rank + layout.tp * self.dp_rank, key=self.pp_rank)",
             "self.pp = world.split(color=self.tp_rank, key=self.pp_rank)", "grid.pp holds world ranks"),
+
+    Planted("megatron_f_g", "f's backward is the identity (f and g mixed up)", TP_COMM,
+            "        return allreduce_sum(grad, ctx.communicator)\n", "        return grad\n",
+            "f's backward sums dL/dy over the tensor-parallel ranks"),
+    Planted("megatron_f_g", "the row-parallel bias added on every rank before g", TP_LAYERS,
+            "out = leave_parallel_region(ops.linear(x, self.weight), self.communicator, self.sequence_parallel)\n"
+            "        return out + self.bias if self.bias is not None else out",
+            "return leave_parallel_region(ops.linear(x, self.weight, self.bias), self.communicator,\n"
+            "                                     self.sequence_parallel)", "the bias added once after the sum"),
+    Planted("megatron_f_g", "the column-parallel layer without f", TP_LAYERS,
+            "        x = enter_parallel_region(x, self.communicator, self.sequence_parallel)\n", "",
+            "dL/dx through both layers"),
+
+    Planted("vocab_parallel_loss", "each rank shifts by its own row max", TP_COMM,
+            '        communicator.allreduce(row_max, op="max")\n', "", "each rank's own row max"),
+    Planted("vocab_parallel_loss", "the sum of exponentials not summed over ranks", TP_COMM,
+            "        communicator.allreduce(sum_exps)\n", "", "only this rank's Σ exp"),
+    Planted("vocab_parallel_loss", "the target's shard misses its first entry", TP_COMM,
+            "mine = (flat_targets >= vocab_start) & (flat_targets < vocab_start + local_vocab)",
+            "mine = (flat_targets > vocab_start) & (flat_targets < vocab_start + local_vocab)",
+            "targets on a shard's first entry found on no rank"),
+
+    Planted("one_f_one_b", "one warm-up forward too many", SCHEDULES,
+            "    warmup = min(num_stages - stage - 1, num_microbatches)\n",
+            "    warmup = min(num_stages - stage, num_microbatches)\n", "1F1B allows min(p − s, m)"),
+    Planted("one_f_one_b", "the stash popped in the wrong order (drain backwards last-in first-out)", SCHEDULES,
+            "    for microbatch in range(num_microbatches - warmup, num_microbatches):\n        actions += backward",
+            "    for microbatch in reversed(range(num_microbatches - warmup, num_microbatches)):\n"
+            "        actions += backward", "a backward waits longer than it must"),
+    Planted("one_f_one_b", "steady state runs the newest micro-batch's backward", SCHEDULES,
+            "        actions += backward_actions(step, stage, num_stages)\n",
+            "        actions += backward_actions(warmup + step, stage, num_stages)\n", "expected each of 0",
+            limit=15),
 )
