@@ -9,7 +9,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from minipar.course.checking import Check, CheckFailure, compare
+from minipar.course.checking import Check, CheckFailure, compare, require
 
 LAYOUTS = [(p, m) for p in (1, 2, 3, 4, 6) for m in (1, 2, p, 2 * p + 1)]
 
@@ -47,17 +47,69 @@ def check_schedule_on_paper(comm):
                                f"(p − 1)/(m + p − 1) = {expected}: a backward waits longer than it must")
 
 
-def check_schedule_on_ranks(comm):
-    """p ranks run the student's 1F1B through the executor; gradients equal one process's."""
+class SendWatch:
+    """A Communicator whose ``isend`` buffers are watched until their request completes.
+
+    MPI leaves a send buffer's contents undefined to the sender until Test or Wait says the send
+    is done; small messages usually leave eagerly, so writing into a buffer still in flight tends
+    to pass unseen. Here every write is seen: each in-flight buffer is compared with its copy at
+    isend time before every later isend, and at completion.
+    """
+
+    def __init__(self, communicator):
+        self.communicator, self.in_flight, self.misuses = communicator, [], []
+
+    def __getattr__(self, name):
+        return getattr(self.communicator, name)
+
+    def look(self, when):
+        for buffer, copy, tag in self.in_flight:
+            if not np.array_equal(np.asarray(buffer), copy):
+                self.misuses.append(f"the send buffer of the message with tag {tag} was written {when}, "
+                                    "while its Isend was still in flight")
+                copy[...] = np.asarray(buffer)
+
+    def isend(self, array, dest, tag=0):
+        self.look(f"before the isend with tag {tag}")
+        for buffer, _, other in self.in_flight:
+            if np.shares_memory(np.asarray(buffer), np.asarray(array)):
+                self.misuses.append(f"the isend with tag {tag} reuses the buffer of tag {other}, still in flight")
+        entry = (array, np.asarray(array).copy(), tag)
+        self.in_flight.append(entry)
+        return _WatchedRequest(self, self.communicator.isend(array, dest, tag), entry)
+
+
+class _WatchedRequest:
+    def __init__(self, watch, request, entry):
+        self.watch, self.request, self.entry = watch, request, entry
+
+    def __getattr__(self, name):
+        return getattr(self.request, name)
+
+    def _done(self):
+        self.watch.look("before the send completed")
+        if self.entry in self.watch.in_flight:
+            self.watch.in_flight.remove(self.entry)
+
+    def test(self):
+        done = self.request.test()
+        if done:
+            self._done()
+        return done
+
+    def wait(self):
+        result = self.request.wait()
+        self._done()
+        return result
+
+
+def _pipeline_gradients(comm, schedule, watch=False):
+    """p ranks run ``schedule`` through the executor; each stage's gradients equal one process's."""
     from minipar.backend import from_host, host_rng, set_default_dtype, to_host, xp
     from minipar.comm import Communicator
     from minipar.nn.gpt import GPT, GPTConfig
     from minipar.parallel.pipeline.executor import PipelineExecutor, split_microbatches
-    from minipar.parallel.pipeline.partition import (
-        partition,
-        stage_parameters,
-        sum_tied_embedding_gradients,
-    )
+    from minipar.parallel.pipeline.partition import partition, stage_parameters, sum_tied_embedding_gradients
 
     set_default_dtype(xp.float64)
     pp = Communicator(comm)
@@ -70,14 +122,41 @@ def check_schedule_on_ranks(comm):
     reference(inputs, targets)[1].backward()
     expected = {name: to_host(q.grad) for name, q in reference.named_parameters()}
     chunks = partition(GPT(config).pieces(), pp.size, pp.rank)
-    executor = PipelineExecutor(chunks, pp, "1f1b", m, (rows, config.block_size, config.n_embd), xp.float64)
+    channel = SendWatch(pp) if watch else pp
+    executor = PipelineExecutor(chunks, channel, schedule, m, (rows, config.block_size, config.n_embd), xp.float64)
     executor.run(split_microbatches(inputs, m), split_microbatches(targets, m))
+    if watch and channel.misuses:
+        raise CheckFailure(f"stage {pp.rank}, {schedule}: {channel.misuses[0]} ({len(channel.misuses)} such "
+                           "misuses): take a free buffer for every send and reuse it only after Test or Wait "
+                           "says its send completed")
     sum_tied_embedding_gradients(chunks, pp)
     for name, parameter in stage_parameters(chunks):
-        compare(f"stage {pp.rank}: dL/d{name}, element", np.asarray(to_host(parameter.grad)), expected[name],
-                "one process's gradient on the whole batch (each micro-batch's loss scaled by 1/m)")
+        require(parameter.grad is not None, f"stage {pp.rank}, {schedule}: {name} got no gradient")
+        compare(f"stage {pp.rank}, {schedule}: dL/d{name}, element", np.asarray(to_host(parameter.grad)),
+                expected[name], "one process's gradient on the whole batch (each micro-batch's loss scaled by 1/m)",
+                _zero_hint)
 
 
+def _zero_hint(index, got, expected):
+    return ("zero: no gradient reached this stage (the received activation must be a leaf with "
+            "requires_grad, and its .grad is what goes back)") if got == 0 and expected != 0 else ""
+
+
+def check_schedule_on_ranks(comm):
+    _pipeline_gradients(comm, "1f1b")
+
+
+def check_messages(schedule):
+    def check(comm):
+        _pipeline_gradients(comm, schedule, watch=True)
+
+    return check
+
+
+MESSAGES = [
+    Check("gpipe through the executor, send buffers watched", (2, 3, 4), check_messages("gpipe")),
+    Check("1f1b through the executor, send buffers watched", (2, 4), check_messages("1f1b")),
+]
 ONE_F_ONE_B = [
     Check("1f1b schedules on paper (simulator), p ≤ 6", (1,), check_schedule_on_paper),
     Check("1f1b through the executor vs one process", (2, 4), check_schedule_on_ranks),
