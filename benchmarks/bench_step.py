@@ -1,10 +1,11 @@
 """Time one training step (forward, backward, AdamW) of a fixed small GPT.
 
-    python benchmarks/bench_step.py [--threads 1] [--steps 20]
+    python benchmarks/bench_step.py [--threads 1] [--steps 20] [--rounds 5]
 
 Reports tokens/s, achieved FLOP/s, and that figure as a fraction of this machine's
 measured float32 matmul FLOP/s (the same BLAS, the same thread count). Where PyTorch is
-installed it times the same model in PyTorch eager and prints the ratio.
+installed it times the same model in PyTorch eager, the two taking turns in ``rounds``
+rounds, and prints the median of the per-round ratios (meaningful on a shared machine).
 
 FLOPs per step (Korthikanti et al. 2022, appendix A; forward + backward, no recomputation):
     72 B L s h^2 (1 + s/(6h) + V/(12 h L))
@@ -15,7 +16,8 @@ import sys
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
 parser.add_argument("--threads", type=int, default=None, help="BLAS threads (default: the library's choice)")
-parser.add_argument("--steps", type=int, default=20)
+parser.add_argument("--steps", type=int, default=20, help="steps per implementation, over all rounds")
+parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (minipar, then torch, per round)")
 parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
 arguments = parser.parse_args()
 if arguments.threads:
@@ -47,13 +49,28 @@ def median_seconds(function, repeats):
     return sorted(times)[len(times) // 2]
 
 
+def interleaved_seconds(functions, rounds, steps):
+    """{name: [seconds per step, one per round]}: each round runs every function ``steps`` times in turn,
+    so a busy spell on a shared machine slows all of them alike and per-round ratios stay fair."""
+    for function in functions.values():
+        function()  # warm up
+    times = {name: [] for name in functions}
+    for _ in range(rounds):
+        for name, function in functions.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                function()
+            times[name].append((time.perf_counter() - start) / steps)
+    return times
+
+
 def matmul_flops_per_second(dtype, size=1024):
     a = xp.random.default_rng(0).standard_normal((size, size)).astype(dtype)
     b = a.T.copy()
     return 2 * size**3 / median_seconds(lambda: a @ b, 10)
 
 
-def minipar_step_seconds(dtype, steps):
+def minipar_step_function(dtype):
     set_default_dtype(dtype)
     config = GPTConfig(**CONFIG)
     model = GPT(config)
@@ -67,10 +84,10 @@ def minipar_step_seconds(dtype, steps):
         loss.backward()
         optimizer.step()
 
-    return median_seconds(step, steps)
+    return step
 
 
-def torch_step_seconds(dtype, steps):
+def torch_step_function(dtype):
     try:
         import torch
     except ImportError:
@@ -99,7 +116,7 @@ def torch_step_seconds(dtype, steps):
         loss.backward()
         optimizer.step()
 
-    return median_seconds(step, steps)
+    return step
 
 
 def main():
@@ -107,18 +124,25 @@ def main():
     flops = model_flops_per_step(BATCH, CONFIG["n_layer"], CONFIG["block_size"], CONFIG["n_embd"],
                                  CONFIG["vocab_size"])
     peak = matmul_flops_per_second(dtype)
-    seconds = minipar_step_seconds(dtype, arguments.steps)
+    functions = {"minipar": minipar_step_function(dtype)}
+    torch_step = torch_step_function(arguments.dtype)
+    if torch_step is not None:
+        functions["torch"] = torch_step
+    times = interleaved_seconds(functions, arguments.rounds, max(1, arguments.steps // arguments.rounds))
+    seconds = sorted(times["minipar"])[len(times["minipar"]) // 2]
     tokens = BATCH * CONFIG["block_size"]
     print(f"model: {CONFIG}, batch {BATCH}, {arguments.dtype}, BLAS threads: {arguments.threads or 'default'}")
     print(f"matmul peak (1024^3, measured): {peak / 1e9:8.1f} GFLOP/s")
     print(f"minipar step: {seconds * 1e3:8.1f} ms  {tokens / seconds:10.0f} tokens/s  "
           f"{flops / seconds / 1e9:6.1f} GFLOP/s  = {flops / seconds / peak:.1%} of matmul peak")
-    torch_seconds = torch_step_seconds(arguments.dtype, arguments.steps)
-    if torch_seconds is None:
+    if torch_step is None:
         print("PyTorch not installed: no eager comparison")
-    else:
-        print(f"torch eager : {torch_seconds * 1e3:8.1f} ms  {tokens / torch_seconds:10.0f} tokens/s")
-        print(f"minipar / torch step time: {seconds / torch_seconds:.2f}x")
+        return
+    torch_seconds = sorted(times["torch"])[len(times["torch"]) // 2]
+    ratios = sorted(a / b for a, b in zip(times["minipar"], times["torch"], strict=True))
+    print(f"torch eager : {torch_seconds * 1e3:8.1f} ms  {tokens / torch_seconds:10.0f} tokens/s")
+    print(f"minipar / torch step time: {ratios[len(ratios) // 2]:.2f}x (median of {arguments.rounds} interleaved "
+          f"rounds; range {ratios[0]:.2f}-{ratios[-1]:.2f})")
 
 
 if __name__ == "__main__":

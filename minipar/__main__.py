@@ -1,36 +1,95 @@
-"""The command line: python -m minipar train | sample | topology.
+"""The command line: python -m minipar train | sample | topology | plan | calibrate.
 
     python -m minipar train --steps 600                       # one process, the addition task
     mpiexec -n 8 python -m minipar train --dp 2 --tp 2 --pp 2 --microbatches 4
     python -m minipar sample --checkpoint out/ckpt.minipar --prompt "12+34="
     python -m minipar topology --dp 2 --tp 2 --pp 2
+    python -m minipar plan --preset gpt3-175b --gpus 1024 --gpus-per-node 8 --gpu-memory 80
+    mpiexec -n 8 python -m minipar calibrate --out out/calibration.json
 
-Rank discipline: every rank parses and validates the same arguments (so a bad layout
-gives the same error everywhere and nobody waits for a partner that has quit); world rank
-0 alone prints progress, evaluates and writes the checkpoint. An unexpected exception on
-any rank prints that rank's traceback and aborts the whole MPI job at once.
+Commands live in one table, ``COMMANDS``: a name, a help line, a function adding its arguments,
+an optional ``check`` and the ``run`` itself. Adding a command is adding a row.
+
+Rank discipline: every rank parses the same command line and runs the command's ``check``
+(configuration, data, checkpoint, output folder: local work, no communication); then one
+collective (``minipar.job.agree``) tells every rank who failed and why, so a bad input ends all
+ranks alike with one message from rank 0. World rank 0 alone prints progress, evaluates and writes
+the checkpoint index. Anything that fails later, on any rank, or Ctrl-C, ends the whole MPI job
+at once with one message naming the rank (``minipar.job``).
 """
 import argparse
 import sys
-import time
-import traceback
+from dataclasses import dataclass
+from typing import Callable, Optional
 
-from minipar.errors import CheckpointError, ConfigError, DataError
+from minipar.errors import UsageError
+from minipar.job import agree, fingerprint, job_world, run_job
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError)
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, for a job of many ranks: errors become a UsageError (said once, by rank 0, after
+    the ranks agree), help is printed by rank 0 only, and options are never abbreviated (``--micro 4``
+    must not silently mean ``--microbatches 4``)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+    def _print_message(self, message, file=None):
+        world = job_world()
+        if world is None or world.Get_rank() == 0:
+            super()._print_message(message, file)
+
+
+def positive_int(text):
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text):
+    """An argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def finite_float(text):
+    """An argparse type: a finite float (no nan, no inf)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def add_model_arguments(parser):
     group = parser.add_argument_group("model (GPTConfig)")
-    group.add_argument("--n-layer", type=int, default=2)
-    group.add_argument("--n-head", type=int, default=4)
-    group.add_argument("--n-embd", type=int, default=64)
-    group.add_argument("--block-size", type=int, default=None,
+    group.add_argument("--n-layer", type=positive_int, default=2)
+    group.add_argument("--n-head", type=positive_int, default=4)
+    group.add_argument("--n-embd", type=positive_int, default=64)
+    group.add_argument("--block-size", type=positive_int, default=None,
                        help="context length; default: one line of the addition task (10 for 2 digits), 64 for --data")
-    group.add_argument("--dropout", type=float, default=0.0)
-    group.add_argument("--vocab-multiple", type=int, default=8,
+    group.add_argument("--dropout", type=finite_float, default=0.0)
+    group.add_argument("--vocab-multiple", type=positive_int, default=8,
                        help="pad the vocabulary to a multiple of this (so it splits over tensor-parallel ranks)")
-    group.add_argument("--model-seed", type=int, default=1337)
+    group.add_argument("--model-seed", type=non_negative_int, default=1337)
 
 
 def add_train_arguments(parser):
@@ -39,109 +98,221 @@ def add_train_arguments(parser):
     defaults = TrainConfig()
     group = parser.add_argument_group("training")
     group.add_argument("--data", default=None, help="a UTF-8 text file; default: the built-in addition task")
-    group.add_argument("--digits", type=int, default=2, help="digits per operand of the addition task")
-    group.add_argument("--steps", type=int, default=defaults.steps)
-    group.add_argument("--batch-size", type=int, default=defaults.batch_size, help="global batch (sequences)")
-    group.add_argument("--lr", type=float, default=defaults.learning_rate)
-    group.add_argument("--min-lr", type=float, default=defaults.min_learning_rate)
-    group.add_argument("--warmup", type=int, default=defaults.warmup_steps)
-    group.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    group.add_argument("--grad-clip", type=float, default=defaults.grad_clip)
-    group.add_argument("--seed", type=int, default=defaults.seed, help="seeds the batches")
+    group.add_argument("--digits", type=positive_int, default=2, help="digits per operand of the addition task")
+    schedule = parser.add_argument_group(
+        "the run's schedule (saved in the checkpoint; --resume continues it unless you give these again)")
+    schedule.add_argument("--steps", type=non_negative_int, default=None,
+                          help=f"optimizer steps of the whole run (default {defaults.steps})")
+    schedule.add_argument("--lr", type=finite_float, default=None,
+                          help=f"peak learning rate (default {defaults.learning_rate})")
+    schedule.add_argument("--min-lr", type=finite_float, default=None,
+                          help=f"where the cosine ends (default {defaults.min_learning_rate})")
+    schedule.add_argument("--warmup", type=non_negative_int, default=None,
+                          help=f"linear warmup steps (default {defaults.warmup_steps})")
+    group.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help="global batch (sequences)")
+    group.add_argument("--weight-decay", type=finite_float, default=defaults.weight_decay)
+    group.add_argument("--grad-clip", type=finite_float, default=defaults.grad_clip)
+    group.add_argument("--seed", type=non_negative_int, default=defaults.seed, help="seeds the batches")
     group.add_argument("--dtype", choices=["float32", "float64"], default=defaults.dtype)
-    group.add_argument("--eval-interval", type=int, default=100)
-    group.add_argument("--eval-batches", type=int, default=8)
-    group.add_argument("--out", default="out", help="folder for the checkpoint (and traces)")
-    group.add_argument("--resume", default=None, help="a checkpoint to continue from")
+    group.add_argument("--eval-interval", type=positive_int, default=100)
+    group.add_argument("--eval-batches", type=positive_int, default=8)
+    saving = parser.add_argument_group("checkpoints")
+    saving.add_argument("--out", default="out", help="folder for the checkpoint (checked writable before step 1)")
+    saving.add_argument("--resume", default=None, help="a checkpoint to continue from (any layout)")
+    saving.add_argument("--save-every", type=non_negative_int, default=None,
+                        help="also save every N steps (default: every 500 steps for runs longer than 500; 0: never)")
+    saving.add_argument("--keep", type=positive_int, default=2,
+                        help="how many checkpoints to keep: the latest at OUT/ckpt.minipar, older ones "
+                             "as OUT/ckpt-step-NNNNNN.minipar")
+    saving.add_argument("--stop-after", type=positive_int, default=None,
+                        help="stop (and save) after this step: a piece of the run, continued with --resume")
     layout = parser.add_argument_group("parallel layout")
-    layout.add_argument("--dp", type=int, default=1)
-    layout.add_argument("--tp", type=int, default=1)
-    layout.add_argument("--pp", type=int, default=1)
-    layout.add_argument("--microbatches", type=int, default=1)
+    layout.add_argument("--dp", type=positive_int, default=1)
+    layout.add_argument("--tp", type=positive_int, default=1)
+    layout.add_argument("--pp", type=positive_int, default=1)
+    layout.add_argument("--microbatches", type=positive_int, default=1)
     layout.add_argument("--schedule", choices=["gpipe", "1f1b", "interleaved"], default=defaults.schedule)
-    layout.add_argument("--virtual-stages", type=int, default=1, help="model chunks per rank (interleaved)")
+    layout.add_argument("--virtual-stages", type=positive_int, default=1, help="model chunks per rank (interleaved)")
     layout.add_argument("--split", default=None, help="blocks per pipeline chunk, e.g. 1,3")
     layout.add_argument("--recompute", action="store_true", help="activation recomputation in the pipeline")
     layout.add_argument("--sequence-parallel", action="store_true")
     layout.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3])
-    layout.add_argument("--bucket-mb", type=float, default=defaults.bucket_megabytes)
+    layout.add_argument("--bucket-mb", type=finite_float, default=defaults.bucket_megabytes)
     layout.add_argument("--overlap", action="store_true", help="overlap gradient allreduce with backward")
-    layout.add_argument("--allreduce", choices=["mpi", "ring", "recursive_doubling", "tree"], default="mpi")
+    layout.add_argument("--allreduce", choices=["mpi", "ring", "recursive_doubling", "tree", "hierarchical"],
+                        default="mpi", help="hierarchical: inside each node, then across nodes (docs/communication.md)")
+    layout.add_argument("--ranks-per-node", type=non_negative_int, default=0,
+                        help="--allreduce hierarchical: simulated nodes of K ranks (default: MPI's shared-memory nodes)")
+    cutting = parser.add_argument_group("cutting communication (docs/communication.md)")
+    cutting.add_argument("--compress", choices=["none", "fp16", "bf16", "topk", "powersgd"], default="none",
+                         help="how data-parallel gradients travel; all but none are lossy")
+    cutting.add_argument("--topk-ratio", type=finite_float, default=defaults.topk_ratio,
+                         help="--compress topk: fraction of each gradient tensor sent per step")
+    cutting.add_argument("--powersgd-rank", type=positive_int, default=defaults.powersgd_rank,
+                         help="--compress powersgd: rank r of the approximation")
+    cutting.add_argument("--local-sgd", type=non_negative_int, default=0,
+                         help="H > 0: no gradient exchange, average the parameters every H steps")
+    cutting.add_argument("--optimizer", choices=["adamw", "sgd"], default=defaults.optimizer,
+                         help="sgd: plain SGD (local SGD with H = 1 is then exactly data parallelism)")
+
+
+def add_train_command_arguments(parser):
+    add_model_arguments(parser)
+    add_train_arguments(parser)
+
+
+def add_sample_arguments(parser):
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--prompt", default="\n", help="text to continue (at least one character)")
+    parser.add_argument("--tokens", type=non_negative_int, default=100, help="how many tokens to generate")
+    parser.add_argument("--temperature", type=finite_float, default=0.8, help="> 0; ignored with --greedy")
+    parser.add_argument("--greedy", action="store_true")
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+
+
+def add_topology_arguments(parser):
+    for name in ("dp", "tp", "pp"):
+        parser.add_argument(f"--{name}", type=positive_int, default=1)
+
+
+def check_topology(arguments, world_size):
+    from minipar.parallel.topology import Layout
+
+    layout = Layout(arguments.dp, arguments.tp, arguments.pp)
+    layout.validate(layout.world_size)
+    return layout, None
+
+
+def run_topology(layout):
+    print(layout.describe())
+    return 0
+
+
+def check_train(arguments, world_size):
+    from minipar.run import check_train as check
+
+    return check(arguments, world_size)
+
+
+def run_train(plan):
+    from minipar.run import train_command
+
+    return train_command(plan)
+
+
+def check_sample(arguments, world_size):
+    from minipar.run import check_sample as check
+
+    return check(arguments, world_size)
+
+
+def run_sample(plan):
+    from minipar.run import sample
+
+    return sample(plan)
+
+
+def add_plan_arguments(parser):
+    from minipar.plan import cli
+
+    cli.add_arguments(parser)
+
+
+def run_plan(arguments):
+    from minipar.plan import cli
+
+    return cli.run(arguments)
+
+
+def add_calibrate_arguments(parser):
+    from minipar.plan import calibrate
+
+    calibrate.add_arguments(parser)
+
+
+def run_calibrate(arguments):
+    from minipar.plan import calibrate
+
+    return calibrate.run(arguments)
+
+
+def add_course_arguments(parser):
+    from minipar.course import cli
+
+    cli.add_arguments(parser)
+
+
+def run_course(arguments):
+    from minipar.course import cli
+
+    return cli.run(arguments)
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    add_arguments: Callable  # (parser) -> None
+    run: Callable  # (plan) -> exit status; the plan is what check returned (the arguments by default)
+    # (arguments, world size) -> (plan, fingerprint): every rank, local work only, no communication;
+    # raise ConfigError / DataError / CheckpointError for bad input. The fingerprint (any JSON-able
+    # value, or None) must be equal on every rank: it catches ranks started with other data.
+    check: Optional[Callable] = None
+
+
+COMMANDS = {
+    "train": Command("train a GPT (single process or under mpiexec)", add_train_command_arguments, run_train,
+                     check_train),
+    "sample": Command("generate text from a checkpoint", add_sample_arguments, run_sample, check_sample),
+    "topology": Command("draw the dp x tp x pp process grid", add_topology_arguments, run_topology, check_topology),
+    "plan": Command("choose dp x tp x pp, ZeRO, micro-batches for a model", add_plan_arguments, run_plan),
+    "calibrate": Command("measure this machine into a profile for plan", add_calibrate_arguments, run_calibrate),
+    "course": Command("the course: list | student DIR | check NAME | grade DIRS --csv FILE (docs/course/)",
+                      add_course_arguments, run_course),
+}
+
+
+def build_parser():
+    parser = ArgumentParser(prog="python -m minipar", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+    for name, command in COMMANDS.items():
+        command.add_arguments(commands.add_parser(name, help=command.help))
+    return parser
 
 
 def parse_arguments(argv):
-    parser = argparse.ArgumentParser(prog="python -m minipar", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="train a GPT (single process or under mpiexec)")
-    add_model_arguments(train)
-    add_train_arguments(train)
-    sample = commands.add_parser("sample", help="generate text from a checkpoint")
-    sample.add_argument("--checkpoint", required=True)
-    sample.add_argument("--prompt", default="\n")
-    sample.add_argument("--tokens", type=int, default=100)
-    sample.add_argument("--temperature", type=float, default=0.8)
-    sample.add_argument("--greedy", action="store_true")
-    sample.add_argument("--seed", type=int, default=0)
-    topology = commands.add_parser("topology", help="draw the dp x tp x pp process grid")
-    for name in ("dp", "tp", "pp"):
-        topology.add_argument(f"--{name}", type=int, default=1)
-    commands.add_parser("course", add_help=False,
-                        help="the course: list | student DIR | check NAME | grade DIRS --csv FILE")
-    return parser.parse_args(argv)
+    return build_parser().parse_args(argv)
+
+
+def _prepare(argv, world_size):
+    """On this rank: parse, then the command's check. Returns ((command, plan), fingerprint)."""
+    arguments = parse_arguments(argv)
+    command = COMMANDS[arguments.command]
+    plan, mark = command.check(arguments, world_size) if command.check else (arguments, None)
+    return (command, plan), fingerprint(vars(arguments), mark)
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["course"]:  # the course has its own command line (minipar/course/cli.py)
-        from minipar.course.cli import main as course_main
+    """Run one command (``argv`` defaults to sys.argv[1:]); returns the exit status.
 
-        return course_main(argv[1:])
-    arguments = parse_arguments(argv)
-    from minipar.backend import reuse_freed_memory
+    Safe to call from a user's own script under mpiexec: a failure on any rank ends every rank.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
 
-    reuse_freed_memory()  # a program's choice, made here rather than on import
-    if arguments.command == "topology":
-        from minipar.parallel.topology import Layout
+    def body():
+        from minipar.backend import reuse_freed_memory
 
-        layout = Layout(arguments.dp, arguments.tp, arguments.pp)
-        layout.validate(layout.world_size)
-        print(layout.describe())
-        return 0
-    if arguments.command == "sample":
-        from minipar.run import sample
+        reuse_freed_memory()  # a program's choice, made here rather than on import
+        world = job_world()
+        command, plan = agree(world, lambda: _prepare(argv, world.Get_size() if world is not None else 1))
+        return command.run(plan)
 
-        return sample(arguments)
-    if arguments.block_size is None:
-        # An addition line is "ab+cd=" plus the reversed sum and a newline: 3 digits + 4 characters.
-        arguments.block_size = 64 if arguments.data else 3 * arguments.digits + 4
-    from minipar.run import train
-
-    return train(arguments)
+    return run_job(body)
 
 
 def run_as_job():
-    """Run main(); turn errors into one clear line per job, and never leave ranks hanging."""
-    from minipar._threads import launched_by_mpi
-
-    rank, size = 0, 1
-    if launched_by_mpi:
-        from mpi4py import MPI
-
-        rank, size = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
-    try:
-        return main()
-    except USER_ERRORS as error:
-        # Raised on every rank alike (validation runs everywhere first), so each can exit cleanly.
-        if rank == 0:
-            print(f"error: {error}", file=sys.stderr)
-        return 2
-    except Exception:
-        print(f"rank {rank} of {size} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
-        if size > 1:
-            time.sleep(0.2)  # let the message reach the launcher before the job is torn down
-            MPI.COMM_WORLD.Abort(1)
-        return 1
+    """The console entry point: ``main()`` with its exit status."""
+    return main()
 
 
 if __name__ == "__main__":
-    sys.exit(run_as_job())
+    sys.exit(main())

@@ -73,6 +73,13 @@ def _write_entry(archive, name, array):
         npy_format.write_array(entry, array, allow_pickle=False)
 
 
+def default_mode(folder=False):
+    """The permissions ``open``/``mkdir`` would give under the process's umask (mkstemp/mkdtemp give 0600/0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if folder else 0o666) & ~umask
+
+
 def _atomic_write(path, write_contents):
     """Call ``write_contents(file)`` on a temporary file beside ``path``, fsync it, rename it onto ``path``."""
     path = Path(path)
@@ -87,6 +94,7 @@ def _atomic_write(path, write_contents):
             write_contents(file)
             file.flush()
             os.fsync(file.fileno())
+        os.chmod(temporary, default_mode())  # readable as any file the user writes, not mkstemp's 0600
         os.replace(temporary, path)
     except BaseException:
         # Nothing was renamed: the previous file at `path`, if any, is untouched.

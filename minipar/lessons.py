@@ -20,6 +20,7 @@ import os
 import sys
 from pathlib import Path
 
+from minipar._threads import OVERSUBSCRIBED_MPICH, _available_cores
 from minipar.comm import collectives
 from minipar.testing import find_mpiexec, kill_processes, process_tree
 
@@ -37,6 +38,9 @@ def start_mpi_cluster(ranks=4, timeout=120):
 
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[name] = "1"  # read by the engines, which inherit this environment
+    if ranks > _available_cores():  # waiting engines sleep instead of spinning (minipar/_threads.py)
+        for name, value in OVERSUBSCRIBED_MPICH.items():
+            os.environ.setdefault(name, value)
     package_parent = str(Path(__file__).resolve().parent.parent)
     paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
     if package_parent not in paths:

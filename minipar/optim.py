@@ -111,16 +111,24 @@ def decay_groups(named_parameters, weight_decay):
     ]
 
 
-def grad_norm_squared(parameters):
-    return sum(float((p.grad.astype(xp.float64) ** 2).sum()) for p in parameters if p.grad is not None)
+def grad_norm_squared(tensors, communicators=()):
+    """||g||^2 = Σ g^2 over the gradients of ``tensors`` (in float64), then summed over each of
+    ``communicators``: the whole model's, when every rank passes the tensors only it counts."""
+    total = sum(float((t.grad.astype(xp.float64) ** 2).sum()) for t in tensors if t.grad is not None)
+    if communicators:
+        buffer = xp.array([total], dtype=xp.float64)
+        for communicator in communicators:
+            communicator.allreduce(buffer)
+        total = float(buffer[0])
+    return total
 
 
 def clip_grad_norm(parameters, max_norm, total_norm_squared=None):
     """Scale all gradients by min(1, max_norm / ||g||), ||g|| over all of them together.
 
     A parallel run passes ``total_norm_squared``, the sum of squares over the whole model
-    (every shard counted once), so every rank clips by the same factor as one process would.
-    Returns the norm before clipping.
+    (``grad_norm_squared`` with every shard counted once), so every rank clips by the same
+    factor as one process would. Returns the norm before clipping.
     """
     parameters = [p for p in parameters if p.grad is not None]
     if total_norm_squared is None:

@@ -1,27 +1,35 @@
 """What ``python -m minipar train`` and ``sample`` do, step by step.
 
-train: data -> GPTConfig + TrainConfig (validated on every rank) -> Trainer for the layout
-       -> steps with a progress bar on rank 0 -> every eval_interval steps, rank 0 evaluates
-       the gathered single-process model (validation loss; answer accuracy on the addition
-       task) -> a distributed checkpoint (a folder: each rank writes its own shards, rank 0
-       an index; see docs/checkpoints.md), which any layout can resume from (--resume).
+train: check_train, on every rank and without communication: the layout against the rank count,
+       the data, GPTConfig + TrainConfig, the checkpoint to resume (its schedule: steps, warmup,
+       learning rates, continue unless given again), --out writable; then the ranks agree
+       (minipar.job.agree, one allgather) -> Trainer for the layout -> steps with a progress bar
+       on rank 0; a non-finite loss stops every rank (nothing saved) -> every eval_interval steps,
+       rank 0 evaluates the gathered single-process model (validation loss; answer accuracy on
+       the addition task) -> every save_every steps and at the end a distributed checkpoint (a
+       folder: each rank writes its own shards, rank 0 an index with the loss history; see
+       docs/checkpoints.md), which any layout can resume from (--resume).
 sample: the checkpoint loaded into one process (one more layout) -> generate.
 """
 import math
 import os
+from dataclasses import dataclass
 
 from minipar.backend import to_host, xp
 from minipar.data import CharTokenizer, addition_dataset, answer_accuracy, load_text_dataset
-from minipar.errors import CheckpointError, ConfigError, DataError
+from minipar.errors import CheckpointError, ConfigError, DataError, JobError
+from minipar.job import on_every_rank
 from minipar.nn.gpt import GPT, GPTConfig
-from minipar.parallel.distributed_checkpoint import (load_distributed_checkpoint, load_single_process_model,
-                                                     save_distributed_checkpoint)
+from minipar.parallel.distributed_checkpoint import (_check_model, load_distributed_checkpoint,
+                                                     load_single_process_model, save_distributed_checkpoint)
 from minipar.tensor import no_grad
+from minipar.train import learning_rate_at
 
 CHECKPOINT_NAME = "ckpt.minipar"  # a folder inside --out
 
 
-def build_configs(arguments, vocabulary_size):
+def build_configs(arguments, vocabulary_size, schedule):
+    """GPTConfig and TrainConfig from the command line; ``schedule``: steps, warmup, lr, min lr of the run."""
     from minipar.train import TrainConfig
 
     multiple = arguments.vocab_multiple
@@ -30,16 +38,127 @@ def build_configs(arguments, vocabulary_size):
     model_config = GPTConfig(vocab_size=math.ceil(vocabulary_size / multiple) * multiple,
                              block_size=arguments.block_size, n_layer=arguments.n_layer, n_head=arguments.n_head,
                              n_embd=arguments.n_embd, dropout=arguments.dropout, seed=arguments.model_seed)
-    split = tuple(int(n) for n in arguments.split.split(",")) if arguments.split else None
     train_config = TrainConfig(
-        steps=arguments.steps, batch_size=arguments.batch_size, learning_rate=arguments.lr,
-        min_learning_rate=arguments.min_lr, warmup_steps=arguments.warmup, weight_decay=arguments.weight_decay,
+        **schedule, batch_size=arguments.batch_size, weight_decay=arguments.weight_decay,
         grad_clip=arguments.grad_clip, seed=arguments.seed, dtype=arguments.dtype, dp=arguments.dp, tp=arguments.tp,
         pp=arguments.pp, microbatches=arguments.microbatches, schedule=arguments.schedule,
-        virtual_stages=arguments.virtual_stages, split=split, recompute=arguments.recompute,
+        virtual_stages=arguments.virtual_stages, split=parse_split(arguments.split), recompute=arguments.recompute,
         sequence_parallel=arguments.sequence_parallel, zero=arguments.zero, bucket_megabytes=arguments.bucket_mb,
-        overlap=arguments.overlap, allreduce=arguments.allreduce)
+        overlap=arguments.overlap, allreduce=arguments.allreduce, ranks_per_node=arguments.ranks_per_node,
+        compress=arguments.compress, topk_ratio=arguments.topk_ratio, powersgd_rank=arguments.powersgd_rank,
+        local_sgd=arguments.local_sgd, optimizer=arguments.optimizer)
     return model_config, train_config
+
+
+def parse_split(text):
+    """``--split 1,3`` -> (1, 3); a ConfigError for anything but positive integers separated by commas."""
+    if text is None:
+        return None
+    try:
+        split = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--split must list blocks per pipeline chunk as positive integers, e.g. 1,3; "
+                          f"got {text!r}") from None
+    if any(n < 1 for n in split):
+        raise ConfigError(f"--split must list positive integers, got {text!r}")
+    return split
+
+
+SCHEDULE_OPTIONS = {"steps": "steps", "warmup_steps": "warmup", "learning_rate": "lr",
+                    "min_learning_rate": "min_lr"}  # TrainConfig field -> command-line attribute
+
+
+def run_schedule(arguments, index):
+    """The run's schedule: from the command line where given, else from the resumed checkpoint, else the defaults.
+
+    The checkpoint's schedule is what makes a resumed run continue the same cosine, so that any split
+    of a run gives the losses of the uninterrupted one. Returns ({field: value}, [notes]).
+    """
+    from minipar.train import TrainConfig
+
+    defaults, saved = TrainConfig(), (index or {}).get("train_config") or {}
+    schedule, notes = {}, []
+    for field, option in SCHEDULE_OPTIONS.items():
+        given = getattr(arguments, option)
+        schedule[field] = given if given is not None else saved.get(field, getattr(defaults, field))
+        if given is not None and field in saved and saved[field] != given:
+            notes.append(f"--{option.replace('_', '-')} {given} replaces the checkpoint's {saved[field]}")
+    return schedule, notes
+
+
+@dataclass
+class TrainPlan:
+    """What ``train`` will do, checked on every rank before any communication (``check_train``)."""
+    arguments: object
+    dataset: object
+    model_config: object
+    train_config: object
+    start_step: int
+    stop_step: int
+    save_every: int
+    history: list
+    notes: list
+
+
+def check_train(arguments, world_size):
+    """Every check ``train`` needs, on this rank, local work only: ``(TrainPlan, fingerprint)``."""
+    from minipar.parallel.distributed_checkpoint import _read_index_here
+    from minipar.parallel.topology import Layout
+
+    Layout(arguments.dp, arguments.tp, arguments.pp).validate(world_size)  # the rank count first: the likeliest slip
+    if arguments.block_size is None:
+        # An addition line is "ab+cd=" plus the reversed sum and a newline: 3 digits + 4 characters.
+        arguments.block_size = 64 if arguments.data else 3 * arguments.digits + 4
+    dataset = (load_text_dataset(arguments.data, arguments.block_size) if arguments.data
+               else addition_dataset(digits=arguments.digits))
+    index = _read_index_here(arguments.resume, None) if arguments.resume else None
+    schedule, notes = run_schedule(arguments, index)
+    model_config, train_config = build_configs(arguments, dataset.tokenizer.vocab_size, schedule)
+    train_config.check_model(model_config)
+    start_step, history = 0, []
+    if index is not None:
+        _check_model(index, model_config)  # raises CheckpointError naming the difference
+        start_step = index["step"]
+        history = list(index.get("history", {}).get("train_loss", []))[:start_step]
+        if start_step >= train_config.steps:
+            raise ConfigError(f"checkpoint {arguments.resume!r} is at step {start_step}, and this run ends at step "
+                              f"{train_config.steps}: nothing left to train; pass --steps N with N > {start_step} "
+                              "to train on (the cosine schedule then ends at N)")
+    stop_step = min(arguments.stop_after or train_config.steps, train_config.steps)
+    if stop_step <= start_step:
+        raise ConfigError(f"--stop-after {arguments.stop_after} is not after the checkpoint's step {start_step}")
+    save_every = arguments.save_every
+    if save_every is None:  # the default: runs longer than this lose at most this many steps to a crash
+        save_every = DEFAULT_SAVE_EVERY if train_config.steps > DEFAULT_SAVE_EVERY else 0
+    check_writable(arguments.out)
+    plan = TrainPlan(arguments, dataset, model_config, train_config, start_step, stop_step, save_every, history, notes)
+    return plan, (model_config.to_dict(), train_config.to_dict(), dataset_fingerprint(dataset), start_step)
+
+
+DEFAULT_SAVE_EVERY = 500
+
+
+def dataset_fingerprint(dataset):
+    """A hash of the tokens: ranks started with different data files differ here."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for split in ("train", "validation"):
+        digest.update(to_host(dataset.tokens[split]).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_writable(folder):
+    """Create ``folder`` if needed and write (then delete) a file in it: a full or read-only disk shows now,
+    not after training."""
+    import tempfile
+
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".minipar-write-test-"):
+            pass
+    except OSError as error:
+        raise ConfigError(f"--out {folder!r} is not a writable folder: {error.strerror or error}") from None
 
 
 def evaluate(model, dataset, config, eval_batches, accuracy_problems=200):
@@ -60,45 +179,60 @@ def evaluate(model, dataset, config, eval_batches, accuracy_problems=200):
     return report
 
 
-def train(arguments):
+def train_command(plan):
+    """``python -m minipar train``: the CLI around ``minipar.train.Trainer``, as ``plan`` (from ``check_train``)
+    says; every rank. Returns 0, or raises a JobError on every rank if the loss stops being finite."""
     from minipar.comm.communicator import Communicator
     from minipar.train import Trainer
 
+    arguments, dataset, model_config, train_config = plan.arguments, plan.dataset, plan.model_config, plan.train_config
     world = Communicator()
     is_printer = world.rank == 0
-    dataset = (load_text_dataset(arguments.data, arguments.block_size) if arguments.data
-               else addition_dataset(digits=arguments.digits))
-    model_config, train_config = build_configs(arguments, dataset.tokenizer.vocab_size)
-    train_config.layout.validate(world.size)  # every rank, before any communication
     trainer = Trainer(model_config, train_config, world)
-    start_step = resume(trainer, arguments.resume) if arguments.resume else 0
+    if arguments.resume:
+        resume(trainer, arguments.resume)
+    total = trainer.num_parameters()  # collective
     if is_printer:
         print(f"data: {dataset.name}")
         print(f"model: {model_config}")
-        # Counted on an unfilled single-process GPT: under ZeRO-3 a rank's p.data is only its part.
-        total = GPT(model_config, initialise=False).num_parameters()
         print(f"layout: dp {train_config.dp} x tp {train_config.tp} x pp {train_config.pp} on {world.size} ranks, "
               f"{total:,} parameters in the model")
-    progress = _progress_bar(range(start_step, train_config.steps), enabled=is_printer)
-    history = []
+        for note in plan.notes:
+            print(f"note: {note}")
+        if plan.start_step:
+            print(f"resuming at step {plan.start_step} of {train_config.steps} from {arguments.resume}")
+    history = list(plan.history)
+    progress = _progress_bar(range(plan.start_step, plan.stop_step), enabled=is_printer)
     for step in progress:
         inputs, targets = dataset.get_batch("train", train_config.batch_size, model_config.block_size,
                                             train_config.seed, step)
         loss = trainer.train_step(inputs, targets)
+        if not math.isfinite(loss):  # the same value on every rank (Trainer._share_loss): all stop together
+            raise on_every_rank(JobError(
+                f"the training loss is {loss} at step {step + 1} (learning rate {learning_rate_at(train_config, step):.3g}); "
+                f"stopping without saving; the last good checkpoint, if any, is in {arguments.out!r}"))
         history.append(loss)
         if is_printer:
             progress.set_postfix(loss=f"{loss:.4f}")
-        last = step == train_config.steps - 1
+        last = step + 1 == plan.stop_step
         if (step + 1) % arguments.eval_interval == 0 or last:
-            state = trainer.gather_state()
-            if is_printer:
-                model = GPT(model_config, initialise=False)
-                model.load_state_dict(state)
-                report = evaluate(model, dataset, train_config, arguments.eval_batches)
-                progress.write(f"step {step + 1}: train loss {loss:.4f}, "
-                               + ", ".join(f"{key.replace('_', ' ')} {value:.4f}" for key, value in report.items()))
-    save(trainer, dataset, arguments.out, model_config, train_config)
+            _report(trainer, dataset, model_config, train_config, arguments, step, loss, progress, final=last)
+        if last or (plan.save_every and (step + 1) % plan.save_every == 0):
+            save(trainer, dataset, arguments.out, history, keep=arguments.keep, say=progress.write)
     return 0
+
+
+def _report(trainer, dataset, model_config, train_config, arguments, step, loss, progress, final):
+    """Evaluate the gathered single-process model on rank 0 (collective: every rank calls it)."""
+    state = trainer.gather_state()
+    if trainer.grid.world.rank == 0:
+        model = GPT(model_config, initialise=False)
+        model.load_state_dict(state)
+        # The last report scores every held-out problem; the ones along the way a sample of 200.
+        problems = len(dataset.validation_problems or []) if final else 200
+        report = evaluate(model, dataset, train_config, arguments.eval_batches, accuracy_problems=problems)
+        progress.write(f"step {step + 1}: train loss {loss:.4f}, "
+                       + ", ".join(f"{key.replace('_', ' ')} {value:.4f}" for key, value in report.items()))
 
 
 def _progress_bar(steps, enabled):
@@ -107,17 +241,31 @@ def _progress_bar(steps, enabled):
     return tqdm(steps, disable=not enabled, dynamic_ncols=True, desc="train")
 
 
-def save(trainer, dataset, folder, model_config, train_config):
-    """Every rank writes its own shards into ``folder/ckpt.minipar``; rank 0 writes the index and reports."""
+def save(trainer, dataset, folder, history, keep=1, say=print):
+    """Every rank writes its own shards into ``folder/ckpt.minipar``; rank 0 writes the index and reports.
+
+    The index also carries the loss history, so a resumed run continues it."""
     path = os.path.join(folder, CHECKPOINT_NAME)
-    save_distributed_checkpoint(path, trainer, tokenizer=dataset.tokenizer.to_dict())
+    save_distributed_checkpoint(path, trainer, tokenizer=dataset.tokenizer.to_dict(),
+                                extra={"history": {"train_loss": list(history)}}, keep=keep)
     if trainer.grid.world.rank == 0:
-        print(f"checkpoint written to {path} (step {trainer.step_count})")
+        say(f"checkpoint written to {path} (step {trainer.step_count})")
 
 
 def resume(trainer, path):
     """Load a checkpoint saved under any layout into this one; returns the step to continue from."""
     return load_distributed_checkpoint(path, trainer)["step"]
+
+
+def check_sample(arguments, world_size):
+    """``sample``'s checks, before anything is loaded: ``(arguments, None)``."""
+    if not arguments.prompt:
+        raise ConfigError("--prompt must hold at least one character (the model continues it)")
+    if not arguments.greedy and arguments.temperature <= 0:
+        raise ConfigError(f"--temperature must be > 0 (or use --greedy), got {arguments.temperature}")
+    if world_size > 1:
+        raise ConfigError("sample runs in one process; start it without mpiexec")
+    return arguments, None
 
 
 def sample(arguments):

@@ -20,17 +20,39 @@ reverse topological order and applies the chain rule,
 
     dL/dx = sum over the uses y of x of  (dL/dy) (dy/dx),
 
-each ``backward`` computing one vector-Jacobian product. The graph is sorted with an
-explicit stack, so a graph thousands of ops deep never meets Python's recursion limit.
+each ``backward`` computing one vector-Jacobian product. The node of a tensor is the
+``Context`` its op filled in, plus the op and its inputs: one object per op, nothing more.
+
+Order. A tensor's gradient is complete once every op that used it has passed its share back.
+So backward first counts, for each tensor below the root, its uses by ops reachable from the
+root (only those: a graph may hang off tensors that this loss never touched), then runs an op
+as soon as its output's count reaches zero (Kahn's algorithm: a topological order, found
+without sorting). A leaf whose count reaches zero is final at that moment, so its
+gradient-ready hooks fire right after the last op that used it: in a network, the last layer's
+parameters are ready first, which is what lets data parallelism overlap its allreduces with the
+rest of backward. Both passes use an explicit stack, so a graph thousands of ops deep never
+meets Python's recursion limit.
 
 Communication sits on the autograd path the same way: an op whose forward is the identity
 and whose backward is an allreduce is just another ``Function`` (see parallel/).
 """
 from contextlib import contextmanager
+from itertools import zip_longest
 
 from minipar.backend import default_dtype, xp
 
 _grad_enabled = True
+_saved_observers = []  # opt-in: see observe_saved
+
+
+@contextmanager
+def observe_saved(observer):
+    """Call ``observer(arrays)`` at every ``save_for_backward`` in the block (to count activation memory)."""
+    _saved_observers.append(observer)
+    try:
+        yield
+    finally:
+        _saved_observers.remove(observer)
 
 
 @contextmanager
@@ -49,12 +71,23 @@ def is_grad_enabled():
 
 
 class Context:
-    """What ``forward`` leaves for ``backward``: saved arrays plus any attributes it sets."""
+    """What ``forward`` leaves for ``backward``: saved arrays plus any attributes it sets.
+
+    When the op is recorded, its Context is also the graph node: ``apply`` adds the op
+    (``function``) and its ``inputs``, so backward finds everything in one object.
+    """
 
     saved = ()
 
     def save_for_backward(self, *arrays):
         self.saved = arrays
+        for observer in _saved_observers:
+            observer(arrays)
+
+    def needs_input_grad(self, index):
+        """Whether backward must return a gradient for input ``index``; an op may skip the work if not."""
+        x = self.inputs[index]
+        return isinstance(x, Tensor) and x.requires_grad
 
 
 class Function:
@@ -71,12 +104,18 @@ class Function:
 
     @classmethod
     def apply(cls, *inputs, **options):
-        arrays = [x.data if isinstance(x, Tensor) else x for x in inputs]
+        arrays, wants_grad = [], False
+        for x in inputs:
+            if isinstance(x, Tensor):
+                arrays.append(x.data)
+                wants_grad = wants_grad or x.requires_grad
+            else:
+                arrays.append(x)
         ctx = Context()
         out = Tensor(cls.forward(ctx, *arrays, **options))
-        if _grad_enabled and any(isinstance(x, Tensor) and x.requires_grad for x in inputs):
-            out.requires_grad = True
-            out._node = (cls, ctx, inputs)
+        if wants_grad and _grad_enabled:
+            ctx.function, ctx.inputs = cls, inputs
+            out.requires_grad, out._node = True, ctx
         return out
 
 
@@ -98,7 +137,7 @@ class Tensor:
         self.data = data
         self.grad = None
         self.requires_grad = requires_grad
-        self._node = None  # (Function class, Context, inputs) for tensors made by an op
+        self._node = None  # the Context of the op that made this tensor (None for a leaf)
         self._grad_ready_hooks = None
         self.name = None
 
@@ -158,30 +197,38 @@ class Tensor:
 
             raise ShapeError(f"backward: gradient of shape {grad.shape} for a tensor of shape {self.shape}")
 
-        pending = {id(self): grad}  # node -> gradient summed over the uses seen so far
-        for node in reversed(_topological_order(self)):
-            grad = pending.pop(id(node), None)
-            if grad is None:
+        uses = _count_uses(self)
+        pending = {id(self): grad}  # tensor -> gradient summed over the uses run so far
+        ready = [self]  # tensors whose gradient is complete and whose op has not run yet
+        while ready:
+            tensor = ready.pop()
+            grad = pending.pop(id(tensor), None)
+            ctx = tensor._node
+            if ctx is None:  # a leaf
+                _accumulate_leaf(tensor, grad)
                 continue
-            if node._node is _FREED:
+            if ctx is _FREED:
+                if grad is None:  # nothing would flow through it, so it does not matter that it is gone
+                    continue
                 raise RuntimeError("backward through a graph whose saved arrays were already freed by an "
                                    "earlier backward; run the forward again")
-            if node._node is None:  # a leaf: its gradient is complete now
-                # A fresh array: the incoming one may be shared with another input's gradient.
-                node.grad = grad.astype(node.data.dtype, copy=True) if node.grad is None else node.grad + grad
-                for hook in node._grad_ready_hooks or ():
-                    hook(node)
-                continue
-            function, ctx, inputs = node._node
-            input_grads = function.backward(ctx, grad)
+            input_grads = () if grad is None else ctx.function.backward(ctx, grad)
             if not isinstance(input_grads, tuple):
                 input_grads = (input_grads,)
-            for x, g in zip(inputs, input_grads):
-                if g is None or not isinstance(x, Tensor) or not x.requires_grad:
+            for x, g in zip_longest(ctx.inputs, input_grads):  # g is None: no gradient flows to x
+                if not isinstance(x, Tensor) or not x.requires_grad:
                     continue
                 key = id(x)
-                pending[key] = g if key not in pending else pending[key] + g
-            node._node = _FREED  # drop the saved activations as soon as they are used
+                if g is not None:
+                    pending[key] = g if key not in pending else pending[key] + g
+                uses[key] -= 1
+                if uses[key] == 0:  # every use of x has passed its gradient back
+                    if x._node is None:
+                        _accumulate_leaf(x, pending.pop(key, None))  # now, so its hooks fire early
+                    else:
+                        ready.append(x)
+            if grad is not None:
+                tensor._node = _FREED  # drop the saved activations as soon as they are used
 
     # ---- operators (the ops themselves live in minipar/ops) -----------------------------
     def __add__(self, other):
@@ -248,33 +295,39 @@ class Tensor:
         return ops.relu(self)
 
 
-_FREED = ("freed",)  # marks a node whose backward already ran
+_FREED = Context()  # marks a node whose backward already ran
 
 
-def _topological_order(root):
-    """Nodes reachable from ``root`` that need a gradient, every node after all its inputs.
+def _count_uses(root):
+    """For every tensor below ``root``: how many ops reachable from ``root`` take it as an input.
 
-    Iterative depth-first search: each stack entry is (tensor, inputs already pushed?).
-    Leaf inputs are pushed before the others so that, in the reversed order backward walks,
-    a parameter comes right after the op that last uses it: its gradient-ready hook then
-    fires early in backward, which is what lets data parallelism overlap communication.
+    Ops that only a different graph reaches do not count, so the gradient of a parameter that
+    another micro-batch's graph also uses is complete when this graph is done with it.
     """
-    order, visited, stack = [], set(), [(root, False)]
+    uses, stack = {}, [root]
     while stack:
-        tensor, inputs_done = stack.pop()
-        if inputs_done:
-            order.append(tensor)
+        ctx = stack.pop()._node
+        if ctx is None or ctx is _FREED:
             continue
-        if id(tensor) in visited:
-            continue
-        visited.add(id(tensor))
-        stack.append((tensor, True))
-        if tensor._node is not None and tensor._node is not _FREED:
-            inputs = [x for x in tensor._node[2] if isinstance(x, Tensor) and x.requires_grad]
-            for x in sorted(inputs, key=lambda x: x._node is not None):  # leaves first
-                if id(x) not in visited:
-                    stack.append((x, False))
-    return order
+        for x in ctx.inputs:
+            if isinstance(x, Tensor) and x.requires_grad:
+                key = id(x)
+                if key in uses:
+                    uses[key] += 1
+                else:  # first sight: walk below it once
+                    uses[key] = 1
+                    stack.append(x)
+    return uses
+
+
+def _accumulate_leaf(leaf, grad):
+    """Add a finished gradient into ``leaf.grad`` and tell whoever waits for it."""
+    if grad is None:  # no op on the way passed a gradient back: nothing to add or announce
+        return
+    # A fresh array: the incoming one may be shared with another input's gradient.
+    leaf.grad = grad.astype(leaf.data.dtype, copy=True) if leaf.grad is None else leaf.grad + grad
+    for hook in leaf._grad_ready_hooks or ():
+        hook(leaf)
 
 
 from minipar import ops  # noqa: E402  (ops import Tensor, so they load after it)

@@ -97,10 +97,16 @@ def _launcher_flags_and_environment(mpiexec, environment):
 
 
 def _child_environment():
+    from minipar._threads import OVERSUBSCRIBED_MPICH
+
     environment = dict(os.environ)
     # Ranks share the machine's cores; one BLAS thread each avoids oversubscription.
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         environment[name] = "1"
+    # Test jobs share a few cores with pytest and each other: waiting ranks sleep instead of
+    # spinning (see minipar/_threads.py), unless the caller chose otherwise.
+    for name, value in OVERSUBSCRIBED_MPICH.items():
+        environment.setdefault(name, value)
     # Leftover process-manager variables (pytest itself started under mpiexec)
     # would make the ranks try to join the wrong job.
     for name in list(environment):
@@ -290,7 +296,8 @@ def _run_body_on_this_rank(target, kwargs_json):
         sys.stdout.flush()
         sys.stderr.write(f"rank {world.rank} of {world.size} failed:\n{traceback.format_exc()}")
         sys.stderr.flush()
-        world.Abort(1)
+        world.Abort(1)  # the launcher ends every rank; MPICH's MPI_Abort may return before it does,
+        os._exit(1)  # so leave now rather than run on into MPI_Finalize with partners gone
     sys.stdout.flush()
 
 

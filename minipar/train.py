@@ -10,10 +10,11 @@ A step, on each rank (see docs/design.md for the parts):
       -> data-parallel average  Δθ = (1/dp) Σ_i Δθ_i
       -> clip by the global gradient norm, AdamW on this rank's shards: θ_j <- θ_j - η Δθ_j
 
-With ZeRO (--zero 1|2|3, parallel/zero.py) the data-parallel average is a reduce-scatter
-instead: each dp rank gets the average of its part only (during backward for stages 2-3), the
-tensor-parallel and tied-embedding sums then run on the parts, the gradient norm also sums
-over the dp group, AdamW updates the parts, and stages 1-2 all-gather the parameters after.
+The data-parallel average is one of three objects with one interface (parallel/gradient_sync.py):
+SingleReplica (dp = 1), DataParallel (allreduce) or Zero (--zero 1|2|3, parallel/zero.py: a
+reduce-scatter, each dp rank getting the average of its part only). What the optimizer updates
+is ``sync.updated``: the parameters, or under ZeRO their parts; the sequence-parallel and
+tied-embedding sums, which the Trainer builds the same way, act on those, and so does the norm.
 
 Rank discipline: every rank builds the same GPT from the same seed and keeps its slice;
 every rank validates the configuration before any communication; world rank 0 prints,
@@ -23,19 +24,27 @@ import dataclasses
 from dataclasses import dataclass
 
 from minipar.backend import from_host, set_default_dtype, xp
-from minipar.errors import CheckpointError, ConfigError
+from minipar.errors import CheckpointError, ConfigError, DataError, require_finite, require_positive_int
+from minipar.job import guard_job
 from minipar.nn.gpt import GPT
-from minipar.optim import AdamW, clip_grad_norm, cosine_learning_rate, decay_groups
+from minipar.optim import SGD, AdamW, clip_grad_norm, cosine_learning_rate, decay_groups, grad_norm_squared
+from minipar.comm.compression import make_compressor
+from minipar.comm.hierarchical import NodeGroups, node_of_world_rank, shared_memory_node
+from minipar.parallel.communication_reduction import CompressedDataParallel, HierarchicalDataParallel, LocalSGD
+from minipar.parallel.data_parallel import DataParallel, local_slice
+from minipar.parallel.gather import gather_full_arrays
+from minipar.parallel.gradient_sync import MOMENTS, SequenceParallelGradientSum, SingleReplica
+from minipar.parallel.pipeline.executor import PipelineExecutor, split_microbatches
+from minipar.parallel.pipeline.partition import TIED_EMBEDDING, TiedEmbeddingGradientSum, partition, stage_parameters
 from minipar.parallel.sharding import label_replicated
+from minipar.parallel.tensor_parallel import tensor_parallel_pieces
 from minipar.parallel.topology import Layout, ProcessGrid
-from minipar.parallel.data_parallel import local_slice
-from minipar.parallel.pipeline.executor import split_microbatches
-from minipar.parallel.pipeline.partition import stage_parameters
+from minipar.parallel.zero import Zero
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000  # optimizer steps
+    steps: int = 2000  # optimizer steps of the whole run (the cosine schedule ends here)
     batch_size: int = 64  # global batch, in sequences, summed over data-parallel replicas
     learning_rate: float = 3e-3  # peak of the warmup + cosine schedule
     min_learning_rate: float = 3e-4  # where the cosine ends
@@ -58,15 +67,26 @@ class TrainConfig:
     zero: int = 0  # ZeRO stage over the data-parallel group (0 = off)
     bucket_megabytes: float = 1.0  # data-parallel gradient bucket size
     overlap: bool = False  # start bucket allreduces during backward
-    allreduce: str = "mpi"  # mpi | ring | recursive_doubling | tree
+    allreduce: str = "mpi"  # mpi | ring | recursive_doubling | tree | hierarchical (node by node)
+    ranks_per_node: int = 0  # hierarchical: simulated nodes of K consecutive ranks; 0 = MPI's shared-memory nodes
+    # cutting communication (docs/communication.md)
+    compress: str = "none"  # none | fp16 | bf16 | topk | powersgd: how gradients travel (all but none are lossy)
+    topk_ratio: float = 0.01  # top-k: fraction of each gradient tensor sent per step
+    powersgd_rank: int = 2  # PowerSGD: rank r of the approximation P Qᵀ
+    local_sgd: int = 0  # H > 0: no gradient exchange; average the parameters every H steps (Lin et al. 2020)
+    optimizer: str = "adamw"  # adamw | sgd (plain SGD: local SGD with H = 1 is then exactly data parallelism)
 
     def __post_init__(self):
         if self.dtype not in ("float32", "float64"):
             raise ConfigError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
-        for name in ("steps", "batch_size", "dp", "tp", "pp", "microbatches", "virtual_stages"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "steps" else 1):
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        require_positive_int("steps", self.steps, minimum=0)
+        for name in ("batch_size", "dp", "tp", "pp", "microbatches", "virtual_stages"):
+            require_positive_int(name, getattr(self, name))
+        for name in ("learning_rate", "min_learning_rate", "weight_decay", "grad_clip"):
+            require_finite(name, getattr(self, name), minimum=0.0)
+        require_finite("bucket_megabytes", self.bucket_megabytes, minimum=0.0, strictly=True)
+        require_positive_int("warmup_steps", self.warmup_steps, minimum=0)
+        require_positive_int("seed", self.seed, minimum=0)
         if self.batch_size % (self.dp * self.microbatches):
             raise ConfigError(f"global batch size {self.batch_size} must be divisible by dp x microbatches "
                               f"= {self.dp} x {self.microbatches} = {self.dp * self.microbatches}")
@@ -82,13 +102,61 @@ class TrainConfig:
         if self.zero and self.dp > 1 and (self.overlap or self.allreduce != "mpi"):
             raise ConfigError("--overlap and --allreduce choose how plain data parallelism allreduces; "
                               "ZeRO reduce-scatters and all-gathers instead, so drop them or --zero")
+        self._check_communication_options()
+
+    def _check_communication_options(self):
+        """The options of docs/communication.md: each refused, in one sentence, where it does not apply."""
+        from minipar.comm.compression import COMPRESSION_METHODS
+
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ConfigError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        if self.compress not in COMPRESSION_METHODS:
+            raise ConfigError(f"compress must be one of {COMPRESSION_METHODS}, got {self.compress!r}")
+        if not 0 < self.topk_ratio <= 1:
+            raise ConfigError(f"topk_ratio must be in (0, 1], got {self.topk_ratio!r}")
+        require_positive_int("powersgd_rank", self.powersgd_rank)
+        require_positive_int("local_sgd", self.local_sgd, minimum=0)
+        require_positive_int("ranks_per_node", self.ranks_per_node, minimum=0)
+        chosen = [name for name, on in (("--compress", self.compress != "none"), ("--local-sgd", self.local_sgd > 0),
+                                        ("--allreduce hierarchical", self.allreduce == "hierarchical")) if on]
+        if len(chosen) > 1:
+            raise ConfigError(f"{' and '.join(chosen)} are alternatives: choose one")
+        if chosen and self.zero:
+            raise ConfigError(f"{chosen[0]} changes plain data parallelism's allreduce; ZeRO reduce-scatters "
+                              f"its gradients instead, so drop {chosen[0]} or --zero")
+        if chosen and self.overlap:
+            raise ConfigError(f"{chosen[0]} is blocking (it runs after backward), so it cannot --overlap")
+        if self.ranks_per_node and self.allreduce != "hierarchical":
+            raise ConfigError("--ranks-per-node describes nodes for --allreduce hierarchical; add that or drop it")
 
     @property
     def layout(self):
         return Layout(self.dp, self.tp, self.pp)
 
+    def check_model(self, model_config):
+        """What this layout needs of the model, checked on every rank alike (not on one stage mid-step)."""
+        from minipar.parallel.pipeline.partition import layers_per_chunk
+
+        layers_per_chunk(model_config.n_layer, self.pp, self.virtual_stages, self.split)
+        if self.tp > 1 or self.sequence_parallel:
+            from minipar.parallel.tensor_parallel import validate_tensor_parallel
+
+            validate_tensor_parallel(model_config, self.tp, self.layout.world_size)
+        if self.sequence_parallel and model_config.block_size % self.tp:
+            raise ConfigError(f"sequence parallelism splits the sequence over the {self.tp} tensor-parallel ranks, "
+                              f"so the block size ({model_config.block_size}) must be divisible by tp ({self.tp})")
+
     def to_dict(self):
         return dataclasses.asdict(self)
+
+
+def check_token_ids(inputs, targets, vocab_size):
+    """Ids and targets must lie in [0, vocab_size): checked here, on every rank, before the step starts,
+    rather than inside the first or last pipeline stage alone while the others wait."""
+    for what, ids in (("input ids", inputs), ("targets", targets)):
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+            raise DataError(f"{what} must lie in [0, {vocab_size}), got values from {int(ids.min())} "
+                            f"to {int(ids.max())}")
 
 
 def learning_rate_at(config, step):
@@ -102,38 +170,43 @@ class Trainer:
     def __init__(self, model_config, train_config, world):
         """``world`` is a minipar Communicator over all ranks (its size must be dp*tp*pp)."""
         self.model_config, self.config = model_config, train_config
+        train_config.check_model(model_config)
+        guard_job(world.mpi)  # an uncaught exception or Ctrl-C on any rank ends every rank (minipar/job.py)
         set_default_dtype(getattr(xp, train_config.dtype))
-        self.grid = ProcessGrid(train_config.layout, world)
+        self.grid = ProcessGrid(train_config.layout, world)  # validates the layout on every rank first
         self.chunks = self._build_chunks()
         self.named_parameters = stage_parameters(self.chunks)  # each object once, by full name
         self.parameters = [p for _, p in self.named_parameters]
-        groups = decay_groups(self.named_parameters, train_config.weight_decay)  # by ndim: before ZeRO-3 flattens
-        self.zero = self._build_zero()  # before the executor: stage 3 wraps the pieces
         self.executor = self._build_executor()
-        self.data_parallel = self._build_data_parallel() if self.zero is None else None
-        self.optimizer = AdamW(self.zero.part_groups(groups) if self.zero is not None else groups,
-                               lr=train_config.learning_rate, betas=train_config.betas,
-                               weight_decay=train_config.weight_decay)
-        if self.zero is not None:
-            self.zero.optimizer = self.optimizer  # for its memory report
+        self.sync = self._build_gradient_sync()  # the data-parallel average: none, allreduce or ZeRO
+        for chunk in self.chunks:
+            chunk.piece_runner = self.sync.piece_runner  # ZeRO-3 gathers each piece's parameters around it
+        updated = [(name, self.sync.updated_tensor(p)) for name, p in self.named_parameters]
+        # Linear, so their order does not matter; the dp average goes first because with overlap
+        # (or ZeRO 2-3) it started during backward and must not see the gradients change after.
+        self.gradient_sums = [self.sync, SequenceParallelGradientSum(self.sync.updated, self.grid.tp),
+                              TiedEmbeddingGradientSum(updated, self.grid.pp)]
+        self.counted_once = [(name, p) for name, p in self.named_parameters if self._counts_once(name, p)]
+        self.norm_tensors = [self.sync.updated_tensor(p) for _, p in self.counted_once]
+        self.norm_groups = (self.grid.tp, self.grid.pp, *self.sync.partitioned_over)
+        groups = decay_groups(self.named_parameters, train_config.weight_decay)
+        if train_config.optimizer == "sgd":
+            self.optimizer = SGD(self.sync.optimizer_groups(groups), lr=train_config.learning_rate)
+        else:
+            self.optimizer = AdamW(self.sync.optimizer_groups(groups), lr=train_config.learning_rate,
+                                   betas=train_config.betas, weight_decay=train_config.weight_decay)
         self.step_count = 0
 
     # ---- construction ------------------------------------------------------------------
     def _build_chunks(self):
         config, grid = self.config, self.grid
         if config.tp > 1 or config.sequence_parallel:
-            from minipar.parallel.tensor_parallel import tensor_parallel_pieces
-
             pieces = tensor_parallel_pieces(self.model_config, grid.tp, config.sequence_parallel)
         else:
             pieces = label_replicated(GPT(self.model_config)).pieces()  # every parameter gets its shard
-        from minipar.parallel.pipeline.partition import partition
-
         return partition(pieces, config.pp, grid.pp_rank, config.virtual_stages, config.split)
 
     def _build_executor(self):
-        from minipar.parallel.pipeline.executor import PipelineExecutor
-
         config = self.config
         micro_batch = config.batch_size // (config.dp * config.microbatches)
         length = self.model_config.block_size // (config.tp if config.sequence_parallel else 1)
@@ -141,115 +214,73 @@ class Trainer:
         return PipelineExecutor(self.chunks, self.grid.pp, config.schedule, config.microbatches, activation_shape,
                                 getattr(xp, config.dtype), recompute=config.recompute)
 
-    def _build_zero(self):
+    def _build_gradient_sync(self):
         config = self.config
-        if config.zero == 0:
-            return None
         if config.dp == 1:
-            if self.grid.world.rank == 0:
+            if config.zero and self.grid.world.rank == 0:
                 print(f"note: --zero {config.zero} with dp = 1 has no effect: ZeRO shards over the "
                       f"data-parallel group, and a group of one has nothing to share", flush=True)
-            return None
-        from minipar.parallel.zero import Zero
+            return SingleReplica(self.parameters)
+        if config.zero:
+            return Zero(self.chunks, self.grid.dp, config.zero, accumulation_steps=config.microbatches)
+        # Each broadcasts dp rank 0's parameters at construction, so replicas start identical.
+        options = {"bucket_bytes": int(config.bucket_megabytes * 2**20), "accumulation_steps": config.microbatches}
+        if config.compress != "none":
+            compressor = make_compressor(config.compress, topk_ratio=config.topk_ratio,
+                                         powersgd_rank=config.powersgd_rank, seed=self.model_config.seed)
+            return CompressedDataParallel(self.parameters, self.grid.dp, compressor, **options)
+        if config.local_sgd:
+            return LocalSGD(self.parameters, self.grid.dp, config.local_sgd, **options)
+        if config.allreduce == "hierarchical":
+            node = node_of_world_rank(config.ranks_per_node) if config.ranks_per_node else shared_memory_node(self.grid.dp)
+            return HierarchicalDataParallel(self.parameters, self.grid.dp, NodeGroups(self.grid.dp, node), **options)
+        return DataParallel(self.parameters, self.grid.dp, overlap=config.overlap, algorithm=config.allreduce, **options)
 
-        return Zero(self.chunks, self.grid.dp, config.zero, accumulation_steps=config.microbatches)
+    def _counts_once(self, name, parameter):
+        """Whether this rank counts ``parameter`` in sums over the whole model (the gradient norm).
 
-    def _build_data_parallel(self):
-        if self.config.dp == 1:
-            return None
-        from minipar.parallel.data_parallel import DataParallel
-
-        config = self.config
-        # Broadcasts dp rank 0's parameters at construction, so replicas start identical.
-        return DataParallel(self.parameters, self.grid.dp, bucket_bytes=int(config.bucket_megabytes * 2**20),
-                            overlap=config.overlap, algorithm=config.allreduce,
-                            accumulation_steps=config.microbatches)
+        Sharded parameters: every tp rank its part. Replicated ones: tp rank 0 only. The tied
+        embedding's copy in the head of a later stage: not again. Data-parallel replicas hold the
+        same values, except ZeRO's parts (``sync.partitioned_over``), so the dp group is not summed.
+        """
+        if parameter.shard.is_replicated and self.grid.tp_rank != 0:
+            return False
+        return not (name == TIED_EMBEDDING and self.config.pp > 1 and not self.grid.is_first_stage)
 
     # ---- one step ----------------------------------------------------------------------
     def train_step(self, inputs, targets):
         """One optimizer step on the global batch (B, T); returns the mean loss on every rank."""
-        config, grid = self.config, self.grid
+        loss = self.compute_gradients(inputs, targets)
+        self.update()
+        return loss
+
+    def compute_gradients(self, inputs, targets):
+        """Batch -> forward/backward -> aggregate: after it, every tensor in ``sync.updated`` holds its
+        part of the single-process gradient. Returns the mean loss, on every rank."""
+        config = self.config
         if inputs.shape[0] != config.batch_size:
             raise ConfigError(f"batch has {inputs.shape[0]} rows, the configuration says {config.batch_size}")
-        inputs, targets = local_slice((inputs, targets), grid.dp_rank, config.dp)  # (B/dp, T)
-        micro_inputs = split_microbatches(inputs, config.microbatches)  # m x (B/(dp m), T)
-        micro_targets = split_microbatches(targets, config.microbatches)
-
-        for p in self.parameters:
-            p.grad = None
-        if self.zero is not None:
-            self.zero.start_step()
-        loss = self.executor.run(micro_inputs, micro_targets)  # (B/dp m, T) per micro-batch
-        self._finish_gradients()
-        if config.grad_clip > 0:
-            clip_grad_norm(self._updated, config.grad_clip, self._global_grad_norm_squared())
-        self.optimizer.set_lr(learning_rate_at(config, self.step_count))
-        self.optimizer.step()
-        if self.zero is not None:
-            self.zero.finish_step()  # stages 1-2: all-gather the updated parts
-        elif self.data_parallel is not None:
-            self.data_parallel.check_replicas(self.step_count)  # fails loudly if replicas ever diverge
-        self.step_count += 1
+        check_token_ids(inputs, targets, self.model_config.vocab_size)  # every rank: the same global batch
+        inputs, targets = local_slice((inputs, targets), self.grid.dp_rank, config.dp)  # (B/dp, T)
+        self.sync.start_step()
+        loss = self.executor.run(split_microbatches(inputs, config.microbatches),  # m x (B/(dp m), T)
+                                 split_microbatches(targets, config.microbatches))
+        for gradient_sum in self.gradient_sums:  # dp average, sequence-parallel sum, tied-embedding sum
+            gradient_sum.finish_gradient_sync()
         return self._share_loss(loss)
 
-    @property
-    def _updated(self):
-        """What the optimizer updates: the parameters, or under ZeRO their parts (one per parameter)."""
-        return self.zero.part_list if self.zero is not None else self.parameters
+    def update(self):
+        """Clip by the global gradient norm, step AdamW on the updated tensors, finish the step."""
+        if self.config.grad_clip > 0:
+            clip_grad_norm(self.sync.updated, self.config.grad_clip, self.grad_norm_squared())
+        self.optimizer.set_lr(learning_rate_at(self.config, self.step_count))
+        self.optimizer.step()
+        self.sync.after_optimizer_step(self.step_count)
+        self.step_count += 1
 
-    def _finish_gradients(self):
-        """The sums that turn local gradients into the single-process gradient.
-
-        All three are linear, so their order does not change the result; the data-parallel
-        average goes first because with overlap (or ZeRO 2-3) it was started during backward
-        from the gradients as they were then, and must not see them change afterwards. Under
-        ZeRO the other two sums act on the parts: p.grad is then p's part (parallel/zero.py).
-        """
-        if self.zero is not None:
-            self.zero.finish_gradient_sync()
-        elif self.data_parallel is not None:
-            self.data_parallel.finish_gradient_sync()
-        if self.config.sequence_parallel:
-            from minipar.parallel.tensor_parallel import finish_tensor_parallel_gradients
-
-            if self.zero is not None:
-                self.zero.finish_tensor_parallel_gradients(self.grid.tp)
-            else:
-                finish_tensor_parallel_gradients(self.parameters, self.grid.tp)
-        if self.config.pp > 1:
-            from minipar.parallel.pipeline.partition import sum_tied_embedding_gradients
-
-            sum_tied_embedding_gradients(self.chunks, self.grid.pp)
-        for p in self._updated:  # a parameter no micro-batch touched has a zero gradient
-            if p.grad is None:
-                p.grad = xp.zeros_like(p.data)
-
-    def _global_grad_norm_squared(self):
-        """||g||^2 of the whole single-process model: each full parameter counted once.
-
-        Sharded parameters: every tp rank adds its part. Replicated ones: tp rank 0 only.
-        The tied embedding's copy in the head of a later stage: not again. Then sum over
-        the tp and pp groups; data-parallel replicas already hold identical gradients,
-        except under ZeRO, where each holds its own part: then sum over the dp group too.
-        """
-        total = 0.0
-        for p in self._updated:
-            if p.shard.is_replicated and self.grid.tp_rank != 0:
-                continue
-            if self._is_tied_copy(p):
-                continue
-            total += float((p.grad.astype(xp.float64) ** 2).sum())
-        buffer = xp.array([total])
-        self.grid.tp.allreduce(buffer)
-        self.grid.pp.allreduce(buffer)
-        if self.zero is not None:
-            self.grid.dp.allreduce(buffer)
-        return float(buffer[0])
-
-    def _is_tied_copy(self, parameter):
-        """True for the head's copy of the token embedding on a stage without the embedding."""
-        return (parameter.shard.full_name == "embedding.token.weight" and self.config.pp > 1
-                and not self.grid.is_first_stage)
+    def grad_norm_squared(self):
+        """||g||^2 of the whole single-process model, each full parameter counted once (collective)."""
+        return grad_norm_squared(self.norm_tensors, self.norm_groups)
 
     def _share_loss(self, loss):
         """The last stage knows the loss; average it over replicas and give it to every rank."""
@@ -259,85 +290,68 @@ class Trainer:
         return float(buffer[0]) / self.config.dp
 
     # ---- the single-process view -------------------------------------------------------
+    def num_parameters(self):
+        """Numbers in the whole single-process model (collective over tp and pp)."""
+        buffer = xp.array([sum(p.size for _, p in self.counted_once)], dtype=xp.float64)
+        self.grid.tp.allreduce(buffer)
+        self.grid.pp.allreduce(buffer)
+        return int(buffer[0])
+
     def gather_state(self, arrays_by_parameter=None):
         """On world rank 0: {full name: full array} joined from every rank's shards; None elsewhere.
 
-        ``arrays_by_parameter`` maps id(p) of a local parameter to an array shaped like p's
-        tensor-parallel shard (optimizer moments, say); by default the parameters' values.
-        Replica dp rank 0 sends. Collective: every rank calls it (ZeRO-3 first all-gathers).
+        ``arrays_by_parameter`` maps id(p) of a local parameter to an array shaped like p
+        (optimizer moments, say); by default the parameters' values. Replica dp rank 0 sends.
+        Collective: every rank calls it (under ZeRO the dp group first all-gathers).
         """
-        from minipar.parallel.gather import gather_full_arrays
-
         if arrays_by_parameter is None:
-            arrays_by_parameter = self._parameter_arrays_by_id()
+            arrays_by_parameter = self.sync.parameter_arrays()
         return gather_full_arrays(self.parameters, arrays_by_parameter, self.grid)
 
     # ---- this rank's arrays, for (distributed) checkpoints ------------------------------
-    # Arrays have the shape of the parameter's tensor-parallel shard (p.shard.take of the full
-    # array) under every ZeRO stage; under ZeRO the calls are collective over the dp group.
-    def _parameter_arrays_by_id(self):
-        if self.zero is not None:
-            return self.zero.parameter_arrays()
-        return {id(p): p.data.copy() for p in self.parameters}
-
+    # Arrays have the shape of the parameter (its tensor-parallel shard) under every ZeRO stage;
+    # under ZeRO the calls are collective over the dp group.
     def parameter_arrays(self):
         """{full name: copy of this rank's tensor-parallel shard of the parameter}."""
-        arrays = self._parameter_arrays_by_id()
+        arrays = self.sync.parameter_arrays()
         return {name: arrays[id(p)] for name, p in self.named_parameters}
 
     def load_parameter_arrays(self, arrays):
-        """Set every local parameter from {full name: its tensor-parallel shard} (ZeRO keeps its part)."""
+        """Set every local parameter from {full name: its tensor-parallel shard}."""
         self._check_shapes(arrays, "parameter")
         for name, p in self.named_parameters:
-            value = xp.asarray(from_host(arrays[name]), dtype=p.dtype)
-            if self.zero is not None:
-                self.zero.load_parameter(p, value)
-            else:
-                p.data[...] = value
+            self.sync.load_parameter(p, xp.asarray(from_host(arrays[name]), dtype=p.dtype))
 
     def optimizer_state_arrays(self):
         """{full name: {"m": array, "v": array}}, AdamW's moments (zeros before the first step)."""
-        if self.zero is not None:
-            moments = self.zero.optimizer_state_arrays(self.optimizer)
-        else:
-            state = self.optimizer.state
-            moments = {id(p): {slot: state[id(p)][slot].copy() if id(p) in state else xp.zeros_like(p.data)
-                               for slot in ("m", "v")} for p in self.parameters}
+        moments = self.sync.optimizer_state_arrays(self.optimizer)
         return {name: moments[id(p)] for name, p in self.named_parameters}
 
     def load_optimizer_state_arrays(self, states, step_count):
         """The reverse of ``optimizer_state_arrays``; ``step_count``: optimizer steps taken (AdamW's t)."""
-        for slot in ("m", "v"):
+        for slot in MOMENTS:
             self._check_shapes({name: slots[slot] for name, slots in states.items() if slot in slots}, f"AdamW {slot}")
         for name, p in self.named_parameters:
-            m, v = (xp.asarray(from_host(states[name][slot]), dtype=p.dtype) for slot in ("m", "v"))
-            if self.zero is not None:
-                self.zero.load_optimizer_state(self.optimizer, p, m, v)
-            else:
-                self.optimizer.state[id(p)] = {"m": m.copy(), "v": v.copy()}
+            moments = {slot: xp.asarray(from_host(states[name][slot]), dtype=p.dtype) for slot in MOMENTS}
+            self.sync.load_optimizer_state(self.optimizer, p, moments)
         self.step_count = self.optimizer.step_count = step_count
 
     def _check_shapes(self, arrays, what):
-        """Every local parameter present with its tensor-parallel shard's shape, or a CheckpointError."""
+        """Every local parameter present with its shape, or a CheckpointError."""
         for name, p in self.named_parameters:
-            shape = self.zero.shape[id(p)] if self.zero is not None else p.shape
-            if name not in arrays or tuple(arrays[name].shape) != tuple(shape):
+            if name not in arrays or tuple(arrays[name].shape) != p.shape:
                 found = "nothing" if name not in arrays else f"shape {tuple(arrays[name].shape)}"
-                raise CheckpointError(f"{what} {name!r}: rank {self.grid.world.rank} needs shape {tuple(shape)}, "
+                raise CheckpointError(f"{what} {name!r}: rank {self.grid.world.rank} needs shape {p.shape}, "
                                       f"got {found}")
 
-    def memory_report(self):
-        """Bytes this rank holds after a step: ``Zero.memory_report`` under ZeRO; otherwise the
-        parameters, gradients and AdamW state, plus data parallelism's gradient buckets."""
-        from minipar.parallel.zero import bytes_held
+    def sync_state_arrays(self):
+        """{name: array} that only this rank holds (``sync.state_arrays``): compression residuals,
+        local SGD's replica; saved per rank, restored under the same layout."""
+        return self.sync.state_arrays(self.optimizer)
 
-        if self.zero is not None:
-            return self.zero.memory_report()
-        state = self.optimizer.state.values()
-        report = {"parameters": bytes_held(p.data for p in self.parameters),
-                  "gradients": bytes_held(p.grad for p in self.parameters),
-                  "optimizer_states": bytes_held(a for slots in state for a in slots.values())}
-        report["total"] = sum(report.values())
-        buckets = self.data_parallel.buckets if self.data_parallel is not None else []
-        report["data_parallel_buckets"] = bytes_held(bucket.flat for bucket in buckets)
-        return report
+    def load_sync_state_arrays(self, arrays):
+        self.sync.load_state_arrays({name: from_host(array) for name, array in arrays.items()}, self.optimizer)
+
+    def memory_report(self):
+        """Bytes this rank holds after a step (``memory_report`` of the gradient sync in use)."""
+        return self.sync.memory_report(self.optimizer)

@@ -7,27 +7,30 @@ import time
 
 import pytest
 
-from minipar.testing import run_on_ranks
+from minipar.testing import results_from_ranks, run_on_ranks
+from tests.mpi_bodies.comparisons import assert_as_expected
+from tests.mpi_bodies.data_parallel_body import CASES
 
 BODY = "tests.mpi_bodies.data_parallel_body"
 
 
 @pytest.mark.parametrize("nranks", [1, 2, 4, 8])
 def test_data_parallel_on_ranks(nranks):
-    output = run_on_ranks(nranks, f"{BODY}:run_all_checks", timeout=240)
-    assert f"data parallel matches one process in 8 cases on {nranks} ranks" in output
-    assert f"all data parallel checks passed on {nranks} ranks" in output
+    results = results_from_ranks(nranks, f"{BODY}:run_all_checks", timeout=240)
+    assert_as_expected(results, checks=["buckets", "broadcast", "equivalence", "divergence", "bad inputs"])
+    compared = {what.split(":")[0] for what, *_ in results[0]["comparisons"]}
+    assert compared == {name for name, *_ in CASES}, compared
 
 
 @pytest.mark.parametrize("nranks", [2, 4])
 def test_unused_parameter_is_averaged_as_zero(nranks):
-    output = run_on_ranks(nranks, f"{BODY}:unused_gradients_are_zero", timeout=120)
-    assert "unused gradients averaged as zero" in output
+    results = results_from_ranks(nranks, f"{BODY}:unused_gradients_are_zero", timeout=120)
+    assert_as_expected(results, checks=["unused gradients"])
 
 
 def test_parameter_reached_by_two_backward_calls_per_micro_batch():
-    output = run_on_ranks(2, f"{BODY}:shared_parameter_reached_twice", timeout=120)
-    assert "shared parameter sent after its last use" in output
+    results = results_from_ranks(2, f"{BODY}:shared_parameter_reached_twice", timeout=120)
+    assert_as_expected(results, checks=["shared parameter"])
 
 
 def test_uncaught_config_error_ends_the_job_promptly():

@@ -4,7 +4,7 @@ import pytest
 
 from minipar import ops
 from minipar.backend import set_default_dtype
-from minipar.tensor import Tensor, no_grad
+from minipar.tensor import Function, Tensor, no_grad
 
 
 def test_gradient_of_a_shared_input_sums_both_uses():
@@ -97,3 +97,55 @@ def test_backward_needs_a_gradient_for_non_scalars():
     x = Tensor(np.ones(3), requires_grad=True)
     with pytest.raises(RuntimeError, match="non-scalar"):
         (x * 2).backward()
+
+
+def test_hooks_fire_right_after_the_last_use_whichever_input_the_leaf_is():
+    weights = [Tensor(np.array(1.0 + i), requires_grad=True) for i in range(4)]
+    order = []
+    for i, w in enumerate(weights):
+        w.register_grad_ready_hook(lambda t, i=i: order.append(i))
+    x = Tensor(np.array(0.5), requires_grad=True)
+    for w in weights:
+        x = ops.tanh(w * x)  # the leaf first this time
+    x.backward()
+    assert order == [3, 2, 1, 0]
+
+
+def test_a_graph_counts_only_its_own_uses_of_a_shared_leaf():
+    """Two micro-batch graphs share w (both built before either backward, as under GPipe)."""
+    w = Tensor(np.array(3.0), requires_grad=True)
+    seen = []
+    w.register_grad_ready_hook(lambda t: seen.append(float(t.grad)))
+    first, second = w * 2.0, w * w
+    unused = w * 7.0  # reachable from neither loss: must not hold the hook back
+    first.backward()
+    assert seen == [2.0]
+    second.backward()
+    assert seen == [2.0, 8.0]  # 2 + 2w
+    assert unused.requires_grad
+
+
+class _FirstInputOnly(Function):
+    """y = a * b, but backward passes a gradient to a only (None for b)."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(b)
+        return a * b
+
+    @staticmethod
+    def backward(ctx, grad):
+        (b,) = ctx.saved
+        return grad * b, None
+
+
+def test_a_none_gradient_still_counts_as_a_use_done():
+    a = Tensor(np.array(2.0), requires_grad=True)
+    b = Tensor(np.array(5.0), requires_grad=True)
+    seen = []
+    b.register_grad_ready_hook(lambda t: seen.append(float(t.grad)))
+    (_FirstInputOnly.apply(a, b) + b * 4.0).backward()
+    assert float(a.grad) == 5.0 and float(b.grad) == 4.0 and seen == [4.0]
+    c = Tensor(np.array(1.0), requires_grad=True)
+    _FirstInputOnly.apply(a, c).backward()  # nothing flows to c: no gradient, no hook
+    assert c.grad is None

@@ -11,7 +11,7 @@ import itertools
 
 import pytest
 
-from minipar.testing import run_on_ranks
+from minipar.testing import results_from_ranks
 
 
 def factorisations(world_size):
@@ -30,27 +30,44 @@ OPTIONS = {
         dict(pp=2, microbatches=4, schedule="interleaved", virtual_stages=2, recompute=True),
         dict(tp=2, sequence_parallel=True),
         dict(dp=2, overlap=True, bucket_megabytes=0.01, microbatches=2),
-        dict(dp=2, allreduce="ring"), dict(dp=2, allreduce="recursive_doubling"), dict(dp=2, allreduce="tree")],
+        dict(dp=2, allreduce="ring"), dict(dp=2, allreduce="recursive_doubling"), dict(dp=2, allreduce="tree"),
+        dict(dp=2, allreduce="hierarchical", ranks_per_node=1)],
     4: [dict(pp=4, microbatches=8, schedule="interleaved", virtual_stages=2),
         dict(pp=4, microbatches=5, batch_size=15, schedule="gpipe", recompute=True),
         dict(tp=4, sequence_parallel=True),
         dict(dp=2, tp=2, sequence_parallel=True, overlap=True, bucket_megabytes=0.005, microbatches=2),
         dict(dp=4, allreduce="ring", bucket_megabytes=0.02),
-        dict(dp=2, pp=2, microbatches=2, split=[3, 5])],
+        dict(dp=2, pp=2, microbatches=2, split=[3, 5]),
+        dict(dp=4, allreduce="hierarchical", ranks_per_node=2)],
     8: [dict(dp=2, tp=2, pp=2, microbatches=4, schedule="interleaved", virtual_stages=2, sequence_parallel=True,
              overlap=True),
         dict(pp=8, microbatches=16, schedule="gpipe", recompute=True),
         dict(dp=8, overlap=True, bucket_megabytes=0.01),
-        dict(tp=8, sequence_parallel=True)],
+        dict(tp=8, sequence_parallel=True),
+        dict(dp=4, tp=2, allreduce="hierarchical", ranks_per_node=4, microbatches=2)],
 }
+
+
+def assert_same_training(cases, reported):
+    """Each case: every rank's losses equal one process's (relative 1e-11), and every parameter
+    within its tolerance (``equivalence_body.compare_states``)."""
+    assert [r["case"] for r in reported] == cases
+    for r in reported:
+        case = r["case"]
+        for rank, losses in enumerate(r["losses_by_rank"]):
+            assert losses == pytest.approx(r["reference_losses"], rel=1e-11, abs=0), (case, rank)
+            assert losses == pytest.approx(r["losses_by_rank"][0], rel=1e-12, abs=0), (case, rank)
+        assert r["names"] == r["reference_names"], case
+        for name, ratio in r["parameter_tolerance_ratio"].items():
+            assert ratio <= 1.0, (case, name, f"largest difference {r['parameter_error'][name]}")
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 4, 8])
 def test_every_layout_equals_single_process(world_size):
     cases = [with_microbatches(layout) for layout in factorisations(world_size)] + OPTIONS[world_size]
-    output = run_on_ranks(world_size, "tests.mpi_bodies.equivalence_body:check_layouts", timeout=600, cases=cases)
-    for case in cases:
-        assert f"layout ok: {case}" in output, f"no confirmation for {case}:\n{output}"
+    results = results_from_ranks(world_size, "tests.mpi_bodies.equivalence_body:check_layouts", timeout=600,
+                                 cases=cases)
+    assert_same_training(cases, results[0])
 
 
 # ZeRO (parallel/zero.py) shards over the data-parallel group, so every factorisation with
@@ -81,6 +98,38 @@ def zero_cases(world_size):
 @pytest.mark.parametrize("world_size", [2, 4, 8])
 def test_every_layout_with_zero_equals_single_process(world_size):
     cases = zero_cases(world_size)
-    output = run_on_ranks(world_size, "tests.mpi_bodies.equivalence_body:check_layouts", timeout=600, cases=cases)
-    for case in cases:
-        assert f"layout ok: {case}" in output, f"no confirmation for {case}:\n{output}"
+    results = results_from_ranks(world_size, "tests.mpi_bodies.equivalence_body:check_layouts", timeout=600,
+                                 cases=cases)
+    assert_same_training(cases, results[0])
+
+
+# Gradients and the global norm right after the executor and the gradient sums, before AdamW:
+# dp (with overlap), tp with sequence parallelism, pp with micro-batches (the 1/m), the tied
+# embedding across stages, ZeRO 1-3 (the norm sums parts over dp), and the padded model.
+GRADIENT_CASES = {
+    1: [dict(microbatches=4)],
+    2: [dict(dp=2, microbatches=2), dict(dp=2, overlap=True, bucket_megabytes=0.01), dict(tp=2),
+        dict(tp=2, sequence_parallel=True), dict(pp=2, microbatches=4),
+        dict(dp=2, zero=1, microbatches=2), dict(dp=2, zero=2, microbatches=2), dict(dp=2, zero=3, microbatches=2),
+        dict(dp=2, zero=3, model=PADDED, batch_size=12, microbatches=3)],
+    4: [dict(dp=2, tp=2, sequence_parallel=True, zero=3), dict(dp=2, pp=2, zero=2, microbatches=4),
+        dict(tp=2, pp=2, sequence_parallel=True, microbatches=2),
+        dict(pp=4, microbatches=8, schedule="interleaved", virtual_stages=2),
+        dict(dp=4, zero=1, model=PADDED)],
+}
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_gradients_and_norm_equal_single_process_before_the_update(world_size):
+    cases = GRADIENT_CASES[world_size]
+    reported = results_from_ranks(world_size, "tests.mpi_bodies.equivalence_body:check_gradients", timeout=600,
+                                  cases=cases)[0]
+    assert [r["case"] for r in reported] == cases
+    for r in reported:
+        case = r["case"]
+        assert r["loss"] == pytest.approx(r["reference_loss"], rel=1e-12, abs=0), case
+        assert r["norm_squared"] == pytest.approx(r["reference_norm_squared"], rel=1e-12, abs=0), case
+        assert r["names"] == r["reference_names"], case
+        for name, error in r["gradient_error"].items():
+            # A parameter whose exact gradient is 0 (the key bias) holds rounding noise only.
+            assert error <= 1e-12 * r["gradient_scale"][name] + 1e-15, (case, name, error, r["gradient_scale"][name])

@@ -7,9 +7,11 @@ import pytest
 
 from minipar.backend import xp
 from minipar.errors import ConfigError
-from minipar.parallel.zero import Unit, bytes_held, part_length
-from minipar.testing import run_on_ranks
+from minipar.parallel.gradient_sync import bytes_held
+from minipar.parallel.zero import Unit, part_length
+from minipar.testing import results_from_ranks
 from minipar.train import TrainConfig
+from tests.mpi_bodies.comparisons import assert_as_expected
 
 
 class _Sized:
@@ -44,28 +46,27 @@ def test_zero_refuses_options_of_plain_data_parallelism():
 
 
 def test_memory_and_traffic_follow_the_formulas():
-    output = run_on_ranks(4, "tests.mpi_bodies.zero_body:check_memory_and_traffic", timeout=300)
-    for layout in ("{'dp': 4}", "{'dp': 2, 'pp': 2}"):
-        assert f"memory and traffic ok: {layout}" in output, output
+    results = results_from_ranks(4, "tests.mpi_bodies.zero_body:check_memory_and_traffic", timeout=300)
+    assert_as_expected(results, checks=["{'dp': 4}", "{'dp': 2, 'pp': 2}"])
 
 
 def test_stage_3_keeps_no_gathered_parameter_alive():
-    output = run_on_ranks(2, "tests.mpi_bodies.zero_body:check_stage_3_frees_gathered_parameters", timeout=120)
-    assert "stage 3 frees ok" in output, output
+    results = results_from_ranks(2, "tests.mpi_bodies.zero_body:check_stage_3_frees_gathered_parameters", timeout=120)
+    assert_as_expected(results, checks=["stage 3 frees"])
 
 
 def test_stage_3_recomputes_with_the_same_dropout_masks():
-    output = run_on_ranks(2, "tests.mpi_bodies.zero_body:check_stage_3_replays_dropout", timeout=120)
-    assert "stage 3 dropout ok" in output, output
+    results = results_from_ranks(2, "tests.mpi_bodies.zero_body:check_stage_3_replays_dropout", timeout=120)
+    assert_as_expected(results, checks=["stage 3 dropout"])
 
 
 def test_zero_with_one_data_parallel_rank_has_no_effect_and_says_so():
-    output = run_on_ranks(4, "tests.mpi_bodies.zero_body:check_without_data_parallelism", timeout=120)
-    assert "dp 1 ok" in output, output
-    assert output.count("note: --zero 2 with dp = 1 has no effect") == 1, output
+    results = results_from_ranks(4, "tests.mpi_bodies.zero_body:check_without_data_parallelism", timeout=120)
+    assert_as_expected(results, checks=["dp 1"])
+    assert results.output.count("note: --zero 2 with dp = 1 has no effect") == 1, results.output
 
 
 def test_checkpoint_arrays_agree_across_stages_and_resume_any_stage():
-    output = run_on_ranks(4, "tests.mpi_bodies.zero_body:check_checkpoint_arrays", timeout=300)
-    for layout in ("{'dp': 2, 'pp': 2, 'microbatches': 2}", "{'dp': 2, 'tp': 2, 'sequence_parallel': True}"):
-        assert f"checkpoint arrays ok: {layout}" in output, output
+    results = results_from_ranks(4, "tests.mpi_bodies.zero_body:check_checkpoint_arrays", timeout=300)
+    assert_as_expected(results, checks=["{'dp': 2, 'pp': 2, 'microbatches': 2}",
+                                        "{'dp': 2, 'tp': 2, 'sequence_parallel': True}"])

@@ -42,6 +42,7 @@ from mpi4py import MPI
 from minipar.backend import from_host, to_host
 from minipar.comm import collectives
 from minipar.comm.collectives import Traffic
+from minipar.comm.compression import bf16_ring_allreduce, fp16_ring_allreduce
 from minipar.comm.records import CallRecord, Counters, Request
 from minipar.errors import ConfigError, ShapeError
 
@@ -50,6 +51,8 @@ _ALLREDUCE_ALGORITHMS = {
     "ring": collectives.ring_allreduce,
     "recursive_doubling": collectives.recursive_doubling_allreduce,
     "tree": collectives.tree_allreduce,
+    "ring_fp16": fp16_ring_allreduce,  # lossy: 16-bit messages (comm/compression.py)
+    "ring_bf16": bf16_ring_allreduce,
 }
 
 

@@ -10,9 +10,9 @@ import sys
 from minipar.errors import ConfigError
 
 
-def parse_arguments(argv):
-    parser = argparse.ArgumentParser(prog="python -m minipar course", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+def add_arguments(parser):
+    """The course's subcommands, on ``parser`` (the ``course`` row of minipar/__main__.py's COMMANDS)."""
+    commands = parser.add_subparsers(dest="course_command", required=True, parser_class=type(parser))
     commands.add_parser("list", help="the exercises in order, with files and estimated minutes")
     student = commands.add_parser("student", help="write the student version (stubs instead of solutions)")
     student.add_argument("directory")
@@ -25,7 +25,6 @@ def parse_arguments(argv):
     grade.add_argument("--csv", required=True, help="the file to write, one row per student")
     grade.add_argument("--limit", type=float, default=60.0)
     grade.add_argument("--only", default=None, help="comma-separated exercise names (default: all)")
-    return parser.parse_args(argv)
 
 
 def list_exercises():
@@ -67,14 +66,13 @@ def check_inside_job(name, limit):
     return 0 if passed == total else 1
 
 
-def main(argv):
+def run(arguments):
     from minipar._threads import launched_by_mpi
 
-    arguments = parse_arguments(argv)
-    if arguments.command == "list":
+    if arguments.course_command == "list":
         list_exercises()
         return 0
-    if arguments.command == "student":
+    if arguments.course_command == "student":
         from minipar.course.student import write_student_version
 
         found, notebooks = write_student_version(arguments.directory)
@@ -83,7 +81,7 @@ def main(argv):
               f"{len(found)} files, {sum(map(len, notebooks.values()))} notebook exercises in {len(notebooks)} "
               f"lessons; start with docs/course/student.md there")
         return 0
-    if arguments.command == "check":
+    if arguments.course_command == "check":
         if launched_by_mpi:
             if arguments.dir != ".":
                 raise ConfigError("--dir has no effect under mpirun (the job already imported minipar); "
@@ -100,5 +98,12 @@ def main(argv):
     return 0 if all(row["passed"] == row["total"] for row in rows) else 1
 
 
+def main(argv=None):
+    """``python -m minipar.course.cli ...``, the same as ``python -m minipar course ...``."""
+    parser = argparse.ArgumentParser(prog="python -m minipar course", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(sys.argv[1:] if argv is None else argv))
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

@@ -84,9 +84,10 @@ def layer_norm(x, weight, bias, eps=1e-5):
     return LayerNorm.apply(x, weight, bias, eps=eps)
 
 
-def cross_entropy(logits, targets):
-    """Mean cross-entropy of integer ``targets`` (shape logits.shape[:-1]) under softmax(logits)."""
-    return CrossEntropy.apply(logits, targets)
+def cross_entropy(logits, targets, ignore_index=None):
+    """Mean cross-entropy of integer ``targets`` (shape logits.shape[:-1]) under softmax(logits),
+    by log-sum-exp; targets equal to ``ignore_index`` (padding) are left out of the mean."""
+    return CrossEntropy.apply(logits, targets, ignore_index=ignore_index)
 
 
 def embedding(weight, ids):

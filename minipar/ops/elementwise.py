@@ -25,6 +25,8 @@ def _shape_of(x):
 
 
 def _check_broadcast(op_name, a, b):
+    if _shape_of(a) == _shape_of(b):  # the common case, and far cheaper than broadcast_shapes
+        return
     try:
         xp.broadcast_shapes(_shape_of(a), _shape_of(b))
     except ValueError:

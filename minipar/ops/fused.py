@@ -85,33 +85,51 @@ class LayerNorm(Function):
 
 
 class CrossEntropy(Function):
-    """Mean negative log-likelihood of integer targets under softmax(logits).
+    """Mean negative log-likelihood of integer targets under softmax(logits), over the rows that count.
 
-        loss = mean_i [ logsumexp(z_i) - z_i[t_i] ],   dL/dz_i = (softmax(z_i) - onehot(t_i)) / n
+        loss = (1/n) sum_{i: t_i != ignore} [ logsumexp(z_i) - z_i[t_i] ],   n = #{i: t_i != ignore}
+        dL/dz_i = (softmax(z_i) - onehot(t_i)) / n   for counted rows, 0 for ignored ones
+
+    The log-sum-exp form, logsumexp(z) = m + log sum_j exp(z_j - m) with m = max_j z_j, never
+    takes the log of a probability: a confident wrong prediction whose target logit is 104 below
+    the maximum costs 104, where log(softmax) would underflow to log(0) = inf in float32.
+    ``ignore_index``: targets equal to it (padding) count neither in the sum nor in n.
     """
 
     @staticmethod
-    def forward(ctx, logits, targets):
+    def forward(ctx, logits, targets, ignore_index=None):
         if logits.shape[:-1] != targets.shape:
             raise ShapeError(f"cross_entropy: logits {logits.shape} need targets of shape {logits.shape[:-1]}, "
                              f"got {targets.shape}")
         rows = logits.reshape(-1, logits.shape[-1])
         flat_targets = targets.reshape(-1)
-        if flat_targets.size and (flat_targets.min() < 0 or flat_targets.max() >= rows.shape[1]):
-            raise ShapeError(f"cross_entropy: targets must lie in [0, {rows.shape[1]}), "
-                             f"got values from {flat_targets.min()} to {flat_targets.max()}")
-        probabilities = _softmax(rows)
-        picked = probabilities[xp.arange(rows.shape[0]), flat_targets]
-        ctx.save_for_backward(probabilities, flat_targets)
-        ctx.shape = logits.shape
-        return -xp.log(picked).mean(dtype=logits.dtype)
+        counted = None if ignore_index is None else flat_targets != ignore_index
+        checked = flat_targets if counted is None else flat_targets[counted]
+        if checked.size and (checked.min() < 0 or checked.max() >= rows.shape[1]):
+            raise ShapeError(f"cross_entropy: targets must lie in [0, {rows.shape[1]})"
+                             + (f" or equal ignore_index {ignore_index}" if ignore_index is not None else "")
+                             + f", got values from {checked.min()} to {checked.max()}")
+        safe_targets = flat_targets if counted is None else xp.where(counted, flat_targets, 0)
+        shifted = rows - rows.max(axis=1, keepdims=True)  # (N, V), every entry <= 0
+        target_logits = shifted[xp.arange(rows.shape[0]), safe_targets]  # (N,)
+        sums = xp.exp(shifted, out=shifted).sum(axis=1)  # (N,) in [1, V]; shifted now holds exp
+        losses = xp.log(sums) - target_logits  # (N,) logsumexp(z) - z[t], each >= 0 and finite
+        shifted *= (1.0 / sums)[:, None]  # softmax(z), for backward
+        count = rows.shape[0] if counted is None else int(counted.sum())
+        if counted is not None:
+            losses = losses * counted
+        ctx.save_for_backward(shifted, safe_targets, counted)
+        ctx.shape, ctx.count = logits.shape, count
+        return xp.asarray(losses.sum(dtype=logits.dtype) / max(count, 1), dtype=logits.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        probabilities, targets = ctx.saved
+        probabilities, targets, counted = ctx.saved
         grad_rows = probabilities.copy()
         grad_rows[xp.arange(grad_rows.shape[0]), targets] -= 1
-        grad_rows *= grad / grad_rows.shape[0]
+        grad_rows *= grad / max(ctx.count, 1)
+        if counted is not None:
+            grad_rows *= counted[:, None]
         return grad_rows.reshape(ctx.shape), None
 
 

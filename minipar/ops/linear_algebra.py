@@ -52,7 +52,8 @@ class LinearFunction(Function):
     def backward(ctx, grad):
         rows, weight = ctx.saved
         grad_rows = grad.reshape(-1, grad.shape[-1])
-        grad_x = (grad_rows @ weight.T).reshape(ctx.input_shape)
+        # The model's input (the first layer's x) needs no gradient: skip that product.
+        grad_x = (grad_rows @ weight.T).reshape(ctx.input_shape) if ctx.needs_input_grad(0) else None
         grad_weight = rows.T @ grad_rows
         grad_bias = grad_rows.sum(axis=0) if ctx.has_bias else None
         return grad_x, grad_weight, grad_bias

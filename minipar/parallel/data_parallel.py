@@ -5,7 +5,8 @@ One step on N data-parallel ranks (Goyal et al. 2017, "Accurate, Large Minibatch
     replicate  every rank holds the same parameters θ (broadcast from dp rank 0 at start);
     scatter    the global batch of B rows is cut into N shards of B/N rows;
     compute    rank i runs forward and backward on its shard: Δθ_i = ∇θ mean-loss(shard i);
-    aggregate  Δθ = (1/N) Σ_i Δθ_i, one allreduce (sum) followed by a division by N;
+    aggregate  Δθ = (1/N) Σ_i Δθ_i, one allreduce (sum); the 1/N is applied as each
+               gradient is unpacked from its bucket, so the bucket is read once;
     step       every rank applies the same update to the same θ, so replicas stay identical.
 
 With equal shards the mean of the shard means is the mean over the whole batch, so
@@ -45,7 +46,8 @@ Both give rank d the same rows.
 from dataclasses import dataclass, field
 
 from minipar.backend import xp
-from minipar.errors import ConfigError
+from minipar.errors import ConfigError, require_positive_int
+from minipar.parallel.gradient_sync import SingleReplica, bytes_held
 
 DEFAULT_BUCKET_BYTES = 1 << 20  # 1 MiB; PyTorch uses 25 MB, our models are far smaller
 ALLREDUCE_ALGORITHMS = ("mpi", "ring", "recursive_doubling", "tree")
@@ -63,13 +65,8 @@ def _check_options(bucket_bytes, overlap, algorithm, accumulation_steps, check_i
     if overlap and algorithm != "mpi":
         raise ConfigError(f"overlap=True needs algorithm='mpi' (MPI_Iallreduce); the hand-built "
                           f"{algorithm!r} allreduce is blocking and cannot run behind backward")
-    _require_integer(accumulation_steps, "accumulation_steps", 1)
-    _require_integer(check_interval, "check_interval (0: never)", 0)
-
-
-def _require_integer(value, name, minimum):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    require_positive_int("accumulation_steps", accumulation_steps)
+    require_positive_int("check_interval (0: never)", check_interval, minimum=0)
 
 
 def validate_data_parallel(global_batch, dp, world_size, bucket_bytes=DEFAULT_BUCKET_BYTES, *,
@@ -81,7 +78,7 @@ def validate_data_parallel(global_batch, dp, world_size, bucket_bytes=DEFAULT_BU
     """
     for name, value in (("global batch", global_batch), ("dp", dp), ("world size", world_size),
                         ("model_parallel_size", model_parallel_size)):
-        _require_integer(value, name, 1)
+        require_positive_int(name, value)
     _check_options(bucket_bytes, False, "mpi", accumulation_steps)
     if dp * model_parallel_size != world_size:
         raise ConfigError(f"dp = {dp} times model-parallel size {model_parallel_size} is "
@@ -126,7 +123,7 @@ def scatter_batch(global_inputs, global_targets, dp_comm):
     if inputs_shape[0] % size:
         raise ConfigError(f"global batch {inputs_shape[0]} is not divisible by dp = {size}")
     shards = []
-    for array, (shape, dtype) in zip((global_inputs, global_targets), metadata):
+    for array, (shape, dtype) in zip((global_inputs, global_targets), metadata, strict=True):
         shard = xp.empty((shape[0] // size, *shape[1:]), dtype=dtype)
         dp_comm.scatter(xp.ascontiguousarray(array) if rank == 0 else None, shard, root=0)
         shards.append(shard)
@@ -144,7 +141,7 @@ class _Slot:
     stop: int
     expected: int = 1  # grad-ready hook calls per step: accumulation_steps x uses per micro-batch
     firings: int = 0  # grad-ready hook calls in this step
-    packed: object = None  # the gradient array copied into the bucket (overlap mode)
+    sent_gradient: object = None  # the .grad array copied into the bucket (overlap: it must not change)
 
 
 @dataclass
@@ -153,19 +150,22 @@ class Bucket:
 
     flat: object
     slots: list = field(default_factory=list)
-    packed: int = 0  # slots copied in this step
+    slots_packed: int = 0  # slots copied in this step
     request: object = None  # the in-flight Iallreduce (overlap mode)
 
 
-class DataParallel:
+class DataParallel(SingleReplica):
     """Average gradients over the data-parallel group ``dp_comm`` (a minipar Communicator).
 
         dp = DataParallel(model.parameters(), grid.dp, overlap=True, accumulation_steps=m)
         for step in range(steps):
+            dp.start_step()                    # every .grad = None
             for each of the m micro-batches: (loss / m).backward()
             dp.finish_gradient_sync()          # every .grad is now the dp average
-            optimizer.step(); optimizer.zero_grad()
-            dp.check_replicas(step)            # compares replicas every check_interval steps
+            optimizer.step()
+            dp.after_optimizer_step(step)      # compares replicas every check_interval steps
+
+    The gradient-synchronisation interface of ``parallel/gradient_sync.py``.
 
     ``algorithm``: "mpi" (MPI's built-in) or the hand-built "ring", "recursive_doubling" or
     "tree"; those are blocking, so ``overlap=True`` needs "mpi". ``broadcast=False`` skips
@@ -179,12 +179,12 @@ class DataParallel:
         _check_options(bucket_bytes, overlap, algorithm, accumulation_steps, check_interval)
         uses = {id(p): k for p, k in (uses_per_micro_batch or {}).items()}
         for k in uses.values():
-            _require_integer(k, "uses_per_micro_batch values", 1)
+            require_positive_int("uses_per_micro_batch values", k)
+        super().__init__(parameters)
         self.comm, self.overlap, self.algorithm = dp_comm, overlap, algorithm
-        self.bucket_bytes, self.accumulation_steps, self.check_interval = bucket_bytes, accumulation_steps, check_interval
-        unique = list({id(p): p for p in parameters}.values())  # a tied weight listed twice counts once
-        self.parameters = unique
-        self.names = [_name_of(p, i) for i, p in enumerate(unique)]
+        self.bucket_bytes, self.accumulation_steps = bucket_bytes, accumulation_steps
+        self.check_interval = check_interval
+        self.names = [_name_of(p, i) for i, p in enumerate(self.parameters)]
         self.buckets = self._make_buckets()
         self._slot_of = {id(slot.parameter): slot for bucket in self.buckets for slot in bucket.slots}
         for key, slot in self._slot_of.items():
@@ -192,8 +192,8 @@ class DataParallel:
         self._next_launch = 0
         self._check_same_parameters_everywhere()
         if overlap:
-            for p in unique:
-                p.register_grad_ready_hook(self._on_gradient_ready)
+            for p in self.parameters:
+                p.register_grad_ready_hook(self.gradient_ready)
         if broadcast:
             self.broadcast_parameters()
 
@@ -223,15 +223,23 @@ class DataParallel:
 
     def _check_same_parameters_everywhere(self):
         """Mismatched shapes would make the bucket allreduces hang; say which ranks differ."""
-        layout = [(name, tuple(p.shape), p.dtype.str) for name, p in zip(self.names, self.parameters)]
+        layout = [(name, tuple(p.shape), p.dtype.str) for name, p in zip(self.names, self.parameters, strict=True)]
         everyone = self.comm.mpi.allgather(layout)  # small metadata, pickled once at start
         differing = [rank for rank, other in enumerate(everyone) if other != everyone[0]]
         if differing:
             theirs, ours = everyone[differing[0]], everyone[0]
-            example = next((f"{a} where rank 0 has {b}" for a, b in zip(theirs, ours) if a != b),
+            example = next((f"{a} where rank 0 has {b}" for a, b in zip(theirs, ours, strict=False) if a != b),
                            f"{len(theirs)} tensors where rank 0 has {len(ours)}")
             raise ConfigError(f"data-parallel ranks {differing} hold other parameters than dp rank 0 "
                               f"(rank {differing[0]} has {example}); every replica must build the same model")
+
+    def after_optimizer_step(self, step):
+        self.check_replicas(step)  # fails loudly if replicas ever diverge
+
+    def memory_report(self, optimizer):
+        """``SingleReplica.memory_report`` plus the gradient buckets (not in the total)."""
+        return {**super().memory_report(optimizer),
+                "data_parallel_buckets": bytes_held(bucket.flat for bucket in self.buckets)}
 
     # ---- replicas ------------------------------------------------------------------------
     def broadcast_parameters(self):
@@ -287,10 +295,10 @@ class DataParallel:
             target[...] = 0
         else:
             target[...] = grad.reshape(-1)
-        slot.packed = grad
-        self.buckets[slot.bucket].packed += 1
+        slot.sent_gradient = grad
+        self.buckets[slot.bucket].slots_packed += 1
 
-    def _on_gradient_ready(self, parameter):
+    def gradient_ready(self, parameter):
         """Grad-ready hook: pack the gradient after its m-th firing; launch full buckets in order."""
         slot = self._slot_of[id(parameter)]
         slot.firings += 1
@@ -313,15 +321,15 @@ class DataParallel:
         for bucket in self.buckets:
             if bucket.request is not None:
                 bucket.request.wait()
-            bucket.packed, bucket.request = 0, None
+            bucket.slots_packed, bucket.request = 0, None
             for slot in bucket.slots:
-                slot.firings, slot.packed = 0, None
+                slot.firings, slot.sent_gradient = 0, None
         self._next_launch = 0
 
     def _launch_full_buckets(self):
         while self._next_launch < len(self.buckets):
             bucket = self.buckets[self._next_launch]
-            if bucket.packed < len(bucket.slots):
+            if bucket.slots_packed < len(bucket.slots):
                 return
             bucket.request = self.comm.iallreduce(bucket.flat)
             self._next_launch += 1
@@ -342,14 +350,15 @@ class DataParallel:
                     self._pack(slot)
                 self.comm.allreduce(bucket.flat, algorithm=self.algorithm)
         for bucket in self.buckets:
-            bucket.flat /= self.comm.size
             for slot in bucket.slots:
-                if self.overlap and slot.parameter.grad is not slot.packed:
+                if self.overlap and slot.parameter.grad is not slot.sent_gradient:
                     self._end_step()
                     raise RuntimeError(f"the gradient of {slot.name} changed after it was sent; with "
                                        "overlap, change gradients only after finish_gradient_sync()")
-                # A fresh array: the bucket is reused next step, a .grad kept by the caller must not change.
-                slot.parameter.grad = bucket.flat[slot.start:slot.stop].reshape(slot.parameter.shape).copy()
+                # Sum / N into a fresh array in one pass: the bucket is reused next step, and a
+                # .grad kept by the caller must not change with it.
+                summed = bucket.flat[slot.start:slot.stop].reshape(slot.parameter.shape)
+                slot.parameter.grad = summed / self.comm.size
         self._end_step()
 
 

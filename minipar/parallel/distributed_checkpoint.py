@@ -24,12 +24,16 @@ allgather of the message), so all raise the same CheckpointError, naming the ran
 waits for a partner that gave up. docs/checkpoints.md has the format and the crash windows.
 """
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
+import numpy
+
 from minipar.backend import to_host, xp
-from minipar.checkpoint import read_array_file, read_json, sha256_of, write_array_file, write_json_atomic
+from minipar.checkpoint import (default_mode, read_array_file, read_json, sha256_of, write_array_file,
+                                write_json_atomic)
 from minipar.errors import CheckpointError, ConfigError
 from minipar.parallel.sharding import Shard, label_replicated
 
@@ -39,6 +43,28 @@ INDEX_NAME = "index.json"
 SLICING_FIELDS = ("axis", "index", "count", "blocks")  # a Shard without its name
 # The GPTConfig fields that fix the parameters' shapes and meaning (dropout and seed do not).
 MODEL_SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias")
+
+
+def _raise_on_every_rank(message):
+    """Raise a CheckpointError that every rank raises alike (it arrived through a collective)."""
+    error = CheckpointError(message)
+    error.on_every_rank = True  # minipar.job: no abort needed, rank 0 says it
+    raise error
+
+
+def kept_name(path, step):
+    """Where an older checkpoint is kept: ``ckpt.minipar`` at step 500 -> ``ckpt-step-000500.minipar``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}-step-{step:06d}{path.suffix}")
+
+
+def kept_checkpoints(path):
+    """The older checkpoints kept beside ``path``, oldest first, as (step, folder)."""
+    path = Path(path)
+    pattern = re.compile(re.escape(path.stem) + r"-step-(\d+)" + re.escape(path.suffix) + "$")
+    found = [(int(match.group(1)), entry) for entry in (path.parent.iterdir() if path.parent.is_dir() else [])
+             for match in [pattern.match(entry.name)] if match and entry.is_dir()]
+    return sorted(found)
 
 
 def shard_file_name(rank):
@@ -68,7 +94,15 @@ def trainer_pieces(trainer):
     for name, slots in trainer.optimizer_state_arrays().items():
         for slot in ("m", "v"):
             pieces[f"optimizer/{slot}/{name}"] = (shards[name], slots[slot])
+    rank = trainer.grid.world.rank
+    for name, array in trainer.sync_state_arrays().items():  # this rank's alone: its own key
+        pieces[f"{_sync_prefix(rank)}{name}"] = (Shard(name), array)
     return pieces
+
+
+def _sync_prefix(rank):
+    """Keys of state only one rank holds (compression residuals, local SGD's replica): by world rank."""
+    return f"sync/rank-{rank:05d}/"
 
 
 def _full_shape(shard, local_shape):
@@ -79,8 +113,14 @@ def _full_shape(shard, local_shape):
 
 
 # ---- saving ----------------------------------------------------------------------------------
-def save_distributed_checkpoint(path, trainer, tokenizer=None):
-    """Every rank calls this (see the module docstring); ``tokenizer`` is a JSON dict for ``sample``."""
+def save_distributed_checkpoint(path, trainer, tokenizer=None, extra=None, keep=1):
+    """Every rank calls this (see the module docstring); ``tokenizer`` is a JSON dict for ``sample``.
+
+    ``extra``: more JSON for the index (the CLI stores the loss history). ``keep``: how many
+    checkpoints to keep; the one at ``path`` is always the newest, and with ``keep`` > 1 the one it
+    replaces is renamed to ``kept_name(path, its step)`` instead of deleted, the oldest pruned.
+    Arrays that are not finite (a diverged run) are refused: a NaN checkpoint is never written.
+    """
     world, layout, path = trainer.grid.world, trainer.grid.layout, Path(os.path.abspath(path))
     pieces = trainer_pieces(trainer)
     # Who writes what: the lowest rank holding each piece. Small metadata, so a pickled allgather.
@@ -94,17 +134,23 @@ def save_distributed_checkpoint(path, trainer, tokenizer=None):
     if world.rank == 0:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            _remove_leftovers(path)
             temporary = tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.partial-")
+            os.chmod(temporary, default_mode(folder=True))  # mkdtemp's 0700 would hide it from the user's group
         except OSError as failure:
             error = f"saving checkpoint {str(path)!r} failed on rank 0: {failure}"
     error, temporary = world.mpi.bcast((error, temporary), root=0)
     if error:
-        raise CheckpointError(error)
+        _raise_on_every_rank(error)
 
     error, records, file_name = None, {}, shard_file_name(world.rank)
     try:  # local file writes only, no communication in here: a failure cannot strand a partner
         if mine:
             arrays = {key: to_host(xp.ascontiguousarray(pieces[key][1])) for key in mine}
+            bad = [key for key, array in arrays.items() if not numpy.isfinite(array).all()]
+            if bad:
+                raise CheckpointError(f"{len(bad)} arrays hold NaN or infinite values (first: {bad[0]!r}); "
+                                      "a diverged model is not saved")
             write_array_file(Path(temporary) / file_name, arrays)
             records = {key: {"file": file_name, **dict(zip(SLICING_FIELDS, _slicing(pieces[key][0]))),
                              "shape": list(array.shape), "dtype": array.dtype.str, "sha256": sha256_of(array)}
@@ -117,18 +163,31 @@ def save_distributed_checkpoint(path, trainer, tokenizer=None):
         index = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "step": trainer.step_count,
                  "model_config": trainer.model_config.to_dict(), "train_config": trainer.config.to_dict(),
                  "tokenizer": tokenizer, "layout": {"dp": layout.dp, "tp": layout.tp, "pp": layout.pp},
-                 "files": {}, "arrays": {}}
+                 **(extra or {}), "files": {}, "arrays": {}}
         try:  # again no communication: whatever happens here reaches every rank through the broadcast
-            outcome = _finish_save(path, Path(temporary), reports, index, layout)
+            outcome = _finish_save(path, Path(temporary), reports, index, layout, keep)
         except Exception as failure:  # noqa: BLE001 - raised below on every rank
             shutil.rmtree(temporary, ignore_errors=True)
             outcome = f"saving checkpoint {str(path)!r} failed on rank 0: {_describe(failure)}"
     outcome = world.mpi.bcast(outcome, root=0)
     if outcome:
-        raise CheckpointError(outcome)
+        _raise_on_every_rank(outcome)
 
 
-def _finish_save(path, temporary, reports, index, layout):
+def _remove_leftovers(path):
+    """On rank 0 before a save: delete what interrupted saves left beside ``path`` (see docs/checkpoints.md).
+
+    ``.partial-`` folders are never read; ``.old-`` ones only while nothing is at ``path`` (then the
+    old checkpoint waits there to be renamed back, and is kept).
+    """
+    for leftover in path.parent.glob(f".{path.name}.partial-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    if path.is_dir():
+        for leftover in path.parent.glob(f".{path.name}.old-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _finish_save(path, temporary, reports, index, layout, keep=1):
     """On rank 0: fill in the index, write it, swap the folder into place; an error message or None."""
     failed = [rank for rank, (error, _) in enumerate(reports) if error]
     if failed:
@@ -147,12 +206,21 @@ def _finish_save(path, temporary, reports, index, layout):
         entry["shards"].sort(key=lambda record: record["index"])
     check_index(index, temporary)  # a layout whose pieces do not tile every array is a bug: never save it
     write_json_atomic(temporary / INDEX_NAME, index)
-    _swap_into_place(temporary, path)
+    _swap_into_place(temporary, path, keep)
     return None
 
 
-def _swap_into_place(new, path):
-    """Rename ``new`` to ``path``; an old checkpoint there is renamed aside first and deleted last."""
+def _step_of(folder):
+    try:
+        step = read_json(Path(folder) / INDEX_NAME)["step"]
+        return step if isinstance(step, int) and step >= 0 else None
+    except (CheckpointError, KeyError, TypeError):
+        return None
+
+
+def _swap_into_place(new, path, keep=1):
+    """Rename ``new`` to ``path``; an old checkpoint there is renamed aside first and deleted last
+    (or, with ``keep`` > 1, kept under its step's name; the oldest kept ones beyond ``keep`` pruned)."""
     aside = None
     if path.exists() or path.is_symlink():
         aside = path.with_name(f".{path.name}.old-{new.name.rsplit('-', 1)[-1]}")
@@ -164,6 +232,13 @@ def _swap_into_place(new, path):
             os.rename(aside, path)  # put the old one back
         raise
     _fsync_folder(path.parent)  # make the renames themselves durable
+    step = _step_of(aside) if aside is not None and keep > 1 and aside.is_dir() else None
+    if step is not None and not kept_name(path, step).exists():
+        os.rename(aside, kept_name(path, step))
+        aside = None
+    if keep > 1:
+        for _, older in kept_checkpoints(path)[:-(keep - 1)]:
+            shutil.rmtree(older, ignore_errors=True)
     if aside is not None:  # the new checkpoint is in place: failing to delete the old one is only litter
         if aside.is_dir() and not aside.is_symlink():
             shutil.rmtree(aside, ignore_errors=True)
@@ -260,7 +335,7 @@ def read_index(folder, world=None, model_config=None):
     if world is not None and world.size > 1:
         error, index = world.mpi.bcast((error, index), root=0)
     if error:
-        raise CheckpointError(error)
+        _raise_on_every_rank(error)
     return index
 
 
@@ -300,7 +375,7 @@ def read_arrays(folder, index, wanted, world=None):
     failed = [rank for rank, message in enumerate(errors) if message]
     if failed:
         others = f" (ranks {failed} failed)" if len(failed) > 1 else ""
-        raise CheckpointError(f"loading failed on rank {failed[0]}{others}: {errors[failed[0]]}")
+        _raise_on_every_rank(f"loading failed on rank {failed[0]}{others}: {errors[failed[0]]}")
     return result
 
 
@@ -316,7 +391,27 @@ def load_distributed_checkpoint(path, trainer):
     trainer.load_parameter_arrays({name: arrays[f"model/{name}"] for name in full_shapes})
     trainer.load_optimizer_state_arrays({name: {slot: arrays[f"optimizer/{slot}/{name}"] for slot in ("m", "v")}
                                          for name in full_shapes}, index["step"])
+    _load_sync_state(path, index, trainer)
     return index
+
+
+def _load_sync_state(path, index, trainer):
+    """Per-rank state (``Trainer.sync_state_arrays``) comes back only under the layout that saved it;
+    under another one the residuals restart from zero, and rank 0 says so."""
+    grid = trainer.grid
+    saved = [key for key in index["arrays"] if key.startswith("sync/")]
+    same_layout = index["layout"] == {"dp": grid.layout.dp, "tp": grid.layout.tp, "pp": grid.layout.pp}
+    if not same_layout:
+        if saved and grid.world.rank == 0:
+            print("note: this checkpoint holds per-rank state (compression residuals or local SGD replicas) "
+                  "saved under another layout; it restarts from zero here, so the resumed run is not exact",
+                  flush=True)
+        saved = []
+    prefix = _sync_prefix(grid.world.rank)
+    wanted = {key: (Shard(key[len(prefix):]), index["arrays"][key]["shape"])
+              for key in saved if key.startswith(prefix)}
+    arrays = read_arrays(path, index, wanted, grid.world) if saved else {}
+    trainer.load_sync_state_arrays({key[len(prefix):]: array for key, array in arrays.items()})
 
 
 def load_single_process_model(path):

@@ -8,12 +8,27 @@ part d on dp rank d, and brings the other parts in only while they are needed:
     stage 2, P_os+g    ... and the averaged gradient: a full gradient is freed once sent
     stage 3, P_os+g+p  ... and the parameters: gathered for a piece's forward and backward only
 
+Memory per rank, Ψ parameters on this rank (its tensor- and pipeline-parallel share), N the dp
+size. The paper counts mixed-precision Adam: fp16 parameters 2Ψ and gradients 2Ψ, and K = 12
+bytes per parameter of fp32 optimizer state (master copy, m, v). minipar trains in fp32: the
+parameters 4Ψ, gradients 4Ψ, AdamW's m and v 8Ψ (``memory_report`` measures these):
+
+    bytes per rank       paper, mixed precision (K = 12)    minipar, fp32 AdamW
+    data parallelism     (2 + 2 + K)Ψ = 16Ψ                 (4 + 4 + 8)Ψ = 16Ψ
+    stage 1, P_os        4Ψ + KΨ/N = 4Ψ + 12Ψ/N             8Ψ + 8Ψ/N
+    stage 2, P_os+g      2Ψ + 14Ψ/N                         4Ψ + 12Ψ/N
+    stage 3, P_os+g+p    16Ψ/N                              16Ψ/N
+
+(With sizes N does not divide, Ψ becomes the padded count below.) Stage 1 holds every full
+gradient at the end of backward, as the paper counts it; stages 2-3 hold about one piece's.
+
 Parts. A parameter (this rank's tensor-parallel shard of it) of n numbers is read flat, padded
 with zeros to N s numbers, s = ceil(n / N), and rank d owns [d s, (d+1) s) (per-parameter
 sharding, as in PyTorch's FSDP2). Every rank holding the parameter cuts it alike, so a part is
 the same positions everywhere: the sequence-parallel gradient sum over tp and the tied-embedding
 sum across pipeline stages, both elementwise, hold on parts as on whole arrays. The padding
-gets zero gradients and AdamW leaves it at zero. One step, g_i the gradient of dp rank i:
+gets zero gradients and AdamW leaves it at zero. Each part is a Parameter of its own, kept
+here; the optimizer updates the parts (``updated``). One step, g_i the gradient of dp rank i:
 
     backward        g_i at full size (stage 3: each piece's parameters gathered for it)
     reduce-scatter  rank d gets its part of ḡ = (1/N) Σ_i g_i; stage 1 after backward,
@@ -31,39 +46,32 @@ collective each: a piece's own parameters, or one parameter shared by two pieces
 [part 0 of each parameter | part 1 of each | ...], as MPI_Reduce_scatter_block and
 MPI_Allgather cut and join it.
 
+What a parameter is does not change: p.shape is its tensor-parallel shard's shape in every
+stage. In stages 1-2 p.data is the whole shard (a view into its padded buffer, which the part
+also views). In stage 3 p.data is the whole shard inside its piece's forward and backward and
+a stand-in between them: an array of that shape holding one NaN, so a use outside a gather
+shows up in the loss instead of passing silently. After ``finish_gradient_sync`` p.grad is None
+(the full gradient is freed) and the part's .grad holds this rank's part of the average.
+
 Stage 3 needs recomputation: the engine keeps in each op's context what its backward needs,
 for a matmul the full weight, so a piece run with its graph recorded would keep its gathered
-weights alive until its backward, whatever p.data says. So a stage-3 piece runs its forward
-under no_grad (gather, compute, release) keeping only its input; its backward gathers again,
-reruns the forward with the graph, backpropagates through it and releases.
-
-p.grad under ZeRO: after ``finish_gradient_sync`` it is this rank's part of the averaged
-gradient, flat (s,), the very array its part Parameter holds as .grad; clipping and AdamW act
-on the parts. p.data is the full tensor-parallel shard in stages 1-2 (a view into its padded
-buffer), and in stage 3 the part itself except inside a piece's forward or backward.
+weights alive until its backward. So a stage-3 piece runs its forward under no_grad (gather,
+compute, release) keeping only its input; its backward gathers again, reruns the forward with
+the graph, backpropagates through it and releases. The chunks call their pieces through
+``run_gathered`` (``PipelineChunk.piece_runner``), so the pieces themselves stay as they are.
 """
 from contextlib import contextmanager
 
 from minipar.backend import xp
 from minipar.errors import ConfigError
-from minipar.nn.module import Module
-from minipar.parallel.tensor_parallel import finish_tensor_parallel_gradients
+from minipar.parallel.gradient_sync import MOMENTS, SingleReplica, bytes_held, memory_report
+from minipar.parallel.pipeline.executor import random_states, replaying
 from minipar.tensor import Function, Tensor, is_grad_enabled, no_grad
 
 
 def part_length(size, count):
     """s = ceil(n / N): each of N ranks owns s numbers of a parameter of n, padded to N s."""
     return -(-size // count)
-
-
-def bytes_held(arrays):
-    """Bytes of memory behind ``arrays``, each buffer once (a view counts its whole base)."""
-    owners = {}
-    for array in arrays:
-        if array is not None:
-            owner = array if array.base is None else array.base
-            owners[id(owner)] = owner.nbytes
-    return sum(owners.values())
 
 
 class Unit:
@@ -73,13 +81,13 @@ class Unit:
         self.parameters = parameters
         lengths = [part_length(p.size, count) for p in parameters]
         starts = [sum(lengths[:i]) for i in range(len(lengths))]
-        self.places = [slice(start, start + length) for start, length in zip(starts, lengths)]
+        self.places = [slice(start, start + length) for start, length in zip(starts, lengths, strict=True)]
         self.length = sum(lengths)  # S: this rank's part of every parameter of the unit
         self.final = 0  # parameters whose gradient is final in this step
-        self.gradient = None  # (S,): the averaged parts after the reduce-scatter
+        self.sent = False  # reduce-scattered in this step
 
     def slots(self):
-        return zip(self.parameters, self.places)
+        return zip(self.parameters, self.places, strict=True)
 
 
 def make_units(pieces, count):
@@ -101,45 +109,43 @@ def make_units(pieces, count):
     return units, needs, uses
 
 
-class Zero:
+class Zero(SingleReplica):
     """ZeRO ``stage`` (1, 2 or 3) over ``dp_comm`` for the parameters of this rank's ``chunks``.
 
-        zero = Zero(chunks, grid.dp, stage=2, accumulation_steps=m)
-        optimizer = AdamW(zero.part_groups(decay_groups(named_parameters, wd)), ...)
+        zero = Zero(chunks, grid.dp, stage=3, accumulation_steps=m)
+        for chunk in chunks: chunk.piece_runner = zero.piece_runner     # stage 3 gathers per piece
+        optimizer = AdamW(zero.optimizer_groups(decay_groups(named_parameters, wd)), ...)
         zero.start_step(); <m forward/backward passes>; zero.finish_gradient_sync()
-        <clip the parts; optimizer.step()>; zero.finish_step()
+        <clip zero.updated; optimizer.step()>; zero.after_optimizer_step(step)
 
-    Stage 3 replaces each piece of ``chunks`` by a ``GatheredPiece``.
+    The gradient-synchronisation interface of ``parallel/gradient_sync.py``.
     """
 
     def __init__(self, chunks, dp_comm, stage, accumulation_steps=1):
         if stage not in (1, 2, 3):
             raise ConfigError(f"ZeRO stage must be 1, 2 or 3, got {stage!r}")
         self.comm, self.stage, self.count, self.rank = dp_comm, stage, dp_comm.size, dp_comm.rank
-        self.units, needs, piece_uses = make_units([piece for chunk in chunks for piece in chunk.pieces], self.count)
-        self.parameters = [p for unit in self.units for p in unit.parameters]
+        self.partitioned_over = (dp_comm,)  # each rank updates its own parts
+        self.units, self.units_of_piece, piece_uses = make_units(
+            [piece for chunk in chunks for piece in chunk.pieces], self.count)
+        super().__init__([p for unit in self.units for p in unit.parameters])
         self.unit_of = {id(p): unit for unit in self.units for p in unit.parameters}
-        self.shape = {id(p): p.shape for p in self.parameters}  # p.shape and p.size mislead in stage 3
-        self.numbers = {id(p): p.size for p in self.parameters}
-        self.parts, self.padded = {}, {}
+        self.parts, self.padded, self.stand_in = {}, {}, {}
         for unit in self.units:
             self._make_parts(unit)
         self.part_list = [self.parts[id(p)] for p in self.parameters]
-        self.optimizer, self.report = None, {}  # the trainer sets the AdamW over the parts
         if stage >= 2:  # a gradient is final at its last grad-ready hook of the step: one per backward it is in
             chunk_uses = {id(p): sum(any(p is q for q in c.parameters()) for c in chunks) for p in self.parameters}
             uses = piece_uses if stage == 3 else chunk_uses  # stage 3 runs one backward per piece
             self.expected_firings = {id(p): accumulation_steps * uses[id(p)] for p in self.parameters}
             for p in self.parameters:
-                p.register_grad_ready_hook(self._on_gradient_ready)
-        if stage == 3:
-            for chunk in chunks:
-                chunk.pieces = [GatheredPiece(piece, self, needs[id(piece)]) for piece in chunk.pieces]
+                p.register_grad_ready_hook(self.gradient_ready)
+        self.piece_runner = self.run_gathered if stage == 3 else None
         self.start_step()
 
     def _rows(self, p, array):
-        """An array shaped like p's tensor-parallel shard, flat, zero-padded, as (N, s): row d is rank d's part."""
-        rows = xp.zeros((self.count, part_length(self.numbers[id(p)], self.count)), dtype=array.dtype)
+        """An array shaped like p, flat, zero-padded, as (N, s): row d is rank d's part."""
+        rows = xp.zeros((self.count, part_length(p.size, self.count)), dtype=array.dtype)
         rows.reshape(-1)[:array.size] = array.reshape(-1)
         return rows
 
@@ -147,17 +153,26 @@ class Zero:
         storage = xp.empty(unit.length, dtype=unit.parameters[0].dtype) if self.stage == 3 else None
         for p, place in unit.slots():
             rows = self._rows(p, p.data)
-            if self.stage == 3:  # only the part stays; p.data is the part between uses
+            if self.stage == 3:  # only the part stays; p.data is a stand-in between uses
                 storage[place] = rows[self.rank]
-                p.data = storage[place]
-            else:  # p.data and the part view one padded buffer, so AdamW's update shows in p.data
+                part = type(p)(storage[place])
+                self.stand_in[id(p)] = xp.broadcast_to(xp.asarray(xp.nan, dtype=p.dtype), p.shape)
+                p.data = self.stand_in[id(p)]
+            else:  # p.data and the part view one padded buffer, so the gather after AdamW shows in p.data
                 self.padded[id(p)] = rows
                 p.data = rows.reshape(-1)[:p.size].reshape(p.shape)
-            part = type(p)(p.data if self.stage == 3 else rows[self.rank])
+                part = type(p)(rows[self.rank])
             part.shard = p.shard  # the same tensor-parallel description (replicated? tied?)
             self.parts[id(p)] = part
 
-    def part_groups(self, groups):
+    @property
+    def updated(self):
+        return self.part_list
+
+    def updated_tensor(self, parameter):
+        return self.parts[id(parameter)]
+
+    def optimizer_groups(self, groups):
         """Optimizer groups over the parts, from groups over the parameters (options kept)."""
         return [{**group, "params": [self.parts[id(p)] for p in group["params"]]} for group in groups]
 
@@ -166,11 +181,12 @@ class Zero:
         self.firings = {}
         self.peak_full_gradients = self.peak_gathered_parameters = 0
         for unit in self.units:
-            unit.final, unit.gradient = 0, None
+            unit.final, unit.sent = 0, False
         for p in self.parameters:
             p.grad = self.parts[id(p)].grad = None
 
-    def _on_gradient_ready(self, p):
+    def gradient_ready(self, p):
+        """Grad-ready hook (stages 2-3): reduce-scatter a unit once all its gradients are final."""
         firings = self.firings[id(p)] = self.firings.get(id(p), 0) + 1
         if firings > self.expected_firings[id(p)]:
             raise RuntimeError(f"{p.shard.full_name} got a gradient {firings} times in one step, expected "
@@ -193,29 +209,19 @@ class Zero:
             if p.grad is not None:
                 rows[:, place] = self._rows(p, p.grad)
             p.grad = None
-        unit.gradient = xp.empty(unit.length, dtype=rows.dtype)
-        self.comm.reduce_scatter(rows.reshape(-1), unit.gradient)
-        unit.gradient /= self.count
+        gradient = xp.empty(unit.length, dtype=rows.dtype)
+        self.comm.reduce_scatter(rows.reshape(-1), gradient)
+        gradient /= self.count
         for p, place in unit.slots():
-            self.parts[id(p)].grad = unit.gradient[place]
+            self.parts[id(p)].grad = gradient[place]
+        unit.sent = True
 
     def finish_gradient_sync(self):
-        """Reduce-scatter every unit not yet sent (all of them in stage 1); then p.grad = its part."""
+        """Reduce-scatter every unit not yet sent (all of them in stage 1): each part's .grad is its average."""
         self._note_full_gradients()
         for unit in self.units:  # in unit order: every dp rank starts the same collectives in the same order
-            if unit.gradient is None:
+            if not unit.sent:
                 self._reduce_scatter(unit)
-        for p in self.parameters:
-            p.grad = self.parts[id(p)].grad
-
-    def finish_tensor_parallel_gradients(self, tp_comm):
-        """Sequence parallelism's sum over the tp group, on the parts (the same positions on every tp rank)."""
-        finish_tensor_parallel_gradients(self.part_list, tp_comm)
-        for p in self.parameters:  # the sums come back as new arrays: copy them into the unit buffers
-            part = self.parts[id(p)]
-            if part.grad is not p.grad:
-                p.grad[...] = part.grad
-                part.grad = p.grad
 
     # ---- parameters ------------------------------------------------------------------------
     def _all_gather(self, unit, parts):
@@ -225,27 +231,20 @@ class Zero:
         return rows
 
     def _full(self, p, rows, place):
-        """The tensor-parallel-shaped array of ``p`` from gathered rows (a copy, padding cut)."""
-        return rows[:, place].reshape(-1)[:self.numbers[id(p)]].reshape(self.shape[id(p)])
+        """The array shaped like ``p`` from gathered rows (a copy, padding cut)."""
+        return rows[:, place].reshape(-1)[:p.size].reshape(p.shape)
 
-    def finish_step(self):
-        """After the optimizer step: stages 1-2 all-gather the updated parts; then measure memory."""
+    def after_optimizer_step(self, step):
+        """Stages 1-2: all-gather the updated parts into every rank's whole parameters."""
         if self.stage < 3:
             for unit in self.units:
                 rows = self._all_gather(unit, [self.parts[id(p)].data for p in unit.parameters])
                 for p, place in unit.slots():
                     self.padded[id(p)][...] = rows[:, place]
-        state = self.optimizer.state.values() if self.optimizer is not None else []
-        self.report = {"parameters": bytes_held(p.data for p in self.parameters),
-                       "gradients": bytes_held(p.grad for p in self.parameters),
-                       "optimizer_states": bytes_held(a for slots in state for a in slots.values())}
-        self.report["total"] = sum(self.report.values())
-        self.report.update(peak_full_gradients=self.peak_full_gradients,
-                           peak_gathered_parameters=self.peak_gathered_parameters)
 
     @contextmanager
     def gathered(self, units):
-        """Stage 3: the units' parameters at full size inside the block, their parts again after it."""
+        """Stage 3: the units' parameters whole inside the block, stand-ins again after it."""
         try:
             for done, unit in enumerate(units, start=1):
                 rows = self._all_gather(unit, [self.parts[id(p)].data for p in unit.parameters])
@@ -257,21 +256,34 @@ class Zero:
             yield
         finally:
             for p in (p for unit in units for p in unit.parameters):
-                p.data = self.parts[id(p)].data
+                p.data = self.stand_in[id(p)]
 
-    def memory_report(self):
-        """Bytes this rank held after its last step, measured from the arrays (docs/zero.md).
+    def run_gathered(self, piece, x, *targets):
+        """Stage 3: ``piece(x, *targets)`` with its parameters gathered for its forward and its backward only."""
+        units = self.units_of_piece[id(piece)]
+        parameters = [p for unit in units for p in unit.parameters]
+        # The parameters are inputs only so that the output needs a gradient when x is token ids.
+        return _GatherRunRelease.apply(x, *parameters, zero=self, piece=piece, units=units, targets=targets,
+                                       as_tensor=isinstance(x, Tensor),
+                                       input_gradient=isinstance(x, Tensor) and x.requires_grad)
 
-        parameters, gradients (the averaged parts), optimizer_states (m and v), their total;
-        peak_full_gradients: most bytes of full-size gradients held at once during the step
-        (sampled at the end of backward and at every grad-ready hook); peak_gathered_parameters:
-        stage 3, most bytes of gathered parameters plus the all-gather buffer held at once.
+    def memory_report(self, optimizer):
+        """Bytes this rank holds after a step, measured from the arrays (docs/zero.md).
+
+        parameters (the parts, with stages 1-2's whole padded buffers they view), gradients (the
+        averaged parts), optimizer_states (m and v), their total; peak_full_gradients: most bytes
+        of full-size gradients held at once during the step (sampled at the end of backward and at
+        every grad-ready hook); peak_gathered_parameters: stage 3, most bytes of gathered
+        parameters plus the all-gather buffer held at once.
         """
-        return dict(self.report)
+        report = memory_report((part.data for part in self.part_list), (part.grad for part in self.part_list),
+                               optimizer)
+        return {**report, "peak_full_gradients": self.peak_full_gradients,
+                "peak_gathered_parameters": self.peak_gathered_parameters}
 
     # ---- arrays shaped like the tensor-parallel shards (checkpoints); collective over dp ------
-    def full_arrays(self, part_arrays):
-        """{id(p): array shaped like p's tensor-parallel shard} from {id(p): this rank's part}."""
+    def _full_arrays(self, part_arrays):
+        """{id(p): array shaped like p} from {id(p): this rank's part}."""
         out = {}
         for unit in self.units:
             rows = self._all_gather(unit, [part_arrays[id(p)] for p in unit.parameters])
@@ -280,41 +292,29 @@ class Zero:
 
     def parameter_arrays(self):
         if self.stage < 3:
-            return {id(p): p.data.copy() for p in self.parameters}
-        return self.full_arrays({id(p): self.parts[id(p)].data for p in self.parameters})
+            return super().parameter_arrays()
+        return self._full_arrays({id(p): self.parts[id(p)].data for p in self.parameters})
 
-    def load_parameter(self, p, array):
+    def gradient_arrays(self):
+        return self._full_arrays({id(p): self.parts[id(p)].grad for p in self.parameters})
+
+    def load_parameter(self, parameter, array):
         if self.stage < 3:
-            p.data[...] = array
+            parameter.data[...] = array
         else:
-            self.parts[id(p)].data[...] = self._rows(p, array)[self.rank]
+            self.parts[id(parameter)].data[...] = self._rows(parameter, array)[self.rank]
 
     def optimizer_state_arrays(self, optimizer):
-        """{id(p): {"m": array, "v": array}} (zeros before a first step)."""
         moments = {}
-        for slot in ("m", "v"):
+        for slot in MOMENTS:
             parts = {id(p): optimizer.state.get(id(part), {}).get(slot, xp.zeros_like(part.data))
-                     for p, part in zip(self.parameters, self.part_list)}
-            moments[slot] = self.full_arrays(parts)
-        return {id(p): {slot: moments[slot][id(p)] for slot in moments} for p in self.parameters}
+                     for p, part in zip(self.parameters, self.part_list, strict=True)}
+            moments[slot] = self._full_arrays(parts)
+        return {id(p): {slot: moments[slot][id(p)] for slot in MOMENTS} for p in self.parameters}
 
-    def load_optimizer_state(self, optimizer, p, m, v):
-        """AdamW's moments of p's part, from arrays shaped like p's tensor-parallel shard."""
-        optimizer.state[id(self.parts[id(p)])] = {"m": self._rows(p, m)[self.rank].copy(),
-                                                  "v": self._rows(p, v)[self.rank].copy()}
-
-
-class GatheredPiece(Module):
-    """Stage 3: ``piece`` run with its parameters gathered only for its forward and its backward."""
-
-    def __init__(self, piece, zero, units):
-        self.piece, self.zero, self.units = piece, zero, units
-
-    def forward(self, x, *targets):
-        parameters = [p for unit in self.units for p in unit.parameters]
-        return _GatherRunRelease.apply(x, *parameters, wrapper=self, targets=targets,
-                                       as_tensor=isinstance(x, Tensor),
-                                       input_gradient=isinstance(x, Tensor) and x.requires_grad)
+    def load_optimizer_state(self, optimizer, parameter, moments):
+        optimizer.state[id(self.parts[id(parameter)])] = {
+            slot: self._rows(parameter, moments[slot])[self.rank].copy() for slot in MOMENTS}
 
 
 class _GatherRunRelease(Function):
@@ -322,25 +322,18 @@ class _GatherRunRelease(Function):
     its graph, backpropagate the output gradient through it, release (module docstring)."""
 
     @staticmethod
-    def forward(ctx, x, *parameter_arrays, wrapper, targets, as_tensor, input_gradient):
-        ctx.x, ctx.wrapper, ctx.targets, ctx.as_tensor = x, wrapper, targets, as_tensor
-        ctx.input_gradient, ctx.parameter_count = input_gradient, len(parameter_arrays)
-        ctx.random_states = [g.bit_generator.state for g in wrapper.piece.random_generators()]
-        with wrapper.zero.gathered(wrapper.units), no_grad():
-            return wrapper.piece(Tensor(x) if as_tensor else x, *targets).data
+    def forward(ctx, x, *parameter_arrays, zero, piece, units, targets, as_tensor, input_gradient):
+        ctx.x, ctx.zero, ctx.piece, ctx.units, ctx.targets = x, zero, piece, units, targets
+        ctx.as_tensor, ctx.input_gradient, ctx.parameter_count = as_tensor, input_gradient, len(parameter_arrays)
+        ctx.random_states = random_states(piece)
+        with zero.gathered(units), no_grad():
+            return piece(Tensor(x) if as_tensor else x, *targets).data
 
     @staticmethod
     def backward(ctx, grad):
         if not is_grad_enabled():
             raise RuntimeError("ZeRO stage 3 reruns each piece's forward in backward: run backward with gradients on")
-        wrapper = ctx.wrapper
         x = Tensor(ctx.x, requires_grad=ctx.input_gradient) if ctx.as_tensor else ctx.x
-        generators = wrapper.piece.random_generators()
-        current = [g.bit_generator.state for g in generators]
-        for generator, state in zip(generators, ctx.random_states):  # the forward's dropout masks again
-            generator.bit_generator.state = state
-        with wrapper.zero.gathered(wrapper.units):
-            wrapper.piece(x, *ctx.targets).backward(grad)  # the grad-ready hooks reduce-scatter in here
-        for generator, state in zip(generators, current):
-            generator.bit_generator.state = state
+        with replaying(ctx.piece, ctx.random_states), ctx.zero.gathered(ctx.units):
+            ctx.piece(x, *ctx.targets).backward(grad)  # the grad-ready hooks reduce-scatter in here
         return (x.grad if ctx.input_gradient else None,) + (None,) * ctx.parameter_count

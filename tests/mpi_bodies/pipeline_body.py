@@ -23,9 +23,9 @@ from minipar.optim import AdamW
 from minipar.parallel.pipeline.executor import PipelineExecutor, split_microbatches
 from minipar.parallel.pipeline.partition import (
     TIED_EMBEDDING,
+    TiedEmbeddingGradientSum,
     partition,
     stage_parameters,
-    sum_tied_embedding_gradients,
 )
 from minipar.parallel.pipeline.schedules import RECEIVES
 from minipar.parallel.sharding import label_replicated
@@ -188,12 +188,13 @@ def train_pipeline(communicator, pieces, batches, schedule, microbatches, chunks
     activation_shape = (BATCH // microbatches, *activation_tail)
     executor = PipelineExecutor(chunks, SendBufferWatch(communicator), schedule, microbatches, activation_shape,
                                 xp.float64, recompute=recompute, timeline=Timeline(communicator.rank))
+    tied = TiedEmbeddingGradientSum(named, communicator)
     losses = []
     for inputs, targets in batches:
         optimizer.zero_grad()
         loss = executor.run(split_microbatches(inputs, microbatches), split_microbatches(targets, microbatches))
         if sum_tied:
-            sum_tied_embedding_gradients(chunks, communicator)
+            tied.finish_gradient_sync()
         optimizer.step()
         losses.append(loss)
     return (losses if losses[0] is not None else None), {name: p.data for name, p in named}, executor

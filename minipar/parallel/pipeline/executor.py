@@ -26,26 +26,40 @@ recomputation, Chen et al. 2016; used by GPipe). Dropout draws the same masks bo
 because the random state of every Dropout is saved at the first forward and restored for
 the second.
 
-Messages. Every boundary carries arrays of one known shape (``activation_shape``: an activation
-and its gradient have the same shape), so messages move with Isend/Irecv between preallocated
-buffers, never pickled, each with the schedule's unique tag. Two rules keep them safe:
+Messages. Every boundary carries arrays of one known shape: boundary c, between chunk c and
+chunk c + 1, carries chunk c's output forward and its gradient back (an activation and its
+gradient have the same shape). ``activation_shape`` gives one shape for every boundary (a
+transformer's (b, T, C)) or a list with one shape per boundary (an MLP whose widths change), so
+messages move with Isend/Irecv between preallocated buffers, never pickled, each with the
+schedule's unique tag. Two rules keep them safe:
   - a send buffer is not written again until its Isend has completed (completed sends are
     reclaimed with Test; when none is free a new buffer is allocated, so a send never blocks,
     which is what the schedules' deadlock-freedom assumes); all sends are waited before
     ``run`` returns;
-  - a receive lands in a pooled buffer, posted ahead of time, and is copied out into a fresh
-    array before that buffer takes the next message, so the graph never shares memory with MPI.
+  - a receive lands in a pooled buffer of its boundary's shape, posted ahead of time (at most
+    RECEIVE_BUFFERS at once), and is copied out into a fresh array before that buffer takes the
+    next message, so the graph never shares memory with MPI.
 
 With p = 1 there are no messages and the step is plain gradient accumulation over micro-batches.
 """
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from minipar.backend import xp
-from minipar.errors import ConfigError, ShapeError
+from minipar.errors import ConfigError, ShapeError, require_positive_int
 from minipar.parallel.pipeline.schedules import (
-    FORWARD, RECEIVES, RECV_FORWARD, SEND_FORWARD, SENDS, build_schedule, message_tag, peer_rank)
+    FORWARD,
+    RECEIVES,
+    RECV_FORWARD,
+    SEND_BACKWARD,
+    SEND_FORWARD,
+    SENDS,
+    build_schedule,
+    message_tag,
+    peer_rank,
+)
 from minipar.tensor import Tensor, no_grad
 
 RECEIVE_BUFFERS = 2  # receives posted ahead: double buffering, the next message lands during compute
@@ -53,14 +67,33 @@ RECEIVE_BUFFERS = 2  # receives posted ahead: double buffering, the next message
 
 def split_microbatches(batch, num_microbatches):
     """Rows [i*b, (i+1)*b) of ``batch`` as micro-batch i, b = B/m: the list ``run`` takes."""
-    if isinstance(num_microbatches, bool) or not isinstance(num_microbatches, int) or num_microbatches < 1:
-        raise ConfigError(f"the number of micro-batches must be a positive integer, got {num_microbatches!r}")
+    require_positive_int("the number of micro-batches", num_microbatches)
     rows = batch.shape[0]
     if rows % num_microbatches:
         raise ConfigError(f"a batch of {rows} rows does not split into {num_microbatches} equal micro-batches; "
                           f"choose a number of micro-batches that divides {rows}")
     size = rows // num_microbatches
     return [batch[i * size:(i + 1) * size] for i in range(num_microbatches)]
+
+
+def random_states(module):
+    """The states of ``module``'s random generators (its Dropout layers'), to replay its draws later."""
+    return [generator.bit_generator.state for generator in module.random_generators()]
+
+
+@contextmanager
+def replaying(module, states):
+    """Inside the block ``module`` draws what it drew from ``states`` (``random_states``); after it,
+    its generators carry on as if the block had not run. Recomputation relies on it (and ZeRO-3)."""
+    generators = module.random_generators()
+    current = [generator.bit_generator.state for generator in generators]
+    for generator, state in zip(generators, states, strict=True):
+        generator.bit_generator.state = state
+    try:
+        yield
+    finally:
+        for generator, state in zip(generators, current, strict=True):
+            generator.bit_generator.state = state
 
 
 @dataclass
@@ -79,7 +112,8 @@ class PipelineExecutor:
                  recompute=False, timeline=None):
         """``chunks``: this rank's chunks from ``partition``; ``pp_comm``: the pipeline group's
         Communicator (rank = stage); ``activation_shape``: one micro-batch's activation between
-        chunks, e.g. (b, T, C); ``timeline``: a ``minipar.trace.Timeline`` to record into."""
+        chunks, e.g. (b, T, C), or a list of p·v - 1 such shapes, entry c for the output of chunk c;
+        ``timeline``: a ``minipar.trace.Timeline`` to record into."""
         self.chunks, self.comm = list(chunks), pp_comm
         self.num_stages, self.stage = pp_comm.size, pp_comm.rank
         self.num_microbatches = num_microbatches
@@ -93,15 +127,23 @@ class PipelineExecutor:
         self.schedule = build_schedule(schedule_name, self.num_stages, num_microbatches, self.stage,
                                        len(self.chunks))
         self.chunk_by_index = {chunk.index: chunk for chunk in self.chunks}
-        self.activation_shape, self.dtype = tuple(activation_shape), xp.dtype(dtype)
+        self.boundary_shapes, self.dtype = _boundary_shapes(activation_shape, self.total_chunks), xp.dtype(dtype)
         self.recompute, self.timeline = recompute, timeline
         self.peak_stashed = 0
-        has_receives = any(action.kind in RECEIVES for action in self.schedule)
-        self._free_receive_buffers = [self._new_buffer() for _ in range(RECEIVE_BUFFERS if has_receives else 0)]
-        self._free_send_buffers, self._sends_in_flight = [], []
+        self._free_receive_buffers, self._free_send_buffers = {}, {}  # shape -> buffers no message is using
+        self._sends_in_flight = []
+        for action in [a for a in self.schedule if a.kind in RECEIVES][:RECEIVE_BUFFERS]:
+            self._free_receive_buffers.setdefault(self._shape_of(action), []).append(self._new_buffer(action))
 
-    def _new_buffer(self):
-        return xp.empty(self.activation_shape, dtype=self.dtype)
+    def _shape_of(self, action):
+        """The shape of a send's or receive's message: that of the boundary it crosses, the one
+        before the chunk (its input and that input's gradient) or after it (its output and its
+        output's gradient)."""
+        before = action.kind in (RECV_FORWARD, SEND_BACKWARD)
+        return self.boundary_shapes[action.chunk - 1 if before else action.chunk]
+
+    def _new_buffer(self, action):
+        return xp.empty(self._shape_of(action), dtype=self.dtype)
 
     # ---- one step --------------------------------------------------------------------------
 
@@ -132,7 +174,7 @@ class PipelineExecutor:
         started = time.perf_counter()
         for buffer, request in self._sends_in_flight:  # the step is over only when its messages are out
             request.wait()
-            self._free_send_buffers.append(buffer)
+            self._free_send_buffers.setdefault(buffer.shape, []).append(buffer)
         self._sends_in_flight.clear()
         self._record("send-wait", "send", started)
         assert not self._stash and not self._received and not self._outgoing, "schedule left work behind"
@@ -163,7 +205,7 @@ class PipelineExecutor:
         key = (action.microbatch, action.chunk)
         x = self._inputs[action.microbatch] if chunk.is_first else self._received.pop(("activation", *key))
         if self.recompute:
-            states = [generator.bit_generator.state for generator in chunk.random_generators()]
+            states = random_states(chunk)
             with no_grad():
                 output, loss = self._run_chunk(chunk, x, action.microbatch)
             self._stash[key] = _Stashed(x, None, states)
@@ -184,29 +226,27 @@ class PipelineExecutor:
         stashed = self._stash.pop(key)
         output = stashed.output
         if self.recompute:  # rebuild the graph from the kept input, with the same dropout masks
-            generators = chunk.random_generators()
-            current = [generator.bit_generator.state for generator in generators]
-            for generator, state in zip(generators, stashed.random_states):
-                generator.bit_generator.state = state
-            output, _ = self._run_chunk(chunk, stashed.input, action.microbatch)
-            for generator, state in zip(generators, current):
-                generator.bit_generator.state = state
+            with replaying(chunk, stashed.random_states):
+                output, _ = self._run_chunk(chunk, stashed.input, action.microbatch)
         if chunk.is_last:
             output.backward()
         else:
             output.backward(self._received.pop(("gradient", *key)))
         if not chunk.is_first:
             grad = stashed.input.grad
-            self._outgoing[("gradient", *key)] = xp.zeros(self.activation_shape, self.dtype) if grad is None else grad
+            if grad is None:  # the chunk did not use its input: the gradient is zero
+                grad = xp.zeros(self.boundary_shapes[action.chunk - 1], self.dtype)
+            self._outgoing[("gradient", *key)] = grad
         self._record("backward", "backward", started, action)
 
     # ---- communication ---------------------------------------------------------------------
 
     def _post_receives(self):
-        """Post the next receives of the schedule, in order, into whatever buffers are free."""
-        while self._upcoming_receives and self._free_receive_buffers:
+        """Post the next receives of the schedule, in order, up to RECEIVE_BUFFERS at once."""
+        while self._upcoming_receives and len(self._posted_receives) < RECEIVE_BUFFERS:
             action = self._upcoming_receives.popleft()
-            buffer = self._free_receive_buffers.pop()
+            free = self._free_receive_buffers.setdefault(self._shape_of(action), [])
+            buffer = free.pop() if free else self._new_buffer(action)
             request = self.comm.irecv(buffer, peer_rank(action, self.num_stages),
                                       message_tag(action, self.total_chunks))
             self._posted_receives.append((action, buffer, request))
@@ -217,7 +257,7 @@ class PipelineExecutor:
         assert posted_action == action, f"receives out of order: posted {posted_action!r}, running {action!r}"
         request.wait()
         fresh = buffer.copy()  # owned by the graph; the buffer goes straight back to MPI
-        self._free_receive_buffers.append(buffer)
+        self._free_receive_buffers[buffer.shape].append(buffer)
         self._post_receives()
         key = (action.microbatch, action.chunk)
         if action.kind == RECV_FORWARD:
@@ -230,11 +270,12 @@ class PipelineExecutor:
         started = time.perf_counter()
         direction = "activation" if action.kind == SEND_FORWARD else "gradient"
         payload = self._outgoing.pop((direction, action.microbatch, action.chunk))
-        if payload.shape != self.activation_shape or payload.dtype != self.dtype:
+        shape = self._shape_of(action)
+        if payload.shape != shape or payload.dtype != self.dtype:
             raise ShapeError(f"stage {self.stage}: chunk {action.chunk} produced a {direction} of shape "
                              f"{payload.shape} and dtype {payload.dtype}, but the executor was built for "
-                             f"activation_shape={self.activation_shape} and dtype={self.dtype}")
-        buffer = self._free_send_buffer()
+                             f"shape {shape} at that boundary and dtype={self.dtype}")
+        buffer = self._free_send_buffer(action)
         buffer[...] = payload
         request = self.comm.isend(buffer, peer_rank(action, self.num_stages), message_tag(action, self.total_chunks))
         self._sends_in_flight.append((buffer, request))
@@ -245,18 +286,19 @@ class PipelineExecutor:
         still_in_flight = []
         for buffer, request in self._sends_in_flight:
             if request.test():
-                self._free_send_buffers.append(buffer)
+                self._free_send_buffers.setdefault(buffer.shape, []).append(buffer)
             else:
                 still_in_flight.append((buffer, request))
         self._sends_in_flight = still_in_flight
 
-    def _free_send_buffer(self):
-        """A buffer no send is using: a reclaimed one if any send has completed, else a new one."""
-        if not self._free_send_buffers:
+    def _free_send_buffer(self, action):
+        """A buffer of the message's shape that no send is using: a reclaimed one, else a new one."""
+        shape = self._shape_of(action)
+        if not self._free_send_buffers.get(shape):
             self._reclaim_completed_sends()
-        if self._free_send_buffers:
-            return self._free_send_buffers.pop()
-        return self._new_buffer()
+        if self._free_send_buffers.get(shape):
+            return self._free_send_buffers[shape].pop()
+        return self._new_buffer(action)
 
     # ---- instrumentation -------------------------------------------------------------------
 
@@ -274,3 +316,14 @@ class PipelineExecutor:
             label = name if action is None else f"{name} mb{action.microbatch} chunk{action.chunk}"
             self.timeline.record(label, category, started, finished, **args)
         self._last_event_end = finished
+
+
+def _boundary_shapes(activation_shape, total_chunks):
+    """One shape per boundary between consecutive chunks, checked: a list of total_chunks - 1 tuples."""
+    shapes = list(activation_shape)
+    if all(isinstance(n, int) and not isinstance(n, bool) for n in shapes):  # one shape for every boundary
+        return [tuple(shapes)] * (total_chunks - 1)
+    if len(shapes) != total_chunks - 1 or not all(isinstance(shape, (tuple, list)) for shape in shapes):
+        raise ConfigError(f"activation_shape must be one shape, e.g. (b, T, C), or a list of {total_chunks - 1} "
+                          f"shapes, one per boundary between the {total_chunks} chunks; got {activation_shape!r}")
+    return [tuple(shape) for shape in shapes]

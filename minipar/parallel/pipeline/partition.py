@@ -33,14 +33,12 @@ Tied embedding across stages. GPT's head multiplies by the token embedding E (Pr
 2017): one weight, two uses. In one process autograd adds the two contributions into one
 gradient. Cut into stages, the embedding (chunk 0, rank 0) and the head (last chunk, rank p-1)
 each hold a copy of E and each gets only its own term, dL/dE = g_embedding + g_head split over
-two ranks. ``sum_tied_embedding_gradients`` allreduces the copies' gradients between those two
+two ranks. ``TiedEmbeddingGradientSum`` allreduces the copies' gradients between those two
 ranks after backward, so both copies take the same update and stay equal forever. Forget it
 and each copy follows only its own term: the model quietly drifts from single-process training.
 """
-import weakref
-
 from minipar.backend import xp
-from minipar.errors import ConfigError
+from minipar.errors import ConfigError, require_positive_int
 from minipar.nn.module import Module
 
 TIED_EMBEDDING = "embedding.token.weight"  # the single-process name of GPT's tied weight
@@ -52,6 +50,10 @@ class PipelineChunk(Module):
     ``forward(x, targets=None)``: the first chunk takes the model's input (token ids), the others
     an activation Tensor; every chunk but the last returns its output activation, the last one
     returns ``last_piece(x, targets)``, the scalar loss.
+
+    ``piece_runner``: how a piece is called, ``piece_runner(piece, x, *targets)``; None calls the
+    piece itself. The Trainer sets it from its gradient sync: ZeRO-3's ``Zero.run_gathered``
+    gathers the piece's parameters around each call, so the pieces stay as they are.
     """
 
     def __init__(self, pieces, index, total_chunks, first_piece):
@@ -59,6 +61,7 @@ class PipelineChunk(Module):
         self.index = index  # global chunk number c in 0 .. p·v - 1
         self.total_chunks = total_chunks
         self.first_piece = first_piece  # index of pieces[0] in the whole chain (for describing)
+        self.piece_runner = None  # or a callable (piece, x, *targets) -> output
 
     @property
     def is_first(self):
@@ -69,11 +72,12 @@ class PipelineChunk(Module):
         return self.index == self.total_chunks - 1
 
     def forward(self, x, targets=None):
+        run = self.piece_runner or (lambda piece, *arguments: piece(*arguments))
         body = self.pieces[:-1] if self.is_last else self.pieces
         for piece in body:
-            x = piece(x)
+            x = run(piece, x)
         if self.is_last:
-            return self.pieces[-1](x, targets)
+            return run(self.pieces[-1], x, targets)
         return x
 
     def __repr__(self):
@@ -84,8 +88,7 @@ class PipelineChunk(Module):
 def layers_per_chunk(num_layers, num_stages, num_chunks=1, split=None):
     """How many of the L middle layers each of the p·v chunks gets (checked, as a list)."""
     for name, value in (("num_stages", num_stages), ("num_chunks", num_chunks)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        require_positive_int(name, value)
     total_chunks = num_stages * num_chunks
     if split is not None:
         split = list(split)
@@ -164,41 +167,42 @@ def stage_parameters(chunks):
     return named
 
 
-# pp Communicator -> its sub-communicator of the first and last stage (split once, reused).
-_END_GROUPS = weakref.WeakKeyDictionary()
-# this rank's first chunk -> whether both ends hold the tied weight (checked once per partition).
-_BOTH_HOLD = weakref.WeakKeyDictionary()
+class TiedEmbeddingGradientSum:
+    """Sums the gradients of the tied weight's two copies, first and last stage, after backward.
 
+        tied = TiedEmbeddingGradientSum(stage_parameters(chunks), grid.pp)   # every pp rank, once
+        ... backward ...; tied.finish_gradient_sync()                        # every pp rank, each step
 
-def sum_tied_embedding_gradients(chunks, pp_comm, full_name=TIED_EMBEDDING):
-    """Sum the gradients of the tied weight's two copies: first and last stage, after backward.
-
-    Call it on every rank of the pipeline group, once per step, before clipping and the optimizer
-    step. The first call builds the two-rank sub-communicator (a collective split over the whole
-    group); the first call with new chunks checks, with a small metadata exchange, that both ends
-    hold ``full_name``. Ranks in the middle return at once; with p = 1 there is one copy and
-    nothing to do; a model without the weight on either end (an MLP) is a no-op.
+    ``named_tensors``: (full name, tensor) for what this rank updates (the parameters, or under
+    ZeRO their parts: the same positions on both ends, so the sum holds on parts too). Building
+    it is collective over ``pp_comm``: every rank says whether it holds ``full_name`` (small
+    metadata), so all agree on the check, and the two ends get a communicator of their own.
+    With p = 1 there is one copy and nothing to do; a model with the weight on neither end (an
+    MLP) is a no-op; a model with it on one end only is a ConfigError on every rank.
     """
-    last = pp_comm.size - 1
-    if last == 0:
-        return
-    if pp_comm not in _END_GROUPS:
-        _END_GROUPS[pp_comm] = pp_comm.split(color=0 if pp_comm.rank in (0, last) else 1, key=pp_comm.rank)
-    if pp_comm.rank not in (0, last):
-        return
-    group = _END_GROUPS[pp_comm]
-    copies = [p for name, p in stage_parameters(chunks) if name == full_name]
-    if chunks[0] not in _BOTH_HOLD:
-        held = group.mpi.allgather(len(copies) == 1)  # small metadata: two booleans
-        if any(held) and not all(held):
+
+    def __init__(self, named_tensors, pp_comm, full_name=TIED_EMBEDDING):
+        self.copy = self.ends = None
+        last = pp_comm.size - 1
+        if last == 0:
+            return
+        copies = [tensor for name, tensor in named_tensors if name == full_name]
+        held = pp_comm.mpi.allgather(len(copies) == 1)
+        if held[0] != held[last]:
             raise ConfigError(f"{full_name} is held by the {'first' if held[0] else 'last'} stage only; "
                               f"the first and last stage must both hold a copy of the tied weight")
-        _BOTH_HOLD[chunks[0]] = all(held)
-    if not _BOTH_HOLD[chunks[0]]:
-        return
-    (copy,) = copies
-    if copy.grad is None:
-        copy.grad = xp.zeros_like(copy.data)
-    elif not copy.grad.flags.c_contiguous:  # the head's gradient arrives through a transpose
-        copy.grad = xp.ascontiguousarray(copy.grad)
-    group.allreduce(copy.grad)
+        if not held[0]:
+            return
+        ends = pp_comm.split(color=0 if pp_comm.rank in (0, last) else 1, key=pp_comm.rank)
+        if pp_comm.rank in (0, last):
+            (self.copy,), self.ends = copies, ends
+
+    def finish_gradient_sync(self):
+        """dL/dE = g_embedding + g_head on both ends; nothing on the stages in between."""
+        if self.copy is None:
+            return
+        if self.copy.grad is None:
+            self.copy.grad = xp.zeros_like(self.copy.data)
+        elif not self.copy.grad.flags.c_contiguous:  # the head's gradient arrives through a transpose
+            self.copy.grad = xp.ascontiguousarray(self.copy.grad)
+        self.ends.allreduce(self.copy.grad)

@@ -1,0 +1,213 @@
+"""The planner's predicted step times against measured ones, for every layout of the world, in one run.
+
+    mpiexec -n 8 python benchmarks/bench_plan.py [--steps 4] [--calibration FILE]
+    python benchmarks/bench_plan.py --papers      # Narayanan et al. 2021 Table 1: picks and TFLOP/s
+
+Calibrates this machine in the same job before and after the measurements and averages the two
+(``minipar.plan.calibrate``: achieved FLOP/s and the per-block overhead on real blocks, α–β fits of
+the collectives for each group size, AdamW's bandwidth), unless --calibration gives a file; builds a
+Trainer for every dp × tp × pp of the world and a few option variants (ZeRO, sequence parallelism,
+recomputation) and measures their steps round-robin (step i of every layout before step i + 1 of
+any, so a change of load hits all alike); the median step time of the slowest rank is compared
+with ``minipar.plan.cost.step_time`` on the calibrated machine.
+Rank 0 prints a Markdown table, the median relative error |predicted − measured| / measured, and
+the Spearman rank correlation between predicted and measured times (does the planner order the
+layouts right?).
+
+The ranks share the machine's cores (8 ranks on 2 cores, and other jobs): times are noisy, and the
+calibration measures the same shared machine, so compare within one run only.
+"""
+import argparse
+import itertools
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from minipar.backend import xp  # noqa: E402
+from minipar.nn.gpt import GPTConfig  # noqa: E402
+from minipar.plan.cost import step_time  # noqa: E402
+from minipar.plan.model import ModelSpec, Strategy  # noqa: E402
+from minipar.train import TrainConfig, Trainer  # noqa: E402
+
+MODEL = dict(vocab_size=64, block_size=64, n_layer=8, n_head=8, n_embd=128)  # bench_hybrid's model
+BATCH = 16
+
+
+def layouts(world_size):
+    base = []
+    for dp, tp, pp in itertools.product(range(1, world_size + 1), repeat=3):
+        if dp * tp * pp == world_size:
+            microbatches = min(BATCH // dp, 2 * pp) if pp > 1 else 1
+            base.append(dict(dp=dp, tp=tp, pp=pp, microbatches=microbatches))
+    variants = []
+    for layout in base:
+        if layout["dp"] > 1 and layout["tp"] * layout["pp"] > 1:
+            variants.append({**layout, "zero": 1})
+        if layout["dp"] > 1 and layout["pp"] == 1:
+            variants.append({**layout, "zero": 3})
+        if layout["tp"] > 1 and layout["pp"] > 1:
+            variants.append({**layout, "sequence_parallel": True})
+        if layout["pp"] > 2:
+            variants.append({**layout, "recompute": True})
+    return base + variants
+
+
+def build(world, layout):
+    config = TrainConfig(steps=100, batch_size=BATCH, **layout)
+    trainer = Trainer(GPTConfig(**MODEL), config, world)
+    strategy = Strategy(config.dp, config.tp, config.pp, BATCH, config.microbatches, config.schedule, 1, config.zero,
+                        config.sequence_parallel, "full" if config.recompute else "", "fp32")
+    return trainer, strategy
+
+
+def measure_round_robin(world, trainers, steps):
+    """Median step time of each trainer (slowest rank), its steps interleaved with the others'.
+
+    Other jobs come and go on a shared machine; taking step i of every layout before step i + 1
+    of any spreads a change of load over all layouts instead of charging it to a few.
+    """
+    ids = xp.random.default_rng(0).integers(0, MODEL["vocab_size"], (BATCH, MODEL["block_size"] + 1))
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    for trainer in trainers:
+        trainer.train_step(inputs, targets)  # warm up: first-touch allocations, AdamW's moments
+    times = [[] for _ in trainers]
+    for _ in range(steps):
+        for trainer, record in zip(trainers, times, strict=True):
+            world.barrier()
+            started = time.perf_counter()
+            trainer.train_step(inputs, targets)
+            record.append(time.perf_counter() - started)
+    local = xp.array([statistics.median(record) for record in times])
+    world.allreduce(local, op="max")  # the slowest rank sets the step time
+    return [float(t) for t in local]
+
+
+def ranks(values):
+    """Average ranks (1-based), ties sharing the mean of their positions."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    result = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            result[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return result
+
+
+def spearman(xs, ys):
+    """Spearman's rank correlation: Pearson's correlation of the ranks."""
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    covariance = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    return covariance / (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
+
+
+def calibrated_machine(world, path):
+    from minipar.plan import calibrate
+    from minipar.plan.hardware import Machine, load_machine
+
+    if path:
+        return load_machine(path, gpus=world.size)
+    flops, overhead = calibrate.block_fit("float32", 5, world)
+    bandwidth = calibrate.adam_bandwidth("float32", 5, world)
+    fits = calibrate.collective_fits(world, "float32", 5)
+    return Machine("this machine", world.size, world.size, 1e12, flops, 0, 0, 0, 0, bandwidth, overhead, fits)
+
+
+# Narayanan et al. 2021, Table 1 (A100 80 GB, s = 2048, V = 51,200, activation recomputation on):
+# preset, GPUs, batch, the paper's tp and pp, its measured TFLOP/s per GPU.
+NARAYANAN_TABLE_1 = [("megatron-1.7b", 32, 512, 1, 1, 137), ("megatron-18b", 256, 1024, 8, 1, 135),
+                     ("megatron-76b", 1024, 1792, 8, 4, 140), ("megatron-145b", 1536, 2304, 8, 8, 148),
+                     ("megatron-310b", 1920, 2160, 8, 16, 155), ("megatron-530b", 2520, 2520, 8, 35, 163),
+                     ("megatron-1t", 3072, 3072, 8, 64, 163)]
+
+
+def papers():
+    """Planner's pick and its prediction for the paper's own layout, for each row of Table 1.
+
+    Throughput counts the FLOPs executed, recomputation included, as the paper does: with full
+    recomputation 72·B·L·s·h²(1 + s/6h + V/12hL) + 24·B·L·s·h²(1 + s/6h), which is exactly
+    Narayanan et al.'s 96·B·s·L·h²(1 + s/6h + V/16Lh).
+    """
+    from minipar.plan.cost import predict, rank_layouts
+    from minipar.plan.hardware import named_machine
+    from minipar.plan.model import PRESETS, flops_per_step
+
+    print("| model | GPUs | batch | paper tp x pp (dp) | paper TFLOP/s/GPU | predicted for the paper's layout | "
+          "planner's pick (paper's options) | its TFLOP/s/GPU | planner's pick (all options) | its TFLOP/s/GPU |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, gpus, batch, tp, pp, measured in NARAYANAN_TABLE_1:
+        model, machine = PRESETS[name], named_machine("a100", gpus)
+        dp = gpus // (tp * pp)
+        paper = Strategy(dp, tp, pp, batch, batch // dp, "1f1b", 1, 0, False, "full", "mixed")  # b = 1, assumed
+        def rate(prediction, model=model, batch=batch, gpus=gpus):  # FLOPs executed, recomputation included
+            full = prediction.strategy.recompute == "full"
+            return flops_per_step(model, batch, recompute_forward=1.0 if full else 0.0) / prediction.step / gpus / 1e12
+
+        picks = []
+        for options in ({"zero": (0,), "sp": (False,), "recompute": ("full",), "precision": "mixed"},
+                        {"zero": (0, 1, 2, 3), "sp": (False, True), "recompute": ("", "selective", "full"),
+                         "precision": "mixed"}):
+            fitting, _ = rank_layouts(model, machine, batch, options, overlap=True)
+            best = fitting[0] if fitting else None
+            picks.append(f"{best.strategy.describe()} | {rate(best):.0f}" if best else "nothing fits | -")
+        print(f"| {name} | {gpus} | {batch} | {tp} x {pp} ({dp}) | {measured} | "
+              f"{rate(predict(model, paper, machine, overlap=True)):.0f} | {picks[0]} | {picks[1]} |", flush=True)
+
+
+def average_machines(first, second):
+    """The mean of two calibrations of one machine (before and after the measurements)."""
+    import dataclasses
+
+    mean = lambda a, b: (a + b) / 2  # noqa: E731
+    fitted = {key: [mean(a, b) for a, b in zip(first.fitted[key], second.fitted[key], strict=True)]
+              for key in first.fitted}
+    return dataclasses.replace(first, flops=2 / (1 / first.flops + 1 / second.flops),
+                               overhead_per_block=mean(first.overhead_per_block, second.overhead_per_block),
+                               memory_bandwidth=mean(first.memory_bandwidth, second.memory_bandwidth), fitted=fitted)
+
+
+def main():
+    parser = argparse.ArgumentParser(description="predicted vs measured step times of every layout")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--calibration", default=None, help="a `calibrate` JSON file instead of calibrating now")
+    parser.add_argument("--papers", action="store_true",
+                        help="only the Narayanan et al. 2021 Table 1 comparison (no MPI)")
+    arguments = parser.parse_args()
+    if arguments.papers:
+        return papers()
+    from minipar.comm import Communicator
+
+    world = Communicator()
+    machine = calibrated_machine(world, arguments.calibration)
+    model = ModelSpec.from_gpt_config(GPTConfig(**MODEL))
+    built = [build(world, layout) for layout in layouts(world.size)]
+    measured = measure_round_robin(world, [trainer for trainer, _ in built], arguments.steps)
+    after = calibrated_machine(world, arguments.calibration)  # again: the load may have changed
+    machine = average_machines(machine, after)
+    rows = [(strategy, seconds, step_time(model, strategy, machine, overlap=False))
+            for (_, strategy), seconds in zip(built, measured, strict=True)]
+    if world.rank == 0:
+        print(f"model {MODEL}, global batch {BATCH}, float32, {world.size} ranks, median of {arguments.steps} steps; "
+              f"calibration: {machine.flops / 1e9:.2f} GFLOP/s per rank, {machine.overhead_per_block * 1e3:.2f} ms "
+              f"per block")
+        print("| layout | measured ms | predicted ms | error | compute | bubble | tp | pp | dp | optimizer |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        errors = []
+        for strategy, measured, t in rows:
+            errors.append(abs(t["step"] - measured) / measured)
+            parts = " | ".join(f"{t[k] * 1e3:.0f}" for k in ("compute", "bubble", "tp", "pp", "dp", "optimizer"))
+            print(f"| {strategy.describe()} | {measured * 1e3:.0f} | {t['step'] * 1e3:.0f} | "
+                  f"{(t['step'] - measured) / measured:+.0%} | {parts} |")
+        print(f"median relative error {statistics.median(errors):.1%}; Spearman rank correlation "
+              f"{spearman([t['step'] for _, _, t in rows], [m for _, m, _ in rows]):.2f} over {len(rows)} layouts")
+
+
+if __name__ == "__main__":
+    main()

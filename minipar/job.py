@@ -1,0 +1,188 @@
+"""How a minipar job ends: every rank gone within seconds, and the cause said once.
+
+An MPI job has two kinds of failure, and each needs its own ending.
+
+* **Found together.** Checks that every rank makes (the command line, the configuration, the
+  data, the checkpoint, the output folder) run locally and then meet in *one* collective,
+  ``agree``: an allgather of each rank's error message (or None) and a fingerprint of what it
+  is about to do. Every rank then knows who failed and why, and whether all ranks were started
+  with the same configuration, and raises the same ``JobError``; rank 0 prints it and every rank
+  exits with status 2. Nobody waits for anybody: all of them leave through the same door.
+  Errors raised after a collective in the same way (a failed checkpoint save, a NaN loss, which
+  every rank sees) are marked ``on_every_rank`` and end the same way.
+* **Found alone.** Anything else (an exception on one rank mid-step, Ctrl-C) cannot be
+  agreed on: the partners are blocked inside an MPI call and will never hear of it. The rank
+  that knows prints one message naming itself and the cause and calls
+  ``MPI_Abort(MPI_COMM_WORLD)``, which makes the launcher kill every rank (MPI-4.0 section
+  11.8.1; MPICH's hydra does it at once). When every rank fails alike, rank 0 speaks first and
+  the others, which wait a second before speaking, are ended before they repeat it.
+
+Ctrl-C: MPICH's ``mpiexec`` forwards SIGINT to every rank, but Python only acts on a signal
+between bytecodes, and a rank blocked in an MPI call never gets there (the job ran on,
+untouchable, in minipar before this module). So under MPI the main thread blocks SIGINT and a
+small thread waits for it with ``sigwait`` (mpi4py releases the GIL in blocking calls, so the
+thread runs) and aborts the job. A process killed outright (``kill -9``) needs nothing from us:
+the launcher sees it die and ends the others.
+
+``guard_job`` installs the Ctrl-C thread and a ``sys.excepthook`` that aborts, so a user's own
+script that builds a ``Trainer`` gets the same ending for an uncaught exception (as
+``python -m mpi4py script.py`` would give). ``run_job`` is the CLI's wrapper around a command.
+"""
+import hashlib
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+
+from minipar.errors import CheckpointError, ConfigError, DataError, JobError
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, JobError)
+EXIT_USER_ERROR, EXIT_CRASH, EXIT_INTERRUPTED = 2, 1, 130
+_SPEAK_DELAY = 1.0  # seconds a rank other than 0 waits before speaking and aborting (see the docstring)
+_guarded = {}  # the world communicator whose job is guarded, once per process
+
+
+def job_world():
+    """mpi4py's COMM_WORLD when started by an MPI launcher, else None (one process, no MPI needed)."""
+    from minipar._threads import launched_by_mpi
+
+    if not launched_by_mpi:
+        return None
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD
+
+
+def on_every_rank(error):
+    """Mark ``error`` as raised alike on every rank (after a collective), so no abort is needed."""
+    error.on_every_rank = True
+    return error
+
+
+def describe(error):
+    """One line: a user error's own sentence, anything else with its type."""
+    if isinstance(error, USER_ERRORS):
+        return str(error)
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)"
+    return f"{type(error).__name__}: {error}"
+
+
+def _ranks(ranks):
+    return f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
+
+
+# ---- found together --------------------------------------------------------------------------
+def fingerprint(*things):
+    """A short hash of JSON-able things, to compare what ranks are about to do."""
+    text = json.dumps(things, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def agree(world, check):
+    """Run ``check()`` here (no communication inside!), then one allgather: every rank learns every outcome.
+
+    ``check`` returns ``(result, fingerprint)``; the fingerprints of all ranks must match (a rank
+    started with other arguments or other data is an error too). Returns ``result``, or raises the
+    same JobError on every rank, naming the ranks that failed and the first cause of each kind.
+    """
+    message, result, mark = None, None, None
+    try:
+        result, mark = check()
+    except Exception as error:  # noqa: BLE001 - every failure is reported below, on every rank
+        message = describe(error)
+    if world is None or world.Get_size() == 1:
+        if message:
+            raise on_every_rank(JobError(message))
+        return result
+    outcomes = world.allgather((message, mark))  # small metadata: the one pickled collective
+    failed = {}
+    for rank, (text, _) in enumerate(outcomes):
+        if text:
+            failed.setdefault(text, []).append(rank)
+    if failed:
+        size = world.Get_size()
+        if len(failed) == 1 and len(next(iter(failed.values()))) == size:
+            raise on_every_rank(JobError(next(iter(failed))))  # the same on all ranks: say it plainly
+        parts = [f"{_ranks(ranks)} of {size}: {text}" for text, ranks in failed.items()]
+        raise on_every_rank(JobError("on " + "; on ".join(parts)))
+    differ = [rank for rank, (_, other) in enumerate(outcomes) if other != outcomes[0][1]]
+    if differ:
+        raise on_every_rank(JobError(
+            f"{_ranks(differ)} of {world.Get_size()} were started with another configuration or other data than "
+            "rank 0 (different command lines or files?); every rank must run the same job"))
+    return result
+
+
+# ---- found alone -----------------------------------------------------------------------------
+def abort_job(world, error, code=None):
+    """Say ``error`` once, naming this rank, and end every rank of ``world``. Does not return."""
+    rank, size = world.Get_rank(), world.Get_size()
+    if rank != 0:
+        time.sleep(_SPEAK_DELAY)  # if rank 0 failed alike, it ends the job before this rank repeats it
+    if code is None:
+        code = EXIT_INTERRUPTED if isinstance(error, KeyboardInterrupt) else (
+            EXIT_USER_ERROR if isinstance(error, USER_ERRORS) else EXIT_CRASH)
+    # A fresh line first: rank 0's progress bar may be half-way along the terminal's line.
+    lines = f"\nerror on rank {rank} of {size}: {describe(error)}; ending the job\n"
+    if code == EXIT_CRASH:
+        lines += "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    try:
+        sys.stdout.flush()
+        sys.stderr.write(lines)
+        sys.stderr.flush()
+        time.sleep(0.2)  # let the line reach the launcher before the job is torn down
+    finally:
+        world.Abort(code)  # asks the launcher to kill every rank; MPICH's Abort may return before it has
+        os._exit(code)  # so this rank leaves by itself, running no more Python (and no MPI_Finalize)
+
+
+def _wait_for_ctrl_c(world):
+    signal.sigwait({signal.SIGINT})
+    abort_job(world, KeyboardInterrupt(), EXIT_INTERRUPTED)
+
+
+def guard_job(world):
+    """Under MPI with more than one rank: Ctrl-C and uncaught exceptions end every rank (see the docstring)."""
+    if world is None or world.Get_size() == 1 or _guarded or threading.current_thread() is not threading.main_thread():
+        return
+    _guarded["world"] = world
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # threads started from now on inherit it
+    threading.Thread(target=_wait_for_ctrl_c, args=(world,), name="minipar-ctrl-c", daemon=True).start()
+    # Should a SIGINT still reach a thread that does not block it, the main thread acts on it as well.
+    signal.signal(signal.SIGINT, lambda number, frame: abort_job(world, KeyboardInterrupt(), EXIT_INTERRUPTED))
+    previous = sys.excepthook
+
+    def abort_on_uncaught(kind, error, trace):
+        if issubclass(kind, SystemExit):
+            return previous(kind, error, trace)
+        abort_job(world, error.with_traceback(trace))
+
+    sys.excepthook = abort_on_uncaught
+
+
+def run_job(body):
+    """``body()`` as a job: returns its exit status; any failure ends every rank, said once."""
+    world = job_world()
+    guard_job(world)
+    rank = world.Get_rank() if world is not None else 0
+    try:
+        return body()
+    except SystemExit:
+        raise
+    except BaseException as error:  # noqa: BLE001 - every failure ends the job, one way or the other
+        if not (getattr(error, "on_every_rank", False) or world is None or world.Get_size() == 1):
+            abort_job(world, error)  # found alone: does not return
+        if isinstance(error, KeyboardInterrupt):
+            code, line = EXIT_INTERRUPTED, "interrupted (Ctrl-C); stopping"
+        elif isinstance(error, USER_ERRORS):
+            code, line = EXIT_USER_ERROR, f"error: {describe(error)}"
+        else:
+            code, line = EXIT_CRASH, "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        if rank == 0:  # every rank knows; one says it
+            sys.stdout.flush()
+            print(line.rstrip("\n"), file=sys.stderr, flush=True)
+        return code

@@ -1,0 +1,1 @@
+"""The strategy planner: predict memory, traffic and time of a layout, and choose one (docs/planning.md)."""

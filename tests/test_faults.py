@@ -1,0 +1,329 @@
+"""Fault injection: whatever fails, on whichever ranks, the job ends promptly, says why once, and loses nothing.
+
+Every case launches a real job (``mpiexec`` and the CLI, or a user's script calling the public
+``minipar.__main__.main``), breaks it on purpose, and checks three things: how fast every rank was
+gone after the fault, the one message and who said it, and what is on disk afterwards. Faults are
+injected by a small script (``INJECT``) that patches minipar on one rank, as a user's own script
+around the public API would look; the CLI itself carries no test hooks.
+"""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from minipar.testing import find_mpiexec, kill_processes, process_tree
+
+pytestmark = pytest.mark.faults
+
+ENDS_WITHIN = 5.0  # seconds from the fault until every rank is gone (the issue's promise)
+STARTS_WITHIN = 240.0  # a generous bound for starting ranks on a busy 2-core machine: a hang is far longer
+SMALL = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--batch-size", "8", "--eval-interval", "1000",
+         "--eval-batches", "1"]
+
+# A user's script: patch minipar on one rank (the fault), then run the CLI's main() through the API.
+INJECT = textwrap.dedent("""
+    import errno, sys, time
+    from mpi4py import MPI
+    import minipar.train, minipar.run, minipar.parallel.distributed_checkpoint as dc
+    from minipar.errors import DataError
+    from minipar.__main__ import main
+
+    RANK, WHERE, AT = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    here = MPI.COMM_WORLD.Get_rank() == RANK
+
+    def mark():  # when the fault happens, for the test's clock
+        print(f"FAULT AT {time.time():.3f}", file=sys.stderr, flush=True)
+
+    if here and WHERE == "gradients":  # an exception mid-step, while the other ranks wait in a collective
+        original = minipar.train.Trainer.update
+        def broken(self):
+            if self.step_count == AT:
+                mark()
+                raise ZeroDivisionError("injected bug")
+            return original(self)
+        minipar.train.Trainer.update = broken
+    if here and WHERE == "batch":  # a DataError on one rank mid-run
+        original_batch = minipar.data.Dataset.get_batch
+        def broken_batch(self, split, *args):
+            if split == "train" and args[-1] == AT:
+                mark()
+                raise DataError("injected: the batch file went away")
+            return original_batch(self, split, *args)
+        minipar.data.Dataset.get_batch = broken_batch
+    if here and WHERE == "check":  # a DataError on one rank while checking the data up front
+        def broken_dataset(**kwargs):
+            mark()
+            raise DataError("injected: cannot read the data here")
+        minipar.run.addition_dataset = broken_dataset
+    if here and WHERE == "disk":  # the disk fills up while this rank writes its shard, at save number AT
+        original_write, saves = dc.write_array_file, []
+        def full_disk(path, arrays, metadata=None):
+            saves.append(path)
+            if len(saves) == AT:
+                mark()
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            return original_write(path, arrays, metadata)
+        dc.write_array_file = full_disk
+    sys.exit(main(sys.argv[4:]))
+""")
+
+
+class Job:
+    """A running job whose output lands in files (so the test can watch it), with its start time."""
+
+    def __init__(self, command, folder):
+        self.out, self.err = open(folder / "stdout.txt", "w+"), open(folder / "stderr.txt", "w+")
+        environment = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]))
+        self.started = time.time()
+        self.process = subprocess.Popen(command, stdout=self.out, stderr=self.err, env=environment,
+                                        start_new_session=True)
+
+    def output(self):
+        self.out.flush(), self.err.flush()
+        return Path(self.out.name).read_text(), Path(self.err.name).read_text()
+
+    def wait_for(self, text, timeout=STARTS_WITHIN):
+        """Seconds until ``text`` appears in stdout or stderr; fails if the job ends or takes too long first."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if any(text in part for part in self.output()):
+                return
+            assert self.process.poll() is None, f"job ended before printing {text!r}:\n{self.output()}"
+            time.sleep(0.2)
+        self.kill()
+        raise AssertionError(f"no {text!r} within {timeout} s:\n{self.output()}")
+
+    def finish(self, timeout=STARTS_WITHIN):
+        """(exit status, time it ended, stdout, stderr); a job still running after ``timeout`` is a hang."""
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"job hung: still running after {timeout} s:\n{self.output()}") from None
+        ended = time.time()
+        return (self.process.returncode, ended, *self.output())
+
+    def kill(self):
+        tree = process_tree(self.process.pid, include_root=True)
+        kill_processes(tree)
+        self.process.wait(timeout=30)
+
+    def rank_pids(self):
+        """The pids of the ranks: the python processes below the launcher."""
+        return [pid for pid, started in process_tree(self.process.pid)
+                if "python" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")]
+
+
+def cli(ranks, *arguments):
+    command = [sys.executable, "-m", "minipar", *arguments]
+    return [find_mpiexec(), "-n", str(ranks), *command] if ranks > 1 else command
+
+
+def script(tmp_path, ranks, rank, where, at, *arguments):
+    path = tmp_path / "user_script.py"
+    path.write_text(INJECT)
+    return [find_mpiexec(), "-n", str(ranks), sys.executable, str(path), str(rank), where, str(at), *arguments]
+
+
+def fault_time(stderr):
+    times = re.findall(r"FAULT AT ([0-9.]+)", stderr)  # the progress bar may share its line
+    assert len(times) == 1, stderr
+    return float(times[0])
+
+
+def report(case, code, seconds, stderr):
+    """One row of the closing table (shown by ``pytest -rP``): the case, exit status, seconds, first message line."""
+    first = next((line for line in stderr.splitlines() if line.startswith(("error", "interrupted"))), "")
+    print(f"FAULT-TABLE | {case} | {code} | {seconds:.1f} | {first[:160]}")
+
+
+def index_of(folder):
+    return json.loads((Path(folder) / "ckpt.minipar" / "index.json").read_text())
+
+
+def leftovers(folder):
+    return sorted(p.name for p in Path(folder).iterdir() if ".partial-" in p.name or ".old-" in p.name)
+
+
+# ---- an error on some ranks ------------------------------------------------------------------
+def test_exception_on_one_rank_mid_step_ends_every_rank_with_one_message(tmp_path):
+    out = tmp_path / "out"
+    job = Job(script(tmp_path, 4, 3, "gradients", 6, "train", "--dp", "2", "--pp", "2", "--microbatches", "2",
+                     "--steps", "20", "--save-every", "4", "--out", str(out), *SMALL, "--n-layer", "2"), tmp_path)
+    code, ended, stdout, stderr = job.finish()
+    report("exception on rank 3 of 4 mid-step", code, ended - fault_time(stderr), stderr)
+    assert code == 1, stderr
+    assert ended - fault_time(stderr) < ENDS_WITHIN, stderr
+    assert stderr.count("error on rank 3 of 4: ZeroDivisionError: injected bug; ending the job") == 1, stderr
+    assert stderr.count("Traceback") == 1, stderr  # the failed rank's own, nobody else's
+    assert index_of(out)["step"] == 4 and leftovers(out) == []  # the save before the fault is whole
+
+
+@pytest.mark.parametrize("where", ["check", pytest.param("batch", marks=pytest.mark.slow)])
+def test_data_error_on_one_rank_is_said_once_naming_the_rank(tmp_path, where):
+    out = tmp_path / "out"
+    job = Job(script(tmp_path, 4, 3, where, 3, "train", "--dp", "4", "--steps", "8", "--save-every", "2",
+                     "--out", str(out), *SMALL), tmp_path)
+    code, ended, stdout, stderr = job.finish()
+    report(f"DataError on rank 3 of 4 ({where})", code, ended - fault_time(stderr), stderr)
+    assert code == 2, stderr
+    assert ended - fault_time(stderr) < ENDS_WITHIN, stderr
+    if where == "check":  # found while checking: every rank learns it, rank 0 says it
+        assert stderr.count("error: on rank 3 of 4: injected: cannot read the data here") == 1, stderr
+        assert not out.exists() or not (out / "ckpt.minipar").exists()
+    else:  # found alone mid-run: the rank that knows says it
+        assert stderr.count("error on rank 3 of 4: injected: the batch file went away; ending the job") == 1, stderr
+        assert index_of(out)["step"] == 2 and leftovers(out) == []
+    assert "Traceback" not in stderr
+
+
+def test_data_file_missing_on_half_the_ranks(tmp_path):
+    text = tmp_path / "a.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 40)
+    missing = tmp_path / "missing.txt"
+    common = ["train", "--dp", "4", "--steps", "2", "--block-size", "8", "--out", str(tmp_path / "out"), *SMALL]
+    mpiexec = find_mpiexec()
+    command = [mpiexec, "-n", "2", sys.executable, "-m", "minipar", *common, "--data", str(text), ":",
+               "-n", "2", sys.executable, "-m", "minipar", *common, "--data", str(missing)]
+    job = Job(command, tmp_path)
+    code, ended, stdout, stderr = job.finish()
+    report("data file missing on ranks 2, 3 of 4 (MPMD)", code, ended - job.started, stderr)
+    assert code == 2, stderr
+    assert stderr.count(f"error: on ranks 2, 3 of 4: data file '{missing}' does not exist") == 1, stderr
+    assert "Traceback" not in stderr and not (tmp_path / "out" / "ckpt.minipar").exists()
+
+
+@pytest.mark.slow
+def test_ranks_started_with_different_data_refuse_to_train(tmp_path):
+    first, second = tmp_path / "a.txt", tmp_path / "b.txt"
+    first.write_text("abcdefgh\n" * 50)
+    second.write_text("abcdefgh\n" * 49 + "hgfedcba\n")
+    common = ["train", "--dp", "2", "--steps", "2", "--block-size", "8", "--out", str(tmp_path / "out"), *SMALL]
+    command = [find_mpiexec(), "-n", "1", sys.executable, "-m", "minipar", *common, "--data", str(first), ":",
+               "-n", "1", sys.executable, "-m", "minipar", *common, "--data", str(second)]
+    code, ended, stdout, stderr = Job(command, tmp_path).finish()
+    assert code == 2 and stderr.count("error: rank 1 of 2 were started with another configuration") == 1, stderr
+
+
+# ---- Ctrl-C and kill -9 ----------------------------------------------------------------------
+def test_ctrl_c_to_the_launcher_ends_every_rank(tmp_path):
+    out = tmp_path / "out"
+    job = Job(cli(4, "train", "--dp", "2", "--tp", "2", "--steps", "100000", "--save-every", "3", "--out", str(out),
+                  *SMALL), tmp_path)
+    job.wait_for("checkpoint written")
+    sent = time.time()
+    job.process.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal does to mpiexec
+    code, ended, stdout, stderr = job.finish()
+    report("SIGINT to mpiexec (4 ranks)", code, ended - sent, stderr)
+    assert code != 0 and ended - sent < ENDS_WITHIN, (code, ended - sent, stderr)
+    assert stderr.count("interrupted (Ctrl-C)") == 1 and "Traceback" not in stderr, stderr
+    index = index_of(out)
+    assert index["step"] % 3 == 0 and index["step"] >= 3 and leftovers(out) == []
+
+
+@pytest.mark.slow
+def test_kill_9_of_one_rank_loses_only_the_steps_since_the_last_save_and_resume_is_exact(tmp_path):
+    """Kill one rank mid-run: the job ends, the last periodic checkpoint is whole, and finishing the run
+    from it gives, bit for bit, the losses of the same run never interrupted (same layout)."""
+    layout = ["--dp", "2", "--zero", "1", "--warmup", "3", "--steps", "24", "--save-every", "4", *SMALL]
+    straight = tmp_path / "straight"
+    code, _, _, stderr = Job(cli(2, "train", *layout, "--out", str(straight)), tmp_path).finish()
+    assert code == 0, stderr
+    broken = tmp_path / "broken"
+    job = Job(cli(2, "train", *layout, "--out", str(broken)), tmp_path)
+    job.wait_for("(step 8)")
+    victim = job.rank_pids()[-1]
+    killed = time.time()
+    os.kill(victim, signal.SIGKILL)
+    code, ended, stdout, stderr = job.finish()
+    report("SIGKILL of rank 1 of 2", code, ended - killed, stderr)
+    assert code != 0 and ended - killed < 30.0, (code, ended - killed, stderr)
+    saved = index_of(broken)["step"]
+    assert 8 <= saved < 24 and leftovers(broken) == []
+    code, _, _, stderr = Job(cli(2, "train", *layout, "--out", str(broken), "--resume",
+                                 str(broken / "ckpt.minipar")), tmp_path).finish()
+    assert code == 0, stderr
+    expected, got = index_of(straight)["history"]["train_loss"], index_of(broken)["history"]["train_loss"]
+    assert len(got) == 24 and got == expected
+
+
+# ---- the disk fills up -----------------------------------------------------------------------
+def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path):
+    out = tmp_path / "out"
+    job = Job(script(tmp_path, 2, 1, "disk", 2, "train", "--tp", "2", "--steps", "12", "--save-every", "3",
+                     "--out", str(out), *SMALL), tmp_path)
+    code, ended, stdout, stderr = job.finish()
+    report("ENOSPC on rank 1 of 2 at the 2nd save", code, ended - fault_time(stderr), stderr)
+    assert code == 2, stderr
+    assert ended - fault_time(stderr) < ENDS_WITHIN, stderr
+    message = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(message) == 1 and "failed on rank 1" in message[0] and "No space left on device" in message[0]
+    assert "the previous checkpoint, if any, is untouched" in message[0] and "Traceback" not in stderr
+    assert index_of(out)["step"] == 3 and leftovers(out) == []
+
+
+# ---- the sequence-parallel + pipeline hang, and a NaN loss ------------------------------------
+def test_sequence_parallel_block_size_is_checked_on_every_stage(tmp_path):
+    job = Job(cli(4, "train", "--tp", "2", "--pp", "2", "--sequence-parallel", "--block-size", "9", "--steps", "2",
+                  "--out", str(tmp_path / "out"), *SMALL, "--n-layer", "2"), tmp_path)
+    code, ended, stdout, stderr = job.finish()
+    report("--sequence-parallel, tp 2 x pp 2, block 9", code, ended - job.started, stderr)
+    assert code == 2 and "Traceback" not in stderr, stderr
+    assert stderr.count("the block size (9) must be divisible by tp (2)") == 1, stderr
+
+
+def test_nan_loss_stops_every_rank_naming_the_step_and_saves_nothing(tmp_path):
+    out = tmp_path / "out"
+    job = Job(cli(2, "train", "--dp", "2", "--lr", "1e30", "--warmup", "0", "--grad-clip", "0", "--steps", "30",
+                  "--save-every", "1", "--out", str(out), *SMALL), tmp_path)
+    code, ended, stdout, stderr = job.finish()
+    report("NaN loss (--lr 1e30), 2 ranks", code, ended - job.started, stderr)
+    assert code == 2 and "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if "the training loss is nan at step" in line]
+    assert len(lines) == 1, stderr
+    step = int(lines[0].split("at step ")[1].split()[0])
+    saved = index_of(out)  # saved after every step that was still finite, never after the NaN
+    assert saved["step"] == step - 1
+    assert all(value == value for value in saved["history"]["train_loss"])
+
+
+# ---- exact resume, with the cosine active, under ZeRO and sequence parallelism ------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [["--dp", "2", "--zero", "2"], ["--tp", "2", "--sequence-parallel"]],
+                         ids=["zero2", "sequence-parallel"])
+def test_a_run_split_in_two_gives_the_losses_of_the_uninterrupted_run(tmp_path, layout):
+    run = ["train", *layout, "--steps", "16", "--warmup", "3", *SMALL]
+    code, _, _, stderr = Job(cli(2, *run, "--out", str(tmp_path / "a")), tmp_path).finish()
+    assert code == 0, stderr
+    code, _, _, stderr = Job(cli(2, *run, "--stop-after", "7", "--out", str(tmp_path / "b")), tmp_path).finish()
+    assert code == 0, stderr
+    # No schedule on the second command line: it comes from the checkpoint.
+    code, _, _, stderr = Job(cli(2, "train", *layout, *SMALL, "--resume", str(tmp_path / "b" / "ckpt.minipar"),
+                                 "--out", str(tmp_path / "b")), tmp_path).finish()
+    assert code == 0, stderr
+    expected, got = index_of(tmp_path / "a")["history"]["train_loss"], index_of(tmp_path / "b")["history"]["train_loss"]
+    assert len(got) == 16 and got == expected
+
+
+@pytest.mark.slow
+def test_a_run_resumed_under_another_layout_agrees_to_float64_rounding(tmp_path):
+    run = ["train", "--steps", "12", "--warmup", "3", "--dtype", "float64", *SMALL]
+    code, _, _, stderr = Job(cli(1, *run, "--out", str(tmp_path / "a")), tmp_path).finish()
+    assert code == 0, stderr
+    code, _, _, stderr = Job(cli(2, *run, "--dp", "2", "--stop-after", "6", "--out", str(tmp_path / "b")),
+                             tmp_path).finish()
+    assert code == 0, stderr
+    code, _, _, stderr = Job(cli(1, "train", "--dtype", "float64", *SMALL, "--resume",
+                                 str(tmp_path / "b" / "ckpt.minipar"), "--out", str(tmp_path / "b")), tmp_path).finish()
+    assert code == 0, stderr
+    expected, got = index_of(tmp_path / "a")["history"]["train_loss"], index_of(tmp_path / "b")["history"]["train_loss"]
+    assert len(got) == 12
+    assert max(abs(a - b) / abs(a) for a, b in zip(expected, got)) < 1e-12
