@@ -33,6 +33,8 @@ def apply(planted, root):
 FUSED, COLLECTIVES, TOPOLOGY = "minipar/ops/fused.py", "minipar/comm/collectives.py", "minipar/parallel/topology.py"
 TP_COMM, TP_LAYERS = "minipar/parallel/tensor_parallel_comm.py", "minipar/parallel/tensor_parallel.py"
 SCHEDULES = "minipar/parallel/pipeline/schedules.py"
+DATA_PARALLEL, ZERO = "minipar/parallel/data_parallel.py", "minipar/parallel/zero.py"
+EXECUTOR = "minipar/parallel/pipeline/executor.py"
 
 PLANTED = (
     Planted("layer_norm_backward", "g_hat without the weight", FUSED,
@@ -113,4 +115,39 @@ PLANTED = (
             "        actions += backward_actions(step, stage, num_stages)\n",
             "        actions += backward_actions(warmup + step, stage, num_stages)\n", "expected each of 0",
             limit=15),
+
+    Planted("data_parallel", "averaging by N − 1", DATA_PARALLEL,
+            "slot.parameter.grad = summed / self.comm.size", "slot.parameter.grad = summed / (self.comm.size - 1)",
+            "divided by N − 1 instead of N"),
+    Planted("data_parallel", "a bucket sent on every micro-batch (at the first grad-ready hook)", DATA_PARALLEL,
+            "        if slot.firings == slot.expected:\n            self._pack(slot)",
+            "        if slot.firings == 1:\n            self._pack(slot)", "communicate on the last micro-batch only"),
+    Planted("data_parallel", "a gradient unpacked one element off its bucket slot", DATA_PARALLEL,
+            "summed = bucket.flat[slot.start:slot.stop].reshape(slot.parameter.shape)",
+            "summed = xp.roll(bucket.flat, 1)[slot.start:slot.stop].reshape(slot.parameter.shape)",
+            ".grad after finish_gradient_sync, element"),
+
+    Planted("pipeline_messages", "one send buffer reused while its Isend is in flight", EXECUTOR,
+            "        buffer = self._free_send_buffer(action)\n",
+            "        if getattr(self, '_the_buffer', None) is None:\n            self._the_buffer = "
+            "self._new_buffer(action)\n        buffer = self._the_buffer\n", "while its Isend was still in flight"),
+    Planted("pipeline_messages", "every message sent to the next stage, gradients too", EXECUTOR,
+            "request = self.comm.isend(buffer, peer_rank(action, self.num_stages), "
+            "message_tag(action, self.total_chunks))",
+            "request = self.comm.isend(buffer, (self.stage + 1) % self.num_stages, "
+            "message_tag(action, self.total_chunks))", "did not finish", limit=15),
+    Planted("pipeline_messages", "the received activation is not a leaf that requires a gradient", EXECUTOR,
+            'self._received[("activation", *key)] = Tensor(fresh, requires_grad=True)',
+            'self._received[("activation", *key)] = Tensor(fresh)', "no gradient reached this stage"),
+
+    Planted("zero_1", "gradient parts averaged by N − 1", ZERO,
+            "        gradient /= self.count\n", "        gradient /= self.count - 1\n",
+            "divided by N − 1 instead of N"),
+    Planted("zero_1", "the updated parts never all-gathered", ZERO,
+            "        if self.stage < 3:\n            for unit in self.units:\n                rows = self._all_gather",
+            "        if self.stage < 0:\n            for unit in self.units:\n                rows = self._all_gather",
+            "all-gather the updated parts"),
+    Planted("zero_1", "part boundaries off by one (padding in front)", ZERO,
+            "        rows.reshape(-1)[:array.size] = array.reshape(-1)\n",
+            "        rows.reshape(-1)[rows.size - array.size:] = array.reshape(-1)\n", "its part of dL/d"),
 )

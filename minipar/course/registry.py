@@ -57,9 +57,19 @@ EXERCISES = (
     Exercise("vocab_parallel_loss", "Vocabulary-parallel cross-entropy: global max, global sum, the target's shard",
              "minipar/parallel/tensor_parallel_comm.py", ("VocabParallelCrossEntropy.forward",), 40,
              "checks_tensor:VOCAB", lesson="lessons/04_tensor_parallel.ipynb", docs="docs/tensor_parallel.md"),
+    Exercise("data_parallel", "Data-parallel gradient averaging over buckets, on the last micro-batch only",
+             "minipar/parallel/data_parallel.py", ("DataParallel.gradient_ready", "DataParallel.finish_gradient_sync"),
+             40, "checks_data:DATA_PARALLEL", lesson="lessons/03_data_parallel.ipynb", docs="docs/data_parallel.md"),
     Exercise("one_f_one_b", "The 1F1B schedule as data, checked by the simulator, then run by the executor",
              "minipar/parallel/pipeline/schedules.py", ("one_f_one_b",), 30, "checks_pipeline:ONE_F_ONE_B",
              world_size=4, lesson="lessons/05_pipeline_parallel.ipynb", docs="docs/pipeline_schedules.md"),
+    Exercise("pipeline_messages", "The executor's activation and gradient send and receive for one micro-batch",
+             "minipar/parallel/pipeline/executor.py", ("PipelineExecutor._send", "PipelineExecutor._receive"), 30,
+             "checks_pipeline:MESSAGES", world_size=4, lesson="lessons/05_pipeline_parallel.ipynb",
+             docs="docs/pipeline_parallel.md"),
+    Exercise("zero_1", "ZeRO-1: reduce-scatter the gradients, update the own part, all-gather the parameters",
+             "minipar/parallel/zero.py", ("Zero._rows", "Zero._reduce_scatter", "Zero.after_optimizer_step"), 40,
+             "checks_data:ZERO_1", lesson="lessons/07_zero.ipynb", docs="docs/zero.md"),
 )
 
 
