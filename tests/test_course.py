@@ -125,8 +125,16 @@ def test_reference_passes(name):
 
 
 @pytest.mark.parametrize("name", exercise_params({"ring_allreduce"}))
-def test_stub_fails_on_every_check_with_the_exercise_named(name, student_tree):
-    result = check(name, student_tree, limit=30, out=quiet)
+def test_stub_fails_on_every_check_with_the_exercise_named(name, tmp_path):
+    """The generated stub of this exercise alone (earlier exercises done): every check fails, naming it."""
+    from minipar.course.registry import exercise_named
+    from minipar.course.student import stub_package_file
+
+    tree = reference_copy(tmp_path)
+    for path in exercise_named(name).paths:
+        stubbed, _ = stub_package_file((tree / path).read_text(), path, only={name})
+        (tree / path).write_text(stubbed)
+    result = check(name, tree, limit=30, out=quiet)
     assert result.passed == 0, "\n".join(result.lines)
     report = "\n".join(result.lines)
     assert f"raised NotImplementedError: exercise {name}" in report

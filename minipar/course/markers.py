@@ -135,11 +135,14 @@ def stub_lines(indent, exercise, what):
 
 
 def replace_regions(source, where, stub_for):
-    """``source`` with each region replaced by ``stub_for(region)``'s lines; returns (text, regions)."""
+    """``source`` with each region replaced by ``stub_for(region)``'s lines (None: left as it is);
+    returns (text, regions)."""
     regions = find_regions(source, where)
     lines = source.splitlines()
     for region in reversed(regions):
-        lines[region.begin - 1: region.end] = stub_for(region)
+        stub = stub_for(region)
+        if stub is not None:
+            lines[region.begin - 1: region.end] = stub
     text = "\n".join(lines)
     if source.endswith("\n"):
         text += "\n"

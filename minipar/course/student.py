@@ -82,14 +82,19 @@ def _exercise_of(path):
             if where == path}
 
 
-def stub_package_file(text, path):
-    """The student version of one package file (``path`` relative to the root); returns (text, regions)."""
+def stub_package_file(text, path, only=None):
+    """The student version of one package file (``path`` relative to the root); returns (text, regions).
+
+    ``only``: a set of exercise names to stub, leaving the other regions as they are (tests).
+    """
     allowed = _exercise_of(path)
 
     def stub_for(region):
         if region.function not in allowed:
             raise MarkerError(f"{path}:{region.begin}: a solution region in {region.function or 'module code'}, "
                               "which no exercise in minipar/course/registry.py names")
+        if only is not None and allowed[region.function] not in only:
+            return None
         return stub_lines(region.indent, allowed[region.function],
                           f"write {region.function} in {path}")
 
