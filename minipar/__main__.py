@@ -266,6 +266,18 @@ def run_calibrate(arguments):
     return calibrate.run(arguments)
 
 
+def add_course_arguments(parser):
+    from minipar.course import cli
+
+    cli.add_arguments(parser)
+
+
+def run_course(arguments):
+    from minipar.course import cli
+
+    return cli.run(arguments)
+
+
 @dataclass(frozen=True)
 class Command:
     help: str
@@ -284,6 +296,8 @@ COMMANDS = {
     "topology": Command("draw the dp x tp x pp process grid", add_topology_arguments, run_topology, check_topology),
     "plan": Command("choose dp x tp x pp, ZeRO, micro-batches for a model", add_plan_arguments, run_plan),
     "calibrate": Command("measure this machine into a profile for plan", add_calibrate_arguments, run_calibrate),
+    "course": Command("the course: list | student DIR | check NAME | grade DIRS --csv FILE (docs/course/)",
+                      add_course_arguments, run_course),
 }
 
 

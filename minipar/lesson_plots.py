@@ -25,7 +25,10 @@ def _rank_colours(count):
 
 
 def _matrix(axis, left, bottom, width, height, colours, split, label, label_below=""):
-    """A matrix drawn as ``len(colours)`` blocks, side by side (split="columns") or stacked ("rows")."""
+    """A matrix drawn as ``len(colours)`` blocks, side by side (split="columns") or stacked ("rows").
+
+    Blocks are numbered from 0, as ranks are: block j is rank j's.
+    """
     from matplotlib.patches import Rectangle
 
     count = len(colours)
@@ -36,7 +39,7 @@ def _matrix(axis, left, bottom, width, height, colours, split, label, label_belo
             box = (left, bottom + height - (index + 1) * height / count, width, height / count)
         axis.add_patch(Rectangle(box[:2], box[2], box[3], facecolor=colour, edgecolor="white", linewidth=1.5))
         if count > 1:
-            axis.text(box[0] + box[2] / 2, box[1] + box[3] / 2, str(index + 1), ha="center", va="center",
+            axis.text(box[0] + box[2] / 2, box[1] + box[3] / 2, str(index), ha="center", va="center",
                       fontsize=8, color="white", fontweight="bold")
     axis.text(left + width / 2, bottom + height + 0.15, label, ha="center", va="bottom", fontsize=10)
     if label_below:
@@ -69,10 +72,10 @@ def draw_column_row_split(tp=4):
     y0 = 0.4
     _matrix(top, 0, y0, width, batch, [grey], "columns", "X  (bs × h)", "same on every rank: f copies it")
     _symbol(top, width + 0.45, y0 + batch / 2, "·")
-    _matrix(top, width + 0.9, y0 - 0.2, hidden, width, colours, "columns", "A = [A₁ | … | Aₜ]  (h × 4h)",
+    _matrix(top, width + 0.9, y0 - 0.2, hidden, width, colours, "columns", "A = [A₀ | … | Aₜ₋₁]  (h × 4h)",
             "rank j holds the columns Aⱼ")
     _symbol(top, width + hidden + 1.35, y0 + batch / 2, "=")
-    _matrix(top, width + hidden + 1.8, y0, hidden, batch, colours, "columns", "Y = [Y₁ | … | Yₜ]",
+    _matrix(top, width + hidden + 1.8, y0, hidden, batch, colours, "columns", "Y = [Y₀ | … | Yₜ₋₁]",
             "Yⱼ = GELU(X Aⱼ): local, no communication")
     top.set_xlim(-0.3, 2 * hidden + width + 2.2)
     top.set_ylim(-0.6, y0 + width + 0.6)
@@ -80,10 +83,10 @@ def draw_column_row_split(tp=4):
 
     # Row split: Y (b s, 4h) · B (4h, h) = Σ_j Y_j B_j, then the allreduce.
     y0 = 2.6
-    _matrix(bottom, 0, y0, hidden, batch, colours, "columns", "Y = [Y₁ | … | Yₜ]")
+    _matrix(bottom, 0, y0, hidden, batch, colours, "columns", "Y = [Y₀ | … | Yₜ₋₁]")
     _symbol(bottom, hidden + 0.45, y0 + batch / 2, "·")
     _matrix(bottom, hidden + 0.9, y0 + batch / 2 - hidden / 2, width, hidden, colours, "rows",
-            "B = [B₁; …; Bₜ]  (4h × h)", "rank j holds the rows Bⱼ")
+            "B = [B₀; …; Bₜ₋₁]  (4h × h)", "rank j holds the rows Bⱼ")
     _symbol(bottom, hidden + width + 1.35, y0 + batch / 2, "=")
     left = hidden + width + 1.8
     for index, colour in enumerate(colours):  # the t partial sums, each full size, fanned out

@@ -90,8 +90,6 @@ class TrainConfig:
         if self.batch_size % (self.dp * self.microbatches):
             raise ConfigError(f"global batch size {self.batch_size} must be divisible by dp x microbatches "
                               f"= {self.dp} x {self.microbatches} = {self.dp * self.microbatches}")
-        if self.bucket_megabytes <= 0:
-            raise ConfigError(f"bucket size must be > 0 MB, got {self.bucket_megabytes}")
         if self.virtual_stages > 1 and self.schedule != "interleaved":
             raise ConfigError(f"virtual_stages = {self.virtual_stages} needs the interleaved schedule, "
                               f"not {self.schedule!r}")

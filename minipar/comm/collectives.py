@@ -109,6 +109,7 @@ def ring_reduce_scatter(mpi_comm, buffer, op="sum"):
     divides it. Cost (N−1)α + ((N−1)/N)nβ + ((N−1)/N)nγ
     (Patarasuk & Yuan 2009; Thakur, Rabenseifner & Gropp 2005).
     """
+    ### BEGIN SOLUTION
     reduce_into = REDUCE_INTO[op]
     flat = _flat(buffer)
     rank, size = mpi_comm.Get_rank(), mpi_comm.Get_size()
@@ -127,6 +128,7 @@ def ring_reduce_scatter(mpi_comm, buffer, op="sum"):
         reduce_into(flat[receive_start:receive_stop], incoming)
         traffic += Traffic(outgoing.nbytes, incoming.nbytes)
     return traffic
+    ### END SOLUTION
 
 
 def ring_all_gather(mpi_comm, buffer):
@@ -142,6 +144,7 @@ def ring_all_gather(mpi_comm, buffer):
     when N divides it. Cost (N−1)α + ((N−1)/N)nβ, no reduction
     (Patarasuk & Yuan 2009; Thakur, Rabenseifner & Gropp 2005).
     """
+    ### BEGIN SOLUTION
     flat = _flat(buffer)
     rank, size = mpi_comm.Get_rank(), mpi_comm.Get_size()
     traffic = Traffic()
@@ -156,6 +159,7 @@ def ring_all_gather(mpi_comm, buffer):
         mpi_comm.Sendrecv(outgoing, right, _ALL_GATHER_TAG, incoming, left, _ALL_GATHER_TAG)
         traffic += Traffic(outgoing.nbytes, incoming.nbytes)
     return traffic
+    ### END SOLUTION
 
 
 def ring_allreduce(mpi_comm, buffer, op="sum"):
@@ -194,6 +198,7 @@ def recursive_doubling_allreduce(mpi_comm, buffer, op="sum"):
     Rabenseifner & Gropp 2005): few messages, so good for small n, but every
     round moves the whole buffer, so worse than the ring for large n.
     """
+    ### BEGIN SOLUTION
     reduce_into = REDUCE_INTO[op]
     flat = _flat(buffer)
     rank, size = mpi_comm.Get_rank(), mpi_comm.Get_size()
@@ -228,6 +233,7 @@ def recursive_doubling_allreduce(mpi_comm, buffer, op="sum"):
         mpi_comm.Send(flat, rank - 1, tag)
         traffic += Traffic(flat.nbytes, 0)
     return traffic
+    ### END SOLUTION
 
 
 def tree_allreduce(mpi_comm, buffer, op="sum"):

@@ -72,6 +72,7 @@ class LayerNorm(Function):
 
     @staticmethod
     def backward(ctx, grad):
+        ### BEGIN SOLUTION
         x_hat, inverse_std, weight = ctx.saved
         rows = grad.reshape(-1, grad.shape[-1])
         grad_weight = (rows * x_hat.reshape(rows.shape)).sum(axis=0)
@@ -80,6 +81,7 @@ class LayerNorm(Function):
         grad_x = inverse_std * (g_hat - g_hat.mean(axis=-1, keepdims=True)
                                 - x_hat * (g_hat * x_hat).mean(axis=-1, keepdims=True))
         return grad_x, grad_weight, grad_bias
+        ### END SOLUTION
 
 
 class CrossEntropy(Function):

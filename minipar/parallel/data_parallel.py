@@ -309,12 +309,14 @@ class DataParallel(SingleReplica):
                                f"{slot.expected} (accumulation_steps is {self.accumulation_steps}): call "
                                "finish_gradient_sync() once per step, and pass uses_per_micro_batch for a "
                                "parameter that several backward calls per micro-batch reach")
+        ### BEGIN SOLUTION
         if slot.firings == slot.expected:
             self._pack(slot)
             self._launch_full_buckets()
         # Without a progress thread MPI advances nonblocking collectives only inside MPI calls.
         for bucket in self.buckets[:self._next_launch]:
             bucket.request.test()
+        ### END SOLUTION
 
     def _end_step(self):
         """Finish the allreduces in flight (every rank started the same ones) and forget this step."""
@@ -336,6 +338,7 @@ class DataParallel(SingleReplica):
 
     def finish_gradient_sync(self):
         """Make every parameter's .grad the average over the dp group: Δθ = (1/N) Σ_i Δθ_i."""
+        ### BEGIN SOLUTION
         if self.overlap:
             for bucket in self.buckets[self._next_launch:]:
                 for slot in bucket.slots:
@@ -360,6 +363,7 @@ class DataParallel(SingleReplica):
                 summed = bucket.flat[slot.start:slot.stop].reshape(slot.parameter.shape)
                 slot.parameter.grad = summed / self.comm.size
         self._end_step()
+        ### END SOLUTION
 
 
 def _name_of(parameter, index):

@@ -133,8 +133,10 @@ class ColumnParallelLinear(Module):
         self.bias = _split_parameter((out_features,), 0, communicator, blocks) if bias else None
 
     def forward(self, x):  # (B, T, C_in), or (B, T/t, C_in) under SP -> (B, T, C_out/t)
+        ### BEGIN SOLUTION
         x = enter_parallel_region(x, self.communicator, self.sequence_parallel)
         return ops.linear(x, self.weight, self.bias)
+        ### END SOLUTION
 
 
 class RowParallelLinear(Module):
@@ -151,8 +153,10 @@ class RowParallelLinear(Module):
         self.bias = _replicated(zeros(out_features), sequence_parallel) if bias else None
 
     def forward(self, x):  # (B, T, C_in/t) -> (B, T, C_out), or (B, T/t, C_out) under SP
+        ### BEGIN SOLUTION
         out = leave_parallel_region(ops.linear(x, self.weight), self.communicator, self.sequence_parallel)
         return out + self.bias if self.bias is not None else out
+        ### END SOLUTION
 
 
 class ParallelMLP(Module):

@@ -38,10 +38,12 @@ class Layout:
 
     def coordinates(self, rank):
         """(dp_rank, tp_rank, pp_rank) of a world rank."""
+        ### BEGIN SOLUTION
         tp_rank = rank % self.tp
         dp_rank = rank // self.tp % self.dp
         pp_rank = rank // (self.tp * self.dp)
         return dp_rank, tp_rank, pp_rank
+        ### END SOLUTION
 
     def rank_of(self, dp_rank, tp_rank, pp_rank):
         return tp_rank + self.tp * (dp_rank + self.dp * pp_rank)
@@ -78,6 +80,7 @@ class ProcessGrid:
 
     def __init__(self, layout, world):
         """``world`` is a minipar Communicator over all ranks (see minipar.comm)."""
+        ### BEGIN SOLUTION
         layout.validate(world.size)
         self.layout, self.world = layout, world
         self.dp_rank, self.tp_rank, self.pp_rank = layout.coordinates(world.rank)
@@ -85,6 +88,7 @@ class ProcessGrid:
         self.tp = world.split(color=self.dp_rank + layout.dp * self.pp_rank, key=self.tp_rank)
         self.dp = world.split(color=self.tp_rank + layout.tp * self.pp_rank, key=self.dp_rank)
         self.pp = world.split(color=self.tp_rank + layout.tp * self.dp_rank, key=self.pp_rank)
+        ### END SOLUTION
 
     @property
     def is_first_stage(self):

@@ -145,9 +145,11 @@ class Zero(SingleReplica):
 
     def _rows(self, p, array):
         """An array shaped like p, flat, zero-padded, as (N, s): row d is rank d's part."""
+        ### BEGIN SOLUTION
         rows = xp.zeros((self.count, part_length(p.size, self.count)), dtype=array.dtype)
         rows.reshape(-1)[:array.size] = array.reshape(-1)
         return rows
+        ### END SOLUTION
 
     def _make_parts(self, unit):
         storage = xp.empty(unit.length, dtype=unit.parameters[0].dtype) if self.stage == 3 else None
@@ -204,6 +206,7 @@ class Zero(SingleReplica):
 
     def _reduce_scatter(self, unit):
         """ḡ_d = (1/N) Σ_i g_i on this rank's parts; each full gradient is freed once packed."""
+        ### BEGIN SOLUTION
         rows = xp.zeros((self.count, unit.length), dtype=unit.parameters[0].dtype)
         for p, place in unit.slots():
             if p.grad is not None:
@@ -215,6 +218,7 @@ class Zero(SingleReplica):
         for p, place in unit.slots():
             self.parts[id(p)].grad = gradient[place]
         unit.sent = True
+        ### END SOLUTION
 
     def finish_gradient_sync(self):
         """Reduce-scatter every unit not yet sent (all of them in stage 1): each part's .grad is its average."""
@@ -236,11 +240,13 @@ class Zero(SingleReplica):
 
     def after_optimizer_step(self, step):
         """Stages 1-2: all-gather the updated parts into every rank's whole parameters."""
+        ### BEGIN SOLUTION
         if self.stage < 3:
             for unit in self.units:
                 rows = self._all_gather(unit, [self.parts[id(p)].data for p in unit.parameters])
                 for p, place in unit.slots():
                     self.padded[id(p)][...] = rows[:, place]
+        ### END SOLUTION
 
     @contextmanager
     def gathered(self, units):

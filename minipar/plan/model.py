@@ -328,7 +328,8 @@ def piece_activation_bytes(model, piece, b, strategy):
     norm = e * (b * s * h + b * s) // (t if sp else 1)
     if split_model:  # + whether each target is in this rank's range (bool)
         return norm + e * b * s * h + e * b * s * model.vocab_size // t + b * s
-    return norm + e * b * s * h + e * b * s * model.vocab_size
+    # + the 0-d loss itself, which the executor's 1/m scaling keeps for backward
+    return norm + e * b * s * h + e * b * s * model.vocab_size + e
 
 
 @functools.lru_cache(maxsize=4096)

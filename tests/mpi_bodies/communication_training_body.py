@@ -59,7 +59,7 @@ def compressed_training(comm, method, steps=3):
     sent = sum(r.bytes_sent for r in trainer.grid.dp.counters.values())
     return {"exact_losses": exact_losses, "losses": losses, "checksums": checksums,
             "bytes_sent": sent, "exact_bytes_sent": exact_bytes,
-            "state_names": sorted(trainer.sync.state_arrays())}
+            "state_names": sorted(trainer.sync_state_arrays())}
 
 
 def resume_is_exact(comm, folder, steps=6, split=3, **options):

@@ -253,6 +253,7 @@ class PipelineExecutor:
 
     def _receive(self, action):
         started = time.perf_counter()
+        ### BEGIN SOLUTION
         posted_action, buffer, request = self._posted_receives.popleft()
         assert posted_action == action, f"receives out of order: posted {posted_action!r}, running {action!r}"
         request.wait()
@@ -264,10 +265,12 @@ class PipelineExecutor:
             self._received[("activation", *key)] = Tensor(fresh, requires_grad=True)
         else:
             self._received[("gradient", *key)] = fresh
+        ### END SOLUTION
         self._record("recv-wait", "recv", started, action)
 
     def _send(self, action):
         started = time.perf_counter()
+        ### BEGIN SOLUTION
         direction = "activation" if action.kind == SEND_FORWARD else "gradient"
         payload = self._outgoing.pop((direction, action.microbatch, action.chunk))
         shape = self._shape_of(action)
@@ -279,6 +282,7 @@ class PipelineExecutor:
         buffer[...] = payload
         request = self.comm.isend(buffer, peer_rank(action, self.num_stages), message_tag(action, self.total_chunks))
         self._sends_in_flight.append((buffer, request))
+        ### END SOLUTION
         self._record("send", "send", started, action)
 
     def _reclaim_completed_sends(self):

@@ -179,6 +179,7 @@ def one_f_one_b(num_stages, num_microbatches, stage):
     (p - 1)/(m + p - 1) of the step: the warm-up and drain idle times are GPipe's, only reordered.
     """
     _check_layout(num_stages, num_microbatches, stage)
+    ### BEGIN SOLUTION
     warmup = min(num_stages - stage - 1, num_microbatches)
     actions = []
     for microbatch in range(warmup):
@@ -189,6 +190,7 @@ def one_f_one_b(num_stages, num_microbatches, stage):
     for microbatch in range(num_microbatches - warmup, num_microbatches):
         actions += backward_actions(microbatch, stage, num_stages)
     return actions
+    ### END SOLUTION
 
 
 def interleaved_one_f_one_b(num_stages, num_microbatches, stage, num_chunks):

@@ -1,0 +1,97 @@
+"""What a check is, and how it says what is wrong.
+
+A check body runs on every rank of a communicator of one size and compares what the
+student's code produced with an oracle computed on that rank alone (a single-process
+computation, never the code under test). On the first wrong value it raises
+``CheckFailure`` with one message: the value's name and index, expected vs got, the
+formula the expected value comes from, and, where the data make it possible, what the
+wrong value reveals (``digits_hint``: which ranks' contributions a sum holds).
+"""
+from dataclasses import dataclass
+
+import numpy as np  # host-side oracles and comparisons (MPI buffers are host arrays)
+
+
+class CheckFailure(AssertionError):
+    """A wrong value; the message is what the student reads."""
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    sizes: tuple      # communicator sizes to run on (ranks 0 … size−1 of the job)
+    body: object      # body(mpi_comm) -> None; raises CheckFailure on a wrong value
+
+
+def entries(checks):
+    """``[(label, check, size)]`` in order: one graded entry per check and size."""
+    return [(f"{check.name} [N={size}]", check, size) for check in checks for size in check.sizes]
+
+
+def _show(value):
+    value = value.item() if hasattr(value, "item") else value
+    if isinstance(value, float) and np.isfinite(value) and value == int(value) and abs(value) < 1e15:
+        return f"{int(value)}"
+    return f"{value:.10g}" if isinstance(value, float) else repr(value)
+
+
+def compare(what, got, expected, formula, hint=None, rtol=1e-12, atol=1e-12):
+    """Raise CheckFailure at the first element of ``got`` that is not ``expected``.
+
+    ``formula`` says where the expected value comes from; ``hint(index, got, expected)``
+    may add what the wrong value reveals.
+    """
+    got, expected = np.asarray(got), np.asarray(expected)
+    if got.shape != expected.shape:
+        raise CheckFailure(f"{what}: expected shape {expected.shape}, got shape {got.shape}")
+    wrong = ~np.isclose(got, expected, rtol=rtol, atol=atol)
+    if not wrong.any():
+        return
+    index = tuple(int(i) for i in np.argwhere(wrong)[0])
+    shown = f"[{', '.join(map(str, index))}]" if index else ""
+    message = (f"{what}{shown}: expected {_show(expected[index])} ({formula}), got {_show(got[index])}"
+               f" ({int(wrong.sum())} of {wrong.size} values wrong)")
+    extra = hint(index, got[index], expected[index]) if hint else ""
+    raise CheckFailure(message + (f"\n{extra}" if extra else ""))
+
+
+def require(condition, message):
+    if not condition:
+        raise CheckFailure(message)
+
+
+# The digit-per-rank trick of lesson 2: rank r contributes multiplier * 10^r, so a sum shows
+# its contributors as digits (2022 on 4 ranks: ranks 1, 2 and 3 once each, with multiplier 2).
+def digit_data(rank, count):
+    """Element j of rank r is (1 + j mod 4) · 10^r: exact in float64 up to 15 ranks."""
+    return np.array([(1 + j % 4) * 10.0 ** rank for j in range(count)])
+
+
+def digit_sum(size, count):
+    return sum(digit_data(rank, count) for rank in range(size))
+
+
+def digits_hint(size):
+    """A ``compare`` hint that reads a wrong sum of ``digit_data`` as contributions per rank."""
+
+    def hint(index, got, expected):
+        got = float(got)
+        multiplier = 1 + index[-1] % 4
+        if got != int(got) or got < 0 or got >= 10.0 ** size:
+            return ""
+        counts = [int(got // 10 ** rank) % 10 for rank in range(size)]
+        if any(count % multiplier for count in counts):
+            return ""
+        counts = [count // multiplier for count in counts]
+        missing = [rank for rank, count in enumerate(counts) if count == 0]
+        extra = [f"rank {rank} {count} times" for rank, count in enumerate(counts) if count > 1]
+        parts = []
+        if missing:
+            parts.append(f"contributions missing from rank{'s' if len(missing) > 1 else ''} "
+                         f"{', '.join(map(str, missing))}")
+        if extra:
+            parts.append("counted more than once: " + ", ".join(extra))
+        return (" and ".join(parts) + " (element j of rank r is (1 + j mod 4)·10^r, so each digit "
+                "counts one rank's contribution)") if parts else ""
+
+    return hint
