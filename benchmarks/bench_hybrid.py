@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from minipar.backend import xp  # noqa: E402
 from minipar.comm import Communicator  # noqa: E402
 from minipar.nn.gpt import GPTConfig  # noqa: E402
-from minipar.train import Trainer, TrainConfig  # noqa: E402
+from minipar.train import TrainConfig, Trainer  # noqa: E402
 
 # The small GPT, with 8 heads and 8 layers so that tp = 8 and pp = 8 both divide it.
 MODEL = dict(vocab_size=64, block_size=64, n_layer=8, n_head=8, n_embd=128)

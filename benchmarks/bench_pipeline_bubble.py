@@ -34,7 +34,6 @@ import argparse
 import os
 import time
 
-
 from minipar.backend import from_host, host_rng, xp
 from minipar.comm import Communicator
 from minipar.nn.layers import Linear

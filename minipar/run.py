@@ -20,8 +20,12 @@ from minipar.data import CharTokenizer, addition_dataset, answer_accuracy, load_
 from minipar.errors import CheckpointError, ConfigError, DataError, JobError
 from minipar.job import on_every_rank
 from minipar.nn.gpt import GPT, GPTConfig
-from minipar.parallel.distributed_checkpoint import (_check_model, load_distributed_checkpoint,
-                                                     load_single_process_model, save_distributed_checkpoint)
+from minipar.parallel.distributed_checkpoint import (
+    _check_model,
+    load_distributed_checkpoint,
+    load_single_process_model,
+    save_distributed_checkpoint,
+)
 from minipar.tensor import no_grad
 from minipar.train import learning_rate_at
 

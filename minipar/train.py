@@ -24,12 +24,12 @@ import dataclasses
 from dataclasses import dataclass
 
 from minipar.backend import from_host, scalar_to_host, set_default_dtype, to_host, xp
+from minipar.comm.compression import make_compressor
+from minipar.comm.hierarchical import NodeGroups, node_of_world_rank, shared_memory_node
 from minipar.errors import CheckpointError, ConfigError, DataError, require_finite, require_positive_int
 from minipar.job import guard_job
 from minipar.nn.gpt import GPT
 from minipar.optim import SGD, AdamW, clip_grad_norm, cosine_learning_rate, decay_groups, grad_norm_squared
-from minipar.comm.compression import make_compressor
-from minipar.comm.hierarchical import NodeGroups, node_of_world_rank, shared_memory_node
 from minipar.parallel.communication_reduction import CompressedDataParallel, HierarchicalDataParallel, LocalSGD
 from minipar.parallel.data_parallel import DataParallel, local_slice
 from minipar.parallel.gather import gather_full_arrays

@@ -19,10 +19,10 @@ Screenshots of the home page and of the pipeline lesson go to ``build/site-check
 when every page passes; otherwise each problem is printed, one line each, and the status is 1.
 """
 import argparse
-import os
 import functools
 import http.server
 import json
+import os
 import re
 import shutil
 import sys

@@ -13,8 +13,14 @@ from hypothesis.extra import numpy as array_strategies
 
 from minipar import checkpoint
 from minipar.backend import to_host, xp
-from minipar.checkpoint import (load_checkpoint, read_array_file, read_json, save_checkpoint,
-                                write_array_file, write_json_atomic)
+from minipar.checkpoint import (
+    load_checkpoint,
+    read_array_file,
+    read_json,
+    save_checkpoint,
+    write_array_file,
+    write_json_atomic,
+)
 from minipar.errors import CheckpointError
 
 METADATA = {"step": 120, "model": {"layers": 2, "width": 64}, "tokenizer": {"kind": "char", "characters": "ab"}}

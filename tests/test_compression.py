@@ -10,8 +10,17 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from minipar.comm.compression import (CODECS, PowerSGD, TopK, bf16_decode, bf16_encode, fp16_decode,
-                                      fp16_encode, make_compressor, orthonormal_columns)
+from minipar.comm.compression import (
+    CODECS,
+    PowerSGD,
+    TopK,
+    bf16_decode,
+    bf16_encode,
+    fp16_decode,
+    fp16_encode,
+    make_compressor,
+    orthonormal_columns,
+)
 from minipar.errors import ConfigError
 
 

@@ -9,11 +9,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minipar.backend import to_host, xp
-from minipar.data import (ADDITION_ALPHABET, AdditionProblem, CharTokenizer, Dataset, addition_dataset,
-                          addition_problems, answer_accuracy, load_text_dataset)
+from minipar.data import (
+    ADDITION_ALPHABET,
+    AdditionProblem,
+    CharTokenizer,
+    Dataset,
+    addition_dataset,
+    addition_problems,
+    answer_accuracy,
+    load_text_dataset,
+)
 from minipar.errors import ConfigError, DataError
 from minipar.parallel.data_parallel import local_slice
-
 
 # --- tokenizer ---------------------------------------------------------------------------
 

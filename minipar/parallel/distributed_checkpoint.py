@@ -32,8 +32,7 @@ from pathlib import Path
 import numpy
 
 from minipar.backend import to_host, xp
-from minipar.checkpoint import (default_mode, read_array_file, read_json, sha256_of, write_array_file,
-                                write_json_atomic)
+from minipar.checkpoint import default_mode, read_array_file, read_json, sha256_of, write_array_file, write_json_atomic
 from minipar.errors import CheckpointError, ConfigError
 from minipar.parallel.sharding import Shard, label_replicated
 
