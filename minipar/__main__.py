@@ -142,17 +142,7 @@ def add_train_arguments(parser):
                         default="mpi", help="hierarchical: inside each node, then across nodes (docs/communication.md)")
     layout.add_argument("--ranks-per-node", type=non_negative_int, default=0,
                         help="--allreduce hierarchical: simulated nodes of K ranks (default: MPI's shared-memory nodes)")
-    cutting = parser.add_argument_group("cutting communication (docs/communication.md)")
-    cutting.add_argument("--compress", choices=["none", "fp16", "bf16", "topk", "powersgd"], default="none",
-                         help="how data-parallel gradients travel; all but none are lossy")
-    cutting.add_argument("--topk-ratio", type=finite_float, default=defaults.topk_ratio,
-                         help="--compress topk: fraction of each gradient tensor sent per step")
-    cutting.add_argument("--powersgd-rank", type=positive_int, default=defaults.powersgd_rank,
-                         help="--compress powersgd: rank r of the approximation")
-    cutting.add_argument("--local-sgd", type=non_negative_int, default=0,
-                         help="H > 0: no gradient exchange, average the parameters every H steps")
-    cutting.add_argument("--optimizer", choices=["adamw", "sgd"], default=defaults.optimizer,
-                         help="sgd: plain SGD (local SGD with H = 1 is then exactly data parallelism)")
+    add_communication_arguments(parser, defaults)
 
 
 BACKENDS = ("numpy", "cupy", "devicesim")  # minipar.backend.BACKEND_NAMES, before it may be imported
@@ -181,6 +171,20 @@ def choose_backend(argv):
         os.environ["MINIPAR_BACKEND"] = chosen.backend
     if chosen.transport is not None:
         os.environ["MINIPAR_TRANSPORT"] = chosen.transport
+
+
+def add_communication_arguments(parser, defaults):
+    cutting = parser.add_argument_group("cutting communication (docs/communication.md)")
+    cutting.add_argument("--compress", choices=["none", "fp16", "bf16", "topk", "powersgd"], default="none",
+                         help="how data-parallel gradients travel; all but none are lossy")
+    cutting.add_argument("--topk-ratio", type=finite_float, default=defaults.topk_ratio,
+                         help="--compress topk: fraction of each gradient tensor sent per step")
+    cutting.add_argument("--powersgd-rank", type=positive_int, default=defaults.powersgd_rank,
+                         help="--compress powersgd: rank r of the approximation")
+    cutting.add_argument("--local-sgd", type=non_negative_int, default=0,
+                         help="H > 0: no gradient exchange, average the parameters every H steps")
+    cutting.add_argument("--optimizer", choices=["adamw", "sgd"], default=defaults.optimizer,
+                         help="sgd: plain SGD (local SGD with H = 1 is then exactly data parallelism)")
 
 
 def add_train_command_arguments(parser):
