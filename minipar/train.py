@@ -80,7 +80,8 @@ class TrainConfig:
         if self.dtype not in ("float32", "float64"):
             raise ConfigError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
         require_positive_int("steps", self.steps, minimum=0)
-        for name in ("batch_size", "dp", "tp", "pp", "microbatches", "virtual_stages"):
+        Layout(self.dp, self.tp, self.pp)  # checks dp, tp and pp, in the one place that does (parallel/topology.py)
+        for name in ("batch_size", "microbatches", "virtual_stages"):
             require_positive_int(name, getattr(self, name))
         for name in ("learning_rate", "min_learning_rate", "weight_decay", "grad_clip"):
             require_finite(name, getattr(self, name), minimum=0.0)

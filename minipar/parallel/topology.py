@@ -24,13 +24,16 @@ class Layout:
     tp: int = 1
     pp: int = 1
 
+    def __post_init__(self):  # the one place a layout's sizes are checked (TrainConfig builds one too)
+        for name in ("dp", "tp", "pp"):
+            require_positive_int(name, getattr(self, name))
+
     @property
     def world_size(self):
         return self.dp * self.tp * self.pp
 
     def validate(self, world_size):
-        for name in ("dp", "tp", "pp"):
-            require_positive_int(f"--{name}", getattr(self, name))
+        """The layout against the ranks actually launched (its sizes were checked when it was made)."""
         if self.world_size != world_size:
             raise ConfigError(f"dp x tp x pp = {self.dp} x {self.tp} x {self.pp} = {self.world_size} "
                               f"does not equal the number of MPI ranks ({world_size}); "
