@@ -15,19 +15,24 @@ An MPI job has two kinds of failure, and each needs its own ending.
   that knows prints one message naming itself and the cause and calls
   ``MPI_Abort(MPI_COMM_WORLD)``, which makes the launcher kill every rank (MPI-4.0 section
   11.8.1; MPICH's hydra does it at once). When every rank fails alike, rank 0 speaks first and
-  the others, which wait a second before speaking, are ended before they repeat it.
+  the others, which wait 1.5 s before speaking, are ended before they repeat it.
 
 Ctrl-C: MPICH's ``mpiexec`` forwards SIGINT to every rank, but Python only acts on a signal
 between bytecodes, and a rank blocked in an MPI call never gets there (the job ran on,
-untouchable, in minipar before this module). So under MPI the main thread blocks SIGINT and a
-small thread waits for it with ``sigwait`` (mpi4py releases the GIL in blocking calls, so the
-thread runs) and aborts the job. A process killed outright (``kill -9``) needs nothing from us:
+untouchable, in minipar before this module). So under an MPI launcher ``watch_ctrl_c`` blocks
+SIGINT as soon as minipar is imported, before NumPy or MPI start threads of their own (a thread
+inherits its creator's mask, and the kernel hands a process's signal to any thread that does not
+block it: MPICH's progress thread took it and the main thread, stuck in a collective, never
+heard). One small thread then waits for it with ``sigwait`` (mpi4py releases the GIL in blocking
+calls, so the thread runs) and aborts the job; in a one-rank job it raises KeyboardInterrupt in
+the main thread, as Python would. A process killed outright (``kill -9``) needs nothing from us:
 the launcher sees it die and ends the others.
 
-``guard_job`` installs the Ctrl-C thread and a ``sys.excepthook`` that aborts, so a user's own
-script that builds a ``Trainer`` gets the same ending for an uncaught exception (as
-``python -m mpi4py script.py`` would give). ``run_job`` is the CLI's wrapper around a command.
+``guard_job`` installs a ``sys.excepthook`` that aborts, so a user's own script that builds a
+``Trainer`` gets the same ending for an uncaught exception (as ``python -m mpi4py script.py``
+would give). ``run_job`` is the CLI's wrapper around a command.
 """
+import _thread
 import hashlib
 import json
 import os
@@ -41,8 +46,8 @@ from minipar.errors import CheckpointError, ConfigError, DataError, JobError
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, JobError)
 EXIT_USER_ERROR, EXIT_CRASH, EXIT_INTERRUPTED = 2, 1, 130
-_SPEAK_DELAY = 1.0  # seconds a rank other than 0 waits before speaking and aborting (see the docstring)
-_guarded = {}  # the world communicator whose job is guarded, once per process
+_SPEAK_DELAY = 1.5  # seconds a rank other than 0 waits before speaking and aborting (see the docstring)
+_guarded = {}  # the Ctrl-C watcher thread and the world whose job is guarded, once per process
 
 
 def job_world():
@@ -140,19 +145,49 @@ def abort_job(world, error, code=None):
         os._exit(code)  # so this rank leaves by itself, running no more Python (and no MPI_Finalize)
 
 
-def _wait_for_ctrl_c(world):
-    signal.sigwait({signal.SIGINT})
-    abort_job(world, KeyboardInterrupt(), EXIT_INTERRUPTED)
+def _initialised_world():
+    """COMM_WORLD once MPI_Init has run (and MPI_Finalize has not), else None."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is None or not mpi.Is_initialized() or mpi.Is_finalized():
+        return None
+    return mpi.COMM_WORLD
+
+
+def _wait_for_ctrl_c():
+    while True:
+        signal.sigwait({signal.SIGINT})
+        world = _guarded.get("world") or _initialised_world()
+        if world is None or world.Get_size() == 1:
+            _thread.interrupt_main()  # one process: a KeyboardInterrupt in the main thread, as usual
+        else:
+            abort_job(world, KeyboardInterrupt(), EXIT_INTERRUPTED)
+
+
+def watch_ctrl_c():
+    """Under an MPI launcher, from now on only the minipar-ctrl-c thread receives SIGINT (see the docstring).
+
+    ``minipar/__init__.py`` calls it first thing, so every thread started later (BLAS, MPI's
+    progress thread, tqdm's monitor) inherits the blocked signal.
+    """
+    from minipar._threads import launched_by_mpi
+
+    if not launched_by_mpi or "watcher" in _guarded or threading.current_thread() is not threading.main_thread():
+        return
+    _guarded["watcher"] = threading.Thread(target=_wait_for_ctrl_c, name="minipar-ctrl-c", daemon=True)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    _guarded["watcher"].start()
 
 
 def guard_job(world):
     """Under MPI with more than one rank: Ctrl-C and uncaught exceptions end every rank (see the docstring)."""
-    if world is None or world.Get_size() == 1 or _guarded or threading.current_thread() is not threading.main_thread():
+    if world is None or world.Get_size() == 1 or "world" in _guarded:
+        return
+    if threading.current_thread() is not threading.main_thread():
         return
     _guarded["world"] = world
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # threads started from now on inherit it
-    threading.Thread(target=_wait_for_ctrl_c, args=(world,), name="minipar-ctrl-c", daemon=True).start()
-    # Should a SIGINT still reach a thread that does not block it, the main thread acts on it as well.
+    watch_ctrl_c()  # a no-op when minipar/__init__ already did it
+    # A thread started before minipar was imported (mpi4py imported first) may still take SIGINT; Python
+    # then runs this handler in the main thread, as soon as that one is back in Python.
     signal.signal(signal.SIGINT, lambda number, frame: abort_job(world, KeyboardInterrupt(), EXIT_INTERRUPTED))
     previous = sys.excepthook
 
