@@ -19,7 +19,8 @@ def test_data_parallel_on_ranks(nranks):
     results = results_from_ranks(nranks, f"{BODY}:run_all_checks", timeout=240)
     assert_as_expected(results, checks=["buckets", "broadcast", "equivalence", "divergence", "bad inputs"])
     compared = {what.split(":")[0] for what, *_ in results[0]["comparisons"]}
-    assert compared == {name for name, *_ in CASES}, compared
+    missing = {name for name, *_ in CASES} - compared
+    assert not missing, f"cases never compared with one process: {sorted(missing)}"
 
 
 @pytest.mark.parametrize("nranks", [2, 4])

@@ -7,7 +7,6 @@ import math
 
 from minipar.backend import from_host, host_rng, set_default_dtype, xp
 from minipar.comm import Communicator
-from minipar.errors import ConfigError
 from minipar.nn.gpt import GPT, GPTConfig
 from minipar.nn.module import Parameter
 from minipar.optim import AdamW, decay_groups
@@ -171,19 +170,28 @@ def equivalence_checks(communicator):
 
 
 def check_buckets(communicator):
+    """How the parameters are packed into buckets, as (what, got, relation, expected)."""
     model, _ = new_model_and_optimizer()
     parameters = model.parameters()
+    name_of = {id(p): name for name, p in model.named_parameters()}
     one = DataParallel(parameters, communicator, bucket_bytes=math.inf)
-    assert len(one.buckets) == 1 and one.buckets[0].flat.size == sum(p.size for p in parameters)
     each = DataParallel(parameters, communicator, bucket_bytes=1)
-    assert len(each.buckets) == len(parameters)
     sized = DataParallel(parameters, communicator, bucket_bytes=2048)
-    order = [slot.parameter for bucket in sized.buckets for slot in bucket.slots]
-    assert order == parameters[::-1], "buckets must hold the parameters in reverse order"
-    for bucket in sized.buckets:
-        assert bucket.flat.nbytes <= 2048 or len(bucket.slots) == 1, f"bucket of {bucket.flat.nbytes} bytes"
-    for first, second in zip(sized.buckets, sized.buckets[1:], strict=False):  # greedy: the next one would not fit
-        assert first.flat.nbytes + second.slots[0].parameter.data.nbytes > 2048
+    order = [name_of[id(slot.parameter)] for bucket in sized.buckets for slot in bucket.slots]
+    checks = [("buckets: bucket_bytes=inf makes one bucket", len(one.buckets), "==", 1),
+              ("buckets: that bucket holds every element", int(one.buckets[0].flat.size), "==",
+               sum(p.size for p in parameters)),
+              ("buckets: bucket_bytes=1 makes one bucket per parameter", len(each.buckets), "==", len(parameters)),
+              ("buckets: 2 KiB buckets hold the parameters in reverse order", order, "==",
+               [name_of[id(p)] for p in parameters[::-1]])]
+    for index, bucket in enumerate(sized.buckets):
+        checks.append((f"buckets: 2 KiB bucket {index} ({bucket.flat.nbytes} B, {len(bucket.slots)} parameters) "
+                       "is at most 2048 B or holds one parameter",
+                       bucket.flat.nbytes <= 2048 or len(bucket.slots) == 1, "==", True))
+    for index, (first, second) in enumerate(zip(sized.buckets, sized.buckets[1:], strict=False)):
+        checks.append((f"buckets: greedy packing, bucket {index} plus the next one's first parameter (bytes)",
+                       first.flat.nbytes + second.slots[0].parameter.data.nbytes, ">", 2048))
+    return checks
 
 
 def check_broadcast(communicator):
@@ -194,34 +202,47 @@ def check_broadcast(communicator):
         for p in model.parameters():
             p.data += communicator.rank
     DataParallel(model.parameters(), communicator).check_replicas()
-    for name, value in model.state_dict().items():
-        assert (value == pristine[name]).all(), f"rank {communicator.rank}: {name} not broadcast from rank 0"
+    return [(f"broadcast: rank {communicator.rank}'s {name} minus rank 0's, largest |difference|",
+             float(xp.abs(value - pristine[name]).max()), "==", 0.0)
+            for name, value in model.state_dict().items()]
 
 
 def check_divergence_detected(communicator):
+    """check_replicas names the one rank and the one parameter that drifted, on every rank."""
     model, _ = new_model_and_optimizer()
     dp = DataParallel(model.parameters(), communicator, check_interval=5)
-    assert dp.check_replicas(step=3) is None, "step 3 is not a checking step"
+    checks = [("divergence: check_replicas at step 3 (not a checking step)", dp.check_replicas(step=3), "==", None)]
     dp.check_replicas(step=5)
-    culprits = [communicator.size - 1, 0] if communicator.size >= 3 else [communicator.size - 1]
     if communicator.size == 1:
-        return
+        return checks
+    culprits = [communicator.size - 1, 0] if communicator.size >= 3 else [communicator.size - 1]
     target_name, target = "blocks.1.mlp.hidden.weight", dict(model.named_parameters())["blocks.1.mlp.hidden.weight"]
     for culprit in culprits:
         saved = target.data.copy()
         if communicator.rank == culprit:
             target.data[0, 0] += 1e-9
+        message = ""
         try:
             dp.check_replicas()
         except ReplicaDivergenceError as error:
             message = str(error)
-            assert f"ranks [{culprit}] disagree" in message, message
-            assert target_name in message and "sum of squares" in message, message
-            assert message.count("\n") == 1, f"only the perturbed parameter should be listed:\n{message}"
-        else:
-            raise AssertionError(f"rank {communicator.rank}: divergence of rank {culprit} not detected")
+        what = f"divergence: rank {culprit} perturbed, the message on rank {communicator.rank}"
+        checks += [(what, message, "contains", f"ranks [{culprit}] disagree"),
+                   (what, message, "contains", target_name),
+                   (what, message, "contains", "sum of squares"),
+                   (f"{what}: lines (only the perturbed parameter listed)", message.count("\n"), "==", 1)]
         target.data[...] = saved
     dp.check_replicas()
+    return checks
+
+
+def outcome_of(attempt):
+    """What calling ``attempt()`` raised, as text: the exception's type, or "no error"."""
+    try:
+        attempt()
+    except Exception as error:  # noqa: BLE001 - the kind of error is what is checked
+        return type(error).__name__ + ("" if str(error) else " without a message")
+    return "no error"
 
 
 def check_bad_inputs(communicator):
@@ -246,41 +267,34 @@ def check_bad_inputs(communicator):
         other = GPT(GPTConfig(**{**CONFIG, "n_embd": 8}))
         mine = other.parameters() if communicator.rank == size - 1 else parameters
         attempts.append(("different models", lambda: DataParallel(mine, communicator)))
-    raised = []
+    checks = []
     for label, attempt in attempts:
-        try:
-            attempt()
-        except ConfigError as error:
-            raised.append(label)
-            assert str(error), label
+        checks.append((f"bad inputs: {label}, on rank {communicator.rank}", outcome_of(attempt), "==", "ConfigError"))
         communicator.mpi.Barrier()  # proves no rank is stuck inside the failed call
-    missing = sorted(set(label for label, _ in attempts) - set(raised))
-    assert not missing, f"rank {communicator.rank}: no ConfigError for {missing}"
-    everyone = communicator.mpi.allgather(len(raised))
-    assert everyone == [len(attempts)] * size, f"ConfigErrors per rank: {everyone}"
+    raised = sum(outcome == "ConfigError" for _, outcome, _, _ in checks)
+    checks.append(("bad inputs: ConfigErrors on each rank", communicator.mpi.allgather(raised), "==",
+                   [len(attempts)] * size))
 
     # Overlap mode: one backward pass too many in a step is an error, not a silent double count.
     model, _ = new_model_and_optimizer()
     DataParallel(model.parameters(), communicator, overlap=True, accumulation_steps=1)  # its hooks must refuse
     inputs, targets = local_slice(global_batch(0), communicator.rank, size)
     model(inputs, targets)[1].backward()
+    message = "no error"
     try:
         model(inputs, targets)[1].backward()
     except RuntimeError as error:
-        assert "expected 1 (accumulation_steps is 1)" in str(error), str(error)
-    else:
-        raise AssertionError("a second backward pass in one step went unnoticed")
+        message = str(error)
+    checks.append(("bad inputs: a second backward pass in one step (overlap, accumulation_steps 1)", message,
+                   "contains", "expected 1 (accumulation_steps is 1)"))
+    return checks
 
 
 def run_all_checks(comm):
-    """The bucket, broadcast, divergence and bad-input checks assert on the rank that finds a
-    problem (ending the job with its message); the equivalence with one process is reported."""
+    """Buckets, the broadcast, the equivalence with one process, divergence and bad inputs, reported."""
     communicator = Communicator(comm)
-    check_buckets(communicator)
-    check_broadcast(communicator)
-    checks = equivalence_checks(communicator)
-    check_divergence_detected(communicator)
-    check_bad_inputs(communicator)
+    checks = check_buckets(communicator) + check_broadcast(communicator) + equivalence_checks(communicator)
+    checks += check_divergence_detected(communicator) + check_bad_inputs(communicator)
     return report(["buckets", "broadcast", "equivalence", "divergence", "bad inputs"], checks)
 
 

@@ -6,7 +6,7 @@ with ``comparisons.assert_as_expected`` like every other rank body's report.
 """
 from tests.mpi_bodies.comparisons import Comparisons
 
-RELATIONS = {"<=": lambda got, bound: got <= bound, "<": lambda got, bound: got < bound,
+RELATIONS = {"<=": lambda got, bound: got <= bound, "<": lambda got, bound: got < bound, ">": lambda got, bound: got > bound,
              ">=": lambda got, bound: got >= bound,
              "all <=": lambda got, bound: all(value <= bound for value in _values(got)),
              "contains": lambda got, expected: expected in got}
