@@ -12,11 +12,13 @@ runs on every rank; any other cell runs in the notebook's own kernel, which is n
 
 The cluster is stopped by the last cell, and also when the kernel exits (ipyparallel's
 ``atexit`` hook), so a lesson abandoned half way leaves nothing behind once its kernel is
-shut down. ``tests/test_lessons.py`` goes further for a lesson that fails or hangs: it calls
+shut down. ``execute_notebook`` (used by ``tests/test_lessons.py`` and
+``scripts/execute_lessons.py``) goes further for a lesson that fails or hangs: it calls
 ``stop_mpi_cluster()`` in the kernel, then kills whatever the kernel started that is still
 alive (``minipar.testing.process_tree``, ``kill_processes``).
 """
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -89,6 +91,59 @@ def stop_mpi_cluster(cluster=None):
             if running in _clusters:
                 _clusters.remove(running)
             kill_processes(leftovers)
+
+
+_STOP_CLUSTERS = "import minipar.lessons\nminipar.lessons.stop_mpi_cluster()"
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def uses_mpi_cluster(notebook):
+    """Whether a notebook (nbformat) runs cells on MPI ranks (``%%px``)."""
+    return any("%%px" in cell.source for cell in notebook.cells if cell.cell_type == "code")
+
+
+def execute_notebook(notebook, directory, cell_timeout, setup_code=None):
+    """Run ``notebook`` (nbformat, changed in place: it gets its outputs) top to bottom in a fresh kernel.
+
+    ``setup_code`` runs silently first when the lesson uses MPI ranks. A failing or timed-out cell
+    raises RuntimeError naming the cell, with the error. However the lesson ends, a cluster it
+    left running is stopped and whatever the kernel started that is still alive is killed.
+    """
+    import nbclient
+    import nbformat
+    from nbclient.exceptions import CellExecutionError, CellTimeoutError
+
+    on_ranks = uses_mpi_cluster(notebook)
+    client = nbclient.NotebookClient(notebook, timeout=cell_timeout, kernel_name="python3",
+                                     resources={"metadata": {"path": str(directory)}})
+    started_by_kernel = []
+    try:
+        with client.setup_kernel():
+            kernel_pid = client.km.provisioner.pid
+            try:
+                if on_ranks and setup_code:
+                    reply = client.wait_for_reply(client.kc.execute(setup_code, silent=True, store_history=False))
+                    if reply is None or reply["content"]["status"] != "ok":
+                        raise RuntimeError(f"the set-up code failed: {setup_code!r}")
+                for index, cell in enumerate(list(notebook.cells)):
+                    try:
+                        client.execute_cell(cell, index)
+                    except (CellExecutionError, CellTimeoutError) as error:
+                        raise RuntimeError(f"cell {index} failed:\n{_ANSI_ESCAPE.sub('', str(error))}") from None
+            finally:
+                started_by_kernel = [entry for entry in process_tree(kernel_pid) if entry[0] != kernel_pid]
+                if on_ranks:  # the lesson's last cell stops its cluster; this is for a lesson that failed
+                    client.timeout = 60
+                    cleanup = nbformat.v4.new_code_cell(_STOP_CLUSTERS)
+                    notebook.cells.append(cleanup)
+                    try:
+                        client.execute_cell(cleanup, len(notebook.cells) - 1)
+                    except Exception:  # noqa: BLE001 - a hung kernel; the kill below still cleans up
+                        pass
+                    notebook.cells.remove(cleanup)  # not part of the lesson
+    finally:
+        kill_processes(started_by_kernel)  # the kernel is gone; whatever it started and is still alive is stray
+    return notebook
 
 
 def gather_by_rank(view, name):

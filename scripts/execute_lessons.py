@@ -16,7 +16,6 @@ import argparse
 import hashlib
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -24,8 +23,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 LESSONS = ROOT / "lessons"
 EXECUTED = ROOT / "build" / "lessons"
-ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
-STOP_CLUSTERS = "import minipar.lessons\nminipar.lessons.stop_mpi_cluster()"
 # Run silently before the lesson (no execution count, nothing stored): a %%px cell shows a text progress
 # bar after 2 s, which a static page would keep as dozens of "%px: 0%|" lines. Only the display changes.
 NO_PROGRESS_BARS = "import ipyparallel.client.magics\nipyparallel.client.magics.ParallelMagics.progress_after_seconds = -1"
@@ -40,45 +37,14 @@ def source_digest(notebook):
 
 def execute(path, cell_timeout):
     """Run the notebook at ``path``; return it with its outputs. Raises RuntimeError naming the failing cell."""
-    import nbclient
     import nbformat
-    from nbclient.exceptions import CellExecutionError, CellTimeoutError
 
-    from minipar.testing import kill_processes, process_tree
+    from minipar.lessons import execute_notebook
 
-    notebook = nbformat.read(path, as_version=4)
-    uses_cluster = any("%%px" in cell.source for cell in notebook.cells if cell.cell_type == "code")
-    client = nbclient.NotebookClient(notebook, timeout=cell_timeout, kernel_name="python3",
-                                     resources={"metadata": {"path": str(path.parent)}})
-    started_by_kernel = []
     try:
-        with client.setup_kernel():
-            kernel_pid = client.km.provisioner.pid
-            try:
-                if uses_cluster:
-                    reply = client.wait_for_reply(client.kc.execute(NO_PROGRESS_BARS, silent=True, store_history=False))
-                    if reply is None or reply["content"]["status"] != "ok":
-                        raise RuntimeError(f"{path.name}: could not turn off ipyparallel's progress bars")
-                for index, cell in enumerate(list(notebook.cells)):
-                    try:
-                        client.execute_cell(cell, index)
-                    except (CellExecutionError, CellTimeoutError) as error:
-                        message = ANSI_ESCAPE.sub("", str(error))
-                        raise RuntimeError(f"{path.name}: cell {index} failed:\n{message}") from None
-            finally:
-                started_by_kernel = [entry for entry in process_tree(kernel_pid) if entry[0] != kernel_pid]
-                if uses_cluster:  # the lesson's last cell stops the cluster; this is for a lesson that failed
-                    client.timeout = 60
-                    cleanup = nbformat.v4.new_code_cell(STOP_CLUSTERS)
-                    notebook.cells.append(cleanup)
-                    try:
-                        client.execute_cell(cleanup, len(notebook.cells) - 1)
-                    except Exception:  # noqa: BLE001 - a hung kernel; the kill below still cleans up
-                        pass
-                    notebook.cells.remove(cleanup)  # not part of the lesson
-    finally:
-        kill_processes(started_by_kernel)
-    return notebook
+        return execute_notebook(nbformat.read(path, as_version=4), path.parent, cell_timeout, NO_PROGRESS_BARS)
+    except RuntimeError as error:
+        raise RuntimeError(f"{path.name}: {error}") from None
 
 
 def main(argv=None):
