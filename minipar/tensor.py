@@ -321,11 +321,19 @@ def _count_uses(root):
 
 
 def _accumulate_leaf(leaf, grad):
-    """Add a finished gradient into ``leaf.grad`` and tell whoever waits for it."""
+    """Add a finished gradient into ``leaf.grad`` and tell whoever waits for it.
+
+    The first contribution is copied, because the incoming array may be shared with another
+    input's gradient; later ones (micro-batches, a weight used twice) are added into that copy
+    in place, as PyTorch does, instead of allocating a new sum each time. So code that sets
+    ``.grad`` itself must give it an array of its own.
+    """
     if grad is None:  # no op on the way passed a gradient back: nothing to add or announce
         return
-    # A fresh array: the incoming one may be shared with another input's gradient.
-    leaf.grad = grad.astype(leaf.data.dtype, copy=True) if leaf.grad is None else leaf.grad + grad
+    if leaf.grad is None:
+        leaf.grad = grad.astype(leaf.data.dtype, copy=True)
+    else:
+        leaf.grad += grad
     for hook in leaf._grad_ready_hooks or ():
         hook(leaf)
 

@@ -31,6 +31,18 @@ def test_leaf_gradient_is_not_aliased_with_the_upstream_gradient():
     np.testing.assert_allclose(upstream, np.ones(3))
 
 
+def test_later_contributions_add_into_the_leafs_own_array_in_place():
+    x = Tensor(np.array([1.0, 2.0], dtype=np.float32), requires_grad=True)
+    upstream = np.ones(2, dtype=np.float32)
+    (x + 0.0).backward(upstream)
+    first = x.grad
+    (x * 2).sum().backward()
+    assert x.grad is first, "a second contribution should be added into the leaf's gradient array, not a new one"
+    np.testing.assert_array_equal(first, np.array([3.0, 3.0], dtype=np.float32))
+    np.testing.assert_array_equal(upstream, np.ones(2, dtype=np.float32))  # the caller's array is never written
+    assert x.grad.dtype == np.float32, x.grad.dtype
+
+
 def test_deep_graph_does_not_hit_the_recursion_limit():
     x = Tensor(np.array(1.0), requires_grad=True)
     y = x
