@@ -12,10 +12,11 @@ An MPI job has two kinds of failure, and each needs its own ending.
   every rank sees) are marked ``on_every_rank`` and end the same way.
 * **Found alone.** Anything else (an exception on one rank mid-step, Ctrl-C) cannot be
   agreed on: the partners are blocked inside an MPI call and will never hear of it. The rank
-  that knows prints one message naming itself and the cause and calls
-  ``MPI_Abort(MPI_COMM_WORLD)``, which makes the launcher kill every rank (MPI-4.0 section
-  11.8.1; MPICH's hydra does it at once). When every rank fails alike, rank 0 speaks first and
-  the others, which wait 1.5 s before speaking, are ended before they repeat it.
+  that knows prints one message naming itself and the cause, waits until the launcher has read
+  it (``flush_to_launcher``), and calls ``MPI_Abort(MPI_COMM_WORLD)``, which makes the launcher
+  kill every rank (MPI-4.0 section 11.8.1; MPICH's hydra does it at once). When every rank fails
+  alike, rank 0 speaks first and the others, which wait 1.5 s before speaking, are ended before
+  they repeat it.
 
 Ctrl-C: MPICH's ``mpiexec`` forwards SIGINT to every rank, but Python only acts on a signal
 between bytecodes, and a rank blocked in an MPI call never gets there (the job ran on,
@@ -37,6 +38,7 @@ import hashlib
 import json
 import os
 import signal
+import stat
 import sys
 import threading
 import time
@@ -47,6 +49,7 @@ from minipar.errors import CheckpointError, ConfigError, DataError, JobError
 USER_ERRORS = (ConfigError, DataError, CheckpointError, JobError)
 EXIT_USER_ERROR, EXIT_CRASH, EXIT_INTERRUPTED = 2, 1, 130
 _SPEAK_DELAY = 1.5  # seconds a rank other than 0 waits before speaking and aborting (see the docstring)
+_DRAIN_LIMIT = 2.0  # seconds a rank about to abort waits for the launcher to read what it wrote
 _guarded = {}  # the Ctrl-C watcher thread and the world whose job is guarded, once per process
 
 
@@ -123,6 +126,41 @@ def agree(world, check):
 
 
 # ---- found alone -----------------------------------------------------------------------------
+def _unread_bytes(stream):
+    """Bytes written to ``stream`` that its reader has not taken yet, when it is a pipe; else 0."""
+    try:
+        import fcntl  # POSIX only, like the launchers this is for
+        import termios
+
+        descriptor = stream.fileno()
+        if not stat.S_ISFIFO(os.fstat(descriptor).st_mode):
+            return 0  # a file or a terminal has the bytes once write() returns
+        count = bytearray(4)
+        fcntl.ioctl(descriptor, termios.FIONREAD, count)  # Linux answers for either end of a pipe
+        return int.from_bytes(count, sys.byteorder)
+    except (AttributeError, ImportError, OSError, ValueError):
+        return 0
+
+
+def flush_to_launcher(limit=_DRAIN_LIMIT):
+    """Flush stdout and stderr and wait (at most ``limit`` s) until the launcher has read them.
+
+    Under ``mpiexec`` a rank's output goes through a pipe to the launcher's proxy. ``MPI_Abort``
+    makes the launcher kill the job at once, and whatever still sits in the pipe is lost: the
+    job then fails with no word of why (a CI run showed exactly that). So a rank about to abort
+    waits until both pipes are empty; the proxy forwards what it read before it hears the abort.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and (_unread_bytes(sys.stdout) or _unread_bytes(sys.stderr)):
+        time.sleep(0.01)
+    time.sleep(0.1)  # a moment more for the proxy to pass on what it read (a terminal or file: no wait above)
+
+
 def abort_job(world, error, code=None):
     """Say ``error`` once, naming this rank, and end every rank of ``world``. Does not return."""
     rank, size = world.Get_rank(), world.Get_size()
@@ -138,8 +176,7 @@ def abort_job(world, error, code=None):
     try:
         sys.stdout.flush()
         sys.stderr.write(lines)
-        sys.stderr.flush()
-        time.sleep(0.2)  # let the line reach the launcher before the job is torn down
+        flush_to_launcher()
     finally:
         world.Abort(code)  # asks the launcher to kill every rank; MPICH's Abort may return before it has
         os._exit(code)  # so this rank leaves by itself, running no more Python (and no MPI_Finalize)

@@ -26,7 +26,8 @@ and each rank (the ``__main__`` block below) imports the body and calls it.
 Two rules keep a broken test from hanging the suite:
 
 - a rank whose body raises prints ``rank R of N failed:`` and its traceback,
-  then calls ``MPI.COMM_WORLD.Abort(1)``, which ends every rank at once, even
+  waits until the launcher has read them (an abort drops what is still in the
+  pipe), then calls ``MPI.COMM_WORLD.Abort(1)``, which ends every rank at once, even
   ranks blocked in a collective that the failed rank will never join;
 - the parent waits at most ``timeout`` seconds, then kills the whole job and
   fails with a message saying it hung (a deadlock is a bug, not a slow test).
@@ -293,9 +294,11 @@ def _run_body_on_this_rank(target, kwargs_json):
     except BaseException:  # noqa: BLE001 - any failure, even SystemExit, must end the whole job
         import traceback
 
+        from minipar.job import flush_to_launcher
+
         sys.stdout.flush()
         sys.stderr.write(f"rank {world.rank} of {world.size} failed:\n{traceback.format_exc()}")
-        sys.stderr.flush()
+        flush_to_launcher()  # else the launcher may kill the job before it has read the report
         world.Abort(1)  # the launcher ends every rank; MPICH's MPI_Abort may return before it does,
         os._exit(1)  # so leave now rather than run on into MPI_Finalize with partners gone
     sys.stdout.flush()

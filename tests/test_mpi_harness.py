@@ -1,11 +1,16 @@
 """minipar.testing runs bodies on N ranks, reports failures by rank, and kills hung jobs."""
+import io
+import os
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from minipar import testing
+from minipar.job import flush_to_launcher
 from minipar.testing import find_mpiexec, results_from_ranks, run_on_ranks
 
 BODY = "tests.mpi_bodies.harness_body"
@@ -55,6 +60,48 @@ def test_exception_on_one_rank_fails_promptly_naming_the_rank(nranks):
     assert "rank 0 of" not in message  # only the failing rank reports
     assert "hung" not in message  # ended by Abort, not by the timeout
     assert elapsed < 30, f"a failing rank took {elapsed:.1f} s to end the job"
+
+
+def _stderr_into_a_pipe(monkeypatch, text):
+    """sys.stderr becomes the write end of a pipe holding ``text`` (as a rank's is, under mpiexec)."""
+    read_end, write_end = os.pipe()
+    stream = os.fdopen(write_end, "w")
+    monkeypatch.setattr(sys, "stderr", stream)
+    monkeypatch.setattr(sys, "stdout", io.StringIO())  # no descriptor: nothing to wait for
+    stream.write(text)
+    return read_end, stream
+
+
+def test_a_rank_about_to_abort_waits_until_the_launcher_has_read_its_report(monkeypatch):
+    # A CI run lost a failing rank's report: MPI_Abort killed the job while it was still in the pipe.
+    read_end, stream = _stderr_into_a_pipe(monkeypatch, "rank 1 of 4 failed:\n" + "x" * 5000)
+    taken = {}
+
+    def slow_launcher():
+        time.sleep(0.5)
+        taken["when"], taken["text"] = time.monotonic(), os.read(read_end, 1 << 16).decode()
+
+    reader = threading.Thread(target=slow_launcher)
+    reader.start()
+    flush_to_launcher(limit=30)
+    returned = time.monotonic()
+    reader.join()
+    stream.close()
+    os.close(read_end)
+    assert "when" in taken and taken["when"] <= returned, "flush_to_launcher returned before the launcher read"
+    assert taken["text"].startswith("rank 1 of 4 failed:") and len(taken["text"]) == 20 + 5000, taken["text"][:40]
+
+
+def test_a_launcher_that_never_reads_delays_the_abort_only_up_to_the_limit(monkeypatch):
+    read_end, stream = _stderr_into_a_pipe(monkeypatch, "y" * 100)
+    started = time.monotonic()
+    flush_to_launcher(limit=0.3)
+    waited = time.monotonic() - started
+    unread = len(os.read(read_end, 1 << 16))
+    stream.close()
+    os.close(read_end)
+    assert unread == 100, f"expected the 100 bytes still in the pipe, found {unread}"
+    assert 0.3 <= waited < 10, f"expected to give up after the 0.3 s limit, waited {waited:.2f} s"
 
 
 def test_hung_rank_is_killed_by_the_timeout():

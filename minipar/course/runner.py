@@ -114,6 +114,8 @@ def give_up(result_dir, index, world_size, participants, limit, reason, report_l
     """Record which ranks did not finish entry ``index`` and end the job (first caller only)."""
     from mpi4py import MPI
 
+    from minipar.job import flush_to_launcher
+
     giving_up_file(result_dir, index).touch()   # the stuck ranks' watchdogs write where they are stuck
     time.sleep(1.0)
     try:
@@ -127,9 +129,7 @@ def give_up(result_dir, index, world_size, participants, limit, reason, report_l
     _write(abort_file(result_dir, index), {"missing": missing, "limit": limit, "reason": reason})
     if report_lines is not None:
         report_lines(index)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    time.sleep(0.2)
+    flush_to_launcher()  # the launcher kills the job on Abort; what it has not read yet is lost
     MPI.COMM_WORLD.Abort(1)
 
 
