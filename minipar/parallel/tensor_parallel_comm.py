@@ -176,27 +176,33 @@ class VocabParallelCrossEntropy(Function):
         m_i   = max_j max(z_j[i])                 allreduce(max), for stability only
         S_i   = sum_j sum_v exp(z_j[i, v] - m_i)  allreduce(sum)
         zt_i  = sum_j (z_j[i, t_i] - m_i if t_i is in rank j's range else 0)   allreduce(sum)
-        loss  = (1/n) sum_i [log S_i - zt_i]      (n = B T rows; the same value on every rank)
+        loss  = (1/n) sum_i [log S_i - zt_i]      (the same value on every rank)
 
-    Three allreduces of n numbers each, instead of gathering n V/t numbers per rank.
+    over the n rows whose target is not ``ignore_index`` (padding), as ``ops.cross_entropy``
+    counts them; an ignored target lies in no rank's range, so it adds nothing to zt_i.
+    Three allreduces of B T numbers each, instead of gathering B T V/t numbers per rank.
     Backward needs no communication: on its own shard,
 
-        dL/dz_j = (softmax_j - onehot_j(t)) / n,   softmax_j[i, v] = exp(z_j[i, v] - m_i) / S_i,
+        dL/dz_j = (softmax_j - onehot_j(t)) / n   for counted rows, 0 for ignored ones,
+        softmax_j[i, v] = exp(z_j[i, v] - m_i) / S_i,
 
     where onehot_j is 1 only at targets inside rank j's range.
     """
 
     @staticmethod
-    def forward(ctx, logits, targets, communicator, vocab_start):
+    def forward(ctx, logits, targets, communicator, vocab_start, ignore_index=None):
         if logits.shape[:-1] != targets.shape:
             raise ShapeError(f"vocab-parallel cross_entropy: logits {logits.shape} need targets of shape "
                              f"{logits.shape[:-1]}, got {targets.shape}")
         local_vocab = logits.shape[-1]
         full_vocab = local_vocab * communicator.size
         flat_targets = targets.reshape(-1)
-        if not ON_DEVICE and flat_targets.size and (flat_targets.min() < 0 or flat_targets.max() >= full_vocab):
-            raise ShapeError(f"vocab-parallel cross_entropy: targets must lie in [0, {full_vocab}), "
-                             f"got values from {flat_targets.min()} to {flat_targets.max()}")
+        counted = None if ignore_index is None else flat_targets != ignore_index  # (B T,) the rows in the mean
+        checked = flat_targets if counted is None else flat_targets[counted]
+        if not ON_DEVICE and checked.size and (checked.min() < 0 or checked.max() >= full_vocab):
+            raise ShapeError(f"vocab-parallel cross_entropy: targets must lie in [0, {full_vocab})"
+                             + (f" or equal ignore_index {ignore_index}" if ignore_index is not None else "")
+                             + f", got values from {checked.min()} to {checked.max()}")
         ### BEGIN SOLUTION
         rows = logits.reshape(-1, local_vocab)
         row_index = xp.arange(rows.shape[0])
@@ -214,15 +220,21 @@ class VocabParallelCrossEntropy(Function):
         communicator.allreduce(target_logits)
 
         exps /= sum_exps[:, None]  # now this shard's softmax
-        ctx.save_for_backward(exps, mine, local_targets)
-        ctx.shape = logits.shape
-        return (xp.log(sum_exps) - target_logits).mean(dtype=logits.dtype)
+        row_losses = xp.log(sum_exps) - target_logits  # (B T,) log S_i - zt_i
         ### END SOLUTION
+        count = row_losses.size if counted is None else int(counted.sum())
+        if counted is not None:
+            row_losses = row_losses * counted
+        ctx.save_for_backward(exps, mine, local_targets, counted)
+        ctx.shape, ctx.count = logits.shape, count
+        return xp.asarray(row_losses.sum(dtype=logits.dtype) / max(count, 1), dtype=logits.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        probabilities, mine, local_targets = ctx.saved
+        probabilities, mine, local_targets, counted = ctx.saved
         grad_rows = probabilities.copy()
         grad_rows[xp.flatnonzero(mine), local_targets[mine]] -= 1
-        grad_rows *= grad / grad_rows.shape[0]
+        grad_rows *= grad / max(ctx.count, 1)
+        if counted is not None:
+            grad_rows *= counted[:, None]
         return grad_rows.reshape(ctx.shape), None

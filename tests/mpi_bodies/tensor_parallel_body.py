@@ -11,6 +11,7 @@ Every comparison is recorded (tests/mpi_bodies/comparisons.py) and returned to p
 """
 import numpy as np
 
+from minipar import ops
 from minipar.backend import set_default_dtype, xp
 from minipar.comm import Communicator
 from minipar.errors import ConfigError, ShapeError
@@ -21,6 +22,7 @@ from minipar.parallel.tensor_parallel import (
     finish_tensor_parallel_gradients,
     tensor_parallel_pieces,
 )
+from minipar.parallel.tensor_parallel_comm import VocabParallelCrossEntropy
 from minipar.parallel.topology import Layout, ProcessGrid
 from minipar.tensor import Tensor
 from tests.mpi_bodies.comparisons import Comparisons
@@ -257,6 +259,33 @@ def check_dropout(compare, tp_comm, sequence_parallel):
               reference_grads[p.shard.full_name])
 
 
+PADDING = -100
+
+
+def check_loss_with_padding(compare, tp_comm):
+    """The vocab-parallel loss leaves ``ignore_index`` targets out as ``ops.cross_entropy`` does:
+    the same mean over the counted rows, and zero gradient on the padded ones."""
+    generator = np.random.default_rng(5)
+    vocab, local = MODEL["vocab_size"], MODEL["vocab_size"] // tp_comm.size
+    start = tp_comm.rank * local
+    logits = generator.normal(0.0, 3.0, (BATCH, 6, vocab))
+    targets = generator.integers(0, vocab, (BATCH, 6))
+    targets[0, :4] = PADDING
+    for what, rows in (("some targets padded", targets), ("every target padded", np.full_like(targets, PADDING))):
+        whole = Tensor(logits, requires_grad=True)
+        expected = ops.cross_entropy(whole, rows, ignore_index=PADDING)
+        expected.backward()
+        shard = Tensor(np.ascontiguousarray(logits[..., start:start + local]), requires_grad=True)
+        loss = VocabParallelCrossEntropy.apply(shard, rows, communicator=tp_comm, vocab_start=start,
+                                               ignore_index=PADDING)
+        loss.backward()
+        close(compare, f"vocab-parallel loss, {what}", loss.data, expected.data)
+        close(compare, f"vocab-parallel loss, {what}: dL/dlogits of this rank's shard", shard.grad,
+              whole.grad[..., start:start + local])
+        compare.value(f"vocab-parallel loss, {what}: padded rows' gradient is zero",
+                      bool((shard.grad[rows == PADDING] == 0).all()), True)
+
+
 def raised(communicator, call):
     """(error type, message) that ``call()`` raised, and whether every rank got the same message."""
     try:
@@ -283,6 +312,10 @@ def check_bad_input(compare, tp_comm):
         ("a sequence tp does not divide", lambda: embedding(odd_length), ConfigError,
          [f"sequence length 3 must be divisible by tp ({tp})"]),
         ("ids outside the vocabulary", lambda: embedding(out_of_vocabulary), ShapeError, ["ids must lie in [0, 16)"]),
+        ("a target outside the vocabulary that is not the padding value",
+         lambda: VocabParallelCrossEntropy.apply(Tensor(np.zeros((1, 2, 16 // tp))), np.array([[PADDING, 16]]),
+                                                 communicator=tp_comm, vocab_start=0, ignore_index=PADDING),
+         ShapeError, ["targets must lie in [0, 16) or equal ignore_index -100", "from 16 to 16"]),
     ]
     for what, call, error_type, phrases in cases:
         kind, message, agreed = raised(tp_comm, call)
@@ -305,6 +338,8 @@ def run_all_checks(comm):
     for direction in (0, 1):
         compare.value(f"bytes of a block {('forward', 'backward')[direction]}: sequence parallel against plain",
                       block_bytes(traffic[True][direction][1]), block_bytes(traffic[False][direction][1]))
+    check_loss_with_padding(compare, world)
+    compare.checks.append("loss with padding")
     check_bad_input(compare, world)
     compare.checks.append("bad input")
     if world.size == 4:  # two tensor-parallel groups side by side in a dp 2 x tp 2 grid
