@@ -135,9 +135,9 @@ def papers():
     recomputation 72·B·L·s·h²(1 + s/6h + V/12hL) + 24·B·L·s·h²(1 + s/6h), which is exactly
     Narayanan et al.'s 96·B·s·L·h²(1 + s/6h + V/16Lh).
     """
-    from minipar.plan.cost import predict, rank_layouts
+    from minipar.plan.cost import flops_per_step, predict, rank_layouts
     from minipar.plan.hardware import named_machine
-    from minipar.plan.model import PRESETS, flops_per_step
+    from minipar.plan.model import PRESETS
 
     print("| model | GPUs | batch | paper tp x pp (dp) | paper TFLOP/s/GPU | predicted for the paper's layout | "
           "planner's pick (paper's options) | its TFLOP/s/GPU | planner's pick (all options) | its TFLOP/s/GPU |")

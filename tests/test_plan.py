@@ -11,19 +11,10 @@ import pytest
 from minipar.errors import ConfigError
 from minipar.nn.gpt import GPT, GPTConfig
 from minipar.plan import cli
-from minipar.plan.cost import stage_forward_flops
+from minipar.plan.cost import flops_per_step, stage_forward_flops
 from minipar.plan.hardware import Machine, load_machine, named_machine
-from minipar.plan.model import (
-    PRESETS,
-    ModelSpec,
-    Strategy,
-    flops_per_step,
-    in_flight,
-    korthikanti_layer_bytes,
-    layer_activation_bytes,
-    paper_parameter_memory,
-    rank_parameters,
-)
+from minipar.plan.memory import in_flight, korthikanti_layer_bytes, layer_activation_bytes, paper_parameter_memory
+from minipar.plan.model import PRESETS, ModelSpec, Strategy, rank_parameters
 from minipar.testing import results_from_ranks
 
 SMALL = GPTConfig(vocab_size=64, block_size=16, n_layer=8, n_head=8, n_embd=32)

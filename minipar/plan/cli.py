@@ -13,9 +13,9 @@ import argparse
 import math
 
 from minipar.errors import ConfigError
-from minipar.plan.cost import rank_layouts
+from minipar.plan.cost import flops_per_step, rank_layouts
 from minipar.plan.hardware import load_machine, named_machine
-from minipar.plan.model import PRESETS, ModelSpec, flops_per_step
+from minipar.plan.model import PRESETS, ModelSpec
 
 DEFAULT_BATCH = {"gpt2-small": 512, "gpt3-175b": 1536, "megatron-1.7b": 512, "megatron-18b": 1024,
                  "megatron-76b": 1792, "megatron-145b": 2304, "megatron-310b": 2160, "megatron-530b": 2520,

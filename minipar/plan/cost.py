@@ -6,7 +6,8 @@ Time per step (one rank's view; the slowest stage sets the pace):
           when calibrated). A block costs 24·b·s·h²(1 + s/6h)/t FLOPs forward, the head 2·b·s·h·V/t
           (the 72·B·L·s·h²(1 + s/6h + V/12hL) of Korthikanti et al. 2022, appendix A, is 3× this
           summed over the model: backward costs twice the forward).
-    t_b   2·t_f; recomputation (and minipar's ZeRO-3, which reruns each piece) adds one t_f.
+    t_b   2·t_f; recomputation (and minipar's ZeRO-3, which reruns each piece) adds one t_f;
+          selective recomputation reruns QKᵀ and P·V: 4·b·s²·h/t FLOPs per block (Korthikanti et al. 2022).
     t_tp  the tensor-parallel collectives of one micro-batch (traffic.py), α–β each: exposed,
           since every layer waits for them.
     t_pp  the micro-batch's pipeline sends: α + nβ each.
@@ -22,17 +23,8 @@ Time per step (one rank's view; the slowest stage sets the pace):
 import itertools
 from dataclasses import dataclass
 
-from minipar.plan.model import (
-    Strategy,
-    check_strategy,
-    divisors,
-    memory_per_rank,
-    parameter_memory,
-    rank_parameters,
-    rank_pieces,
-    representative_stages,
-    selective_recompute_flops,
-)
+from minipar.plan.memory import memory_per_rank, parameter_memory
+from minipar.plan.model import Strategy, check_strategy, divisors, rank_parameters, rank_pieces, representative_stages
 from minipar.plan.traffic import step_calls
 
 
@@ -60,6 +52,19 @@ def stage_forward_flops(model, strategy, stage):
     head = 2 * b * s * h * model.vocab_size / t
     return sum(block if piece == "block" else head if piece == "head" else 0.0
                for _, piece in rank_pieces(model, strategy, stage))
+
+
+def flops_per_step(model, batch_size, recompute_forward=0.0):
+    """Model FLOPs 72·B·L·s·h²(1 + s/6h + V/12hL) (Korthikanti et al. 2022, appendix A), plus
+    ``recompute_forward`` × one more forward of the layers (1/3 of the 72 for full recomputation)."""
+    B, L, s, h, V = batch_size, model.n_layer, model.block_size, model.n_embd, model.vocab_size
+    model_flops = 72 * B * L * s * h * h * (1 + s / (6 * h) + V / (12 * h * L))
+    return model_flops + recompute_forward * 24 * B * L * s * h * h * (1 + s / (6 * h))
+
+
+def selective_recompute_flops(model, b, tp):
+    """Selective recomputation reruns QKᵀ and P·V per layer: 4·b·s²·h/t FLOPs (Korthikanti et al. 2022)."""
+    return 4 * b * model.block_size ** 2 * model.n_embd / tp
 
 
 def stage_time(model, strategy, machine, stage, overlap):

@@ -8,7 +8,8 @@ from minipar.backend import xp
 from minipar.comm import Communicator
 from minipar.nn.gpt import GPTConfig
 from minipar.plan.measure import measure_step
-from minipar.plan.model import ModelSpec, Strategy, activation_memory, parameter_memory
+from minipar.plan.memory import activation_memory, parameter_memory
+from minipar.plan.model import ModelSpec, Strategy
 from minipar.plan.traffic import bytes_per_group, coordinates
 from minipar.train import TrainConfig, Trainer
 
