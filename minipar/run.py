@@ -20,8 +20,8 @@ from minipar.data import CharTokenizer, addition_dataset, answer_accuracy, load_
 from minipar.errors import CheckpointError, ConfigError, DataError, JobError
 from minipar.job import on_every_rank
 from minipar.nn.gpt import GPT, GPTConfig
+from minipar.parallel.checkpoint_index import check_model_matches
 from minipar.parallel.distributed_checkpoint import (
-    _check_model,
     load_distributed_checkpoint,
     load_single_process_model,
     save_distributed_checkpoint,
@@ -106,7 +106,7 @@ class TrainPlan:
 
 def check_train(arguments, world_size):
     """Every check ``train`` needs, on this rank, local work only: ``(TrainPlan, fingerprint)``."""
-    from minipar.parallel.distributed_checkpoint import _read_index_here
+    from minipar.parallel.checkpoint_index import read_index_here
     from minipar.parallel.topology import Layout
 
     Layout(arguments.dp, arguments.tp, arguments.pp).validate(world_size)  # the rank count first: the likeliest slip
@@ -115,13 +115,13 @@ def check_train(arguments, world_size):
         arguments.block_size = 64 if arguments.data else 3 * arguments.digits + 4
     dataset = (load_text_dataset(arguments.data, arguments.block_size) if arguments.data
                else addition_dataset(digits=arguments.digits))
-    index = _read_index_here(arguments.resume, None) if arguments.resume else None
+    index = read_index_here(arguments.resume, None) if arguments.resume else None
     schedule, notes = run_schedule(arguments, index)
     model_config, train_config = build_configs(arguments, dataset.tokenizer.vocab_size, schedule)
     train_config.check_model(model_config)
     start_step, history = 0, []
     if index is not None:
-        _check_model(index, model_config)  # raises CheckpointError naming the difference
+        check_model_matches(index, model_config)  # raises CheckpointError naming the difference
         start_step = index["step"]
         history = list(index.get("history", {}).get("train_loss", []))[:start_step]
         if start_step >= train_config.steps:
@@ -233,7 +233,7 @@ def _report(trainer, dataset, model_config, train_config, arguments, step, loss,
     """Evaluate the gathered single-process model on rank 0 (collective: every rank calls it)."""
     state = trainer.gather_state()
     if trainer.grid.world.rank == 0:
-        model = GPT(model_config, initialise=False)
+        model = GPT(model_config, initialise=False, dtype=train_config.dtype)
         model.load_state_dict(state)
         # The last report scores every held-out problem; the ones along the way a sample of 200.
         problems = len(dataset.validation_problems or []) if final else 200

@@ -13,7 +13,8 @@ from minipar.backend import to_host, xp
 from minipar.data import CharTokenizer
 from minipar.errors import CheckpointError
 from minipar.parallel import distributed_checkpoint
-from minipar.parallel.distributed_checkpoint import load_single_process_model, read_index
+from minipar.parallel.checkpoint_index import read_index
+from minipar.parallel.distributed_checkpoint import load_single_process_model
 from minipar.testing import PACKAGE_PARENT, find_mpiexec, results_from_ranks
 from tests.mpi_bodies.comparisons import assert_as_expected
 

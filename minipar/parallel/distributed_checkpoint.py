@@ -11,10 +11,6 @@ moments share their parameter's Shard). Each piece, a (key, shard index) pair, i
 the lowest world rank holding it: data-parallel replica 0, tensor rank 0 for replicated
 parameters, the first stage for the tied embedding.
 
-Resharding: a saved piece is ``saved.take(full)`` and a rank of the new layout needs
-``mine.take(full)``, so it reads the pieces' files, rebuilds ``full = saved.join(pieces)`` and keeps
-``mine.take(full)`` -- or, when one saved piece already is its slice, reads only that file.
-
 Saving is atomic at the folder level: every file goes into a temporary sibling folder; gathering
 every rank's result on rank 0 is the barrier; only if all succeeded does rank 0 write the index
 and rename the folder into place (rename(2) is atomic, POSIX.1-2017), renaming an old checkpoint
@@ -22,6 +18,9 @@ aside first and deleting it last. Loading: rank 0 checks the index and broadcast
 reads what it needs. In both, any rank's failure reaches every rank (a broadcast or an
 allgather of the message), so all raise the same CheckpointError, naming the rank, and none
 waits for a partner that gave up. docs/checkpoints.md has the format and the crash windows.
+
+The index (its format, its checks) and reading any layout's slices through it, resharding on the
+way, are minipar/parallel/checkpoint_index.py; this module is what a Trainer saves and loads.
 """
 import os
 import re
@@ -32,23 +31,21 @@ from pathlib import Path
 import numpy
 
 from minipar.backend import to_host, xp
-from minipar.checkpoint import default_mode, read_array_file, read_json, sha256_of, write_array_file, write_json_atomic
+from minipar.checkpoint import default_mode, read_json, sha256_of, write_array_file, write_json_atomic
 from minipar.errors import CheckpointError, ConfigError
+from minipar.parallel.checkpoint_index import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    INDEX_NAME,
+    SLICING_FIELDS,
+    check_index,
+    describe_failure,
+    raise_on_every_rank,
+    read_arrays,
+    read_index,
+    slicing_of,
+)
 from minipar.parallel.sharding import Shard, label_replicated
-
-FORMAT_NAME = "minipar-distributed-checkpoint"
-FORMAT_VERSION = 1
-INDEX_NAME = "index.json"
-SLICING_FIELDS = ("axis", "index", "count", "blocks")  # a Shard without its name
-# The GPTConfig fields that fix the parameters' shapes and meaning (dropout and seed do not).
-MODEL_SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias")
-
-
-def _raise_on_every_rank(message):
-    """Raise a CheckpointError that every rank raises alike (it arrived through a collective)."""
-    error = CheckpointError(message)
-    error.on_every_rank = True  # minipar.job: no abort needed, rank 0 says it
-    raise error
 
 
 def kept_name(path, step):
@@ -68,18 +65,6 @@ def kept_checkpoints(path):
 
 def shard_file_name(rank):
     return f"shard-rank-{rank:05d}.minipar"
-
-
-def _describe(failure):
-    """A CheckpointError's own sentence (it names the file); anything else with its type."""
-    return str(failure) if isinstance(failure, CheckpointError) else f"{type(failure).__name__}: {failure}"
-
-
-def _slicing(shard_or_record):
-    """(axis, index, count, blocks) of a Shard or of an index record."""
-    if isinstance(shard_or_record, Shard):
-        return tuple(getattr(shard_or_record, field) for field in SLICING_FIELDS)
-    return tuple(shard_or_record[field] for field in SLICING_FIELDS)
 
 
 # ---- what this rank holds --------------------------------------------------------------------
@@ -140,7 +125,7 @@ def save_distributed_checkpoint(path, trainer, tokenizer=None, extra=None, keep=
             error = f"saving checkpoint {str(path)!r} failed on rank 0: {failure}"
     error, temporary = world.mpi.bcast((error, temporary), root=0)
     if error:
-        _raise_on_every_rank(error)
+        raise_on_every_rank(error)
 
     error, records, file_name = None, {}, shard_file_name(world.rank)
     try:  # local file writes only, no communication in here: a failure cannot strand a partner
@@ -151,11 +136,11 @@ def save_distributed_checkpoint(path, trainer, tokenizer=None, extra=None, keep=
                 raise CheckpointError(f"{len(bad)} arrays hold NaN or infinite values (first: {bad[0]!r}); "
                                       "a diverged model is not saved")
             write_array_file(Path(temporary) / file_name, arrays)
-            records = {key: {"file": file_name, **dict(zip(SLICING_FIELDS, _slicing(pieces[key][0]))),
+            records = {key: {"file": file_name, **dict(zip(SLICING_FIELDS, slicing_of(pieces[key][0]))),
                              "shape": list(array.shape), "dtype": array.dtype.str, "sha256": sha256_of(array)}
                        for key, array in arrays.items()}
     except Exception as failure:  # noqa: BLE001 - not swallowed: every rank raises it below
-        error = _describe(failure)
+        error = describe_failure(failure)
     reports = world.mpi.gather((error, records), root=0)  # the barrier: every rank is done writing
     outcome = None
     if world.rank == 0:
@@ -167,10 +152,10 @@ def save_distributed_checkpoint(path, trainer, tokenizer=None, extra=None, keep=
             outcome = _finish_save(path, Path(temporary), reports, index, layout, keep)
         except Exception as failure:  # noqa: BLE001 - raised below on every rank
             shutil.rmtree(temporary, ignore_errors=True)
-            outcome = f"saving checkpoint {str(path)!r} failed on rank 0: {_describe(failure)}"
+            outcome = f"saving checkpoint {str(path)!r} failed on rank 0: {describe_failure(failure)}"
     outcome = world.mpi.bcast(outcome, root=0)
     if outcome:
-        _raise_on_every_rank(outcome)
+        raise_on_every_rank(outcome)
 
 
 def _remove_leftovers(path):
@@ -198,7 +183,7 @@ def _finish_save(path, temporary, reports, index, layout, keep=1):
         for key, record in records.items():
             coordinates = dict(zip(("dp_rank", "tp_rank", "pp_rank"), layout.coordinates(rank)))
             index["files"].setdefault(record["file"], {"rank": rank, **coordinates})
-            full_shape = _full_shape(Shard(key, *_slicing(record)), record["shape"])
+            full_shape = _full_shape(Shard(key, *slicing_of(record)), record["shape"])
             index["arrays"].setdefault(key, {"shape": full_shape, "dtype": record["dtype"], "shards": []})
             index["arrays"][key]["shards"].append(record)
     for entry in index["arrays"].values():
@@ -256,128 +241,7 @@ def _fsync_folder(folder):
         pass  # some file systems cannot sync a folder; the renames still happened
 
 
-# ---- the index -------------------------------------------------------------------------------
-def check_index(index, folder):
-    """Raise CheckpointError unless the index is well formed and its pieces tile every array exactly."""
-    try:
-        if not isinstance(index["step"], int) or index["step"] < 0 or not isinstance(index["model_config"], dict):
-            raise CheckpointError(f"step {index['step']!r} or model config {index['model_config']!r} is invalid")
-        for name in index["files"]:
-            if Path(name).name != name or name.startswith("."):
-                raise CheckpointError(f"shard file name {name!r} is not a plain file name")
-            if not (Path(folder) / name).is_file():
-                raise CheckpointError(f"shard file {name!r} is missing")
-        for key, entry in index["arrays"].items():
-            records, full_shape = entry["shards"], list(entry["shape"])
-            first = Shard(key, *_slicing(records[0]))
-            expected = [0] if first.is_replicated else list(range(first.count))
-            slicings = {tuple(record[field] for field in ("axis", "count", "blocks")) for record in records}
-            if [record["index"] for record in records] != expected or len(slicings) != 1:
-                raise CheckpointError(f"the pieces of {key!r} do not tile it: {[r['index'] for r in records]}")
-            piece_shape = list(full_shape)
-            if not first.is_replicated:
-                if full_shape[first.axis] % (first.count * first.blocks):
-                    raise CheckpointError(f"{key!r} of shape {full_shape} cannot be split as {first}")
-                piece_shape[first.axis] //= first.count
-            for record in records:
-                if record["file"] not in index["files"] or list(record["shape"]) != piece_shape:
-                    raise CheckpointError(f"piece {record['index']} of {key!r} has an unknown file or shape "
-                                          f"{record['shape']} (expected {piece_shape})")
-    except (KeyError, TypeError, IndexError, AttributeError, ValueError, ZeroDivisionError) as failure:
-        raise CheckpointError(f"malformed index ({type(failure).__name__}: {failure})") from None
-
-
-def _check_model(index, model_config):
-    saved, current = index["model_config"], model_config.to_dict()
-    differences = [f"{field} {saved.get(field)!r} != {current[field]!r}" for field in MODEL_SHAPE_FIELDS
-                   if saved.get(field) != current[field]]
-    if differences:
-        def describe(config):
-            return "GPTConfig(" + ", ".join(f"{field}={config.get(field)!r}" for field in MODEL_SHAPE_FIELDS) + ")"
-
-        raise CheckpointError(f"saved from another model shape, {describe(saved)}; this run builds "
-                              f"{describe(current)} ({'; '.join(differences)})")
-
-
-def _read_index_here(folder, model_config):
-    folder = Path(folder)
-    if folder.is_file():
-        raise CheckpointError(f"{str(folder)!r} is a file; a minipar checkpoint is a folder holding {INDEX_NAME}")
-    if not folder.is_dir():
-        leftovers = sorted(str(p) for p in folder.parent.glob(f".{folder.name}.old-*"))
-        hint = (f"; a save was interrupted mid-swap and left the previous checkpoint at {leftovers[-1]!r}: "
-                f"rename it to {str(folder)!r} to use it") if leftovers else ""
-        raise CheckpointError(f"no checkpoint folder at {str(folder)!r}{hint}")
-    index = read_json(folder / INDEX_NAME)
-    if not isinstance(index, dict) or index.get("format") != FORMAT_NAME:
-        raise CheckpointError(f"{str(folder / INDEX_NAME)!r} is not a minipar distributed checkpoint index")
-    if index.get("version") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {str(folder)!r} has format version {index.get('version')!r}; "
-                              f"this minipar reads version {FORMAT_VERSION}")
-    try:
-        check_index(index, folder)
-        if model_config is not None:
-            _check_model(index, model_config)
-    except CheckpointError as failure:
-        raise CheckpointError(f"checkpoint {str(folder)!r}: {failure}") from None
-    return index
-
-
-def read_index(folder, world=None, model_config=None):
-    """The checked index, read by rank 0 and broadcast (an error is raised alike on every rank)."""
-    error, index = None, None
-    if world is None or world.rank == 0:
-        try:
-            index = _read_index_here(folder, model_config)
-        except Exception as failure:  # noqa: BLE001 - no communication in there; raised below on every rank
-            error = _describe(failure)
-    if world is not None and world.size > 1:
-        error, index = world.mpi.bcast((error, index), root=0)
-    if error:
-        _raise_on_every_rank(error)
-    return index
-
-
 # ---- loading ---------------------------------------------------------------------------------
-def _records_needed(folder, index, key, shard, full_shape):
-    entry = index["arrays"].get(key)
-    if entry is None:
-        raise CheckpointError(f"checkpoint {str(folder)!r} has no array {key!r}")
-    if list(entry["shape"]) != list(full_shape):
-        raise CheckpointError(f"checkpoint {str(folder)!r}: {key!r} has shape {tuple(entry['shape'])}, "
-                              f"this model needs {tuple(full_shape)}")
-    exact = [record for record in entry["shards"] if _slicing(record) == _slicing(shard)]
-    return exact or entry["shards"]  # the one piece that already is my slice, or all of them
-
-
-def read_arrays(folder, index, wanted, world=None):
-    """{key: this rank's slice} for ``wanted`` = {key: (Shard, full shape)}, reading only the files needed."""
-    folder, error, result = Path(folder), None, {}
-    try:
-        plans = {key: _records_needed(folder, index, key, *request) for key, request in wanted.items()}
-        files = {}
-        for records in plans.values():
-            for record in records:
-                if record["file"] not in files:
-                    files[record["file"]] = read_array_file(folder / record["file"])[0]
-        for key, (shard, _) in wanted.items():
-            parts = [files[record["file"]].get(key) for record in plans[key]]
-            for record, part in zip(plans[key], parts):
-                if part is None or list(part.shape) != record["shape"] or sha256_of(to_host(part)) != record["sha256"]:
-                    raise CheckpointError(f"{str(folder / record['file'])!r} does not hold the {key!r} that the "
-                                          "index describes (a file from another checkpoint?)")
-            saved = Shard(key, *_slicing(plans[key][0]))
-            result[key] = parts[0] if _slicing(saved) == _slicing(shard) else shard.take(saved.join(parts))
-    except Exception as failure:  # noqa: BLE001 - file reads only; raised below on every rank
-        error = _describe(failure)
-    errors = world.mpi.allgather(error) if world is not None and world.size > 1 else [error]
-    failed = [rank for rank, message in enumerate(errors) if message]
-    if failed:
-        others = f" (ranks {failed} failed)" if len(failed) > 1 else ""
-        _raise_on_every_rank(f"loading failed on rank {failed[0]}{others}: {errors[failed[0]]}")
-    return result
-
-
 def load_distributed_checkpoint(path, trainer):
     """Load a checkpoint saved under any layout into this trainer's layout; returns the index."""
     world = trainer.grid.world
@@ -422,7 +286,9 @@ def load_single_process_model(path):
         config = GPTConfig.from_dict(index["model_config"])
     except (ConfigError, TypeError) as failure:
         raise CheckpointError(f"checkpoint {str(path)!r} has an invalid model config: {failure}") from None
-    model = label_replicated(GPT(config, initialise=False))
+    stored = {record["dtype"] for key, record in index["arrays"].items() if key.startswith("model/")}
+    dtype = stored.pop() if len(stored) == 1 else None  # the float type it was trained in
+    model = label_replicated(GPT(config, initialise=False, dtype=dtype))
     arrays = read_arrays(path, index, {f"model/{name}": (p.shard, p.shape) for name, p in model.named_parameters()})
     model.load_state_dict({key[len("model/"):]: value for key, value in arrays.items()})
     return model, index
