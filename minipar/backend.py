@@ -164,7 +164,12 @@ def default_dtype():
 
 
 def set_default_dtype(dtype):
-    """Choose the dtype new tensors and parameters get: float32 or float64."""
+    """Choose the dtype that Python numbers and layers built without a dtype get: float32 or float64.
+
+    A process-wide setting for programs and notebooks; the library itself never changes it.
+    A model asks for its dtype explicitly (``GPT(config, dtype=...)``, ``Module.to(dtype)``),
+    and so does the Trainer, from its TrainConfig.
+    """
     global _default_dtype
     dtype = xp.dtype(dtype).type
     if dtype not in (xp.float32, xp.float64):

@@ -23,7 +23,7 @@ evaluates (on the gathered single-process model) and writes files.
 import dataclasses
 from dataclasses import dataclass
 
-from minipar.backend import from_host, scalar_to_host, set_default_dtype, to_host, xp
+from minipar.backend import from_host, scalar_to_host, to_host, xp
 from minipar.comm.compression import make_compressor
 from minipar.comm.hierarchical import NodeGroups, node_of_world_rank, shared_memory_node
 from minipar.errors import CheckpointError, ConfigError, DataError, require_finite, require_positive_int
@@ -175,7 +175,6 @@ class Trainer:
         self.model_config, self.config = model_config, train_config
         train_config.check_model(model_config)
         guard_job(world.mpi)  # an uncaught exception or Ctrl-C on any rank ends every rank (minipar/job.py)
-        set_default_dtype(getattr(xp, train_config.dtype))
         self.grid = ProcessGrid(train_config.layout, world)  # validates the layout on every rank first
         self.chunks = self._build_chunks()
         self.named_parameters = stage_parameters(self.chunks)  # each object once, by full name
@@ -204,9 +203,9 @@ class Trainer:
     def _build_chunks(self):
         config, grid = self.config, self.grid
         if config.tp > 1 or config.sequence_parallel:
-            pieces = tensor_parallel_pieces(self.model_config, grid.tp, config.sequence_parallel)
+            pieces = tensor_parallel_pieces(self.model_config, grid.tp, config.sequence_parallel, config.dtype)
         else:
-            pieces = label_replicated(GPT(self.model_config)).pieces()  # every parameter gets its shard
+            pieces = label_replicated(GPT(self.model_config, dtype=config.dtype)).pieces()  # each gets its shard
         return partition(pieces, config.pp, grid.pp_rank, config.virtual_stages, config.split)
 
     def _build_executor(self):

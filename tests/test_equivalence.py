@@ -48,12 +48,19 @@ OPTIONS = {
 }
 
 
+def assert_dtypes_explicit(report):
+    """The Trainer took float64 from its TrainConfig while the process default stayed float32."""
+    got = {key: report[key] for key in ("parameter_dtypes", "default_dtype_after")}
+    assert got == {"parameter_dtypes": ["float64"], "default_dtype_after": "float32"}, report["case"]
+
+
 def assert_same_training(cases, reported):
     """Each case: every rank's losses equal one process's (relative 1e-11), and every parameter
     within its tolerance (``equivalence_body.compare_states``)."""
     assert [r["case"] for r in reported] == cases
     for r in reported:
         case = r["case"]
+        assert_dtypes_explicit(r)
         for rank, losses in enumerate(r["losses_by_rank"]):
             assert losses == pytest.approx(r["reference_losses"], rel=1e-11, abs=0), (case, rank)
             assert losses == pytest.approx(r["losses_by_rank"][0], rel=1e-12, abs=0), (case, rank)
@@ -127,6 +134,7 @@ def test_gradients_and_norm_equal_single_process_before_the_update(world_size):
     assert [r["case"] for r in reported] == cases
     for r in reported:
         case = r["case"]
+        assert_dtypes_explicit(r)
         assert r["loss"] == pytest.approx(r["reference_loss"], rel=1e-12, abs=0), case
         assert r["norm_squared"] == pytest.approx(r["reference_norm_squared"], rel=1e-12, abs=0), case
         assert r["names"] == r["reference_names"], case

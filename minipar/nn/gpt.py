@@ -67,8 +67,9 @@ def residual_projection_names(n_layer):
     return {f"blocks.{i}.{part}.output.weight" for i in range(n_layer) for part in ("attention", "mlp")}
 
 
-def initial_state(config):
-    """The GPT-2 initial weights for ``config``, name -> array, drawn in parameter order."""
+def initial_state(config, dtype=None):
+    """The GPT-2 initial weights for ``config``, name -> array of ``dtype`` (the backend's default
+    float type if None), drawn in float64 in parameter order and rounded once to ``dtype``."""
     shapes = {name: p.shape for name, p in GPT(config, initialise=False).named_parameters()}
     generator = host_rng(config.seed)
     projections = residual_projection_names(config.n_layer)
@@ -81,7 +82,7 @@ def initial_state(config):
         else:
             std = 0.02 / math.sqrt(2 * config.n_layer) if name in projections else 0.02
             values = generator.normal(0.0, std, size=shape)
-        state[name] = xp.asarray(values, dtype=default_dtype())
+        state[name] = xp.asarray(values, dtype=default_dtype() if dtype is None else dtype)
     return state
 
 
@@ -120,7 +121,10 @@ class TiedHead(Module):
 
 
 class GPT(Module):
-    def __init__(self, config, initialise=True):
+    """The whole model. ``dtype``: its parameters' float type ("float32", "float64"); None takes
+    the backend's default (float32 unless a program chose otherwise with set_default_dtype)."""
+
+    def __init__(self, config, initialise=True, dtype=None):
         self.config = config
         self.embedding = TokenAndPositionEmbedding(config)
         self.blocks = [Block(config.n_embd, config.n_head, config.dropout, config.bias, config.seed + 2 * i + 1)
@@ -128,8 +132,10 @@ class GPT(Module):
         self.head = TiedHead(config, self.embedding.token.weight)
         for name, p in self.named_parameters():
             p.name = name  # its name in the whole model, which a piece alone does not know
+        if dtype is not None:
+            self.to(dtype)
         if initialise:
-            self.load_state_dict(initial_state(config))
+            self.load_state_dict(initial_state(config, dtype))
 
     def pieces(self):
         """The model as a chain of pieces, the unit a pipeline stage is made of:

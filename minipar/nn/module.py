@@ -69,6 +69,18 @@ class Module:
             stack.extend(child for _, child in reversed(list(current.children())))
         return found
 
+    def to(self, dtype):
+        """Cast every parameter to ``dtype`` (e.g. ``"float64"``) in place and return the module.
+
+        The Parameter objects stay the same, so a weight two modules share (the tied embedding)
+        stays shared, and an optimizer built later sees the cast arrays.
+        """
+        dtype = xp.dtype(dtype)
+        for p in self.parameters():
+            if p.data.dtype != dtype:
+                p.data = p.data.astype(dtype)
+        return self
+
     def zero_grad(self):
         for p in self.parameters():
             p.grad = None

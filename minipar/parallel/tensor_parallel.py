@@ -279,7 +279,7 @@ class VocabParallelHead(Module):
             return Tensor(all_gather_vocabulary(self.logits_shard(x).data, self.communicator))
 
 
-def tensor_parallel_pieces(config, tp_comm, sequence_parallel=False):
+def tensor_parallel_pieces(config, tp_comm, sequence_parallel=False, dtype=None):
     """This rank's sharded twin of ``GPT(config).pieces()``: [embedding, block 0..L-1, head].
 
     Every parameter is an exact slice of ``initial_state(config)`` and carries its
@@ -292,7 +292,7 @@ def tensor_parallel_pieces(config, tp_comm, sequence_parallel=False):
     with x of shape (B, T, C), identical on every tp rank, or under sequence parallelism
     (B, T/tp, C), rank j holding positions [j T/tp, (j+1) T/tp). Under SP, call
     ``finish_tensor_parallel_gradients`` after backward. Raises ConfigError (on every
-    rank alike) for a model that tp does not divide.
+    rank alike) for a model that tp does not divide. ``dtype`` as for ``GPT``.
     """
     validate_tensor_parallel(config, tp_comm.size, tp_comm.world_size)
     embedding = ParallelEmbedding(config, tp_comm, sequence_parallel)
@@ -300,8 +300,11 @@ def tensor_parallel_pieces(config, tp_comm, sequence_parallel=False):
               for i in range(config.n_layer)]
     head = VocabParallelHead(config, embedding.token.weight, tp_comm, sequence_parallel)
     pieces = [embedding, *blocks, head]
+    if dtype is not None:
+        for piece in pieces:
+            piece.to(dtype)
 
-    state = initial_state(config)
+    state = initial_state(config, dtype)
     prefixes = ["embedding.", *(f"blocks.{i}." for i in range(config.n_layer)), "head."]
     placed = set()
     for piece, prefix in zip(pieces, prefixes, strict=True):

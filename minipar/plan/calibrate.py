@@ -62,14 +62,12 @@ def matmul_flops(dtype, repeats, world):
 
 def block_fit(dtype, repeats, world):
     """(achieved FLOP/s, seconds per block) from a block's forward + backward at two widths."""
-    from minipar.backend import set_default_dtype
     from minipar.nn.layers import Block
     from minipar.tensor import Tensor
 
-    set_default_dtype(getattr(xp, dtype))
     points = []
     for width, batch, length in ((32, 2, 16), (256, 8, 64)):
-        block = Block(width, 4)
+        block = Block(width, 4).to(dtype)
         for p in block.parameters():
             p.data[...] = xp.asarray(0.02, dtype=p.dtype)
         x = Tensor(xp.ones((batch, length, width), dtype=getattr(xp, dtype)), requires_grad=True)

@@ -4,10 +4,15 @@ The reference is written here, independently of minipar.train: a GPT, AdamW with
 hyperparameters, the same clipping and learning-rate schedule, one backward per step on
 the whole global batch. Each parallel layout then trains k steps on the same batches,
 gathers its shards back into full arrays on rank 0, and must match in float64.
+
+The process's default float type stays float32 throughout: the Trainer is asked for float64
+through its TrainConfig and the reference through ``GPT(..., dtype="float64")``, so anything
+in the Trainer that fell back on the default (or changed it) would show as a float32-sized
+difference, and each case reports the default it finds after the Trainer was built.
 """
 import numpy as np
 
-from minipar.backend import set_default_dtype, xp
+from minipar.backend import default_dtype, set_default_dtype, xp
 from minipar.comm import Communicator
 from minipar.nn.gpt import GPT, GPTConfig
 from minipar.optim import AdamW, clip_grad_norm, decay_groups
@@ -39,7 +44,7 @@ def single_process_run(model_config, config, data):
 
 
 def _single_process_run(model_config, config, data):
-    model = GPT(model_config)
+    model = GPT(model_config, dtype=config.dtype)
     optimizer = AdamW(decay_groups(model.named_parameters(), config.weight_decay), lr=config.learning_rate,
                       betas=config.betas, weight_decay=config.weight_decay)
     losses = []
@@ -73,12 +78,17 @@ def compare_states(state, reference_state):
             "parameter_error": error, "parameter_tolerance_ratio": ratio}
 
 
+def dtypes(trainer):
+    return {"parameter_dtypes": sorted({p.dtype.name for p in trainer.parameters}),
+            "default_dtype_after": xp.dtype(default_dtype()).name}
+
+
 def check_layouts(comm, cases, grad_clip=1.0):
     """cases: a list of TrainConfig keyword dicts (the layout and its options) for this world size;
     a case may also give "model": GPTConfig fields that replace those of MODEL. Rank 0 reports,
     per case, the losses of every rank and of one process, and ``compare_states`` of the trained
     parameters against one process's (other ranks return an empty list)."""
-    set_default_dtype(xp.float64)
+    set_default_dtype(xp.float32)  # the Trainer must not need (or change) the default: see above
     world = Communicator(comm)
     reported = []
     for case in cases:
@@ -95,7 +105,7 @@ def check_layouts(comm, cases, grad_clip=1.0):
         if world.rank == 0:
             reference_losses, reference_state = single_process_run(model_config, config, data)
             reported.append({"case": case, "losses_by_rank": losses_by_rank, "reference_losses": reference_losses,
-                             **compare_states(state, reference_state)})
+                             **compare_states(state, reference_state), **dtypes(trainer)})
     return reported
 
 
@@ -104,7 +114,7 @@ def check_gradients(comm, cases):
     gradient scaled by a constant, a missing 1/m say): each layout's gradients and global gradient
     norm against one process's on the same batch. Reports, per case, the norm both ways and, per
     parameter, the largest difference and the largest reference value (rank 0; others: [])."""
-    set_default_dtype(xp.float64)
+    set_default_dtype(xp.float32)  # the Trainer must not need (or change) the default: see above
     world = Communicator(comm)
     reported = []
     for case in cases:
@@ -117,11 +127,11 @@ def check_gradients(comm, cases):
         norm_squared = trainer.grad_norm_squared()
         gradients = trainer.gather_state(trainer.sync.gradient_arrays())
         if world.rank == 0:
-            model = GPT(model_config)
+            model = GPT(model_config, dtype=config.dtype)
             reference_loss = model(inputs, targets)[1]
             reference_loss.backward()
             reference = dict(model.named_parameters())
-            reported.append({"case": case, "loss": loss, "reference_loss": reference_loss.item(),
+            reported.append({"case": case, **dtypes(trainer), "loss": loss, "reference_loss": reference_loss.item(),
                            "norm_squared": norm_squared,
                            "reference_norm_squared": sum(float((p.grad ** 2).sum()) for p in reference.values()),
                            "names": sorted(gradients), "reference_names": sorted(reference),
