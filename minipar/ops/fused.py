@@ -103,34 +103,52 @@ class CrossEntropy(Function):
                              f"got {targets.shape}")
         rows = logits.reshape(-1, logits.shape[-1])
         flat_targets = targets.reshape(-1)
-        counted = None if ignore_index is None else flat_targets != ignore_index
-        checked = flat_targets if counted is None else flat_targets[counted]
-        if not ON_DEVICE and checked.size and (checked.min() < 0 or checked.max() >= rows.shape[1]):
-            raise ShapeError(f"cross_entropy: targets must lie in [0, {rows.shape[1]})"
-                             + (f" or equal ignore_index {ignore_index}" if ignore_index is not None else "")
-                             + f", got values from {checked.min()} to {checked.max()}")
+        counted, count = rows_that_count(flat_targets, ignore_index, rows.shape[1], "cross_entropy")
         safe_targets = flat_targets if counted is None else xp.where(counted, flat_targets, 0)
         shifted = rows - rows.max(axis=1, keepdims=True)  # (N, V), every entry <= 0
         target_logits = shifted[xp.arange(rows.shape[0]), safe_targets]  # (N,)
         sums = xp.exp(shifted, out=shifted).sum(axis=1)  # (N,) in [1, V]; shifted now holds exp
         losses = xp.log(sums) - target_logits  # (N,) logsumexp(z) - z[t], each >= 0 and finite
         shifted *= (1.0 / sums)[:, None]  # softmax(z), for backward
-        count = rows.shape[0] if counted is None else int(counted.sum())
-        if counted is not None:
-            losses = losses * counted
         ctx.save_for_backward(shifted, safe_targets, counted)
         ctx.shape, ctx.count = logits.shape, count
-        return xp.asarray(losses.sum(dtype=logits.dtype) / max(count, 1), dtype=logits.dtype)
+        return mean_over_counted(losses, counted, count, logits.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         probabilities, targets, counted = ctx.saved
         grad_rows = probabilities.copy()
         grad_rows[xp.arange(grad_rows.shape[0]), targets] -= 1
-        grad_rows *= grad / max(ctx.count, 1)
-        if counted is not None:
-            grad_rows *= counted[:, None]
+        scale_counted_rows(grad_rows, grad, counted, ctx.count)
         return grad_rows.reshape(ctx.shape), None
+
+
+# The rows that count toward a cross-entropy, shared with the vocab-parallel loss
+# (minipar/parallel/tensor_parallel_comm.py), which splits only the vocabulary axis.
+def rows_that_count(flat_targets, ignore_index, vocab_size, what):
+    """``(counted, n)``: the mask of rows whose target is not ``ignore_index`` (None when nothing
+    is ignored) and their number. A counted target outside [0, vocab_size) raises ShapeError."""
+    counted = None if ignore_index is None else flat_targets != ignore_index
+    checked = flat_targets if counted is None else flat_targets[counted]
+    if not ON_DEVICE and checked.size and (checked.min() < 0 or checked.max() >= vocab_size):
+        raise ShapeError(f"{what}: targets must lie in [0, {vocab_size})"
+                         + (f" or equal ignore_index {ignore_index}" if ignore_index is not None else "")
+                         + f", got values from {checked.min()} to {checked.max()}")
+    return counted, flat_targets.size if counted is None else int(counted.sum())
+
+
+def mean_over_counted(row_losses, counted, count, dtype):
+    """(1/n) sum of the counted rows' losses, as a 0-d array (0 when no row counts)."""
+    if counted is not None:
+        row_losses = row_losses * counted
+    return xp.asarray(row_losses.sum(dtype=dtype) / max(count, 1), dtype=dtype)
+
+
+def scale_counted_rows(grad_rows, grad, counted, count):
+    """dL/dz = grad · (per-row gradient) / n on counted rows, 0 on ignored ones, in place."""
+    grad_rows *= grad / max(count, 1)
+    if counted is not None:
+        grad_rows *= counted[:, None]
 
 
 def scatter_add_rows(indices, rows, num_rows):

@@ -36,8 +36,9 @@ copy per call, which is small next to the matrix products around it.
 Every op writes into a freshly allocated output buffer through the communicator's
 buffer methods, so ``communicator.counters`` records each call and its bytes.
 """
-from minipar.backend import ON_DEVICE, xp
+from minipar.backend import xp
 from minipar.errors import ShapeError
+from minipar.ops.fused import mean_over_counted, rows_that_count, scale_counted_rows
 from minipar.tensor import Function
 
 # ---- the collectives on arrays ------------------------------------------------------------
@@ -197,12 +198,7 @@ class VocabParallelCrossEntropy(Function):
         local_vocab = logits.shape[-1]
         full_vocab = local_vocab * communicator.size
         flat_targets = targets.reshape(-1)
-        counted = None if ignore_index is None else flat_targets != ignore_index  # (B T,) the rows in the mean
-        checked = flat_targets if counted is None else flat_targets[counted]
-        if not ON_DEVICE and checked.size and (checked.min() < 0 or checked.max() >= full_vocab):
-            raise ShapeError(f"vocab-parallel cross_entropy: targets must lie in [0, {full_vocab})"
-                             + (f" or equal ignore_index {ignore_index}" if ignore_index is not None else "")
-                             + f", got values from {checked.min()} to {checked.max()}")
+        counted, count = rows_that_count(flat_targets, ignore_index, full_vocab, "vocab-parallel cross_entropy")
         ### BEGIN SOLUTION
         rows = logits.reshape(-1, local_vocab)
         row_index = xp.arange(rows.shape[0])
@@ -222,19 +218,14 @@ class VocabParallelCrossEntropy(Function):
         exps /= sum_exps[:, None]  # now this shard's softmax
         row_losses = xp.log(sum_exps) - target_logits  # (B T,) log S_i - zt_i
         ### END SOLUTION
-        count = row_losses.size if counted is None else int(counted.sum())
-        if counted is not None:
-            row_losses = row_losses * counted
         ctx.save_for_backward(exps, mine, local_targets, counted)
         ctx.shape, ctx.count = logits.shape, count
-        return xp.asarray(row_losses.sum(dtype=logits.dtype) / max(count, 1), dtype=logits.dtype)
+        return mean_over_counted(row_losses, counted, count, logits.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         probabilities, mine, local_targets, counted = ctx.saved
         grad_rows = probabilities.copy()
         grad_rows[xp.flatnonzero(mine), local_targets[mine]] -= 1
-        grad_rows *= grad / max(ctx.count, 1)
-        if counted is not None:
-            grad_rows *= counted[:, None]
+        scale_counted_rows(grad_rows, grad, counted, ctx.count)
         return grad_rows.reshape(ctx.shape), None
