@@ -1,0 +1,81 @@
+"""Moving rows by index: the two ops a mixture of experts routes tokens with.
+
+    gather_rows(x, index)               out[j] = x[index[j]]   (a zero row where index[j] = -1)
+    scatter_add_rows(rows, index, n)    out[i] = sum of rows[j] over every j with index[j] = i
+                                        (rows whose index is -1 go nowhere)
+
+Each is the other's adjoint: as matrices, gather is S (one 1 per row, at column index[j]) and
+scatter-add is S^T, so the backward of one is the other with the same index,
+
+    gather:       dL/dx    = S^T dL/dout = scatter_add_rows(dL/dout, index, len(x))
+    scatter-add:  dL/drows = S   dL/dout = gather_rows(dL/dout, index).
+
+A mixture of experts dispatches tokens into its experts' slots with a gather (each slot holds
+at most one token; an empty slot is -1) and combines the experts' outputs back into tokens
+with a scatter-add (a token chosen by k experts receives k rows). The index is an integer
+array, not a Tensor: routing decisions are not differentiable, the gates that weight the
+rows are (Shazeer et al. 2017, section 2.1).
+"""
+from minipar.backend import xp
+from minipar.errors import ShapeError
+from minipar.ops.fused import scatter_add_rows as _scatter_add_sorted
+from minipar.tensor import Function
+
+
+def _check_index(index, what):
+    if not hasattr(index, "dtype") or index.dtype.kind not in "iu" or index.ndim != 1:
+        raise ShapeError(f"{what}: index must be a 1-d integer array, got "
+                         f"{getattr(index, 'dtype', type(index).__name__)} {getattr(index, 'shape', '')}")
+
+
+def _gather(x, index):
+    """x[index] with zero rows where index is -1."""
+    present = index >= 0
+    out = x[xp.where(present, index, 0)]
+    if not present.all():
+        out[~present] = 0
+    return out
+
+
+def _scatter_add(rows, index, num_rows):
+    present = index >= 0
+    if not present.all():
+        rows, index = rows[present], index[present]
+    return _scatter_add_sorted(index, rows, num_rows)
+
+
+class GatherRows(Function):
+    """out[j] = x[index[j]], zero where index[j] = -1; backward scatter-adds dL/dout into dL/dx."""
+
+    @staticmethod
+    def forward(ctx, x, index):
+        _check_index(index, "gather_rows")
+        if x.ndim != 2:
+            raise ShapeError(f"gather_rows: x must be (rows, width), got {x.shape}")
+        if index.size and index.max() >= x.shape[0]:
+            raise ShapeError(f"gather_rows: index {int(index.max())} out of range for {x.shape[0]} rows")
+        ctx.index, ctx.num_rows = index, x.shape[0]
+        return _gather(x, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _scatter_add(grad, ctx.index, ctx.num_rows), None
+
+
+class ScatterAddRows(Function):
+    """out[i] = sum_j [index[j] = i] rows[j], for i < num_rows; backward gathers dL/dout by index."""
+
+    @staticmethod
+    def forward(ctx, rows, index, num_rows):
+        _check_index(index, "scatter_add_rows")
+        if rows.ndim != 2 or rows.shape[0] != index.size:
+            raise ShapeError(f"scatter_add_rows: rows must be ({index.size}, width) for {index.size} indices, "
+                             f"got {rows.shape}")
+        if index.size and index.max() >= num_rows:
+            raise ShapeError(f"scatter_add_rows: index {int(index.max())} out of range for {num_rows} rows")
+        ctx.index = index
+        return _scatter_add(rows, index, num_rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather(grad, ctx.index), None, None
