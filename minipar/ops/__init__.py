@@ -13,7 +13,7 @@ from minipar.backend import xp
 from minipar.ops.elementwise import Add, Div, Exp, Gelu, Log, Mul, Neg, Power, Relu, Sub, Tanh
 from minipar.ops.fused import CausalAttention, CrossEntropy, Dropout, Embedding, LayerNorm, LogSoftmax, Softmax
 from minipar.ops.linear_algebra import LinearFunction, MatMul
-from minipar.ops.routing import GatherRows, ScatterAddRows
+from minipar.ops.routing import AttachAuxiliaryLoss, GatherRows, ScatterAddRows
 from minipar.ops.shape import Concatenate, GetItem, Max, Mean, Reshape, Sum, Transpose
 
 add, sub, mul, div, neg = Add.apply, Sub.apply, Mul.apply, Div.apply, Neg.apply
@@ -119,3 +119,8 @@ def gather_rows(x, index):
 def scatter_add_rows(rows, index, num_rows):
     """out[i] = sum of rows[j] with index[j] == i, shape (num_rows, width); rows with index -1 are left out."""
     return ScatterAddRows.apply(rows, index, num_rows=num_rows)
+
+
+def attach_auxiliary_loss(x, aux, scale=1.0):
+    """x unchanged, but backward also sends ``scale`` into scalar ``aux``: as if scale·aux were added to the loss."""
+    return AttachAuxiliaryLoss.apply(x, aux, scale=scale)

@@ -79,3 +79,25 @@ class ScatterAddRows(Function):
     @staticmethod
     def backward(ctx, grad):
         return _gather(grad, ctx.index), None, None
+
+
+class AttachAuxiliaryLoss(Function):
+    """Forward: x unchanged. Backward: dL/dx = the incoming gradient, and d/d(aux) = ``scale``.
+
+    As if ``scale * aux`` had been added to the final loss, without the loss having to know:
+    a layer deep in a model (on any pipeline stage) can add its own term to the objective,
+    and the gradient arrives whenever backward passes through the layer. Megatron-LM's MoE
+    layer passes its load-balancing loss back the same way. ``scale`` is 1/m when the loss is
+    averaged over m micro-batches, so the term is averaged with it.
+    """
+
+    @staticmethod
+    def forward(ctx, x, aux, scale=1.0):
+        if aux.size != 1:
+            raise ShapeError(f"attach_auxiliary_loss: aux must be a scalar, got shape {aux.shape}")
+        ctx.aux_shape, ctx.aux_dtype, ctx.scale = aux.shape, aux.dtype, scale
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, xp.full(ctx.aux_shape, ctx.scale, dtype=ctx.aux_dtype)
