@@ -229,3 +229,35 @@ def test_expert_parameters_and_bad_configs():
             MixtureOfExperts(**options)
     with pytest.raises(ShapeError, match="do not split into 4 equal groups"):
         layer(groups=4)(Tensor(rng.standard_normal((3, 2, 6))))
+
+
+
+def test_use_experts_in_a_gpt():
+    from minipar.nn.gpt import GPT, GPTConfig
+    from minipar.nn.moe import use_experts
+
+    def model_with(aux_loss_weight):
+        config = GPTConfig(vocab_size=13, block_size=6, n_layer=2, n_head=2, n_embd=8)
+        return use_experts(GPT(config, dtype="float64"), n_experts=4, top_k=2, aux_loss_weight=aux_loss_weight)
+
+    model = model_with(0.01)
+    names = [name for name, _ in model.named_parameters()]
+    assert "blocks.1.mlp.experts.output.weight" in names and not any(".mlp.hidden." in name for name in names)
+    assert all(p.name == name for name, p in model.named_parameters() if ".mlp." in name)
+    assert all(p.dtype == np.float64 for p in model.parameters())
+    assert 0.005 < model.blocks[1].mlp.experts.output.weight.data.std() < 0.015  # 0.02 / sqrt(2 n_layer) = 0.01
+    ids = rng.integers(0, 13, (3, 6))
+    plain = model_with(0.0)
+    _, loss = model(ids, ids)
+    _, plain_loss = plain(ids, ids)
+    loss.backward()
+    plain_loss.backward()
+    # The loss value is the cross-entropy alone, but the aux loss's gradient reaches the router.
+    assert loss.item() == plain_loss.item()
+    for block, plain_block in zip(model.blocks, plain.blocks):
+        assert block.mlp.aux_loss.item() > 0.0 and plain_block.mlp.aux_loss.item() == 0.0
+        difference = np.abs(block.mlp.router.weight.grad - plain_block.mlp.router.weight.grad).max()
+        assert difference > 1e-6, f"the aux loss changed the router's gradient by only {difference}"
+    # Nothing of the last block's aux loss flows into its own experts (earlier blocks' do get some).
+    np.testing.assert_array_equal(model.blocks[-1].mlp.experts.hidden.weight.grad,
+                                  plain.blocks[-1].mlp.experts.hidden.weight.grad)

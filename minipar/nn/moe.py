@@ -133,11 +133,13 @@ class MixtureOfExperts(Module):
         self.experts = Experts(n_experts, width, 4 * width if hidden is None else hidden, bias)
         self.aux_loss, self.routing = None, None
 
-    def reset_parameters(self, seed, std=0.02):
-        """Weights ~ N(0, std), biases 0, drawn in parameter order from one seeded generator."""
+    def reset_parameters(self, seed, std=0.02, output_std=None):
+        """Weights ~ N(0, std) (the experts' output weights N(0, output_std) if given), biases 0,
+        drawn in parameter order from one seeded generator."""
         generator = host_rng(seed)
         for name, p in self.named_parameters():
-            values = xp.zeros(p.shape) if name.endswith("bias") else xp.asarray(generator.normal(0.0, std, p.shape))
+            scale = output_std if output_std is not None and name == "experts.output.weight" else std
+            values = xp.zeros(p.shape) if name.endswith("bias") else xp.asarray(generator.normal(0.0, scale, p.shape))
             p.data[...] = values.astype(p.dtype)
         return self
 
@@ -194,3 +196,23 @@ def expert_parameter_ids(module):
             continue
         stack.extend(child for _, child in current.children())
     return found
+
+
+def use_experts(model, n_experts, top_k=2, capacity_factor=1.25, aux_loss_weight=0.01, groups=1, seed=None):
+    """Replace every block's MLP in a GPT by a MixtureOfExperts, in place; returns the model.
+
+    GPT-2's initialisation, per layer from seed ``model.config.seed + 1000 + layer``: router
+    and first expert weights N(0, 0.02), the experts' output weights N(0, 0.02/sqrt(2 n_layer))
+    (they write into the residual stream), biases 0. Parameters get their full names
+    (``blocks.3.mlp.router.weight``), as GPT gives its own.
+    """
+    config = model.config
+    seed = config.seed + 1000 if seed is None else seed
+    dtype = model.blocks[0].mlp.hidden.weight.dtype
+    for index, block in enumerate(model.blocks):
+        block.mlp = MixtureOfExperts(config.n_embd, n_experts, top_k, capacity_factor, aux_loss_weight,
+                                     bias=config.bias, groups=groups).to(dtype)
+        block.mlp.reset_parameters(seed + index, 0.02, 0.02 / math.sqrt(2 * config.n_layer))
+        for name, p in block.mlp.named_parameters():
+            p.name = f"blocks.{index}.mlp.{name}"
+    return model
