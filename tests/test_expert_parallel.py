@@ -40,3 +40,37 @@ def test_expert_parallel_on_eight_ranks_quick():
 def test_expert_parallel_on_eight_ranks_full():
     results = results_from_ranks(8, BODY, timeout=600, layouts=[1, 2])
     assert_as_expected(results, checks=ALL)
+
+
+# ---- the pairwise exchange on threads (a wrong partner fails in seconds, naming the ranks) ----------
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 8])
+def test_pairwise_alltoall_on_threads(size):
+    import numpy as np
+
+    from minipar.comm import collectives
+    from tests.test_collectives import run_on_threads
+
+    def rows(source, dest):  # uneven: block sizes differ by pair and direction, some are empty
+        return (2 * source + 3 * dest) % 4
+
+    def value(source, dest):
+        return 100.0 * source + dest
+
+    def exchange(comm, buffer):
+        rank = comm.Get_rank()
+        send_bounds = collectives.bounds_from_counts([rows(rank, dest) for dest in range(size)], 2)
+        receive_bounds = collectives.bounds_from_counts([rows(source, rank) for source in range(size)], 2)
+        total_in = receive_bounds[-1][1]
+        collectives.pairwise_alltoall(comm, buffer[0], buffer[1, :total_in], send_bounds, receive_bounds)
+
+    width = 2 * 4 * size  # room for the largest send and receive
+    inputs = []
+    for rank in range(size):
+        buffer = np.full((2, width), np.nan)
+        outgoing = np.concatenate([np.full(2 * rows(rank, dest), value(rank, dest)) for dest in range(size)])
+        buffer[0, :outgoing.size] = outgoing
+        inputs.append(buffer)
+    for rank, buffer in enumerate(run_on_threads(size, exchange, inputs)):
+        expected = np.concatenate([np.full(2 * rows(source, rank), value(source, rank)) for source in range(size)])
+        np.testing.assert_array_equal(buffer[1, :expected.size], expected, err_msg=f"rank {rank}")
