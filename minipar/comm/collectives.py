@@ -366,7 +366,7 @@ def pairwise_alltoall(mpi_comm, send, out, send_bounds, receive_bounds):
     waits on a busy one, and after N−1 steps every pair has met once.
 
     Rank r sends everything but its own block: (N−1)/N of the data when the blocks are equal.
-    Cost (N−1)α + ((N−1)/N)nβ, nothing reduced (Thakur, Rabenseifner & Gropp 2005, section 3.4).
+    Cost (N−1)α + ((N−1)/N)nβ, nothing reduced (Thakur, Rabenseifner & Gropp 2005).
     Unlike the ring collectives no block is forwarded: each travels once, straight to its owner.
     """
     flat_send, flat_out = _flat(send), _flat(out)
