@@ -74,15 +74,23 @@ def route(probabilities, top_k, capacity_factor, groups=1):
     order = chosen.reshape(groups, per_group, top_k).transpose(0, 2, 1).reshape(groups, top_k * per_group)
     one_hot = order[..., None] == xp.arange(n_experts)  # (G, k T_g, E)
     position = xp.take_along_axis(xp.cumsum(one_hot, axis=1), order[..., None], axis=2)[..., 0] - 1
-    accepted = position < capacity
+    routed = one_hot.sum(axis=1)  # (G, E)
+    kept = xp.minimum(routed, capacity)
     group_base = (xp.arange(groups) * n_experts)[:, None]
-    slot = xp.where(accepted, (group_base + order) * capacity + position, -1)  # (G, k T_g)
-    token = xp.broadcast_to(xp.arange(tokens).reshape(groups, 1, per_group), (groups, top_k, per_group))
-    token_of_slot = xp.full(groups * n_experts * capacity, -1, dtype=xp.int64)
-    token_of_slot[slot[accepted]] = token.reshape(groups, -1)[accepted]
+    slot = xp.where(position < capacity, (group_base + order) * capacity + position, -1)  # (G, k T_g)
     slot_by_token = slot.reshape(groups, top_k, per_group).transpose(0, 2, 1).reshape(tokens, top_k)
-    kept = (one_hot & accepted[..., None]).sum(axis=1)
-    return Routing(chosen, slot_by_token, token_of_slot, one_hot.sum(axis=1), kept, groups, capacity)
+    # The inverse map, slot -> token, without a data-dependent shape (no host sync on a GPU): sorting
+    # the choices by expert, stably, lists each expert's in priority order, so slot c of expert e
+    # holds the c-th of e's run, if e accepted more than c.
+    by_expert = xp.argsort(order, axis=1, kind="stable")  # (G, k T_g)
+    run_start = xp.cumsum(routed, axis=1) - routed  # (G, E)
+    rank_in_run = xp.arange(capacity)
+    picked = xp.minimum(run_start[..., None] + rank_in_run, top_k * per_group - 1).reshape(groups, -1)
+    choice = xp.take_along_axis(by_expert, picked, axis=1)  # (G, E C_e) index into the group's k T_g choices
+    token = choice % per_group + (xp.arange(groups) * per_group)[:, None]
+    filled = (rank_in_run < kept[..., None]).reshape(groups, -1)
+    token_of_slot = xp.where(filled, token, -1).reshape(-1)
+    return Routing(chosen, slot_by_token, token_of_slot, routed, kept, groups, capacity)
 
 
 class ExpertLinear(Module):

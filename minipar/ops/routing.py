@@ -16,7 +16,7 @@ with a scatter-add (a token chosen by k experts receives k rows). The index is a
 array, not a Tensor: routing decisions are not differentiable, the gates that weight the
 rows are (Shazeer et al. 2017, section 2.1).
 """
-from minipar.backend import xp
+from minipar.backend import ON_DEVICE, xp
 from minipar.errors import ShapeError
 from minipar.ops.fused import scatter_add_rows as _scatter_add_sorted
 from minipar.tensor import Function
@@ -29,19 +29,21 @@ def _check_index(index, what):
 
 
 def _gather(x, index):
-    """x[index] with zero rows where index is -1."""
-    present = index >= 0
-    out = x[xp.where(present, index, 0)]
-    if not present.all():
-        out[~present] = 0
-    return out
+    """x[index] with zero rows where index is -1 (no data-dependent shapes: no host sync on a GPU)."""
+    present = (index >= 0)[:, None]
+    return xp.where(present, x[xp.where(index >= 0, index, 0)], 0).astype(x.dtype, copy=False)
 
 
 def _scatter_add(rows, index, num_rows):
-    present = index >= 0
-    if not present.all():
-        rows, index = rows[present], index[present]
-    return _scatter_add_sorted(index, rows, num_rows)
+    """Rows with index -1 go to one extra row, dropped at the end."""
+    return _scatter_add_sorted(xp.where(index >= 0, index, num_rows), rows, num_rows + 1)[:num_rows]
+
+
+def _check_range(index, num_rows, what):
+    # On a GPU this check would copy to the host and wait on every call; there the routing that
+    # makes the indices is trusted, as the Embedding op trusts checked token ids.
+    if not ON_DEVICE and index.size and index.max() >= num_rows:
+        raise ShapeError(f"{what}: index {int(index.max())} out of range for {num_rows} rows")
 
 
 class GatherRows(Function):
@@ -52,8 +54,7 @@ class GatherRows(Function):
         _check_index(index, "gather_rows")
         if x.ndim != 2:
             raise ShapeError(f"gather_rows: x must be (rows, width), got {x.shape}")
-        if index.size and index.max() >= x.shape[0]:
-            raise ShapeError(f"gather_rows: index {int(index.max())} out of range for {x.shape[0]} rows")
+        _check_range(index, x.shape[0], "gather_rows")
         ctx.index, ctx.num_rows = index, x.shape[0]
         return _gather(x, index)
 
@@ -71,8 +72,7 @@ class ScatterAddRows(Function):
         if rows.ndim != 2 or rows.shape[0] != index.size:
             raise ShapeError(f"scatter_add_rows: rows must be ({index.size}, width) for {index.size} indices, "
                              f"got {rows.shape}")
-        if index.size and index.max() >= num_rows:
-            raise ShapeError(f"scatter_add_rows: index {int(index.max())} out of range for {num_rows} rows")
+        _check_range(index, num_rows, "scatter_add_rows")
         ctx.index = index
         return _scatter_add(rows, index, num_rows)
 
