@@ -261,3 +261,15 @@ def test_use_experts_in_a_gpt():
     # Nothing of the last block's aux loss flows into its own experts (earlier blocks' do get some).
     np.testing.assert_array_equal(model.blocks[-1].mlp.experts.hidden.weight.grad,
                                   plain.blocks[-1].mlp.experts.hidden.weight.grad)
+
+
+def test_evaluation_never_drops():
+    moe = layer(capacity_factor=0.5, groups=2)
+    x = rng.standard_normal((4, 5, 6))
+    moe(Tensor(x))
+    assert (moe.routing.routed > moe.routing.kept).any()
+    moe.eval()
+    together = moe(Tensor(x)).data
+    assert np.array_equal(moe.routing.routed, moe.routing.kept) and moe.routing.capacity == 20
+    alone = np.concatenate([moe(Tensor(x[i:i + 1])).data for i in range(4)])  # batch-independent
+    np.testing.assert_allclose(together, alone, rtol=1e-13, atol=1e-15)

@@ -30,6 +30,9 @@ equals alpha; f has no gradient (counts), P carries it back into the router. Wit
 itself, through ``ops.attach_auxiliary_loss``: the model's loss need not know the layer is
 there, on any pipeline stage. Set ``aux_loss_scale`` to 1/m under m micro-batches.
 
+Evaluation (``model.eval()``) never drops: capacity is T, so a prediction does not depend on
+which other tokens share its batch (Switch, too, evaluates with a larger capacity factor).
+
 Groups (GShard): capacity is counted within each group of T_g tokens. An expert-parallel
 rank's own tokens form one group (parallel/expert_parallel.py), so ep = N equals this layer
 with ``groups = N`` on the ranks' batches stacked, drops included.
@@ -154,7 +157,10 @@ class MixtureOfExperts(Module):
     def forward(self, x):  # (B, T, C)
         tokens = ops.reshape(x, (-1, x.shape[-1]))  # (N, C)
         probabilities = ops.softmax(self.router(tokens))  # (N, E)
-        routing = route(probabilities.data, self.top_k, self.capacity_factor, self.groups)
+        if self.training:
+            routing = route(probabilities.data, self.top_k, self.capacity_factor, self.groups)
+        else:  # evaluation never drops: room for every token (one group, CF = E/k)
+            routing = route(probabilities.data, self.top_k, self.n_experts / self.top_k, 1)
         gates = self.gates(probabilities, routing.chosen)  # (N, k)
         aux = self.balance_loss(probabilities, routing)
         slots = ops.gather_rows(tokens, routing.token_of_slot)  # (G E C_e, C), zeros where empty
