@@ -48,13 +48,14 @@ from minipar.nn.module import Module, Parameter
 
 
 def expert_capacity(tokens_per_group, n_experts, top_k, capacity_factor):
-    """C_e = ceil(CF · k · T_g / E): slots per expert per group. CF = E/k gives T_g (no drops ever)."""
+    """C_e = ceil(CF · k · T_g / E): slots per expert per group. CF = E/k gives T_g (no drops ever).
+    (The 1e-9 keeps a product that is whole in exact arithmetic, 1.1 · 2 · 50 / 11, from rounding up.)"""
     return max(1, math.ceil(capacity_factor * top_k * tokens_per_group / n_experts - 1e-9))
 
 
 @dataclass
 class Routing:
-    """Where every token goes, as host-side integer arrays (routing is not differentiable)."""
+    """Where every token goes, as integer arrays of the backend (routing is not differentiable)."""
 
     chosen: object  # (N, k) expert of each choice
     slot: object  # (N, k) index into the flat (G E C_e) slots, -1 if the choice was dropped
