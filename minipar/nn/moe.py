@@ -223,7 +223,7 @@ def use_experts(model, n_experts, top_k=2, capacity_factor=1.25, aux_loss_weight
     """
     config = model.config
     seed = config.seed + 1000 if seed is None else seed
-    dtype = model.blocks[0].mlp.hidden.weight.dtype
+    dtype = model.embedding.token.weight.dtype
     for index, block in enumerate(model.blocks):
         block.mlp = MixtureOfExperts(config.n_embd, n_experts, top_k, capacity_factor, aux_loss_weight,
                                      bias=config.bias, groups=groups).to(dtype)
