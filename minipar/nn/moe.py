@@ -131,7 +131,7 @@ class MixtureOfExperts(Module):
     """
 
     def __init__(self, width, n_experts, top_k=2, capacity_factor=1.25, aux_loss_weight=0.01, hidden=None,
-                 bias=True, groups=1, aux_loss_in_backward=True):
+                 bias=True, groups=1, aux_loss_in_backward=True, experts=None):
         if not isinstance(n_experts, int) or n_experts < 1 or top_k not in (1, 2) or top_k > n_experts:
             raise ConfigError(f"mixture of experts needs n_experts >= 1 and top_k 1 or 2, at most n_experts; "
                               f"got n_experts={n_experts!r}, top_k={top_k!r}")
@@ -142,7 +142,9 @@ class MixtureOfExperts(Module):
         self.capacity_factor, self.aux_loss_weight = capacity_factor, aux_loss_weight
         self.groups, self.aux_loss_in_backward, self.aux_loss_scale = groups, aux_loss_in_backward, 1.0
         self.router = Linear(width, n_experts, bias=False)
-        self.experts = Experts(n_experts, width, 4 * width if hidden is None else hidden, bias)
+        # ``experts``: an Experts module to use instead of E new ones (expert parallelism passes its E/N)
+        self.experts = Experts(n_experts, width, 4 * width if hidden is None else hidden, bias) if experts is None \
+            else experts
         self.aux_loss, self.routing = None, None
 
     def reset_parameters(self, seed, std=0.02, output_std=None):

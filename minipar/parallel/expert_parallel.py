@@ -118,12 +118,11 @@ class ExpertParallelMixtureOfExperts(MixtureOfExperts):
     def __init__(self, full, communicator, prefix="", algorithm="mpi"):
         size, index = communicator.size, communicator.rank
         validate_expert_parallel(full.n_experts, size, size)
+        hidden, bias = full.experts.hidden.weight.shape[-1], full.experts.hidden.bias is not None
         super().__init__(full.width, full.n_experts, full.top_k, full.capacity_factor, full.aux_loss_weight,
-                         hidden=full.experts.hidden.weight.shape[-1], bias=full.experts.hidden.bias is not None,
-                         groups=1, aux_loss_in_backward=full.aux_loss_in_backward)
-        self.communicator, self.algorithm = communicator, algorithm
-        self.experts = Experts(full.n_experts // size, full.width, full.experts.hidden.weight.shape[-1],
-                               full.experts.hidden.bias is not None)
+                         hidden=hidden, bias=bias, groups=1, aux_loss_in_backward=full.aux_loss_in_backward,
+                         experts=Experts(full.n_experts // size, full.width, hidden, bias))
+        self.communicator, self.algorithm, self.aux_loss_scale = communicator, algorithm, full.aux_loss_scale
         full_parameters = dict(full.named_parameters())
         experts = expert_parameter_ids(self)
         for name, p in self.named_parameters():
