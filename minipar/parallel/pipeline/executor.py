@@ -121,11 +121,13 @@ class PipelineExecutor:
     """Runs a pipeline schedule over this rank's chunks, one training step per ``run`` call."""
 
     def __init__(self, chunks, pp_comm, schedule_name, num_microbatches, activation_shape, dtype,
-                 recompute=False, timeline=None):
+                 recompute=False, timeline=None, actions=None):
         """``chunks``: this rank's chunks from ``partition``; ``pp_comm``: the pipeline group's
         Communicator (rank = stage); ``activation_shape``: one micro-batch's activation between
         chunks, e.g. (b, T, C), or a list of p·v - 1 such shapes, entry c for the output of chunk c;
-        ``timeline``: a ``minipar.trace.Timeline`` to record into."""
+        ``timeline``: a ``minipar.trace.Timeline`` to record into; ``actions``: this rank's list of
+        Actions to run instead of ``schedule_name``'s (a schedule written by hand, checked by the
+        simulator first); ``schedule_name`` still says where the chunks sit."""
         self.chunks, self.comm = list(chunks), pp_comm
         self.num_stages, self.stage = pp_comm.size, pp_comm.rank
         self.num_microbatches = num_microbatches
@@ -138,8 +140,8 @@ class PipelineExecutor:
                               f"{self.total_chunks}, got {self.chunks}; build them with partition(pieces, "
                               f"{self.num_stages}, {self.stage}, num_chunks={len(self.chunks)}, "
                               f"placement={self.placement!r})")
-        self.schedule = build_schedule(schedule_name, self.num_stages, num_microbatches, self.stage,
-                                       len(self.chunks))
+        self.schedule = list(actions) if actions is not None else \
+            build_schedule(schedule_name, self.num_stages, num_microbatches, self.stage, len(self.chunks))
         self.chunk_by_index = {chunk.index: chunk for chunk in self.chunks}
         self.boundary_shapes, self.dtype = _boundary_shapes(activation_shape, self.total_chunks), xp.dtype(dtype)
         self.recompute, self.timeline = recompute, timeline
@@ -149,6 +151,11 @@ class PipelineExecutor:
                             SEND_FORWARD: self._send, SEND_BACKWARD: self._send, FORWARD: self._forward,
                             BACKWARD: self._backward, BACKWARD_INPUT: self._backward,
                             BACKWARD_WEIGHT: self._backward_weight}
+        self.schedule_splits_backward = any(action.kind == BACKWARD_WEIGHT for action in self.schedule)
+        unknown = [action for action in self.schedule if action.kind not in self._run_action]
+        if unknown:  # refused here, before any receive is posted
+            raise ConfigError(f"stage {self.stage}: the schedule holds {unknown[0]!r}, whose kind "
+                              f"{unknown[0].kind!r} this executor does not know how to run")
         self._free_receive_buffers, self._free_send_buffers = {}, {}  # shape -> buffers no message is using
         self._sends_in_flight = []
         for action in [a for a in self.schedule if a.kind in RECEIVES][:RECEIVE_BUFFERS]:
