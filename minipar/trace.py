@@ -36,9 +36,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 # What counts as useful work when measuring the bubble; everything else is overhead or waiting.
-COMPUTE_CATEGORIES = ("forward", "backward")
+# The zero-bubble schedules split backward into B (backward_input) and W (backward_weight).
+COMPUTE_CATEGORIES = ("forward", "backward", "backward_input", "backward_weight")
 
-_COLOURS = {"forward": "#74a9cf", "backward": "#fdae6b", "recv": "#d9d9d9", "send": "#74c476",
+_COLOURS = {"forward": "#74a9cf", "backward": "#fdae6b", "backward_input": "#e6550d", "backward_weight": "#fdd0a2",
+            "recv": "#d9d9d9", "send": "#74c476",
             "idle": "#efe4d2", "optimizer": "#9e9ac8", "allreduce": "#fb6a4a"}
 _OTHER_COLOURS = ("#bcbd22", "#17becf", "#e377c2", "#8c564b", "#7f7f7f")
 _TIME_UNITS = {"s": (1.0, "time (s)"), "ms": (1e3, "time (ms)"), "us": (1e6, "time (µs)"),
@@ -195,7 +197,8 @@ def _lighten(colour, amount):
 def plot_gantt(path, events_per_rank, title="", *, time_unit="ms"):
     """Draw a Gantt chart PNG: one row per rank (rank 0 on top), a colour per category.
 
-    Forward and backward boxes carry their micro-batch number when it fits; with several chunks
+    Forward and backward boxes (and the zero-bubble B and W, each its own colour) carry their
+    micro-batch number when it fits; with several chunks
     per rank (interleaving) later chunks are drawn lighter. ``time_unit`` is "ms", "s" or "us"
     for measured seconds, or "units" for simulated times left as they are. Draws on
     matplotlib's Agg canvas directly, so it never touches pyplot's global backend.
