@@ -41,3 +41,27 @@ def test_zero_bubble_schedules_equal_single_process(world_size):
     results = results_from_ranks(world_size, "tests.mpi_bodies.equivalence_body:check_layouts", timeout=900,
                                  cases=cases)
     assert_same_training(cases, results[0])
+
+
+@pytest.mark.slow  # 80 s on the shared 2-core machine; the Trainer runs the same layout in the 4-rank case above
+def test_the_cli_trains_under_zbv_on_4_ranks_as_one_process_does(tmp_path):
+    """The issue's command, ``mpiexec -n 4 python -m minipar train --pp 4 --microbatches 8 --schedule zbv``,
+    in float64 (8 layers: ZB-V cuts the model into 2p = 8 chunks), against one process, step by step."""
+    import json
+
+    from tests.test_cli import run_cli
+
+    common = ["--n-layer", "8", "--n-embd", "16", "--n-head", "2", "--batch-size", "16", "--dtype", "float64",
+              "--steps", "6", "--warmup", "2", "--eval-interval", "1000", "--eval-batches", "1"]
+    piped = run_cli("train", *common, "--pp", "4", "--microbatches", "8", "--schedule", "zbv",
+                    "--out", str(tmp_path / "zbv"), ranks=4, timeout=600)
+    assert piped.returncode == 0, piped.stderr
+    single = run_cli("train", *common, "--out", str(tmp_path / "one"), timeout=600)
+    assert single.returncode == 0, single.stderr
+
+    def losses(folder):
+        return json.loads((tmp_path / folder / "ckpt.minipar" / "index.json").read_text())["history"]["train_loss"]
+
+    expected, got = losses("one"), losses("zbv")
+    assert len(expected) == 6
+    assert got == pytest.approx(expected, rel=1e-11, abs=0), (got, expected)
