@@ -32,7 +32,10 @@ the one least disturbed by other load on the machine. It is compared with
     replayed:  the same schedules replayed with this step's own measured compute durations and
                free messages: the bubble the compute alone explains. On a shared, busy machine the
                durations of identical work jitter, and jitter alone widens the bubble; measured −
-               replayed is what messages, bookkeeping and waiting on descheduled peers add.
+               replayed is what messages, bookkeeping and waiting on descheduled peers add;
+    in-span:   measured, but inside each rank's own span from its first compute to its last: what
+               is left if the step's end need not wait for every rank (the zero-bubble paper's
+               optimizer post-validation; docs/pipeline_schedules.md).
 
 Rank 0 prints the table and writes, for every configuration, the Chrome trace JSON (open it in
 ui.perfetto.dev) and a Gantt PNG into ``--out``. Timings only mean something with at least one
@@ -121,6 +124,17 @@ def replayed_bubble(schedules, events_per_rank):
     return 1 - sum(durations.values()) / (stages * max(clock))
 
 
+def in_span_bubble(events_per_rank):
+    """Idle share inside each rank's own span (first compute to last): what a step whose end does not
+    wait for every rank would leave (the zero-bubble paper's optimizer post-validation)."""
+    compute = span = 0.0
+    for events in events_per_rank:
+        computes = [event for event in events if event.category in COMPUTE_CATEGORIES]
+        compute += sum(event.end - event.start for event in computes)
+        span += max(event.end for event in computes) - min(event.start for event in computes)
+    return 1 - compute / span
+
+
 def wait_without_spinning(world):
     """A barrier that sleeps between polls, so ranks sitting out a configuration leave the cores free."""
     request = world.mpi.Ibarrier()
@@ -186,7 +200,7 @@ def main():
         print("bubble = share of p x step time not spent in forward/backward; best of "
               f"{arguments.steps} steps\n")
         print(f"{'p':>3} {'m':>4} {'schedule':>12} {'v':>2} {'formula':>8} {'simulated':>10} "
-              f"{'measured':>9} {'diff (pp)':>10} {'replayed':>9} {'step ms':>8}")
+              f"{'measured':>9} {'diff (pp)':>10} {'replayed':>9} {'in-span':>8} {'step ms':>8}")
     table = []
     for stages in stage_counts:
         stage_comm = world.split(color=0 if world.rank < stages else 1, key=world.rank)
@@ -207,9 +221,9 @@ def main():
                 replayed = replayed_bubble(build_all_schedules(schedule, stages, microbatches, chunks_per_stage),
                                            events)
                 row = (stages, microbatches, schedule, chunks_per_stage, formula, simulated, measured,
-                       100 * (measured - formula), replayed, 1e3 * span)
+                       100 * (measured - formula), replayed, in_span_bubble(events), 1e3 * span)
                 table.append(row)
-                print("{:>3} {:>4} {:>12} {:>2} {:>8.3f} {:>10.3f} {:>9.3f} {:>+10.1f} {:>9.3f} {:>8.1f}".format(
+                print("{:>3} {:>4} {:>12} {:>2} {:>8.3f} {:>10.3f} {:>9.3f} {:>+10.1f} {:>9.3f} {:>8.3f} {:>8.1f}".format(
                     *row), flush=True)
                 name = f"{schedule}_p{stages}_m{microbatches}"
                 write_chrome_trace(os.path.join(arguments.out, f"{name}.json"), events)
@@ -218,7 +232,7 @@ def main():
                            f"{measured:.3f}, formula {formula:.3f}")
     if world.rank == 0:
         with open(os.path.join(arguments.out, "bubble_table.csv"), "w") as file:
-            file.write("p,m,schedule,v,formula,simulated,measured,diff_percentage_points,replayed,step_ms\n")
+            file.write("p,m,schedule,v,formula,simulated,measured,diff_percentage_points,replayed,in_span,step_ms\n")
             for row in table:
                 file.write(",".join(f"{value:.4f}" if isinstance(value, float) else str(value) for value in row) + "\n")
         print(f"\ntraces (*.json, open in ui.perfetto.dev), Gantt charts (*.png) and bubble_table.csv "

@@ -393,3 +393,10 @@ def test_zbv_message_tags_pair_up_including_the_turn_of_the_v_on_one_rank():
 def test_bad_zero_bubble_configuration_gets_a_clear_error(call, needle):
     with pytest.raises(ConfigError, match=needle):
         call()
+
+
+def test_in_span_bubble_is_what_an_unsynchronised_step_end_would_leave():
+    h2 = zero_bubble_run("zb-h2", 4, 8)
+    assert h2.in_span_bubble_fraction == 0 and h2.bubble_fraction == Fraction(3, 27)
+    h1 = zero_bubble_run("zb-h1", 4, 8)  # ZB-H1's ranks end together: its idle is inside the spans
+    assert 0 < h1.in_span_bubble_fraction < h1.bubble_fraction

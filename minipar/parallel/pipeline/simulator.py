@@ -109,6 +109,21 @@ class SimulationResult:
     num_chunks: int         # chunks in the whole model (p·v)
     placement: str = LOOP   # where the chunks sit: LOOP (c on rank c mod p) or V_SHAPE (ZB-V)
 
+    @property
+    def in_span_bubble_fraction(self):
+        """The idle share inside each rank's own span, from its first compute to its last.
+
+        What is left if the step's end did not wait for every rank: consecutive steps then
+        overlap (stage 0 starts the next step's forwards while the last stage finishes this
+        one), which is what the zero-bubble paper's optimizer post-validation allows. For
+        ZB-H2 it is 0 with equal times, while ``bubble_fraction`` keeps the (p-1)T_F skew.
+        """
+        spans = []
+        for intervals in self.timeline:
+            computes = [interval for interval in intervals if interval.kind in COMPUTES]
+            spans.append(computes[-1].end - computes[0].start if computes else 0)
+        return 1 - sum(self.compute_time) / sum(spans)
+
 
 # Pairs (earlier, later) that must appear in this order on a rank for the same (micro-batch, chunk).
 _ORDER_RULES = ((RECV_FORWARD, FORWARD), (FORWARD, SEND_FORWARD), (FORWARD, BACKWARD),
