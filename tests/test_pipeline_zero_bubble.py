@@ -4,7 +4,7 @@ Each case runs the Trainer with the schedule (B and W split by the engine, W run
 says) for 3 AdamW steps in float64 and compares losses and every parameter with the plain
 single-process loop of tests/mpi_bodies/equivalence_body.py, with the same tolerances as the
 other layouts (``test_equivalence.assert_same_training``). pp = 2, 4 and 8, with dp, tp (and
-sequence parallelism), recomputation on and off, ZeRO 1, and data-parallel overlap (its buckets
+sequence parallelism), recomputation on and off, ZeRO 1 (and 2), and data-parallel overlap (its buckets
 fill from grad-ready hooks, which fire in W). The 8-rank cases are slow here and marked so.
 """
 import pytest
@@ -24,6 +24,7 @@ CASES = {
         dict(pp=4, microbatches=4, schedule="zb-h2"),
         dict(dp=2, pp=2, microbatches=4, schedule="zbv", zero=1, weight_decay=0.1),
         dict(dp=2, pp=2, microbatches=4, schedule="zb-h1", overlap=True, bucket_megabytes=0.005),
+        dict(dp=2, pp=2, microbatches=4, schedule="zb-h2", zero=2),  # its reduce-scatters start from W's hooks
         dict(tp=2, pp=2, microbatches=4, schedule="zbv", sequence_parallel=True, recompute=True),
         dict(tp=2, pp=2, microbatches=2, schedule="zb-h2")],
     8: [dict(pp=8, microbatches=16, schedule="zb-h1"),
