@@ -44,7 +44,7 @@ GPT_CASES = {
 DEEP_GPT_CASES = {8: [["interleaved", 8, 2, False]]}  # 16 layers: p·v = 16 chunks need 16 blocks
 # The zero-bubble schedules at 8 stages: slow on a shared 2-core machine, so under -m slow.
 ZERO_BUBBLE_8 = dict(gpt_cases=[["zb-h1", 16, 1, False], ["zb-h2", 16, 1, True]],
-                     deep_gpt_cases=[["zbv", 16, 2, True]], mlp_cases=[["zbv", 8, 2, False]])
+                     deep_gpt_cases=[["zbv", 16, 2, True]], mlp_cases=[["zb-h1", 8, 1, False]])
 MLP_CASES = {
     1: [["1f1b", 8, 1, False]],
     2: [["gpipe", 3, 1, False], ["interleaved", 4, 2, True], ["zb-h2", 4, 1, False], ["zbv", 4, 2, False]],
