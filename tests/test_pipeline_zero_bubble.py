@@ -32,7 +32,8 @@ CASES = {
         dict(pp=8, microbatches=16, schedule="zbv", model=DEEP),
         dict(dp=2, pp=4, microbatches=8, schedule="zbv", zero=1, weight_decay=0.1, recompute=True),
         dict(dp=2, tp=2, pp=2, microbatches=4, schedule="zb-h2", sequence_parallel=True, zero=1),
-        dict(tp=2, pp=4, microbatches=4, schedule="zb-h1", sequence_parallel=True, recompute=True)],
+        dict(tp=2, pp=4, microbatches=4, schedule="zb-h1", sequence_parallel=True, recompute=True),
+        dict(dp=4, pp=2, microbatches=4, schedule="zbv", zero=3, weight_decay=0.1)],  # ZeRO-3 gathers inside B
 }
 
 
