@@ -2,6 +2,8 @@
 
     mpiexec -n 2 python benchmarks/bench_pipeline_bubble.py --out out/bubble
     mpiexec -n 8 python benchmarks/bench_pipeline_bubble.py --stages 2 4 8 --out out/bubble   # 8+ cores
+    mpiexec -n 4 python benchmarks/bench_pipeline_bubble.py --stages 4 --microbatches 8 \
+        --schedules 1f1b zb-h1 zb-h2 zbv --out out/zero_bubble                       # zero bubble, 4+ cores
 
 Every stage gets the same work: the model is a stack of identical matmul-heavy layers,
 x -> tanh(x W1) W2 with W1 (w, k·w) and W2 (k·w, w), ``--layers-per-stage`` of them per stage (split
@@ -19,12 +21,21 @@ the one least disturbed by other load on the machine. It is compared with
 
     formula:   (p-1)/(m+p-1) of the step for GPipe and 1F1B (Huang et al. 2019; Narayanan et al.
                2021 write it (p-1)/m as a ratio to the ideal time), and for interleaving with v
-               chunks ((p-1)/v) / (m + (p-1)/v), that is (1/v)(p-1)/m of the ideal time;
-    simulated: ``simulate`` on the same schedules with free messages and backward = 2 × forward;
+               chunks ((p-1)/v) / (m + (p-1)/v), that is (1/v)(p-1)/m of the ideal time; for the
+               zero-bubble schedules (Qi et al. 2023) with T_F = T_B = T_W = T, each rank computes
+               3mT and idles (p-1)T under ZB-H1 (the paper's (p-1)(T_F+T_B-T_W)) and under ZB-H2 in
+               one synchronous step (its start and end skew, (p-1)T_F; inside each rank it idles
+               (p-1)(T_F+T_B-2T_W) = 0), and (p-1)T/2 under ZB-V (half-stage chunks), so
+               (p-1)/(3m+p-1), (p-1)/(3m+p-1) and (p-1)/(6m+p-1) of the step;
+    simulated: ``simulate`` on the same schedules with free messages and backward = 2 × forward
+               (B = W = forward when split);
     replayed:  the same schedules replayed with this step's own measured compute durations and
                free messages: the bubble the compute alone explains. On a shared, busy machine the
                durations of identical work jitter, and jitter alone widens the bubble; measured −
-               replayed is what messages, bookkeeping and waiting on descheduled peers add.
+               replayed is what messages, bookkeeping and waiting on descheduled peers add;
+    in-span:   measured, but inside each rank's own span from its first compute to its last: what
+               is left if the step's end need not wait for every rank (the zero-bubble paper's
+               optimizer post-validation; docs/pipeline_schedules.md).
 
 Rank 0 prints the table and writes, for every configuration, the Chrome trace JSON (open it in
 ui.perfetto.dev) and a Gantt PNG into ``--out``. Timings only mean something with at least one
@@ -40,9 +51,9 @@ from minipar.nn.layers import Linear
 from minipar.nn.module import Module
 from minipar.parallel.pipeline.executor import PipelineExecutor, split_microbatches
 from minipar.parallel.pipeline.partition import partition
-from minipar.parallel.pipeline.schedules import RECEIVES, SENDS, build_all_schedules
+from minipar.parallel.pipeline.schedules import RECEIVES, SENDS, build_all_schedules, placement_of
 from minipar.parallel.pipeline.simulator import message_key, simulate
-from minipar.trace import Timeline, measured_bubble_fraction, plot_gantt, write_chrome_trace
+from minipar.trace import COMPUTE_CATEGORIES, Timeline, measured_bubble_fraction, plot_gantt, write_chrome_trace
 
 
 class PassThrough(Module):
@@ -73,21 +84,26 @@ class MeanSquare(Module):
         return (x * x).mean()
 
 
-def formula_bubble(stages, microbatches, chunks_per_stage):
-    """Bubble as a fraction of the step: ((p-1)/v) / (m + (p-1)/v); v = 1 is GPipe's (p-1)/(m+p-1)."""
+def formula_bubble(schedule, stages, microbatches, chunks_per_stage):
+    """Bubble as a fraction of the step: ((p-1)/v) / (m + (p-1)/v) (v = 1: GPipe's (p-1)/(m+p-1));
+    for the zero-bubble schedules, idle / (3m + idle) in units of T = T_F = T_B = T_W."""
+    idle = {"zb-h1": stages - 1, "zb-h2": stages - 1, "zbv": (stages - 1) / 2}.get(schedule)
+    if idle is not None:
+        return idle / (3 * microbatches + idle)
     fill = (stages - 1) / chunks_per_stage
     return fill / (microbatches + fill)
 
 
 def simulated_bubble(schedule, stages, microbatches, chunks_per_stage):
     schedules = build_all_schedules(schedule, stages, microbatches, chunks_per_stage)
-    return simulate(schedules, forward_time=1 / chunks_per_stage, backward_time=2 / chunks_per_stage).bubble_fraction
+    return simulate(schedules, forward_time=1 / chunks_per_stage, backward_time=2 / chunks_per_stage,
+                    weight_time=1 / chunks_per_stage).bubble_fraction
 
 
 def replayed_bubble(schedules, events_per_rank):
     """The bubble of the schedules with each compute taking its measured time and free messages."""
     durations = {(event.category, event.args["microbatch"], event.args["chunk"]): event.end - event.start
-                 for events in events_per_rank for event in events if event.category in ("forward", "backward")}
+                 for events in events_per_rank for event in events if event.category in COMPUTE_CATEGORIES}
     stages = len(schedules)
     clock, position, arrival, progress = [0.0] * stages, [0] * stages, {}, True
     while progress:  # run each rank until it waits on a message not yet sent, round after round
@@ -108,6 +124,17 @@ def replayed_bubble(schedules, events_per_rank):
     return 1 - sum(durations.values()) / (stages * max(clock))
 
 
+def in_span_bubble(events_per_rank):
+    """Idle share inside each rank's own span (first compute to last): what a step whose end does not
+    wait for every rank would leave (the zero-bubble paper's optimizer post-validation)."""
+    compute = span = 0.0
+    for events in events_per_rank:
+        computes = [event for event in events if event.category in COMPUTE_CATEGORIES]
+        compute += sum(event.end - event.start for event in computes)
+        span += max(event.end for event in computes) - min(event.start for event in computes)
+    return 1 - compute / span
+
+
 def wait_without_spinning(world):
     """A barrier that sleeps between polls, so ranks sitting out a configuration leave the cores free."""
     request = world.mpi.Ibarrier()
@@ -122,7 +149,7 @@ def run_configuration(stage_comm, arguments, schedule, microbatches, chunks_per_
     generator = host_rng(0)
     pieces = [PassThrough()] + [BusyLayer(arguments.width, arguments.expansion, generator) for _ in range(layers)]
     pieces.append(MeanSquare())
-    chunks = partition(pieces, stages, stage_comm.rank, chunks_per_stage)
+    chunks = partition(pieces, stages, stage_comm.rank, chunks_per_stage, placement=placement_of(schedule))
     timeline = Timeline(stage_comm.rank)
     micro_rows = arguments.microbatch_size
     executor = PipelineExecutor(chunks, stage_comm, schedule, microbatches, (micro_rows, arguments.width),
@@ -149,7 +176,7 @@ def main():
     parser.add_argument("--out", required=True, help="directory for the traces, Gantt charts and table")
     parser.add_argument("--stages", type=int, nargs="+", help="pipeline sizes p (default: the world size)")
     parser.add_argument("--microbatches", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    parser.add_argument("--schedules", nargs="+", default=["gpipe", "1f1b", "interleaved"])
+    parser.add_argument("--schedules", nargs="+", default=["gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zbv"])
     parser.add_argument("--chunks", type=int, default=2, help="v, chunks per stage for 'interleaved'")
     parser.add_argument("--layers-per-stage", type=int, default=4)
     parser.add_argument("--width", type=int, default=64)
@@ -173,12 +200,12 @@ def main():
         print("bubble = share of p x step time not spent in forward/backward; best of "
               f"{arguments.steps} steps\n")
         print(f"{'p':>3} {'m':>4} {'schedule':>12} {'v':>2} {'formula':>8} {'simulated':>10} "
-              f"{'measured':>9} {'diff (pp)':>10} {'replayed':>9} {'step ms':>8}")
+              f"{'measured':>9} {'diff (pp)':>10} {'replayed':>9} {'in-span':>8} {'step ms':>8}")
     table = []
     for stages in stage_counts:
         stage_comm = world.split(color=0 if world.rank < stages else 1, key=world.rank)
         for schedule in arguments.schedules:
-            chunks_per_stage = arguments.chunks if schedule == "interleaved" else 1
+            chunks_per_stage = arguments.chunks if schedule == "interleaved" else 2 if schedule == "zbv" else 1
             for microbatches in arguments.microbatches:
                 if schedule == "interleaved" and microbatches % stages:
                     continue  # the interleaved schedule runs micro-batches in groups of p
@@ -189,14 +216,14 @@ def main():
                 if world.rank != 0:
                     continue
                 measured, span, events = result
-                formula = formula_bubble(stages, microbatches, chunks_per_stage)
+                formula = formula_bubble(schedule, stages, microbatches, chunks_per_stage)
                 simulated = simulated_bubble(schedule, stages, microbatches, chunks_per_stage)
                 replayed = replayed_bubble(build_all_schedules(schedule, stages, microbatches, chunks_per_stage),
                                            events)
                 row = (stages, microbatches, schedule, chunks_per_stage, formula, simulated, measured,
-                       100 * (measured - formula), replayed, 1e3 * span)
+                       100 * (measured - formula), replayed, in_span_bubble(events), 1e3 * span)
                 table.append(row)
-                print("{:>3} {:>4} {:>12} {:>2} {:>8.3f} {:>10.3f} {:>9.3f} {:>+10.1f} {:>9.3f} {:>8.1f}".format(
+                print("{:>3} {:>4} {:>12} {:>2} {:>8.3f} {:>10.3f} {:>9.3f} {:>+10.1f} {:>9.3f} {:>8.3f} {:>8.1f}".format(
                     *row), flush=True)
                 name = f"{schedule}_p{stages}_m{microbatches}"
                 write_chrome_trace(os.path.join(arguments.out, f"{name}.json"), events)
@@ -205,7 +232,7 @@ def main():
                            f"{measured:.3f}, formula {formula:.3f}")
     if world.rank == 0:
         with open(os.path.join(arguments.out, "bubble_table.csv"), "w") as file:
-            file.write("p,m,schedule,v,formula,simulated,measured,diff_percentage_points,replayed,step_ms\n")
+            file.write("p,m,schedule,v,formula,simulated,measured,diff_percentage_points,replayed,in_span,step_ms\n")
             for row in table:
                 file.write(",".join(f"{value:.4f}" if isinstance(value, float) else str(value) for value in row) + "\n")
         print(f"\ntraces (*.json, open in ui.perfetto.dev), Gantt charts (*.png) and bubble_table.csv "

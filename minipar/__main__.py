@@ -130,7 +130,8 @@ def add_train_arguments(parser):
     layout.add_argument("--tp", type=positive_int, default=1)
     layout.add_argument("--pp", type=positive_int, default=1)
     layout.add_argument("--microbatches", type=positive_int, default=1)
-    layout.add_argument("--schedule", choices=["gpipe", "1f1b", "interleaved"], default=defaults.schedule)
+    layout.add_argument("--schedule", choices=["gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zbv"],
+                        default=defaults.schedule)
     layout.add_argument("--virtual-stages", type=positive_int, default=1, help="model chunks per rank (interleaved)")
     layout.add_argument("--split", default=None, help="blocks per pipeline chunk, e.g. 1,3")
     layout.add_argument("--recompute", action="store_true", help="activation recomputation in the pipeline")

@@ -33,6 +33,21 @@ parameters are ready first, which is what lets data parallelism overlap its allr
 rest of backward. Both passes use an explicit stack, so a graph thousands of ops deep never
 meets Python's recursion limit.
 
+Splitting backward in two (Qi et al. 2023, "Zero Bubble Pipeline Parallelism"). A pipeline stage's
+backward does two jobs: B, the gradient of its input, which the previous stage is waiting for, and
+W, the gradient of its weights, which nobody needs until the optimizer step. For y = x W,
+
+    B:  dL/dx = dL/dy W^T          W:  dL/dW = x^T dL/dy
+
+``backward(grad, defer_weights=True, inputs=(x,))`` runs B only and returns a
+``WeightGradients``: every op runs its backward for the tensors that are not leaves (and for the
+leaves in ``inputs``), and an op that declares ``defers_weight_gradient`` leaves the gradients of
+its leaf inputs (its weights) for later, keeping what it saved and the incoming gradient. Calling
+``.run()`` on the result is W: it replays that work, and the additions into each leaf, in exactly
+the order a plain backward would have done them, so the sums come out bit for bit the same. A
+leaf's gradient-ready hooks fire in W, when it is final. Ops that do not declare the split
+compute their leaves' gradients in B; W then only adds them in.
+
 Communication sits on the autograd path the same way: an op whose forward is the identity
 and whose backward is an allreduce is just another ``Function`` (see parallel/).
 """
@@ -78,6 +93,7 @@ class Context:
     """
 
     saved = ()
+    skipped_inputs = frozenset()  # indices whose gradient this backward call must not compute (B/W split)
 
     def save_for_backward(self, *arrays):
         self.saved = arrays
@@ -87,11 +103,18 @@ class Context:
     def needs_input_grad(self, index):
         """Whether backward must return a gradient for input ``index``; an op may skip the work if not."""
         x = self.inputs[index]
-        return isinstance(x, Tensor) and x.requires_grad
+        return isinstance(x, Tensor) and x.requires_grad and index not in self.skipped_inputs
 
 
 class Function:
-    """A differentiable op: subclass it and write ``forward`` and ``backward``."""
+    """A differentiable op: subclass it and write ``forward`` and ``backward``.
+
+    ``defers_weight_gradient = True`` says that ``backward`` computes only the gradients that
+    ``ctx.needs_input_grad`` asks for, so the engine can call it twice: once for the inputs (B),
+    once, later, for the leaf weights (W). See ``Tensor.backward(defer_weights=True)``.
+    """
+
+    defers_weight_gradient = False
 
     @staticmethod
     def forward(ctx, *inputs, **options):
@@ -178,11 +201,14 @@ class Tensor:
         self._grad_ready_hooks.append(hook)
 
     # ---- reverse mode ------------------------------------------------------------------
-    def backward(self, grad=None):
+    def backward(self, grad=None, defer_weights=False, inputs=()):
         """Accumulate d(self)/d(leaf), times ``grad``, into ``.grad`` of every leaf below.
 
         ``grad`` defaults to 1 for a scalar. Gradients add up across calls until
         ``zero_grad`` (that is what gradient accumulation over micro-batches relies on).
+
+        ``defer_weights=True`` runs only B: the leaves in ``inputs`` get their gradient now, every
+        other leaf (the weights) waits for ``.run()`` of the returned ``WeightGradients`` (W).
         """
         if not self.requires_grad:
             raise RuntimeError("backward() on a tensor that does not require a gradient")
@@ -196,6 +222,8 @@ class Tensor:
             from minipar.errors import ShapeError
 
             raise ShapeError(f"backward: gradient of shape {grad.shape} for a tensor of shape {self.shape}")
+        later = WeightGradients({id(x) for x in inputs}) if defer_weights else None
+        finish_leaf = _accumulate_leaf if later is None else later.finish_leaf
 
         uses = _count_uses(self)
         pending = {id(self): grad}  # tensor -> gradient summed over the uses run so far
@@ -205,30 +233,32 @@ class Tensor:
             grad = pending.pop(id(tensor), None)
             ctx = tensor._node
             if ctx is None:  # a leaf
-                _accumulate_leaf(tensor, grad)
+                finish_leaf(tensor, grad)
                 continue
             if ctx is _FREED:
                 if grad is None:  # nothing would flow through it, so it does not matter that it is gone
                     continue
                 raise RuntimeError("backward through a graph whose saved arrays were already freed by an "
                                    "earlier backward; run the forward again")
-            input_grads = () if grad is None else ctx.function.backward(ctx, grad)
-            if not isinstance(input_grads, tuple):
-                input_grads = (input_grads,)
+            input_grads = () if grad is None else _input_gradients(ctx, grad, later)
             for x, g in zip_longest(ctx.inputs, input_grads):  # g is None: no gradient flows to x
                 if not isinstance(x, Tensor) or not x.requires_grad:
                     continue
                 key = id(x)
                 if g is not None:
-                    pending[key] = g if key not in pending else pending[key] + g
+                    if later is not None and later.defers(x):
+                        later.add(x, g)  # summed in W, in this order
+                    else:
+                        pending[key] = g if key not in pending else pending[key] + g
                 uses[key] -= 1
                 if uses[key] == 0:  # every use of x has passed its gradient back
                     if x._node is None:
-                        _accumulate_leaf(x, pending.pop(key, None))  # now, so its hooks fire early
+                        finish_leaf(x, pending.pop(key, None))  # now, so its hooks fire early
                     else:
                         ready.append(x)
             if grad is not None:
                 tensor._node = _FREED  # drop the saved activations as soon as they are used
+        return later
 
     # ---- operators (the ops themselves live in minipar/ops) -----------------------------
     def __add__(self, other):
@@ -296,6 +326,85 @@ class Tensor:
 
 
 _FREED = Context()  # marks a node whose backward already ran
+
+
+def _input_gradients(ctx, grad, later):
+    """One op's backward as a tuple of input gradients; under a B/W split, B's share only.
+
+    An op that declares ``defers_weight_gradient`` skips its deferred leaves now and is queued
+    (with its saved arrays and ``grad``) for W; any other op computes every gradient now.
+    """
+    deferred = () if later is None or not ctx.function.defers_weight_gradient else \
+        [i for i, x in enumerate(ctx.inputs) if isinstance(x, Tensor) and x.requires_grad and later.defers(x)]
+    if deferred:
+        ctx.skipped_inputs = frozenset(deferred)  # B: every gradient but the deferred leaves'
+        input_grads = ctx.function.backward(ctx, grad)
+        ctx.skipped_inputs = frozenset(i for i in range(len(ctx.inputs)) if i not in deferred)  # W: only those
+        later.queue_op(ctx, grad)
+    else:
+        input_grads = ctx.function.backward(ctx, grad)
+    if not isinstance(input_grads, tuple):
+        input_grads = (input_grads,)
+    if deferred:  # B must not have computed them; W will
+        input_grads = tuple(None if i in deferred else g for i, g in enumerate(input_grads))
+    return input_grads
+
+
+class WeightGradients:
+    """W of one backward: the weight-gradient work B left behind, replayed in order by ``run``.
+
+    The queue holds three kinds of entry, in the order a plain backward would have met them:
+    an op whose backward still owes its leaves' gradients, a gradient already computed for a
+    leaf (by an op that cannot split), and "this leaf is complete". ``run`` sums each leaf's
+    contributions in that order, as the plain engine does, then adds the sum into ``.grad`` and
+    fires the leaf's hooks: the result is identical to ``backward`` without the split.
+    """
+
+    def __init__(self, now_ids):
+        self._now = now_ids  # ids of the leaves whose gradient B computes itself (a stage's input)
+        self._queue = []
+        self.done = False
+
+    def defers(self, tensor):
+        return tensor._node is None and id(tensor) not in self._now
+
+    def queue_op(self, ctx, grad):
+        self._queue.append(("op", ctx, grad))
+
+    def add(self, leaf, grad):
+        self._queue.append(("add", leaf, grad))
+
+    def finish_leaf(self, leaf, grad):
+        if id(leaf) in self._now:
+            _accumulate_leaf(leaf, grad)
+            return
+        if grad is not None:
+            self._queue.append(("add", leaf, grad))
+        self._queue.append(("finish", leaf, None))
+
+    def __len__(self):
+        return len(self._queue)
+
+    def run(self):
+        """W: every deferred weight gradient, summed and accumulated as a plain backward would."""
+        if self.done:
+            raise RuntimeError("WeightGradients.run() called twice: the weight gradients were already added")
+        pending = {}
+        for what, subject, grad in self._queue:
+            if what == "op":
+                grads = subject.function.backward(subject, grad)
+                grads = grads if isinstance(grads, tuple) else (grads,)
+                for index, (x, g) in enumerate(zip(subject.inputs, grads)):
+                    if g is not None and index not in subject.skipped_inputs:
+                        key = id(x)
+                        pending[key] = g if key not in pending else pending[key] + g
+            elif what == "add":
+                key = id(subject)
+                pending[key] = grad if key not in pending else pending[key] + grad
+            else:
+                _accumulate_leaf(subject, pending.pop(id(subject), None))
+        self._queue.clear()  # drops the saved activations W was keeping
+        self.done = True
 
 
 def _count_uses(root):

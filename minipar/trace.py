@@ -36,10 +36,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 # What counts as useful work when measuring the bubble; everything else is overhead or waiting.
-COMPUTE_CATEGORIES = ("forward", "backward")
+# The zero-bubble schedules split backward into B (backward_input) and W (backward_weight).
+COMPUTE_CATEGORIES = ("forward", "backward", "backward_input", "backward_weight")
 
-_COLOURS = {"forward": "#74a9cf", "backward": "#fdae6b", "recv": "#d9d9d9", "send": "#74c476",
+_COLOURS = {"forward": "#74a9cf", "backward": "#fdae6b", "backward_input": "#e6550d", "backward_weight": "#fdd0a2",
+            "recv": "#d9d9d9", "send": "#74c476",
             "idle": "#efe4d2", "optimizer": "#9e9ac8", "allreduce": "#fb6a4a"}
+_LEGEND_LABELS = {"backward_input": "B (input grad)", "backward_weight": "W (weight grad)"}  # zero bubble
 _OTHER_COLOURS = ("#bcbd22", "#17becf", "#e377c2", "#8c564b", "#7f7f7f")
 _TIME_UNITS = {"s": (1.0, "time (s)"), "ms": (1e3, "time (ms)"), "us": (1e6, "time (µs)"),
                "units": (1.0, "time (simulated units)")}
@@ -195,7 +198,8 @@ def _lighten(colour, amount):
 def plot_gantt(path, events_per_rank, title="", *, time_unit="ms"):
     """Draw a Gantt chart PNG: one row per rank (rank 0 on top), a colour per category.
 
-    Forward and backward boxes carry their micro-batch number when it fits; with several chunks
+    Forward and backward boxes (and the zero-bubble B and W, each its own colour) carry their
+    micro-batch number when it fits; with several chunks
     per rank (interleaving) later chunks are drawn lighter. ``time_unit`` is "ms", "s" or "us"
     for measured seconds, or "units" for simulated times left as they are. Draws on
     matplotlib's Agg canvas directly, so it never touches pyplot's global backend.
@@ -222,7 +226,7 @@ def plot_gantt(path, events_per_rank, title="", *, time_unit="ms"):
                        lambda event: (float(event.start - origin) * scale, float(event.end - event.start) * scale))
 
     order = [c for c in _COLOURS if c in seen] + [c for c in seen if c not in _COLOURS]
-    axes.legend(handles=[Patch(color=palette[c], label=c) for c in order],
+    axes.legend(handles=[Patch(color=palette[c], label=_LEGEND_LABELS.get(c, c)) for c in order],
                 title="lighter: later chunk" if interleaved else None,
                 loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     _write_atomically(path, lambda file: figure.savefig(file, format="png"))
@@ -236,7 +240,7 @@ def _gantt_axes(ranks, end, axis_label, title):
     height = max(2.2, 1.1 + 0.55 * len(ranks))  # inches: a band per rank, title, axis, legend
     figure = Figure(figsize=(12, height), dpi=120)
     FigureCanvasAgg(figure)
-    figure.subplots_adjust(left=0.07, right=0.86, top=1 - 0.4 / height, bottom=0.6 / height)
+    figure.subplots_adjust(left=0.07, right=0.85, top=1 - 0.4 / height, bottom=0.6 / height)
     axes = figure.add_subplot()
     axes.set_xlim(0, end)
     axes.set_ylim(len(ranks) - 0.5, -0.5)  # rank 0 on top

@@ -36,6 +36,7 @@ from minipar.parallel.gather import gather_full_arrays
 from minipar.parallel.gradient_sync import MOMENTS, SequenceParallelGradientSum, SingleReplica
 from minipar.parallel.pipeline.executor import PipelineExecutor, split_microbatches
 from minipar.parallel.pipeline.partition import TIED_EMBEDDING, TiedEmbeddingGradientSum, partition, stage_parameters
+from minipar.parallel.pipeline.schedules import chunks_per_stage, placement_of
 from minipar.parallel.sharding import label_replicated
 from minipar.parallel.tensor_parallel import tensor_parallel_pieces
 from minipar.parallel.topology import Layout, ProcessGrid
@@ -59,7 +60,7 @@ class TrainConfig:
     tp: int = 1  # tensor-parallel ranks per layer
     pp: int = 1  # pipeline stages
     microbatches: int = 1  # per step and replica; gradients accumulate over them
-    schedule: str = "1f1b"  # gpipe | 1f1b | interleaved
+    schedule: str = "1f1b"  # gpipe | 1f1b | interleaved | zb-h1 | zb-h2 | zbv (zero bubble, Qi et al. 2023)
     virtual_stages: int = 1  # model chunks per pipeline rank (interleaved schedule)
     split: tuple = None  # blocks per pipeline chunk; None balances them
     recompute: bool = False  # recompute activations in backward instead of stashing them
@@ -136,7 +137,7 @@ class TrainConfig:
         """What this layout needs of the model, checked on every rank alike (not on one stage mid-step)."""
         from minipar.parallel.pipeline.partition import layers_per_chunk
 
-        layers_per_chunk(model_config.n_layer, self.pp, self.virtual_stages, self.split)
+        layers_per_chunk(model_config.n_layer, self.pp, chunks_per_stage(self.schedule, self.virtual_stages), self.split)
         if self.tp > 1 or self.sequence_parallel:
             from minipar.parallel.tensor_parallel import validate_tensor_parallel
 
@@ -187,7 +188,7 @@ class Trainer:
         # Linear, so their order does not matter; the dp average goes first because with overlap
         # (or ZeRO 2-3) it started during backward and must not see the gradients change after.
         self.gradient_sums = [self.sync, SequenceParallelGradientSum(self.sync.updated, self.grid.tp),
-                              TiedEmbeddingGradientSum(updated, self.grid.pp)]
+                              TiedEmbeddingGradientSum(updated, self.grid.pp, head_stage=self.executor.loss_stage)]
         self.counted_once = [(name, p) for name, p in self.named_parameters if self._counts_once(name, p)]
         self.norm_tensors = [self.sync.updated_tensor(p) for _, p in self.counted_once]
         self.norm_groups = (self.grid.tp, self.grid.pp, *self.sync.partitioned_over)
@@ -206,7 +207,8 @@ class Trainer:
             pieces = tensor_parallel_pieces(self.model_config, grid.tp, config.sequence_parallel, config.dtype)
         else:
             pieces = label_replicated(GPT(self.model_config, dtype=config.dtype)).pieces()  # each gets its shard
-        return partition(pieces, config.pp, grid.pp_rank, config.virtual_stages, config.split)
+        return partition(pieces, config.pp, grid.pp_rank, chunks_per_stage(config.schedule, config.virtual_stages),
+                         config.split, placement_of(config.schedule))  # zbv: 2 chunks in a V
 
     def _build_executor(self):
         config = self.config
@@ -289,7 +291,7 @@ class Trainer:
         buffer = xp.zeros(1, dtype=xp.float64)
         if loss is not None:
             buffer[0] = loss  # a 0-d array, still on the device
-        self.grid.pp.broadcast(buffer, root=self.config.pp - 1)
+        self.grid.pp.broadcast(buffer, root=self.executor.loss_stage)  # p - 1, or 0 under ZB-V
         self.grid.dp.allreduce(buffer)
         return scalar_to_host(buffer) / self.config.dp  # the step's one copy to the host
 

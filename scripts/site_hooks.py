@@ -53,6 +53,7 @@ LESSON_PAGES = {
     "07_zero": ["zero.md"],
     "08_planning": ["planning.md"],
     "09_cutting_communication": ["communication.md"],
+    "10_zero_bubble": ["pipeline_schedules.md"],
 }
 
 LINK = re.compile(r"(?<!!)\[(?P<text>(?:[^\[\]]|\[[^\[\]]*\])*)\]\((?P<target>[^()\s]+)\)")

@@ -31,18 +31,24 @@ TINY = dict(vocab_size=11, block_size=8, n_layer=8, n_head=2, n_embd=8, seed=7)
 # m from 1 to 16 including m < p and m not a multiple of p, recomputation on and off, a custom split.
 GPT_CASES = {
     1: [["gpipe", 1, 1, False], ["gpipe", 3, 1, True], ["1f1b", 8, 1, False], ["1f1b", 16, 1, True],
-        ["interleaved", 3, 2, False], ["interleaved", 16, 2, True]],
+        ["interleaved", 3, 2, False], ["interleaved", 16, 2, True], ["zb-h1", 4, 1, False], ["zbv", 3, 2, True]],
     2: [["gpipe", 1, 1, False], ["gpipe", 8, 1, True], ["1f1b", 3, 1, False], ["1f1b", 16, 1, True, [3, 5]],
-        ["interleaved", 2, 2, False], ["interleaved", 8, 2, True], ["interleaved", 16, 2, False, [1, 3, 2, 2]]],
+        ["interleaved", 2, 2, False], ["interleaved", 8, 2, True], ["interleaved", 16, 2, False, [1, 3, 2, 2]],
+        ["zb-h1", 1, 1, False], ["zb-h1", 6, 1, True], ["zb-h2", 3, 1, False], ["zb-h2", 8, 1, True],
+        ["zbv", 2, 2, False], ["zbv", 6, 2, True, [1, 3, 2, 2]]],
     4: [["gpipe", 3, 1, False], ["gpipe", 16, 1, True], ["1f1b", 1, 1, False], ["1f1b", 8, 1, True],
-        ["interleaved", 4, 2, False], ["interleaved", 16, 2, True]],
+        ["interleaved", 4, 2, False], ["interleaved", 16, 2, True], ["zb-h1", 8, 1, False], ["zb-h2", 8, 1, True],
+        ["zbv", 8, 2, False], ["zbv", 3, 2, True]],
     8: [["gpipe", 16, 1, False], ["1f1b", 3, 1, False], ["1f1b", 8, 1, True]],
 }
 DEEP_GPT_CASES = {8: [["interleaved", 8, 2, False]]}  # 16 layers: p·v = 16 chunks need 16 blocks
+# The zero-bubble schedules at 8 stages: slow on a shared 2-core machine, so under -m slow.
+ZERO_BUBBLE_8 = dict(gpt_cases=[["zb-h1", 16, 1, False], ["zb-h2", 16, 1, True]],
+                     deep_gpt_cases=[["zbv", 16, 2, True]], mlp_cases=[["zb-h1", 8, 1, False]])
 MLP_CASES = {
     1: [["1f1b", 8, 1, False]],
-    2: [["gpipe", 3, 1, False], ["interleaved", 4, 2, True]],
-    4: [["1f1b", 16, 1, False], ["interleaved", 8, 2, False]],
+    2: [["gpipe", 3, 1, False], ["interleaved", 4, 2, True], ["zb-h2", 4, 1, False], ["zbv", 4, 2, False]],
+    4: [["1f1b", 16, 1, False], ["interleaved", 8, 2, False], ["zb-h1", 8, 1, True]],
     8: [["1f1b", 8, 1, True]],
 }
 
@@ -58,6 +64,14 @@ def test_pipeline_training_equals_single_process(stages):
     if stages == 2:  # both copies of the tied weight drift when their gradients are not summed
         checks += ["tied embedding", "recompute with dropout"]
     assert_as_expected(results, checks=checks + ["config errors"])
+
+
+@pytest.mark.slow
+def test_zero_bubble_pipelines_at_8_stages_equal_single_process():
+    results = results_from_ranks(8, BODY, timeout=600, **ZERO_BUBBLE_8)
+    checks = [f"gpt L=8 {case}" for case in ZERO_BUBBLE_8["gpt_cases"]]
+    checks += [f"gpt L=16 {case}" for case in ZERO_BUBBLE_8["deep_gpt_cases"]]
+    assert_as_expected(results, checks=checks + [f"mlp {case}" for case in ZERO_BUBBLE_8["mlp_cases"]])
 
 
 # ---- partitioning (no MPI) ------------------------------------------------------------------
@@ -128,3 +142,31 @@ def test_microbatches_must_divide_the_batch():
         split_microbatches(batch, 5)
     with pytest.raises(ConfigError, match=r"positive integer, got 0"):
         split_microbatches(batch, 0)
+
+
+# ---- the executor refuses what it cannot run (one process, no mpiexec) ------------------------
+
+def test_executor_refuses_an_unknown_action_kind_before_posting_anything():
+    from minipar.backend import xp
+    from minipar.comm import Communicator
+    from minipar.parallel.pipeline.executor import PipelineExecutor
+    from minipar.parallel.pipeline.schedules import Action, build_schedule
+
+    chunks = partition(GPT(GPTConfig(**TINY)).pieces(), 1, 0)
+    actions = build_schedule("1f1b", 1, 2, 0) + [Action("recompute", 0, 0)]
+    with pytest.raises(ConfigError, match=r"stage 0: the schedule holds .*'recompute'.* does not know how to run"):
+        PipelineExecutor(chunks, Communicator(), "1f1b", 2, (2, 5, 8), xp.float64, actions=actions)
+    executor = PipelineExecutor(chunks, Communicator(), "1f1b", 2, (2, 5, 8), xp.float64)
+    executor.schedule.append(Action("recompute", 0, 0))  # slipped in after construction: refused at run time
+    ids = np.zeros((4, 5), dtype=np.int64)
+    with pytest.raises(ConfigError, match="does not know how to run"):
+        executor.run(split_microbatches(ids, 2), split_microbatches(ids, 2))
+
+
+def test_zbv_places_the_first_and_last_chunks_on_rank_zero():
+    pieces = GPT(GPTConfig(**TINY)).pieces()
+    ranks = [partition(pieces, 4, stage, num_chunks=2, placement="v") for stage in range(4)]
+    assert [[chunk.index for chunk in chunks] for chunks in ranks] == [[0, 7], [1, 6], [2, 5], [3, 4]]
+    assert ranks[0][0].is_first and ranks[0][1].is_last
+    assert TIED_EMBEDDING in dict(stage_parameters(ranks[0]))
+    assert all(TIED_EMBEDDING not in dict(stage_parameters(chunks)) for chunks in ranks[1:])

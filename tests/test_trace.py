@@ -139,3 +139,12 @@ def test_gantt_rejects_an_unknown_time_unit(tmp_path):
 def test_events_must_look_like_events(tmp_path):
     with pytest.raises(ValueError, match="needs category, start and end"):
         write_chrome_trace(tmp_path / "bad.json", [[("forward", 0.0, 1.0)]])
+
+
+def test_zero_bubble_b_and_w_are_compute_with_their_own_colours(tmp_path):
+    result = simulate(build_all_schedules("zb-h1", 4, 8), Fraction(1), Fraction(2), weight_time=Fraction(1))
+    assert measured_bubble_fraction(result) == result.bubble_fraction == Fraction(3, 27)
+    colours = {category: trace._COLOURS[category] for category in ("forward", "backward_input", "backward_weight")}
+    assert len(set(colours.values())) == 3, colours
+    plot_gantt(tmp_path / "zb-h1.png", result, "ZB-H1", time_unit="units")
+    assert (tmp_path / "zb-h1.png").read_bytes().startswith(PNG_MAGIC)

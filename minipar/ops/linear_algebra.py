@@ -9,7 +9,11 @@ class MatMul(Function):
     """C = A @ B over the last two axes, batch axes broadcast.
 
     dL/dA = dL/dC @ B^T,  dL/dB = A^T @ dL/dC  (then summed over broadcast batch axes).
+    Each product is computed only if asked for, so when B is a weight its product can wait for W
+    (the zero-bubble split, see ``Tensor.backward``).
     """
+
+    defers_weight_gradient = True
 
     @staticmethod
     def forward(ctx, a, b):
@@ -22,8 +26,8 @@ class MatMul(Function):
     @staticmethod
     def backward(ctx, grad):
         a, b = ctx.saved
-        grad_a = unbroadcast(grad @ xp.swapaxes(b, -1, -2), a.shape)
-        grad_b = unbroadcast(xp.swapaxes(a, -1, -2) @ grad, b.shape)
+        grad_a = unbroadcast(grad @ xp.swapaxes(b, -1, -2), a.shape) if ctx.needs_input_grad(0) else None
+        grad_b = unbroadcast(xp.swapaxes(a, -1, -2) @ grad, b.shape) if ctx.needs_input_grad(1) else None
         return grad_a, grad_b
 
 
@@ -34,7 +38,11 @@ class LinearFunction(Function):
     column-parallel split (Megatron) is literally a split of W's columns.
     Backward flattens the leading axes into one, so each gradient is one matrix product:
         dL/dx = dL/dy W^T,   dL/dW = x^T dL/dy,   dL/db = sum over rows of dL/dy.
+    The first is B of the zero-bubble split, the other two are W: each is computed only when
+    ``needs_input_grad`` asks, so the engine can run them at different times.
     """
+
+    defers_weight_gradient = True
 
     @staticmethod
     def forward(ctx, x, weight, bias=None):
@@ -54,6 +62,6 @@ class LinearFunction(Function):
         grad_rows = grad.reshape(-1, grad.shape[-1])
         # The model's input (the first layer's x) needs no gradient: skip that product.
         grad_x = (grad_rows @ weight.T).reshape(ctx.input_shape) if ctx.needs_input_grad(0) else None
-        grad_weight = rows.T @ grad_rows
-        grad_bias = grad_rows.sum(axis=0) if ctx.has_bias else None
+        grad_weight = rows.T @ grad_rows if ctx.needs_input_grad(1) else None
+        grad_bias = grad_rows.sum(axis=0) if ctx.has_bias and ctx.needs_input_grad(2) else None
         return grad_x, grad_weight, grad_bias

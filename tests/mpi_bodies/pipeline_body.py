@@ -27,7 +27,7 @@ from minipar.parallel.pipeline.partition import (
     partition,
     stage_parameters,
 )
-from minipar.parallel.pipeline.schedules import RECEIVES
+from minipar.parallel.pipeline.schedules import RECEIVES, placement_of
 from minipar.parallel.sharding import label_replicated
 from minipar.trace import Timeline
 from tests.mpi_bodies.comparisons import Comparisons
@@ -182,13 +182,13 @@ def train_single_process(model, loss_of, batches):
 def train_pipeline(communicator, pieces, batches, schedule, microbatches, chunks_per_stage=1,
                    recompute=False, activation_tail=(), sum_tied=True, split=None):
     """Train the stage's chunks; returns (losses or None, {full name: array}, executor)."""
-    chunks = partition(pieces, communicator.size, communicator.rank, chunks_per_stage, split)
+    chunks = partition(pieces, communicator.size, communicator.rank, chunks_per_stage, split, placement_of(schedule))
     named = stage_parameters(chunks)
     optimizer = AdamW([p for _, p in named], lr=0.02, weight_decay=0.1)
     activation_shape = (BATCH // microbatches, *activation_tail)
     executor = PipelineExecutor(chunks, SendBufferWatch(communicator), schedule, microbatches, activation_shape,
                                 xp.float64, recompute=recompute, timeline=Timeline(communicator.rank))
-    tied = TiedEmbeddingGradientSum(named, communicator)
+    tied = TiedEmbeddingGradientSum(named, communicator, head_stage=executor.loss_stage)
     losses = []
     for inputs, targets in batches:
         optimizer.zero_grad()
@@ -216,7 +216,8 @@ def gather_to_rank0(communicator, named_arrays):
     return gathered
 
 
-def compare_with_reference(compare, communicator, label, reference, losses, named_arrays, copies_of_tied=1):
+def compare_with_reference(compare, communicator, label, reference, losses, named_arrays, copies_of_tied=1,
+                           loss_rank=None):
     """Rank 0 compares every gathered parameter and the last stage's losses with the reference."""
     all_losses = communicator.mpi.gather(losses, root=0)
     gathered = gather_to_rank0(communicator, named_arrays)
@@ -224,7 +225,8 @@ def compare_with_reference(compare, communicator, label, reference, losses, name
         return
     reference_losses, reference_state = reference
     reporting = [rank for rank, entry in enumerate(all_losses) if entry is not None]
-    compare.value(f"{label}: ranks reporting losses", reporting, [communicator.size - 1])
+    loss_rank = communicator.size - 1 if loss_rank is None else loss_rank  # 0 under ZB-V's V
+    compare.value(f"{label}: ranks reporting losses", reporting, [loss_rank])
     compare.arrays_close(f"{label}: losses", all_losses[reporting[-1]] if reporting else [], reference_losses,
                          rtol=RTOL, atol=ATOL)
     compare.value(f"{label}: parameter names", sorted(gathered), sorted(reference_state))
@@ -239,6 +241,9 @@ def expected_peak_stash(schedule, stages, stage, microbatches, chunks_per_stage)
     """The most (micro-batch, chunk) pairs this executor stashes at once (see docs/pipeline_parallel.md)."""
     if schedule == "gpipe":
         return microbatches
+    if schedule in ("zb-h1", "zb-h2", "zbv"):  # held from F until W (docs/pipeline_schedules.md)
+        return {"zb-h1": min(stages, microbatches), "zb-h2": min(2 * stages - 1, microbatches),
+                "zbv": min(2 * stages, 2 * microbatches)}[schedule]
     if schedule == "1f1b" or chunks_per_stage == 1:
         return min(stages - stage, microbatches)
     warmup = (chunks_per_stage - 1) * stages + 2 * (stages - stage - 1)
@@ -250,11 +255,13 @@ def expected_peak_stash(schedule, stages, stage, microbatches, chunks_per_stage)
 def check_timeline(compare, executor, label):
     """STEPS steps recorded: one event per compute and receive action, one after another in time."""
     events = executor.timeline.events
-    count = {category: sum(event.category == category for event in events) for category in ("forward", "backward")}
+    computes = ("forward", "backward_input", "backward_weight") if executor.schedule_splits_backward else \
+        ("forward", "backward")
+    count = {category: sum(event.category == category for event in events) for category in computes}
     receives = sum(action.kind in RECEIVES for action in executor.schedule)
     count["recv"] = sum(event.category == "recv" for event in events)
-    expected = {"forward": STEPS * executor.num_microbatches * len(executor.chunks),
-                "backward": STEPS * executor.num_microbatches * len(executor.chunks), "recv": STEPS * receives}
+    expected = {category: STEPS * executor.num_microbatches * len(executor.chunks) for category in computes}
+    expected["recv"] = STEPS * receives
     compare.value(f"{label}: events in the timeline of rank {executor.stage}", count, expected)
     overlapping = [f"{earlier} and {later}" for earlier, later in pairwise(events) if earlier.end > later.start]
     compare.value(f"{label}: overlapping events on rank {executor.stage}", overlapping[:3], [])
@@ -280,7 +287,7 @@ def check_gpt_cases(compare, communicator, cases, n_layer=8):
         check_timeline(compare, executor, label)
         record_send_buffers(compare, label, executor.comm)
         compare_with_reference(compare, communicator, label, reference, losses, named,
-                               copies_of_tied=1 if p == 1 else 2)
+                               copies_of_tied=1 if p == 1 or schedule == "zbv" else 2, loss_rank=executor.loss_stage)
 
 
 def check_mlp_cases(compare, communicator, cases):
@@ -296,7 +303,7 @@ def check_mlp_cases(compare, communicator, cases):
         losses, named, executor = train_pipeline(communicator, MLPStack().pieces(), batches, schedule, microbatches,
                                                  chunks_per_stage, recompute, activation_tail=(6,))
         record_send_buffers(compare, label, executor.comm)
-        compare_with_reference(compare, communicator, label, reference, losses, named)
+        compare_with_reference(compare, communicator, label, reference, losses, named, loss_rank=executor.loss_stage)
 
 
 def check_tied_embedding_reduction_matters(compare, communicator):

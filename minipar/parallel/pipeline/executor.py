@@ -10,6 +10,12 @@ The schedule (``schedules.py``) says what to do; this module does it. For each A
     BACKWARD       y.backward(dL/dy) (the last chunk: loss.backward()), which fills the chunk's
                    parameter gradients and x.grad
     SEND_BACKWARD  copy x.grad into a send buffer and Isend it to the rank of chunk - 1
+    BACKWARD_INPUT   the zero-bubble B: y.backward(dL/dy, defer_weights=True, inputs=(x,)) fills
+                     x.grad only and keeps the chunk's weight-gradient work (``WeightGradients``)
+    BACKWARD_WEIGHT  the zero-bubble W: run that work; the parameters' gradients (and their
+                     grad-ready hooks, so data-parallel buckets) are filled here
+
+Any other kind is an error: ``run`` dispatches each kind to its own method and refuses the rest.
 
 Why the 1/m. A step on the whole batch minimises the mean loss over its B rows. With m equal
 micro-batches, mean over B = (1/m) Σ_i (mean over micro-batch i), so backpropagating each
@@ -50,15 +56,21 @@ from dataclasses import dataclass, field
 from minipar.backend import xp
 from minipar.errors import ConfigError, ShapeError, require_positive_int
 from minipar.parallel.pipeline.schedules import (
+    BACKWARD,
+    BACKWARD_INPUT,
+    BACKWARD_WEIGHT,
     FORWARD,
     RECEIVES,
+    RECV_BACKWARD,
     RECV_FORWARD,
     SEND_BACKWARD,
     SEND_FORWARD,
-    SENDS,
     build_schedule,
+    chunks_of_stage,
     message_tag,
     peer_rank,
+    placement_of,
+    stage_of_chunk,
 )
 from minipar.tensor import Tensor, no_grad
 
@@ -109,27 +121,41 @@ class PipelineExecutor:
     """Runs a pipeline schedule over this rank's chunks, one training step per ``run`` call."""
 
     def __init__(self, chunks, pp_comm, schedule_name, num_microbatches, activation_shape, dtype,
-                 recompute=False, timeline=None):
+                 recompute=False, timeline=None, actions=None):
         """``chunks``: this rank's chunks from ``partition``; ``pp_comm``: the pipeline group's
         Communicator (rank = stage); ``activation_shape``: one micro-batch's activation between
         chunks, e.g. (b, T, C), or a list of p·v - 1 such shapes, entry c for the output of chunk c;
-        ``timeline``: a ``minipar.trace.Timeline`` to record into."""
+        ``timeline``: a ``minipar.trace.Timeline`` to record into; ``actions``: this rank's list of
+        Actions to run instead of ``schedule_name``'s (a schedule written by hand, checked by the
+        simulator first); ``schedule_name`` still says where the chunks sit."""
         self.chunks, self.comm = list(chunks), pp_comm
         self.num_stages, self.stage = pp_comm.size, pp_comm.rank
         self.num_microbatches = num_microbatches
         self.total_chunks = self.num_stages * len(self.chunks)
-        expected = list(range(self.stage, self.total_chunks, self.num_stages))
+        self.placement = placement_of(schedule_name)
+        expected = chunks_of_stage(self.stage, self.num_stages, len(self.chunks), self.placement)
         if not self.chunks or [chunk.index for chunk in self.chunks] != expected or \
                 any(chunk.total_chunks != self.total_chunks for chunk in self.chunks):
             raise ConfigError(f"stage {self.stage} of {self.num_stages} must hold chunks {expected} of "
                               f"{self.total_chunks}, got {self.chunks}; build them with partition(pieces, "
-                              f"{self.num_stages}, {self.stage}, num_chunks={len(self.chunks)})")
-        self.schedule = build_schedule(schedule_name, self.num_stages, num_microbatches, self.stage,
-                                       len(self.chunks))
+                              f"{self.num_stages}, {self.stage}, num_chunks={len(self.chunks)}, "
+                              f"placement={self.placement!r})")
+        self.schedule = list(actions) if actions is not None else \
+            build_schedule(schedule_name, self.num_stages, num_microbatches, self.stage, len(self.chunks))
         self.chunk_by_index = {chunk.index: chunk for chunk in self.chunks}
         self.boundary_shapes, self.dtype = _boundary_shapes(activation_shape, self.total_chunks), xp.dtype(dtype)
         self.recompute, self.timeline = recompute, timeline
-        self.peak_stashed = 0
+        self.peak_stashed = 0  # most (micro-batch, chunk) pairs held between F and the end of backward (or W)
+        self.loss_stage = stage_of_chunk(self.total_chunks - 1, self.num_stages, self.placement)
+        self._run_action = {RECV_FORWARD: self._receive, RECV_BACKWARD: self._receive,
+                            SEND_FORWARD: self._send, SEND_BACKWARD: self._send, FORWARD: self._forward,
+                            BACKWARD: self._backward, BACKWARD_INPUT: self._backward,
+                            BACKWARD_WEIGHT: self._backward_weight}
+        self.schedule_splits_backward = any(action.kind == BACKWARD_WEIGHT for action in self.schedule)
+        unknown = [action for action in self.schedule if action.kind not in self._run_action]
+        if unknown:  # refused here, before any receive is posted
+            raise ConfigError(f"stage {self.stage}: the schedule holds {unknown[0]!r}, whose kind "
+                              f"{unknown[0].kind!r} this executor does not know how to run")
         self._free_receive_buffers, self._free_send_buffers = {}, {}  # shape -> buffers no message is using
         self._sends_in_flight = []
         for action in [a for a in self.schedule if a.kind in RECEIVES][:RECEIVE_BUFFERS]:
@@ -157,19 +183,17 @@ class PipelineExecutor:
         self._check_feed(micro_inputs, micro_targets)
         self._inputs, self._targets = micro_inputs, micro_targets
         self._stash, self._received, self._outgoing, self._losses = {}, {}, {}, []
+        self._weights = {}  # (microbatch, chunk) -> WeightGradients that B left for W
         self._upcoming_receives = deque(a for a in self.schedule if a.kind in RECEIVES)
         self._posted_receives = deque()
         self._last_event_end = time.perf_counter()
         self._post_receives()
         for action in self.schedule:
-            if action.kind in RECEIVES:
-                self._receive(action)
-            elif action.kind in SENDS:
-                self._send(action)
-            elif action.kind == FORWARD:
-                self._forward(action)
-            else:
-                self._backward(action)
+            run_action = self._run_action.get(action.kind)
+            if run_action is None:
+                raise ConfigError(f"stage {self.stage}: the schedule holds {action!r}, whose kind "
+                                  f"{action.kind!r} this executor does not know how to run")
+            run_action(action)
             self._reclaim_completed_sends()  # also lets MPI progress large sends between actions
         started = time.perf_counter()
         for buffer, request in self._sends_in_flight:  # the step is over only when its messages are out
@@ -177,7 +201,7 @@ class PipelineExecutor:
             self._free_send_buffers.setdefault(buffer.shape, []).append(buffer)
         self._sends_in_flight.clear()
         self._record("send-wait", "send", started)
-        assert not self._stash and not self._received and not self._outgoing, "schedule left work behind"
+        assert not (self._stash or self._received or self._outgoing or self._weights), "schedule left work behind"
         if self.chunk_by_index.get(self.total_chunks - 1) is None:
             return None
         return sum(self._losses) / self.num_microbatches
@@ -212,7 +236,7 @@ class PipelineExecutor:
         else:
             output, loss = self._run_chunk(chunk, x, action.microbatch)
             self._stash[key] = _Stashed(x, output)
-        self.peak_stashed = max(self.peak_stashed, len(self._stash))
+        self.peak_stashed = max(self.peak_stashed, len(self._stash) + len(self._weights))
         if chunk.is_last:
             self._losses.append(loss)
         else:
@@ -220,6 +244,7 @@ class PipelineExecutor:
         self._record("forward", "forward", started, action)
 
     def _backward(self, action):
+        """BACKWARD, or the zero-bubble B (BACKWARD_INPUT) that leaves the weights for W."""
         started = time.perf_counter()
         chunk = self.chunk_by_index[action.chunk]
         key = (action.microbatch, action.chunk)
@@ -228,16 +253,24 @@ class PipelineExecutor:
         if self.recompute:  # rebuild the graph from the kept input, with the same dropout masks
             with replaying(chunk, stashed.random_states):
                 output, _ = self._run_chunk(chunk, stashed.input, action.microbatch)
-        if chunk.is_last:
-            output.backward()
+        grad = None if chunk.is_last else self._received.pop(("gradient", *key))
+        if action.kind == BACKWARD_INPUT:  # x is the one leaf whose gradient B computes
+            inputs = () if chunk.is_first else (stashed.input,)
+            self._weights[key] = output.backward(grad, defer_weights=True, inputs=inputs)
         else:
-            output.backward(self._received.pop(("gradient", *key)))
+            output.backward(grad)
         if not chunk.is_first:
             grad = stashed.input.grad
             if grad is None:  # the chunk did not use its input: the gradient is zero
                 grad = xp.zeros(self.boundary_shapes[action.chunk - 1], self.dtype)
             self._outgoing[("gradient", *key)] = grad
-        self._record("backward", "backward", started, action)
+        self._record(str(action.kind), str(action.kind), started, action)
+
+    def _backward_weight(self, action):
+        """The zero-bubble W: the weight gradients B left behind, summed as a whole backward would."""
+        started = time.perf_counter()
+        self._weights.pop((action.microbatch, action.chunk)).run()
+        self._record(str(action.kind), str(action.kind), started, action)
 
     # ---- communication ---------------------------------------------------------------------
 
@@ -247,7 +280,7 @@ class PipelineExecutor:
             action = self._upcoming_receives.popleft()
             free = self._free_receive_buffers.setdefault(self._shape_of(action), [])
             buffer = free.pop() if free else self._new_buffer(action)
-            request = self.comm.irecv(buffer, peer_rank(action, self.num_stages),
+            request = self.comm.irecv(buffer, peer_rank(action, self.num_stages, self.placement),
                                       message_tag(action, self.total_chunks))
             self._posted_receives.append((action, buffer, request))
 
@@ -280,7 +313,8 @@ class PipelineExecutor:
                              f"shape {shape} at that boundary and dtype={self.dtype}")
         buffer = self._free_send_buffer(action)
         buffer[...] = payload
-        request = self.comm.isend(buffer, peer_rank(action, self.num_stages), message_tag(action, self.total_chunks))
+        request = self.comm.isend(buffer, peer_rank(action, self.num_stages, self.placement),
+                                  message_tag(action, self.total_chunks))
         self._sends_in_flight.append((buffer, request))
         ### END SOLUTION
         self._record("send", "send", started, action)

@@ -40,6 +40,7 @@ and each copy follows only its own term: the model quietly drifts from single-pr
 from minipar.backend import xp
 from minipar.errors import ConfigError, require_positive_int
 from minipar.nn.module import Module
+from minipar.parallel.pipeline.schedules import LOOP, stage_of_chunk
 
 TIED_EMBEDDING = "embedding.token.weight"  # the single-process name of GPT's tied weight
 
@@ -130,9 +131,11 @@ def chunk_piece_ranges(num_pieces, num_stages, num_chunks=1, split=None):
     return ranges
 
 
-def partition(pieces, num_stages, stage, num_chunks=1, split=None):
+def partition(pieces, num_stages, stage, num_chunks=1, split=None, placement=LOOP):
     """This rank's chunks: a list of ``num_chunks`` PipelineChunks, global chunks stage, stage+p, ...
 
+    ``placement="v"`` (ZB-V, ``schedules.placement_of("zbv")``) deals them down and back up
+    instead: with num_chunks = 2, rank r gets chunks r and 2p-1-r, so rank 0 holds both ends.
     ``pieces``: the model as a chain [first, layer 0..L-1, last] (``GPT.pieces()``).
     ``split``: optional layer count per chunk (p·v positive integers summing to L); by default
     the layers are balanced. Every check depends on the configuration only, never on ``stage``,
@@ -147,7 +150,7 @@ def partition(pieces, num_stages, stage, num_chunks=1, split=None):
         raise ConfigError(f"stage must be an integer in [0, {num_stages}), got {stage!r}")
     total_chunks = num_stages * num_chunks
     return [PipelineChunk(pieces[start:stop], chunk, total_chunks, start)
-            for chunk, (start, stop) in enumerate(ranges) if chunk % num_stages == stage]
+            for chunk, (start, stop) in enumerate(ranges) if stage_of_chunk(chunk, num_stages, placement) == stage]
 
 
 def stage_parameters(chunks):
@@ -181,9 +184,11 @@ class TiedEmbeddingGradientSum:
     MLP) is a no-op; a model with it on one end only is a ConfigError on every rank.
     """
 
-    def __init__(self, named_tensors, pp_comm, full_name=TIED_EMBEDDING):
+    def __init__(self, named_tensors, pp_comm, full_name=TIED_EMBEDDING, head_stage=None):
+        """``head_stage``: the stage holding the last chunk (default p - 1; 0 under ZB-V's V, where
+        the embedding and the head share rank 0, so its one copy already gets both terms)."""
         self.copy = self.ends = None
-        last = pp_comm.size - 1
+        last = pp_comm.size - 1 if head_stage is None else head_stage
         if last == 0:
             return
         copies = [tensor for name, tensor in named_tensors if name == full_name]

@@ -16,6 +16,17 @@ A schedule is a list of ``Action(kind, microbatch, chunk)``; one executor runs a
     BACKWARD       run chunk's backward on that micro-batch
     SEND_BACKWARD  send the gradient of the input to the rank of chunk-1  (nonblocking)
 
+The zero-bubble schedules (Qi et al. 2023) split BACKWARD in two:
+
+    BACKWARD_INPUT   B: the gradient of the chunk's input only (what chunk-1 waits for); the
+                     send-backward follows it
+    BACKWARD_WEIGHT  W: the gradients of the chunk's weights, any time later in the step
+
+Placement. Chunk c lives on rank c mod p ("loop", Megatron's interleaving) for every schedule
+but ZB-V, whose two chunks per rank form a V ("v"): chunks 0..p-1 go down the ranks 0..p-1 and
+chunks p..2p-1 come back up p-1..0, so rank r holds chunks r and 2p-1-r, rank 0 holds both the
+first and the last chunk, and the boundary between chunks p-1 and p stays on rank p-1.
+
 The first chunk has no receive-forward and no send-backward; the last has no send-forward and no
 receive-backward. Every other boundary appears as a matched send/receive pair, even in the one
 case where both chunks sit on the same rank (interleaving with p = 1); sending to yourself with a
@@ -49,6 +60,8 @@ class ActionKind(StrEnum):
     RECV_BACKWARD = "recv_backward"
     BACKWARD = "backward"
     SEND_BACKWARD = "send_backward"
+    BACKWARD_INPUT = "backward_input"
+    BACKWARD_WEIGHT = "backward_weight"
 
 
 RECV_FORWARD = ActionKind.RECV_FORWARD
@@ -57,10 +70,13 @@ SEND_FORWARD = ActionKind.SEND_FORWARD
 RECV_BACKWARD = ActionKind.RECV_BACKWARD
 BACKWARD = ActionKind.BACKWARD
 SEND_BACKWARD = ActionKind.SEND_BACKWARD
+BACKWARD_INPUT = ActionKind.BACKWARD_INPUT
+BACKWARD_WEIGHT = ActionKind.BACKWARD_WEIGHT
 
 SENDS = (SEND_FORWARD, SEND_BACKWARD)
 RECEIVES = (RECV_FORWARD, RECV_BACKWARD)
-COMPUTES = (FORWARD, BACKWARD)
+COMPUTES = (FORWARD, BACKWARD, BACKWARD_INPUT, BACKWARD_WEIGHT)
+LOOP, V_SHAPE = "loop", "v"  # chunk placements (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -85,16 +101,27 @@ class Action:
         return None
 
 
-def stage_of_chunk(chunk, num_stages):
-    """The rank holding global chunk ``chunk``: chunks are dealt round-robin over the ranks."""
+def stage_of_chunk(chunk, num_stages, placement=LOOP):
+    """The rank holding global chunk ``chunk``: round-robin ("loop"), or down and back up ("v")."""
+    if placement == V_SHAPE:
+        position = chunk % (2 * num_stages)
+        return position if position < num_stages else 2 * num_stages - 1 - position
+    if placement != LOOP:
+        raise ConfigError(f"unknown chunk placement {placement!r}; choose {LOOP!r} or {V_SHAPE!r}")
     return chunk % num_stages
 
 
-def peer_rank(action, num_stages):
+def chunks_of_stage(stage, num_stages, num_chunks, placement=LOOP):
+    """The global chunks rank ``stage`` holds, in increasing order."""
+    return [chunk for chunk in range(num_stages * num_chunks)
+            if stage_of_chunk(chunk, num_stages, placement) == stage]
+
+
+def peer_rank(action, num_stages, placement=LOOP):
     """The rank a send goes to, or a receive comes from."""
     if action.peer_chunk is None:
         raise ConfigError(f"{action!r} is compute and has no peer rank")
-    return stage_of_chunk(action.peer_chunk, num_stages)
+    return stage_of_chunk(action.peer_chunk, num_stages, placement)
 
 
 def message_key(action):
@@ -134,6 +161,15 @@ def backward_actions(microbatch, chunk, total_chunks):
     """One chunk's backward of one micro-batch: receive (unless last), compute, send (unless first)."""
     actions = [Action(RECV_BACKWARD, microbatch, chunk)] if chunk < total_chunks - 1 else []
     actions.append(Action(BACKWARD, microbatch, chunk))
+    if chunk > 0:
+        actions.append(Action(SEND_BACKWARD, microbatch, chunk))
+    return actions
+
+
+def split_backward_actions(microbatch, chunk, total_chunks):
+    """B of one chunk's backward: receive (unless last), input gradient, send (unless first)."""
+    actions = [Action(RECV_BACKWARD, microbatch, chunk)] if chunk < total_chunks - 1 else []
+    actions.append(Action(BACKWARD_INPUT, microbatch, chunk))
     if chunk > 0:
         actions.append(Action(SEND_BACKWARD, microbatch, chunk))
     return actions
@@ -248,17 +284,35 @@ def interleaved_one_f_one_b(num_stages, num_microbatches, stage, num_chunks):
     return actions
 
 
-SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved")
+SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zbv")
+
+
+def chunks_per_stage(name, num_chunks=1):
+    """How many chunks each rank holds under schedule ``name``: ZB-V always 2, else ``num_chunks``."""
+    return 2 if name == "zbv" else num_chunks
+
+
+def placement_of(name):
+    """The chunk placement of schedule ``name``: V_SHAPE for ZB-V, LOOP for every other."""
+    return V_SHAPE if name == "zbv" else LOOP
 
 
 def build_schedule(name, num_stages, num_microbatches, stage, num_chunks=1):
     """The actions of rank ``stage`` under the schedule called ``name``.
 
-    ``name`` is one of "gpipe", "1f1b", "interleaved". gpipe and 1f1b hold one chunk per rank, so
-    they need num_chunks = 1; "interleaved" with num_chunks = 1 is 1f1b.
+    ``name`` is one of "gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zbv". gpipe, 1f1b,
+    zb-h1 and zb-h2 hold one chunk per rank, so they need num_chunks = 1; "interleaved" with
+    num_chunks = 1 is 1f1b; zbv holds two chunks per rank (``chunks_per_stage``) in a V.
     """
     if name not in SCHEDULE_NAMES:
         raise ConfigError(f"unknown pipeline schedule {name!r}; choose one of {SCHEDULE_NAMES}")
+    if name in ("zb-h1", "zb-h2", "zbv"):
+        from minipar.parallel.pipeline.zero_bubble import zero_bubble  # it builds on this module
+
+        if num_chunks != chunks_per_stage(name):
+            raise ConfigError(f"the {name!r} schedule holds {chunks_per_stage(name)} chunk(s) per rank, "
+                              f"got num_chunks={num_chunks}")
+        return zero_bubble(name, num_stages, num_microbatches, stage)
     if name == "interleaved":
         return interleaved_one_f_one_b(num_stages, num_microbatches, stage, num_chunks)
     _check_layout(num_stages, num_microbatches, stage, num_chunks)
@@ -270,7 +324,10 @@ def build_schedule(name, num_stages, num_microbatches, stage, num_chunks=1):
         one_f_one_b(num_stages, num_microbatches, stage)
 
 
-def build_all_schedules(name, num_stages, num_microbatches, num_chunks=1):
-    """Every rank's actions, as a list indexed by rank (what the simulator takes)."""
+def build_all_schedules(name, num_stages, num_microbatches, num_chunks=None):
+    """Every rank's actions, as a list indexed by rank (what the simulator takes).
+
+    ``num_chunks`` defaults to the schedule's own (2 for zbv, else 1)."""
+    num_chunks = chunks_per_stage(name) if num_chunks is None else num_chunks
     return [build_schedule(name, num_stages, num_microbatches, stage, num_chunks)
             for stage in range(num_stages)]

@@ -1,15 +1,20 @@
 """Run pipeline schedules on paper: check them and time them, no MPI needed.
 
 ``simulate(schedules_per_rank)`` plays every rank's list of ``Action``s with the executor's
-rules (see ``schedules``): compute takes ``forward_time`` or ``backward_time``; a send never
+rules (see ``schedules``): compute takes ``forward_time`` or ``backward_time``, or, split in two
+for the zero-bubble schedules, B takes ``backward_time - weight_time`` and W ``weight_time`` (the
+paper's T_B and T_W, so a whole backward costs the same either way); a send never
 blocks and its message can be received ``send_time`` later; a receive waits until its message
 has arrived. Messages are matched by (direction, micro-batch, chunk boundary), like MPI tags.
 
 Before timing anything it checks that the schedules describe one whole training step:
 
 - every action's chunk lives on the rank that runs it (chunk c on rank c mod p);
-- every (micro-batch, chunk) has exactly one forward and one backward, and the receives and
-  sends its position in the pipeline calls for (none into the first chunk or past the last);
+- every (micro-batch, chunk) has exactly one forward and one backward (whole, or B then W), and
+  the receives and sends its position in the pipeline calls for (none into the first chunk or
+  past the last);
+- each chunk is run by one rank, and the chunks sit where a known placement puts them (round
+  robin, or the V of ZB-V);
 - every send has exactly one matching receive, and every receive one send;
 - on each rank, receive-forward < forward < send-forward, forward < backward, and
   receive-backward < backward < send-backward for the same (micro-batch, chunk).
@@ -31,19 +36,24 @@ from dataclasses import dataclass
 from minipar.errors import ConfigError
 from minipar.parallel.pipeline.schedules import (
     BACKWARD,
+    BACKWARD_INPUT,
+    BACKWARD_WEIGHT,
     COMPUTES,
     FORWARD,
+    LOOP,
     RECEIVES,
     RECV_BACKWARD,
     RECV_FORWARD,
     SEND_BACKWARD,
     SEND_FORWARD,
     SENDS,
+    V_SHAPE,
     Action,
     ActionKind,
     backward_actions,
     forward_actions,
     message_key,
+    split_backward_actions,
     stage_of_chunk,
 )
 
@@ -94,14 +104,32 @@ class SimulationResult:
     makespan: float
     bubble_fraction: float
     peak_in_flight: list    # peak_in_flight[rank] = most (micro-batch, chunk) pairs stashed at once
-    compute_time: list      # compute_time[rank] = summed forward and backward durations
+    compute_time: list      # compute_time[rank] = summed forward and backward (B and W) durations
     num_microbatches: int
     num_chunks: int         # chunks in the whole model (p·v)
+    placement: str = LOOP   # where the chunks sit: LOOP (c on rank c mod p) or V_SHAPE (ZB-V)
+
+    @property
+    def in_span_bubble_fraction(self):
+        """The idle share inside each rank's own span, from its first compute to its last.
+
+        What is left if the step's end did not wait for every rank: consecutive steps then
+        overlap (stage 0 starts the next step's forwards while the last stage finishes this
+        one), which is what the zero-bubble paper's optimizer post-validation allows. For
+        ZB-H2 it is 0 with equal times, while ``bubble_fraction`` keeps the (p-1)T_F skew.
+        """
+        spans = []
+        for intervals in self.timeline:
+            computes = [interval for interval in intervals if interval.kind in COMPUTES]
+            spans.append(computes[-1].end - computes[0].start if computes else 0)
+        return 1 - sum(self.compute_time) / sum(spans)
 
 
 # Pairs (earlier, later) that must appear in this order on a rank for the same (micro-batch, chunk).
 _ORDER_RULES = ((RECV_FORWARD, FORWARD), (FORWARD, SEND_FORWARD), (FORWARD, BACKWARD),
-                (RECV_BACKWARD, BACKWARD), (BACKWARD, SEND_BACKWARD))
+                (RECV_BACKWARD, BACKWARD), (BACKWARD, SEND_BACKWARD), (FORWARD, BACKWARD_INPUT),
+                (RECV_BACKWARD, BACKWARD_INPUT), (BACKWARD_INPUT, SEND_BACKWARD),
+                (BACKWARD_INPUT, BACKWARD_WEIGHT))
 
 
 def _listed(problems, limit=8):
@@ -110,7 +138,7 @@ def _listed(problems, limit=8):
 
 
 def check_schedules(schedules_per_rank):
-    """Raise ``ScheduleError`` unless the schedules form one whole step; return (m, p·v)."""
+    """Raise ``ScheduleError`` unless the schedules form one whole step; return (m, p·v, placement)."""
     num_ranks = len(schedules_per_rank)
     if num_ranks == 0:
         raise ScheduleError("no schedules given: need one action list per rank")
@@ -118,7 +146,7 @@ def check_schedules(schedules_per_rank):
               for action in schedule]
     if not placed:
         raise ScheduleError("every rank's schedule is empty")
-    _check_placement(placed, num_ranks)
+    placement = _check_placement(placed, num_ranks)
     _check_messages(placed)
     num_microbatches = 1 + max(action.microbatch for _, action in placed)
     total_chunks = 1 + max(action.chunk for _, action in placed)
@@ -126,20 +154,25 @@ def check_schedules(schedules_per_rank):
     _check_whole_step(placed, num_microbatches, total_chunks)
     for rank, schedule in enumerate(schedules_per_rank):
         _check_order(rank, schedule)
-    return num_microbatches, total_chunks
+    return num_microbatches, total_chunks, placement
 
 
 def _check_placement(placed, num_ranks):
-    """Every action is an Action with non-negative indices, run by the rank its chunk lives on."""
+    """Every action is an Action with non-negative indices, run by the rank its chunk lives on
+    under one placement (round robin, else the V of ZB-V); returns that placement."""
     for rank, action in placed:
         if not isinstance(action, Action) or not isinstance(action.kind, ActionKind):
             raise ScheduleError(f"rank {rank}: {action!r} is not an Action with an ActionKind")
         if action.microbatch < 0 or action.chunk < 0:
             raise ScheduleError(f"rank {rank}: {action!r} has a negative index")
-        if stage_of_chunk(action.chunk, num_ranks) != rank:
-            raise ScheduleError(
-                f"rank {rank} runs {action!r}, but chunk {action.chunk} lives on rank "
-                f"{stage_of_chunk(action.chunk, num_ranks)} of {num_ranks}")
+    for placement in (LOOP, V_SHAPE):
+        if all(stage_of_chunk(action.chunk, num_ranks, placement) == rank for rank, action in placed):
+            return placement
+    rank, action = next((rank, action) for rank, action in placed
+                        if stage_of_chunk(action.chunk, num_ranks) != rank)
+    raise ScheduleError(
+        f"rank {rank} runs {action!r}, but chunk {action.chunk} lives on rank "
+        f"{stage_of_chunk(action.chunk, num_ranks)} of {num_ranks} (and the V placement does not fit either)")
 
 
 def _check_messages(placed):
@@ -158,12 +191,18 @@ def _check_messages(placed):
 
 
 def _check_whole_step(placed, num_microbatches, total_chunks):
-    """Each (micro-batch, chunk) has the actions ``forward_actions`` and ``backward_actions`` list, once."""
+    """Each (micro-batch, chunk) has the actions ``forward_actions`` and ``backward_actions`` list, once;
+    or, where its backward is split, ``split_backward_actions`` and one BACKWARD_WEIGHT."""
     found = Counter((action.kind, action.microbatch, action.chunk) for _, action in placed)
     expected = Counter()
     for microbatch in range(num_microbatches):
         for chunk in range(total_chunks):
-            unit = forward_actions(microbatch, chunk, total_chunks) + backward_actions(microbatch, chunk, total_chunks)
+            if found[(BACKWARD_INPUT, microbatch, chunk)] or found[(BACKWARD_WEIGHT, microbatch, chunk)]:
+                backward = split_backward_actions(microbatch, chunk, total_chunks) + \
+                    [Action(BACKWARD_WEIGHT, microbatch, chunk)]
+            else:
+                backward = backward_actions(microbatch, chunk, total_chunks)
+            unit = forward_actions(microbatch, chunk, total_chunks) + backward
             expected.update((action.kind, action.microbatch, action.chunk) for action in unit)
     wrong = []
     for key in sorted(set(found) | set(expected), key=str):
@@ -188,8 +227,11 @@ def _check_order(rank, schedule):
                     f"at position {index}, before its {earlier.name} at position {before}")
 
 
-def simulate(schedules_per_rank, forward_time=1.0, backward_time=2.0, send_time=0):
+def simulate(schedules_per_rank, forward_time=1.0, backward_time=2.0, send_time=0, weight_time=None):
     """Check, then run, one step of the given per-rank schedules; return a ``SimulationResult``.
+
+    ``backward_time`` is a whole backward (T_B + T_W); ``weight_time`` is its W part, T_W, by
+    default half of it (the paper's T_F = T_B = T_W when backward_time = 2 forward_time).
 
     ``schedules_per_rank[r]`` is rank r's list of ``Action``s. Times are per action: with
     interleaving each chunk is 1/v of a stage, so pass the stage times divided by v to compare
@@ -197,14 +239,21 @@ def simulate(schedules_per_rank, forward_time=1.0, backward_time=2.0, send_time=
     for all three times to get exact makespans and bubbles.
 
     ``peak_in_flight[r]`` is the most (micro-batch, chunk) pairs rank r has run forward but not
-    yet backward at any moment: the activations it must keep stashed, each one chunk's worth.
+    yet finished backward (whole, or its W) at any moment: the activations it must keep stashed,
+    each one chunk's worth. (After B a chunk still keeps what W needs, the inputs of its
+    weights' products, so it counts until W.)
     """
+    weight_time = backward_time / 2 if weight_time is None else weight_time
     for name, value in (("forward_time", forward_time), ("backward_time", backward_time)):
         if not value > 0:
             raise ConfigError(f"{name} must be positive, got {value!r}")
+    if not 0 < weight_time < backward_time:
+        raise ConfigError(f"weight_time must be in (0, backward_time = {backward_time!r}), got {weight_time!r}")
     if not send_time >= 0:
         raise ConfigError(f"send_time must be non-negative, got {send_time!r}")
-    num_microbatches, total_chunks = check_schedules(schedules_per_rank)
+    num_microbatches, total_chunks, placement = check_schedules(schedules_per_rank)
+    durations = {FORWARD: forward_time, BACKWARD: backward_time,
+                 BACKWARD_INPUT: backward_time - weight_time, BACKWARD_WEIGHT: weight_time}
     ranks = [_RankState(schedule) for schedule in schedules_per_rank]
     arrival = {}  # message key -> time the receiver can have it
     # A rank's timing depends only on when its messages arrive, so running each rank until it
@@ -213,7 +262,7 @@ def simulate(schedules_per_rank, forward_time=1.0, backward_time=2.0, send_time=
     while progress:
         progress = False
         for rank, state in enumerate(ranks):
-            progress |= state.run_until_blocked(rank, arrival, forward_time, backward_time, send_time)
+            progress |= state.run_until_blocked(rank, arrival, durations, send_time)
     stuck = [rank for rank, state in enumerate(ranks) if not state.finished]
     if stuck:
         waits = ", ".join(f"rank {rank} waits at action {ranks[rank].next_action}: "
@@ -224,7 +273,7 @@ def simulate(schedules_per_rank, forward_time=1.0, backward_time=2.0, send_time=
     return SimulationResult(timeline=[state.timeline for state in ranks], makespan=makespan,
                             bubble_fraction=1 - sum(compute_time) / (len(ranks) * makespan),
                             peak_in_flight=[state.peak_in_flight for state in ranks], compute_time=compute_time,
-                            num_microbatches=num_microbatches, num_chunks=total_chunks)
+                            num_microbatches=num_microbatches, num_chunks=total_chunks, placement=placement)
 
 
 class _RankState:
@@ -240,7 +289,7 @@ class _RankState:
     def finished(self):
         return self.next_action == len(self.schedule)
 
-    def run_until_blocked(self, rank, arrival, forward_time, backward_time, send_time):
+    def run_until_blocked(self, rank, arrival, durations, send_time):
         """Run actions until a receive whose message has not been sent; return whether any ran.
 
         A send never blocks and posts its message's arrival time in ``arrival``; a receive
@@ -259,9 +308,10 @@ class _RankState:
                 arrival[message_key(action)] = start + send_time
                 end = start
             else:
-                end = start + (forward_time if action.kind == FORWARD else backward_time)
+                end = start + durations[action.kind]
                 self.compute_time += end - start
-                self.stashed += 1 if action.kind == FORWARD else -1
+                if action.kind != BACKWARD_INPUT:  # F stashes; a whole backward or W frees
+                    self.stashed += 1 if action.kind == FORWARD else -1
                 self.peak_in_flight = max(self.peak_in_flight, self.stashed)
             self.timeline.append(Interval(rank, action.kind, action.microbatch, action.chunk, start, end))
             self.clock = end
