@@ -378,4 +378,4 @@ def test_small_models_print_units_that_fit_and_cpu_wording(tmp_path, capsys):
     assert "0.0 GB" not in out and " 0 TFLOP/s" not in out
     assert " MB " in out or " KB " in out
     assert "NVLink" not in out and "InfiniBand" not in out and "shared memory" in out
-    assert "GPU-hours" in out
+    assert "rank-hours" in out and "GPU" not in out

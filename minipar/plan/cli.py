@@ -67,7 +67,8 @@ def add_arguments(parser):
     plan.add_argument("--sequence-parallel", choices=["both", "off"], default="both",
                       help="consider sequence parallelism (both) or not (off, as in Narayanan et al. 2021)")
     plan.add_argument("--no-overlap", action="store_true", help="no overlap of the dp gradient sync with backward")
-    plan.add_argument("--tokens", type=float, default=300e9, help="tokens to train, for the time and GPU-hours")
+    plan.add_argument("--tokens", type=float, default=None,
+                      help="tokens to train, for the time and GPU-hours (default: 300B on GPUs, 10M on CPU ranks)")
     plan.add_argument("--top", type=int, default=8)
     plan.add_argument("--explain", action="store_true", help="say in plain words why the best layout wins")
     plan.add_argument("--plot", default=None, help="write a bar chart of memory per rank by component (PNG) here")
@@ -150,7 +151,8 @@ def run(arguments):
     print(f"{len(everything)} layouts considered, {len(fitting)} fit; the fastest {min(arguments.top, len(fitting))}:")
     print(table(fitting[:arguments.top], model, machine))
     print()
-    print(training_summary(fitting[0], model, machine, arguments.tokens))
+    tokens = arguments.tokens or (300e9 if machine.device == "gpu" else 10e6)
+    print(training_summary(fitting[0], model, machine, tokens))
     if arguments.explain:
         print()
         print(explain(fitting, everything, model, machine))
@@ -204,7 +206,7 @@ def describe_model(model):
 
 def table(predictions, model, machine):
     head = ("| # | layout | params+grads+opt | activations | total | step | compute | bubble | tp/cp/ep comm | "
-            "pp comm | dp comm (exposed) | optimizer | per GPU | MFU |")
+            f"pp comm | dp comm (exposed) | optimizer | per {_rank(machine)} | MFU |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for number, p in enumerate(predictions, start=1):
         mem, t = p.memory, p.time
@@ -220,9 +222,15 @@ def table(predictions, model, machine):
 def training_summary(best, model, machine, tokens):
     steps = tokens / (best.strategy.batch_size * model.block_size)
     total = steps * best.step
+    peak = "the data sheet's peak" if machine.device == "gpu" else "the FLOP/s calibrate measured on blocks"
     return (f"Training {tokens:.3g} tokens with the fastest: {steps:.3g} steps of {seconds(best.step)} = "
-            f"{seconds(total)}, {total * machine.gpus / 3600:.3g} GPU-hours, MFU {mfu(model, best, machine):.1%} "
-            f"(model FLOPs, Korthikanti et al. 2022, over {rate(machine.peak or machine.flops)} per rank).")
+            f"{seconds(total)}, {total * machine.gpus / 3600:.3g} {_rank(machine)}-hours, MFU "
+            f"{mfu(model, best, machine):.1%} (model FLOPs, Korthikanti et al. 2022, over {peak}, "
+            f"{rate(machine.peak or machine.flops)} per {_rank(machine)}).")
+
+
+def _rank(machine):
+    return "GPU" if machine.device == "gpu" else "rank"
 
 
 def no_layout_message(model, machine, batch):
