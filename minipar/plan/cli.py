@@ -341,7 +341,8 @@ def plot_memory(predictions, machine, path, axes=None):
         bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
     axes.axhline(machine.memory_bytes / scale, color="black", linestyle="--", label="memory per rank")
     axes.set_ylabel(f"{unit} on the fullest rank")
-    axes.set_title("memory per rank of the fastest layouts, by component")
+    axes.set_title("memory per rank, by component" if len(predictions) == 1 else
+                   "memory per rank of the fastest layouts, by component")
     axes.legend(fontsize=7)
     axes.tick_params(axis="x", labelsize=7)
     if figure is not None:
