@@ -4,9 +4,11 @@ Symbols (as in /docs/planning.md): L layers, h = n_embd, a heads, s sequence len
 b micro-batch rows, t tensor-parallel ranks, p pipeline stages, v chunks per stage, m micro-batches,
 N_d data-parallel ranks, Ψ parameters on a rank, e bytes per element.
 
-A ModelSpec is a GPT's shapes; its Ψ is 12Lh² + 13Lh (blocks) + Vh + sh (embeddings) + 2h (final
-norm). A Strategy is the dp × tp × pp grid, the batch split into m micro-batches of b rows, the
-schedule and the memory options; ``check_strategy`` refuses what the Trainer refuses. The L layers
+A ModelSpec is a decoder's shapes: minipar's GPT (Ψ = 12Lh² + 13Lh (blocks) + Vh + sh
+(embeddings) + 2h (final norm)), or the Llama family's SwiGLU, GQA, RMSNorm, untied embeddings,
+and experts; presets and Hugging Face config.json files make one. A Strategy is the dp × tp × pp
+(× cp, ep) grid, the batch split into m micro-batches of b rows, the schedule, the memory options
+and the engine; ``check_strategy`` refuses what the Trainer refuses. The L layers
 are cut into pv chunks of floor(L/(pv)) layers, one more for the first L mod pv (``chunk_layers``,
 as ``partition`` splits them), and stage r runs the chunks c with c mod p = r (``rank_chunks``):
 chunk 0 carries the embedding, chunk pv − 1 the head. ``rank_parameters`` lists each parameter
@@ -15,7 +17,7 @@ order as the Trainer's ``stage_parameters``; ``zero_units`` groups it as ZeRO do
 (parallel/zero.py), each parameter cut into N_d parts of ceil(n/N_d) elements (``part_length``).
 
 What these cost in bytes (parameters, gradients, optimizer state, activations, buffers):
-minipar/plan/memory.py; in time: minipar/plan/cost.py.
+minipar/plan/memory.py; in time: minipar/plan/cost.py and kernels.py; the search: search.py.
 """
 import functools
 import json
@@ -265,6 +267,8 @@ def check_strategy(model, strategy):
         problems.append(f"ep ({s.ep}) must divide the experts ({model.experts}) and dp·cp ({s.dp * s.cp})")
     if model.n_layer < s.chunks:
         problems.append(f"{model.n_layer} layers cannot fill {s.chunks} pipeline chunks")
+    if s.precision == "fp32" and not model.is_gpt2:
+        problems.append("minipar's fp32 engine runs GPT-2-shaped models; plan this one in 16-bit (--precision bf16)")
     if s.recompute == "selective" and s.precision == "fp32":
         problems.append("minipar recomputes whole pipeline chunks (full); selective recomputation is planned "
                         "only for mixed precision (--precision mixed)")
