@@ -6,6 +6,7 @@ memory_report) and the bytes sent per group (the communicators' traffic counters
 and the peak bytes the autograd engine kept for backward (counted at save_for_backward) to the
 byte, integer index arrays aside (minipar/plan/measure.py says why).
 """
+import argparse
 import json
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from minipar.plan.memory import (
     paper_parameter_memory,
     peak_full_gradient_bytes,
 )
-from minipar.plan.model import PRESETS, ModelSpec, Strategy, rank_parameters, representative_stages
+from minipar.plan.model import PRESETS, ModelSpec, Strategy, block_parameters, rank_parameters, representative_stages
 from minipar.plan.search import candidate_strategies, rank_layouts
 from minipar.testing import results_from_ranks
 
@@ -161,9 +162,9 @@ def test_plan_gpt3_on_1024_gpus_picks_a_layout_that_fits_by_minipars_accounting(
     assert "Tensor parallelism" in out and "bubble" in out and "GPU-hours" in out and "MFU" in out
     assert "NVLink" in out  # GPUs: the links have their names
     model, machine = PRESETS["gpt3-175b"], named_machine("a100", 1024, 8, 80)
-    options = dict(cli.options_from(cli.main.__globals__["argparse"].Namespace(
-        zero="0,2", recompute="selective", cp="1", sequence_parallel="both", schedules="1f1b,interleaved",
-        engine="minipar", state_bytes=16), "bf16"))
+    options = cli.options_from(argparse.Namespace(zero="0,2", recompute="selective", cp="1", sequence_parallel="both",
+                                                  schedules="1f1b,interleaved", engine="minipar", state_bytes=16),
+                               "bf16")
     fitting, _ = rank_layouts(model, machine, 1536, options, True, Headroom.for_machine(machine))
     best = fitting[0]
     assert best.strategy.describe() in rows[0], (best.strategy.describe(), rows[0])
@@ -293,7 +294,7 @@ def test_experts_and_context_parallelism_change_what_a_rank_holds():
 def test_gqa_shrinks_kv_and_swiglu_has_three_matrices():
     llama = PRESETS["llama2-70b"]
     h, f = 8192, 28672
-    per_layer = sum(n for _, n in __import__("minipar.plan.model", fromlist=["x"]).block_parameters(llama, 1))
+    per_layer = sum(n for _, n in block_parameters(llama, 1))
     assert per_layer == h * (h + 2 * 1024) + h * h + 3 * h * f + 2 * h
 
 

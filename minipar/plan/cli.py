@@ -212,7 +212,8 @@ def table(predictions, model, machine):
         mem, t = p.memory, p.time
         states = mem["parameters"] + mem["gradients"] + mem["optimizer_states"]
         achieved = flops_per_step(model, p.strategy.batch_size) / t["step"] / machine.gpus
-        lines.append(f"| {number} | {p.strategy.describe()} | {size(states)} | {size(mem['activations'])} | "
+        label = p.strategy.describe() + (" fp32" if p.strategy.precision == "fp32" and machine.device == "gpu" else "")
+        lines.append(f"| {number} | {label} | {size(states)} | {size(mem['activations'])} | "
                      f"{size(mem['total'])} | {seconds(t['step'])} | {seconds(t['compute'])} | {seconds(t['bubble'])} | "
                      f"{seconds(t['tp'])} | {seconds(t['pp'])} | {seconds(t['dp'])} | {seconds(t['optimizer'])} | "
                      f"{rate(achieved)} | {mfu(model, p, machine):.1%} |")

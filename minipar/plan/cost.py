@@ -116,11 +116,15 @@ def stage_compute(model, strategy, machine, stage):
     blocks = pieces.count("block")
     zero3_rerun = strategy.effective_zero == 3 and strategy.precision == "fp32"  # minipar reruns each piece
     if machine.is_gpu_profile:
+        # fp32 on a GPU: TF32 tensor cores at half the 16-bit peak (A100 156 of 312, H100 494 of 989
+        # TFLOP/s, the data sheets), and twice the bytes for the memory-bound kernels: every kernel x2
+        scale = 2.0 if strategy.precision == "fp32" else 1.0
         layer = layer_compute_times(model, strategy, machine, machine.fused_attention)
         head = head_compute_times(model, strategy, machine) if "head" in pieces else {"forward": 0.0, "backward": 0.0}
-        forward = blocks * layer["forward"] + head["forward"]
-        recompute = blocks * layer["recompute"] + (forward if zero3_rerun else 0.0)
-        return {"forward": forward, "backward": blocks * layer["backward"] + head["backward"], "recompute": recompute}
+        forward = scale * (blocks * layer["forward"] + head["forward"])
+        recompute = scale * blocks * layer["recompute"] + (forward if zero3_rerun else 0.0)
+        backward = scale * (blocks * layer["backward"] + head["backward"])
+        return {"forward": forward, "backward": backward, "recompute": recompute}
     t_f = stage_forward_flops(model, strategy, stage) / machine.flops + machine.overhead_per_block * blocks / 3
     reruns = int(strategy.recompute == "full") + int(zero3_rerun)
     recompute = reruns * t_f
