@@ -1,7 +1,7 @@
 """The planner's predicted step times against measured ones, for every layout of the world, in one run.
 
     mpiexec -n 8 python benchmarks/bench_plan.py [--steps 4] [--calibration FILE]
-    python benchmarks/bench_plan.py --papers      # Narayanan et al. 2021 Table 1: picks and TFLOP/s
+    python benchmarks/bench_plan.py --papers      # the published runs: paper vs predicted vs error
 
 Calibrates this machine in the same job before and after the measurements and averages the two
 (``minipar.plan.calibrate``: achieved FLOP/s and the per-block overhead on real blocks, α–β fits of
@@ -120,45 +120,30 @@ def calibrated_machine(world, path):
     return Machine("this machine", world.size, world.size, 1e12, flops, 0, 0, 0, 0, bandwidth, overhead, fits)
 
 
-# Narayanan et al. 2021, Table 1 (A100 80 GB, s = 2048, V = 51,200, activation recomputation on):
-# preset, GPUs, batch, the paper's tp and pp, its measured TFLOP/s per GPU.
-NARAYANAN_TABLE_1 = [("megatron-1.7b", 32, 512, 1, 1, 137), ("megatron-18b", 256, 1024, 8, 1, 135),
-                     ("megatron-76b", 1024, 1792, 8, 4, 140), ("megatron-145b", 1536, 2304, 8, 8, 148),
-                     ("megatron-310b", 1920, 2160, 8, 16, 155), ("megatron-530b", 2520, 2520, 8, 35, 163),
-                     ("megatron-1t", 3072, 3072, 8, 64, 163)]
+def papers(path):
+    """The three accuracy tables (paper, predicted, error) from the stored published values, the
+    GPT-3 175B days, and what the two efficiency constants do to the worst row (a coarse grid)."""
+    from minipar.plan import hardware
+    from minipar.plan import papers as published
 
-
-def papers():
-    """Planner's pick and its prediction for the paper's own layout, for each row of Table 1.
-
-    Throughput counts the FLOPs executed, recomputation included, as the paper does: with full
-    recomputation 72·B·L·s·h²(1 + s/6h + V/12hL) + 24·B·L·s·h²(1 + s/6h), which is exactly
-    Narayanan et al.'s 96·B·s·L·h²(1 + s/6h + V/16Lh).
-    """
-    from minipar.plan.cost import flops_per_step, predict, rank_layouts
-    from minipar.plan.hardware import named_machine
-    from minipar.plan.model import PRESETS
-
-    print("| model | GPUs | batch | paper tp x pp (dp) | paper TFLOP/s/GPU | predicted for the paper's layout | "
-          "planner's pick (paper's options) | its TFLOP/s/GPU | planner's pick (all options) | its TFLOP/s/GPU |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for name, gpus, batch, tp, pp, measured in NARAYANAN_TABLE_1:
-        model, machine = PRESETS[name], named_machine("a100", gpus)
-        dp = gpus // (tp * pp)
-        paper = Strategy(dp, tp, pp, batch, batch // dp, "1f1b", 1, 0, False, "full", "mixed")  # b = 1, assumed
-        def rate(prediction, model=model, batch=batch, gpus=gpus):  # FLOPs executed, recomputation included
-            full = prediction.strategy.recompute == "full"
-            return flops_per_step(model, batch, recompute_forward=1.0 if full else 0.0) / prediction.step / gpus / 1e12
-
-        picks = []
-        for options in ({"zero": (0,), "sp": (False,), "recompute": ("full",), "precision": "mixed"},
-                        {"zero": (0, 1, 2, 3), "sp": (False, True), "recompute": ("", "selective", "full"),
-                         "precision": "mixed"}):
-            fitting, _ = rank_layouts(model, machine, batch, options, overlap=True)
-            best = fitting[0] if fitting else None
-            picks.append(f"{best.strategy.describe()} | {rate(best):.0f}" if best else "nothing fits | -")
-        print(f"| {name} | {gpus} | {batch} | {tp} x {pp} ({dp}) | {measured} | "
-              f"{rate(predict(model, paper, machine, overlap=True)):.0f} | {picks[0]} | {picks[1]} |", flush=True)
+    data = published.load(path)
+    names = {"korthikanti2022_table5": "Korthikanti et al. 2022, Table 5: iteration time (s)",
+             "narayanan2021_table1": "Narayanan et al. 2021, Table 1: teraFLOP/s per GPU",
+             "narayanan2021_table2": "Narayanan et al. 2021, Table 2: teraFLOP/s per GPU"}
+    for table, rows in published.compare(data).items():
+        print(f"\n{names[table]}\n\n| row | paper | predicted | error |\n|---|---|---|---|")
+        for row, paper, got, error in rows:
+            print(f"| {row} | {paper} | {got:.3g} | {error:+.1%} |")
+    pick = published.gpt3_pick(data)
+    print(f"\nGPT-3 175B, 1024 A100s, 300B tokens: {pick.strategy.describe()}, {pick.step:.3g} s per step, "
+          f"{published.gpt3_days(data, pick):.1f} days (paper: {data['narayanan2021_gpt3_days']['days']})")
+    print("\n| GEMM efficiency | memory efficiency | worst row | mean abs error |\n|---|---|---|---|")
+    chosen = hardware.GEMM_EFFICIENCY, hardware.MEMORY_EFFICIENCY
+    for gemm, memory in itertools.product((0.76, 0.77, 0.78, 0.80), (0.8, 0.9)):
+        hardware.GEMM_EFFICIENCY, hardware.MEMORY_EFFICIENCY = gemm, memory
+        errors = [abs(error) for rows in published.compare(data).values() for *_, error in rows]
+        print(f"| {gemm} | {memory} | {max(errors):.1%} | {statistics.mean(errors):.1%} |")
+    hardware.GEMM_EFFICIENCY, hardware.MEMORY_EFFICIENCY = chosen
 
 
 def average_machines(first, second):
@@ -178,10 +163,12 @@ def main():
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--calibration", default=None, help="a `calibrate` JSON file instead of calibrating now")
     parser.add_argument("--papers", action="store_true",
-                        help="only the Narayanan et al. 2021 Table 1 comparison (no MPI)")
+                        help="only the published runs: Korthikanti Table 5, Narayanan Tables 1 and 2 (no MPI)")
+    parser.add_argument("--published", default=str(Path(__file__).resolve().parent.parent / "tests" / "data" /
+                                                   "published_runs.json"))
     arguments = parser.parse_args()
     if arguments.papers:
-        return papers()
+        return papers(arguments.published)
     from minipar.comm import Communicator
 
     world = Communicator()

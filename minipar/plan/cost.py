@@ -1,31 +1,55 @@
-"""Time per step, and the search: enumerate layouts, drop those that do not fit, rank the rest.
+"""Time per step: per micro-batch on each stage, the pipeline and its bubble, the exposed communication.
 
-Time per step (one rank's view; the slowest stage sets the pace):
+Per micro-batch on a stage (one rank's view; the slowest stage sets the pace):
 
-    t_f   forward of a micro-batch on the stage: its FLOPs / achieved FLOP/s (+ a per-block overhead
-          when calibrated). A block costs 24·b·s·h²(1 + s/6h)/t FLOPs forward, the head 2·b·s·h·V/t
-          (the 72·B·L·s·h²(1 + s/6h + V/12hL) of Korthikanti et al. 2022, appendix A, is 3× this
-          summed over the model: backward costs twice the forward).
-    t_b   2·t_f; recomputation (and minipar's ZeRO-3, which reruns each piece) adds one t_f;
-          selective recomputation reruns QKᵀ and P·V: 4·b·s²·h/t FLOPs per block (Korthikanti et al. 2022).
-    t_tp  the tensor-parallel collectives of one micro-batch (traffic.py), α–β each: exposed,
-          since every layer waits for them.
-    t_pp  the micro-batch's pipeline sends: α + nβ each.
-    T_mb  = t_f + t_b + t_tp + t_pp + ZeRO-3's gathers per micro-batch.
-    pipeline = (m + (p−1)/v)·T_mb: m micro-batches plus the fill and drain, the bubble
-          (p−1)/v·T_mb (Huang et al. 2019; Narayanan et al. 2021 for the interleaved 1/v).
-    t_dp  the step's data-parallel calls (bucket allreduces, ZeRO's reduce-scatters and
-          all-gathers); with overlap the part that fits behind the last micro-batch's backward
-          is hidden (Li et al. 2020), the rest is exposed.
-    t_opt AdamW streams the rank's parameters, gradients and moments: ~ 2·(bytes held)/bandwidth.
-    step  = pipeline + exposed t_dp + t_opt.
+    F, B  forward and backward of the stage's pieces. GPU profiles: kernels.py (GEMMs at a
+          shape-dependent efficiency, memory-bound kernels at the HBM bandwidth). A calibration
+          file: FLOPs / the FLOP/s measured on real blocks + a per-block overhead, B = 2F.
+    R     recomputation: full reruns F; selective reruns the attention core (kernels.py);
+          minipar's ZeRO-3 reruns each piece's forward in its backward (one more F).
+    comm  the tensor-, context- and expert-parallel collectives of the micro-batch (traffic.py),
+          each at its α–β time: exposed, every layer waits for them; the pipeline's sends
+          (Megatron's scatter/gather sends 1/t of them across nodes, Narayanan et al. 2021 §4.1).
+    T_mb  = F + B + R + comm.
+
+The pipeline: m·T_mb plus the bubble. The bubble comes from the pipeline simulator
+(parallel/pipeline/simulator.py) for the schedules it knows (``SIMULATED``), run on the stage's
+own F and B + R; for large p·m·v, where the simulator is slow, from its closed form
+(p − 1)/v·T_mb, which the tests check equals the simulator. The zero-bubble schedules (Qi et al.
+2023), until the simulator has them, from the paper's formulas, with B split evenly into B_input
+and W: ZB-H1 (p−1)(F + B_in − W), ZB-H2 and ZB-V (p−1)·max(0, F + B_in − 2W). To move a schedule
+to the simulator, add its name to ``SIMULATED``.
+
+The data-parallel collectives once per step (gradient sync, ZeRO's gathers) and what hides them
+depend on the engine (``Strategy.engine``):
+
+    minipar       what minipar does today: plain data parallelism overlaps its bucket allreduces
+                  with the last micro-batch's backward when --overlap (the CLI's default for it);
+                  ZeRO overlaps nothing (the Trainer refuses --overlap with ZeRO), and ZeRO-3's
+                  gathers wait in every micro-batch.
+    minipar-next  ZeRO-2 reduce-scatters each micro-batch's gradients (m× the reduce-scatter
+                  volume) behind its backward, and ZeRO's collectives overlap as plain dp's do.
+    ideal         the papers' engines (Megatron-LM, DeepSpeed), labelled as such: every
+                  data-parallel collective runs beside the compute it can overlap (the last
+                  backward; ZeRO-3's prefetched gathers beside every micro-batch), costing
+                  max(compute, comm) + OVERLAP_LOSS·min(compute, comm).
+
+    step  = pipeline + exposed data-parallel time + AdamW (it streams the rank's model states).
 """
-import itertools
+import functools
 from dataclasses import dataclass
 
-from minipar.plan.memory import memory_per_rank, parameter_memory
-from minipar.plan.model import Strategy, check_strategy, divisors, rank_parameters, rank_pieces, representative_stages
+from minipar.plan.kernels import head_compute_times, layer_compute_times
+from minipar.plan.memory import memory_per_rank, state_bytes
+from minipar.plan.model import Strategy, rank_pieces, representative_stages
 from minipar.plan.traffic import step_calls
+
+SIMULATED = ("gpipe", "1f1b", "interleaved")  # add "zb-h1", "zb-h2", "zbv" once the simulator runs them
+SIMULATOR_LIMIT = 256  # p·m·v above which the closed form stands in for the simulator (it is slow)
+# Of the shorter of two overlapped streams, the share still paid: they contend for SMs, memory
+# bandwidth and the link (a global constant, chosen on Narayanan et al. 2021's ZeRO-3 rows as a
+# whole: 0 makes them 24-72% too fast, 1 makes them 10-28% too slow).
+OVERLAP_LOSS = 0.5
 
 
 @dataclass
@@ -42,24 +66,41 @@ class Prediction:
 
 
 def _strides(strategy):
-    return {"tp": 1, "dp": strategy.tp, "pp": strategy.tp * strategy.dp, "pp-ends": strategy.tp * strategy.dp}
+    tp, cp, dp = strategy.tp, strategy.cp, strategy.dp
+    return {"tp": 1, "cp": tp, "ep": tp, "dp": tp * cp, "pp": tp * cp * dp, "pp-ends": tp * cp * dp}
+
+
+def _sizes(strategy):
+    return {"tp": strategy.tp, "pp": strategy.pp, "dp": strategy.dp, "pp-ends": 2, "cp": strategy.cp,
+            "ep": strategy.ep}
+
+
+# ---- FLOPs ---------------------------------------------------------------------------------------
+
+def layer_matrix_parameters(model):
+    """Weights a token multiplies by in one layer (no biases, no norms): 12h² for GPT-2 shapes."""
+    h = model.n_embd
+    return h * (2 * h + 2 * model.kv_width) + model.ffn_matrices * h * model.hidden * model.top_k
 
 
 def stage_forward_flops(model, strategy, stage):
-    """FLOPs of one micro-batch's forward through this stage's pieces, on one tp rank."""
-    b, s, h, t = strategy.micro_batch, model.block_size, model.n_embd, strategy.tp
-    block = 24 * b * s * h * h * (1 + s / (6 * h)) / t
-    head = 2 * b * s * h * model.vocab_size / t
+    """FLOPs of one micro-batch's forward through this stage's pieces, on one tp rank:
+    2·T·(layer weights)/t + 4·T·s·h/t per block (24·b·s·h²(1 + s/6h)/t for GPT-2), 2·T·h·V/t the head."""
+    tokens, s, h, t = strategy.micro_batch * model.block_size // strategy.cp, model.block_size, model.n_embd, \
+        strategy.tp
+    block = (2 * tokens * layer_matrix_parameters(model) + 4 * tokens * s * h) / t
+    head = 2 * tokens * h * model.vocab_size / t
     return sum(block if piece == "block" else head if piece == "head" else 0.0
                for _, piece in rank_pieces(model, strategy, stage))
 
 
 def flops_per_step(model, batch_size, recompute_forward=0.0):
-    """Model FLOPs 72·B·L·s·h²(1 + s/6h + V/12hL) (Korthikanti et al. 2022, appendix A), plus
-    ``recompute_forward`` × one more forward of the layers (1/3 of the 72 for full recomputation)."""
-    B, L, s, h, V = batch_size, model.n_layer, model.block_size, model.n_embd, model.vocab_size
-    model_flops = 72 * B * L * s * h * h * (1 + s / (6 * h) + V / (12 * h * L))
-    return model_flops + recompute_forward * 24 * B * L * s * h * h * (1 + s / (6 * h))
+    """Model FLOPs 3·B·s·(L·(2·weights + 4sh) + 2hV): Korthikanti et al. 2022's (appendix A)
+    72·B·L·s·h²(1 + s/6h + V/12hL) for GPT-2 shapes; plus ``recompute_forward`` × one more forward
+    of the layers (1/3 of the layers' share for full recomputation, as Narayanan et al. count)."""
+    s, h, L = model.block_size, model.n_embd, model.n_layer
+    layers = L * (2 * layer_matrix_parameters(model) + 4 * s * h)
+    return 3 * batch_size * s * (layers + 2 * h * model.vocab_size) + recompute_forward * batch_size * s * layers
 
 
 def selective_recompute_flops(model, b, tp):
@@ -67,86 +108,137 @@ def selective_recompute_flops(model, b, tp):
     return 4 * b * model.block_size ** 2 * model.n_embd / tp
 
 
-def stage_time(model, strategy, machine, stage, overlap):
-    """Seconds for the stage: {"compute", "tp", "pp", "dp", "dp_hidden", "optimizer", "micro"} (micro = T_mb)."""
-    m, strides = strategy.microbatches, _strides(strategy)
-    blocks = sum(piece == "block" for _, piece in rank_pieces(model, strategy, stage))
+# ---- one micro-batch on one stage -----------------------------------------------------------------
+
+def stage_compute(model, strategy, machine, stage):
+    """{"forward", "backward", "recompute"} seconds of one micro-batch's kernels on ``stage``."""
+    pieces = [piece for _, piece in rank_pieces(model, strategy, stage)]
+    blocks = pieces.count("block")
+    zero3_rerun = strategy.effective_zero == 3 and strategy.precision == "fp32"  # minipar reruns each piece
+    if machine.is_gpu_profile:
+        # fp32 on a GPU: TF32 tensor cores at half the 16-bit peak (A100 156 of 312, H100 494 of 989
+        # TFLOP/s, the data sheets), and twice the bytes for the memory-bound kernels: every kernel x2
+        scale = 2.0 if strategy.precision == "fp32" else 1.0
+        layer = layer_compute_times(model, strategy, machine, machine.fused_attention)
+        head = head_compute_times(model, strategy, machine) if "head" in pieces else {"forward": 0.0, "backward": 0.0}
+        forward = scale * (blocks * layer["forward"] + head["forward"])
+        recompute = scale * blocks * layer["recompute"] + (forward if zero3_rerun else 0.0)
+        backward = scale * (blocks * layer["backward"] + head["backward"])
+        return {"forward": forward, "backward": backward, "recompute": recompute}
     t_f = stage_forward_flops(model, strategy, stage) / machine.flops + machine.overhead_per_block * blocks / 3
-    reruns = int(strategy.recompute == "full") + int(strategy.effective_zero == 3 and strategy.precision == "fp32")
-    compute = (3 + reruns) * t_f  # forward, backward = 2 forwards, each rerun one more forward
+    reruns = int(strategy.recompute == "full") + int(zero3_rerun)
+    recompute = reruns * t_f
     if strategy.recompute == "selective":
-        compute += selective_recompute_flops(model, strategy.micro_batch, strategy.tp) * blocks / machine.flops
+        recompute += selective_recompute_flops(model, strategy.micro_batch, strategy.tp) * blocks / machine.flops
+    return {"forward": t_f, "backward": 2 * t_f, "recompute": recompute}
+
+
+def stage_communication(model, strategy, machine, stage):
+    """Seconds per step of each group's calls: {"tp", "pp", "dp", "dp_micro"} (dp_micro: ZeRO-3's gathers)."""
+    strides, sizes = _strides(strategy), _sizes(strategy)
     comm = {"tp": 0.0, "pp": 0.0, "dp": 0.0, "dp_micro": 0.0}
-    sizes = {"tp": strategy.tp, "pp": strategy.pp, "dp": strategy.dp, "pp-ends": 2}
+    merged = {}  # the same call many times (ZeRO's units of equal size): timed once
     for call in step_calls(model, strategy, stage):
-        kind = "send" if call.kind == "send" else call.kind
-        seconds = call.count * machine.collective_time(kind, call.elements * call.itemsize, sizes[call.group],
-                                                       strides[call.group])
-        group = "pp" if call.group == "pp-ends" else call.group
+        key = call.__class__(call.group, call.kind, call.elements, call.itemsize, 1, call.per)
+        merged[key] = merged.get(key, 0) + call.count
+    for key, count in merged.items():
+        call = key.__class__(key.group, key.kind, key.elements, key.itemsize, count, key.per)
+        size = sizes[call.group] * (strategy.cp if call.group == "dp" else 1)  # gradients reduce over dp·cp
+        nbytes = call.elements * call.itemsize
+        seconds = 0.0
+        if call.group == "pp" and call.kind == "send" and strategy.precision != "fp32" and strategy.tp > 1:
+            # scatter/gather: each tp rank sends its 1/t across nodes, the receivers all-gather it
+            seconds = call.count * machine.collective_time("allgather", nbytes, strategy.tp, 1)
+            nbytes //= strategy.tp
+        seconds += call.count * machine.collective_time(call.kind, nbytes, size, strides[call.group])
+        group = {"pp-ends": "pp", "cp": "tp", "ep": "tp"}.get(call.group, call.group)
         if group == "dp" and call.per == "microbatch":
-            group = "dp_micro"  # ZeRO-3's gathers: on the critical path of every micro-batch
+            group = "dp_micro"
         comm[group] += seconds
-    micro = compute + (comm["tp"] + comm["dp_micro"]) / m + comm["pp"] / m
-    hidden = min(comm["dp"], 2 * t_f) if overlap else 0.0
-    held = sum(parameter_memory(model, strategy, stage).values())
-    optimizer = 2 * held / machine.memory_bandwidth
-    return dict(compute=compute, tp=comm["tp"] + comm["dp_micro"], pp=comm["pp"], dp=comm["dp"],
-                dp_hidden=hidden, optimizer=optimizer, micro=micro)
+    return comm
+
+
+def stage_time(model, strategy, machine, stage, overlap):
+    """Seconds for the stage: {"forward", "backward", "recompute", "tp", "pp", "dp", "dp_hidden",
+    "optimizer", "micro"} (micro = T_mb; tp, pp and dp per step)."""
+    m, engine = strategy.microbatches, strategy.engine
+    compute = stage_compute(model, strategy, machine, stage)
+    comm = stage_communication(model, strategy, machine, stage)
+    work = compute["forward"] + compute["backward"] + compute["recompute"]
+    gathers = comm["dp_micro"] / m
+    if engine == "ideal" and gathers:  # prefetched gathers beside the micro-batch's compute
+        per_micro = max(work, gathers) + OVERLAP_LOSS * min(work, gathers)
+    else:
+        per_micro = work + gathers
+    micro = per_micro + (comm["tp"] + comm["pp"]) / m
+    dp, zero = comm["dp"], strategy.effective_zero
+    if engine == "minipar-next" and zero == 2:
+        dp += (m - 1) * comm["dp"] / 2  # a reduce-scatter per micro-batch (half of the step's dp bytes)
+    backward = compute["backward"] + compute["recompute"]
+    if engine == "ideal":
+        hidden = dp - max(0.0, dp - backward) - OVERLAP_LOSS * min(dp, backward)
+    elif overlap and (zero == 0 or engine == "minipar-next"):
+        hidden = min(dp, backward * (m if engine == "minipar-next" and zero == 2 else 1))
+    else:
+        hidden = 0.0
+    return dict(compute, tp=comm["tp"], pp=comm["pp"], dp=dp, dp_hidden=hidden, per_micro=per_micro, micro=micro,
+                optimizer=2 * state_bytes(model, strategy, stage) / machine.memory_bandwidth)
+
+
+@functools.lru_cache(maxsize=4096)
+def _simulated_bubble(schedule, p, m, v, backward_ratio):
+    """Bubble of ``schedule`` in units of one micro-batch's F + B, from the simulator."""
+    from minipar.parallel.pipeline.schedules import build_all_schedules
+    from minipar.parallel.pipeline.simulator import simulate
+
+    result = simulate(build_all_schedules(schedule, p, m, v), 1.0 / v, backward_ratio / v)
+    return result.makespan / (1 + backward_ratio) - m
+
+
+def pipeline_bubble(strategy, forward, backward):
+    """Seconds the slowest stage idles per step, for one micro-batch's ``forward`` and ``backward``
+    (backward includes recomputation); module docstring."""
+    p, m, v, schedule = strategy.pp, strategy.microbatches, strategy.virtual_stages, strategy.schedule
+    if p == 1:
+        return 0.0
+    if schedule in SIMULATED:
+        if p * m * v <= SIMULATOR_LIMIT:
+            ratio = round(backward / forward, 1) if forward else 2.0
+            return _simulated_bubble(schedule, p, m, v, ratio) * (forward + backward)
+        return (p - 1) / v * (forward + backward)
+    b_input = weight = backward / 2
+    if schedule == "zb-h1":
+        return (p - 1) * (forward + b_input - weight)
+    return (p - 1) * max(0.0, forward + b_input - 2 * weight)  # zb-h2, zbv
 
 
 def step_time(model, strategy, machine, overlap=False):
     """The step's seconds and their breakdown, from the slowest stage (module docstring)."""
     stages = [stage_time(model, strategy, machine, stage, overlap) for stage in representative_stages(strategy)]
     slow = max(stages, key=lambda t: t["micro"])
-    m, bubble_share = strategy.microbatches, (strategy.pp - 1) / strategy.virtual_stages
+    m = strategy.microbatches
+    compute_share = slow["per_micro"] / slow["micro"] if slow["micro"] else 1.0
+    bubble = pipeline_bubble(strategy, slow["forward"] * slow["micro"] / slow["per_micro"] * compute_share,
+                             (slow["backward"] + slow["recompute"]) * slow["micro"] / slow["per_micro"]) \
+        if slow["per_micro"] else 0.0
     worst_dp = max(stages, key=lambda t: t["dp"] - t["dp_hidden"] + t["optimizer"])
-    time = {"compute": m * slow["compute"], "bubble": bubble_share * slow["micro"], "tp": slow["tp"],
-            "pp": slow["pp"], "dp": worst_dp["dp"] - worst_dp["dp_hidden"], "optimizer": worst_dp["optimizer"]}
-    time["step"] = (m + bubble_share) * slow["micro"] + time["dp"] + time["optimizer"]
+    time = {"compute": m * slow["per_micro"], "bubble": bubble, "tp": slow["tp"], "pp": slow["pp"],
+            "dp": worst_dp["dp"] - worst_dp["dp_hidden"], "optimizer": worst_dp["optimizer"]}
+    time["step"] = m * slow["micro"] + bubble + time["dp"] + time["optimizer"]
     return time
 
 
-def predict(model, strategy, machine, overlap=False):
-    memory_by_stage = [memory_per_rank(model, strategy, stage) for stage in representative_stages(strategy)]
+def predict(model, strategy, machine, overlap=False, headroom=None, timed=True):
+    """Memory of the fullest stage, the step's time, and whether it fits (``headroom``: memory.Headroom).
+    ``timed=False`` skips the time (None) for a layout that does not fit: the search's first pass."""
+    memory_by_stage = [memory_per_rank(model, strategy, stage, headroom) for stage in representative_stages(strategy)]
     memory = max(memory_by_stage, key=lambda mem: mem["total"])
-    return Prediction(strategy, memory, memory_by_stage, step_time(model, strategy, machine, overlap),
-                      memory["total"] <= machine.memory_bytes)
+    fits = memory["total"] <= machine.memory_bytes
+    time = step_time(model, strategy, machine, overlap) if timed or fits else None
+    return Prediction(strategy, memory, memory_by_stage, time, fits)
 
 
-def candidate_strategies(model, world, batch_size, gpus_per_node, options):
-    """Every layout of ``world`` ranks minipar can run for this model, with the options to try.
-
-    tp only inside a node (its collectives run in every layer, Narayanan et al. 2021, section
-    3.2); micro-batches of 1 or 2 rows and the fewest that fill the pipeline (m >= p); the
-    memory options given.
-    """
-    for dp, tp in itertools.product(divisors(world), repeat=2):
-        if world % (dp * tp) or tp > gpus_per_node:
-            continue
-        pp = world // (dp * tp)
-        if pp > model.n_layer or batch_size % dp:
-            continue
-        per_replica = batch_size // dp
-        counts = [m for m in divisors(per_replica) if m >= pp]
-        # Micro-batches of 1 and 2 rows (the bubble shrinks as m grows) and the fewest that fill the pipeline.
-        counts = sorted({m for m in counts if per_replica // m in (1, 2)} | set(counts[:1]))
-        for m, zero, sp, recompute in itertools.product(counts, options.get("zero", (0,)), options.get("sp", (False,)),
-                                                        options.get("recompute", ("",))):
-            if zero and dp == 1 or sp and tp == 1:
-                continue
-            strategy = Strategy(dp, tp, pp, batch_size, m, "1f1b", 1, zero, sp, recompute,
-                                options.get("precision", "fp32"))
-            if check_strategy(model, strategy) is None:
-                yield strategy
-
-
-def rank_layouts(model, machine, batch_size, options, overlap=True):
-    """(fitting predictions sorted by step time, all predictions) for ``machine.gpus`` ranks."""
-    predictions = [predict(model, s, machine, overlap)
-                   for s in candidate_strategies(model, machine.gpus, batch_size, machine.gpus_per_node, options)]
-    fitting = sorted((p for p in predictions if p.fits), key=lambda p: p.step)
-    return fitting, predictions
-
-
-def parameters_on_rank(model, strategy, stage):
-    return sum(n for _, _, n in rank_parameters(model, strategy, stage))
+def mfu(model, prediction, machine):
+    """Model FLOPs utilisation: model FLOPs / (step time · ranks · peak), Korthikanti et al. 2022."""
+    peak = machine.peak or machine.flops
+    return flops_per_step(model, prediction.strategy.batch_size) / (prediction.step * machine.gpus * peak)

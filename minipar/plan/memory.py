@@ -47,6 +47,7 @@ accounting instead (``mixed_precision_memory``: ZeRO's (2 + 2 + 12)Ψ and Korthi
 activations).
 """
 import functools
+from dataclasses import dataclass
 
 from minipar.plan.model import part_length, rank_chunks, rank_parameters, rank_pieces, zero_named_units, zero_units
 
@@ -82,10 +83,14 @@ def parameter_memory(model, strategy, stage):
     return {"parameters": e * held, "gradients": e * gradients, "optimizer_states": 2 * e * parts}
 
 
-def paper_parameter_memory(psi, zero, dp, k=12):
-    """Rajbhandari et al. 2020, mixed-precision Adam: bytes of (fp16 params, fp16 grads, K-byte states)."""
+def paper_parameter_memory(psi, zero, dp, state_bytes=16):
+    """Rajbhandari et al. 2020, mixed-precision Adam: bytes of (fp16 params, fp16 grads, K = 12
+    bytes of fp32 master weights, momentum and variance); ``state_bytes=18``: Megatron-LM's fp32
+    main gradients (2 + 4 + 12)."""
     shard = {0: (1, 1, 1), 1: (1, 1, dp), 2: (1, dp, dp), 3: (dp, dp, dp)}[zero]
-    return {"parameters": 2 * psi / shard[0], "gradients": 2 * psi / shard[1], "optimizer_states": k * psi / shard[2]}
+    gradient = state_bytes - 14
+    return {"parameters": 2 * psi / shard[0], "gradients": gradient * psi / shard[1],
+            "optimizer_states": 12 * psi / shard[2]}
 
 
 # ---- activations ---------------------------------------------------------------------------------
@@ -98,17 +103,27 @@ def layer_activation_bytes(model, b, tp, sequence_parallel, e=4):
     return e * (b * s * h * (4 * tp + 16) // tp + 2 * b * s + a * b * s * s // tp)
 
 
-def korthikanti_layer_bytes(model, b, tp=1, sequence_parallel=False, recompute=None):
-    """Korthikanti et al. 2022, Table 2 (16-bit activations): bytes per layer per micro-batch."""
-    s, h, a = model.block_size, model.n_embd, model.n_head
+def korthikanti_layer_bytes(model, b, tp=1, sequence_parallel=False, recompute=None, cp=1):
+    """Korthikanti et al. 2022, Table 2 (16-bit activations): bytes per layer per micro-batch.
+
+    Their sbh(34 + 5as/h) is, per token: attention 11h (QKV input, Q, K, V, the output
+    projection's input, a dropout mask) + 5as (scores, softmax, its mask and output: the s²
+    terms); MLP 19h (input, GELU input and output, mask); two norms 4h. Outside the tensor-parallel
+    region 10h (norms, the two inputs, the two masks): divided by t only under sequence
+    parallelism. Generalised here, term by term, to K and V of width g·d (GQA), a SwiGLU MLP
+    (input, gate and up outputs, their product: 2h + 6f + h), top_k copies of each token in an
+    expert MLP, and a sequence of s/cp tokens per rank."""
+    s, h, a, f = model.block_size / cp, model.n_embd, model.n_head, model.hidden
+    k, kv = model.top_k, model.kv_width
     if recompute == "full":
-        return 2 * s * b * h
-    attention = 5 * a * s / (h * tp)  # the s² terms: softmax, its dropout mask, its output
-    if recompute == "selective":
-        attention = 0.0  # Korthikanti's selective recomputation reruns exactly those
+        return 2 * s * b * h / (tp if sequence_parallel else 1)
+    outside = 10 * h  # norms 4h, the QKV and MLP inputs 2h each, two dropout masks
+    inside = 2 * h + 4 * kv + 2 * h  # Q, K, V, the output projection's input
+    inside += k * (4 * f if model.ffn == "gelu" else 6 * f) + (k - 1) * 3 * h  # the MLP, top_k copies
+    attention = 0.0 if recompute == "selective" else 5 * a * model.block_size  # reruns the s² part
     if sequence_parallel:
-        return s * b * h * (34 / tp + attention)
-    return s * b * h * (10 + 24 / tp + attention)
+        return s * b * (outside + inside + attention) / tp
+    return s * b * (outside + inside / tp + attention / tp)
 
 
 def piece_activation_bytes(model, piece, b, strategy):
@@ -143,12 +158,17 @@ def chunk_activation_bytes(model, strategy, chunk):
 def in_flight(strategy, stage):
     """Most (micro-batch, chunk) pairs whose forward has run and backward not, on ``stage``.
 
-    GPipe: all m. 1F1B: min(p - stage, m) (Narayanan et al. 2021). Interleaved: the warm-up
-    forwards (v-1)p + 2(p - stage - 1), one more in steady state, at most m·v.
+    GPipe: all m. 1F1B (and ZB-H1): min(p - stage, m) (Narayanan et al. 2021). Interleaved: the
+    warm-up forwards (v-1)p + 2(p - stage - 1), one more in steady state, at most m·v. ZB-H2:
+    2(p - stage) - 1; ZB-V: 2p chunk-sized pairs, 1F1B's memory (Qi et al. 2023).
     """
     p, m, v, s = strategy.pp, strategy.microbatches, strategy.virtual_stages, stage
     if strategy.schedule == "gpipe":
         return m * v
+    if strategy.schedule == "zb-h2":  # Qi et al. 2023: up to 2p - 1 micro-batches on the first stage
+        return min(2 * (p - s) - 1, m)
+    if strategy.schedule == "zbv":  # two chunks per rank, 1F1B's memory: p micro-batches of L/p layers
+        return min(2 * p, 2 * m)
     if strategy.schedule == "1f1b" or v == 1:
         return min(p - s, m)
     return min((v - 1) * p + 2 * (p - s - 1) + 1, m * v)
@@ -199,39 +219,134 @@ def stashed_input_bytes(model, strategy, stage):
     return in_flight(strategy, stage) * per
 
 
-def memory_per_rank(model, strategy, stage):
-    """Every term for the rank of ``stage``, bytes."""
-    if strategy.precision == "mixed":
-        return mixed_precision_memory(model, strategy, stage)
-    memory = parameter_memory(model, strategy, stage)
-    memory["activations"] = activation_memory(model, strategy, stage) + stashed_input_bytes(model, strategy, stage)
-    memory["buffers"] = buffer_memory(model, strategy, stage)
+@dataclass(frozen=True)
+class Headroom:
+    """Memory a rank needs beyond its tensors (flags: --framework-gb, --buffers-gb, --fragmentation).
+
+    framework: the runtime's own share (on a GPU the CUDA context, cuBLAS workspaces and NCCL,
+    typically 1-2 GB; for a CPU rank the Python interpreter, NumPy and MPI); buffers: the
+    collectives' staging buffers beyond those the planner counts by name; fragmentation: the
+    share of the tensors' bytes an allocator loses to fragments (PyTorch's caching allocator
+    commonly loses 5-10%). ZeRO-3's gathered layer (one piece's full parameters, twice with
+    prefetching) is counted by the layout, not here."""
+
+    framework: float = 0.0
+    buffers: float = 0.0
+    fragmentation: float = 0.0
+
+    @classmethod
+    def for_machine(cls, machine):
+        if getattr(machine, "device", "cpu") == "gpu":
+            return cls(framework=2e9, buffers=0.5e9, fragmentation=0.05)
+        return cls(framework=0.15e9, buffers=0.0, fragmentation=0.0)
+
+
+def peak_full_gradient_bytes(model, strategy, stage):
+    """Bytes of whole (unsharded) gradients a ZeRO rank holds at once during the step.
+
+    minipar (parallel/zero.py) reduce-scatters a unit when its gradients are final: after the
+    last micro-batch's backward. So with m > 1 micro-batches, and always in stage 1 (which
+    reduce-scatters after backward), every gradient is held whole at once: e·Ψ. With one
+    micro-batch in stages 2-3 the units go out during backward; the planner then counts the
+    largest unit and the tied embedding (held until both its uses are done). The "minipar-next"
+    engine reduce-scatters each micro-batch's gradients (DeepSpeed's way): that bound at any m.
+    """
+    e, zero = strategy.dtype_bytes, strategy.effective_zero
+    sizes = [n for _, _, n in rank_parameters(model, strategy, stage)]
+    if zero == 0 or zero == 1:
+        return e * sum(sizes)
+    if strategy.microbatches > 1 and strategy.engine == "minipar":
+        if strategy.virtual_stages > 1:
+            return e * _gradient_peak_over_schedule(model, strategy, stage)
+        return e * sum(sizes)
+    units = zero_units(model, strategy, stage)
+    tied = max((sum(unit) for users, unit in units if len(users) > 1), default=0)
+    return e * (max(sum(unit) for users, unit in units if len(users) == 1) + tied)
+
+
+def _gradient_peak_over_schedule(model, strategy, stage):
+    """Several chunks per rank: walk the schedule's backwards. A unit's gradients appear at the
+    first backward of a chunk using it and go at its last one (m backwards of every such chunk)."""
+    from minipar.parallel.pipeline.schedules import BACKWARD, build_schedule
+
+    pieces = rank_pieces(model, strategy, stage)
+    units = [({pieces[i][0] for i in users}, sum(unit)) for users, unit in zero_units(model, strategy, stage)]
+    done, held, peak = {}, set(), 0
+    for action in build_schedule(strategy.schedule, strategy.pp, strategy.microbatches, stage,
+                                 strategy.virtual_stages):
+        if action.kind != BACKWARD:
+            continue
+        held |= {index for index, (chunks, _) in enumerate(units) if action.chunk in chunks}
+        peak = max(peak, sum(units[index][1] for index in held))
+        done[action.chunk] = done.get(action.chunk, 0) + 1
+        held = {index for index in held
+                if any(done.get(c, 0) < strategy.microbatches for c in units[index][0])}
+    return peak
+
+
+def state_bytes(model, strategy, stage):
+    """Bytes of parameters, gradients and optimizer state held on ``stage`` after the step."""
+    if strategy.precision == "fp32":
+        return sum(parameter_memory(model, strategy, stage).values())
+    psi = sum(n for _, _, n in rank_parameters(model, strategy, stage))
+    return sum(paper_parameter_memory(psi, strategy.effective_zero, strategy.dp, strategy.state_bytes).values())
+
+
+def memory_per_rank(model, strategy, stage, headroom=None):
+    """Every term for the rank of ``stage``, bytes: its peak during a step (gradients at their
+    peak, ``peak_full_gradient_bytes``), plus the headroom's terms."""
+    if strategy.precision == "fp32":
+        memory = parameter_memory(model, strategy, stage)
+        parts = memory["gradients"]
+        memory["gradients"] = max(parts, peak_full_gradient_bytes(model, strategy, stage))
+        memory["activations"] = activation_memory(model, strategy, stage) + stashed_input_bytes(model, strategy, stage)
+        memory["buffers"] = buffer_memory(model, strategy, stage)
+    else:
+        memory = mixed_precision_memory(model, strategy, stage)
+    headroom = headroom or Headroom()
+    tensors = sum(memory.values())
+    memory["framework"] = headroom.framework
+    memory["buffers"] += headroom.buffers
+    memory["fragmentation"] = headroom.fragmentation * tensors
     memory["total"] = sum(memory.values())
     return memory
 
 
 def mixed_precision_memory(model, strategy, stage):
-    """The papers' GPU accounting: ZeRO's (2 + 2 + 12)Ψ (no padding) and Korthikanti's activations.
+    """The papers' GPU accounting: ZeRO's (2 + 2 + 12)Ψ (or 18Ψ: Megatron's fp32 gradients) and
+    Korthikanti's activations.
 
     In flight on the first 1F1B stage: L/p layers for each of min(p, m) micro-batches, about L
     layers of one micro-batch (Korthikanti et al. 2022, section 4.2.3), times 1 + (p−1)/(pv) when
     interleaved; full recomputation keeps 2sbh per layer in flight plus one layer's whole set while
-    it is recomputed. The head's fp32 softmax over V/t adds 4sbV/t bytes.
+    it is recomputed. The head's fp32 softmax over V/t adds 4sbV/t bytes. Gradients at their peak
+    (16-bit, or fp32 with 18 bytes): whole while minipar accumulates micro-batches under ZeRO
+    (``peak_full_gradient_bytes``). ZeRO-3 gathers a piece's full parameters, and prefetches the next.
     """
     s = strategy
     psi = sum(n for _, _, n in rank_parameters(model, s, stage))
-    memory = paper_parameter_memory(psi, s.effective_zero, s.dp)
+    memory = paper_parameter_memory(psi, s.effective_zero, s.dp, s.state_bytes)
+    grad_e = 4 if s.state_bytes == 18 else 2
+    if s.effective_zero:
+        memory["gradients"] = max(memory["gradients"],
+                                  peak_full_gradient_bytes(model, s, stage) / s.dtype_bytes * grad_e)
     layers = sum(piece == "block" for _, piece in rank_pieces(model, s, stage))
-    b, full = s.micro_batch, korthikanti_layer_bytes(model, s.micro_batch, s.tp, s.sequence_parallel)
-    per_layer = korthikanti_layer_bytes(model, b, s.tp, s.sequence_parallel, s.recompute or None)
-    flight = in_flight(s.with_(schedule="1f1b", virtual_stages=1), stage)
-    if s.virtual_stages > 1:
-        flight *= 1 + (s.pp - 1) / (s.pp * s.virtual_stages)
+    b, cp = s.micro_batch, s.cp
+    full = korthikanti_layer_bytes(model, b, s.tp, s.sequence_parallel, cp=cp)
+    per_layer = korthikanti_layer_bytes(model, b, s.tp, s.sequence_parallel, s.recompute or None, cp=cp)
+    if s.schedule in ("gpipe", "zb-h2", "zbv"):
+        flight = in_flight(s, stage) / s.virtual_stages
+    else:
+        flight = in_flight(s.with_(schedule="1f1b", virtual_stages=1), stage)
+        if s.virtual_stages > 1:
+            flight *= 1 + (s.pp - 1) / (s.pp * s.virtual_stages)
     memory["activations"] = flight * layers * per_layer + (full if s.recompute == "full" else 0)
     if stage == s.pp - 1:
-        memory["activations"] += 4 * model.block_size * b * model.vocab_size / s.tp
-    memory["buffers"] = 0.0
-    memory["total"] = sum(memory.values())
+        memory["activations"] += 4 * model.block_size // cp * b * model.vocab_size / s.tp
+    x = b * model.block_size // cp * model.n_embd // (s.tp if s.sequence_parallel else 1)
+    memory["buffers"] = 4 * 2 * x if s.pp > 1 else 0.0  # two receives and two sends in flight
+    if s.effective_zero == 3:  # the gathered piece and the prefetched next one, 16-bit
+        memory["buffers"] += 2 * 2 * max(sum(unit) for _, unit in zero_units(model, s, stage))
     return memory
 
 

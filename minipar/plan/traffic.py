@@ -46,7 +46,8 @@ class Call:
 
 
 def _group_size(strategy, group):
-    return {"dp": strategy.dp, "tp": strategy.tp, "pp": strategy.pp, "pp-ends": 2}[group]
+    return {"dp": strategy.dp, "tp": strategy.tp, "pp": strategy.pp, "pp-ends": 2, "cp": strategy.cp,
+            "ep": strategy.ep}[group]
 
 
 def bytes_sent(call, rank, size):
@@ -62,7 +63,28 @@ def bytes_sent(call, rank, size):
 def step_calls(model, strategy, stage):
     """Every call the rank of pipeline ``stage`` makes in one step (any dp and tp coordinate)."""
     return _tensor_parallel_calls(model, strategy, stage) + _pipeline_calls(model, strategy, stage) + \
-        _data_parallel_calls(model, strategy, stage)
+        _data_parallel_calls(model, strategy, stage) + _context_and_expert_calls(model, strategy, stage)
+
+
+def _context_and_expert_calls(model, strategy, stage):
+    """Planned, not yet counted against minipar's counters (their issues add the engine's side).
+
+    Context parallelism (ring attention, Liu et al. 2023): per layer and micro-batch, cp − 1 sends
+    of a K and a V block (b·(s/cp)·g·d/t elements each) forward; backward sends K, V and dK, dV.
+    Experts (GShard, Lepikhin et al. 2020): per MoE layer and micro-batch, an all-to-all to dispatch
+    and one to combine, k·T·h elements each, forward and again backward."""
+    e, m, b, t = strategy.dtype_bytes, strategy.microbatches, strategy.micro_batch, strategy.tp
+    layers = sum(piece == "block" for _, piece in rank_pieces(model, strategy, stage))
+    tokens = b * model.block_size // strategy.cp
+    calls = []
+    if strategy.cp > 1:
+        block = tokens * model.kv_width // t
+        passes = _forward_passes(strategy)
+        calls.append(Call("cp", "send", block, e, 2 * (strategy.cp - 1) * layers * m * (passes + 2)))
+    if model.experts > 1 and strategy.ep > 1:
+        routed = model.top_k * tokens * model.n_embd // (t if strategy.sequence_parallel else 1)
+        calls.append(Call("ep", "alltoall", routed, e, 2 * layers * m * (_forward_passes(strategy) + 1)))
+    return calls
 
 
 def _forward_passes(strategy):
@@ -72,7 +94,7 @@ def _forward_passes(strategy):
 
 def _tensor_parallel_calls(model, strategy, stage):
     e, m, b = strategy.dtype_bytes, strategy.microbatches, strategy.micro_batch
-    s, h, sp = model.block_size, model.n_embd, strategy.sequence_parallel
+    s, h, sp = model.block_size // strategy.cp, model.n_embd, strategy.sequence_parallel
     x = b * s * h
     forward, backward = [], []  # (kind, elements) per micro-batch
     pieces = [piece for _, piece in rank_pieces(model, strategy, stage)]
@@ -109,14 +131,14 @@ def _pipeline_calls(model, strategy, stage):
     if strategy.pp == 1:
         return [Call("pp", "broadcast", 1, 8, per="step"), Call("pp", "allreduce", 1, 8, per="step")]
     e, m, last_chunk = strategy.dtype_bytes, strategy.microbatches, strategy.chunks - 1
-    s = model.block_size // (strategy.tp if strategy.sequence_parallel else 1)
+    s = model.block_size // strategy.cp // (strategy.tp if strategy.sequence_parallel else 1)
     x = strategy.micro_batch * s * model.n_embd
     chunks = rank_chunks(strategy, stage)
     sends = m * (sum(c != last_chunk for c in chunks) + sum(c != 0 for c in chunks))
     calls = [Call("pp", "send", x, e, sends),
              Call("pp", "broadcast", 1, 8, per="step", root=strategy.pp - 1),  # the loss, from the last stage
              Call("pp", "allreduce", 1, 8, per="step")]  # the gradient norm
-    if stage in (0, strategy.pp - 1):  # the tied embedding's two copies, summed
+    if model.tied and stage in (0, strategy.pp - 1):  # the tied embedding's two copies, summed
         token = model.vocab_size // strategy.tp * model.n_embd
         n = part_length(token, strategy.dp) if strategy.effective_zero else token
         calls.append(Call("pp-ends", "allreduce", n, e, per="step"))
@@ -137,7 +159,10 @@ def _data_parallel_calls(model, strategy, stage):
             calls.append(Call("dp", "allgather", rows, e, per="step"))
         else:  # gathered for every forward (and rerun) and every backward of each piece using it
             # forward, recomputation, and the backward's rerun: one gather each (_forward_passes)
-            gathers = len(users) * strategy.microbatches * _forward_passes(strategy)
+            # (mixed precision, DeepSpeed's way: the forward's gather and the backward's, which the
+            # recomputation inside it shares: ZeRO's 3Ψ per step with the reduce-scatter)
+            passes = _forward_passes(strategy) if strategy.precision == "fp32" else 2
+            gathers = len(users) * strategy.microbatches * passes
             calls.append(Call("dp", "allgather", rows, e, gathers))
     return calls
 
@@ -166,5 +191,7 @@ def bytes_per_group(model, strategy, rank):
     position = {"dp": dp_rank, "tp": tp_rank, "pp": stage, "pp-ends": 0 if stage == 0 else 1}
     totals = {"dp": 0, "tp": 0, "pp": 0, "pp-ends": 0}
     for call in step_calls(model, strategy, stage):
+        if call.group not in totals:
+            continue  # cp and ep: not in minipar's engine yet
         totals[call.group] += bytes_sent(call, position[call.group], _group_size(strategy, call.group))
     return totals

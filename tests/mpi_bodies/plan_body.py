@@ -8,7 +8,7 @@ from minipar.backend import xp
 from minipar.comm import Communicator
 from minipar.nn.gpt import GPTConfig
 from minipar.plan.measure import measure_step
-from minipar.plan.memory import activation_memory, parameter_memory
+from minipar.plan.memory import activation_memory, parameter_memory, peak_full_gradient_bytes
 from minipar.plan.model import ModelSpec, Strategy
 from minipar.plan.traffic import bytes_per_group, coordinates
 from minipar.train import TrainConfig, Trainer
@@ -34,12 +34,17 @@ def predicted_and_measured(world, layout):
     report = trainer.memory_report()
     measured = {key: report[key] for key in ("parameters", "gradients", "optimizer_states")}
     measured["activations"] = measured_step["activations"]
+    whole_gradients = config.zero and config.dp > 1 and (config.zero == 1 or config.microbatches > 1)
+    if whole_gradients:  # ZeRO holds every gradient whole until the last micro-batch's backward
+        measured["peak full gradients"] = report["peak_full_gradients"]
     measured.update({f"bytes {group}": n for group, n in measured_step["bytes"].items()})
 
     model, strategy = ModelSpec.from_gpt_config(trainer.model_config), strategy_of(config)
     stage = coordinates(strategy, world.rank)[2]
     predicted = dict(parameter_memory(model, strategy, stage))
     predicted["activations"] = activation_memory(model, strategy, stage)
+    if whole_gradients:
+        predicted["peak full gradients"] = peak_full_gradient_bytes(model, strategy, stage)
     predicted.update({f"bytes {group}": n for group, n in bytes_per_group(model, strategy, world.rank).items()})
     return {"predicted": predicted, "measured": measured}
 

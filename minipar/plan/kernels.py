@@ -1,0 +1,106 @@
+"""Seconds for one micro-batch through one layer on a GPU: its GEMMs, its memory-bound kernels, its
+tensor-, context- and expert-parallel collectives. Used for the named profiles (hardware.py);
+a calibration file (calibrate.py) times CPU ranks from measured blocks instead.
+
+Symbols: b micro-batch rows, s sequence length, s_c = s/cp the rank's share of it, T = b·s_c the
+tokens a rank sees, h hidden size, a heads, g KV heads, d = h/a, f the MLP width, V vocabulary,
+t tensor-parallel ranks, e = 2 bytes (16-bit activations).
+
+GEMMs (shape-dependent efficiency). A GEMM of m × k by k × n takes 2mkn FLOPs and, at least, reads
+and writes its three operands once (2(mk + kn + mn) bytes). Its time is the roofline's larger of
+the two, FLOPs / (peak · η_gemm · wave) and bytes / (HBM bandwidth · η_mem), where ``wave`` is the
+tile-quantisation factor: the output is cut into 128 × 128 tiles, run in waves of one tile per SM,
+and a last, partial wave leaves SMs idle (NVIDIA, "Matrix Multiplication Background User's Guide",
+sections on wave quantisation and arithmetic intensity). η_gemm is the share of the data sheet's
+peak that cuBLAS reaches on large, well-shaped bf16/fp16 GEMMs: a documented global constant per
+GPU (hardware.py), not a per-model fit.
+
+Per layer, forward, on one tensor-parallel rank (Shoeybi et al. 2019's splits):
+
+    QKV             T × h   by h × (h + 2g·d)/t
+    scores, P·V     (b·a/t) batched s_c × d by d × s    (twice; 4·T·s·h/t FLOPs)
+    output          T × h/t by h/t × h
+    MLP (GELU)      T × h by h × f/t, T × f/t by f/t × h
+    MLP (SwiGLU)    T × h by h × 2f/t, T × f/t by f/t × h
+    experts         the MLP's FLOPs × top_k, the tokens spread over E/ep local experts
+
+The backward runs every GEMM twice (input and weight gradients). Memory-bound kernels, bytes
+moved forward (e = 2; "/t_sp" = divided by t under sequence parallelism):
+
+    2 norms         read x, write y:                         8·T·h / t_sp
+    2 residual adds bias, dropout (1-byte mask), add:        14·T·h / t_sp
+    activation      GELU reads and writes T·f/t; SwiGLU reads two: 4·T·f/t or 6·T·f/t
+    softmax         scale, mask, softmax; then dropout:      9·T·s·a/t     (none with fused attention)
+
+and the backward moves twice as much. Selective recomputation (Korthikanti et al. 2022) reruns
+the scores, softmax, dropout and P·V in the backward; full recomputation the whole forward.
+"""
+import math
+
+WAVE_TILE = 128  # rows and columns of a GEMM output tile (cuBLAS's common large tile)
+
+
+def gemm_time(m, k, n, gpu, batch=1):
+    """Seconds for ``batch`` GEMMs of (m × k)·(k × n) in 16-bit on ``gpu`` (module docstring)."""
+    flops = 2.0 * m * k * n * batch
+    tiles = math.ceil(m / WAVE_TILE) * math.ceil(n / WAVE_TILE) * batch
+    waves = math.ceil(tiles / gpu.sms)
+    wave = tiles / (waves * gpu.sms)
+    compute = flops / (gpu.peak * gpu.gemm_efficiency * wave)
+    memory = 2.0 * (m * k + k * n + m * n) * batch / (gpu.hbm * gpu.memory_efficiency)
+    return max(compute, memory)
+
+
+def layer_gemms(model, strategy, gpu):
+    """(dense GEMM seconds, attention GEMM seconds) of one layer's forward on one rank."""
+    b, t = strategy.micro_batch, strategy.tp
+    s, h, f = model.block_size, model.n_embd, model.hidden
+    tokens, s_local = b * s // strategy.cp, s // strategy.cp
+    dense = gemm_time(tokens, h, (h + 2 * model.kv_width) // t, gpu) + gemm_time(tokens, h // t, h, gpu)
+    inner = 2 * f if model.ffn == "swiglu" else f
+    if model.experts > 1:  # top_k copies of each token, spread over the local experts
+        local = model.experts // strategy.ep
+        routed = max(1, tokens * model.top_k // model.experts)  # tokens per expert, balanced
+        mlp = gemm_time(routed, h, inner // t, gpu, local) + gemm_time(routed, f // t, h, gpu, local)
+        mlp *= strategy.ep  # each rank computes for the tokens of its ep group sent to its experts
+    else:
+        mlp = gemm_time(tokens, h, inner // t, gpu) + gemm_time(tokens, f // t, h, gpu)
+    heads = b * model.n_head // t
+    attention = 2 * gemm_time(s_local, model.head_dim, s, gpu, heads)
+    return dense + mlp, attention
+
+
+def layer_memory_bytes(model, strategy, fused_attention):
+    """(bytes moved by the layer's memory-bound kernels forward, of which the softmax's)."""
+    b, t, e = strategy.micro_batch, strategy.tp, 2
+    s, h, f = model.block_size, model.n_embd, model.hidden
+    tokens = b * s // strategy.cp
+    t_sp = t if strategy.sequence_parallel else 1
+    activation = (6 if model.ffn == "swiglu" else 4) * tokens * f * model.top_k // t
+    elementwise = (8 + 14) * tokens * h // t_sp + activation
+    softmax = 0 if fused_attention else 9 * tokens * s * model.n_head // t
+    return e / 2 * (elementwise + softmax), e / 2 * softmax
+
+
+def layer_compute_times(model, strategy, gpu, fused_attention=False):
+    """{"forward", "backward", "recompute"} seconds of one layer's kernels on one rank (no comm)."""
+    dense, attention = layer_gemms(model, strategy, gpu)
+    moved, softmax = layer_memory_bytes(model, strategy, fused_attention)
+    bandwidth = gpu.hbm * gpu.memory_efficiency
+    forward = dense + attention + moved / bandwidth
+    backward = 2 * (dense + attention) + 2 * moved / bandwidth
+    if strategy.recompute == "full":
+        recompute = forward
+    elif strategy.recompute == "selective":
+        recompute = attention + softmax / bandwidth
+    else:
+        recompute = 0.0
+    return {"forward": forward, "backward": backward, "recompute": recompute}
+
+
+def head_compute_times(model, strategy, gpu):
+    """The output layer (T × h by h × V/t) and its cross-entropy (fp32 softmax over V/t)."""
+    tokens = strategy.micro_batch * model.block_size // strategy.cp
+    logits = gemm_time(tokens, model.n_embd, model.vocab_size // strategy.tp, gpu)
+    softmax = 3 * 4 * tokens * model.vocab_size / strategy.tp / (gpu.hbm * gpu.memory_efficiency)
+    return {"forward": logits + softmax, "backward": 2 * logits + softmax, "recompute": 0.0}
