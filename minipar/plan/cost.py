@@ -44,7 +44,7 @@ from minipar.plan.memory import memory_per_rank, state_bytes
 from minipar.plan.model import Strategy, rank_pieces, representative_stages
 from minipar.plan.traffic import step_calls
 
-SIMULATED = ("gpipe", "1f1b", "interleaved")  # add "zb-h1", "zb-h2", "zbv" once the simulator runs them
+SIMULATED = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zbv")  # the simulator runs them all (W = B/2)
 SIMULATOR_LIMIT = 256  # p·m·v above which the closed form stands in for the simulator (it is slow)
 # Of the shorter of two overlapped streams, the share still paid: they contend for SMs, memory
 # bandwidth and the link (a global constant, chosen on Narayanan et al. 2021's ZeRO-3 rows as a
@@ -201,10 +201,10 @@ def pipeline_bubble(strategy, forward, backward):
     p, m, v, schedule = strategy.pp, strategy.microbatches, strategy.virtual_stages, strategy.schedule
     if p == 1:
         return 0.0
-    if schedule in SIMULATED:
-        if p * m * v <= SIMULATOR_LIMIT:
-            ratio = round(backward / forward, 1) if forward else 2.0
-            return _simulated_bubble(schedule, p, m, v, ratio) * (forward + backward)
+    if schedule in SIMULATED and p * m * v <= SIMULATOR_LIMIT:
+        ratio = round(backward / forward, 1) if forward else 2.0
+        return _simulated_bubble(schedule, p, m, v, ratio) * (forward + backward)
+    if not schedule.startswith("zb"):
         return (p - 1) / v * (forward + backward)
     b_input = weight = backward / 2
     if schedule == "zb-h1":

@@ -158,15 +158,20 @@ def chunk_activation_bytes(model, strategy, chunk):
 def in_flight(strategy, stage):
     """Most (micro-batch, chunk) pairs whose forward has run and backward not, on ``stage``.
 
-    GPipe: all m. 1F1B (and ZB-H1): min(p - stage, m) (Narayanan et al. 2021). Interleaved: the
-    warm-up forwards (v-1)p + 2(p - stage - 1), one more in steady state, at most m·v. ZB-H2:
-    2(p - stage) - 1; ZB-V: 2p chunk-sized pairs, 1F1B's memory (Qi et al. 2023).
+    GPipe: all m. 1F1B: min(p - stage, m) (Narayanan et al. 2021). Interleaved: the warm-up
+    forwards (v-1)p + 2(p - stage - 1), one more in steady state, at most m·v. ZB-H1: min(p, m) and
+    ZB-H2: min(2p - 1, m) on every stage, counted until W; ZB-V: 2p chunk-sized pairs, 1F1B's
+    memory (Qi et al. 2023; the simulator's ``peak_in_flight``).
     """
     p, m, v, s = strategy.pp, strategy.microbatches, strategy.virtual_stages, stage
     if strategy.schedule == "gpipe":
         return m * v
-    if strategy.schedule == "zb-h2":  # Qi et al. 2023: up to 2p - 1 micro-batches on the first stage
-        return min(2 * (p - s) - 1, m)
+    # Zero-bubble: a micro-batch's activations live until its W (the weights' products need their
+    # inputs), and stage s puts W off by s (ZB-H1) or 2s (ZB-H2) slots: p and 2p - 1 on every stage.
+    if strategy.schedule == "zb-h1":
+        return min(p, m)
+    if strategy.schedule == "zb-h2":
+        return min(2 * p - 1, m)
     if strategy.schedule == "zbv":  # two chunks per rank, 1F1B's memory: p micro-batches of L/p layers
         return min(2 * p, 2 * m)
     if strategy.schedule == "1f1b" or v == 1:
@@ -196,7 +201,7 @@ def activation_memory(model, strategy, stage):
 
 def in_flight_peak_from_schedule(model, strategy, stage):
     """Walk this stage's schedule (schedules are data) adding and freeing each chunk's bytes."""
-    from minipar.parallel.pipeline.schedules import BACKWARD, FORWARD, build_schedule
+    from minipar.parallel.pipeline.schedules import BACKWARD, BACKWARD_WEIGHT, FORWARD, build_schedule
 
     actions = build_schedule(strategy.schedule, strategy.pp, strategy.microbatches, stage, strategy.virtual_stages)
     sizes = {c: chunk_activation_bytes(model, strategy, c) for c in rank_chunks(strategy, stage)}
@@ -205,7 +210,7 @@ def in_flight_peak_from_schedule(model, strategy, stage):
         if action.kind == FORWARD:
             live += sizes[action.chunk]
             peak = max(peak, live)
-        elif action.kind == BACKWARD:
+        elif action.kind in (BACKWARD, BACKWARD_WEIGHT):  # a split backward frees at W, not at B
             live -= sizes[action.chunk]
     return peak
 
@@ -334,7 +339,7 @@ def mixed_precision_memory(model, strategy, stage):
     b, cp = s.micro_batch, s.cp
     full = korthikanti_layer_bytes(model, b, s.tp, s.sequence_parallel, cp=cp)
     per_layer = korthikanti_layer_bytes(model, b, s.tp, s.sequence_parallel, s.recompute or None, cp=cp)
-    if s.schedule in ("gpipe", "zb-h2", "zbv"):
+    if s.schedule in ("gpipe", "zb-h1", "zb-h2", "zbv"):
         flight = in_flight(s, stage) / s.virtual_stages
     else:
         flight = in_flight(s.with_(schedule="1f1b", virtual_stages=1), stage)
