@@ -1,0 +1,160 @@
+"""Context parallelism in a model: the all-gather variant, the attention module, a rank's tokens.
+
+- ``AllGatherAttention``: Llama 3's variant (Dubey et al. 2024, section 3.3.2), all-gather
+  K and V, attend with a position mask, reduce-scatter dK and dV.
+- ``ContextParallelAttention``: stands in for ``nn.layers.CausalSelfAttention`` (the same
+  ``qkv`` and ``output`` Linears, so parameter names and values are unchanged) with the
+  attention core run over the cp group; ``use_context_parallel_attention`` swaps it in on
+  every block of a GPT.
+- ``split_tokens`` / ``gather_tokens``: a batch's (B, T) arrays to this rank's (B, T/N)
+  tokens in layout order, and per-rank outputs back to the sequence order.
+- ``context_parallel_loss``: a GPT's loss on this rank's tokens, with their positions.
+
+Gradients. Each rank's loss is the mean over its own tokens; all ranks hold equally many,
+so the sequence's mean loss is the mean over cp of the ranks' losses. The attention ops
+send every key's gradient back to the rank that owns it, so rank r's parameter gradients
+are d(loss_r)/dθ summed over all the paths through other ranks' attention: averaging them
+over the cp group (as over dp) gives the single-process gradient.
+"""
+from minipar import ops
+from minipar.backend import xp
+from minipar.errors import ConfigError, ShapeError
+from minipar.nn.layers import merge_heads, split_heads
+from minipar.nn.module import Module
+from minipar.ops.fused import attention_backward, attention_forward
+from minipar.parallel.context_parallel import (
+    VARIANTS,
+    AttentionWork,
+    RingAttention,
+    check_layout,
+    chunks_of_rank,
+    pair_kind,
+    token_positions,
+)
+from minipar.tensor import Function, Tensor
+
+
+def rank_major_to_sequence(blocks, positions):
+    """(N, B, H, T/N, d) rank blocks -> (B, H, T, d) in the order of ``positions`` (N*T/N,)."""
+    size, batch, heads, local, width = blocks.shape
+    rank_order = blocks.transpose(1, 2, 0, 3, 4).reshape(batch, heads, size * local, width)
+    return rank_order[..., xp.argsort(positions), :]
+
+
+class AllGatherAttention(Function):
+    """All-gather K, V; attend this rank's queries to the whole sequence; reduce-scatter dK, dV.
+
+    The key at gathered index j sits at position p_j; query i (position p_i) sees it when
+    p_j <= p_i. The scores are (T/N) x T per head: N times the ring's per-step block.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, communicator, layout="contiguous", work=None):
+        rank, size = communicator.rank, communicator.size
+        length = q.shape[-2] * size
+        check_layout(length, size, layout)
+        work = AttentionWork() if work is None else work
+        gathered = xp.empty((2 * size, *k.shape), dtype=k.dtype)  # [K_0, V_0, K_1, V_1, ...]
+        communicator.allgather(xp.ascontiguousarray(xp.stack([k, v])), gathered, algorithm="ring")
+        positions = xp.concatenate([token_positions(r, size, length, layout) for r in range(size)])
+        keys = rank_major_to_sequence(gathered[0::2], positions)  # (B, H, T, d), positions 0..T-1
+        values = rank_major_to_sequence(gathered[1::2], positions)
+        queries = token_positions(rank, size, length, layout)
+        mask = xp.where(xp.arange(length)[None, :] > queries[:, None], -xp.inf, 0.0).astype(q.dtype)
+        out, probabilities, _ = attention_forward(q, keys, values, mask)
+        _count_allgather_work(work, rank, size, layout, q.shape[-2], probabilities.shape)
+        ctx.save_for_backward(q, keys, values, probabilities, positions)
+        ctx.communicator = communicator
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, keys, values, probabilities, positions = ctx.saved
+        communicator = ctx.communicator
+        grad_q, grad_keys, grad_values = attention_backward(q, keys, values, probabilities, grad)
+        batch, heads, _, width = q.shape
+        by_rank = xp.stack([grad_keys[..., positions, :], grad_values[..., positions, :]])  # (2, B, H, T, d)
+        by_rank = by_rank.reshape(2, batch, heads, communicator.size, -1, width).transpose(3, 0, 1, 2, 4, 5)
+        mine = xp.empty((2, *q.shape), dtype=q.dtype)
+        communicator.reduce_scatter(xp.ascontiguousarray(by_rank).reshape(-1, *q.shape), mine, algorithm="ring")
+        return grad_q, mine[0], mine[1]
+
+
+def _count_allgather_work(work, rank, size, layout, local_length, scores_shape):
+    chunk = local_length // len(chunks_of_rank(rank, size, layout))
+    for query_chunk in chunks_of_rank(rank, size, layout):
+        for key_chunk in range(size * len(chunks_of_rank(rank, size, layout))):
+            work.count_pair(pair_kind(query_chunk, key_chunk), chunk, chunk)
+    work.count_scores(scores_shape)
+
+
+def context_parallel_attention(q, k, v, communicator, layout="contiguous", variant="ring", overlap=False,
+                               work=None):
+    """Causal attention over the cp group: q, k, v (B, H, T/N, d) Tensors of this rank's tokens."""
+    if variant == "ring":
+        return RingAttention.apply(q, k, v, communicator, layout, overlap, work)
+    if variant == "allgather":
+        return AllGatherAttention.apply(q, k, v, communicator, layout, work)
+    raise ConfigError(f"cp attention must be one of {list(VARIANTS)}, got {variant!r}")
+
+
+class ContextParallelAttention(Module):
+    """``CausalSelfAttention`` with its core over the cp group; takes over its Linears and Dropout."""
+
+    def __init__(self, attention, communicator, layout="contiguous", variant="ring", overlap=False, work=None):
+        if variant not in VARIANTS:
+            raise ConfigError(f"cp attention must be one of {list(VARIANTS)}, got {variant!r}")
+        self.num_heads = attention.num_heads
+        self.qkv, self.output, self.dropout = attention.qkv, attention.output, attention.dropout
+        self.communicator, self.layout, self.variant, self.overlap = communicator, layout, variant, overlap
+        self.work = AttentionWork() if work is None else work
+
+    def forward(self, x):  # (B, T/cp, C)
+        q, k, v = ops.split(self.qkv(x), 3, axis=-1)  # 3 x (B, T/cp, C)
+        heads = context_parallel_attention(*(split_heads(t, self.num_heads) for t in (q, k, v)), self.communicator,
+                                           self.layout, self.variant, self.overlap, self.work)  # (B, H, T/cp, D)
+        return self.dropout(self.output(merge_heads(heads)))  # (B, T/cp, C)
+
+
+def use_context_parallel_attention(model, communicator, layout="contiguous", variant="ring", overlap=False):
+    """Swap every block's attention for a ContextParallelAttention; returns their AttentionWork counters."""
+    works = []
+    for block in model.blocks:
+        block.attention = ContextParallelAttention(block.attention, communicator, layout, variant, overlap)
+        works.append(block.attention.work)
+    return works
+
+
+def split_tokens(array, rank, size, layout):
+    """(B, T, ...) -> (B, T/N, ...): the tokens rank ``rank`` holds, in its layout order."""
+    return xp.ascontiguousarray(array[:, token_positions(rank, size, array.shape[1], layout)])
+
+
+def gather_tokens(local, communicator, layout):
+    """Every rank's (B, T/N, ...) -> (B, T, ...) in sequence order, on every rank (for evaluation)."""
+    size = communicator.size
+    sequence_first = xp.ascontiguousarray(xp.moveaxis(local, 1, 0))  # (T/N, B, ...): one block per rank
+    gathered = xp.empty((size * local.shape[1], *sequence_first.shape[1:]), dtype=local.dtype)
+    communicator.allgather(sequence_first, gathered)
+    length = gathered.shape[0]
+    positions = xp.concatenate([token_positions(r, size, length, layout) for r in range(size)])
+    in_order = xp.empty_like(gathered)
+    in_order[positions] = gathered
+    return xp.ascontiguousarray(xp.moveaxis(in_order, 0, 1))
+
+
+def context_parallel_loss(model, ids, positions, targets=None):
+    """A GPT (attention swapped) on this rank's tokens: ids (B, T/N) at ``positions`` (T/N,).
+
+    Returns (logits (B, T/N, V), mean cross-entropy over this rank's tokens or None).
+    """
+    ids = ids.data if isinstance(ids, Tensor) else ids
+    if positions.shape != (ids.shape[-1],) or int(positions.max()) >= model.config.block_size:
+        raise ShapeError(f"context_parallel_loss: {ids.shape[-1]} tokens need as many positions below "
+                         f"block_size {model.config.block_size}, got {positions.shape} up to {int(positions.max())}")
+    embedding = model.embedding
+    x = embedding.dropout(embedding.token(ids) + embedding.position(positions))  # (B, T/N, C)
+    for block in model.blocks:
+        x = block(x)
+    logits = model.head.logits(x)  # (B, T/N, V)
+    return logits, ops.cross_entropy(logits, targets) if targets is not None else None

@@ -1,0 +1,132 @@
+"""Checks for minipar.parallel.context_parallel, run on every rank by tests/test_context_parallel.py.
+
+The cp group is the whole world. Everything runs in float64 and is compared with one process
+on the same data, which every rank builds from the same seed:
+  - attention alone: this rank's slice of the single-process output and of dQ, dK, dV (for a
+    fixed random weighting of the output), plus the bytes each rank sent and the work it did;
+  - a whole GPT: the mean over cp of the ranks' losses, the gathered logits, and every parameter
+    gradient averaged over cp.
+Rounding differs (the merge reorders the softmax sums), so values compare at rtol 1e-10; an
+absolute 1e-13 on O(1) gradients covers entries that are exactly 0 in one process (the first
+query sees one key, so its dQ is 0) and ~1e-16 here, where rowsum(dP * P) comes as dO . O.
+"""
+import numpy as np
+from mpi4py import MPI
+
+from minipar import ops
+from minipar.backend import xp
+from minipar.comm import Communicator
+from minipar.nn.gpt import GPT, GPTConfig
+from minipar.parallel.context_parallel import AttentionWork, token_positions
+from minipar.parallel.context_parallel_model import (
+    context_parallel_attention,
+    context_parallel_loss,
+    gather_tokens,
+    split_tokens,
+    use_context_parallel_attention,
+)
+from minipar.tensor import Tensor
+from tests.mpi_bodies.comparisons import Comparisons
+
+RTOL = 1e-10
+ATOL = 1e-13
+ATTENTION_SHAPE = (2, 3, 32, 4)  # (B, H, T, d); T splits into 2N chunks for N up to 8
+MODEL = dict(vocab_size=16, block_size=32, n_layer=2, n_head=2, n_embd=16)
+BATCH = 2
+
+
+def _bytes_sent(communicator):
+    return sum(record["bytes_sent"] for record in communicator.counters_snapshot().values())
+
+
+def check_attention(communicator, compare, layout, variant, overlap):
+    """One case of attention alone; returns this rank's causal work."""
+    name = f"attention {layout} {variant}{' overlap' if overlap else ''}"
+    rank, size = communicator.rank, communicator.size
+    generator = np.random.default_rng(7)
+    q, k, v, weights = (generator.standard_normal(ATTENTION_SHAPE) for _ in range(4))
+    whole = [Tensor(a, requires_grad=True) for a in (q, k, v)]
+    (ops.causal_attention(*whole) * Tensor(weights)).sum().backward()
+    expected = ops.causal_attention(*(Tensor(a) for a in (q, k, v))).data
+
+    positions = token_positions(rank, size, ATTENTION_SHAPE[2], layout)
+    local = [Tensor(np.ascontiguousarray(a[..., positions, :]), requires_grad=True) for a in (q, k, v)]
+    work = AttentionWork()
+    communicator.reset_counters()
+    out = context_parallel_attention(*local, communicator, layout, variant, overlap, work)
+    sent_forward = _bytes_sent(communicator)
+    communicator.reset_counters()
+    (out * Tensor(weights[..., positions, :])).sum().backward()
+    sent_backward = _bytes_sent(communicator)
+
+    compare.arrays_close(f"{name}: output", out.data, expected[..., positions, :], RTOL)
+    for label, got, reference in zip("qkv", local, whole):
+        compare.arrays_close(f"{name}: d{label}", got.grad, reference.grad[..., positions, :], RTOL, ATOL)
+    batch, heads, length, width = ATTENTION_SHAPE
+    block_bytes = batch * heads * (length // size) * width * 8  # one K (or V) block of T/N tokens, float64
+    compare.value(f"{name}: bytes sent forward = 2(N-1) blocks", sent_forward, 2 * (size - 1) * block_bytes)
+    backward_blocks = 4 * (size - 1) if variant == "ring" else 2 * (size - 1)
+    compare.value(f"{name}: bytes sent backward = {backward_blocks // max(size - 1, 1)}(N-1) blocks",
+                  sent_backward, backward_blocks * block_bytes)
+    compare.checks.append(name)
+    return work.causal_entries
+
+
+def randomise_affine(model, seed):
+    """Biases and LayerNorm gains away from 0 and 1, so a misplaced one would show."""
+    generator = np.random.default_rng(seed)
+    for name, p in model.named_parameters():
+        if name.endswith(".bias") or "norm" in name:
+            p.data[...] = p.data + 0.1 * generator.standard_normal(p.shape)
+
+
+def check_model(communicator, compare, layout, variant, overlap):
+    name = f"GPT {layout} {variant}{' overlap' if overlap else ''}"
+    rank, size = communicator.rank, communicator.size
+    config = GPTConfig(**MODEL)
+    generator = np.random.default_rng(11)
+    ids, targets = (generator.integers(0, config.vocab_size, (BATCH, config.block_size)) for _ in range(2))
+    reference = GPT(config, dtype="float64")
+    randomise_affine(reference, 3)
+    logits, loss = reference(ids, targets)
+    loss.backward()
+
+    model = GPT(config, dtype="float64")
+    randomise_affine(model, 3)
+    use_context_parallel_attention(model, communicator, layout, variant, overlap)
+    positions = token_positions(rank, size, config.block_size, layout)
+    local_ids, local_targets = (split_tokens(a, rank, size, layout) for a in (ids, targets))
+    local_logits, local_loss = context_parallel_loss(model, local_ids, positions, local_targets)
+    local_loss.backward()
+
+    mean_loss = communicator.mpi.allreduce(local_loss.item(), op=MPI.SUM) / size  # raw MPI: counters untouched
+    compare.arrays_close(f"{name}: loss (mean over cp)", np.array(mean_loss), loss.data, RTOL)
+    compare.arrays_close(f"{name}: gathered logits", gather_tokens(local_logits.data, communicator, layout),
+                         logits.data, RTOL)
+    reference_grads = dict(reference.named_parameters())
+    for parameter_name, p in model.named_parameters():
+        averaged = np.empty_like(p.grad)
+        communicator.mpi.Allreduce(xp.ascontiguousarray(p.grad), averaged, op=MPI.SUM)
+        averaged /= size
+        compare.arrays_close(f"{name}: grad {parameter_name}", averaged, reference_grads[parameter_name].grad,
+                             RTOL, ATOL)
+    compare.checks.append(name)
+
+
+CASES = [(layout, variant, overlap) for layout in ("contiguous", "zigzag")
+         for variant, overlap in (("ring", False), ("ring", True), ("allgather", False))]
+
+
+def run_checks(comm, cases=None, model=True):
+    """Every case (a list of [layout, variant, overlap]; all of them by default), attention and GPT.
+
+    Returns the comparisons and, per case, this rank's causal work.
+    """
+    communicator = Communicator(comm)
+    compare = Comparisons()
+    work = {}
+    for layout, variant, overlap in cases or CASES:
+        work[f"{layout} {variant} {overlap}"] = check_attention(communicator, compare, layout, variant, overlap)
+        if model:
+            check_model(communicator, compare, layout, variant, overlap)
+    return {**compare.report(), "work": work}
