@@ -120,3 +120,13 @@ def test_layout_refusals_say_why():
     assert check_layout(12, 4, "contiguous") == 3
     with pytest.raises(ConfigError, match=r"cp layout must be one of \['contiguous', 'zigzag'\], got 'striped'"):
         check_layout(16, 2, "striped")
+
+
+@pytest.mark.parametrize("nranks, dp, variant", [(4, 2, "ring"), (4, 2, "allgather"),
+                                                 pytest.param(8, 2, "ring", marks=pytest.mark.slow),
+                                                 pytest.param(8, 4, "allgather", marks=pytest.mark.slow)])
+def test_data_and_context_parallel(nranks, dp, variant):
+    """Gradients averaged over the dp x cp group equal one process's on the whole batch."""
+    results = results_from_ranks(nranks, "tests.mpi_bodies.context_parallel_body:run_data_and_context_parallel",
+                                 timeout=300, dp=dp, variant=variant)
+    assert_as_expected(results, checks=[f"dp {dp} x cp {nranks // dp} zigzag {variant}"])

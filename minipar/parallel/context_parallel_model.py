@@ -4,11 +4,12 @@
   K and V, attend with a position mask, reduce-scatter dK and dV.
 - ``ContextParallelAttention``: stands in for ``nn.layers.CausalSelfAttention`` (the same
   ``qkv`` and ``output`` Linears, so parameter names and values are unchanged) with the
-  attention core run over the cp group; ``use_context_parallel_attention`` swaps it in on
-  every block of a GPT.
+  attention core run over the cp group.
 - ``split_tokens`` / ``gather_tokens``: a batch's (B, T) arrays to this rank's (B, T/N)
   tokens in layout order, and per-rank outputs back to the sequence order.
-- ``context_parallel_loss``: a GPT's loss on this rank's tokens, with their positions.
+- ``ContextParallelEmbedding``: the token and position embedding of this rank's tokens;
+  ``use_context_parallel`` swaps it and the attention in on a GPT, whose forward then takes
+  this rank's tokens; ``single_process_modules`` swaps them back for a while (generation).
 
 Gradients. Each rank's loss is the mean over its own tokens; all ranks hold equally many,
 so the sequence's mean loss is the mean over cp of the ranks' losses. The attention ops
@@ -16,9 +17,11 @@ send every key's gradient back to the rank that owns it, so rank r's parameter g
 are d(loss_r)/dθ summed over all the paths through other ranks' attention: averaging them
 over the cp group (as over dp) gives the single-process gradient.
 """
+from contextlib import contextmanager
+
 from minipar import ops
 from minipar.backend import xp
-from minipar.errors import ConfigError, ShapeError
+from minipar.errors import ConfigError
 from minipar.nn.layers import merge_heads, split_heads
 from minipar.nn.module import Module
 from minipar.ops.fused import attention_backward, attention_forward
@@ -31,7 +34,7 @@ from minipar.parallel.context_parallel import (
     pair_kind,
     token_positions,
 )
-from minipar.tensor import Function, Tensor
+from minipar.tensor import Function
 
 
 def rank_major_to_sequence(blocks, positions):
@@ -108,6 +111,7 @@ class ContextParallelAttention(Module):
         self.qkv, self.output, self.dropout = attention.qkv, attention.output, attention.dropout
         self.communicator, self.layout, self.variant, self.overlap = communicator, layout, variant, overlap
         self.work = AttentionWork() if work is None else work
+        self.replaced = {"module": attention}  # a dict, so its parameters are not listed twice
 
     def forward(self, x):  # (B, T/cp, C)
         q, k, v = ops.split(self.qkv(x), 3, axis=-1)  # 3 x (B, T/cp, C)
@@ -116,13 +120,53 @@ class ContextParallelAttention(Module):
         return self.dropout(self.output(merge_heads(heads)))  # (B, T/cp, C)
 
 
-def use_context_parallel_attention(model, communicator, layout="contiguous", variant="ring", overlap=False):
-    """Swap every block's attention for a ContextParallelAttention; returns their AttentionWork counters."""
-    works = []
+class ContextParallelEmbedding(Module):
+    """``TokenAndPositionEmbedding`` for this rank's tokens: each gets its own position, from the layout.
+
+    ids (B, T/N) -> (B, T/N, C); the same ``token``, ``position`` and ``dropout`` modules.
+    """
+
+    def __init__(self, embedding, communicator, layout="contiguous"):
+        self.block_size = embedding.block_size
+        self.token, self.position, self.dropout = embedding.token, embedding.position, embedding.dropout
+        self.rank, self.size, self.layout = communicator.rank, communicator.size, layout
+        self.replaced = {"module": embedding}
+
+    def forward(self, ids):  # (B, T/N) -> (B, T/N, C)
+        length = ids.shape[-1] * self.size
+        if length > self.block_size:
+            raise ConfigError(f"sequence length {length} ({ids.shape[-1]} tokens on each of {self.size} cp ranks) "
+                              f"exceeds block_size {self.block_size}")
+        positions = token_positions(self.rank, self.size, length, self.layout)
+        return self.dropout(self.token(ids) + self.position(positions))
+
+
+def use_context_parallel(model, communicator, layout="contiguous", variant="ring", overlap=False):
+    """Make a GPT run on this rank's tokens: its embedding and every block's attention swapped.
+
+    Afterwards ``model(ids, targets)`` takes this rank's (B, T/N) tokens (``split_tokens``) and
+    returns its (B, T/N, V) logits and the mean loss over its tokens. Parameters (names, objects,
+    values) are unchanged. Returns the blocks' AttentionWork counters.
+    """
+    model.embedding = ContextParallelEmbedding(model.embedding, communicator, layout)
     for block in model.blocks:
         block.attention = ContextParallelAttention(block.attention, communicator, layout, variant, overlap)
-        works.append(block.attention.work)
-    return works
+    return [block.attention.work for block in model.blocks]
+
+
+@contextmanager
+def single_process_modules(model):
+    """Within the block the model is one process again (same parameters): for generating text,
+    whose growing context the cp layout does not split."""
+    swapped = [(model, "embedding")] + [(block, "attention") for block in model.blocks]
+    cp_modules = [getattr(owner, name) for owner, name in swapped]
+    for (owner, name), module in zip(swapped, cp_modules):
+        setattr(owner, name, module.replaced["module"])
+    try:
+        yield model
+    finally:
+        for (owner, name), module in zip(swapped, cp_modules):
+            setattr(owner, name, module)
 
 
 def split_tokens(array, rank, size, layout):
@@ -141,20 +185,3 @@ def gather_tokens(local, communicator, layout):
     in_order = xp.empty_like(gathered)
     in_order[positions] = gathered
     return xp.ascontiguousarray(xp.moveaxis(in_order, 0, 1))
-
-
-def context_parallel_loss(model, ids, positions, targets=None):
-    """A GPT (attention swapped) on this rank's tokens: ids (B, T/N) at ``positions`` (T/N,).
-
-    Returns (logits (B, T/N, V), mean cross-entropy over this rank's tokens or None).
-    """
-    ids = ids.data if isinstance(ids, Tensor) else ids
-    if positions.shape != (ids.shape[-1],) or int(positions.max()) >= model.config.block_size:
-        raise ShapeError(f"context_parallel_loss: {ids.shape[-1]} tokens need as many positions below "
-                         f"block_size {model.config.block_size}, got {positions.shape} up to {int(positions.max())}")
-    embedding = model.embedding
-    x = embedding.dropout(embedding.token(ids) + embedding.position(positions))  # (B, T/N, C)
-    for block in model.blocks:
-        x = block(x)
-    logits = model.head.logits(x)  # (B, T/N, V)
-    return logits, ops.cross_entropy(logits, targets) if targets is not None else None

@@ -20,10 +20,10 @@ from minipar.nn.gpt import GPT, GPTConfig
 from minipar.parallel.context_parallel import AttentionWork, token_positions
 from minipar.parallel.context_parallel_model import (
     context_parallel_attention,
-    context_parallel_loss,
     gather_tokens,
+    single_process_modules,
     split_tokens,
-    use_context_parallel_attention,
+    use_context_parallel,
 )
 from minipar.tensor import Tensor
 from tests.mpi_bodies.comparisons import Comparisons
@@ -93,11 +93,14 @@ def check_model(communicator, compare, layout, variant, overlap):
 
     model = GPT(config, dtype="float64")
     randomise_affine(model, 3)
-    use_context_parallel_attention(model, communicator, layout, variant, overlap)
-    positions = token_positions(rank, size, config.block_size, layout)
+    use_context_parallel(model, communicator, layout, variant, overlap)
     local_ids, local_targets = (split_tokens(a, rank, size, layout) for a in (ids, targets))
-    local_logits, local_loss = context_parallel_loss(model, local_ids, positions, local_targets)
+    local_logits, local_loss = model(local_ids, local_targets)
     local_loss.backward()
+    with single_process_modules(model):  # one process again, for generation: the whole sequence's logits
+        compare.arrays_close(f"{name}: single-process modules", model(ids)[0].data, logits.data, RTOL)
+    compare.value(f"{name}: parameter names", [n for n, _ in model.named_parameters()],
+                  [n for n, _ in reference.named_parameters()])
 
     mean_loss = communicator.mpi.allreduce(local_loss.item(), op=MPI.SUM) / size  # raw MPI: counters untouched
     compare.arrays_close(f"{name}: loss (mean over cp)", np.array(mean_loss), loss.data, RTOL)
@@ -130,3 +133,42 @@ def run_checks(comm, cases=None, model=True):
         if model:
             check_model(communicator, compare, layout, variant, overlap)
     return {**compare.report(), "work": work}
+
+
+def run_data_and_context_parallel(comm, dp, layout="zigzag", variant="ring", overlap=True):
+    """dp x cp on the world, cp the faster-varying axis (the mesh's order: rank = d * cp + c).
+
+    Replica d takes rows [d B/dp, (d+1) B/dp) of the batch, cp rank c its tokens of them; the
+    gradients averaged over the whole dp x cp group equal one process's on the whole batch.
+    """
+    world = Communicator(comm)
+    cp = world.size // dp
+    replica, cp_rank = divmod(world.rank, cp)
+    communicator = world.split(color=replica, key=cp_rank)
+    compare = Comparisons()
+    config = GPTConfig(**MODEL)
+    generator = np.random.default_rng(5)
+    ids, targets = (generator.integers(0, config.vocab_size, (2 * dp, config.block_size)) for _ in range(2))
+    reference = GPT(config, dtype="float64")
+    randomise_affine(reference, 4)
+    _, loss = reference(ids, targets)
+    loss.backward()
+    model = GPT(config, dtype="float64")
+    randomise_affine(model, 4)
+    use_context_parallel(model, communicator, layout, variant, overlap)
+    rows = slice(replica * 2, (replica + 1) * 2)
+    local_ids, local_targets = (split_tokens(a[rows], cp_rank, cp, layout) for a in (ids, targets))
+    _, local_loss = model(local_ids, local_targets)
+    local_loss.backward()
+    name = f"dp {dp} x cp {cp} {layout} {variant}"
+    mean_loss = comm.allreduce(local_loss.item(), op=MPI.SUM) / world.size
+    compare.arrays_close(f"{name}: loss (mean over dp x cp)", np.array(mean_loss), loss.data, RTOL)
+    reference_grads = dict(reference.named_parameters())
+    for parameter_name, p in model.named_parameters():
+        averaged = np.empty_like(p.grad)
+        comm.Allreduce(xp.ascontiguousarray(p.grad), averaged, op=MPI.SUM)
+        averaged /= world.size
+        compare.arrays_close(f"{name}: grad {parameter_name}", averaged, reference_grads[parameter_name].grad,
+                             RTOL, ATOL)
+    compare.checks.append(name)
+    return compare.report()
