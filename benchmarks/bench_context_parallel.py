@@ -54,7 +54,7 @@ def worker(comm, length, layout, variant, overlap, steps, plain=False):
     if not plain:
         ids, targets = (split_tokens(a, rank, size, layout) for a in (ids, targets))
     seconds, sent = [], {}
-    for step in range(steps):
+    for _ in range(steps):
         model.zero_grad()
         communicator.reset_counters()
         tracemalloc.start()
