@@ -9,7 +9,9 @@ overlap, all-gather):
     over cp equal one process;
   - bytes each rank sent, from the communicator's counters: ring 2(N-1) K/V blocks forward and
     4(N-1) backward, all-gather 2(N-1) each way;
-  - the causal work per rank: contiguous max/mean = (2N-1)/N, zigzag every rank the same.
+  - the causal work per rank: contiguous max/mean = (2N-1)/N, zigzag every rank the same;
+  - with data parallelism (dp x cp) and with tensor parallelism's pieces (dp x cp x tp, with and
+    without sequence parallelism): gradients averaged over dp x cp equal one process's.
 In this process: the log-sum-exp merge, and ring and all-gather attention on one rank (zigzag:
 full, diagonal and skipped block pairs), against central differences; layouts and refusals.
 """
@@ -130,3 +132,18 @@ def test_data_and_context_parallel(nranks, dp, variant):
     results = results_from_ranks(nranks, "tests.mpi_bodies.context_parallel_body:run_data_and_context_parallel",
                                  timeout=300, dp=dp, variant=variant)
     assert_as_expected(results, checks=[f"dp {dp} x cp {nranks // dp} zigzag {variant}"])
+
+
+@pytest.mark.parametrize("nranks, dp, cp, sequence_parallel, variant", [
+    (4, 1, 2, True, "ring"),
+    pytest.param(8, 2, 2, True, "ring", marks=pytest.mark.slow),
+    pytest.param(8, 2, 2, False, "allgather", marks=pytest.mark.slow),
+    pytest.param(8, 1, 4, True, "ring", marks=pytest.mark.slow)])
+def test_with_tensor_parallel(nranks, dp, cp, sequence_parallel, variant):
+    """dp x cp x tp with tensor parallelism's pieces (and SP): the joined tp shards of the gradients,
+    averaged over dp x cp, equal one process's."""
+    results = results_from_ranks(nranks, "tests.mpi_bodies.context_parallel_body:run_with_tensor_parallel",
+                                 timeout=300, dp=dp, cp=cp, sequence_parallel=sequence_parallel, variant=variant)
+    tp = nranks // (dp * cp)
+    assert_as_expected(results, checks=[f"dp {dp} x cp {cp} x tp {tp}{' SP' if sequence_parallel else ''} "
+                                        f"zigzag {variant}"])

@@ -9,7 +9,8 @@
   tokens in layout order, and per-rank outputs back to the sequence order.
 - ``ContextParallelEmbedding``: the token and position embedding of this rank's tokens;
   ``use_context_parallel`` swaps it and the attention in on a GPT, whose forward then takes
-  this rank's tokens; ``single_process_modules`` swaps them back for a while (generation).
+  this rank's tokens; ``context_parallel_pieces`` does it to a list of pipeline pieces (GPT's
+  or tensor parallelism's); ``single_process_modules`` swaps back for a while (generation).
 
 Gradients. Each rank's loss is the mean over its own tokens; all ranks hold equally many,
 so the sequence's mean loss is the mean over cp of the ranks' losses. The attention ops
@@ -102,12 +103,16 @@ def context_parallel_attention(q, k, v, communicator, layout="contiguous", varia
 
 
 class ContextParallelAttention(Module):
-    """``CausalSelfAttention`` with its core over the cp group; takes over its Linears and Dropout."""
+    """``CausalSelfAttention`` with its core over the cp group; takes over its Linears and Dropout.
+
+    The tensor-parallel ``ParallelSelfAttention`` has the same parts (its heads are this tp rank's
+    n_head/tp, its Linears column- and row-parallel), so it can be wrapped the same way.
+    """
 
     def __init__(self, attention, communicator, layout="contiguous", variant="ring", overlap=False, work=None):
         if variant not in VARIANTS:
             raise ConfigError(f"cp attention must be one of {list(VARIANTS)}, got {variant!r}")
-        self.num_heads = attention.num_heads
+        self.num_heads = getattr(attention, "num_heads", None) or attention.local_heads  # tensor parallel: its heads
         self.qkv, self.output, self.dropout = attention.qkv, attention.output, attention.dropout
         self.communicator, self.layout, self.variant, self.overlap = communicator, layout, variant, overlap
         self.work = AttentionWork() if work is None else work
@@ -121,23 +126,34 @@ class ContextParallelAttention(Module):
 
 
 class ContextParallelEmbedding(Module):
-    """``TokenAndPositionEmbedding`` for this rank's tokens: each gets its own position, from the layout.
+    """Token and position embedding of this rank's tokens, each at its own position (the layout's).
 
-    ids (B, T/N) -> (B, T/N, C); the same ``token``, ``position`` and ``dropout`` modules.
+    ids (B, T/N) -> (B, T/N, C). Wraps ``TokenAndPositionEmbedding`` or the tensor-parallel
+    ``ParallelEmbedding`` (same ``token``, ``position`` and ``dropout``); under sequence
+    parallelism tp rank j keeps the j-th of tp equal slices of this rank's tokens.
     """
 
     def __init__(self, embedding, communicator, layout="contiguous"):
         self.block_size = embedding.block_size
         self.token, self.position, self.dropout = embedding.token, embedding.position, embedding.dropout
         self.rank, self.size, self.layout = communicator.rank, communicator.size, layout
-        self.replaced = {"module": embedding}
+        self.sequence_parallel = getattr(embedding, "sequence_parallel", False)
+        self.tp_comm = getattr(embedding, "communicator", None)
+        self.replaced = {"module": embedding}  # a dict, so its parameters are not listed twice
 
-    def forward(self, ids):  # (B, T/N) -> (B, T/N, C)
+    def forward(self, ids):  # (B, T/N) -> (B, T/N, C), or (B, T/(N tp), C) under SP
         length = ids.shape[-1] * self.size
         if length > self.block_size:
             raise ConfigError(f"sequence length {length} ({ids.shape[-1]} tokens on each of {self.size} cp ranks) "
                               f"exceeds block_size {self.block_size}")
         positions = token_positions(self.rank, self.size, length, self.layout)
+        if self.sequence_parallel:
+            tp, tp_rank = self.tp_comm.size, self.tp_comm.rank
+            if ids.shape[-1] % tp:
+                raise ConfigError(f"sequence parallelism splits each cp rank's {ids.shape[-1]} tokens over the "
+                                  f"tp ranks: that must be divisible by tp ({tp})")
+            share = ids.shape[-1] // tp
+            positions = positions[tp_rank * share:(tp_rank + 1) * share]
         return self.dropout(self.token(ids) + self.position(positions))
 
 
@@ -148,10 +164,19 @@ def use_context_parallel(model, communicator, layout="contiguous", variant="ring
     returns its (B, T/N, V) logits and the mean loss over its tokens. Parameters (names, objects,
     values) are unchanged. Returns the blocks' AttentionWork counters.
     """
-    model.embedding = ContextParallelEmbedding(model.embedding, communicator, layout)
-    for block in model.blocks:
-        block.attention = ContextParallelAttention(block.attention, communicator, layout, variant, overlap)
+    pieces = context_parallel_pieces(model.pieces(), communicator, layout, variant, overlap)
+    model.embedding = pieces[0]
     return [block.attention.work for block in model.blocks]
+
+
+def context_parallel_pieces(pieces, communicator, layout="contiguous", variant="ring", overlap=False):
+    """The same pieces [embedding, blocks..., head] on this rank's tokens: GPT's or tensor parallelism's.
+
+    Swaps the embedding for a new first piece (returned in the list) and each block's attention in place.
+    """
+    for block in pieces[1:-1]:
+        block.attention = ContextParallelAttention(block.attention, communicator, layout, variant, overlap)
+    return [ContextParallelEmbedding(pieces[0], communicator, layout), *pieces[1:]]
 
 
 @contextmanager

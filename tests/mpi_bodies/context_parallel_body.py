@@ -172,3 +172,58 @@ def run_data_and_context_parallel(comm, dp, layout="zigzag", variant="ring", ove
                              RTOL, ATOL)
     compare.checks.append(name)
     return compare.report()
+
+
+def run_with_tensor_parallel(comm, dp, cp, sequence_parallel, layout="zigzag", variant="ring"):
+    """dp x cp x tp on the world in the mesh's order (rank = (d cp + c) tp + t), tensor parallelism's pieces.
+
+    Each rank runs tensor_parallel_pieces with the embedding and attention swapped for cp; after
+    backward, SP's partial gradients are summed over tp, then everything is averaged over the
+    dp x cp ranks that share a tp rank. The tp shards, joined, equal one process's gradients.
+    """
+    from minipar.parallel.context_parallel_model import context_parallel_pieces
+    from minipar.parallel.tensor_parallel import finish_tensor_parallel_gradients, tensor_parallel_pieces
+
+    world = Communicator(comm)
+    tp = world.size // (dp * cp)
+    replica, rest = divmod(world.rank, cp * tp)
+    cp_rank, tp_rank = divmod(rest, tp)
+    tp_comm = world.split(color=world.rank // tp, key=tp_rank)
+    cp_comm = world.split(color=replica * tp + tp_rank, key=cp_rank)
+    averaging = world.split(color=tp_rank, key=world.rank)  # the dp x cp group
+    compare = Comparisons()
+    config = GPTConfig(**{**MODEL, "n_head": 2 * tp, "vocab_size": 16 * tp})
+    generator = np.random.default_rng(6)
+    ids, targets = (generator.integers(0, config.vocab_size, (2 * dp, config.block_size)) for _ in range(2))
+    reference = GPT(config, dtype="float64")
+    randomise_affine(reference, 8)
+    _, loss = reference(ids, targets)
+    loss.backward()
+    state = reference.state_dict()
+    pieces = tensor_parallel_pieces(config, tp_comm, sequence_parallel, dtype="float64")
+    parameters = list({id(p): p for piece in pieces for p in piece.parameters()}.values())
+    for p in parameters:
+        p.data[...] = p.shard.take(state[p.shard.full_name])
+    pieces = context_parallel_pieces(pieces, cp_comm, layout, variant, overlap=False)
+    rows = slice(replica * 2, (replica + 1) * 2)
+    x = split_tokens(ids[rows], cp_rank, cp, layout)
+    for piece in pieces[:-1]:
+        x = piece(x)
+    local_loss = pieces[-1](x, split_tokens(targets[rows], cp_rank, cp, layout))
+    local_loss.backward()
+    finish_tensor_parallel_gradients(parameters, tp_comm)
+    name = f"dp {dp} x cp {cp} x tp {tp}{' SP' if sequence_parallel else ''} {layout} {variant}"
+    mean_loss = averaging.mpi.allreduce(local_loss.item(), op=MPI.SUM) / averaging.size
+    compare.arrays_close(f"{name}: loss (mean over dp x cp)", np.array(mean_loss), loss.data, RTOL)
+    reference_grads = {n: p.grad for n, p in reference.named_parameters()}
+    for p in parameters:
+        averaged = np.empty_like(p.grad)
+        averaging.mpi.Allreduce(xp.ascontiguousarray(p.grad), averaged, op=MPI.SUM)
+        averaged /= averaging.size
+        parts = np.empty((tp, averaged.size))
+        tp_comm.mpi.Allgather(averaged.reshape(-1), parts)
+        joined = p.shard.join([part.reshape(averaged.shape) for part in parts])
+        compare.arrays_close(f"{name}: grad {p.shard.full_name}", joined, reference_grads[p.shard.full_name],
+                             RTOL, ATOL)
+    compare.checks.append(name)
+    return compare.report()
