@@ -147,3 +147,21 @@ def test_with_tensor_parallel(nranks, dp, cp, sequence_parallel, variant):
     tp = nranks // (dp * cp)
     assert_as_expected(results, checks=[f"dp {dp} x cp {cp} x tp {tp}{' SP' if sequence_parallel else ''} "
                                         f"zigzag {variant}"])
+
+
+def test_validation_refuses_in_one_sentence():
+    from minipar.nn.gpt import GPTConfig
+    from minipar.parallel.context_parallel_model import validate_context_parallel
+
+    config = GPTConfig(vocab_size=16, block_size=12, n_head=2, n_embd=8)
+    validate_context_parallel(config, 2, "zigzag", "ring", 8)  # 12 tokens in 4 chunks of 3
+    with pytest.raises(ConfigError, match=r"sequence length 12 does not split into the 8 equal chunks that cp 4 "
+                                          r"with the zigzag layout needs; use a multiple of 8"):
+        validate_context_parallel(config, 4, "zigzag", "ring", 8)
+    with pytest.raises(ConfigError, match=r"cp \(3\) must divide the number of MPI ranks \(8\)"):
+        validate_context_parallel(config, 3, "contiguous", "ring", 8)
+    with pytest.raises(ConfigError, match=r"cp attention must be one of \['ring', 'allgather'\], got 'p2p'"):
+        validate_context_parallel(config, 2, "contiguous", "p2p", 8)
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ConfigError, match="cp must be a positive integer"):
+            validate_context_parallel(config, bad, "contiguous", "ring", 8)

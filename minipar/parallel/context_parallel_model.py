@@ -22,7 +22,7 @@ from contextlib import contextmanager
 
 from minipar import ops
 from minipar.backend import xp
-from minipar.errors import ConfigError
+from minipar.errors import ConfigError, require_positive_int
 from minipar.nn.layers import merge_heads, split_heads
 from minipar.nn.module import Module
 from minipar.ops.fused import attention_backward, attention_forward
@@ -170,13 +170,32 @@ def use_context_parallel(model, communicator, layout="contiguous", variant="ring
 
 
 def context_parallel_pieces(pieces, communicator, layout="contiguous", variant="ring", overlap=False):
-    """The same pieces [embedding, blocks..., head] on this rank's tokens: GPT's or tensor parallelism's.
+    """The same pieces on this rank's tokens: GPT's or tensor parallelism's, all or one pipeline stage's.
 
-    Swaps the embedding for a new first piece (returned in the list) and each block's attention in place.
+    A block (a piece with an ``attention``) has its attention swapped in place; the embedding (a
+    piece with ``token`` and ``position``) is replaced by a ContextParallelEmbedding in the list.
     """
-    for block in pieces[1:-1]:
-        block.attention = ContextParallelAttention(block.attention, communicator, layout, variant, overlap)
-    return [ContextParallelEmbedding(pieces[0], communicator, layout), *pieces[1:]]
+    swapped = []
+    for piece in pieces:
+        if hasattr(piece, "attention"):
+            piece.attention = ContextParallelAttention(piece.attention, communicator, layout, variant, overlap)
+        elif hasattr(piece, "token") and hasattr(piece, "position"):
+            piece = ContextParallelEmbedding(piece, communicator, layout)
+        swapped.append(piece)
+    return swapped
+
+
+def validate_context_parallel(config, cp, layout, variant, world_size):
+    """Raise ConfigError (the same on every rank) for a cp layout this model or job cannot take.
+
+    The sequences trained on are ``config.block_size`` long: the layout must cut them evenly.
+    """
+    require_positive_int("cp", cp)
+    if world_size % cp:
+        raise ConfigError(f"cp ({cp}) must divide the number of MPI ranks ({world_size})")
+    if variant not in VARIANTS:
+        raise ConfigError(f"cp attention must be one of {list(VARIANTS)}, got {variant!r}")
+    check_layout(config.block_size, cp, layout)
 
 
 @contextmanager
