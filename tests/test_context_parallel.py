@@ -10,8 +10,9 @@ overlap, all-gather):
   - bytes each rank sent, from the communicator's counters: ring 2(N-1) K/V blocks forward and
     4(N-1) backward, all-gather 2(N-1) each way;
   - the causal work per rank: contiguous max/mean = (2N-1)/N, zigzag every rank the same;
-  - with data parallelism (dp x cp) and with tensor parallelism's pieces (dp x cp x tp, with and
-    without sequence parallelism): gradients averaged over dp x cp equal one process's.
+  - with data parallelism (dp x cp), with tensor parallelism's pieces (dp x cp x tp, with and
+    without sequence parallelism) and with a pipeline (pp x dp x cp): gradients averaged over
+    dp x cp equal one process's.
 In this process: the log-sum-exp merge, and ring and all-gather attention on one rank (zigzag:
 full, diagonal and skipped block pairs), against central differences; layouts and refusals.
 """
@@ -165,3 +166,15 @@ def test_validation_refuses_in_one_sentence():
     for bad in (0, -1, 2.0, True):
         with pytest.raises(ConfigError, match="cp must be a positive integer"):
             validate_context_parallel(config, bad, "contiguous", "ring", 8)
+
+
+@pytest.mark.parametrize("nranks, pp, dp, schedule", [
+    (4, 2, 1, "1f1b"),
+    pytest.param(8, 2, 2, "1f1b", marks=pytest.mark.slow),
+    pytest.param(8, 2, 1, "gpipe", marks=pytest.mark.slow)])
+def test_with_pipeline(nranks, pp, dp, schedule):
+    """pp x dp x cp: every stage's pieces on its cp ranks' tokens; gradients averaged over the
+    stage's dp x cp ranks (after the tied embedding's sum) equal one process's."""
+    results = results_from_ranks(nranks, "tests.mpi_bodies.context_parallel_body:run_with_pipeline", timeout=300,
+                                 pp=pp, dp=dp, schedule=schedule)
+    assert_as_expected(results, checks=[f"pp {pp} x dp {dp} x cp {nranks // (pp * dp)} {schedule} zigzag ring"])

@@ -227,3 +227,59 @@ def run_with_tensor_parallel(comm, dp, cp, sequence_parallel, layout="zigzag", v
                              RTOL, ATOL)
     compare.checks.append(name)
     return compare.report()
+
+
+def run_with_pipeline(comm, pp, dp, schedule="1f1b", microbatches=2, layout="zigzag", variant="ring"):
+    """pp x dp x cp in the mesh's order (rank = (s dp + d) cp + c): each stage's pieces swapped for cp.
+
+    Every cp rank of a stage runs the same schedule, so the ring's messages pair up; the tied
+    embedding's two copies are summed over the pipeline's ends, then every gradient is averaged
+    over the stage's dp x cp ranks, and equals one process's.
+    """
+    from minipar.parallel.context_parallel_model import context_parallel_pieces
+    from minipar.parallel.pipeline.executor import PipelineExecutor, split_microbatches
+    from minipar.parallel.pipeline.partition import TiedEmbeddingGradientSum, partition, stage_parameters
+
+    world = Communicator(comm)
+    cp = world.size // (pp * dp)
+    stage, rest = divmod(world.rank, dp * cp)
+    replica, cp_rank = divmod(rest, cp)
+    pp_comm = world.split(color=rest, key=stage)
+    cp_comm = world.split(color=stage * dp + replica, key=cp_rank)
+    averaging = world.split(color=stage, key=world.rank)  # the stage's dp x cp ranks
+    compare = Comparisons()
+    config = GPTConfig(**MODEL)
+    batch = 2 * microbatches
+    generator = np.random.default_rng(9)
+    ids, targets = (generator.integers(0, config.vocab_size, (batch * dp, config.block_size)) for _ in range(2))
+    reference = GPT(config, dtype="float64")
+    randomise_affine(reference, 10)
+    _, loss = reference(ids, targets)
+    loss.backward()
+    model = GPT(config, dtype="float64")
+    randomise_affine(model, 10)
+    pieces = context_parallel_pieces(model.pieces(), cp_comm, layout, variant)
+    chunks = partition(pieces, pp, stage)
+    named = stage_parameters(chunks)
+    local_length = config.block_size // cp
+    executor = PipelineExecutor(chunks, pp_comm, schedule, microbatches, (batch // microbatches, local_length,
+                                                                          config.n_embd), xp.float64)
+    tied = TiedEmbeddingGradientSum(named, pp_comm)
+    rows = slice(replica * batch, (replica + 1) * batch)
+    local_ids, local_targets = (split_tokens(a[rows], cp_rank, cp, layout) for a in (ids, targets))
+    local_loss = executor.run(split_microbatches(local_ids, microbatches), split_microbatches(local_targets,
+                                                                                                microbatches))
+    tied.finish_gradient_sync()
+    name = f"pp {pp} x dp {dp} x cp {cp} {schedule} {layout} {variant}"
+    if stage == pp - 1:
+        mean_loss = averaging.mpi.allreduce(float(local_loss), op=MPI.SUM) / averaging.size
+        compare.arrays_close(f"{name}: loss (mean over dp x cp)", np.array(mean_loss), loss.data, RTOL)
+    reference_grads = {n: p.grad for n, p in reference.named_parameters()}
+    for parameter_name, p in named:
+        averaged = np.empty_like(p.grad)
+        averaging.mpi.Allreduce(xp.ascontiguousarray(p.grad), averaged, op=MPI.SUM)
+        averaged /= averaging.size
+        compare.arrays_close(f"{name}: stage {stage} grad {parameter_name}", averaged,
+                             reference_grads[parameter_name], RTOL, ATOL)
+    compare.checks.append(name)
+    return compare.report()
