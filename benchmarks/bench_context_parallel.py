@@ -16,6 +16,8 @@ Columns (rank 0's communicator unless said; per layer: the step's counters / n_l
                  over the mean: (2N-1)/N contiguous, 1 zigzag;
   scores MB      the largest attention-scores array a rank held at once, vs one process's
                  B H T^2 (the ring holds (T/N)^2 per head, all-gather (T/N) T);
+  saved MB       activations kept for backward, peak, busiest rank (``plan.measure.SavedBytes``:
+                 parameters and token ids excluded): falls as T/N, and the ring keeps no scores;
   peak MB        the highest memory NumPy had allocated during forward and backward on the
                  busiest rank (tracemalloc), the model's parameters excluded;
   step ms        forward + backward, slowest rank, median. With N ranks on fewer cores the
@@ -43,6 +45,8 @@ def worker(comm, length, layout, variant, overlap, steps, plain=False):
     from minipar.comm import Communicator
     from minipar.nn.gpt import GPT, GPTConfig
     from minipar.parallel.context_parallel_model import split_tokens, use_context_parallel
+    from minipar.plan.measure import SavedBytes
+    from minipar.tensor import observe_saved
 
     communicator = Communicator(comm)
     rank, size = communicator.rank, communicator.size
@@ -60,7 +64,9 @@ def worker(comm, length, layout, variant, overlap, steps, plain=False):
         tracemalloc.start()
         comm.Barrier()
         started = time.perf_counter()
-        _, loss = model(ids, targets)
+        saved = SavedBytes(model.parameters())
+        with observe_saved(saved):
+            _, loss = model(ids, targets)
         sent["forward"] = communicator.counters_snapshot()
         communicator.reset_counters()
         loss.backward()
@@ -74,6 +80,7 @@ def worker(comm, length, layout, variant, overlap, steps, plain=False):
     work = [w.causal_entries / steps for w in works[:1]]  # the first block's: every block does the same
     all_work = comm.gather(work[0] if work else 0.0)
     peak_mb = comm.allreduce(peak / 1e6, op=MPI.MAX)
+    saved_mb = comm.allreduce(saved.peak / 1e6, op=MPI.MAX)
     if rank == 0:
         block = BATCH * (length // size) * config.n_embd
         scores = (works[0].peak_score_elements if works else BATCH * config.n_head * length * length)
@@ -84,7 +91,7 @@ def worker(comm, length, layout, variant, overlap, steps, plain=False):
             "backward_formula": (4 if variant == "ring" else 2) * (size - 1) * block,
             "work": all_work, "work_ratio": max(all_work) / (sum(all_work) / size) if works else 1.0,
             "scores_mb": scores * 4 / 1e6, "one_process_scores_mb": BATCH * config.n_head * length ** 2 * 4 / 1e6,
-            "peak_mb": peak_mb, "step_ms": 1e3 * statistics.median(seconds),
+            "peak_mb": peak_mb, "saved_mb": saved_mb, "step_ms": 1e3 * statistics.median(seconds),
         }), flush=True)
 
 
@@ -94,7 +101,8 @@ def launch(sizes, length, steps):
     print(f"context parallelism, GPT {MODEL}, batch {BATCH}, block {length}, float32; "
           f"median of {steps} forward+backward steps; elements per rank per layer")
     print(f"{'cp':>3} {'layout':>10} {'variant':>9} {'ovl':>3} {'fwd sent':>9} {'formula':>9} {'bwd sent':>9} "
-          f"{'formula':>9} {'work max/mean':>13} {'scores MB':>10} {'1-proc MB':>9} {'peak MB':>8} {'step ms':>8}")
+          f"{'formula':>9} {'work max/mean':>13} {'scores MB':>10} {'1-proc MB':>9} {'saved MB':>8} {'peak MB':>8} "
+          f"{'step ms':>8}")
     jobs = [(1, "contiguous", "ring", False, True)]
     jobs += [(size, *job, False) for size in sizes for job in JOBS]
     for size, layout, variant, overlap, plain in jobs:
@@ -104,7 +112,8 @@ def launch(sizes, length, steps):
         print(f"{r['cp']:>3} {r['layout']:>10} {r['variant']:>9} {'on' if overlap else '':>3} "
               f"{r['forward_elements']:>9.0f} {r['forward_formula']:>9.0f} {r['backward_elements']:>9.0f} "
               f"{r['backward_formula']:>9.0f} {r['work_ratio']:>13.4f} {r['scores_mb']:>10.2f} "
-              f"{r['one_process_scores_mb']:>9.2f} {r['peak_mb']:>8.1f} {r['step_ms']:>8.0f}", flush=True)
+              f"{r['one_process_scores_mb']:>9.2f} {r['saved_mb']:>8.1f} {r['peak_mb']:>8.1f} {r['step_ms']:>8.0f}",
+              flush=True)
 
 
 def main():
