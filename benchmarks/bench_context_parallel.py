@@ -2,6 +2,7 @@
 
     python benchmarks/bench_context_parallel.py                       # cp 1, 2, 4, 8 at block 1024: one table
     python benchmarks/bench_context_parallel.py --sizes 8 --length 2048
+    python benchmarks/bench_context_parallel.py --sizes 8 --train-steps 20   # then train at cp 8 and on one process
     mpiexec -n 8 python benchmarks/bench_context_parallel.py          # one size (cp = ranks), JSON lines
 
 A small GPT (2 layers, 4 heads, width 64, vocabulary 64) on a batch of 2 sequences of
@@ -95,6 +96,56 @@ def worker(comm, length, layout, variant, overlap, steps, plain=False):
         }), flush=True)
 
 
+def train(comm, length, steps, plain=False):
+    """A few AdamW steps at a long block on this job's ranks (cp = all of them); rank 0 prints the losses.
+
+    The data is a pattern a model learns fast (token t+1 follows from token t), so the loss falls
+    within a few steps; gradients are averaged over the cp group as the Trainer would.
+    """
+    import numpy as np
+    from mpi4py import MPI
+
+    from minipar.comm import Communicator
+    from minipar.nn.gpt import GPT, GPTConfig
+    from minipar.optim import AdamW
+    from minipar.parallel.context_parallel_model import split_tokens, use_context_parallel
+
+    communicator = Communicator(comm)
+    rank, size = communicator.rank, communicator.size
+    config = GPTConfig(**MODEL, block_size=length)
+    model = GPT(config, dtype="float32")
+    if not plain:
+        use_context_parallel(model, communicator, "zigzag", "ring", overlap=True)
+    optimizer = AdamW(model.parameters(), lr=3e-3)
+    pattern = (np.arange(length + 1)[None, :] * np.array([[5], [7]]) + np.array([[1], [3]])) % config.vocab_size
+    ids, targets = pattern[:, :-1], pattern[:, 1:]
+    if not plain:
+        ids, targets = (split_tokens(a, rank, size, "zigzag") for a in (ids, targets))
+    losses = []
+    for _ in range(steps):
+        model.zero_grad()
+        _, loss = model(ids, targets)
+        loss.backward()
+        for p in model.parameters():
+            communicator.allreduce(p.grad)
+            p.grad /= size
+        losses.append(comm.allreduce(loss.item(), op=MPI.SUM) / size)
+        optimizer.step()
+    if rank == 0:
+        print("RESULT " + json.dumps({"cp": size, "losses": losses}), flush=True)
+
+
+def launch_training(size, length, steps):
+    from minipar.testing import run_on_ranks
+
+    print(f"\n{steps} AdamW steps at block {length}, zigzag ring with overlap; loss per step (mean over cp)")
+    for ranks, plain in ((1, True), (size, False)):
+        output = run_on_ranks(ranks, "benchmarks.bench_context_parallel:train", timeout=600, length=length,
+                              steps=steps, plain=plain)
+        r = json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
+        print(f"cp {ranks}: " + " ".join(f"{loss:.4f}" for loss in r["losses"]), flush=True)
+
+
 def launch(sizes, length, steps):
     from minipar.testing import run_on_ranks
 
@@ -121,12 +172,16 @@ def main():
     parser.add_argument("--sizes", type=int, nargs="+", default=[2, 4, 8], help="cp sizes to launch")
     parser.add_argument("--length", type=int, default=1024, help="tokens per sequence (the block size)")
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--train-steps", type=int, default=0,
+                        help="then train this many AdamW steps at cp = the largest size and on one process")
     arguments = parser.parse_args()
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD
     if world.Get_size() == 1:
         launch(arguments.sizes, arguments.length, arguments.steps)
+        if arguments.train_steps:
+            launch_training(max(arguments.sizes), arguments.length, arguments.train_steps)
         return
     try:
         for layout, variant, overlap in JOBS:
