@@ -19,6 +19,7 @@ full, diagonal and skipped block pairs), against central differences; layouts an
 import numpy as np
 import pytest
 
+from minipar.backend import BACKEND_NAME
 from minipar.errors import ConfigError
 from minipar.gradcheck import check_gradients
 from minipar.parallel.context_parallel import MergePartials, check_layout, chunks_of_rank, token_positions
@@ -178,3 +179,16 @@ def test_with_pipeline(nranks, pp, dp, schedule):
     results = results_from_ranks(nranks, "tests.mpi_bodies.context_parallel_body:run_with_pipeline", timeout=300,
                                  pp=pp, dp=dp, schedule=schedule)
     assert_as_expected(results, checks=[f"pp {pp} x dp {dp} x cp {nranks // (pp * dp)} {schedule} zigzag ring"])
+
+
+@pytest.mark.devicesim
+@pytest.mark.skipif(BACKEND_NAME != "devicesim", reason="run with MINIPAR_BACKEND=devicesim (MPI jobs)")
+@pytest.mark.parametrize("nranks", [2, 4])
+def test_on_devicesim(nranks):
+    """Under devicesim (a strict stand-in for CuPy): the same equalities on device arrays, every
+    message through the staged transport, no implicit host copy."""
+    run_and_check(nranks, cases=[["zigzag", "ring", True], ["contiguous", "ring", False],
+                                 ["zigzag", "allgather", False]])
+    results = results_from_ranks(4, "tests.mpi_bodies.context_parallel_body:run_with_tensor_parallel", timeout=300,
+                                 dp=1, cp=2, sequence_parallel=True)
+    assert_as_expected(results, checks=["dp 1 x cp 2 x tp 2 SP zigzag ring"])

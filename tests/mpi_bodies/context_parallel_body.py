@@ -14,7 +14,7 @@ import numpy as np
 from mpi4py import MPI
 
 from minipar import ops
-from minipar.backend import xp
+from minipar.backend import from_host, xp
 from minipar.comm import Communicator
 from minipar.nn.gpt import GPT, GPTConfig
 from minipar.parallel.context_parallel import AttentionWork, token_positions
@@ -35,6 +35,28 @@ MODEL = dict(vocab_size=16, block_size=32, n_layer=2, n_head=2, n_embd=16)
 BATCH = 2
 
 
+def host_random(seed):
+    return np.random.default_rng(seed)
+
+
+def on_device(*arrays):
+    """Host arrays to the backend's (the same arrays under NumPy; device arrays under CuPy or devicesim)."""
+    return [from_host(a) for a in arrays]
+
+
+def averaged_over(communicator, array):
+    """The mean over the group of a gradient, through the Communicator's buffer methods (device arrays too)."""
+    out = xp.empty_like(array)
+    communicator.allreduce(xp.ascontiguousarray(array), out=out)
+    out /= communicator.size
+    return out
+
+
+def mean_over(communicator, value):
+    """The mean over the group of a Python float (small metadata: pickled)."""
+    return communicator.mpi.allreduce(value, op=MPI.SUM) / communicator.size
+
+
 def _bytes_sent(communicator):
     return sum(record["bytes_sent"] for record in communicator.counters_snapshot().values())
 
@@ -43,14 +65,14 @@ def check_attention(communicator, compare, layout, variant, overlap):
     """One case of attention alone; returns this rank's causal work."""
     name = f"attention {layout} {variant}{' overlap' if overlap else ''}"
     rank, size = communicator.rank, communicator.size
-    generator = np.random.default_rng(7)
-    q, k, v, weights = (generator.standard_normal(ATTENTION_SHAPE) for _ in range(4))
+    generator = host_random(7)
+    q, k, v, weights = on_device(*(generator.standard_normal(ATTENTION_SHAPE) for _ in range(4)))
     whole = [Tensor(a, requires_grad=True) for a in (q, k, v)]
     (ops.causal_attention(*whole) * Tensor(weights)).sum().backward()
     expected = ops.causal_attention(*(Tensor(a) for a in (q, k, v))).data
 
     positions = token_positions(rank, size, ATTENTION_SHAPE[2], layout)
-    local = [Tensor(np.ascontiguousarray(a[..., positions, :]), requires_grad=True) for a in (q, k, v)]
+    local = [Tensor(xp.ascontiguousarray(a[..., positions, :]), requires_grad=True) for a in (q, k, v)]
     work = AttentionWork()
     communicator.reset_counters()
     out = context_parallel_attention(*local, communicator, layout, variant, overlap, work)
@@ -74,18 +96,18 @@ def check_attention(communicator, compare, layout, variant, overlap):
 
 def randomise_affine(model, seed):
     """Biases and LayerNorm gains away from 0 and 1, so a misplaced one would show."""
-    generator = np.random.default_rng(seed)
+    generator = host_random(seed)
     for name, p in model.named_parameters():
         if name.endswith(".bias") or "norm" in name:
-            p.data[...] = p.data + 0.1 * generator.standard_normal(p.shape)
+            p.data[...] = p.data + from_host(0.1 * generator.standard_normal(p.shape))
 
 
 def check_model(communicator, compare, layout, variant, overlap):
     name = f"GPT {layout} {variant}{' overlap' if overlap else ''}"
     rank, size = communicator.rank, communicator.size
     config = GPTConfig(**MODEL)
-    generator = np.random.default_rng(11)
-    ids, targets = (generator.integers(0, config.vocab_size, (BATCH, config.block_size)) for _ in range(2))
+    generator = host_random(11)
+    ids, targets = on_device(*(generator.integers(0, config.vocab_size, (BATCH, config.block_size)) for _ in range(2)))
     reference = GPT(config, dtype="float64")
     randomise_affine(reference, 3)
     logits, loss = reference(ids, targets)
@@ -102,15 +124,13 @@ def check_model(communicator, compare, layout, variant, overlap):
     compare.value(f"{name}: parameter names", [n for n, _ in model.named_parameters()],
                   [n for n, _ in reference.named_parameters()])
 
-    mean_loss = communicator.mpi.allreduce(local_loss.item(), op=MPI.SUM) / size  # raw MPI: counters untouched
-    compare.arrays_close(f"{name}: loss (mean over cp)", np.array(mean_loss), loss.data, RTOL)
+    compare.arrays_close(f"{name}: loss (mean over cp)", np.array(mean_over(communicator, local_loss.item())),
+                         np.array(loss.item()), RTOL)
     compare.arrays_close(f"{name}: gathered logits", gather_tokens(local_logits.data, communicator, layout),
                          logits.data, RTOL)
     reference_grads = dict(reference.named_parameters())
     for parameter_name, p in model.named_parameters():
-        averaged = np.empty_like(p.grad)
-        communicator.mpi.Allreduce(xp.ascontiguousarray(p.grad), averaged, op=MPI.SUM)
-        averaged /= size
+        averaged = averaged_over(communicator, p.grad)
         compare.arrays_close(f"{name}: grad {parameter_name}", averaged, reference_grads[parameter_name].grad,
                              RTOL, ATOL)
     compare.checks.append(name)
@@ -147,8 +167,8 @@ def run_data_and_context_parallel(comm, dp, layout="zigzag", variant="ring", ove
     communicator = world.split(color=replica, key=cp_rank)
     compare = Comparisons()
     config = GPTConfig(**MODEL)
-    generator = np.random.default_rng(5)
-    ids, targets = (generator.integers(0, config.vocab_size, (2 * dp, config.block_size)) for _ in range(2))
+    generator = host_random(5)
+    ids, targets = on_device(*(generator.integers(0, config.vocab_size, (2 * dp, config.block_size)) for _ in range(2)))
     reference = GPT(config, dtype="float64")
     randomise_affine(reference, 4)
     _, loss = reference(ids, targets)
@@ -161,13 +181,11 @@ def run_data_and_context_parallel(comm, dp, layout="zigzag", variant="ring", ove
     _, local_loss = model(local_ids, local_targets)
     local_loss.backward()
     name = f"dp {dp} x cp {cp} {layout} {variant}"
-    mean_loss = comm.allreduce(local_loss.item(), op=MPI.SUM) / world.size
-    compare.arrays_close(f"{name}: loss (mean over dp x cp)", np.array(mean_loss), loss.data, RTOL)
+    compare.arrays_close(f"{name}: loss (mean over dp x cp)", np.array(mean_over(world, local_loss.item())),
+                         np.array(loss.item()), RTOL)
     reference_grads = dict(reference.named_parameters())
     for parameter_name, p in model.named_parameters():
-        averaged = np.empty_like(p.grad)
-        comm.Allreduce(xp.ascontiguousarray(p.grad), averaged, op=MPI.SUM)
-        averaged /= world.size
+        averaged = averaged_over(world, p.grad)
         compare.arrays_close(f"{name}: grad {parameter_name}", averaged, reference_grads[parameter_name].grad,
                              RTOL, ATOL)
     compare.checks.append(name)
@@ -193,8 +211,8 @@ def run_with_tensor_parallel(comm, dp, cp, sequence_parallel, layout="zigzag", v
     averaging = world.split(color=tp_rank, key=world.rank)  # the dp x cp group
     compare = Comparisons()
     config = GPTConfig(**{**MODEL, "n_head": 2 * tp, "vocab_size": 16 * tp})
-    generator = np.random.default_rng(6)
-    ids, targets = (generator.integers(0, config.vocab_size, (2 * dp, config.block_size)) for _ in range(2))
+    generator = host_random(6)
+    ids, targets = on_device(*(generator.integers(0, config.vocab_size, (2 * dp, config.block_size)) for _ in range(2)))
     reference = GPT(config, dtype="float64")
     randomise_affine(reference, 8)
     _, loss = reference(ids, targets)
@@ -213,15 +231,13 @@ def run_with_tensor_parallel(comm, dp, cp, sequence_parallel, layout="zigzag", v
     local_loss.backward()
     finish_tensor_parallel_gradients(parameters, tp_comm)
     name = f"dp {dp} x cp {cp} x tp {tp}{' SP' if sequence_parallel else ''} {layout} {variant}"
-    mean_loss = averaging.mpi.allreduce(local_loss.item(), op=MPI.SUM) / averaging.size
-    compare.arrays_close(f"{name}: loss (mean over dp x cp)", np.array(mean_loss), loss.data, RTOL)
+    compare.arrays_close(f"{name}: loss (mean over dp x cp)", np.array(mean_over(averaging, local_loss.item())),
+                         np.array(loss.item()), RTOL)
     reference_grads = {n: p.grad for n, p in reference.named_parameters()}
     for p in parameters:
-        averaged = np.empty_like(p.grad)
-        averaging.mpi.Allreduce(xp.ascontiguousarray(p.grad), averaged, op=MPI.SUM)
-        averaged /= averaging.size
-        parts = np.empty((tp, averaged.size))
-        tp_comm.mpi.Allgather(averaged.reshape(-1), parts)
+        averaged = averaged_over(averaging, p.grad)
+        parts = xp.empty((tp, averaged.size), dtype=averaged.dtype)
+        tp_comm.allgather(averaged.reshape(-1), parts.reshape(-1))
         joined = p.shard.join([part.reshape(averaged.shape) for part in parts])
         compare.arrays_close(f"{name}: grad {p.shard.full_name}", joined, reference_grads[p.shard.full_name],
                              RTOL, ATOL)
@@ -250,8 +266,9 @@ def run_with_pipeline(comm, pp, dp, schedule="1f1b", microbatches=2, layout="zig
     compare = Comparisons()
     config = GPTConfig(**MODEL)
     batch = 2 * microbatches
-    generator = np.random.default_rng(9)
-    ids, targets = (generator.integers(0, config.vocab_size, (batch * dp, config.block_size)) for _ in range(2))
+    generator = host_random(9)
+    ids, targets = on_device(*(generator.integers(0, config.vocab_size, (batch * dp, config.block_size))
+                               for _ in range(2)))
     reference = GPT(config, dtype="float64")
     randomise_affine(reference, 10)
     _, loss = reference(ids, targets)
@@ -272,13 +289,11 @@ def run_with_pipeline(comm, pp, dp, schedule="1f1b", microbatches=2, layout="zig
     tied.finish_gradient_sync()
     name = f"pp {pp} x dp {dp} x cp {cp} {schedule} {layout} {variant}"
     if stage == pp - 1:
-        mean_loss = averaging.mpi.allreduce(float(local_loss), op=MPI.SUM) / averaging.size
-        compare.arrays_close(f"{name}: loss (mean over dp x cp)", np.array(mean_loss), loss.data, RTOL)
+        compare.arrays_close(f"{name}: loss (mean over dp x cp)", np.array(mean_over(averaging, local_loss.item())),
+                             np.array(loss.item()), RTOL)
     reference_grads = {n: p.grad for n, p in reference.named_parameters()}
     for parameter_name, p in named:
-        averaged = np.empty_like(p.grad)
-        averaging.mpi.Allreduce(xp.ascontiguousarray(p.grad), averaged, op=MPI.SUM)
-        averaged /= averaging.size
+        averaged = averaged_over(averaging, p.grad)
         compare.arrays_close(f"{name}: stage {stage} grad {parameter_name}", averaged,
                              reference_grads[parameter_name], RTOL, ATOL)
     compare.checks.append(name)
