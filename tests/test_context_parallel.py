@@ -126,7 +126,7 @@ def test_layout_refusals_say_why():
         check_layout(16, 2, "striped")
 
 
-@pytest.mark.parametrize("nranks, dp, variant", [(4, 2, "ring"), (4, 2, "allgather"),
+@pytest.mark.parametrize("nranks, dp, variant", [(4, 2, "ring"), pytest.param(4, 2, "allgather", marks=pytest.mark.slow),
                                                  pytest.param(8, 2, "ring", marks=pytest.mark.slow),
                                                  pytest.param(8, 4, "allgather", marks=pytest.mark.slow)])
 def test_data_and_context_parallel(nranks, dp, variant):

@@ -10,7 +10,10 @@
 - ``ContextParallelEmbedding``: the token and position embedding of this rank's tokens;
   ``use_context_parallel`` swaps it and the attention in on a GPT, whose forward then takes
   this rank's tokens; ``context_parallel_pieces`` does it to a list of pipeline pieces (GPT's
-  or tensor parallelism's); ``single_process_modules`` swaps back for a while (generation).
+  or tensor parallelism's); ``single_process_modules`` / ``single_process_pieces`` swap back for
+  a while (generation).
+- ``ContextParallelDropout``: one process's dropout mask at this rank's positions, so runs with
+  dropout stay equal to one process.
 
 Gradients. Each rank's loss is the mean over its own tokens; all ranks hold equally many,
 so the sequence's mean loss is the mean over cp of the ranks' losses. The attention ops
@@ -21,7 +24,7 @@ over the cp group (as over dp) gives the single-process gradient.
 from contextlib import contextmanager
 
 from minipar import ops
-from minipar.backend import xp
+from minipar.backend import from_host, to_host, xp
 from minipar.errors import ConfigError, require_positive_int
 from minipar.nn.layers import merge_heads, split_heads
 from minipar.nn.module import Module
@@ -102,6 +105,45 @@ def context_parallel_attention(q, k, v, communicator, layout="contiguous", varia
     raise ConfigError(f"cp attention must be one of {list(VARIANTS)}, got {variant!r}")
 
 
+class ContextParallelDropout(Module):
+    """Dropout of this rank's tokens with the mask one process would draw at their positions.
+
+    Draws the whole (B, T, C) mask from the wrapped layer's generator, as one process does, and
+    keeps this rank's positions (under sequence parallelism, this tp rank's share of them), so a
+    run with dropout is still the single-process computation. Wraps ``nn.layers.Dropout`` or the
+    tensor-parallel ``ParallelDropout``.
+    """
+
+    def __init__(self, dropout, communicator, layout="contiguous"):
+        self.dropout = dropout  # a child: its generator stays where recomputation finds it
+        self.rank, self.size, self.layout = communicator.rank, communicator.size, layout
+        self.replaced = {"module": dropout}
+
+    def forward(self, x):  # (B, T/N, C), or (B, T/(N tp), C) under SP
+        probability = self.dropout.probability
+        if not self.training or probability == 0.0:
+            return x
+        batch, local_length, width = x.shape
+        positions = this_ranks_positions(self.dropout, self.rank, self.size, self.layout, local_length)
+        length = local_length * self.size * _sequence_share(self.dropout)[1]
+        keep = self.dropout.generator.random((batch, length, width))[:, to_host(positions)] >= probability
+        return ops.Dropout.apply(x, from_host(keep.astype(x.dtype)) / (1.0 - probability))
+
+
+def _sequence_share(module):
+    """(index, count) of the slice of a cp rank's tokens this tp rank holds: (0, 1) unless under SP."""
+    if getattr(module, "sequence_parallel", False):
+        return module.communicator.rank, module.communicator.size
+    return 0, 1
+
+
+def this_ranks_positions(module, rank, size, layout, local_length):
+    """Positions of the ``local_length`` tokens ``module`` sees on cp rank ``rank`` (its SP share, if any)."""
+    index, count = _sequence_share(module)
+    positions = token_positions(rank, size, local_length * count * size, layout)
+    return positions[index * local_length:(index + 1) * local_length]
+
+
 class ContextParallelAttention(Module):
     """``CausalSelfAttention`` with its core over the cp group; takes over its Linears and Dropout.
 
@@ -113,7 +155,8 @@ class ContextParallelAttention(Module):
         if variant not in VARIANTS:
             raise ConfigError(f"cp attention must be one of {list(VARIANTS)}, got {variant!r}")
         self.num_heads = getattr(attention, "num_heads", None) or attention.local_heads  # tensor parallel: its heads
-        self.qkv, self.output, self.dropout = attention.qkv, attention.output, attention.dropout
+        self.qkv, self.output = attention.qkv, attention.output
+        self.dropout = ContextParallelDropout(attention.dropout, communicator, layout)
         self.communicator, self.layout, self.variant, self.overlap = communicator, layout, variant, overlap
         self.work = AttentionWork() if work is None else work
         self.replaced = {"module": attention}  # a dict, so its parameters are not listed twice
@@ -135,10 +178,9 @@ class ContextParallelEmbedding(Module):
 
     def __init__(self, embedding, communicator, layout="contiguous"):
         self.block_size = embedding.block_size
-        self.token, self.position, self.dropout = embedding.token, embedding.position, embedding.dropout
+        self.token, self.position = embedding.token, embedding.position
+        self.dropout = ContextParallelDropout(embedding.dropout, communicator, layout)
         self.rank, self.size, self.layout = communicator.rank, communicator.size, layout
-        self.sequence_parallel = getattr(embedding, "sequence_parallel", False)
-        self.tp_comm = getattr(embedding, "communicator", None)
         self.replaced = {"module": embedding}  # a dict, so its parameters are not listed twice
 
     def forward(self, ids):  # (B, T/N) -> (B, T/N, C), or (B, T/(N tp), C) under SP
@@ -146,14 +188,12 @@ class ContextParallelEmbedding(Module):
         if length > self.block_size:
             raise ConfigError(f"sequence length {length} ({ids.shape[-1]} tokens on each of {self.size} cp ranks) "
                               f"exceeds block_size {self.block_size}")
-        positions = token_positions(self.rank, self.size, length, self.layout)
-        if self.sequence_parallel:
-            tp, tp_rank = self.tp_comm.size, self.tp_comm.rank
-            if ids.shape[-1] % tp:
-                raise ConfigError(f"sequence parallelism splits each cp rank's {ids.shape[-1]} tokens over the "
-                                  f"tp ranks: that must be divisible by tp ({tp})")
-            share = ids.shape[-1] // tp
-            positions = positions[tp_rank * share:(tp_rank + 1) * share]
+        embedding = self.replaced["module"]
+        index, count = _sequence_share(embedding)
+        if ids.shape[-1] % count:
+            raise ConfigError(f"sequence parallelism splits each cp rank's {ids.shape[-1]} tokens over the "
+                              f"tp ranks: that must be divisible by tp ({count})")
+        positions = this_ranks_positions(embedding, self.rank, self.size, self.layout, ids.shape[-1] // count)
         return self.dropout(self.token(ids) + self.position(positions))
 
 
@@ -179,6 +219,7 @@ def context_parallel_pieces(pieces, communicator, layout="contiguous", variant="
     for piece in pieces:
         if hasattr(piece, "attention"):
             piece.attention = ContextParallelAttention(piece.attention, communicator, layout, variant, overlap)
+            piece.mlp.dropout = ContextParallelDropout(piece.mlp.dropout, communicator, layout)
         elif hasattr(piece, "token") and hasattr(piece, "position"):
             piece = ContextParallelEmbedding(piece, communicator, layout)
         swapped.append(piece)
@@ -200,14 +241,27 @@ def validate_context_parallel(config, cp, layout, variant, world_size):
 
 @contextmanager
 def single_process_modules(model):
-    """Within the block the model is one process again (same parameters): for generating text,
+    """Within the block the GPT is one process again (same parameters): for generating text,
     whose growing context the cp layout does not split."""
-    swapped = [(model, "embedding")] + [(block, "attention") for block in model.blocks]
+    cp_embedding = model.embedding
+    with single_process_pieces(model.pieces()) as pieces:
+        model.embedding = pieces[0]
+        try:
+            yield model
+        finally:
+            model.embedding = cp_embedding
+
+
+@contextmanager
+def single_process_pieces(pieces):
+    """Yields ``pieces`` as one process runs them: every swapped module back for the block."""
+    swapped = [(owner, name) for block in pieces if hasattr(block, "attention")
+               for owner, name in ((block, "attention"), (block.mlp, "dropout"))]
     cp_modules = [getattr(owner, name) for owner, name in swapped]
     for (owner, name), module in zip(swapped, cp_modules):
         setattr(owner, name, module.replaced["module"])
     try:
-        yield model
+        yield [piece.replaced["module"] if isinstance(piece, ContextParallelEmbedding) else piece for piece in pieces]
     finally:
         for (owner, name), module in zip(swapped, cp_modules):
             setattr(owner, name, module)
