@@ -226,10 +226,11 @@ def context_parallel_pieces(pieces, communicator, layout="contiguous", variant="
     return swapped
 
 
-def validate_context_parallel(config, cp, layout, variant, world_size):
+def validate_context_parallel(config, cp, layout, variant, world_size, tp=1, sequence_parallel=False):
     """Raise ConfigError (the same on every rank) for a cp layout this model or job cannot take.
 
-    The sequences trained on are ``config.block_size`` long: the layout must cut them evenly.
+    The sequences trained on are ``config.block_size`` long: the layout must cut them evenly, and
+    under sequence parallelism each cp rank's T/cp tokens must split over the tp ranks.
     """
     require_positive_int("cp", cp)
     if world_size % cp:
@@ -237,6 +238,9 @@ def validate_context_parallel(config, cp, layout, variant, world_size):
     if variant not in VARIANTS:
         raise ConfigError(f"cp attention must be one of {list(VARIANTS)}, got {variant!r}")
     check_layout(config.block_size, cp, layout)
+    if sequence_parallel and (config.block_size // cp) % tp:
+        raise ConfigError(f"sequence parallelism splits each cp rank's {config.block_size // cp} tokens "
+                          f"(block_size {config.block_size} / cp {cp}) over tp ({tp}): they must be divisible")
 
 
 @contextmanager
