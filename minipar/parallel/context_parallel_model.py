@@ -219,7 +219,8 @@ def context_parallel_pieces(pieces, communicator, layout="contiguous", variant="
     for piece in pieces:
         if hasattr(piece, "attention"):
             piece.attention = ContextParallelAttention(piece.attention, communicator, layout, variant, overlap)
-            piece.mlp.dropout = ContextParallelDropout(piece.mlp.dropout, communicator, layout)
+            if hasattr(piece.mlp, "dropout"):  # a mixture of experts has none
+                piece.mlp.dropout = ContextParallelDropout(piece.mlp.dropout, communicator, layout)
         elif hasattr(piece, "token") and hasattr(piece, "position"):
             piece = ContextParallelEmbedding(piece, communicator, layout)
         swapped.append(piece)
@@ -260,7 +261,8 @@ def single_process_modules(model):
 def single_process_pieces(pieces):
     """Yields ``pieces`` as one process runs them: every swapped module back for the block."""
     swapped = [(owner, name) for block in pieces if hasattr(block, "attention")
-               for owner, name in ((block, "attention"), (block.mlp, "dropout"))]
+               for owner, name in ((block, "attention"), (block.mlp, "dropout"))
+               if isinstance(getattr(owner, name, None), (ContextParallelAttention, ContextParallelDropout))]
     cp_modules = [getattr(owner, name) for owner, name in swapped]
     for (owner, name), module in zip(swapped, cp_modules):
         setattr(owner, name, module.replaced["module"])
