@@ -3,11 +3,14 @@ embedding, dropout and causal attention.
 
 Fusing keeps them numerically stable (subtract the row maximum before ``exp``) and fast
 (one backward formula instead of a chain of small ops, each with its own temporaries).
+Layer norm's statistics and attention's scale, mask and softmax also run block by block of
+rows (ops/blocks.py), so their several NumPy passes over a block happen while it is in cache.
 """
 import math
 
 from minipar.backend import ON_DEVICE, xp
 from minipar.errors import ShapeError
+from minipar.ops.blocks import row_blocks
 from minipar.tensor import Function
 
 
@@ -56,6 +59,18 @@ class LayerNorm(Function):
 
         x_hat = (x - mean) / sqrt(var + eps),   y = x_hat * weight + bias
         dL/dx = (1/sigma) (g_hat - mean(g_hat) - x_hat * mean(g_hat * x_hat)),  g_hat = g * weight
+
+    Forward, unfused (each line a pass over (B, T, C) and a temporary of that size):
+
+        mean = x.mean(axis=-1, keepdims=True)
+        centred = x - mean
+        inverse_std = 1 / sqrt((centred * centred).mean(axis=-1, keepdims=True) + eps)
+        x_hat = centred * inverse_std
+        y = x_hat * weight + bias
+
+    Fused: the same passes on one block of rows at a time, in cache, writing into x_hat and y
+    (``out=``, in place); the variance stays two-pass, mean of (x - mean)^2, because the one-pass
+    E[x^2] - mean^2 loses the digits that matter when the mean is large against the spread.
     """
 
     @staticmethod
@@ -63,12 +78,23 @@ class LayerNorm(Function):
         if weight.shape != (x.shape[-1],) or bias.shape != (x.shape[-1],):
             raise ShapeError(f"layer_norm: input {x.shape} needs weight and bias of shape ({x.shape[-1]},), "
                              f"got {weight.shape} and {bias.shape}")
-        mean = x.mean(axis=-1, keepdims=True)
-        centred = x - mean
-        inverse_std = 1.0 / xp.sqrt((centred * centred).mean(axis=-1, keepdims=True) + eps)
-        x_hat = centred * inverse_std
-        ctx.save_for_backward(x_hat, inverse_std, weight)
-        return x_hat * weight + bias
+        rows = x.reshape(-1, x.shape[-1])
+        x_hat, y = xp.empty(rows.shape, dtype=x.dtype), xp.empty(rows.shape, dtype=x.dtype)
+        inverse_std = xp.empty((rows.shape[0], 1), dtype=x.dtype)
+        for block in row_blocks(*rows.shape):
+            centred, squares, deviation = x_hat[block], y[block], inverse_std[block]
+            xp.subtract(rows[block], rows[block].mean(axis=1, keepdims=True), out=centred)
+            xp.multiply(centred, centred, out=squares)  # y's block as scratch until the end
+            xp.mean(squares, axis=1, keepdims=True, out=deviation)
+            deviation += eps
+            xp.sqrt(deviation, out=deviation)
+            xp.divide(1.0, deviation, out=deviation)
+            centred *= deviation  # x_hat
+            xp.multiply(centred, weight, out=squares)
+            squares += bias  # y
+        inverse_std = inverse_std.reshape(*x.shape[:-1], 1)
+        ctx.save_for_backward(x_hat.reshape(x.shape), inverse_std, weight)
+        return y.reshape(x.shape)
 
     @staticmethod
     def backward(ctx, grad):
@@ -207,6 +233,41 @@ class Dropout(Function):
 _causal_masks = {}
 
 
+def _masked_softmax_in_place(scores, scale):
+    """scores <- softmax(scale * scores + causal mask) along the last axis, block by block of heads.
+
+    Unfused: ``scores *= scale; scores += mask; P = _softmax(scores)`` (five passes over
+    (B, heads, T, T) and a temporary of that size); here all of it in place, in cache.
+    """
+    length = scores.shape[-1]
+    mask = _causal_mask(length, scores.dtype)
+    heads = scores.reshape(-1, length, length)
+    for block in row_blocks(heads.shape[0], length * length):
+        s = heads[block]
+        s *= scale
+        s += mask  # -inf above the diagonal
+        s -= s.max(axis=-1, keepdims=True)  # exp never overflows
+        xp.exp(s, out=s)
+        s *= 1.0 / s.sum(axis=-1, keepdims=True)
+    return scores
+
+
+def _softmax_backward_in_place(grad_probabilities, probabilities, scale):
+    """dP <- scale * P * (dP - rowsum(dP * P)), block by block of heads, in place (the scores' gradient)."""
+    length = probabilities.shape[-1]
+    gp, p = grad_probabilities.reshape(-1, length, length), probabilities.reshape(-1, length, length)
+    blocks = row_blocks(gp.shape[0], length * length)
+    scratch = xp.empty_like(p[blocks[0]])
+    for block in blocks:
+        g, pb = gp[block], p[block]
+        products = scratch[:g.shape[0]]
+        xp.multiply(g, pb, out=products)
+        g -= products.sum(axis=-1, keepdims=True)
+        g *= pb
+        g *= scale  # masked entries have probability 0, so their gradient is already 0
+    return grad_probabilities
+
+
 def _causal_mask(length, dtype):
     """(T, T) with 0 on and below the diagonal and -inf above it, made once per shape."""
     key = (length, xp.dtype(dtype).str)
@@ -222,6 +283,9 @@ class CausalAttention(Function):
         S = Q K^T / sqrt(d),  S[i, j] = -inf for j > i,  P = softmax(S),  O = P V
         dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dP * P)),  dQ = dS K / sqrt(d),  dK = dS^T Q / sqrt(d)
 
+    The scale, the mask and the softmax are one fused pass (``_masked_softmax_in_place``), as is
+    the softmax's backward (``_softmax_backward_in_place``): both in place, block by block.
+
     q, k, v: (B, heads, T, d). The mask means position i attends only to 0..i, so a
     token never sees the future it is asked to predict.
     """
@@ -231,12 +295,10 @@ class CausalAttention(Function):
         if not (q.shape == k.shape == v.shape) or q.ndim != 4:
             raise ShapeError(f"causal_attention: q, k, v must share a (B, heads, T, d) shape, "
                              f"got {q.shape}, {k.shape}, {v.shape}")
-        sequence_length, head_size = q.shape[-2], q.shape[-1]
+        head_size = q.shape[-1]
         scale = 1.0 / math.sqrt(head_size)
         scores = q @ xp.swapaxes(k, -1, -2)  # (B, heads, T, T)
-        scores *= scale
-        scores += _causal_mask(sequence_length, scores.dtype)  # -inf above the diagonal
-        probabilities = _softmax(scores)
+        probabilities = _masked_softmax_in_place(scores, scale)  # -inf above the diagonal, then softmax
         ctx.save_for_backward(q, k, v, probabilities)
         ctx.scale = scale
         return probabilities @ v
@@ -246,9 +308,7 @@ class CausalAttention(Function):
         q, k, v, probabilities = ctx.saved
         grad_v = xp.swapaxes(probabilities, -1, -2) @ grad
         grad_probabilities = grad @ xp.swapaxes(v, -1, -2)
-        grad_scores = probabilities * (grad_probabilities
-                                       - (grad_probabilities * probabilities).sum(axis=-1, keepdims=True))
-        grad_scores *= ctx.scale  # masked entries have probability 0, so their gradient is already 0
+        grad_scores = _softmax_backward_in_place(grad_probabilities, probabilities, ctx.scale)
         grad_q = grad_scores @ k
         grad_k = xp.swapaxes(grad_scores, -1, -2) @ q
         return grad_q, grad_k, grad_v
