@@ -15,10 +15,11 @@ from minipar.tensor import Tensor
 rng = np.random.default_rng(28)
 
 
-@pytest.fixture(params=[7, 1 << 15], ids=["blocks of 7 numbers", "default blocks"])
+@pytest.fixture(params=[7, None], ids=["blocks of 7 numbers", "default blocks"])
 def block_elements(request, monkeypatch):
-    monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", request.param)
-    return request.param
+    if request.param is not None:
+        monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", request.param)
+    return blocks.BLOCK_ELEMENTS
 
 
 def test_row_blocks_cover_every_row_once(monkeypatch):
