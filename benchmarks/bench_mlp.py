@@ -90,6 +90,8 @@ def minipar_step_function(kind, comm, weights, biases, overlap=False):
                                          accumulation_steps=MICROBATCHES)
 
         def step(micro_inputs, micro_targets):
+            if data_parallel is not None:
+                data_parallel.start_step()  # zero the buckets: backward accumulates into them in place
             for x, t in zip(micro_inputs, micro_targets, strict=True):
                 for piece in pieces[:-1]:
                     x = piece(x)
@@ -97,7 +99,8 @@ def minipar_step_function(kind, comm, weights, biases, overlap=False):
             if data_parallel is not None:
                 data_parallel.finish_gradient_sync()
             optimizer.step()
-            optimizer.zero_grad()
+            if data_parallel is None:
+                optimizer.zero_grad()
         return step
 
     chunks = partition(pieces, comm.size, comm.rank)

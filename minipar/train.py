@@ -67,7 +67,7 @@ class TrainConfig:
     sequence_parallel: bool = False  # shard LayerNorm/dropout regions along the sequence
     zero: int = 0  # ZeRO stage over the data-parallel group (0 = off)
     bucket_megabytes: float = 1.0  # data-parallel gradient bucket size
-    overlap: bool = False  # start bucket allreduces during backward
+    overlap: bool = False  # start bucket allreduces (ZeRO: reduce-scatters, stage 3 prefetches) during backward
     allreduce: str = "mpi"  # mpi | ring | recursive_doubling | tree | hierarchical (node by node)
     ranks_per_node: int = 0  # hierarchical: simulated nodes of K consecutive ranks; 0 = MPI's shared-memory nodes
     # cutting communication (docs/communication.md)
@@ -99,9 +99,9 @@ class TrainConfig:
             raise ConfigError("the interleaved schedule needs at least 2 pipeline stages (pp >= 2), got pp = 1")
         if self.zero not in (0, 1, 2, 3):
             raise ConfigError(f"zero must be 0, 1, 2 or 3, got {self.zero!r}")
-        if self.zero and self.dp > 1 and (self.overlap or self.allreduce != "mpi"):
-            raise ConfigError("--overlap and --allreduce choose how plain data parallelism allreduces; "
-                              "ZeRO reduce-scatters and all-gathers instead, so drop them or --zero")
+        if self.zero and self.dp > 1 and self.allreduce != "mpi":
+            raise ConfigError("--allreduce chooses how plain data parallelism allreduces; "
+                              "ZeRO reduce-scatters and all-gathers instead, so drop it or --zero")
         self._check_communication_options()
 
     def _check_communication_options(self):
@@ -226,7 +226,8 @@ class Trainer:
                       f"data-parallel group, and a group of one has nothing to share", flush=True)
             return SingleReplica(self.parameters)
         if config.zero:
-            return Zero(self.chunks, self.grid.dp, config.zero, accumulation_steps=config.microbatches)
+            return Zero(self.chunks, self.grid.dp, config.zero, accumulation_steps=config.microbatches,
+                        overlap=config.overlap)
         # Each broadcasts dp rank 0's parameters at construction, so replicas start identical.
         options = {"bucket_bytes": int(config.bucket_megabytes * 2**20), "accumulation_steps": config.microbatches}
         if config.compress != "none":

@@ -83,13 +83,22 @@ def test_every_layout_equals_single_process(world_size):
 # weight decay is on, so AdamW's decay of the parts is checked too.
 # PADDED is a model whose sizes the dp ranks do not divide (15 = 3 x 5), so parts are padded.
 PADDED = dict(vocab_size=15, block_size=6, n_layer=2, n_head=3, n_embd=15)
+# --overlap: reduce-scatters started during backward (every stage), stage 3 prefetching the
+# next piece's all-gather; with micro-batches, stages 2-3 reduce-scatter after each of them.
 ZERO_OPTIONS = {
     2: [dict(dp=2, zero=2, model=PADDED), dict(dp=2, zero=3, model=PADDED, microbatches=3, batch_size=12),
-        dict(dp=2, zero=1, microbatches=2)],
+        dict(dp=2, zero=1, microbatches=2),
+        *(dict(dp=2, zero=stage, overlap=True, microbatches=2) for stage in (1, 2, 3)),
+        dict(dp=2, zero=3, overlap=True, model=PADDED, microbatches=3, batch_size=12)],
     4: [dict(dp=2, pp=2, zero=3, microbatches=4, schedule="interleaved", virtual_stages=2, recompute=True),
         dict(dp=4, zero=3, model=PADDED), dict(dp=2, tp=2, zero=2, microbatches=2),
-        dict(dp=2, pp=2, zero=2, microbatches=4, schedule="gpipe", recompute=True), dict(dp=1, pp=4, zero=3)],
-    8: [dict(dp=4, pp=2, zero=3, model=PADDED, microbatches=2), dict(dp=2, pp=4, zero=3, schedule="gpipe")],
+        dict(dp=2, pp=2, zero=2, microbatches=4, schedule="gpipe", recompute=True), dict(dp=1, pp=4, zero=3),
+        dict(dp=4, zero=1, overlap=True, model=PADDED), dict(dp=4, zero=2, overlap=True, microbatches=2),
+        dict(dp=2, pp=2, zero=3, overlap=True, microbatches=4, schedule="interleaved", virtual_stages=2),
+        dict(dp=2, tp=2, zero=3, overlap=True, sequence_parallel=True, microbatches=2)],
+    8: [dict(dp=4, pp=2, zero=3, model=PADDED, microbatches=2), dict(dp=2, pp=4, zero=3, schedule="gpipe"),
+        dict(dp=8, zero=2, overlap=True, microbatches=2), dict(dp=4, pp=2, zero=3, overlap=True, microbatches=2),
+        dict(dp=2, tp=2, pp=2, zero=1, overlap=True, microbatches=4, sequence_parallel=True)],
 }
 
 
@@ -118,7 +127,8 @@ GRADIENT_CASES = {
     2: [dict(dp=2, microbatches=2), dict(dp=2, overlap=True, bucket_megabytes=0.01), dict(tp=2),
         dict(tp=2, sequence_parallel=True), dict(pp=2, microbatches=4),
         dict(dp=2, zero=1, microbatches=2), dict(dp=2, zero=2, microbatches=2), dict(dp=2, zero=3, microbatches=2),
-        dict(dp=2, zero=3, model=PADDED, batch_size=12, microbatches=3)],
+        dict(dp=2, zero=3, model=PADDED, batch_size=12, microbatches=3),
+        *(dict(dp=2, zero=stage, overlap=True, microbatches=2) for stage in (1, 2, 3))],
     4: [dict(dp=2, tp=2, sequence_parallel=True, zero=3), dict(dp=2, pp=2, zero=2, microbatches=4),
         dict(tp=2, pp=2, sequence_parallel=True, microbatches=2),
         dict(pp=4, microbatches=8, schedule="interleaved", virtual_stages=2),

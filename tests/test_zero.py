@@ -36,9 +36,8 @@ def test_bytes_held_counts_each_buffer_once():
     assert bytes_held([base, xp.zeros(3, dtype=xp.float64)]) == 424
 
 
-def test_zero_refuses_options_of_plain_data_parallelism():
-    with pytest.raises(ConfigError, match="ZeRO"):
-        TrainConfig(dp=2, zero=2, overlap=True)
+def test_zero_refuses_options_of_plain_data_parallelism_but_overlaps():
+    assert TrainConfig(dp=2, zero=2, overlap=True).overlap  # reduce-scatters start during backward
     with pytest.raises(ConfigError, match="ZeRO"):
         TrainConfig(dp=2, zero=1, allreduce="ring")
     with pytest.raises(ConfigError, match="zero must be"):
@@ -48,6 +47,12 @@ def test_zero_refuses_options_of_plain_data_parallelism():
 def test_memory_and_traffic_follow_the_formulas():
     results = results_from_ranks(4, "tests.mpi_bodies.zero_body:check_memory_and_traffic", timeout=300)
     assert_as_expected(results, checks=["{'dp': 4}", "{'dp': 2, 'pp': 2}"])
+
+
+def test_stages_2_and_3_keep_a_part_of_the_gradients_with_micro_batches():
+    results = results_from_ranks(2, "tests.mpi_bodies.zero_body:check_gradient_memory_with_micro_batches",
+                                 timeout=300)
+    assert_as_expected(results, checks=["micro-batches"])
 
 
 def test_stage_3_keeps_no_gathered_parameter_alive():

@@ -293,6 +293,40 @@ class Communicator:
         self._account("reduce_scatter", send.size, traffic, started, send.nbytes)
         return out
 
+    def ireduce_scatter(self, send, out, op="sum"):
+        """Start ``reduce_scatter`` (MPI_Ireduce_scatter_block) and return its Request; ``send``
+        must not change and ``out`` is not valid until ``wait()``. ZeRO starts one per unit of
+        gradients during backward (--overlap). A transport without the nonblocking call (the GPU
+        ones) runs the blocking one and returns a finished request."""
+        _check_choice(op, _MPI_OPS, "op", "ireduce_scatter")
+        self._check_gather_shapes(piece=out, whole=send, call="reduce_scatter")
+        started = time.perf_counter()
+        start = getattr(self.wire, "Ireduce_scatter_block", None)
+        if start is None:
+            self.wire.Reduce_scatter_block(send, out, _MPI_OPS[op])
+            mpi_request = MPI.REQUEST_NULL
+        else:
+            mpi_request = start(send, out, _MPI_OPS[op])
+        traffic = self._modelled("reduce_scatter", send.size, send.itemsize)
+        self._account("ireduce_scatter", send.size, traffic, started, 0, notify=False)
+        return Request(self, "ireduce_scatter", mpi_request, None, out, send.nbytes, started)
+
+    def iallgather(self, send, out):
+        """Start ``allgather`` (MPI_Iallgather) and return its Request; ``out`` is valid after
+        ``wait()``. ZeRO-3 prefetches the next piece's parameters with it (--overlap); blocking
+        on transports without it, as ``ireduce_scatter``."""
+        self._check_gather_shapes(piece=send, whole=out, call="allgather")
+        started = time.perf_counter()
+        start = getattr(self.wire, "Iallgather", None)
+        if start is None:
+            self.wire.Allgather(send, out)
+            mpi_request = MPI.REQUEST_NULL
+        else:
+            mpi_request = start(send, out)
+        traffic = self._modelled("allgather", out.size, out.itemsize)
+        self._account("iallgather", out.size, traffic, started, 0, notify=False)
+        return Request(self, "iallgather", mpi_request, None, out, out.nbytes, started)
+
     def _check_gather_shapes(self, piece, whole, call):
         _check_array(piece, "the per-rank array", call, writable=call == "reduce_scatter")
         _check_array(whole, "the full array", call, writable=call == "allgather")

@@ -117,14 +117,14 @@ PLANTED = (
             limit=15),
 
     Planted("data_parallel", "averaging by N − 1", DATA_PARALLEL,
-            "slot.parameter.grad = summed / self.comm.size", "slot.parameter.grad = summed / (self.comm.size - 1)",
+            "bucket.flat /= self.comm.size", "bucket.flat /= self.comm.size - 1",
             "divided by N − 1 instead of N"),
     Planted("data_parallel", "a bucket sent on every micro-batch (at the first grad-ready hook)", DATA_PARALLEL,
             "        if slot.firings == slot.expected:\n            self._pack(slot)",
             "        if slot.firings == 1:\n            self._pack(slot)", "communicate on the last micro-batch only"),
     Planted("data_parallel", "a gradient unpacked one element off its bucket slot", DATA_PARALLEL,
-            "summed = bucket.flat[slot.start:slot.stop].reshape(slot.parameter.shape)",
-            "summed = xp.roll(bucket.flat, 1)[slot.start:slot.stop].reshape(slot.parameter.shape)",
+            "slot.parameter.grad = slot.view  # the average, where backward left it",
+            "slot.parameter.grad = xp.roll(bucket.flat, 1)[slot.start:slot.stop].reshape(slot.parameter.shape)",
             ".grad after finish_gradient_sync, element"),
 
     Planted("pipeline_messages", "one send buffer reused while its Isend is in flight", EXECUTOR,

@@ -61,7 +61,9 @@ class MLP(Module):
         self.dropout = Dropout(dropout, seed)
 
     def forward(self, x):  # (B, T, C)
-        return self.dropout(self.output(ops.gelu(self.hidden(x))))
+        hidden = self.hidden  # its bias is added inside GELU's pass over (B, T, 4C): ops.bias_gelu
+        return self.dropout(self.output(ops.bias_gelu(ops.linear(x, hidden.weight), hidden.bias)
+                                        if hidden.bias is not None else ops.gelu(hidden(x))))
 
 
 def split_heads(x, num_heads):

@@ -1,7 +1,8 @@
 """All differentiable ops, as plain functions on Tensors.
 
 Each op is a ``Function`` (forward and backward side by side) in one of:
-  elementwise.py     add, sub, mul, div, neg, power, exp, log, tanh, relu, gelu
+  elementwise.py     add, sub, mul, div, neg, power, exp, log, tanh, relu
+  activation.py      gelu, bias_gelu (fused, cache-blocked: blocks.py)
   shape.py           sum, mean, max, reshape, transpose, getitem, concatenate
   linear_algebra.py  matmul, linear
   fused.py           softmax, log_softmax, layer_norm, cross_entropy, embedding, dropout,
@@ -10,7 +11,8 @@ Each op is a ``Function`` (forward and backward side by side) in one of:
 Derived ops (split, masked_fill) are built from these primitives below.
 """
 from minipar.backend import xp
-from minipar.ops.elementwise import Add, Div, Exp, Gelu, Log, Mul, Neg, Power, Relu, Sub, Tanh
+from minipar.ops.activation import BiasGelu, Gelu
+from minipar.ops.elementwise import Add, Div, Exp, Log, Mul, Neg, Power, Relu, Sub, Tanh
 from minipar.ops.fused import CausalAttention, CrossEntropy, Dropout, Embedding, LayerNorm, LogSoftmax, Softmax
 from minipar.ops.linear_algebra import LinearFunction, MatMul
 from minipar.ops.routing import AttachAuxiliaryLoss, GatherRows, ScatterAddRows
@@ -18,6 +20,7 @@ from minipar.ops.shape import Concatenate, GetItem, Max, Mean, Reshape, Sum, Tra
 
 add, sub, mul, div, neg = Add.apply, Sub.apply, Mul.apply, Div.apply, Neg.apply
 exp, log, tanh, relu, gelu = Exp.apply, Log.apply, Tanh.apply, Relu.apply, Gelu.apply
+bias_gelu = BiasGelu.apply  # gelu(x + b): the MLP's first bias inside the activation's pass
 matmul = MatMul.apply
 causal_attention = CausalAttention.apply
 

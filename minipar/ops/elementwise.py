@@ -3,7 +3,6 @@
 Broadcasting copies an input along new or size-1 axes, so the gradient of that input
 is the sum of the output gradient over those axes (``unbroadcast``).
 """
-import math
 
 from minipar.backend import xp
 from minipar.errors import ShapeError
@@ -159,47 +158,3 @@ class Relu(Function):
     def backward(ctx, grad):
         (positive,) = ctx.saved
         return grad * positive
-
-
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-
-
-class Gelu(Function):
-    """GELU, tanh form (Hendrycks & Gimpel 2016), as in GPT-2:
-
-        gelu(x) = 0.5 x (1 + tanh(u)),  u = sqrt(2/pi) (x + 0.044715 x^3)
-        gelu'(x) = 0.5 (1 + tanh(u)) + 0.5 x (1 - tanh(u)^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
-    """
-
-    @staticmethod
-    def forward(ctx, x):
-        # In-place steps: an MLP's hidden activation is the largest array of the step, and
-        # each temporary of its size costs as much as the arithmetic itself.
-        tanh_u = x * x
-        tanh_u *= 0.044715
-        tanh_u += 1.0
-        tanh_u *= x
-        tanh_u *= _SQRT_2_OVER_PI
-        xp.tanh(tanh_u, out=tanh_u)
-        ctx.save_for_backward(x, tanh_u)
-        out = tanh_u + 1.0
-        out *= x
-        out *= 0.5
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, tanh_u = ctx.saved
-        derivative = x * x  # becomes 0.5 (1 + t + x (1 - t^2) du/dx), t = tanh(u)
-        derivative *= 3 * 0.044715
-        derivative += 1.0
-        derivative *= _SQRT_2_OVER_PI
-        derivative *= x
-        one_minus_t_squared = tanh_u * tanh_u
-        xp.subtract(1.0, one_minus_t_squared, out=one_minus_t_squared)
-        derivative *= one_minus_t_squared
-        derivative += tanh_u
-        derivative += 1.0
-        derivative *= 0.5
-        derivative *= grad
-        return derivative

@@ -3,11 +3,14 @@ embedding, dropout and causal attention.
 
 Fusing keeps them numerically stable (subtract the row maximum before ``exp``) and fast
 (one backward formula instead of a chain of small ops, each with its own temporaries).
+Layer norm's statistics and attention's scale, mask and softmax also run block by block of
+rows (ops/blocks.py), so their several NumPy passes over a block happen while it is in cache.
 """
 import math
 
 from minipar.backend import ON_DEVICE, xp
 from minipar.errors import ShapeError
+from minipar.ops.blocks import row_blocks
 from minipar.tensor import Function
 
 
@@ -56,6 +59,18 @@ class LayerNorm(Function):
 
         x_hat = (x - mean) / sqrt(var + eps),   y = x_hat * weight + bias
         dL/dx = (1/sigma) (g_hat - mean(g_hat) - x_hat * mean(g_hat * x_hat)),  g_hat = g * weight
+
+    Forward, unfused (each line a pass over (B, T, C) and a temporary of that size):
+
+        mean = x.mean(axis=-1, keepdims=True)
+        centred = x - mean
+        inverse_std = 1 / sqrt((centred * centred).mean(axis=-1, keepdims=True) + eps)
+        x_hat = centred * inverse_std
+        y = x_hat * weight + bias
+
+    Fused: the same passes on one block of rows at a time, in cache, writing into x_hat and y
+    (``out=``, in place); the variance stays two-pass, mean of (x - mean)^2, because the one-pass
+    E[x^2] - mean^2 loses the digits that matter when the mean is large against the spread.
     """
 
     @staticmethod
@@ -63,12 +78,23 @@ class LayerNorm(Function):
         if weight.shape != (x.shape[-1],) or bias.shape != (x.shape[-1],):
             raise ShapeError(f"layer_norm: input {x.shape} needs weight and bias of shape ({x.shape[-1]},), "
                              f"got {weight.shape} and {bias.shape}")
-        mean = x.mean(axis=-1, keepdims=True)
-        centred = x - mean
-        inverse_std = 1.0 / xp.sqrt((centred * centred).mean(axis=-1, keepdims=True) + eps)
-        x_hat = centred * inverse_std
-        ctx.save_for_backward(x_hat, inverse_std, weight)
-        return x_hat * weight + bias
+        rows = x.reshape(-1, x.shape[-1])
+        x_hat, y = xp.empty(rows.shape, dtype=x.dtype), xp.empty(rows.shape, dtype=x.dtype)
+        inverse_std = xp.empty((rows.shape[0], 1), dtype=x.dtype)
+        for block in row_blocks(*rows.shape):
+            centred, squares, deviation = x_hat[block], y[block], inverse_std[block]
+            xp.subtract(rows[block], rows[block].mean(axis=1, keepdims=True), out=centred)
+            xp.multiply(centred, centred, out=squares)  # y's block as scratch until the end
+            xp.mean(squares, axis=1, keepdims=True, out=deviation)
+            deviation += eps
+            xp.sqrt(deviation, out=deviation)
+            xp.divide(1.0, deviation, out=deviation)
+            centred *= deviation  # x_hat
+            xp.multiply(centred, weight, out=squares)
+            squares += bias  # y
+        inverse_std = inverse_std.reshape(*x.shape[:-1], 1)
+        ctx.save_for_backward(x_hat.reshape(x.shape), inverse_std, weight)
+        return y.reshape(x.shape)
 
     @staticmethod
     def backward(ctx, grad):
@@ -207,6 +233,47 @@ class Dropout(Function):
 _causal_masks = {}
 
 
+def _masked_softmax_in_place(scores, scale, mask=None):
+    """scores <- softmax(scale * scores + mask) along the last axis, block by block of rows, in place.
+
+    Returns the log-sum-exp of each row, l_i = log sum_j exp(S_ij) with S = scale * scores + mask,
+    shaped like ``scores`` without its last axis (what blockwise attention merges with).
+    Unfused: ``scores *= scale; scores += mask; P = softmax(scores)`` (five passes over
+    (B, heads, Tq, Tk) and a temporary of that size); here all of it in place, in cache.
+    """
+    tq, tk = scores.shape[-2:]
+    rows = scores.reshape(-1, tq, tk)
+    log_sum_exp = xp.empty(rows.shape[:2], dtype=scores.dtype)
+    for block in row_blocks(rows.shape[0], tq * tk):
+        s = rows[block]
+        s *= scale
+        if mask is not None:
+            s += mask  # -inf where a query may not look
+        row_max = s.max(axis=-1, keepdims=True)
+        s -= row_max  # exp never overflows
+        xp.exp(s, out=s)
+        row_sums = s.sum(axis=-1, keepdims=True)
+        s *= 1.0 / row_sums  # one division per row, then multiplications
+        log_sum_exp[block] = (row_max + xp.log(row_sums))[..., 0]
+    return log_sum_exp.reshape(scores.shape[:-1])
+
+
+def _softmax_backward_in_place(grad_probabilities, probabilities, scale):
+    """dP <- scale * P * (dP - rowsum(dP * P)), block by block of rows, in place (the scores' gradient)."""
+    tq, tk = probabilities.shape[-2:]
+    gp, p = grad_probabilities.reshape(-1, tq, tk), probabilities.reshape(-1, tq, tk)
+    blocks = row_blocks(gp.shape[0], tq * tk)
+    scratch = xp.empty_like(p[blocks[0]])
+    for block in blocks:
+        g, pb = gp[block], p[block]
+        products = scratch[:g.shape[0]]
+        xp.multiply(g, pb, out=products)
+        g -= products.sum(axis=-1, keepdims=True)
+        g *= pb
+        g *= scale  # masked entries have probability 0, so their gradient is already 0
+    return grad_probabilities
+
+
 def causal_mask(length, dtype):
     """(T, T) with 0 on and below the diagonal and -inf above it, made once per shape."""
     key = (length, xp.dtype(dtype).str)
@@ -232,13 +299,8 @@ def attention_forward(q, k, v, mask=None):
     blockwise attention keeps to merge partial results (parallel/context_parallel.py). Every
     row needs at least one unmasked key.
     """
-    scores = scaled_scores(q, k, mask)
-    row_max = scores.max(axis=-1, keepdims=True)
-    scores -= row_max  # exp never overflows
-    xp.exp(scores, out=scores)  # in place: attention's scores are among the largest arrays of a step
-    row_sums = scores.sum(axis=-1, keepdims=True)
-    scores *= 1.0 / row_sums  # one division per row, then multiplications
-    log_sum_exp = (row_max + xp.log(row_sums))[..., 0]
+    scores = q @ xp.swapaxes(k, -1, -2)  # (..., Tq, Tk)
+    log_sum_exp = _masked_softmax_in_place(scores, 1.0 / math.sqrt(q.shape[-1]), mask)  # now P, in place
     return scores @ v, scores, log_sum_exp
 
 
@@ -251,10 +313,12 @@ def attention_backward(q, k, v, probabilities, grad, row_dot=None):
     """
     grad_v = xp.swapaxes(probabilities, -1, -2) @ grad
     grad_probabilities = grad @ xp.swapaxes(v, -1, -2)
-    if row_dot is None:
-        row_dot = (grad_probabilities * probabilities).sum(axis=-1, keepdims=True)
-    grad_scores = probabilities * (grad_probabilities - row_dot)
-    grad_scores *= 1.0 / math.sqrt(q.shape[-1])  # masked entries have probability 0: gradient already 0
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if row_dot is None:  # the fused pass, in place
+        grad_scores = _softmax_backward_in_place(grad_probabilities, probabilities, scale)
+    else:
+        grad_scores = probabilities * (grad_probabilities - row_dot)
+        grad_scores *= scale  # masked entries have probability 0: gradient already 0
     return grad_scores @ k, xp.swapaxes(grad_scores, -1, -2) @ q, grad_v
 
 
@@ -263,6 +327,9 @@ class CausalAttention(Function):
 
         S = Q K^T / sqrt(d),  S[i, j] = -inf for j > i,  P = softmax(S),  O = P V
         dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dP * P)),  dQ = dS K / sqrt(d),  dK = dS^T Q / sqrt(d)
+
+    The scale, the mask and the softmax are one fused pass (``_masked_softmax_in_place``), as is
+    the softmax's backward (``_softmax_backward_in_place``): both in place, block by block of rows.
 
     q, k, v: (B, heads, T, d). The mask means position i attends only to 0..i, so a
     token never sees the future it is asked to predict. The two halves are

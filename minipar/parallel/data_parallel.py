@@ -5,8 +5,8 @@ One step on N data-parallel ranks (Goyal et al. 2017, "Accurate, Large Minibatch
     replicate  every rank holds the same parameters θ (broadcast from dp rank 0 at start);
     scatter    the global batch of B rows is cut into N shards of B/N rows;
     compute    rank i runs forward and backward on its shard: Δθ_i = ∇θ mean-loss(shard i);
-    aggregate  Δθ = (1/N) Σ_i Δθ_i, one allreduce (sum); the 1/N is applied as each
-               gradient is unpacked from its bucket, so the bucket is read once;
+    aggregate  Δθ = (1/N) Σ_i Δθ_i, one allreduce (sum) in place on the bucket, then one
+               in-place division by N: the gradients are views of the bucket, so nothing is copied;
     step       every rank applies the same update to the same θ, so replicas stay identical.
 
 With equal shards the mean of the shard means is the mean over the whole batch, so
@@ -18,6 +18,15 @@ one allreduce of everything cannot start until the last gradient exists. Gradien
 therefore packed into flat buckets of about ``bucket_bytes``, filled in reverse parameter
 order, roughly the order backward produces them. With a ring a bucket of n bytes costs
 2(N−1)α + 2((N−1)/N)nβ + ((N−1)/N)nγ (Thakur, Rabenseifner & Gropp 2005).
+
+Gradients as bucket views (PyTorch DDP's ``gradient_as_bucket_view``). ``start_step()`` zeroes
+each bucket and makes every ``p.grad`` the slice of its bucket shaped like ``p``; the engine adds
+each backward's gradient into ``.grad`` in place, so backward writes straight into the bucket,
+the allreduce sums it where it lies and ``flat /= N`` averages it: no copy in, none out, and the
+buckets are the gradients' memory rather than a second 4Ψ. A gradient that is not its view when
+its bucket is sent (``.grad`` set to None or replaced, e.g. by ``optimizer.zero_grad()`` instead
+of ``start_step()``) is copied in first, as the naive version always did. A caller that keeps
+a ``.grad`` across steps must copy it: the next ``start_step()`` zeroes the bucket under it.
 
 Overlap (section 3.2.3). With ``overlap=True`` every parameter gets a grad-ready hook; when
 the last gradient of a bucket is final a nonblocking allreduce (MPI_Iallreduce) starts on
@@ -141,7 +150,8 @@ class _Slot:
     stop: int
     expected: int = 1  # grad-ready hook calls per step: accumulation_steps x uses per micro-batch
     firings: int = 0  # grad-ready hook calls in this step
-    sent_gradient: object = None  # the .grad array copied into the bucket (overlap: it must not change)
+    view: object = None  # the slice of the bucket shaped like the parameter: its .grad during a step
+    sent_gradient: object = None  # the .grad when its bucket was filled (overlap: it must not change)
 
 
 @dataclass
@@ -150,7 +160,7 @@ class Bucket:
 
     flat: object
     slots: list = field(default_factory=list)
-    slots_packed: int = 0  # slots copied in this step
+    slots_packed: int = 0  # slots whose gradient is in the bucket in this step
     request: object = None  # the in-flight Iallreduce (overlap mode)
 
 
@@ -159,7 +169,7 @@ class DataParallel(SingleReplica):
 
         dp = DataParallel(model.parameters(), grid.dp, overlap=True, accumulation_steps=m)
         for step in range(steps):
-            dp.start_step()                    # every .grad = None
+            dp.start_step()                    # every .grad = its zeroed view of a bucket
             for each of the m micro-batches: (loss / m).backward()
             dp.finish_gradient_sync()          # every .grad is now the dp average
             optimizer.step()
@@ -196,6 +206,7 @@ class DataParallel(SingleReplica):
                 p.register_grad_ready_hook(self.gradient_ready)
         if broadcast:
             self.broadcast_parameters()
+        self.start_step()  # the broadcast used the buckets as scratch; the gradients start at zero
 
     @property
     def gradient_bytes(self):
@@ -216,7 +227,8 @@ class DataParallel(SingleReplica):
             bucket = Bucket(xp.zeros(sum(p.size for _, p in group), dtype=group[0][1].dtype))
             start = 0
             for index, p in group:
-                bucket.slots.append(_Slot(p, self.names[index], number, start, start + p.size))
+                view = bucket.flat[start:start + p.size].reshape(p.shape)
+                bucket.slots.append(_Slot(p, self.names[index], number, start, start + p.size, view=view))
                 start += p.size
             buckets.append(bucket)
         return buckets
@@ -236,8 +248,17 @@ class DataParallel(SingleReplica):
     def after_optimizer_step(self, step):
         self.check_replicas(step)  # fails loudly if replicas ever diverge
 
+    def start_step(self):
+        """Zero every bucket and make each ``.grad`` its view, so backward accumulates into the buckets."""
+        self._end_step()
+        for bucket in self.buckets:
+            bucket.flat.fill(0)
+            for slot in bucket.slots:
+                slot.parameter.grad = slot.view
+
     def memory_report(self, optimizer):
-        """``SingleReplica.memory_report`` plus the gradient buckets (not in the total)."""
+        """``SingleReplica.memory_report`` plus the gradient buckets: the same memory as the gradients
+        (they are views of the buckets), so not in the total."""
         return {**super().memory_report(optimizer),
                 "data_parallel_buckets": bytes_held(bucket.flat for bucket in self.buckets)}
 
@@ -289,12 +310,12 @@ class DataParallel(SingleReplica):
 
     # ---- gradients -----------------------------------------------------------------------
     def _pack(self, slot):
+        """Mark the slot's gradient as in its bucket: already there when .grad is the view, else copied."""
         grad = slot.parameter.grad
-        target = self.buckets[slot.bucket].flat[slot.start:slot.stop]
         if grad is None:
-            target[...] = 0
-        else:
-            target[...] = grad.reshape(-1)
+            slot.view[...] = 0
+        elif grad is not slot.view:
+            slot.view[...] = grad
         slot.sent_gradient = grad
         self.buckets[slot.bucket].slots_packed += 1
 
@@ -358,10 +379,8 @@ class DataParallel(SingleReplica):
                     self._end_step()
                     raise RuntimeError(f"the gradient of {slot.name} changed after it was sent; with "
                                        "overlap, change gradients only after finish_gradient_sync()")
-                # Sum / N into a fresh array in one pass: the bucket is reused next step, and a
-                # .grad kept by the caller must not change with it.
-                summed = bucket.flat[slot.start:slot.stop].reshape(slot.parameter.shape)
-                slot.parameter.grad = summed / self.comm.size
+                slot.parameter.grad = slot.view  # the average, where backward left it
+            bucket.flat /= self.comm.size  # Σ_i Δθ_i -> the average, in place, one pass
         self._end_step()
         ### END SOLUTION
 

@@ -22,6 +22,12 @@ parameters 4Ψ, gradients 4Ψ, AdamW's m and v 8Ψ (``memory_report`` measures t
 (With sizes N does not divide, Ψ becomes the padded count below.) Stage 1 holds every full
 gradient at the end of backward, as the paper counts it; stages 2-3 hold about one piece's.
 
+Micro-batches. With m micro-batches per step stages 2-3 reduce-scatter each unit after every
+micro-batch and add the averaged result into its part (as DeepSpeed's stage 2 does), so the
+full gradients never outlive one micro-batch's backward and the table holds whatever m is; the
+price is m reduce-scatters per step instead of one, m(N-1)/N Ψ bytes. Stage 1 keeps the full
+gradients summed over the micro-batches and reduce-scatters once, as its row of the table says.
+
 Parts. A parameter (this rank's tensor-parallel shard of it) of n numbers is read flat, padded
 with zeros to N s numbers, s = ceil(n / N), and rank d owns [d s, (d+1) s) (per-parameter
 sharding, as in PyTorch's FSDP2). Every rank holding the parameter cuts it alike, so a part is
@@ -32,7 +38,7 @@ here; the optimizer updates the parts (``updated``). One step, g_i the gradient 
 
     backward        g_i at full size (stage 3: each piece's parameters gathered for it)
     reduce-scatter  rank d gets its part of ḡ = (1/N) Σ_i g_i; stage 1 after backward,
-                    stages 2-3 during it, as soon as a unit's gradients are final
+                    stages 2-3 during it, as soon as a unit's gradients of a micro-batch are final
     clip, AdamW     on the parts alone; AdamW is elementwise, so N ranks updating N parts is
                     the update of the whole:  θ_d <- θ_d - η u(ḡ_d, m_d, v_d)
     all-gather      stages 1-2: the updated parts rebuild θ everywhere; stage 3: nothing
@@ -59,6 +65,16 @@ weights alive until its backward. So a stage-3 piece runs its forward under no_g
 compute, release) keeping only its input; its backward gathers again, reruns the forward with
 the graph, backpropagates through it and releases. The chunks call their pieces through
 ``run_gathered`` (``PipelineChunk.piece_runner``), so the pieces themselves stay as they are.
+
+Overlap (``overlap=True``, ``--overlap``; PyTorch FSDP and DeepSpeed do the same). Each unit's
+reduce-scatter starts (MPI_Ireduce_scatter_block) at the grad-ready hook that completes it, in
+every stage (stage 1: during the last micro-batch), and backward carries on with earlier layers;
+at most ``MAX_REDUCE_SCATTERS_IN_FLIGHT`` send buffers (full-size) are held at once, the oldest
+finished first, and ``finish_gradient_sync`` waits for the rest. Stage 3 also prefetches: while
+a piece computes, the all-gather of the piece that runs next (the following one in forward, the
+previous one in backward) is in flight (MPI_Iallgather), so two pieces' parameters are gathered
+at once. Results are added in the order they were sent, on every rank, so overlap changes when
+bytes move, not the numbers.
 """
 from contextlib import contextmanager
 
@@ -67,6 +83,8 @@ from minipar.errors import ConfigError
 from minipar.parallel.gradient_sync import MOMENTS, SingleReplica, bytes_held, memory_report
 from minipar.parallel.pipeline.executor import random_states, replaying
 from minipar.tensor import Function, Tensor, is_grad_enabled, no_grad
+
+MAX_REDUCE_SCATTERS_IN_FLIGHT = 2  # --overlap: at most this many send buffers (full-size) held at once
 
 
 def part_length(size, count):
@@ -83,8 +101,9 @@ class Unit:
         starts = [sum(lengths[:i]) for i in range(len(lengths))]
         self.places = [slice(start, start + length) for start, length in zip(starts, lengths, strict=True)]
         self.length = sum(lengths)  # S: this rank's part of every parameter of the unit
-        self.final = 0  # parameters whose gradient is final in this step
-        self.sent = False  # reduce-scattered in this step
+        self.final = 0  # parameters whose gradient of the current micro-batch is complete
+        self.sent = False  # reduce-scattered at least once in this step
+        self.gradient = None  # (S,): this rank's part of the averaged gradient, summed over sends
 
     def slots(self):
         return zip(self.parameters, self.places, strict=True)
@@ -121,10 +140,17 @@ class Zero(SingleReplica):
     The gradient-synchronisation interface of ``parallel/gradient_sync.py``.
     """
 
-    def __init__(self, chunks, dp_comm, stage, accumulation_steps=1):
+    def __init__(self, chunks, dp_comm, stage, accumulation_steps=1, overlap=False):
         if stage not in (1, 2, 3):
             raise ConfigError(f"ZeRO stage must be 1, 2 or 3, got {stage!r}")
         self.comm, self.stage, self.count, self.rank = dp_comm, stage, dp_comm.size, dp_comm.rank
+        self.overlap = overlap
+        self.in_flight = []  # --overlap: (unit, request, send buffer, result), oldest first
+        self.prefetched = {}  # --overlap, stage 3: {id(unit): (request, send buffer, rows)} of started all-gathers
+        self.runs_next = {}  # --overlap, stage 3: {(id(piece), "forward"|"backward"): the piece that runs after it}
+        for chunk in chunks if overlap and stage == 3 else ():
+            for before, after in zip(chunk.pieces[:-1], chunk.pieces[1:], strict=True):
+                self.runs_next[id(before), "forward"], self.runs_next[id(after), "backward"] = after, before
         self.partitioned_over = (dp_comm,)  # each rank updates its own parts
         self.units, self.units_of_piece, piece_uses = make_units(
             [piece for chunk in chunks for piece in chunk.pieces], self.count)
@@ -134,10 +160,12 @@ class Zero(SingleReplica):
         for unit in self.units:
             self._make_parts(unit)
         self.part_list = [self.parts[id(p)] for p in self.parameters]
-        if stage >= 2:  # a gradient is final at its last grad-ready hook of the step: one per backward it is in
-            chunk_uses = {id(p): sum(any(p is q for q in c.parameters()) for c in chunks) for p in self.parameters}
-            uses = piece_uses if stage == 3 else chunk_uses  # stage 3 runs one backward per piece
-            self.expected_firings = {id(p): accumulation_steps * uses[id(p)] for p in self.parameters}
+        # A micro-batch's gradient of p is complete after one grad-ready hook per backward p is in.
+        chunk_uses = {id(p): sum(any(p is q for q in c.parameters()) for c in chunks) for p in self.parameters}
+        uses = piece_uses if stage == 3 else chunk_uses  # stage 3 runs one backward per piece
+        self.uses_per_micro_batch = {id(p): uses[id(p)] for p in self.parameters}
+        self.expected_firings = {id(p): accumulation_steps * uses[id(p)] for p in self.parameters}
+        if stage >= 2 or overlap:  # stage 1 without overlap sends everything after backward
             for p in self.parameters:
                 p.register_grad_ready_hook(self.gradient_ready)
         self.piece_runner = self.run_gathered if stage == 3 else None
@@ -180,29 +208,73 @@ class Zero(SingleReplica):
 
     # ---- gradients -------------------------------------------------------------------------
     def start_step(self):
+        self._complete_reduce_scatters()  # a step abandoned with sends in flight: finish them everywhere
         self.firings = {}
         self.peak_full_gradients = self.peak_gathered_parameters = 0
         for unit in self.units:
-            unit.final, unit.sent = 0, False
+            unit.final, unit.sent, unit.gradient = 0, False, None
         for p in self.parameters:
             p.grad = self.parts[id(p)].grad = None
 
     def gradient_ready(self, p):
-        """Grad-ready hook (stages 2-3): reduce-scatter a unit once all its gradients are final."""
+        """Grad-ready hook: reduce-scatter a unit once its gradients of a micro-batch are complete
+        (stages 2-3: after every micro-batch; stage 1 with --overlap: after the last one)."""
         firings = self.firings[id(p)] = self.firings.get(id(p), 0) + 1
         if firings > self.expected_firings[id(p)]:
             raise RuntimeError(f"{p.shard.full_name} got a gradient {firings} times in one step, expected "
                                f"{self.expected_firings[id(p)]}: call finish_gradient_sync() once per step")
         self._note_full_gradients()
-        if firings == self.expected_firings[id(p)]:
+        complete = firings == self.expected_firings[id(p)] if self.stage == 1 else \
+            firings % self.uses_per_micro_batch[id(p)] == 0
+        if complete:
             unit = self.unit_of[id(p)]
             unit.final += 1
             if unit.final == len(unit.parameters):
-                self._reduce_scatter(unit)
+                self._send(unit)
+        # Without a progress thread MPI advances nonblocking calls only inside MPI calls.
+        for request in [entry[1] for entry in self.in_flight] + [entry[0] for entry in self.prefetched.values()]:
+            request.test()
 
     def _note_full_gradients(self):
-        held = bytes_held(p.grad for p in self.parameters)  # until finish_gradient_sync, only full ones
+        """Full-size gradients held now: the .grad arrays, and (--overlap) the send buffers in flight."""
+        held = bytes_held(p.grad for p in self.parameters) + sum(rows.nbytes for _, _, rows, _ in self.in_flight)
         self.peak_full_gradients = max(self.peak_full_gradients, held)
+
+    def _send(self, unit):
+        """Reduce-scatter what the unit's full gradients hold now and free them; blocking, or
+        (--overlap) started here and added to the parts when it completes."""
+        unit.final = 0
+        if not self.overlap:
+            self._reduce_scatter(unit)
+            return
+        rows = xp.zeros((self.count, unit.length), dtype=unit.parameters[0].dtype)
+        for p, place in unit.slots():
+            if p.grad is not None:
+                rows[:, place] = self._rows(p, p.grad)
+            p.grad = None
+        result = xp.empty(unit.length, dtype=rows.dtype)
+        self.in_flight.append((unit, self.comm.ireduce_scatter(rows.reshape(-1), result), rows, result))
+        unit.sent = True
+        # Bound the send buffers held: finish the oldest beyond the limit (usually done by now).
+        self._complete_reduce_scatters(keep=MAX_REDUCE_SCATTERS_IN_FLIGHT)
+
+    def _complete_reduce_scatters(self, keep=0):
+        """Wait for all but the ``keep`` newest reduce-scatters in flight, oldest first, and add each
+        averaged result to its unit's parts (in the order they were sent, on every rank)."""
+        while len(self.in_flight) > keep:
+            unit, request, _, result = self.in_flight.pop(0)
+            request.wait()
+            result /= self.count
+            self._add_to_parts(unit, result)
+
+    def _add_to_parts(self, unit, gradient):
+        """The parts' .grad view the unit's one (S,) buffer; a later send (micro-batch) adds into it."""
+        if unit.gradient is None:
+            unit.gradient = gradient
+            for p, place in unit.slots():
+                self.parts[id(p)].grad = gradient[place]
+        else:
+            unit.gradient += gradient
 
     def _reduce_scatter(self, unit):
         """ḡ_d = (1/N) Σ_i g_i on this rank's parts; each full gradient is freed once packed."""
@@ -215,17 +287,19 @@ class Zero(SingleReplica):
         gradient = xp.empty(unit.length, dtype=rows.dtype)
         self.comm.reduce_scatter(rows.reshape(-1), gradient)
         gradient /= self.count
-        for p, place in unit.slots():
-            self.parts[id(p)].grad = gradient[place]
+        self._add_to_parts(unit, gradient)
         unit.sent = True
         ### END SOLUTION
 
     def finish_gradient_sync(self):
-        """Reduce-scatter every unit not yet sent (all of them in stage 1): each part's .grad is its average."""
+        """Reduce-scatter every unit not yet sent (all of them in stage 1 without overlap) or still
+        holding gradients (a micro-batch that did not reach all its parameters): each part's .grad
+        is then its average."""
         self._note_full_gradients()
         for unit in self.units:  # in unit order: every dp rank starts the same collectives in the same order
-            if not unit.sent:
-                self._reduce_scatter(unit)
+            if not unit.sent or any(p.grad is not None for p in unit.parameters):
+                self._send(unit)
+        self._complete_reduce_scatters()
 
     # ---- parameters ------------------------------------------------------------------------
     def _all_gather(self, unit, parts):
@@ -249,20 +323,39 @@ class Zero(SingleReplica):
         ### END SOLUTION
 
     @contextmanager
-    def gathered(self, units):
-        """Stage 3: the units' parameters whole inside the block, stand-ins again after it."""
+    def gathered(self, units, prefetch=()):
+        """Stage 3: the units' parameters whole inside the block, stand-ins again after it; with
+        --overlap the all-gathers of ``prefetch`` (the next piece's units) start before the block."""
         try:
             for done, unit in enumerate(units, start=1):
-                rows = self._all_gather(unit, [self.parts[id(p)].data for p in unit.parameters])
+                if id(unit) in self.prefetched:  # started while the previous piece computed
+                    request, _, rows = self.prefetched.pop(id(unit))
+                    request.wait()
+                else:
+                    rows = self._all_gather(unit, [self.parts[id(p)].data for p in unit.parameters])
                 for p, place in unit.slots():
                     p.data = self._full(p, rows, place)
                 held = bytes_held(p.data for gathered in units[:done] for p in gathered.parameters)
                 self.peak_gathered_parameters = max(self.peak_gathered_parameters, held + rows.nbytes)
                 del rows
+            for unit in prefetch:
+                if unit not in units and id(unit) not in self.prefetched:
+                    send = xp.concatenate([self.parts[id(p)].data for p in unit.parameters])
+                    rows = xp.empty((self.count, unit.length), dtype=send.dtype)
+                    self.prefetched[id(unit)] = self.comm.iallgather(send, rows.reshape(-1)), send, rows
+            if self.prefetched:
+                held = bytes_held(p.data for gathered in units for p in gathered.parameters)
+                in_flight = sum(rows.nbytes for _, _, rows in self.prefetched.values())
+                self.peak_gathered_parameters = max(self.peak_gathered_parameters, held + in_flight)
             yield
         finally:
             for p in (p for unit in units for p in unit.parameters):
                 p.data = self.stand_in[id(p)]
+
+    def prefetch_after(self, piece, direction):
+        """The units to all-gather ahead while ``piece`` runs its ``direction`` pass (--overlap)."""
+        following = self.runs_next.get((id(piece), direction))
+        return self.units_of_piece[id(following)] if following is not None else ()
 
     def run_gathered(self, piece, x, *targets):
         """Stage 3: ``piece(x, *targets)`` with its parameters gathered for its forward and its backward only."""
@@ -332,7 +425,7 @@ class _GatherRunRelease(Function):
         ctx.x, ctx.zero, ctx.piece, ctx.units, ctx.targets = x, zero, piece, units, targets
         ctx.as_tensor, ctx.input_gradient, ctx.parameter_count = as_tensor, input_gradient, len(parameter_arrays)
         ctx.random_states = random_states(piece)
-        with zero.gathered(units), no_grad():
+        with zero.gathered(units, zero.prefetch_after(piece, "forward")), no_grad():
             return piece(Tensor(x) if as_tensor else x, *targets).data
 
     @staticmethod
@@ -340,6 +433,7 @@ class _GatherRunRelease(Function):
         if not is_grad_enabled():
             raise RuntimeError("ZeRO stage 3 reruns each piece's forward in backward: run backward with gradients on")
         x = Tensor(ctx.x, requires_grad=ctx.input_gradient) if ctx.as_tensor else ctx.x
-        with replaying(ctx.piece, ctx.random_states), ctx.zero.gathered(ctx.units):
+        prefetch = ctx.zero.prefetch_after(ctx.piece, "backward")
+        with replaying(ctx.piece, ctx.random_states), ctx.zero.gathered(ctx.units, prefetch):
             ctx.piece(x, *ctx.targets).backward(grad)  # the grad-ready hooks reduce-scatter in here
         return (x.grad if ctx.input_gradient else None,) + (None,) * ctx.parameter_count

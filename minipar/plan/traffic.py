@@ -14,7 +14,8 @@ each call with its size, so that (a) the bytes equal the communicators' traffic 
       per step: SP's sum of the sequence-sharded gradients; the gradient norm (1 float64)
     pp group      per micro-batch and chunk boundary, an Isend of x forward and of dL/dx
                   backward; per step a broadcast of the loss and the gradient norm (1 float64)
-    dp group      plain: an allreduce per gradient bucket; ZeRO: a reduce-scatter per unit, and
+    dp group      plain: an allreduce per gradient bucket; ZeRO: a reduce-scatter per unit (stages
+                  2-3: per unit and micro-batch), and
                   an all-gather per unit after the step (stages 1-2) or per piece use (stage 3);
                   per step the loss average (1 float64) and, under ZeRO, the gradient norm.
 
@@ -154,7 +155,10 @@ def _data_parallel_calls(model, strategy, stage):
     units = zero_units(model, strategy, stage)
     for users, unit in units:
         rows = dp * sum(part_length(n, dp) for n in unit)
-        calls.append(Call("dp", "reduce_scatter", rows, e, per="step"))
+        if zero == 1:  # once, after the last micro-batch
+            calls.append(Call("dp", "reduce_scatter", rows, e, per="step"))
+        else:  # stages 2-3 after every micro-batch, so only a part of the gradient is kept (parallel/zero.py)
+            calls.append(Call("dp", "reduce_scatter", rows, e, strategy.microbatches))
         if zero < 3:
             calls.append(Call("dp", "allgather", rows, e, per="step"))
         else:  # gathered for every forward (and rerun) and every backward of each piece using it

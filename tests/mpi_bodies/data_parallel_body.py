@@ -25,14 +25,16 @@ STEPS = 3
 DATA_SEED = 2024
 TOLERANCE = dict(rtol=1e-11, atol=1e-13)  # observed differences are about 5e-15
 
-# (name, options for DataParallel, batch split, micro-batches per step)
+# (name, options for DataParallel, batch split, micro-batches per step). Steps begin with
+# dp.start_step() (the gradients are views of the buckets), except where the name says
+# zero_grad: then .grad is None before backward and each gradient is copied into its bucket.
 CASES = [
     ("one bucket, blocking mpi", dict(bucket_bytes=math.inf), "local", 1),
-    ("per-parameter buckets, ring, scatter", dict(bucket_bytes=1, algorithm="ring"), "scatter", 1),
+    ("per-parameter buckets, ring, scatter, zero_grad", dict(bucket_bytes=1, algorithm="ring"), "scatter", 1),
     ("2 KiB buckets, recursive doubling", dict(bucket_bytes=2048, algorithm="recursive_doubling"), "local", 1),
     ("2 KiB buckets, tree", dict(bucket_bytes=2048, algorithm="tree"), "scatter", 1),
     ("2 KiB buckets, overlap", dict(bucket_bytes=2048, overlap=True), "local", 1),
-    ("per-parameter buckets, overlap", dict(bucket_bytes=1, overlap=True), "scatter", 1),
+    ("per-parameter buckets, overlap, zero_grad", dict(bucket_bytes=1, overlap=True), "scatter", 1),
     ("accumulation, blocking ring", dict(bucket_bytes=2048, algorithm="ring", accumulation_steps=2), "local", 2),
     ("accumulation, overlap", dict(bucket_bytes=2048, overlap=True, accumulation_steps=2), "scatter", 2),
 ]
@@ -72,13 +74,17 @@ def single_process_run():
     return losses, grads, model.state_dict()
 
 
-def data_parallel_run(communicator, options, split, micro_batches):
-    """Losses (global means), the model, averaged gradients and counters of each step, and ``dp``."""
+def data_parallel_run(communicator, options, split, micro_batches, zero_grad=False):
+    """Losses (global means), the model, averaged gradients and counters of each step, ``dp``, and
+    per step the parameters whose .grad after the sync is not a view of a bucket."""
     model, optimizer = new_model_and_optimizer()
     dp = DataParallel(model.parameters(), communicator, **options)
-    losses, grads, counters = [], [], []
+    losses, grads, counters, not_views = [], [], [], []
+    flats = [bucket.flat for bucket in dp.buckets]
     for step in range(STEPS):
         communicator.reset_counters()
+        if not zero_grad:
+            dp.start_step()
         if split == "local":
             inputs, targets = local_slice(global_batch(step), communicator.rank, communicator.size)
         else:  # only rank 0 samples the batch; the others receive their rows
@@ -95,10 +101,13 @@ def data_parallel_run(communicator, options, split, micro_batches):
         dp.finish_gradient_sync()
         counters.append(communicator.counters_snapshot())
         grads.append(gradients(model))
+        not_views.append(sorted(name for name, p in model.named_parameters()
+                                if not any(p.grad.base is flat for flat in flats)))
         optimizer.step()
-        optimizer.zero_grad()
+        if zero_grad:
+            optimizer.zero_grad()
         losses.append(communicator.allreduce(xp.array([local_loss])).item() / communicator.size)
-    return losses, model, grads, counters, dp
+    return losses, model, grads, counters, dp, not_views
 
 
 def tolerance_ratio(actual, expected):
@@ -151,7 +160,10 @@ def equivalence_checks(communicator):
     reference_losses, reference_grads, reference_state = single_process_run()
     checks = []
     for name, options, split, micro_batches in CASES:
-        losses, model, grads, counters, dp = data_parallel_run(communicator, options, split, micro_batches)
+        losses, model, grads, counters, dp, not_views = data_parallel_run(
+            communicator, options, split, micro_batches, zero_grad="zero_grad" in name)
+        checks.append((f"{name}: parameters whose averaged .grad is not a view of a bucket, per step",
+                       not_views, "==", [[]] * STEPS))
         checks.append((f"{name}: losses, tolerance ratio", tolerance_ratio(losses, reference_losses), "<=", 1.0))
         for step, (step_grads, reference_step_grads) in enumerate(zip(grads, reference_grads, strict=True)):
             checks.append((f"{name}: step {step} gradients after the sync, tolerance ratio per parameter",

@@ -113,6 +113,63 @@ def memory_and_traffic_checks(trainer, stage, layout, bulk):
     return checks
 
 
+def check_gradient_memory_with_micro_batches(comm):
+    """Stages 2-3 reduce-scatter after every micro-batch (as DeepSpeed does), so with m = 4
+    micro-batches a rank keeps 4Ψ'/N bytes of gradients, to the byte, and its full-size
+    gradients never exceed what one micro-batch's backward holds (the same peak as m = 1),
+    far below the 4Ψ that keeping them until the last micro-batch would cost. The price is
+    traffic: m reduce-scatters per step. With --overlap at most two units' send buffers
+    (full-size, padded) are in flight on top of that."""
+    set_default_dtype(xp.float32)
+    world = Communicator(comm)
+    checks = []
+    for stage in (2, 3):
+        runs = {}
+        for m, overlap in ((1, False), (4, False), (4, True)):
+            trainer, _ = train(world, MODEL, 2, dp=world.size, zero=stage, microbatches=m, overlap=overlap)
+            runs[m, overlap] = trainer, trainer.memory_report(), trainer.grid.dp.counters_snapshot()
+        trainer, measured, counters = runs[4, False]
+        count = trainer.grid.dp.size
+        sizes = [array.size for array in trainer.parameter_arrays().values()]
+        psi, padded = sum(sizes), sum(count * -(-n // count) for n in sizes)
+        pieces = sorted(sum(p.size for p in piece.parameters()) for chunk in trainer.chunks for piece in chunk.pieces)
+        largest_padded_unit = max(sum(count * -(-p.size // count) for p in unit.parameters)
+                                  for unit in trainer.sync.units)
+        name = f"stage {stage}, 4 micro-batches"
+        kept = 4 * padded // count
+        checks += [
+            (f"{name}: gradients kept (4Ψ'/N)", measured["gradients"], "==", kept),
+            (f"{name}: bytes held", measured["total"], "==",
+             4 * padded // (count if stage == 3 else 1) + kept + 8 * padded // count),
+            (f"{name}: peak full gradients, as with 1 micro-batch", measured["peak_full_gradients"], "==",
+             runs[1, False][1]["peak_full_gradients"]),
+            (f"{name}: peak full gradients, at most two pieces'", measured["peak_full_gradients"], "<=",
+             4 * (pieces[-1] + pieces[-2])),
+            (f"{name}: peak full gradients, against a quarter of all", 4 * measured["peak_full_gradients"], "<",
+             4 * psi),
+            (f"{name}: reduce-scatter bytes, one per micro-batch", counters["reduce_scatter"]["bytes_sent"], "==",
+             4 * (count - 1) * 4 * padded // count)]
+        trainer, overlapped, counters = runs[4, True]
+        checks += [
+            (f"{name}, overlap: gradients kept", overlapped["gradients"], "==", kept),
+            (f"{name}, overlap: peak full gradients, at most the blocking one plus two send buffers",
+             overlapped["peak_full_gradients"], "<=", measured["peak_full_gradients"] + 2 * 4 * largest_padded_unit),
+            (f"{name}, overlap: reduce-scatter bytes", counters["ireduce_scatter"]["bytes_sent"], "==",
+             4 * (count - 1) * 4 * padded // count)]
+        if stage == 3:  # the same all-gathers, most of them started one piece ahead
+            blocking = runs[4, False][2]["allgather"]
+            gathers = {key: counters[key] for key in ("allgather", "iallgather") if key in counters}
+            checks += [
+                (f"{name}, overlap: all-gather bytes, blocking and prefetched",
+                 sum(record["bytes_sent"] for record in gathers.values()), "==", blocking["bytes_sent"]),
+                (f"{name}, overlap: all-gathers prefetched, of {blocking['calls']}",
+                 gathers["iallgather"]["calls"], ">=", blocking["calls"] // 2),
+                (f"{name}, overlap: peak gathered parameters, at most one piece more",
+                 overlapped["peak_gathered_parameters"], "<=",
+                 measured["peak_gathered_parameters"] + 2 * 4 * largest_padded_unit)]
+    return report(["micro-batches"], checks)
+
+
 def check_stage_3_frees_gathered_parameters(comm):
     """Stage 3: a piece's gathered parameters are gone by the time the next piece gathers its own
     (forward or backward, any micro-batch), so no graph or stash keeps one alive."""
@@ -125,9 +182,9 @@ def check_stage_3_frees_gathered_parameters(comm):
     gathered = zero.gathered
 
     @contextmanager
-    def watched(units):
+    def watched(units, prefetch=()):
         alive_at_gather.append(sum(reference() is not None for reference in earlier))
-        with gathered(units):
+        with gathered(units, prefetch):
             entered[0] += 1
             earlier.extend(weakref.ref(p.data.base) for unit in units for p in unit.parameters)
             yield
