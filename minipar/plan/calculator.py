@@ -85,7 +85,7 @@ def calculator():
         "recompute": widgets.Dropdown(options=["none", "selective", "full"], value=d["recompute"],
                                       description="recompute"),
         "batch": widgets.IntSlider(d["batch"], 8, 4096, step=8, description="global batch"),
-        "engine": widgets.Dropdown(options=["minipar", "minipar-next", "ideal"], value=d["engine"],
+        "engine": widgets.Dropdown(options=["minipar", "ideal"], value=d["engine"],
                                    description="engine"),
     }
     text, output = widgets.HTML(), widgets.Output()

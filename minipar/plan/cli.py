@@ -57,9 +57,8 @@ def add_arguments(parser):
                            "bf16 or fp16 (16-bit compute, 16 bytes of state per parameter; the GPU default); "
                            "a list such as fp32,bf16 searches both")
     plan.add_argument("--engine", choices=ENGINES, default="minipar",
-                      help="minipar: what minipar does today (ZeRO-2 keeps whole gradients while micro-batches "
-                           "accumulate; no overlap under ZeRO); minipar-next: ZeRO-2 reduce-scatters every "
-                           "micro-batch, overlap under ZeRO; ideal: the papers' engines, every overlap they can")
+                      help="minipar: what minipar does (ZeRO-2/3 reduce-scatter every micro-batch; with --overlap "
+                           "ZeRO's collectives run during backward); ideal: the papers' engines, every overlap they can")
     plan.add_argument("--schedules", default=",".join(SCHEDULES), help="pipeline schedules to consider")
     plan.add_argument("--cp", default="1", help="context-parallel sizes to consider, e.g. 1,2,4")
     plan.add_argument("--zero", default="0,1,2,3", help="ZeRO stages to consider")
@@ -286,16 +285,16 @@ def explain(fitting, everything, model, machine):
     else:
         words.append("- No pipeline: once tensor parallelism and ZeRO have cut the model states, every rank holds "
                      "all layers, and there is no bubble to pay.")
-    hidden = {"minipar": "minipar overlaps only plain data parallelism's buckets with the last backward",
-              "minipar-next": "ZeRO's collectives overlap too", "ideal": "assuming the papers' overlap"}[s.engine]
+    hidden = {"minipar": "minipar overlaps its buckets and ZeRO's reduce-scatters with backward under --overlap",
+              "ideal": "assuming the papers' overlap"}[s.engine]
     words.append(f"- Data parallelism {s.dp}: {seconds(t['dp'])} of gradient sync left exposed ({hidden}).")
     if s.effective_zero:
         plain = next((p for p in everything if p.strategy == s.with_(zero=0)), None)
         if plain is not None:
             words.append(f"- ZeRO-{s.zero} shards the model states over the {s.dp} replicas: "
                          f"{size(_states(plain.memory))} -> {size(_states(mem))} per rank"
-                         + (" (gradients whole while minipar accumulates micro-batches)"
-                            if s.engine == "minipar" and s.zero >= 2 and s.microbatches > 1 else "") + ".")
+                         + (" (stage 1 holds whole gradients while micro-batches accumulate)"
+                            if s.zero == 1 and s.microbatches > 1 else "") + ".")
     else:
         words.append("- No ZeRO: the replicas have room for their full optimizer state, and ZeRO-3 would add "
                      "parameter gathers to every micro-batch.")

@@ -23,12 +23,11 @@ to the simulator, add its name to ``SIMULATED``.
 The data-parallel collectives once per step (gradient sync, ZeRO's gathers) and what hides them
 depend on the engine (``Strategy.engine``):
 
-    minipar       what minipar does today: plain data parallelism overlaps its bucket allreduces
-                  with the last micro-batch's backward when --overlap (the CLI's default for it);
-                  ZeRO overlaps nothing (the Trainer refuses --overlap with ZeRO), and ZeRO-3's
-                  gathers wait in every micro-batch.
-    minipar-next  ZeRO-2 reduce-scatters each micro-batch's gradients (m× the reduce-scatter
-                  volume) behind its backward, and ZeRO's collectives overlap as plain dp's do.
+    minipar       what minipar does: with --overlap (the CLI's default for it) plain data
+                  parallelism's bucket allreduces and ZeRO's reduce-scatters run during backward;
+                  ZeRO-2/3 reduce-scatter after every micro-batch (m× the reduce-scatter volume,
+                  booked in traffic.py), each behind its own backward; ZeRO-3's gathers wait in
+                  every micro-batch.
     ideal         the papers' engines (Megatron-LM, DeepSpeed), labelled as such: every
                   data-parallel collective runs beside the compute it can overlap (the last
                   backward; ZeRO-3's prefetched gathers beside every micro-batch), costing
@@ -172,13 +171,11 @@ def stage_time(model, strategy, machine, stage, overlap):
         per_micro = work + gathers
     micro = per_micro + (comm["tp"] + comm["pp"]) / m
     dp, zero = comm["dp"], strategy.effective_zero
-    if engine == "minipar-next" and zero == 2:
-        dp += (m - 1) * comm["dp"] / 2  # a reduce-scatter per micro-batch (half of the step's dp bytes)
     backward = compute["backward"] + compute["recompute"]
     if engine == "ideal":
         hidden = dp - max(0.0, dp - backward) - OVERLAP_LOSS * min(dp, backward)
-    elif overlap and (zero == 0 or engine == "minipar-next"):
-        hidden = min(dp, backward * (m if engine == "minipar-next" and zero == 2 else 1))
+    elif overlap:
+        hidden = min(dp, backward * (m if zero >= 2 else 1))
     else:
         hidden = 0.0
     return dict(compute, tp=comm["tp"], pp=comm["pp"], dp=dp, dp_hidden=hidden, per_micro=per_micro, micro=micro,

@@ -249,44 +249,19 @@ class Headroom:
 def peak_full_gradient_bytes(model, strategy, stage):
     """Bytes of whole (unsharded) gradients a ZeRO rank holds at once during the step.
 
-    minipar (parallel/zero.py) reduce-scatters a unit when its gradients are final: after the
-    last micro-batch's backward. So with m > 1 micro-batches, and always in stage 1 (which
-    reduce-scatters after backward), every gradient is held whole at once: e·Ψ. With one
-    micro-batch in stages 2-3 the units go out during backward; the planner then counts the
-    largest unit and the tied embedding (held until both its uses are done). The "minipar-next"
-    engine reduce-scatters each micro-batch's gradients (DeepSpeed's way): that bound at any m.
+    Stage 1 reduce-scatters after the last micro-batch's backward, so every gradient is held
+    whole at once: e·Ψ. Stages 2-3 (parallel/zero.py) reduce-scatter each unit after every
+    micro-batch's backward of it (DeepSpeed's way), so at any m the planner counts the largest
+    unit and the tied embedding (held until both its uses are done): an upper bound, not the
+    byte-exact figure it gives for stage 1.
     """
     e, zero = strategy.dtype_bytes, strategy.effective_zero
     sizes = [n for _, _, n in rank_parameters(model, strategy, stage)]
     if zero == 0 or zero == 1:
         return e * sum(sizes)
-    if strategy.microbatches > 1 and strategy.engine == "minipar":
-        if strategy.virtual_stages > 1:
-            return e * _gradient_peak_over_schedule(model, strategy, stage)
-        return e * sum(sizes)
     units = zero_units(model, strategy, stage)
     tied = max((sum(unit) for users, unit in units if len(users) > 1), default=0)
     return e * (max(sum(unit) for users, unit in units if len(users) == 1) + tied)
-
-
-def _gradient_peak_over_schedule(model, strategy, stage):
-    """Several chunks per rank: walk the schedule's backwards. A unit's gradients appear at the
-    first backward of a chunk using it and go at its last one (m backwards of every such chunk)."""
-    from minipar.parallel.pipeline.schedules import BACKWARD, build_schedule
-
-    pieces = rank_pieces(model, strategy, stage)
-    units = [({pieces[i][0] for i in users}, sum(unit)) for users, unit in zero_units(model, strategy, stage)]
-    done, held, peak = {}, set(), 0
-    for action in build_schedule(strategy.schedule, strategy.pp, strategy.microbatches, stage,
-                                 strategy.virtual_stages):
-        if action.kind != BACKWARD:
-            continue
-        held |= {index for index, (chunks, _) in enumerate(units) if action.chunk in chunks}
-        peak = max(peak, sum(units[index][1] for index in held))
-        done[action.chunk] = done.get(action.chunk, 0) + 1
-        held = {index for index in held
-                if any(done.get(c, 0) < strategy.microbatches for c in units[index][0])}
-    return peak
 
 
 def state_bytes(model, strategy, stage):

@@ -187,7 +187,7 @@ PRESETS = {
 
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zbv")
-ENGINES = ("minipar", "minipar-next", "ideal")
+ENGINES = ("minipar", "ideal")
 
 
 @dataclass(frozen=True)
@@ -211,7 +211,7 @@ class Strategy:
     state_bytes: int = 16  # mixed precision: bytes of model state per parameter, 16 (ZeRO's 2+2+12) or 18
     # (Megatron's fp32 main gradients: 2 + 4 + 12)
     engine: str = "minipar"  # what the step overlaps and when ZeRO-2 reduce-scatters (cost.py, memory.py):
-    # "minipar": what minipar does today; "minipar-next": per-micro-batch ZeRO-2 and overlap under ZeRO;
+    # "minipar": what minipar does (per-micro-batch reduce-scatter in ZeRO 2-3, overlap under ZeRO);
     # "ideal": every data-parallel collective hidden behind compute where it can be (the papers' runs)
 
     @property

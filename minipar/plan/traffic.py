@@ -157,8 +157,10 @@ def _data_parallel_calls(model, strategy, stage):
         rows = dp * sum(part_length(n, dp) for n in unit)
         if zero == 1:  # once, after the last micro-batch
             calls.append(Call("dp", "reduce_scatter", rows, e, per="step"))
-        else:  # stages 2-3 after every micro-batch, so only a part of the gradient is kept (parallel/zero.py)
+        elif strategy.engine == "minipar":  # stages 2-3 after every micro-batch (parallel/zero.py)
             calls.append(Call("dp", "reduce_scatter", rows, e, strategy.microbatches))
+        else:  # the papers' runs: once per step, as the planner's calibration against them assumes
+            calls.append(Call("dp", "reduce_scatter", rows, e, per="step"))
         if zero < 3:
             calls.append(Call("dp", "allgather", rows, e, per="step"))
         else:  # gathered for every forward (and rerun) and every backward of each piece using it
