@@ -21,6 +21,12 @@ class Check:
     name: str
     sizes: tuple      # communicator sizes to run on (ranks 0 … size−1 of the job)
     body: object      # body(mpi_comm) -> None; raises CheckFailure on a wrong value
+    limit: float = None   # seconds before a rank counts as stuck, if shorter than the run's limit
+
+
+def limit_of(check, limit):
+    """The time limit of one check: its own where it has one and it is shorter."""
+    return min(limit, check.limit) if check.limit else limit
 
 
 def entries(checks):

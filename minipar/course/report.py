@@ -43,15 +43,29 @@ def entry_outcome(result_dir, index, size, world_size):
             why = {"time limit": f"within the {record['limit']:g} s limit",
                    "a rank failed while others waited": "after another rank failed"}.get(record["reason"],
                                                                                            record["reason"])
-            lines.append(f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} did not finish "
-                         f"{why}: stuck waiting for a message that no rank sends, or for a rank that failed")
-            for rank in missing[:3]:
-                path = stuck_file(result_dir, index, rank)
-                if path.exists():
-                    lines.append(f"rank {rank} was at {path.read_text()}")
+            places = {rank: stuck_file(result_dir, index, rank).read_text() for rank in missing
+                      if stuck_file(result_dir, index, rank).exists()}
+            if record["reason"] == "time limit" and len(places) == len(missing) > 1 and len(set(places.values())) == 1:
+                lines.append(f"deadlock: ranks {_ranks(missing)} all wait at {places[missing[0]]} (did not finish "
+                             f"{why}). Sends are synchronous here, as they are in a real run once a message "
+                             "outgrows MPI's eager limit: a ring in which every rank sends first waits forever; "
+                             "pair each send with its receive (Sendrecv, or Isend/Irecv then Wait)")
+            else:
+                lines.append(f"rank{'s' if len(missing) > 1 else ''} {_ranks(missing)} did not finish {why}: stuck "
+                             "waiting for a message that no rank sends, or for a rank that failed")
+                for rank in missing[:3]:
+                    if rank in places:
+                        lines.append(f"rank {rank} was at {places[rank]}")
     if not lines:
         return "pass", ""
     return "fail", "\n".join(lines)
+
+
+def _ranks(ranks):
+    """``0–3`` for a run of ranks, else ``0, 2, 5``."""
+    if len(ranks) > 2 and list(ranks) == list(range(ranks[0], ranks[-1] + 1)):
+        return f"{ranks[0]}–{ranks[-1]}"
+    return ", ".join(map(str, ranks))
 
 
 def entry_lines(result_dir, index, items, world_size):
