@@ -61,6 +61,25 @@ def entry_outcome(result_dir, index, size, world_size):
     return "fail", "\n".join(lines)
 
 
+def entry_kind(result_dir, index, size, world_size):
+    """What happened in entry ``index``: "pass", "fail" (a wrong value or a broken contract), "error" (the
+    code raised), "hang" (ranks did not finish in time), "skip", or None while it runs."""
+    outcome = entry_outcome(result_dir, index, size, world_size)
+    if outcome is None:
+        return None
+    if outcome[0] in ("pass", "skip"):
+        return outcome[0]
+    aborted = abort_file(result_dir, index)
+    statuses = {o["status"] for o in read_entry(result_dir, index, world_size).values()}
+    if aborted.exists() and json.loads(aborted.read_text())["reason"] == "time limit":
+        return "hang"
+    if "error" in statuses:
+        return "error"
+    if "fail" in statuses:
+        return "fail"
+    return "hang" if aborted.exists() else "fail"
+
+
 def _ranks(ranks):
     """``0–3`` for a run of ranks, else ``0, 2, 5``."""
     if len(ranks) > 2 and list(ranks) == list(range(ranks[0], ranks[-1] + 1)):
