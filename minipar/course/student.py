@@ -161,8 +161,9 @@ def _normal(line):
 
 
 def _idioms(root):
-    """Lines outside the solution regions that occur 3 times or more in the package: shared idioms
-    (``rank, size = comm.Get_rank(), comm.Get_size()``), not anyone's solution."""
+    """Lines outside the solution regions that occur twice or more in the package: shared idioms
+    (``rank, size = comm.Get_rank(), comm.Get_size()``, ``flat = _flat(buffer)``), not anyone's
+    solution. A solution copied once elsewhere is still found, line by line."""
     counts = {}
     for path in sorted(Path(root).glob("minipar/**/*.py")):
         inside = False
@@ -170,7 +171,7 @@ def _idioms(root):
             inside = (inside or line.strip() == BEGIN) and line.strip() != END
             if not inside:
                 counts[_normal(line)] = counts.get(_normal(line), 0) + 1
-    return {line for line, count in counts.items() if count >= 3}
+    return {line for line, count in counts.items() if count >= 2}
 
 
 def _meaningful(lines, idioms):
