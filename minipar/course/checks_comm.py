@@ -54,8 +54,9 @@ def _block_sizes(count, size):
     return {count // size, -(-count // size)}
 
 
-def check_messages(spy, what, rank, size, count, dtype, phases, traffic):
-    """The ring's contract on this rank's notes; raises CheckFailure naming the first breach."""
+def check_messages(spy, what, rank, size, count, dtype, phases, traffic, traffic_too=True):
+    """The ring's contract on this rank's notes; raises CheckFailure naming the first breach. Run first
+    when the values are wrong too: a broken contract (a built-in, a wrong dtype) is the likelier cause."""
     used = sorted({call.method for call in spy.collectives()})
     require(not used, f"rank {rank}: {what} called MPI's {', '.join(used)}: a hand-built collective moves its data "
                       "with point-to-point messages only (Send/Recv, Sendrecv or Isend/Irecv)")
@@ -88,6 +89,8 @@ def check_messages(spy, what, rank, size, count, dtype, phases, traffic):
                     f"rank {rank}: {what} moved {call.dtype} in a {np.dtype(dtype).name} collective ({call.method}): "
                     "messages carry the buffer's own dtype (a scratch buffer of another dtype doubles or halves "
                     "the bytes and changes the rounding)")
+    if not traffic_too:
+        return
     sent, received = sum(call.nbytes for call in sends), sum(call.nbytes for call in receives)
     reported = (getattr(traffic, "bytes_sent", None), getattr(traffic, "bytes_received", None))
     require(reported == (sent, received),
@@ -146,6 +149,7 @@ def _phase_check(name, first_block, prepare, expected_of, phases):
                 compare(f"rank {rank}: {what}, {formula[0]}, element", buffer[region], expected, formula[1],
                         _hint(size, dtype))
             except CheckFailure as failure:
+                check_messages(spy, what, rank, size, count, dtype, phases, None, traffic_too=False)
                 extra = _ring_hint(spy, rank, size, first_block, count)
                 raise CheckFailure(f"{failure}\n{extra}" if extra else str(failure)) from None
             check_messages(spy, what, rank, size, count, dtype, phases, traffic)

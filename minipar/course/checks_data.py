@@ -44,6 +44,22 @@ def ratio_hint(size):
     return hint
 
 
+def after_a_step(step, rank, run):
+    """``run(step)``; an exception after a good first step names the likely cause: state kept across steps."""
+    try:
+        run(step)
+    except CheckFailure:
+        raise
+    except Exception as error:
+        if step == 0:
+            raise
+        last = (str(error).strip().splitlines() or [""])[-1]
+        raise CheckFailure(f"rank {rank}, step {step + 1} (step 1 passed) raised {type(error).__name__}: {last}\n"
+                           "something kept from the previous step was not reset (a count of gradient hooks, a "
+                           "bucket's request, a packed slot): finish_gradient_sync must leave the object ready for "
+                           "the next step") from error
+
+
 def _data_parallel_check(overlap, microbatches, bucket_bytes, dtype_name="float64", steps=3):
     """``steps`` steps of DataParallel on a GPT; every rank's gradients (biases too) after each step equal one
     process's; with overlap, the first bucket's allreduce starts before the last backward ends."""
@@ -63,7 +79,7 @@ def _data_parallel_check(overlap, microbatches, bucket_bytes, dtype_name="float6
         model = GPT(GPTConfig(**MODEL), dtype=dtype_name)
         dp = DataParallel(model.parameters(), dp_comm, bucket_bytes=bucket_bytes, overlap=overlap,
                           accumulation_steps=m)
-        for step in range(steps):
+        def one_step(step):
             inputs, targets = _batch(size * m * 2, seed=12 + step)
             expected = _single_process_gradients(inputs, targets, dtype_name)
             dp.start_step()
@@ -94,6 +110,9 @@ def _data_parallel_check(overlap, microbatches, bucket_bytes, dtype_name="float6
                 compare(f"rank {rank}, step {step + 1}: {name}.grad after finish_gradient_sync, element", got,
                         expected[name], "Δθ = (1/N) Σ_i Δθ_i, the single-process gradient of the whole batch",
                         ratio_hint(size), rtol=tolerance, atol=tolerance)
+
+        for step in range(steps):
+            after_a_step(step, rank, one_step)
 
     return check
 
