@@ -87,7 +87,7 @@ PLANTED = (
             "send_start, send_stop = bounds[(rank - step - 1) % size]\n"
             "        receive_start, receive_stop = bounds[(rank - step - 2) % size]",
             "send_start, send_stop = bounds[(rank - step) % size]\n"
-            "        receive_start, receive_stop = bounds[(rank - step - 1) % size]", "after ring_reduce_scatter"),
+            "        receive_start, receive_stop = bounds[(rank - step - 1) % size]", "at step 0 rank 0 sent block 0"),
     Planted("ring_allreduce", "received block overwrites instead of adding", COLLECTIVES,
             "reduce_into(flat[receive_start:receive_stop], incoming)",
             "flat[receive_start:receive_stop] = incoming", "contributions missing"),

@@ -26,7 +26,7 @@ import time
 import traceback
 from pathlib import Path
 
-GRACE_AFTER_FAILURE = 5.0  # seconds the others get to finish after a rank failed or raised
+GRACE_AFTER_FAILURE = 3.0  # seconds the others get to finish after a rank failed or raised
 POLL = 0.02
 
 
