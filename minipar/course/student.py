@@ -30,7 +30,7 @@ from minipar.course.markers import (
 from minipar.course.registry import EXERCISES
 from minipar.errors import ConfigError
 
-TEACHER_ONLY = {"tests/test_course.py", "minipar/course/planted.py", ".ci/run"}
+TEACHER_ONLY = {"tests/test_course.py", "minipar/course/planted.py", "minipar/course/corpus.py", ".ci/run"}
 _NEVER_COPIED = {".git", "__pycache__", ".pytest_cache", "out", ".ci/venv", ".ipynb_checkpoints"}
 
 PUBLIC_TESTS = '''"""Public tests of the course: one case per exercise, as `python -m minipar course check NAME`.
