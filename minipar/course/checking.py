@@ -101,3 +101,30 @@ def digits_hint(size):
                 "counts one rank's contribution)") if parts else ""
 
     return hint
+
+
+def agreed(comm, run, *args):
+    """``run(*args)`` on every rank of the raw communicator ``comm``, then agree on the outcome.
+
+    A rank that fails while the others carry on into the next step would leave them waiting for
+    its messages, and the check would end as a hang after its limit. Here every rank reports
+    whether it failed (a small pickled allgather) before any goes on: all raise together, each with
+    its own message, or with the first failing rank's. (A rank that raises while the others are
+    blocked inside ``run`` still leaves them waiting; the time limit covers that.)
+    """
+    failure = None
+    try:
+        result = run(*args)
+    except Exception as error:  # noqa: BLE001 - the student's code may raise anything; reported below
+        failure = error
+    message = None if failure is None else (str(failure) if isinstance(failure, CheckFailure)
+                                            else f"raised {type(failure).__name__}: {str(failure).strip()}")
+    messages = comm.allgather(message)
+    if failure is not None:
+        raise failure
+    failed = [(rank, text) for rank, text in enumerate(messages) if text is not None]
+    if failed:
+        rank, text = failed[0]
+        raise CheckFailure(text if text.startswith("rank ") or text.startswith("stage ")
+                           else f"rank {rank}: {text}")
+    return result

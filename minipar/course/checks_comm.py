@@ -18,7 +18,7 @@ with the line each rank waits on.
 """
 import numpy as np
 
-from minipar.course.checking import Check, CheckFailure, compare, digits_hint, require
+from minipar.course.checking import Check, CheckFailure, agreed, compare, digits_hint, require
 from minipar.course.spy import Spy
 
 LIMIT = 12.0   # seconds: every hand-built collective here finishes in well under one on 8 ranks
@@ -136,12 +136,12 @@ def _phase_check(name, first_block, prepare, expected_of, phases):
 
     def check(comm):
         rank, size = comm.Get_rank(), comm.Get_size()
-        for count, dtype in cases(size):
+        def one_case(count, dtype):
             buffer = prepare(rank, size, count, dtype)
             spy = Spy(comm, base=buffer)
             function = getattr(_collectives(), name)
             traffic = _run(spy, function, buffer,
-                           hint=lambda spy=spy, count=count: _ring_hint(spy, rank, size, first_block, count))
+                           hint=lambda: _ring_hint(spy, rank, size, first_block, count))
             what = f"{name} ({np.dtype(dtype).name}, n = {count})"
             require(buffer.dtype == dtype, f"rank {rank}: {what} changed the buffer's dtype to {buffer.dtype}")
             region, expected, formula = expected_of(rank, size, count, dtype)
@@ -153,6 +153,9 @@ def _phase_check(name, first_block, prepare, expected_of, phases):
                 extra = _ring_hint(spy, rank, size, first_block, count)
                 raise CheckFailure(f"{failure}\n{extra}" if extra else str(failure)) from None
             check_messages(spy, what, rank, size, count, dtype, phases, traffic)
+
+        for count, dtype in cases(size):
+            agreed(comm, one_case, count, dtype)
 
     return check
 
@@ -207,7 +210,7 @@ def check_recursive_doubling(comm):
     """Sums on every case, and the contract: ⌈lg N⌉ + 1 messages at most, each the whole buffer."""
     rank, size = comm.Get_rank(), comm.Get_size()
     function = _collectives().recursive_doubling_allreduce
-    for count, dtype in cases(size):
+    def one_case(count, dtype):
         buffer = rank_data(rank, count, dtype)
         spy = Spy(comm)
         traffic = function(spy, buffer)
@@ -239,6 +242,9 @@ def check_recursive_doubling(comm):
         require(getattr(traffic, "bytes_sent", None) == sent,
                 f"rank {rank}: {what} returned bytes_sent={getattr(traffic, 'bytes_sent', None)}, but its messages "
                 f"moved {sent} bytes (the data were right)")
+
+    for count, dtype in cases(size):
+        agreed(comm, one_case, count, dtype)
 
 
 RING_SIZES = (1, 2, 3, 4, 8)

@@ -7,7 +7,7 @@ single-process gradient, Δθ = (1/N) Σ_i Δθ_i, to about 1e-12.
 """
 import numpy as np
 
-from minipar.course.checking import Check, CheckFailure, compare, require
+from minipar.course.checking import Check, CheckFailure, agreed, compare, require
 
 MODEL = {"vocab_size": 8, "block_size": 4, "n_layer": 2, "n_head": 2, "n_embd": 8}
 
@@ -112,7 +112,7 @@ def _data_parallel_check(overlap, microbatches, bucket_bytes, dtype_name="float6
                         ratio_hint(size), rtol=tolerance, atol=tolerance)
 
         for step in range(steps):
-            after_a_step(step, rank, one_step)
+            agreed(comm, after_a_step, step, rank, one_step)
 
     return check
 
@@ -170,39 +170,47 @@ def _zero_check(dtype_name, steps):
             optimizer.step()
             spy.clear()
             trainer.compute_gradients(inputs, targets)
-            for name, p in trainer.named_parameters:
-                part = trainer.sync.updated_tensor(p)
-                length = -(-p.size // size)                                        # s = ceil(n / N)
-                padded = np.zeros(size * length)
-                padded[:p.size] = full_grads[name].reshape(-1)
-                require(part.grad is not None, f"rank {rank}, step {step + 1}: the part of {name} has no gradient "
-                                               "after the sync")
-                got = np.asarray(to_host(part.grad))
-                require(got.dtype == np.dtype(dtype_name),
-                        f"rank {rank}, step {step + 1}: the part of dL/d{name} is {got.dtype} in a {dtype_name} run: "
-                        "keep the gradient's dtype (zeros(..., dtype=array.dtype) for the padding)")
-                compare(f"rank {rank}, step {step + 1}: its part of dL/d{name} (flat elements [{rank * length}, "
-                        f"{(rank + 1) * length}) of {p.size}, zero-padded to {size} × {length}), element",
-                        got.reshape(-1), padded[rank * length:(rank + 1) * length],
-                        "ḡ_d = (1/N) Σ_i g_i on the part rank d owns", ratio_hint(size), rtol=tolerance,
-                        atol=tolerance)
+
+            def parts(step=step, full_grads=full_grads):
+                for name, p in trainer.named_parameters:
+                    part = trainer.sync.updated_tensor(p)
+                    length = -(-p.size // size)                                        # s = ceil(n / N)
+                    padded = np.zeros(size * length)
+                    padded[:p.size] = full_grads[name].reshape(-1)
+                    require(part.grad is not None, f"rank {rank}, step {step + 1}: the part of {name} has no gradient "
+                                                   "after the sync")
+                    got = np.asarray(to_host(part.grad))
+                    require(got.dtype == np.dtype(dtype_name),
+                            f"rank {rank}, step {step + 1}: the part of dL/d{name} is {got.dtype} in a {dtype_name} run: "
+                            "keep the gradient's dtype (zeros(..., dtype=array.dtype) for the padding)")
+                    compare(f"rank {rank}, step {step + 1}: its part of dL/d{name} (flat elements [{rank * length}, "
+                            f"{(rank + 1) * length}) of {p.size}, zero-padded to {size} × {length}), element",
+                            got.reshape(-1), padded[rank * length:(rank + 1) * length],
+                            "ḡ_d = (1/N) Σ_i g_i on the part rank d owns", ratio_hint(size), rtol=tolerance,
+                            atol=tolerance)
+
+            agreed(comm, parts)   # all ranks stop together before the all-gather of the step
             trainer.update()
-            _zero_contract(spy, rank, step, elements)
-            for name, p in trainer.named_parameters:
-                got = np.asarray(to_host(p.data)).reshape(-1)
-                require(got.dtype == np.dtype(dtype_name), f"rank {rank}, step {step + 1}: {name} is {got.dtype} "
-                                                           f"after the step of a {dtype_name} run: keep the dtype")
-                expected = np.asarray(to_host(dict(reference.named_parameters())[name].data)).reshape(-1)
-                length = -(-p.size // size)
 
-                def stale(index, got_value, expected_value, name=name, length=length, before=before):
-                    if got_value == before[name].reshape(-1)[index[0]]:
-                        return (f"this element still holds its value from before the step: the updated part of "
-                                f"rank {index[0] // length} never arrived (all-gather the updated parts)")
-                    return ""
+            def after_the_step(step=step, before=before):
+                _zero_contract(spy, rank, step, elements)
+                for name, p in trainer.named_parameters:
+                    got = np.asarray(to_host(p.data)).reshape(-1)
+                    require(got.dtype == np.dtype(dtype_name), f"rank {rank}, step {step + 1}: {name} is {got.dtype} "
+                                                               f"after the step of a {dtype_name} run: keep the dtype")
+                    expected = np.asarray(to_host(dict(reference.named_parameters())[name].data)).reshape(-1)
+                    length = -(-p.size // size)
 
-                compare(f"rank {rank}, step {step + 1}: {name} after the AdamW step, flat element", got, expected,
-                        "one process's clipped AdamW step", stale, rtol=tolerance, atol=tolerance)
+                    def stale(index, got_value, expected_value, name=name, length=length, before=before):
+                        if got_value == before[name].reshape(-1)[index[0]]:
+                            return (f"this element still holds its value from before the step: the updated part of "
+                                    f"rank {index[0] // length} never arrived (all-gather the updated parts)")
+                        return ""
+
+                    compare(f"rank {rank}, step {step + 1}: {name} after the AdamW step, flat element", got, expected,
+                            "one process's clipped AdamW step", stale, rtol=tolerance, atol=tolerance)
+
+            agreed(comm, after_the_step)
 
     return check
 

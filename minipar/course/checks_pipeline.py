@@ -9,7 +9,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from minipar.course.checking import Check, CheckFailure, compare
+from minipar.course.checking import Check, CheckFailure, agreed, compare
 
 LAYOUTS = [(p, m) for p in (1, 2, 3, 4, 6) for m in (1, 2, p, 2 * p + 1)]
 
@@ -130,7 +130,8 @@ def _pipeline_gradients(comm, schedule, watch=False, recompute=False, steps=2):
     executor = PipelineExecutor(chunks, channel, schedule, m, (rows, config.block_size, config.n_embd), xp.float64,
                                 recompute=recompute)
     label = f"{schedule}{', recomputation on' if recompute else ''}"
-    for step in range(steps):
+
+    def one_step(step):
         rng = host_rng(9 + step)
         inputs = from_host(rng.integers(0, config.vocab_size, (m * rows, config.block_size)))
         targets = from_host(rng.integers(0, config.vocab_size, (m * rows, config.block_size)))
@@ -141,9 +142,13 @@ def _pipeline_gradients(comm, schedule, watch=False, recompute=False, steps=2):
             parameter.grad = None
         executor.run(split_microbatches(inputs, m), split_microbatches(targets, m))
         where = f"stage {pp.rank}, {label}, step {step + 1}"
-        if watch and channel.misuses:
-            raise CheckFailure(f"{where}: {channel.misuses[0]} ({len(channel.misuses)} such misuses): take a free "
-                               "buffer for every send and reuse it only after Test or Wait says its send completed")
+        def no_misuse():
+            if watch and channel.misuses:
+                raise CheckFailure(f"{where}: {channel.misuses[0]} ({len(channel.misuses)} such misuses): take a "
+                                   "free buffer for every send and reuse it only after Test or Wait says its send "
+                                   "completed")
+
+        agreed(comm, no_misuse)   # every stage stops here together, before the next messages
         TiedEmbeddingGradientSum(stage_parameters(chunks), pp).finish_gradient_sync()
         for name, parameter in stage_parameters(chunks):
             got = None if parameter.grad is None else np.asarray(to_host(parameter.grad))
@@ -156,6 +161,9 @@ def _pipeline_gradients(comm, schedule, watch=False, recompute=False, steps=2):
                     "one process's gradient on the whole batch (each micro-batch's loss scaled by 1/m)"
                     + ("; with recomputation the backward reruns the chunk on the received activation, so that "
                        "activation must be a copy MPI no longer writes into" if recompute else ""))
+
+    for step in range(steps):
+        agreed(comm, one_step, step)
 
 
 def check_schedule_on_ranks(comm):
