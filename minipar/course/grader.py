@@ -81,6 +81,18 @@ def _record_crash(result_dir, index, items, world, limit, returncode, tail):
     abort_file(result_dir, index).write_text(json.dumps({"missing": missing, "limit": limit, "reason": reason}))
 
 
+def _hung(result_dir, index, items, world):
+    return index >= 0 and entry_kind(result_dir, index, items[index][2], world) == "hang"
+
+
+def _not_run(result_dir, index, items, world, limit):
+    """Entry ``index`` is the check that just hung, on more ranks: recorded as a hang without running it
+    (another limit's wait would only say the same, and a class's grading would pay it for every size)."""
+    before = json.loads(abort_file(result_dir, index - 1).read_text())["reason"]
+    reason = before if before.startswith("not run") else f"not run: the same check hung before ({items[index - 1][0]})"
+    abort_file(result_dir, index).write_text(json.dumps({"missing": [], "limit": limit, "reason": reason}))
+
+
 def check(name, directory=".", limit=60.0, out=print):
     """Grade exercise ``name`` in ``directory``; prints as it goes through ``out``; returns a CheckResult."""
     from minipar.testing import _kill_job
@@ -120,6 +132,12 @@ def check(name, directory=".", limit=60.0, out=print):
                 break
             if not any(abort_file(result_dir, index).exists() for index in range(start, printed)):
                 _record_crash(result_dir, printed, items, world, limit, process.returncode, tail)
+                for line in compact(entry_lines(result_dir, printed, items, world)):
+                    emit(line)
+                printed += 1
+            while printed < len(items) and _hung(result_dir, printed - 1, items, world) \
+                    and items[printed][1] is items[printed - 1][1]:
+                _not_run(result_dir, printed, items, world, limit)   # the same check, more ranks: it would hang too
                 for line in compact(entry_lines(result_dir, printed, items, world)):
                     emit(line)
                 printed += 1

@@ -356,9 +356,9 @@ MORE_PLANTED = (
     Planted("layer_norm_backward", "near miss: dL/dx off by 1e-9 relative", FUSED,
             "        return grad_x, grad_weight, grad_bias\n",
             "        return grad_x * (1 + 1e-9), grad_weight, grad_bias\n", "autograd through the layer norm"),
-    Planted("layer_norm_backward", "float32 gradients computed in float64", FUSED,
-            "        g_hat = grad * weight\n", "        g_hat = grad.astype('float64') * weight\n",
-            "keep the dtype"),
+    Planted("layer_norm_backward", "the x_hat term averaged over the whole batch, not per row", FUSED,
+            "- x_hat * (g_hat * x_hat).mean(axis=-1, keepdims=True))", "- x_hat * (g_hat * x_hat).mean())",
+            "dL/dx for x of shape"),
 
     region("ring_allreduce", "ring of blocking sends: every rank sends first (deadlocks past the eager limit)",
            COLLECTIVES, {"ring_reduce_scatter": _SEND_FIRST_RING}, "deadlock: ranks"),

@@ -39,6 +39,8 @@ def entry_outcome(result_dir, index, size, world_size):
     if aborted.exists():
         record = json.loads(aborted.read_text())
         missing = record["missing"]
+        if record["reason"].startswith("not run"):
+            lines.append(record["reason"])
         if missing:
             why = {"time limit": f"within the {record['limit']:g} s limit",
                    "a rank failed while others waited": "after another rank failed"}.get(record["reason"],
@@ -71,7 +73,8 @@ def entry_kind(result_dir, index, size, world_size):
         return outcome[0]
     aborted = abort_file(result_dir, index)
     statuses = {o["status"] for o in read_entry(result_dir, index, world_size).values()}
-    if aborted.exists() and json.loads(aborted.read_text())["reason"] == "time limit":
+    if aborted.exists() and (json.loads(aborted.read_text())["reason"] == "time limit"
+                             or json.loads(aborted.read_text())["reason"].startswith("not run")):
         return "hang"
     if "error" in statuses:
         return "error"
