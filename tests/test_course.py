@@ -117,6 +117,7 @@ def test_course_list_names_every_exercise():
     assert result.returncode == 0, result.stderr
     for exercise in EXERCISES:
         assert exercise.name in result.stdout and exercise.path in result.stdout
+    assert "(of lessons/06_hybrid.ipynb: sections 1-2 only" in result.stdout   # process_grid comes before lesson 6
 
 
 # --- grading on ranks --------------------------------------------------------------------------

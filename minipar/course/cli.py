@@ -40,6 +40,8 @@ def list_exercises():
         print(f"{number:>2}  {exercise.name:<22} {exercise.minutes:>4}  {exercise.world_size:>5}  "
               f"{len(entries(checks_of(exercise))):>6}  {where}")
         print(f"    {exercise.title}; read {exercise.lesson} and {exercise.docs}")
+        if exercise.lesson_part:
+            print(f"    (of {exercise.lesson}: {exercise.lesson_part})")
     print(f"about {total // 60} h {total % 60} min in all; check one with "
           "`python -m minipar course check NAME` (or under `mpirun -n 8`)")
 
