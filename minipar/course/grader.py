@@ -75,10 +75,14 @@ def _record_crash(result_dir, index, items, world, limit, returncode, tail):
     """The job died in entry ``index`` without a rank recording why (a crash, or the backstop's kill)."""
     participants = range(min(items[index][2], world))
     missing = sorted(set(participants) - set(read_entry(result_dir, index, world)))
-    reason = f"before the job ended (exit code {returncode})"
-    if not read_entry(result_dir, index, world):
-        reason = reason[:-1] + f"; its last output: {(' | '.join(tail) or 'none')[-600:]})"
-    abort_file(result_dir, index).write_text(json.dumps({"missing": missing, "limit": limit, "reason": reason}))
+    said = [line.strip() for line in tail if line.strip() and not line.lstrip().startswith(("/", "python("))
+            and "(+0x" not in line]
+    reason = f"before the job ended (exit code {returncode}); its last output: {(' | '.join(said[-3:]) or 'none')[-600:]}"
+    if any("unpack" in line or "Message truncated" in line for line in said):
+        reason += (" — a message arrived in a buffer of another size or type: every message must be received "
+                   "into a buffer of its own dtype and length (the buffer's dtype, one block)")
+    abort_file(result_dir, index).write_text(json.dumps({"missing": missing, "limit": limit, "reason": reason,
+                                                         "crashed": True}))
 
 
 def _hung(result_dir, index, items, world):
@@ -127,7 +131,7 @@ def check(name, directory=".", limit=60.0, out=print):
                         _kill_job(process)
                     time.sleep(0.1)
                 log.seek(0)
-                tail = log.read().strip().splitlines()[-6:]
+                tail = log.read().strip().splitlines()[-40:]
             if printed >= len(items):
                 break
             if not any(abort_file(result_dir, index).exists() for index in range(start, printed)):

@@ -369,7 +369,7 @@ MORE_PLANTED = (
             "reduce_into(flat[receive_start:receive_stop], incoming * (1 + 1e-9))", "expected"),
     Planted("ring_allreduce", "a float64 scratch buffer in a float32 ring", COLLECTIVES,
             "incoming_space = _scratch(flat, bounds[0][1] - bounds[0][0])",
-            "incoming_space = _scratch(flat.astype('float64'), bounds[0][1] - bounds[0][0])", "moved float64"),
+            "incoming_space = _scratch(flat.astype('float64'), bounds[0][1] - bounds[0][0])", "buffer of its own dtype"),
 
     region("recursive_doubling", "MPI's built-in Allreduce", COLLECTIVES,
            {"recursive_doubling_allreduce": _BUILT_IN_RING.replace("modelled_traffic(\"reduce_scatter\"",

@@ -53,8 +53,9 @@ def entry_outcome(result_dir, index, size, world_size):
                              "outgrows MPI's eager limit: a ring in which every rank sends first waits forever; "
                              "pair each send with its receive (Sendrecv, or Isend/Irecv then Wait)")
             else:
-                lines.append(f"rank{'s' if len(missing) > 1 else ''} {_ranks(missing)} did not finish {why}: stuck "
-                             "waiting for a message that no rank sends, or for a rank that failed")
+                cause = ("" if record.get("crashed") else
+                         ": stuck waiting for a message that no rank sends, or for a rank that failed")
+                lines.append(f"rank{'s' if len(missing) > 1 else ''} {_ranks(missing)} did not finish {why}{cause}")
                 for rank in missing[:3]:
                     if rank in places:
                         lines.append(f"rank {rank} was at {places[rank]}")
@@ -73,6 +74,8 @@ def entry_kind(result_dir, index, size, world_size):
         return outcome[0]
     aborted = abort_file(result_dir, index)
     statuses = {o["status"] for o in read_entry(result_dir, index, world_size).values()}
+    if aborted.exists() and json.loads(aborted.read_text()).get("crashed"):
+        return "error"
     if aborted.exists() and (json.loads(aborted.read_text())["reason"] == "time limit"
                              or json.loads(aborted.read_text())["reason"].startswith("not run")):
         return "hang"
