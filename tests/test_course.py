@@ -239,9 +239,9 @@ def test_grading_one_finished_exercise_gives_it_full_marks(tmp_path, student_tre
 def test_overlay_takes_only_the_exercise_functions_and_the_students_helpers():
     from minipar.course.overlay import overlay_file
 
-    reference = ("import a\n\n\ndef done(x):\n    ### BEGIN SOLUTION\n    return x + 1\n    ### END SOLUTION\n\n\n"
+    reference = ("import os\n\n\ndef done(x):\n    ### BEGIN SOLUTION\n    return x + 1\n    ### END SOLUTION\n\n\n"
                  "def other(x):\n    ### BEGIN SOLUTION\n    return x * 2\n    ### END SOLUTION\n")
-    student = ("import a\nimport math\n\n\ndef done(x):\n    return helper(x)\n\n\n"
+    student = ("import os\nimport math\n\n\ndef done(x):\n    return helper(x)\n\n\n"
                "def other(x):\n    raise NotImplementedError\n\n\ndef helper(x):\n    return math.floor(x) + 1\n")
     text = overlay_file(reference, student, ["done"], "demo", "demo.py")
     namespace = {}
