@@ -396,7 +396,9 @@ return leave_parallel_region(partial, self.communicator, self.sequence_parallel)
     Planted("megatron_f_g", "g's backward sums too (an allreduce both ways)", TP_COMM,
             "    def backward(ctx, grad):\n        ### BEGIN SOLUTION\n        return grad\n",
             "    def backward(ctx, grad):\n        ### BEGIN SOLUTION\n        return allreduce_sum(grad, ctx.communicator)\n",
-            "g's backward is the identity"),
+            "g's backward is the identity",
+            more=(("        return allreduce_sum(partial, communicator)\n",
+                   "        ctx.communicator = communicator\n        return allreduce_sum(partial, communicator)\n"),)),
 
     Planted("vocab_parallel_loss", "near miss: the loss off by 1e-9 relative", TP_COMM,
             "        row_losses = xp.log(sum_exps) - target_logits  # (B T,) log S_i - zt_i\n",
