@@ -111,9 +111,10 @@ def _ring_hint(spy, rank, size, first_block, count):
             shown = f"block {block}" if block is not None else "a buffer that is not one block of it"
             sign = "-" if direction == 1 else "+"
             rule = f"(r {sign} s {sign} {first_block}) mod N" if first_block else f"(r {sign} s) mod N"
+            to, source = ("r + 1", "r - 1") if direction == 1 else ("r - 1", "r + 1")
             return (f"at step {step} rank {rank} sent {shown} to rank {call.peer}; at step s the ring sends block "
-                    f"{rule} = {expected} to r + 1 = {(rank + 1) % size} and receives from r - 1 = "
-                    f"{(rank - 1) % size} (or all of it mirrored)")
+                    f"{rule} = {expected} to {to} = {(rank + direction) % size} and receives from {source} = "
+                    f"{(rank - direction) % size}; either direction is a ring, but every step must turn the same way")
     return ""
 
 

@@ -85,16 +85,23 @@ def _record_crash(result_dir, index, items, world, limit, returncode, tail):
                                                          "crashed": True}))
 
 
-def _hung(result_dir, index, items, world):
-    return index >= 0 and entry_kind(result_dir, index, items[index][2], world) == "hang"
+def _ended_the_job(result_dir, index, items, world):
+    """Entry ``index`` hung, or failed while ranks still waited, so its job was ended."""
+    if index < 0 or not abort_file(result_dir, index).exists():
+        return False
+    return entry_kind(result_dir, index, items[index][2], world) in ("hang", "error", "fail")
 
 
 def _not_run(result_dir, index, items, world, limit):
-    """Entry ``index`` is the check that just hung, on more ranks: recorded as a hang without running it
-    (another limit's wait would only say the same, and a class's grading would pay it for every size)."""
-    before = json.loads(abort_file(result_dir, index - 1).read_text())["reason"]
-    reason = before if before.startswith("not run") else f"not run: the same check hung before ({items[index - 1][0]})"
-    abort_file(result_dir, index).write_text(json.dumps({"missing": [], "limit": limit, "reason": reason}))
+    """Entry ``index`` is the check that just ended its job, on more ranks: recorded as the same outcome
+    without running it (another wait would only say the same, and a class's grading would pay it for
+    every size)."""
+    before = json.loads(abort_file(result_dir, index - 1).read_text())
+    kind = before.get("kind") or entry_kind(result_dir, index - 1, items[index - 1][2], world)
+    reason = (before["reason"] if before["reason"].startswith("not run")
+              else f"not run: the same check ended its job with fewer ranks ({items[index - 1][0]}, above)")
+    abort_file(result_dir, index).write_text(json.dumps({"missing": [], "limit": limit, "reason": reason,
+                                                         "kind": kind}))
 
 
 def check(name, directory=".", limit=60.0, out=print):
@@ -119,17 +126,21 @@ def check(name, directory=".", limit=60.0, out=print):
             with open(result_dir / f"job{start}.log", "w+") as log:
                 process = _launch(name, directory, world, result_dir, limit, start, log)
                 backstop = time.monotonic() + STARTUP_ALLOWANCE + (limit + 15) * (len(items) - start)
-                while True:
-                    finished = process.poll() is not None
-                    while printed < len(items) and entry_outcome(result_dir, printed, items[printed][2], world):
-                        for line in compact(entry_lines(result_dir, printed, items, world)):
-                            emit(line)
-                        printed += 1
-                    if finished:
-                        break
-                    if time.monotonic() > backstop:
+                try:
+                    while True:
+                        finished = process.poll() is not None
+                        while printed < len(items) and entry_outcome(result_dir, printed, items[printed][2], world):
+                            for line in compact(entry_lines(result_dir, printed, items, world)):
+                                emit(line)
+                            printed += 1
+                        if finished:
+                            break
+                        if time.monotonic() > backstop:
+                            _kill_job(process)
+                        time.sleep(0.1)
+                finally:   # Ctrl-C, or a closed pipe: the job runs in its own session, so end it here
+                    if process.poll() is None:
                         _kill_job(process)
-                    time.sleep(0.1)
                 log.seek(0)
                 tail = log.read().strip().splitlines()[-40:]
             if printed >= len(items):
@@ -139,7 +150,7 @@ def check(name, directory=".", limit=60.0, out=print):
                 for line in compact(entry_lines(result_dir, printed, items, world)):
                     emit(line)
                 printed += 1
-            while printed < len(items) and _hung(result_dir, printed - 1, items, world) \
+            while printed < len(items) and _ended_the_job(result_dir, printed - 1, items, world) \
                     and items[printed][1] is items[printed - 1][1]:
                 _not_run(result_dir, printed, items, world, limit)   # the same check, more ranks: it would hang too
                 for line in compact(entry_lines(result_dir, printed, items, world)):

@@ -82,7 +82,7 @@ PLANTED = (
     Planted("ring_allreduce", "ring neighbours swapped in the reduce-scatter", COLLECTIVES,
             "right, left = (rank + 1) % size, (rank - 1) % size\n    incoming_space",
             "right, left = (rank - 1) % size, (rank + 1) % size\n    incoming_space",
-            "to r + 1 = 1 and receives from r - 1"),
+            "every step must turn the same way"),
     Planted("ring_allreduce", "reduce-scatter block index off by one", COLLECTIVES,
             "send_start, send_stop = bounds[(rank - step - 1) % size]\n"
             "        receive_start, receive_stop = bounds[(rank - step - 2) % size]",

@@ -74,10 +74,11 @@ def entry_kind(result_dir, index, size, world_size):
         return outcome[0]
     aborted = abort_file(result_dir, index)
     statuses = {o["status"] for o in read_entry(result_dir, index, world_size).values()}
+    if aborted.exists() and json.loads(aborted.read_text()).get("kind"):
+        return json.loads(aborted.read_text())["kind"]
     if aborted.exists() and json.loads(aborted.read_text()).get("crashed"):
         return "error"
-    if aborted.exists() and (json.loads(aborted.read_text())["reason"] == "time limit"
-                             or json.loads(aborted.read_text())["reason"].startswith("not run")):
+    if aborted.exists() and json.loads(aborted.read_text())["reason"] == "time limit":
         return "hang"
     if "error" in statuses:
         return "error"
