@@ -113,8 +113,8 @@ def where_main_thread_is(exercise_paths=()):
     stack = traceback.extract_stack(frame) if frame is not None else []
     inside = [entry for entry in stack if _in_student_code(entry.filename)]
     preferred = [entry for entry in inside if _short(entry.filename) in exercise_paths]
-    if not inside:
-        return "outside minipar"
+    if not inside:   # in the grader itself: this rank is done with the student's code and waits for the others
+        return "the grader's own code, past the exercise's (waiting for the other ranks)"
     entry = (preferred or inside)[-1]
     return f"{_short(entry.filename)}:{entry.lineno} in {entry.name}: {(entry.line or '').strip()}"
 
