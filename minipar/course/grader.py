@@ -77,7 +77,10 @@ def _record_crash(result_dir, index, items, world, limit, returncode, tail):
     missing = sorted(set(participants) - set(read_entry(result_dir, index, world)))
     said = [line.strip() for line in tail if line.strip() and not line.lstrip().startswith(("/", "python("))
             and "(+0x" not in line]
-    reason = f"before the job ended (exit code {returncode}); its last output: {(' | '.join(said[-3:]) or 'none')[-600:]}"
+    telling = [line for line in said if any(word in line for word in ("Assertion failed", "Fatal error", "truncated",
+                                                                      "Error", "error"))]
+    shown = telling[:1] + said[-2:] if telling else said[-3:]
+    reason = f"before the job ended (exit code {returncode}); its last output: {(' | '.join(shown) or 'none')[-600:]}"
     if any("unpack" in line or "Message truncated" in line for line in said):
         reason += (" — a message arrived in a buffer of another size or type: every message must be received "
                    "into a buffer of its own dtype and length (the buffer's dtype, one block)")
