@@ -222,7 +222,7 @@ def test_check_inside_an_mpi_job_prints_one_report():
                              "ring_allreduce"], check=False, capture_output=True, text=True, cwd=ROOT, timeout=300,
                             env=_child_environment())
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("checks passed") == 1 and result.stdout.strip().endswith("14/14 checks passed")
+    assert result.stdout.count("checks passed") == 1 and result.stdout.strip().endswith("13/13 checks passed")
 
 
 @pytest.mark.slow

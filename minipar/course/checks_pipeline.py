@@ -190,11 +190,11 @@ def check_messages(schedule, recompute=False):
 
 
 MESSAGES = [
-    Check("gpipe through the executor, send buffers watched, 2 steps", (2, 3, 4), check_messages("gpipe"), limit=20),
-    Check("1f1b through the executor, send buffers watched, 2 steps", (2, 4), check_messages("1f1b"), limit=20),
-    Check("1f1b with recomputation, send buffers watched, 2 steps", (3, 4), check_messages("1f1b", True), limit=20),
+    Check("gpipe through the executor, send buffers watched, 2 steps", (2, 3, 4), check_messages("gpipe"), limit=12),
+    Check("1f1b through the executor, send buffers watched, 2 steps", (2, 4), check_messages("1f1b"), limit=12),
+    Check("1f1b with recomputation, send buffers watched, 2 steps", (3, 4), check_messages("1f1b", True), limit=12),
 ]
 ONE_F_ONE_B = [
     Check("1f1b schedules on paper (simulator), p ≤ 6", (1,), check_schedule_on_paper),
-    Check("1f1b through the executor vs one process, 2 steps", (2, 4), check_schedule_on_ranks, limit=20),
+    Check("1f1b through the executor vs one process, 2 steps", (2, 4), check_schedule_on_ranks, limit=12),
 ]

@@ -145,7 +145,7 @@ def check(name, directory=".", limit=60.0, out=print):
                     if process.poll() is None:
                         _kill_job(process)
                 log.seek(0)
-                tail = log.read().strip().splitlines()[-40:]
+                tail = log.read().strip().splitlines()[-300:]
             if printed >= len(items):
                 break
             if not any(abort_file(result_dir, index).exists() for index in range(start, printed)):
