@@ -75,7 +75,7 @@ def _tracked_files(root):
 
 
 def copy_reference_tree(root, destination, leave_out=()):
-    destination = Path(destination)
+    root, destination = Path(root), Path(destination)
     for relative in _tracked_files(root):
         if relative.as_posix() in leave_out or any(part in _NEVER_COPIED for part in relative.parts):
             continue
