@@ -25,8 +25,8 @@ class Planted:
     exercise: str
     name: str          # the mistake, as a student would make it
     path: str
-    old: str
-    new: str
+    old: object        # the text to replace, or a tuple of versions of it (the first found once is used)
+    new: object        # its replacement, or a tuple matching ``old``
     expect: str        # a fragment of the failure message that points at the mistake ("" for an alternative)
     limit: float = 60  # a planted deadlock only needs a short limit to be caught
     more: tuple = ()     # further (old, new) replacements in the same file
@@ -40,6 +40,8 @@ def apply(planted, root):
     for old, new in ((planted.old, planted.new), *planted.more):
         if not old:
             continue
+        if isinstance(old, tuple):   # versions of the reference: the first that occurs once, and its new text
+            old, new = next(((o, n) for o, n in zip(old, new, strict=True) if text.count(o) == 1), (old[0], new[0]))
         if text.count(old) != 1:
             raise ValueError(f"planted {planted.name!r}: the text to replace occurs {text.count(old)} times "
                              f"in {planted.path}, not once; update minipar/course/planted.py")
@@ -412,11 +414,17 @@ return leave_parallel_region(partial, self.communicator, self.sequence_parallel)
             more=(("        if self.overlap:\n            for bucket in self.buckets[self._next_launch:]:",
                    "        if False:\n            for bucket in self.buckets[self._next_launch:]:"),)),
     Planted("data_parallel", "per-step state never reset", DATA_PARALLEL,
-            "                slot.parameter.grad = summed / self.comm.size\n        self._end_step()\n",
-            "                slot.parameter.grad = summed / self.comm.size\n", "step 1 passed"),
+            ("                slot.parameter.grad = summed / self.comm.size\n        self._end_step()\n",
+             "            bucket.flat /= self.comm.size  # Σ_i Δθ_i -> the average, in place, one pass\n"
+             "        self._end_step()\n"),
+            ("                slot.parameter.grad = summed / self.comm.size\n",
+             "            bucket.flat /= self.comm.size  # Σ_i Δθ_i -> the average, in place, one pass\n"),
+            "step 1 passed"),
     Planted("data_parallel", "float32 gradients averaged into float64", DATA_PARALLEL,
-            "slot.parameter.grad = summed / self.comm.size",
-            "slot.parameter.grad = summed.astype('float64') / self.comm.size", "keep the dtype"),
+            ("slot.parameter.grad = summed / self.comm.size",
+             "slot.parameter.grad = slot.view  # the average, where backward left it"),
+            ("slot.parameter.grad = summed.astype('float64') / self.comm.size",
+             "slot.parameter.grad = slot.view.astype('float64')"), "keep the dtype"),
 
     region("one_f_one_b", "all forwards, then all backwards (GPipe, not 1F1B)", SCHEDULES,
            {"one_f_one_b": _GPIPE_ORDER}, "1F1B allows min(p − s, m)"),
@@ -505,7 +513,8 @@ return self.bias + out
             "        local_targets = local * mine\n", ""),
 
     Planted("data_parallel", "the average as a product with 1/N", DATA_PARALLEL,
-            "slot.parameter.grad = summed / self.comm.size", "slot.parameter.grad = summed * (1.0 / self.comm.size)",
+            ("slot.parameter.grad = summed / self.comm.size", "bucket.flat /= self.comm.size  # Σ_i"),
+            ("slot.parameter.grad = summed * (1.0 / self.comm.size)", "bucket.flat *= 1.0 / self.comm.size  # Σ_i"),
             ""),
     Planted("data_parallel", "no progress tests in the hook (MPI progresses at the waits)", DATA_PARALLEL,
             "        for bucket in self.buckets[:self._next_launch]:\n            bucket.request.test()\n", "", ""),
