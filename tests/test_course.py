@@ -1,9 +1,12 @@
-"""The course can fail and can pass: reference, stubs and planted wrong solutions, graded on ranks.
+"""The course can fail and can pass: reference, stubs, the corpus of wrong solutions and the
+correct alternatives, graded on ranks.
 
-Default run (a few tens of seconds): the marker rules, the generator, and one exercise end to
-end (reference passes, stub fails, one planted mistake caught, inside `mpiexec -n 8` too).
-`-m slow` adds every exercise's reference and stub, every planted wrong solution with its
-message, class grading to CSV, and the student notebooks run headless.
+Default run: the marker rules, the generator (only tracked files, no solution left), the
+overlay of one exercise, the corpus's size, and a few end-to-end cases (reference passes, stub
+fails, a deadlocking ring, a built-in and an overwrite caught, a mirrored ring accepted, inside
+`mpiexec -n 8` too). `-m slow` adds every exercise's reference and stub, every wrong solution
+with its message, every alternative, class grading to CSV (one exercise done gets its marks),
+and the student notebooks run headless.
 """
 import csv
 import subprocess
@@ -15,7 +18,7 @@ import pytest
 from minipar.course import markers
 from minipar.course.grader import check, grade
 from minipar.course.markers import MarkerError
-from minipar.course.planted import PLANTED, apply
+from minipar.course.planted import ALTERNATIVES, PLANTED, apply
 from minipar.course.registry import EXERCISES
 from minipar.course.student import (
     copy_reference_tree,
@@ -40,8 +43,9 @@ def student_tree(tmp_path_factory):
 
 
 def reference_copy(tmp_path):
-    copy_reference_tree(reference_root(), tmp_path / "tree")
-    return tmp_path / "tree"
+    """A copy of the reference under a folder called ``course`` (reports must still find the student's file)."""
+    copy_reference_tree(reference_root(), tmp_path / "course" / "tree")
+    return tmp_path / "course" / "tree"
 
 
 # --- markers: one convention, and no stub that could hang the other ranks -------------------
@@ -93,6 +97,10 @@ def test_student_version_stubs_every_exercise_and_keeps_no_solution(student_tree
     assert (student_tree / "tests" / "test_exercises.py").exists()
     for notebook in student_tree.glob("lessons/*.ipynb"):
         assert markers.BEGIN not in notebook.read_text(), notebook.name
+    from minipar.course.student import leaked_solutions
+
+    assert leaked_solutions(ROOT, student_tree) == []   # the generator's own check, run again
+    assert not (student_tree / "minipar" / "comm" / "compression.py").read_text().count("bounds[(rank - step")
 
 
 def test_student_version_refuses_a_non_empty_directory(tmp_path):
@@ -109,6 +117,7 @@ def test_course_list_names_every_exercise():
     assert result.returncode == 0, result.stderr
     for exercise in EXERCISES:
         assert exercise.name in result.stdout and exercise.path in result.stdout
+    assert "(of lessons/06_hybrid.ipynb: sections 1-2 only" in result.stdout   # process_grid comes before lesson 6
 
 
 # --- grading on ranks --------------------------------------------------------------------------
@@ -141,18 +150,51 @@ def test_stub_fails_on_every_check_with_the_exercise_named(name, tmp_path):
     assert "did not finish" not in report, report   # a stub never leaves ranks waiting
 
 
-def planted_params():
-    fast = {"received block overwrites instead of adding"}
+FAST_PLANTED = {"received block overwrites instead of adding", "MPI's built-in with made-up traffic"}
+FAST_ALTERNATIVES = {"the mirrored ring (to r - 1, from r + 1), Sendrecv"}
+
+
+def planted_params(corpus, fast):
     return [pytest.param(planted, id=f"{planted.exercise}: {planted.name}",
-                         marks=() if planted.name in fast else pytest.mark.slow) for planted in PLANTED]
+                         marks=() if planted.name in fast else pytest.mark.slow) for planted in corpus]
 
 
-def test_every_exercise_has_two_planted_mistakes():
+def test_the_spy_makes_sends_synchronous_and_notes_every_call():
+    """The mechanism behind the deadlock and contract checks, without MPI: Send becomes Ssend, Isend
+    becomes Issend, a built-in is noted as a collective, each note with peer, size and dtype."""
+    import numpy as np
+
+    from minipar.course.spy import Spy
+
+    class Fake:
+        def __init__(self):
+            self.called = []
+
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: self.called.append(name)
+
+    fake = Fake()
+    spy = Spy(fake)
+    spy.Send(np.zeros(5, np.float32), 1, 3)
+    spy.Isend(np.zeros(2), 2, 3)
+    spy.Sendrecv(np.zeros(4), 1, 0, np.zeros(4), 3, 0)
+    spy.Allreduce(np.zeros(7), np.zeros(7))
+    assert fake.called == ["Ssend", "Issend", "Sendrecv", "Allreduce"]
+    assert [(call.method, call.peer, call.elements, call.dtype) for call in spy.sends()] == [
+        ("Send", 1, 5, "float32"), ("Isend", 2, 2, "float64"), ("Sendrecv", 1, 4, "float64")]
+    assert [(call.peer, call.elements) for call in spy.receives()] == [(3, 4)]
+    assert [call.method for call in spy.collectives()] == ["Allreduce"]
+
+
+def test_the_corpus_has_four_mistakes_and_two_alternatives_per_exercise():
     for exercise in EXERCISES:
-        assert sum(planted.exercise == exercise.name for planted in PLANTED) >= 2, exercise.name
+        assert sum(planted.exercise == exercise.name for planted in PLANTED) >= 4, exercise.name
+        assert sum(planted.exercise == exercise.name for planted in ALTERNATIVES) >= 2, exercise.name
+    assert len(PLANTED) >= 40
+    assert all(planted.expect for planted in PLANTED) and not any(planted.expect for planted in ALTERNATIVES)
 
 
-@pytest.mark.parametrize("planted", planted_params())
+@pytest.mark.parametrize("planted", planted_params(PLANTED, FAST_PLANTED))
 def test_planted_wrong_solution_fails_with_a_pointed_message(planted, tmp_path):
     tree = reference_copy(tmp_path)
     apply(planted, tree)
@@ -161,6 +203,16 @@ def test_planted_wrong_solution_fails_with_a_pointed_message(planted, tmp_path):
     assert result.passed < result.total, report
     assert planted.expect in report, report
     assert result.lines[-1] == f"{result.passed}/{result.total} checks passed"
+    if "deadlock" in planted.expect:   # the student's file and line, though the folder is called course
+        assert "at minipar/comm/collectives.py:" in report and "outside minipar" not in report, report
+
+
+@pytest.mark.parametrize("alternative", planted_params(ALTERNATIVES, FAST_ALTERNATIVES))
+def test_correct_alternative_passes(alternative, tmp_path):
+    tree = reference_copy(tmp_path)
+    apply(alternative, tree)
+    result = check(alternative.exercise, tree, out=quiet)
+    assert result.passed == result.total, "\n".join(result.lines)
 
 
 def test_check_inside_an_mpi_job_prints_one_report():
@@ -176,12 +228,83 @@ def test_check_inside_an_mpi_job_prints_one_report():
 @pytest.mark.slow
 def test_grade_a_class_to_csv(tmp_path, student_tree):
     done = reference_copy(tmp_path)
-    rows = grade([done, student_tree], tmp_path / "grades.csv", limit=30, out=quiet,
-                 names=["layer_norm_backward", "process_grid"])
+    grade([done, student_tree], tmp_path / "grades.csv", limit=30, out=quiet,
+          names=["layer_norm_backward", "process_grid"])
     with open(tmp_path / "grades.csv") as handle:
         table = list(csv.DictReader(handle))
-    assert [row["passed"] for row in table] == [str(rows[0]["total"]), "0"]
-    assert table[0]["process_grid"] == "7/7" and table[1]["process_grid"] == "0/7"
+    assert [row["process_grid"] for row in table] == ["pass", "error"]
+    assert [row["process_grid score"] for row in table] == ["1.000", "0.000"]
+    assert table[0]["process_grid weight"] == "25" and table[0]["layer_norm_backward weight"] == "20"
+    assert [row["score"] for row in table] == ["100.0", "0.0"]
+    assert table[0]["date"].endswith("UTC") and Path(table[1]["log"]).exists()
+    assert "NotImplementedError: exercise process_grid" in Path(table[1]["log"]).read_text()
+
+
+@pytest.mark.slow
+def test_grading_one_finished_exercise_gives_it_full_marks(tmp_path, student_tree):
+    """Only zero_1 done, nothing before it: zero_1 still gets full marks (each exercise over the reference)."""
+    from minipar.course.overlay import overlay_file
+    from minipar.course.registry import exercise_named
+
+    student = tmp_path / "student"
+    copy_reference_tree(student_tree, student)
+    exercise = exercise_named("zero_1")
+    for path in exercise.paths:
+        functions = [function for where, function in exercise.regions if where == path]
+        (student / path).write_text(overlay_file((student / path).read_text(), (ROOT / path).read_text(),
+                                                 functions, "zero_1", path))
+    grade([student], tmp_path / "grades.csv", out=quiet, names=["process_grid", "zero_1"])
+    with open(tmp_path / "grades.csv") as handle:
+        row = next(csv.DictReader(handle))
+    assert (row["zero_1"], row["zero_1 score"]) == ("pass", "1.000"), Path(row["log"]).read_text()
+    assert row["process_grid"] != "pass"
+
+
+# --- one exercise at a time, and nothing of a solution left in the student version -------------
+
+def test_overlay_takes_only_the_exercise_functions_and_the_students_helpers():
+    from minipar.course.overlay import overlay_file
+
+    reference = ("import os\n\n\ndef done(x):\n    ### BEGIN SOLUTION\n    return x + 1\n    ### END SOLUTION\n\n\n"
+                 "def other(x):\n    ### BEGIN SOLUTION\n    return x * 2\n    ### END SOLUTION\n")
+    student = ("import os\nimport math\n\n\ndef done(x):\n    return helper(x)\n\n\n"
+               "def other(x):\n    raise NotImplementedError\n\n\ndef helper(x):\n    return math.floor(x) + 1\n")
+    text = overlay_file(reference, student, ["done"], "demo", "demo.py")
+    namespace = {}
+    exec(compile(text, "demo.py", "exec"), namespace)  # noqa: S102 - the overlaid module, run to test it
+    assert namespace["done"](2.5) == 3 and namespace["other"](4) == 8   # other stays the reference's
+
+
+def test_student_version_copies_only_tracked_files(tmp_path):
+    from minipar.course.student import _tracked_files
+
+    repository = tmp_path / "repository"
+    repository.mkdir()
+    (repository / "kept.py").write_text("x = 1\n")
+    run = lambda *args: subprocess.run(["git", "-C", str(repository), *args], check=True,  # noqa: E731
+                                       capture_output=True)
+    run("init", "-q")
+    run("add", "kept.py")
+    (repository / "train.log").write_text("a log")
+    (repository / "checkpoint.npz").write_bytes(b"weights")
+    assert _tracked_files(repository) == [Path("kept.py")]
+
+
+def test_generator_refuses_a_solution_copied_elsewhere(tmp_path):
+    """Three consecutive lines of the ring's solution pasted into another module: no student version."""
+    from minipar.course.student import leaked_solutions
+
+    tree = reference_copy(tmp_path)
+    helper = tree / "minipar" / "comm" / "another_ring.py"
+    helper.write_text("def ring(flat, bounds, rank, size, mpi_comm, right, left):\n"
+                      "    for step in range(size - 1):\n"
+                      "        send_start, send_stop = bounds[(rank - step - 1) % size]\n"
+                      "        receive_start, receive_stop = bounds[(rank - step - 2) % size]\n"
+                      "        outgoing = flat[send_start:send_stop]\n")
+    with pytest.raises(MarkerError, match=r"another_ring.py:\d+ repeats the solution at minipar/comm/collectives.py"):
+        write_student_version(tmp_path / "student", root=tree)
+    helper.unlink()
+    assert leaked_solutions(tree, tree) and not leaked_solutions(ROOT, ROOT / "docs")
 
 
 # --- the notebooks' exercises: a stub fails at its own cell, clearly, and never hangs -----------
@@ -232,3 +355,20 @@ def test_student_lesson_1_fails_at_exercise_1_1(student_tree, monkeypatch):
     with pytest.raises(pytest.fail.Exception) as failure:
         run_notebook(path, notebook)
     assert f"cell {exercise} failed" in str(failure.value) and "exercise 1.1" in str(failure.value)
+
+
+@pytest.mark.slow
+def test_lesson_2_runs_before_its_exercise_is_done(student_tree, monkeypatch):
+    """The reference lesson on the student's package (ring and recursive doubling unwritten): every cell runs,
+    MPI's built-in stands in, and one line says so."""
+    nbformat = pytest.importorskip("nbformat")
+    from tests.test_lessons import run_notebook
+
+    monkeypatch.setenv("PYTHONPATH", str(student_tree))    # the engines import the student's minipar
+    path = ROOT / "lessons" / "02_collectives.ipynb"
+    notebook = nbformat.read(path, as_version=4)
+    run_notebook(path, notebook)
+    printed = "\n".join(str(output.get("text", "")) + str(output.get("data", {}).get("text/plain", ""))
+                        for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs)
+    assert "ring_allreduce is not written yet (exercise ring_allreduce)" in printed, printed[-3000:]
+    assert "recursive_doubling is not written yet" in printed, printed[-3000:]

@@ -37,11 +37,10 @@ import math
 import numpy as _host  # the shared random start of Q is drawn on the host; errstate quiets fp16's inf
 
 from minipar.backend import from_host, xp
-from minipar.comm.collectives import Traffic, block_bounds, ring_all_gather
+from minipar.comm.collectives import Traffic, block_bounds, ring_all_gather, ring_reduce_scatter
 from minipar.errors import ConfigError
 
 COMPRESSION_METHODS = ("none", "fp16", "bf16", "topk", "powersgd")
-_COMPRESSED_RING_TAG = 7201
 
 
 # ---- 16-bit codecs: values <-> uint16 words on the wire ------------------------------------------
@@ -90,34 +89,86 @@ def bf16_ring_allreduce(mpi_comm, buffer, op="sum"):
 def compressed_ring_allreduce(mpi_comm, buffer, codec, op="sum"):
     """Ring allreduce (sum) of a backend array whose every message is 16-bit, in place; returns Traffic.
 
-    The ring of ``collectives.ring_allreduce`` with one change: a block is encoded before each
-    hop and decoded and added on arrival. After the reduce-scatter each rank rounds its finished
-    block once more and the all-gather moves the rounded words, so every rank ends with the same
-    values. Bytes: 2(N−1)/N · n · 2 per rank.
+    The ring of ``collectives.ring_allreduce`` with one change, made on the wire: the
+    reduce-scatter is ``collectives.ring_reduce_scatter`` itself, handed a communicator that
+    encodes each block before its hop and decodes it on arrival (``_EncodedWire``), so the sum
+    is still formed in the buffer's precision. After the reduce-scatter each rank rounds its
+    finished block once more and the all-gather moves the rounded words, so every rank ends
+    with the same values. Bytes: 2(N−1)/N · n · 2 per rank.
     """
     if op != "sum":
         raise ConfigError(f"the 16-bit ring only sums, got op={op!r}")
     encode, decode = CODECS[codec]
     flat = buffer.reshape(-1)
     rank, size = mpi_comm.Get_rank(), mpi_comm.Get_size()
-    bounds = block_bounds(flat.size, size)
-    right, left = (rank + 1) % size, (rank - 1) % size
-    traffic = Traffic()
-    incoming = xp.empty(bounds[0][1] - bounds[0][0], dtype=xp.uint16)
-    for step in range(size - 1):
-        send_start, send_stop = bounds[(rank - step - 1) % size]
-        receive_start, receive_stop = bounds[(rank - step - 2) % size]
-        outgoing = encode(flat[send_start:send_stop])
-        arrived = incoming[: receive_stop - receive_start]
-        mpi_comm.Sendrecv(outgoing, right, _COMPRESSED_RING_TAG, arrived, left, _COMPRESSED_RING_TAG)
-        flat[receive_start:receive_stop] += decode(arrived, flat.dtype)
-        traffic += Traffic(outgoing.nbytes, arrived.nbytes)
+    wire = _EncodedWire(mpi_comm, encode, decode)
+    ring_reduce_scatter(wire, flat)
     words = xp.empty(flat.size, dtype=xp.uint16)
-    own_start, own_stop = bounds[rank]
+    own_start, own_stop = block_bounds(flat.size, size)[rank]
     words[own_start:own_stop] = encode(flat[own_start:own_stop])
-    traffic += ring_all_gather(mpi_comm, words)
+    traffic = wire.traffic + ring_all_gather(mpi_comm, words)
     flat[...] = decode(words, flat.dtype)
     return traffic
+
+
+class _EncodedWire:
+    """A communicator whose messages travel as 16-bit words: a send encodes its buffer, a receive
+    decodes into the caller's buffer. Counts what really moved in ``traffic``.
+
+    It offers what a ring needs (Send, Recv, Sendrecv, Isend, and Irecv whose request is
+    completed with its own Wait or wait); everything else is the communicator's own.
+    """
+
+    def __init__(self, comm, encode, decode):
+        self._comm, self._encode, self._decode, self.traffic = comm, encode, decode, Traffic()
+
+    def __getattr__(self, name):
+        return getattr(self._comm, name)
+
+    def _words(self, array):
+        words = self._encode(array.reshape(-1))
+        self.traffic += Traffic(words.nbytes, 0)
+        return words
+
+    def _arrived(self, words, out):
+        out.reshape(-1)[...] = self._decode(words, out.dtype)
+        self.traffic += Traffic(0, words.nbytes)
+
+    def Send(self, buf, dest, tag=0):
+        self._comm.Send(self._words(buf), dest, tag)
+
+    def Recv(self, buf, source, tag=0, status=None):
+        words = xp.empty(buf.size, dtype=xp.uint16)
+        self._comm.Recv(words, source, tag, status)
+        self._arrived(words, buf)
+
+    def Sendrecv(self, sendbuf, dest, sendtag=0, recvbuf=None, source=0, recvtag=0, status=None):
+        words = xp.empty(recvbuf.size, dtype=xp.uint16)
+        self._comm.Sendrecv(self._words(sendbuf), dest, sendtag, words, source, recvtag, status)
+        self._arrived(words, recvbuf)
+
+    def Isend(self, buf, dest, tag=0):
+        words = self._words(buf)
+        return _Decoding(self._comm.Isend(words, dest, tag), words, None, None)
+
+    def Irecv(self, buf, source, tag=0):
+        words = xp.empty(buf.size, dtype=xp.uint16)
+        return _Decoding(self._comm.Irecv(words, source, tag), words, buf, self)
+
+
+class _Decoding:
+    """A request of ``_EncodedWire``: keeps the words alive, and decodes a receive when it completes."""
+
+    def __init__(self, request, words, out, wire):
+        self.request, self.words, self.out, self.wire = request, words, out, wire
+
+    def Wait(self, status=None):
+        self.request.Wait(status)
+        if self.out is not None:
+            self.wire._arrived(self.words, self.out)
+            self.out = None
+
+    wait = Wait
 
 
 # ---- the compressors: each averages a list of gradient arrays over the communicator ------------

@@ -21,6 +21,12 @@ class Check:
     name: str
     sizes: tuple      # communicator sizes to run on (ranks 0 … size−1 of the job)
     body: object      # body(mpi_comm) -> None; raises CheckFailure on a wrong value
+    limit: float = None   # seconds before a rank counts as stuck, if shorter than the run's limit
+
+
+def limit_of(check, limit):
+    """The time limit of one check: its own where it has one and it is shorter."""
+    return min(limit, check.limit) if check.limit else limit
 
 
 def entries(checks):
@@ -95,3 +101,46 @@ def digits_hint(size):
                 "counts one rank's contribution)") if parts else ""
 
     return hint
+
+
+MESSAGE_BYTES = 4096   # what one rank tells the others about its failure, UTF-8, cut to fit
+AGREE_WAIT = 2.0       # seconds a failed rank waits for the others to join before it reports alone
+
+
+def agreed(comm, run, *args):
+    """``run(*args)`` on every rank of the raw communicator ``comm``, then agree on the outcome.
+
+    A rank that fails while the others carry on into the next step would leave them waiting for
+    its messages, and the check would end as a hang after its limit. Here every rank tells the
+    others whether it failed, and with what message (a non-blocking all-gather of a few bytes),
+    before any goes on: all raise together, the others with the first failing rank's message. A
+    failed rank whose partners do not join within ``AGREE_WAIT`` seconds (they are still waiting
+    inside ``run`` for a message it never sent) reports alone, and the runner ends the job.
+    """
+    import time
+
+    failure = None
+    try:
+        result = run(*args)
+    except Exception as error:  # noqa: BLE001 - the student's code may raise anything; reported below
+        failure = error
+    text = "" if failure is None else (str(failure) if isinstance(failure, CheckFailure)
+                                       else f"raised {type(failure).__name__}: {str(failure).strip()}")
+    mine = np.zeros(MESSAGE_BYTES, dtype=np.uint8)
+    encoded = text.encode()[:MESSAGE_BYTES - 1]
+    mine[:len(encoded)] = np.frombuffer(encoded, dtype=np.uint8)
+    everyone = np.zeros((comm.Get_size(), MESSAGE_BYTES), dtype=np.uint8)
+    request = comm.Iallgather(mine, everyone)
+    deadline = time.monotonic() + AGREE_WAIT
+    while not request.Test():
+        if failure is not None and time.monotonic() > deadline:
+            raise failure
+        time.sleep(0.001)
+    if failure is not None:
+        raise failure
+    messages = [bytes(row).rstrip(b"\0").decode(errors="replace") for row in everyone]
+    failed = [(rank, message) for rank, message in enumerate(messages) if message]
+    if failed:
+        rank, message = failed[0]
+        raise CheckFailure(message if message.startswith(("rank ", "stage ")) else f"rank {rank}: {message}")
+    return result

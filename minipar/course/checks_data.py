@@ -7,7 +7,7 @@ single-process gradient, Δθ = (1/N) Σ_i Δθ_i, to about 1e-12.
 """
 import numpy as np
 
-from minipar.course.checking import Check, CheckFailure, compare, require
+from minipar.course.checking import Check, CheckFailure, agreed, compare, require
 
 MODEL = {"vocab_size": 8, "block_size": 4, "n_layer": 2, "n_head": 2, "n_embd": 8}
 
@@ -19,11 +19,11 @@ def _batch(rows, seed=12):
     return from_host(np.ascontiguousarray(tokens[:, :-1])), from_host(np.ascontiguousarray(tokens[:, 1:]))
 
 
-def _single_process_gradients(inputs, targets):
+def _single_process_gradients(inputs, targets, dtype_name="float64"):
     from minipar.backend import to_host
     from minipar.nn.gpt import GPT, GPTConfig
 
-    model = GPT(GPTConfig(**MODEL))
+    model = GPT(GPTConfig(**MODEL), dtype=dtype_name)
     model(inputs, targets)[1].backward()
     return {name: np.asarray(to_host(p.grad)) for name, p in model.named_parameters()}
 
@@ -44,100 +44,183 @@ def ratio_hint(size):
     return hint
 
 
-def _data_parallel_check(overlap, microbatches, bucket_bytes):
+def after_a_step(step, rank, run):
+    """``run(step)``; an exception after a good first step names the likely cause: state kept across steps."""
+    try:
+        run(step)
+    except CheckFailure:
+        raise
+    except Exception as error:
+        if step == 0:
+            raise
+        last = (str(error).strip().splitlines() or [""])[-1]
+        raise CheckFailure(f"rank {rank}, step {step + 1} (step 1 passed) raised {type(error).__name__}: {last}\n"
+                           "something kept from the previous step was not reset (a count of gradient hooks, a "
+                           "bucket's request, a packed slot): finish_gradient_sync must leave the object ready for "
+                           "the next step") from error
+
+
+def _data_parallel_check(overlap, microbatches, bucket_bytes, dtype_name="float64", steps=3):
+    """``steps`` steps of DataParallel on a GPT; every rank's gradients (biases too) after each step equal one
+    process's; with overlap, the first bucket's allreduce starts before the last backward ends."""
+
     def check(comm):
-        from minipar.backend import set_default_dtype, to_host, xp
+        from minipar.backend import to_host
         from minipar.comm import Communicator
+        from minipar.course.spy import spy_on
         from minipar.nn.gpt import GPT, GPTConfig
         from minipar.parallel.data_parallel import DataParallel, local_slice
         from minipar.parallel.pipeline.executor import split_microbatches
 
-        set_default_dtype(xp.float64)
         dp_comm = Communicator(comm)
+        spy = spy_on(dp_comm)
         rank, size, m = dp_comm.rank, dp_comm.size, microbatches
-        inputs, targets = _batch(size * m * 2)
-        expected = _single_process_gradients(inputs, targets)
-        model = GPT(GPTConfig(**MODEL))
+        tolerance = {"float64": 1e-12, "float32": 2e-5}[dtype_name]
+        model = GPT(GPTConfig(**MODEL), dtype=dtype_name)
         dp = DataParallel(model.parameters(), dp_comm, bucket_bytes=bucket_bytes, overlap=overlap,
                           accumulation_steps=m)
-        dp.start_step()
-        mine = local_slice((inputs, targets), rank, size)
-        micro = zip(split_microbatches(mine[0], m), split_microbatches(mine[1], m), strict=True)
-        for index, (x, y) in enumerate(micro):
-            dp_comm.reset_counters()
-            (model(x, y)[1] * (1.0 / m)).backward()
-            sent = sum(record.calls for name, record in dp_comm.counters.items() if "allreduce" in name)
-            if index < m - 1 and sent:
-                raise CheckFailure(
-                    f"rank {rank}: {sent} allreduce(s) started during micro-batch {index + 1} of {m}; gradients "
-                    f"are final only after the last one: communicate on the last micro-batch only (a parameter "
-                    f"is ready at its m-th grad-ready hook)")
-        dp.finish_gradient_sync()
-        for name, p in model.named_parameters():
-            require(p.grad is not None, f"rank {rank}: {name}.grad is None after finish_gradient_sync")
-            compare(f"rank {rank}: {name}.grad after finish_gradient_sync, element", np.asarray(to_host(p.grad)),
-                    expected[name], "Δθ = (1/N) Σ_i Δθ_i, the single-process gradient of the whole batch",
-                    ratio_hint(size))
+        def one_step(step):
+            inputs, targets = _batch(size * m * 2, seed=12 + step)
+            expected = _single_process_gradients(inputs, targets, dtype_name)
+            dp.start_step()
+            spy.clear()
+            mine = local_slice((inputs, targets), rank, size)
+            micro = zip(split_microbatches(mine[0], m), split_microbatches(mine[1], m), strict=True)
+            for index, (x, y) in enumerate(micro):
+                before = len(spy.collectives())
+                (model(x, y)[1] * (1.0 / m)).backward()
+                backward_ended = len(spy.collectives())
+                if index < m - 1 and backward_ended > before:
+                    raise CheckFailure(
+                        f"rank {rank}, step {step + 1}: {backward_ended - before} collective(s) started during "
+                        f"micro-batch {index + 1} of {m}; gradients are final only after the last one: communicate "
+                        "on the last micro-batch only (a parameter is ready at its m-th grad-ready hook)")
+            if overlap and size > 1:
+                require(backward_ended > 0,
+                        f"rank {rank}, step {step + 1}: no allreduce started before the last backward ended; with "
+                        "overlap=True a bucket's allreduce starts (iallreduce) as soon as its gradients are final, "
+                        "while backward computes the rest: that overlap is the exercise")
+            dp.finish_gradient_sync()
+            for name, p in model.named_parameters():
+                require(p.grad is not None, f"rank {rank}, step {step + 1}: {name}.grad is None after "
+                                            "finish_gradient_sync")
+                got = np.asarray(to_host(p.grad))
+                require(got.dtype == np.dtype(dtype_name), f"rank {rank}, step {step + 1}: {name}.grad is "
+                                                           f"{got.dtype} in a {dtype_name} run: keep the dtype")
+                compare(f"rank {rank}, step {step + 1}: {name}.grad after finish_gradient_sync, element", got,
+                        expected[name], "Δθ = (1/N) Σ_i Δθ_i, the single-process gradient of the whole batch",
+                        ratio_hint(size), rtol=tolerance, atol=tolerance)
+
+        for step in range(steps):
+            agreed(comm, after_a_step, step, rank, one_step)
 
     return check
 
 
-def _zero_check(comm):
-    """ZeRO-1 through the Trainer: each rank's gradient part, then the parameters after AdamW."""
-    from minipar.backend import set_default_dtype, to_host, xp
-    from minipar.comm import Communicator
-    from minipar.nn.gpt import GPT, GPTConfig
-    from minipar.optim import AdamW, clip_grad_norm, decay_groups
-    from minipar.train import TrainConfig, Trainer, learning_rate_at
+def _zero_contract(spy, rank, step, elements):
+    """ZeRO-1's messages in one step: reduce-scatters and all-gathers of the model, no allreduce of it."""
+    calls = spy.collectives()
+    reduced = [call for call in calls if call.method in ("Allreduce", "Iallreduce") and call.elements > 16]
+    require(not reduced, f"rank {rank}, step {step + 1}: ZeRO-1 called MPI's {reduced[0].method if reduced else ''} "
+                         f"on {reduced[0].elements if reduced else 0} elements: the contract is one reduce-scatter "
+                         "of the gradients and one all-gather of the updated parameters per step, never an "
+                         "allreduce (an allreduce moves the same bytes but every rank then holds every gradient, "
+                         "which is what ZeRO saves)")
+    scattered = sum(call.elements for call in calls if call.method in ("Reduce_scatter_block", "Reduce_scatter",
+                                                                      "Ireduce_scatter_block"))
+    gathered = sum(call.elements for call in calls if call.method in ("Allgather", "Iallgather"))
+    require(scattered >= elements, f"rank {rank}, step {step + 1}: ZeRO-1 reduce-scattered {scattered} elements, "
+                                   f"the model has {elements}: every gradient goes through one reduce-scatter")
+    require(gathered > 0, f"rank {rank}, step {step + 1}: ZeRO-1 never all-gathered the updated parts: "
+                          "all-gather the updated parts after the optimizer step")
 
-    set_default_dtype(xp.float64)
-    world = Communicator(comm)
-    rank, size = world.rank, world.size
-    config = TrainConfig(steps=2, batch_size=4 * size, dtype="float64", learning_rate=1e-2, warmup_steps=1,
-                         dp=size, zero=1, microbatches=2)
-    trainer = Trainer(GPTConfig(**MODEL), config, world)
-    inputs, targets = _batch(4 * size)
-    reference = GPT(GPTConfig(**MODEL))
-    optimizer = AdamW(decay_groups(reference.named_parameters(), config.weight_decay), lr=config.learning_rate,
-                      betas=config.betas, weight_decay=config.weight_decay)
-    reference(inputs, targets)[1].backward()
-    before = {name: np.asarray(to_host(p.data)).copy() for name, p in reference.named_parameters()}
-    full_grads = {name: np.asarray(to_host(p.grad)).copy() for name, p in reference.named_parameters()}
-    clip_grad_norm(reference.parameters(), config.grad_clip)
-    optimizer.set_lr(learning_rate_at(config, 0))
-    optimizer.step()
 
-    trainer.compute_gradients(inputs, targets)
-    for name, p in trainer.named_parameters:
-        part = trainer.sync.updated_tensor(p)
-        length = -(-p.size // size)                                        # s = ceil(n / N)
-        padded = np.zeros(size * length)
-        padded[:p.size] = full_grads[name].reshape(-1)
-        require(part.grad is not None, f"rank {rank}: the part of {name} has no gradient after the sync")
-        compare(f"rank {rank}: its part of dL/d{name} (flat elements [{rank * length}, {(rank + 1) * length}) of "
-                f"{p.size}, zero-padded to {size} × {length}), element", np.asarray(to_host(part.grad)).reshape(-1),
-                padded[rank * length:(rank + 1) * length],
-                "ḡ_d = (1/N) Σ_i g_i on the part rank d owns", ratio_hint(size))
-    trainer.update()
-    for name, p in trainer.named_parameters:
-        got = np.asarray(to_host(p.data)).reshape(-1)
-        expected = np.asarray(to_host(dict(reference.named_parameters())[name].data)).reshape(-1)
-        length = -(-p.size // size)
+def _zero_check(dtype_name, steps):
+    """ZeRO-1 through the Trainer for ``steps`` steps: each rank's gradient part, then the parameters after
+    AdamW, against one process; the dtype kept; the messages of the contract."""
 
-        def stale(index, got_value, expected_value, name=name, length=length):
-            if got_value == before[name].reshape(-1)[index[0]]:
-                return (f"this element still holds its value from before the step: the updated part of rank "
-                        f"{index[0] // length} never arrived (all-gather the updated parts)")
-            return ""
+    def check(comm):
+        from minipar.backend import to_host
+        from minipar.comm import Communicator
+        from minipar.course.spy import spy_on
+        from minipar.nn.gpt import GPT, GPTConfig
+        from minipar.optim import AdamW, clip_grad_norm, decay_groups
+        from minipar.train import TrainConfig, Trainer, learning_rate_at
 
-        compare(f"rank {rank}: {name} after the AdamW step, flat element", got, expected,
-                "one process's clipped AdamW step", stale)
+        world = Communicator(comm)
+        rank, size = world.rank, world.size
+        tolerance = {"float64": 1e-12, "float32": 2e-5}[dtype_name]
+        config = TrainConfig(steps=steps, batch_size=4 * size, dtype=dtype_name, learning_rate=1e-2,
+                             warmup_steps=1, dp=size, zero=1, microbatches=2)
+        trainer = Trainer(GPTConfig(**MODEL), config, world)
+        spy = spy_on(trainer.sync.comm)
+        reference = GPT(GPTConfig(**MODEL), dtype=dtype_name)
+        optimizer = AdamW(decay_groups(reference.named_parameters(), config.weight_decay), lr=config.learning_rate,
+                          betas=config.betas, weight_decay=config.weight_decay)
+        elements = sum(p.size for _, p in trainer.named_parameters)
+        for step in range(steps):
+            inputs, targets = _batch(4 * size, seed=12 + step)
+            for p in reference.parameters():
+                p.grad = None
+            reference(inputs, targets)[1].backward()
+            before = {name: np.asarray(to_host(p.data)).copy() for name, p in reference.named_parameters()}
+            full_grads = {name: np.asarray(to_host(p.grad)).copy() for name, p in reference.named_parameters()}
+            clip_grad_norm(reference.parameters(), config.grad_clip)
+            optimizer.set_lr(learning_rate_at(config, step))
+            optimizer.step()
+            spy.clear()
+            trainer.compute_gradients(inputs, targets)
+
+            def parts(step=step, full_grads=full_grads):
+                for name, p in trainer.named_parameters:
+                    part = trainer.sync.updated_tensor(p)
+                    length = -(-p.size // size)                                        # s = ceil(n / N)
+                    padded = np.zeros(size * length)
+                    padded[:p.size] = full_grads[name].reshape(-1)
+                    require(part.grad is not None, f"rank {rank}, step {step + 1}: the part of {name} has no gradient "
+                                                   "after the sync")
+                    got = np.asarray(to_host(part.grad))
+                    require(got.dtype == np.dtype(dtype_name),
+                            f"rank {rank}, step {step + 1}: the part of dL/d{name} is {got.dtype} in a {dtype_name} run: "
+                            "keep the gradient's dtype (zeros(..., dtype=array.dtype) for the padding)")
+                    compare(f"rank {rank}, step {step + 1}: its part of dL/d{name} (flat elements [{rank * length}, "
+                            f"{(rank + 1) * length}) of {p.size}, zero-padded to {size} × {length}), element",
+                            got.reshape(-1), padded[rank * length:(rank + 1) * length],
+                            "ḡ_d = (1/N) Σ_i g_i on the part rank d owns", ratio_hint(size), rtol=tolerance,
+                            atol=tolerance)
+
+            agreed(comm, parts)   # all ranks stop together before the all-gather of the step
+            trainer.update()
+
+            def after_the_step(step=step, before=before):
+                _zero_contract(spy, rank, step, elements)
+                for name, p in trainer.named_parameters:
+                    got = np.asarray(to_host(p.data)).reshape(-1)
+                    require(got.dtype == np.dtype(dtype_name), f"rank {rank}, step {step + 1}: {name} is {got.dtype} "
+                                                               f"after the step of a {dtype_name} run: keep the dtype")
+                    expected = np.asarray(to_host(dict(reference.named_parameters())[name].data)).reshape(-1)
+                    length = -(-p.size // size)
+
+                    def stale(index, got_value, expected_value, name=name, length=length, before=before):
+                        if got_value == before[name].reshape(-1)[index[0]]:
+                            return (f"this element still holds its value from before the step: the updated part of "
+                                    f"rank {index[0] // length} never arrived (all-gather the updated parts)")
+                        return ""
+
+                    compare(f"rank {rank}, step {step + 1}: {name} after the AdamW step, flat element", got, expected,
+                            "one process's clipped AdamW step", stale, rtol=tolerance, atol=tolerance)
+
+            agreed(comm, after_the_step)
+
+    return check
 
 
 DATA_PARALLEL = [
-    Check("gradient average, buckets, 2 micro-batches", (1, 2, 3, 4, 8), _data_parallel_check(False, 2, 512)),
-    Check("gradient average, overlapped, 3 micro-batches", (2, 3, 8), _data_parallel_check(True, 3, 512)),
+    Check("gradient average, buckets, 2 micro-batches, 3 steps", (1, 2, 3, 4, 8), _data_parallel_check(False, 2, 512)),
+    Check("gradient average, overlapped, 3 micro-batches, 3 steps", (2, 3, 8), _data_parallel_check(True, 3, 512)),
+    Check("gradient average, overlapped, float32 kept, 2 steps", (3,), _data_parallel_check(True, 2, 512, "float32", 2)),
 ]
-ZERO_1 = [
-    Check("ZeRO-1 parts and step vs one process", (2, 3, 4, 8), _zero_check),  # dp 1: ZeRO is off
+ZERO_1 = [  # dp 1: ZeRO is off
+    Check("ZeRO-1 parts and 3 steps vs one process, float64", (2, 3, 4, 8), _zero_check("float64", 3)),
+    Check("ZeRO-1 parts and 2 steps vs one process, float32 kept", (3, 4), _zero_check("float32", 2)),
 ]

@@ -9,7 +9,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from minipar.course.checking import Check, CheckFailure, compare
+from minipar.course.checking import Check, CheckFailure, agreed, compare
 
 LAYOUTS = [(p, m) for p in (1, 2, 3, 4, 6) for m in (1, 2, p, 2 * p + 1)]
 
@@ -111,8 +111,10 @@ class _WatchedRequest:
         return result
 
 
-def _pipeline_gradients(comm, schedule, watch=False):
-    """p ranks run ``schedule`` through the executor; each stage's gradients equal one process's."""
+def _pipeline_gradients(comm, schedule, watch=False, recompute=False, steps=2):
+    """p ranks run ``schedule`` through one executor for ``steps`` steps; after each, every stage's gradients
+    equal one process's on that step's batch. ``recompute``: the forward keeps only its input, and backward
+    runs the chunk again from it (so a received activation must still hold its values then)."""
     from minipar.backend import from_host, host_rng, set_default_dtype, to_host, xp
     from minipar.comm import Communicator
     from minipar.nn.gpt import GPT, GPTConfig
@@ -123,48 +125,76 @@ def _pipeline_gradients(comm, schedule, watch=False):
     pp = Communicator(comm)
     m, rows = 2 * pp.size + 1, 1
     config = GPTConfig(vocab_size=8, block_size=4, n_layer=pp.size, n_head=2, n_embd=8)
-    rng = host_rng(9)
-    inputs = from_host(rng.integers(0, config.vocab_size, (m * rows, config.block_size)))
-    targets = from_host(rng.integers(0, config.vocab_size, (m * rows, config.block_size)))
-    reference = GPT(config)
-    reference(inputs, targets)[1].backward()
-    expected = {name: to_host(q.grad) for name, q in reference.named_parameters()}
     chunks = partition(GPT(config).pieces(), pp.size, pp.rank)
     channel = SendWatch(pp) if watch else pp
-    executor = PipelineExecutor(chunks, channel, schedule, m, (rows, config.block_size, config.n_embd), xp.float64)
-    executor.run(split_microbatches(inputs, m), split_microbatches(targets, m))
-    if watch and channel.misuses:
-        raise CheckFailure(f"stage {pp.rank}, {schedule}: {channel.misuses[0]} ({len(channel.misuses)} such "
-                           "misuses): take a free buffer for every send and reuse it only after Test or Wait "
-                           "says its send completed")
-    TiedEmbeddingGradientSum(stage_parameters(chunks), pp).finish_gradient_sync()
-    for name, parameter in stage_parameters(chunks):
-        got = None if parameter.grad is None else np.asarray(to_host(parameter.grad))
-        if (got is None or not got.any()) and expected[name].any():
-            raise CheckFailure(f"stage {pp.rank}, {schedule}: dL/d{name} is zero, one process's is not: no gradient "
-                               "reached this stage (the received activation must be a leaf with requires_grad, "
-                               "and its .grad is what goes back)")
-    for name, parameter in stage_parameters(chunks):
-        compare(f"stage {pp.rank}, {schedule}: dL/d{name}, element", np.asarray(to_host(parameter.grad)),
-                expected[name], "one process's gradient on the whole batch (each micro-batch's loss scaled by 1/m)")
+    executor = PipelineExecutor(chunks, channel, schedule, m, (rows, config.block_size, config.n_embd), xp.float64,
+                                recompute=recompute)
+    label = f"{schedule}{', recomputation on' if recompute else ''}"
+
+    def one_step(step):
+        rng = host_rng(9 + step)
+        inputs = from_host(rng.integers(0, config.vocab_size, (m * rows, config.block_size)))
+        targets = from_host(rng.integers(0, config.vocab_size, (m * rows, config.block_size)))
+        reference = GPT(config)
+        reference(inputs, targets)[1].backward()
+        expected = {name: to_host(q.grad) for name, q in reference.named_parameters()}
+        for _, parameter in stage_parameters(chunks):
+            parameter.grad = None
+        executor.run(split_microbatches(inputs, m), split_microbatches(targets, m))
+        where = f"stage {pp.rank}, {label}, step {step + 1}"
+        def no_misuse():
+            if watch and channel.misuses:
+                raise CheckFailure(f"{where}: {channel.misuses[0]} ({len(channel.misuses)} such misuses): take a "
+                                   "free buffer for every send and reuse it only after Test or Wait says its send "
+                                   "completed")
+
+        agreed(comm, no_misuse)   # every stage stops here together, before the next messages
+        TiedEmbeddingGradientSum(stage_parameters(chunks), pp).finish_gradient_sync()
+        for name, parameter in stage_parameters(chunks):
+            got = None if parameter.grad is None else np.asarray(to_host(parameter.grad))
+            if (got is None or not got.any()) and expected[name].any():
+                raise CheckFailure(f"{where}: dL/d{name} is zero, one process's is not: no gradient reached this "
+                                   "stage (the received activation must be a leaf with requires_grad, and its .grad "
+                                   "is what goes back)")
+        for name, parameter in stage_parameters(chunks):
+            compare(f"{where}: dL/d{name}, element", np.asarray(to_host(parameter.grad)), expected[name],
+                    "one process's gradient on the whole batch (each micro-batch's loss scaled by 1/m)"
+                    + ("; with recomputation the backward reruns the chunk on the received activation, so that "
+                       "activation must be a copy MPI no longer writes into" if recompute else ""))
+
+    for step in range(steps):
+        agreed(comm, one_step, step)
 
 
 def check_schedule_on_ranks(comm):
+    """The executor on the student's 1F1B, once the simulator accepts it (a schedule it refuses would only
+    leave the ranks waiting for a message no stage sends)."""
+    from minipar.parallel.pipeline.schedules import build_all_schedules
+    from minipar.parallel.pipeline.simulator import ScheduleError, simulate
+
+    p, m = comm.Get_size(), 2 * comm.Get_size() + 1
+    try:
+        simulate(build_all_schedules("1f1b", p, m), forward_time=Fraction(1), backward_time=Fraction(2),
+                 send_time=Fraction(0))
+    except ScheduleError as error:
+        raise CheckFailure(f"1f1b, p = {p}, m = {m}: not run on ranks, the simulator refuses the schedules "
+                           f"(they would deadlock): {error}") from None
     _pipeline_gradients(comm, "1f1b")
 
 
-def check_messages(schedule):
+def check_messages(schedule, recompute=False):
     def check(comm):
-        _pipeline_gradients(comm, schedule, watch=True)
+        _pipeline_gradients(comm, schedule, watch=True, recompute=recompute)
 
     return check
 
 
 MESSAGES = [
-    Check("gpipe through the executor, send buffers watched", (2, 3, 4), check_messages("gpipe")),
-    Check("1f1b through the executor, send buffers watched", (2, 4), check_messages("1f1b")),
+    Check("gpipe through the executor, send buffers watched, 2 steps", (2, 3, 4), check_messages("gpipe"), limit=12),
+    Check("1f1b through the executor, send buffers watched, 2 steps", (2, 4), check_messages("1f1b"), limit=12),
+    Check("1f1b with recomputation, send buffers watched, 2 steps", (3, 4), check_messages("1f1b", True), limit=12),
 ]
 ONE_F_ONE_B = [
     Check("1f1b schedules on paper (simulator), p ≤ 6", (1,), check_schedule_on_paper),
-    Check("1f1b through the executor vs one process", (2, 4), check_schedule_on_ranks),
+    Check("1f1b through the executor vs one process, 2 steps", (2, 4), check_schedule_on_ranks, limit=12),
 ]

@@ -15,6 +15,7 @@ from minipar.course.checking import (
     digit_data,
     digit_sum,
     digits_hint,
+    require,
 )
 
 
@@ -109,6 +110,16 @@ def _linear_check(sequence_parallel):
         expected_dA = np.einsum("btc,bth->ch", x_full, grad_hidden)
         compare(f"rank {rank}: dL/dA_j", _host(column.weight.grad), column.weight.shard.take(expected_dA),
                 "this rank's columns of the full dL/dA")
+        compare(f"rank {rank}: dL/da_j (the column-parallel bias)", _host(column.bias.grad),
+                column.bias.shard.take(grad_hidden.sum(axis=(0, 1))), "this rank's entries of Σ_bt dL/dY")
+        expected_dB = np.einsum("bth,btc->hc", y_full_hidden, upstream_full)
+        compare(f"rank {rank}: dL/dB_j", _host(row.weight.grad), row.weight.shard.take(expected_dB),
+                "this rank's rows of the full dL/dB")
+        if not sequence_parallel:   # there each rank holds its positions' part; the trainer sums them later
+            require(row.bias.grad is not None, f"rank {rank}: the row-parallel bias has no gradient on this rank")
+            compare(f"rank {rank}: dL/db (the row-parallel bias, replicated: every rank holds all of it)",
+                    _host(row.bias.grad), upstream_full.sum(axis=(0, 1)),
+                    "Σ_bt dL/dZ on every rank: b is added once, after g, and its gradient is the whole upstream sum")
 
     return check
 

@@ -20,6 +20,7 @@ class Exercise:
     checks: str               # "module:NAME" of the check list in minipar.course
     world_size: int = 8       # ranks that `course check` starts
     lesson: str = ""          # the notebook to read first
+    lesson_part: str = ""     # which part of it, when the exercise comes before the rest of that lesson
     docs: str = ""            # the page with the maths
     more: tuple = ()          # regions in other files: ((path, (function, ...)), ...)
 
@@ -46,7 +47,9 @@ EXERCISES = (
              "checks_comm:RECURSIVE_DOUBLING", lesson="lessons/02_collectives.ipynb", docs="docs/collectives.md"),
     Exercise("process_grid", "The 3D grid: rank -> (dp, tp, pp) coordinates and the three sub-communicators",
              "minipar/parallel/topology.py", ("Layout.coordinates", "ProcessGrid.__init__"), 25,
-             "checks_grid:CHECKS", lesson="lessons/06_hybrid.ipynb", docs="docs/hybrid.md"),
+             "checks_grid:CHECKS", lesson="lessons/06_hybrid.ipynb", docs="docs/hybrid.md",
+             lesson_part="sections 1-2 only (the grid, who talks to whom): they need no lesson after 02; "
+                         "section 3 trains in every layout and comes after lessons 03-05"),
     Exercise("megatron_f_g", "Megatron's f and g, and the column- and row-parallel linear forward",
              "minipar/parallel/tensor_parallel_comm.py",
              ("CopyToTensorParallelRegion.forward", "CopyToTensorParallelRegion.backward",

@@ -39,19 +39,59 @@ def entry_outcome(result_dir, index, size, world_size):
     if aborted.exists():
         record = json.loads(aborted.read_text())
         missing = record["missing"]
+        if record["reason"].startswith("not run"):
+            lines.append(record["reason"])
         if missing:
             why = {"time limit": f"within the {record['limit']:g} s limit",
                    "a rank failed while others waited": "after another rank failed"}.get(record["reason"],
                                                                                            record["reason"])
-            lines.append(f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} did not finish "
-                         f"{why}: stuck waiting for a message that no rank sends, or for a rank that failed")
-            for rank in missing[:3]:
-                path = stuck_file(result_dir, index, rank)
-                if path.exists():
-                    lines.append(f"rank {rank} was at {path.read_text()}")
+            places = {rank: stuck_file(result_dir, index, rank).read_text() for rank in missing
+                      if stuck_file(result_dir, index, rank).exists()}
+            if record["reason"] == "time limit" and len(places) == len(missing) > 1 and len(set(places.values())) == 1:
+                lines.append(f"deadlock: ranks {_ranks(missing)} all wait at {places[missing[0]]} (did not finish "
+                             f"{why}). Sends are synchronous here, as they are in a real run once a message "
+                             "outgrows MPI's eager limit: a ring in which every rank sends first waits forever; "
+                             "pair each send with its receive (Sendrecv, or Isend/Irecv then Wait)")
+            else:
+                cause = ("" if record.get("crashed") else
+                         ": stuck waiting for a message that no rank sends, or for a rank that failed")
+                lines.append(f"rank{'s' if len(missing) > 1 else ''} {_ranks(missing)} did not finish {why}{cause}")
+                for rank in missing[:3]:
+                    if rank in places:
+                        lines.append(f"rank {rank} was at {places[rank]}")
     if not lines:
         return "pass", ""
     return "fail", "\n".join(lines)
+
+
+def entry_kind(result_dir, index, size, world_size):
+    """What happened in entry ``index``: "pass", "fail" (a wrong value or a broken contract), "error" (the
+    code raised), "hang" (ranks did not finish in time), "skip", or None while it runs."""
+    outcome = entry_outcome(result_dir, index, size, world_size)
+    if outcome is None:
+        return None
+    if outcome[0] in ("pass", "skip"):
+        return outcome[0]
+    aborted = abort_file(result_dir, index)
+    statuses = {o["status"] for o in read_entry(result_dir, index, world_size).values()}
+    if aborted.exists() and json.loads(aborted.read_text()).get("kind"):
+        return json.loads(aborted.read_text())["kind"]
+    if aborted.exists() and json.loads(aborted.read_text()).get("crashed"):
+        return "error"
+    if aborted.exists() and json.loads(aborted.read_text())["reason"] == "time limit":
+        return "hang"
+    if "error" in statuses:
+        return "error"
+    if "fail" in statuses:
+        return "fail"
+    return "hang" if aborted.exists() else "fail"
+
+
+def _ranks(ranks):
+    """``0–3`` for a run of ranks, else ``0, 2, 5``."""
+    if len(ranks) > 2 and list(ranks) == list(range(ranks[0], ranks[-1] + 1)):
+        return f"{ranks[0]}–{ranks[-1]}"
+    return ", ".join(map(str, ranks))
 
 
 def entry_lines(result_dir, index, items, world_size):

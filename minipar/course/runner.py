@@ -26,7 +26,7 @@ import time
 import traceback
 from pathlib import Path
 
-GRACE_AFTER_FAILURE = 5.0  # seconds the others get to finish after a rank failed or raised
+GRACE_AFTER_FAILURE = 3.0  # seconds the others get to finish after a rank failed or raised
 POLL = 0.02
 
 
@@ -44,16 +44,24 @@ def _write(path, record):
     os.replace(temporary, path)  # readers never see half a file
 
 
+_COURSE = Path(__file__).resolve().parent          # the grader's own files: never "where" the student is
+_ROOT = _COURSE.parent.parent                       # the checkout whose minipar this job imported
+
+
+def _in_student_code(filename):
+    """A frame in the imported minipar package but not in the grader (whatever the folders are called)."""
+    path = Path(filename).resolve()
+    return path.is_relative_to(_ROOT / "minipar") and not path.is_relative_to(_COURSE)
+
+
 def _where(error):
     """``path:line in function`` of the innermost frame in minipar outside the course package."""
     frames = traceback.extract_tb(error.__traceback__)
-    inside = [frame for frame in frames if "minipar" in frame.filename and "/course/" not in frame.filename]
+    inside = [frame for frame in frames if _in_student_code(frame.filename)]
     frame = (inside or frames or [None])[-1]
     if frame is None:
         return ""
-    parts = Path(frame.filename).parts
-    short = "/".join(parts[parts.index("minipar"):]) if "minipar" in parts else frame.filename
-    return f" (at {short}:{frame.lineno} in {frame.name})"
+    return f" (at {_short(frame.filename)}:{frame.lineno} in {frame.name})"
 
 
 def run_entry(check, comm):
@@ -93,8 +101,9 @@ def giving_up_file(result_dir, index):
 
 
 def _short(filename):
-    parts = Path(filename).parts
-    return "/".join(parts[parts.index("minipar"):]) if "minipar" in parts else filename
+    """``minipar/comm/collectives.py`` for a file of the imported package, else the path as it is."""
+    path = Path(filename).resolve()
+    return path.relative_to(_ROOT).as_posix() if path.is_relative_to(_ROOT) else filename
 
 
 def where_main_thread_is(exercise_paths=()):
@@ -102,10 +111,10 @@ def where_main_thread_is(exercise_paths=()):
     exercise's files, else the innermost in minipar outside the course package."""
     frame = sys._current_frames().get(threading.main_thread().ident)
     stack = traceback.extract_stack(frame) if frame is not None else []
-    inside = [entry for entry in stack if "minipar" in entry.filename and "/course/" not in entry.filename]
+    inside = [entry for entry in stack if _in_student_code(entry.filename)]
     preferred = [entry for entry in inside if _short(entry.filename) in exercise_paths]
-    if not inside:
-        return "outside minipar"
+    if not inside:   # in the grader itself: this rank is done with the student's code and waits for the others
+        return "the grader's own code, past the exercise's (waiting for the other ranks)"
     entry = (preferred or inside)[-1]
     return f"{_short(entry.filename)}:{entry.lineno} in {entry.name}: {(entry.line or '').strip()}"
 
@@ -170,7 +179,7 @@ def run(name, result_dir, limit, start=0, report=False):
     """Run exercise ``name``'s entries from ``start`` on; returns (passed, total) on every rank."""
     from mpi4py import MPI
 
-    from minipar.course.checking import entries
+    from minipar.course.checking import entries, limit_of
     from minipar.course.registry import checks_of, exercise_named
     from minipar.course.report import Compactor, entry_lines, score_line
 
@@ -190,13 +199,14 @@ def run(name, result_dir, limit, start=0, report=False):
             print(score_line(result_dir, items, world_size))
 
     participants_of, compact = {}, Compactor()
-    watchdog = Watchdog(lambda index: give_up(result_dir, index, world_size, participants_of[index], limit,
-                                              "time limit", report_abort), result_dir, rank, exercise.paths)
+    watchdog = Watchdog(lambda index: give_up(result_dir, index, world_size, participants_of[index],
+                                              limit_of(items[index][1], limit), "time limit", report_abort),
+                        result_dir, rank, exercise.paths)
     passed = 0
     for index in range(start, len(items)):
         _, check, size = items[index]
         participants_of[index] = list(range(min(size, world_size)))
-        watchdog.begin(index, limit)
+        watchdog.begin(index, limit_of(check, limit))
         if size > world_size:
             outcome = {"status": "skipped", "message": f"needs {size} ranks, this job has {world_size}"}
         else:
@@ -214,7 +224,7 @@ def run(name, result_dir, limit, start=0, report=False):
             if error_seen is None and any(o["status"] in ("error", "fail") for o in outcomes.values()):
                 error_seen = time.monotonic()
             if error_seen is not None and time.monotonic() - error_seen > GRACE_AFTER_FAILURE:
-                give_up(result_dir, index, world_size, participants_of[index], limit,
+                give_up(result_dir, index, world_size, participants_of[index], limit_of(check, limit),
                         "a rank failed while others waited", report_abort)
             time.sleep(POLL)
         watchdog.end()

@@ -2,18 +2,26 @@
 
     python -m minipar course student ../my-course
 
-copies the repository (the files git tracks, or every file but build outputs when there is no
-git), replaces every solution region of the package and of the lesson notebooks by a stub
+copies the repository (the files git tracks: never logs, checkpoints or other untracked files;
+every file but build outputs when there is no git), replaces every solution region of the
+package and of the lesson notebooks by a stub
 (``markers.py``), leaves out what only the teacher needs (``TEACHER_ONLY``), and adds
 ``tests/test_exercises.py``, the public tests: one pytest case per exercise, each running
 ``course check``. The student version is generated, never edited by hand.
+
+Last, it looks for the solutions elsewhere (``leaked_solutions``): a student version in which 3
+consecutive non-trivial lines of a solution region appear anywhere (another function that does
+the same work, a docstring, a notebook, a page of the docs) is refused, naming both places.
 """
+import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
 
 from minipar.course.markers import (
     BEGIN,
+    END,
     MarkerError,
     replace_regions,
     stub_lines,
@@ -22,7 +30,7 @@ from minipar.course.markers import (
 from minipar.course.registry import EXERCISES
 from minipar.errors import ConfigError
 
-TEACHER_ONLY = {"tests/test_course.py", "minipar/course/planted.py", ".ci/run"}
+TEACHER_ONLY = {"tests/test_course.py", "minipar/course/planted.py", "minipar/course/corpus.py", ".ci/run"}
 _NEVER_COPIED = {".git", "__pycache__", ".pytest_cache", "out", ".ci/venv", ".ipynb_checkpoints"}
 
 PUBLIC_TESTS = '''"""Public tests of the course: one case per exercise, as `python -m minipar course check NAME`.
@@ -58,7 +66,7 @@ def reference_root():
 
 def _tracked_files(root):
     if (root / ".git").exists():
-        listed = subprocess.run(["git", "-C", str(root), "ls-files", "--cached", "--others", "--exclude-standard"],
+        listed = subprocess.run(["git", "-C", str(root), "ls-files", "--cached"],
                                 check=False, capture_output=True, text=True)
         if listed.returncode == 0:
             return [Path(line) for line in listed.stdout.splitlines() if line and (root / line).is_file()]
@@ -67,7 +75,7 @@ def _tracked_files(root):
 
 
 def copy_reference_tree(root, destination, leave_out=()):
-    destination = Path(destination)
+    root, destination = Path(root), Path(destination)
     for relative in _tracked_files(root):
         if relative.as_posix() in leave_out or any(part in _NEVER_COPIED for part in relative.parts):
             continue
@@ -135,4 +143,94 @@ def write_student_version(destination, root=None):
     tests = destination / "tests" / "test_exercises.py"
     tests.parent.mkdir(parents=True, exist_ok=True)
     tests.write_text(PUBLIC_TESTS.replace("{names!r}", repr([exercise.name for exercise in EXERCISES])))
+    leaks = leaked_solutions(root, destination)
+    if leaks:
+        raise MarkerError("the student version would still hold solution code, so it was not finished (remove "
+                          f"{destination} and fix the reference): " + "; ".join(leaks[:5])
+                          + (f"; and {len(leaks) - 5} more" if len(leaks) > 5 else ""))
     return found, notebooks
+
+
+# ---- no solution left behind --------------------------------------------------------------------
+WINDOW = 3                      # consecutive non-trivial lines that make a leak
+_TRIVIAL = re.compile(r"^(#.*|pass|else:|try:|finally:|return|return \w+|break|continue|[)\]}]+,?|[\"']{3}.*)?$")
+
+
+def _normal(line):
+    return re.sub(r"\s+", " ", line.strip())
+
+
+def _idioms(root):
+    """Lines outside the solution regions that occur twice or more in the package: shared idioms
+    (``rank, size = comm.Get_rank(), comm.Get_size()``, ``flat = _flat(buffer)``), not anyone's
+    solution. A solution copied once elsewhere is still found, line by line."""
+    counts = {}
+    for path in sorted(Path(root).glob("minipar/**/*.py")):
+        inside = False
+        for line in path.read_text().splitlines():
+            inside = (inside or line.strip() == BEGIN) and line.strip() != END
+            if not inside:
+                counts[_normal(line)] = counts.get(_normal(line), 0) + 1
+    return {line for line, count in counts.items() if count >= 2}
+
+
+def _meaningful(lines, idioms):
+    """(line number, normalised text) of the lines that count: code, not blank, not an idiom."""
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        text = _normal(line)
+        if len(text) >= 8 and not _TRIVIAL.match(text) and text not in idioms:
+            kept.append((number, text))
+    return kept
+
+
+def _solution_windows(root, idioms):
+    """{(3 consecutive meaningful lines of a solution region): "path:line"} over the reference package."""
+    windows = {}
+    for path in sorted(Path(root).glob("minipar/**/*.py")):
+        relative = path.relative_to(root).as_posix()
+        if relative.startswith("minipar/course/"):
+            continue
+        lines = path.read_text().splitlines()
+        begin = None
+        for number, line in enumerate(lines, start=1):
+            if line.strip() == BEGIN:
+                begin = number
+            elif line.strip() == END and begin is not None:
+                kept = _meaningful(lines[begin:number - 1], idioms)
+                for index in range(len(kept) - WINDOW + 1):
+                    window = tuple(text for _, text in kept[index:index + WINDOW])
+                    windows.setdefault(window, f"{relative}:{begin + kept[index][0]}")
+                begin = None
+    return windows
+
+
+def _texts_of(destination):
+    """(name, lines) of every text a student reads: package and test code, notebook cells, docs."""
+    for path in sorted(Path(destination).rglob("*")):
+        relative = path.relative_to(destination).as_posix()
+        if not path.is_file() or relative.startswith(("minipar/course/", ".git/")):
+            continue
+        if path.suffix in (".py", ".md", ".txt", ".rst"):
+            yield relative, path.read_text(errors="replace").splitlines()
+        elif path.suffix == ".ipynb":
+            cells = json.loads(path.read_text()).get("cells", [])
+            for index, cell in enumerate(cells):
+                source = cell.get("source", "")
+                text = "".join(source) if isinstance(source, list) else source
+                yield f"{relative} cell {index}", text.splitlines()
+
+
+def leaked_solutions(root, destination):
+    """Where the student version at ``destination`` still holds 3 consecutive lines of a solution of ``root``."""
+    idioms = _idioms(root)
+    windows = _solution_windows(root, idioms)
+    leaks = []
+    for name, lines in _texts_of(destination):
+        kept = _meaningful(lines, idioms)
+        for index in range(len(kept) - WINDOW + 1):
+            window = tuple(text for _, text in kept[index:index + WINDOW])
+            if window in windows:
+                leaks.append(f"{name}:{kept[index][0]} repeats the solution at {windows[window]}")
+                break
+    return leaks
