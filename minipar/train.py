@@ -34,11 +34,12 @@ from minipar.parallel.communication_reduction import CompressedDataParallel, Hie
 from minipar.parallel.data_parallel import DataParallel, local_slice
 from minipar.parallel.gather import gather_full_arrays
 from minipar.parallel.gradient_sync import MOMENTS, SequenceParallelGradientSum, SingleReplica
+from minipar.parallel.mesh import DeviceMesh
 from minipar.parallel.pipeline.executor import PipelineExecutor, split_microbatches
 from minipar.parallel.pipeline.partition import TIED_EMBEDDING, TiedEmbeddingGradientSum, partition, stage_parameters
 from minipar.parallel.sharding import label_replicated
 from minipar.parallel.tensor_parallel import tensor_parallel_pieces
-from minipar.parallel.topology import Layout, ProcessGrid
+from minipar.parallel.topology import Layout
 from minipar.parallel.zero import Zero
 
 
@@ -175,7 +176,8 @@ class Trainer:
         self.model_config, self.config = model_config, train_config
         train_config.check_model(model_config)
         guard_job(world.mpi)  # an uncaught exception or Ctrl-C on any rank ends every rank (minipar/job.py)
-        self.grid = ProcessGrid(train_config.layout, world)  # validates the layout on every rank first
+        train_config.layout.validate(world.size)  # on every rank, before any message
+        self.grid = DeviceMesh(train_config.layout.mesh_shape, world)  # coordinates and groups per axis
         self.chunks = self._build_chunks()
         self.named_parameters = stage_parameters(self.chunks)  # each object once, by full name
         self.parameters = [p for _, p in self.named_parameters]
