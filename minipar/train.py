@@ -33,10 +33,11 @@ from minipar.optim import SGD, AdamW, clip_grad_norm, cosine_learning_rate, deca
 from minipar.parallel.communication_reduction import CompressedDataParallel, HierarchicalDataParallel, LocalSGD
 from minipar.parallel.data_parallel import DataParallel, local_slice
 from minipar.parallel.gather import gather_full_arrays
-from minipar.parallel.gradient_sync import MOMENTS, SequenceParallelGradientSum, SingleReplica
-from minipar.parallel.mesh import DeviceMesh
+from minipar.parallel.gradient_sync import MOMENTS, SingleReplica
+from minipar.parallel.mesh import AXES, DeviceMesh
 from minipar.parallel.pipeline.executor import PipelineExecutor, split_microbatches
-from minipar.parallel.pipeline.partition import TIED_EMBEDDING, TiedEmbeddingGradientSum, partition, stage_parameters
+from minipar.parallel.pipeline.partition import TIED_EMBEDDING, partition, stage_parameters
+from minipar.parallel.placement import Partial, PartialGradientSum, Shard, counts_in_model_sum, norm_axes, place
 from minipar.parallel.sharding import label_replicated
 from minipar.parallel.tensor_parallel import tensor_parallel_pieces
 from minipar.parallel.topology import Layout
@@ -185,14 +186,15 @@ class Trainer:
         self.sync = self._build_gradient_sync()  # the data-parallel average: none, allreduce or ZeRO
         for chunk in self.chunks:
             chunk.piece_runner = self.sync.piece_runner  # ZeRO-3 gathers each piece's parameters around it
-        updated = [(name, self.sync.updated_tensor(p)) for name, p in self.named_parameters]
-        # Linear, so their order does not matter; the dp average goes first because with overlap
-        # (or ZeRO 2-3) it started during backward and must not see the gradients change after.
-        self.gradient_sums = [self.sync, SequenceParallelGradientSum(self.sync.updated, self.grid.tp),
-                              TiedEmbeddingGradientSum(updated, self.grid.pp)]
-        self.counted_once = [(name, p) for name, p in self.named_parameters if self._counts_once(name, p)]
-        self.norm_tensors = [self.sync.updated_tensor(p) for _, p in self.counted_once]
-        self.norm_groups = (self.grid.tp, self.grid.pp, *self.sync.partitioned_over)
+        updated = [self._place(name, p) for name, p in self.named_parameters]  # placements: parallel/placement.py
+        # The partial gradients: dp's average by the sync (bucketed, maybe overlapped), every other
+        # axis's sums from the placements. Linear, so their order does not matter; the dp average goes
+        # first because with overlap (or ZeRO 2-3) it started during backward.
+        self.partial_gradients = PartialGradientSum(updated, self.grid, [axis for axis in AXES if axis != "dp"])
+        self.gradient_sums = [self.sync, self.partial_gradients]
+        axes = norm_axes(updated, self.grid)  # ||g||^2 sums over the axes that shard something
+        self.norm_tensors = [t for t in updated if counts_in_model_sum(t, self.grid, axes)]
+        self.norm_groups = [self.grid.group(axis) for axis in axes]
         groups = decay_groups(self.named_parameters, train_config.weight_decay)
         if train_config.optimizer == "sgd":
             self.optimizer = SGD(self.sync.optimizer_groups(groups), lr=train_config.learning_rate)
@@ -213,7 +215,7 @@ class Trainer:
     def _build_executor(self):
         config = self.config
         micro_batch = config.batch_size // (config.dp * config.microbatches)
-        length = self.model_config.block_size // (config.tp if config.sequence_parallel else 1)
+        length = self.model_config.block_size // (config.tp if config.sequence_parallel else 1)  # (B/dp m, T/tp, C)
         activation_shape = (micro_batch, length, self.model_config.n_embd)
         return PipelineExecutor(self.chunks, self.grid.pp, config.schedule, config.microbatches, activation_shape,
                                 getattr(xp, config.dtype), recompute=config.recompute)
@@ -240,16 +242,23 @@ class Trainer:
             return HierarchicalDataParallel(self.parameters, self.grid.dp, NodeGroups(self.grid.dp, node), **options)
         return DataParallel(self.parameters, self.grid.dp, overlap=config.overlap, algorithm=config.allreduce, **options)
 
-    def _counts_once(self, name, parameter):
-        """Whether this rank counts ``parameter`` in sums over the whole model (the gradient norm).
+    def _place(self, name, parameter):
+        """What the optimizer updates for ``parameter``, with its placement on every axis.
 
-        Sharded parameters: every tp rank its part. Replicated ones: tp rank 0 only. The tied
-        embedding's copy in the head of a later stage: not again. Data-parallel replicas hold the
-        same values, except ZeRO's parts (``sync.partitioned_over``), so the dp group is not summed.
+        tp: as the layers placed it (Shard, or Replicate / Partial under sequence parallelism).
+        pp: each stage holds its own layers (whole tensors dealt out), but the tied embedding is one
+        weight with two uses, a copy on the first and on the last stage: Partial, summed between them.
+        dp: every replica's gradient is a part (its rows), averaged by the sync; ZeRO's parts are a
+        Shard of the flattened parameter instead.
         """
-        if parameter.shard.is_replicated and self.grid.tp_rank != 0:
-            return False
-        return not (name == TIED_EMBEDDING and self.config.pp > 1 and not self.grid.is_first_stage)
+        pp = Shard(None)
+        if name == TIED_EMBEDDING and self.config.pp > 1:
+            pp = Partial("sum", holders=(0, self.config.pp - 1))
+        place(parameter, dp=Partial("avg"), pp=pp)
+        tensor = self.sync.updated_tensor(parameter)
+        if tensor is not parameter:
+            place(tensor, **{**parameter.placements, "dp": Shard(0)})
+        return tensor
 
     # ---- one step ----------------------------------------------------------------------
     def train_step(self, inputs, targets):
@@ -298,9 +307,12 @@ class Trainer:
     # ---- the single-process view -------------------------------------------------------
     def num_parameters(self):
         """Numbers in the whole single-process model (collective over tp and pp)."""
-        buffer = xp.array([sum(p.size for _, p in self.counted_once)], dtype=xp.float64)
-        self.grid.tp.allreduce(buffer)
-        self.grid.pp.allreduce(buffer)
+        parameters = [p for _, p in self.named_parameters]
+        axes = norm_axes(parameters, self.grid)
+        buffer = xp.array([sum(p.size for p in parameters if counts_in_model_sum(p, self.grid, axes))],
+                          dtype=xp.float64)
+        for axis in axes:
+            self.grid.group(axis).allreduce(buffer)
         return int(buffer[0])
 
     def gather_state(self, arrays_by_parameter=None):
