@@ -33,7 +33,7 @@ from minipar.optim import SGD, AdamW, clip_grad_norm, cosine_learning_rate, deca
 from minipar.parallel.communication_reduction import CompressedDataParallel, HierarchicalDataParallel, LocalSGD
 from minipar.parallel.data_parallel import DataParallel, local_slice
 from minipar.parallel.gather import gather_full_arrays
-from minipar.parallel.gradient_sync import MOMENTS, SingleReplica
+from minipar.parallel.gradient_sync import MOMENTS, SingleReplica, SyncState
 from minipar.parallel.mesh import AXES, DeviceMesh
 from minipar.parallel.pipeline.executor import PipelineExecutor, split_microbatches
 from minipar.parallel.pipeline.partition import TIED_EMBEDDING, partition, stage_parameters
@@ -184,6 +184,7 @@ class Trainer:
         self.parameters = [p for _, p in self.named_parameters]
         self.executor = self._build_executor()
         self.sync = self._build_gradient_sync()  # the data-parallel average: none, allreduce or ZeRO
+        self.sync_state = SyncState(self.sync)  # its arrays, for checkpoints and memory reports
         for chunk in self.chunks:
             chunk.piece_runner = self.sync.piece_runner  # ZeRO-3 gathers each piece's parameters around it
         updated = [self._place(name, p) for name, p in self.named_parameters]  # placements: parallel/placement.py
@@ -323,7 +324,7 @@ class Trainer:
         Collective: every rank calls it (under ZeRO the dp group first all-gathers).
         """
         if arrays_by_parameter is None:
-            arrays_by_parameter = self.sync.parameter_arrays()
+            arrays_by_parameter = self.sync_state.parameter_arrays()
         return gather_full_arrays(self.parameters, arrays_by_parameter, self.grid)
 
     # ---- this rank's arrays, for (distributed) checkpoints ------------------------------
@@ -331,18 +332,18 @@ class Trainer:
     # under ZeRO the calls are collective over the dp group.
     def parameter_arrays(self):
         """{full name: copy of this rank's tensor-parallel shard of the parameter}."""
-        arrays = self.sync.parameter_arrays()
+        arrays = self.sync_state.parameter_arrays()
         return {name: arrays[id(p)] for name, p in self.named_parameters}
 
     def load_parameter_arrays(self, arrays):
         """Set every local parameter from {full name: its tensor-parallel shard}."""
         self._check_shapes(arrays, "parameter")
         for name, p in self.named_parameters:
-            self.sync.load_parameter(p, xp.asarray(from_host(arrays[name]), dtype=p.dtype))
+            self.sync_state.load_parameter(p, xp.asarray(from_host(arrays[name]), dtype=p.dtype))
 
     def optimizer_state_arrays(self):
         """{full name: {"m": array, "v": array}}, AdamW's moments (zeros before the first step)."""
-        moments = self.sync.optimizer_state_arrays(self.optimizer)
+        moments = self.sync_state.optimizer_state_arrays(self.optimizer)
         return {name: moments[id(p)] for name, p in self.named_parameters}
 
     def load_optimizer_state_arrays(self, states, step_count):
@@ -351,7 +352,7 @@ class Trainer:
             self._check_shapes({name: slots[slot] for name, slots in states.items() if slot in slots}, f"AdamW {slot}")
         for name, p in self.named_parameters:
             moments = {slot: xp.asarray(from_host(states[name][slot]), dtype=p.dtype) for slot in MOMENTS}
-            self.sync.load_optimizer_state(self.optimizer, p, moments)
+            self.sync_state.load_optimizer_state(self.optimizer, p, moments)
         self.step_count = self.optimizer.step_count = step_count
 
     def _check_shapes(self, arrays, what):
@@ -365,11 +366,11 @@ class Trainer:
     def sync_state_arrays(self):
         """{name: array} that only this rank holds (``sync.state_arrays``): compression residuals,
         local SGD's replica; saved per rank, restored under the same layout."""
-        return self.sync.state_arrays(self.optimizer)
+        return self.sync_state.state_arrays(self.optimizer)
 
     def load_sync_state_arrays(self, arrays):
-        self.sync.load_state_arrays({name: from_host(array) for name, array in arrays.items()}, self.optimizer)
+        self.sync_state.load_state_arrays({name: from_host(array) for name, array in arrays.items()}, self.optimizer)
 
     def memory_report(self):
         """Bytes this rank holds after a step (``memory_report`` of the gradient sync in use)."""
-        return self.sync.memory_report(self.optimizer)
+        return self.sync_state.memory_report(self.optimizer)

@@ -19,9 +19,14 @@ The Trainer calls, once per step, in this order:
 the parts of them this rank owns (``optimizer_groups`` turns groups of parameters into groups
 of those). ``partitioned_over`` names the groups across which the updated tensors are disjoint
 parts of the whole, so a sum over the model (the squared gradient norm) is summed over them too.
-Checkpoints see arrays shaped like each parameter's tensor-parallel shard in every mode
-(``parameter_arrays``, ``load_parameter``, ``optimizer_state_arrays``, ``load_optimizer_state``;
-``gradient_arrays`` for tests), and ``memory_report`` measures the bytes behind the arrays.
+That is the whole of the sync interface (``SYNC_MEMBERS``), and all a step needs.
+
+Its state is a second, separate interface (``STATE_MEMBERS``), which the Trainer reaches only
+through ``SyncState(sync)``: checkpoints see arrays shaped like each parameter's tensor-parallel
+shard in every mode (``parameter_arrays``, ``load_parameter``, ``optimizer_state_arrays``,
+``load_optimizer_state``; ``gradient_arrays`` for tests; ``state_arrays`` and
+``load_state_arrays`` for what only this rank holds), and ``memory_report`` measures the bytes
+behind the arrays.
 
 In the vocabulary of parallel/placement.py the data-parallel average is the sum of a gradient
 that is Partial("avg") on the dp axis; under ZeRO the updated tensors are Shard(0) on dp
@@ -33,6 +38,21 @@ their order does not change the result.
 from minipar.backend import xp
 
 MOMENTS = ("m", "v")  # AdamW's per-parameter state, as checkpoints store it
+
+SYNC_MEMBERS = ("updated", "updated_tensor", "optimizer_groups", "partitioned_over", "piece_runner",
+                "start_step", "gradient_ready", "finish_gradient_sync", "after_optimizer_step")
+STATE_MEMBERS = ("parameter_arrays", "load_parameter", "gradient_arrays", "optimizer_state_arrays",
+                 "load_optimizer_state", "state_arrays", "load_state_arrays", "memory_report")
+
+
+class SyncState:
+    """The state half of a gradient sync (``STATE_MEMBERS``), on its own: what checkpoints, tests and
+    memory reports read and write. A thin view: each mode keeps its state beside its sync, and this
+    object is the only door to it, so the step's code (``SYNC_MEMBERS``) never sees a checkpoint."""
+
+    def __init__(self, sync):
+        for name in STATE_MEMBERS:
+            setattr(self, name, getattr(sync, name))
 
 
 def bytes_held(arrays):
