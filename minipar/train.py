@@ -6,15 +6,16 @@ A step, on each rank (see docs/design.md for the parts):
       -> this data-parallel replica's rows (B/dp)          # rank discipline: nobody ships data
       -> m micro-batches of B/(dp m) rows
       -> pipeline executor: forward/backward of this rank's chunks, loss scaled by 1/m
-      -> tensor-parallel gradient sums (sequence parallel only), tied-embedding sum (pp > 1)
       -> data-parallel average  Δθ = (1/dp) Σ_i Δθ_i
+      -> every other partial gradient summed over its axis: sequence parallelism's over tp, the
+         tied embedding's between the first and last stage (placements: parallel/placement.py)
       -> clip by the global gradient norm, AdamW on this rank's shards: θ_j <- θ_j - η Δθ_j
 
 The data-parallel average is one of three objects with one interface (parallel/gradient_sync.py):
 SingleReplica (dp = 1), DataParallel (allreduce) or Zero (--zero 1|2|3, parallel/zero.py: a
 reduce-scatter, each dp rank getting the average of its part only). What the optimizer updates
-is ``sync.updated``: the parameters, or under ZeRO their parts; the sequence-parallel and
-tied-embedding sums, which the Trainer builds the same way, act on those, and so does the norm.
+is ``sync.updated``: the parameters, or under ZeRO their parts. Each records its placement on every
+axis of the device mesh (parallel/mesh.py); the other sums and the norm's counting follow from them.
 
 Rank discipline: every rank builds the same GPT from the same seed and keeps its slice;
 every rank validates the configuration before any communication; world rank 0 prints,

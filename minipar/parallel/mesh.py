@@ -136,10 +136,10 @@ class MeshShape:
 class DeviceMesh:
     """A MeshShape bound to MPI: this rank's coordinates and its groups, as Communicators.
 
-    The group of each single axis is made when the mesh is (every rank splits the world in the same
-    order, so no rank waits); a group over several axes, ``group("dp", "cp")``, on its first call,
-    which is then collective: every rank of the world calls it, in the same order. A group over
-    axes of size 1 only is this rank alone and needs no message.
+    The group of each single axis of size > 1 is made when the mesh is (every rank splits the world
+    in the same order, so no rank waits); a group over several axes, ``group("dp", "cp")``, on its
+    first call, which is then collective: every rank of the world calls it, in the same order. A
+    group over axes of size 1 only is this rank alone, made when asked, without a message.
     """
 
     def __init__(self, shape, world):
@@ -151,8 +151,9 @@ class DeviceMesh:
         self.shape, self.world = shape, world
         self.coordinates = shape.coordinates(world.rank)
         self._groups = {}
-        for axis in AXES:
-            self.group(axis)
+        for axis in AXES:  # in one order on every rank; an axis of size 1 needs no split (made when asked)
+            if shape.size(axis) > 1:
+                self.group(axis)
 
     def coordinate(self, axis):
         return self.coordinates[axis]
@@ -161,12 +162,18 @@ class DeviceMesh:
         return self.shape.size(axis)
 
     def group(self, *axes):
-        """The Communicator of this rank's group over ``axes`` (ranks ordered as ``MeshShape.group_rank``)."""
-        key = tuple(axis for axis in AXES if axis in axes)
+        """The Communicator of this rank's group over ``axes`` (ranks ordered as ``MeshShape.group_rank``).
+
+        Axes of size 1 are dropped first, so ``group("dp", "cp")`` with cp = 1 is ``group("dp")``,
+        the same object, and a group over size-1 axes only is this rank alone (one per axis set, so
+        each keeps its own counters)."""
         self.shape._check_axes(axes)
+        key = tuple(axis for axis in AXES if axis in axes and self.shape.size(axis) > 1)
+        if not key:
+            key = ("alone", *(axis for axis in AXES if axis in axes))
         if key not in self._groups:
             rank = self.world.rank
-            if all(self.shape.size(axis) == 1 for axis in key):
+            if key[0] == "alone":
                 self._groups[key] = Communicator(MPI.COMM_SELF, self.world.transport)
             else:
                 self._groups[key] = self.world.split(color=self.shape.group_colour(rank, *key),
