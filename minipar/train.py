@@ -35,7 +35,7 @@ from minipar.parallel.communication_reduction import CompressedDataParallel, Hie
 from minipar.parallel.data_parallel import DataParallel, local_slice
 from minipar.parallel.gather import gather_full_arrays
 from minipar.parallel.gradient_sync import MOMENTS, SingleReplica, SyncState
-from minipar.parallel.mesh import AXES, DeviceMesh
+from minipar.parallel.mesh import AXES, DeviceMesh, MeshShape
 from minipar.parallel.pipeline.executor import PipelineExecutor, split_microbatches
 from minipar.parallel.pipeline.partition import TIED_EMBEDDING, partition, stage_parameters
 from minipar.parallel.placement import Partial, PartialGradientSum, Shard, counts_in_model_sum, norm_axes, place
@@ -83,7 +83,7 @@ class TrainConfig:
         if self.dtype not in ("float32", "float64"):
             raise ConfigError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
         require_positive_int("steps", self.steps, minimum=0)
-        Layout(self.dp, self.tp, self.pp)  # checks dp, tp and pp, in the one place that does (parallel/topology.py)
+        _ = self.mesh_shape  # checks the size of every axis, in the one place that does (parallel/mesh.py)
         for name in ("batch_size", "microbatches", "virtual_stages"):
             require_positive_int(name, getattr(self, name))
         for name in ("learning_rate", "min_learning_rate", "weight_decay", "grad_clip"):
@@ -135,6 +135,12 @@ class TrainConfig:
     def layout(self):
         return Layout(self.dp, self.tp, self.pp)
 
+    @property
+    def mesh_shape(self):
+        """The device mesh: a size for every axis of ``AXES`` this configuration has a field for (a new
+        axis is one field above), 1 for the others."""
+        return MeshShape.of(**{axis: getattr(self, axis) for axis in AXES if hasattr(self, axis)})
+
     def check_model(self, model_config):
         """What this layout needs of the model, checked on every rank alike (not on one stage mid-step)."""
         from minipar.parallel.pipeline.partition import layers_per_chunk
@@ -178,8 +184,7 @@ class Trainer:
         self.model_config, self.config = model_config, train_config
         train_config.check_model(model_config)
         guard_job(world.mpi)  # an uncaught exception or Ctrl-C on any rank ends every rank (minipar/job.py)
-        train_config.layout.validate(world.size)  # on every rank, before any message
-        self.grid = DeviceMesh(train_config.layout.mesh_shape, world)  # coordinates and groups per axis
+        self.grid = DeviceMesh(train_config.mesh_shape, world)  # checks the rank count, then groups per axis
         self.chunks = self._build_chunks()
         self.named_parameters = stage_parameters(self.chunks)  # each object once, by full name
         self.parameters = [p for _, p in self.named_parameters]

@@ -101,6 +101,14 @@ class MeshShape:
         coordinates = self.coordinates(rank)
         return self.rank_of(**{a: c for a, c in coordinates.items() if a not in axes})
 
+    def check_world(self, world_size):
+        """Raise ConfigError unless the mesh has ``world_size`` ranks (the same on every rank, no message)."""
+        if self.world_size != world_size:
+            named = ["dp", "tp", "pp", *(axis for axis in ("ep", "cp") if self.size(axis) > 1)]
+            raise ConfigError(f"{' x '.join(named)} = {' x '.join(str(self.size(a)) for a in named)} = "
+                              f"{self.world_size} does not equal the number of MPI ranks ({world_size}); "
+                              f"launch with mpiexec -n {self.world_size} or change the layout")
+
     def _check_axes(self, axes):
         unknown = [axis for axis in axes if axis not in AXES]
         if unknown or not axes:
@@ -144,10 +152,7 @@ class DeviceMesh:
 
     def __init__(self, shape, world):
         """``world``: a minipar Communicator over all ranks (its size must be shape.world_size)."""
-        if shape.world_size != world.size:
-            sizes = " x ".join(f"{a} {shape.size(a)}" for a in AXES if shape.size(a) > 1) or "1"
-            raise ConfigError(f"the mesh {sizes} has {shape.world_size} ranks but {world.size} MPI ranks were "
-                              f"launched; launch with mpiexec -n {shape.world_size} or change the layout")
+        shape.check_world(world.size)  # on every rank, before any message
         self.shape, self.world = shape, world
         self.coordinates = shape.coordinates(world.rank)
         self._groups = {}

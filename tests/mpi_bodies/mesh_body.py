@@ -32,8 +32,9 @@ def mesh_groups_match_the_shape(comm):
             checks.append((f"{label}: rank {world.rank}'s place in its group over {axes}", group.rank, "==",
                            shape.group_rank(world.rank, *axes)))
         if sizes["cp"] == 1:  # a size-1 axis costs nothing: the same group, no new split
-            checks.append((f"{label}: group over dp and cp (cp = 1) is the dp group",
-                           mesh.group("dp", "cp") is mesh.group("dp"), "==", True))
+            same = mesh.group("dp", "cp") is mesh.group("dp") if sizes["dp"] > 1 else mesh.group("dp", "cp").size == 1
+            checks.append((f"{label}: group over dp and cp (cp = 1) is the dp group (or this rank alone)",
+                           same, "==", True))
             grid = ProcessGrid(Layout(sizes["dp"], sizes["tp"], sizes["pp"]), world)
             for axis in ("dp", "tp", "pp"):
                 checks.append((f"{label}: rank {world.rank}, mesh and ProcessGrid {axis} groups",
