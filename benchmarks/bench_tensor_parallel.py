@@ -37,7 +37,8 @@ def worker(comm, sequence_parallel, warmup, steps, plain=False):
     from minipar.comm import Communicator
     from minipar.nn.gpt import GPT, GPTConfig
     from minipar.optim import AdamW
-    from minipar.parallel.tensor_parallel import finish_tensor_parallel_gradients, tensor_parallel_pieces
+    from minipar.parallel.sequence_parallel import finish_tensor_parallel_gradients
+    from minipar.parallel.tensor_parallel import tensor_parallel_pieces
 
     tp_comm = Communicator(comm)
     config = GPTConfig(**MODEL)

@@ -204,20 +204,20 @@ def add_sample_arguments(parser):
 
 
 def add_topology_arguments(parser):
-    for name in ("dp", "tp", "pp"):
-        parser.add_argument(f"--{name}", type=positive_int, default=1)
+    from minipar.parallel.mesh import AXES, AXIS_ROLES
+
+    for name in AXES:  # every axis of the mesh, so any mesh can be drawn
+        parser.add_argument(f"--{name}", type=positive_int, default=1, help=AXIS_ROLES[name])
 
 
 def check_topology(arguments, world_size):
-    from minipar.parallel.topology import Layout
+    from minipar.parallel.mesh import AXES, MeshShape
 
-    layout = Layout(arguments.dp, arguments.tp, arguments.pp)
-    layout.validate(layout.world_size)
-    return layout, None
+    return MeshShape.of(**{name: getattr(arguments, name) for name in AXES}), None
 
 
-def run_topology(layout):
-    print(layout.describe())
+def run_topology(shape):
+    print(shape.describe())
     return 0
 
 
@@ -296,7 +296,7 @@ COMMANDS = {
     "train": Command("train a GPT (single process or under mpiexec)", add_train_command_arguments, run_train,
                      check_train),
     "sample": Command("generate text from a checkpoint", add_sample_arguments, run_sample, check_sample),
-    "topology": Command("draw the dp x tp x pp process grid", add_topology_arguments, run_topology, check_topology),
+    "topology": Command("draw the device mesh (--pp --dp --ep --cp --tp)", add_topology_arguments, run_topology, check_topology),
     "plan": Command("choose dp x tp x pp, ZeRO, micro-batches for a model", add_plan_arguments, run_plan),
     "calibrate": Command("measure this machine into a profile for plan", add_calibrate_arguments, run_calibrate),
     "course": Command("the course: list | student DIR | check NAME | grade DIRS --csv FILE (docs/course/)",

@@ -6,15 +6,16 @@ A step, on each rank (see docs/design.md for the parts):
       -> this data-parallel replica's rows (B/dp)          # rank discipline: nobody ships data
       -> m micro-batches of B/(dp m) rows
       -> pipeline executor: forward/backward of this rank's chunks, loss scaled by 1/m
-      -> tensor-parallel gradient sums (sequence parallel only), tied-embedding sum (pp > 1)
       -> data-parallel average  Δθ = (1/dp) Σ_i Δθ_i
+      -> every other partial gradient summed over its axis: sequence parallelism's over tp, the
+         tied embedding's between the first and last stage (placements: parallel/placement.py)
       -> clip by the global gradient norm, AdamW on this rank's shards: θ_j <- θ_j - η Δθ_j
 
 The data-parallel average is one of three objects with one interface (parallel/gradient_sync.py):
 SingleReplica (dp = 1), DataParallel (allreduce) or Zero (--zero 1|2|3, parallel/zero.py: a
 reduce-scatter, each dp rank getting the average of its part only). What the optimizer updates
-is ``sync.updated``: the parameters, or under ZeRO their parts; the sequence-parallel and
-tied-embedding sums, which the Trainer builds the same way, act on those, and so does the norm.
+is ``sync.updated``: the parameters, or under ZeRO their parts. Each records its placement on every
+axis of the device mesh (parallel/mesh.py); the other sums and the norm's counting follow from them.
 
 Rank discipline: every rank builds the same GPT from the same seed and keeps its slice;
 every rank validates the configuration before any communication; world rank 0 prints,
@@ -33,13 +34,15 @@ from minipar.optim import SGD, AdamW, clip_grad_norm, cosine_learning_rate, deca
 from minipar.parallel.communication_reduction import CompressedDataParallel, HierarchicalDataParallel, LocalSGD
 from minipar.parallel.data_parallel import DataParallel, local_slice
 from minipar.parallel.gather import gather_full_arrays
-from minipar.parallel.gradient_sync import MOMENTS, SequenceParallelGradientSum, SingleReplica
+from minipar.parallel.gradient_sync import MOMENTS, SingleReplica, SyncState
+from minipar.parallel.mesh import AXES, DeviceMesh, MeshShape
 from minipar.parallel.pipeline.executor import PipelineExecutor, split_microbatches
-from minipar.parallel.pipeline.partition import TIED_EMBEDDING, TiedEmbeddingGradientSum, partition, stage_parameters
+from minipar.parallel.pipeline.partition import TIED_EMBEDDING, partition, stage_parameters
 from minipar.parallel.pipeline.schedules import chunks_per_stage, placement_of
+from minipar.parallel.placement import Partial, PartialGradientSum, Shard, counts_in_model_sum, norm_axes, place
 from minipar.parallel.sharding import label_replicated
 from minipar.parallel.tensor_parallel import tensor_parallel_pieces
-from minipar.parallel.topology import Layout, ProcessGrid
+from minipar.parallel.topology import Layout
 from minipar.parallel.zero import Zero
 
 
@@ -81,7 +84,7 @@ class TrainConfig:
         if self.dtype not in ("float32", "float64"):
             raise ConfigError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
         require_positive_int("steps", self.steps, minimum=0)
-        Layout(self.dp, self.tp, self.pp)  # checks dp, tp and pp, in the one place that does (parallel/topology.py)
+        _ = self.mesh_shape  # checks the size of every axis, in the one place that does (parallel/mesh.py)
         for name in ("batch_size", "microbatches", "virtual_stages"):
             require_positive_int(name, getattr(self, name))
         for name in ("learning_rate", "min_learning_rate", "weight_decay", "grad_clip"):
@@ -133,6 +136,12 @@ class TrainConfig:
     def layout(self):
         return Layout(self.dp, self.tp, self.pp)
 
+    @property
+    def mesh_shape(self):
+        """The device mesh: a size for every axis of ``AXES`` this configuration has a field for (a new
+        axis is one field above), 1 for the others."""
+        return MeshShape.of(**{axis: getattr(self, axis) for axis in AXES if hasattr(self, axis)})
+
     def check_model(self, model_config):
         """What this layout needs of the model, checked on every rank alike (not on one stage mid-step)."""
         from minipar.parallel.pipeline.partition import layers_per_chunk
@@ -176,22 +185,24 @@ class Trainer:
         self.model_config, self.config = model_config, train_config
         train_config.check_model(model_config)
         guard_job(world.mpi)  # an uncaught exception or Ctrl-C on any rank ends every rank (minipar/job.py)
-        self.grid = ProcessGrid(train_config.layout, world)  # validates the layout on every rank first
+        self.grid = DeviceMesh(train_config.mesh_shape, world)  # checks the rank count, then groups per axis
         self.chunks = self._build_chunks()
         self.named_parameters = stage_parameters(self.chunks)  # each object once, by full name
         self.parameters = [p for _, p in self.named_parameters]
         self.executor = self._build_executor()
         self.sync = self._build_gradient_sync()  # the data-parallel average: none, allreduce or ZeRO
+        self.sync_state = SyncState(self.sync)  # its arrays, for checkpoints and memory reports
         for chunk in self.chunks:
             chunk.piece_runner = self.sync.piece_runner  # ZeRO-3 gathers each piece's parameters around it
-        updated = [(name, self.sync.updated_tensor(p)) for name, p in self.named_parameters]
-        # Linear, so their order does not matter; the dp average goes first because with overlap
-        # (or ZeRO 2-3) it started during backward and must not see the gradients change after.
-        self.gradient_sums = [self.sync, SequenceParallelGradientSum(self.sync.updated, self.grid.tp),
-                              TiedEmbeddingGradientSum(updated, self.grid.pp, head_stage=self.executor.loss_stage)]
-        self.counted_once = [(name, p) for name, p in self.named_parameters if self._counts_once(name, p)]
-        self.norm_tensors = [self.sync.updated_tensor(p) for _, p in self.counted_once]
-        self.norm_groups = (self.grid.tp, self.grid.pp, *self.sync.partitioned_over)
+        updated = [self._place(name, p) for name, p in self.named_parameters]  # placements: parallel/placement.py
+        # The partial gradients: dp's average by the sync (bucketed, maybe overlapped), every other
+        # axis's sums from the placements. Linear, so their order does not matter; the dp average goes
+        # first because with overlap (or ZeRO 2-3) it started during backward.
+        self.partial_gradients = PartialGradientSum(updated, self.grid, [axis for axis in AXES if axis != "dp"])
+        self.gradient_sums = [self.sync, self.partial_gradients]
+        axes = norm_axes(updated, self.grid)  # ||g||^2 sums over the axes that shard something
+        self.norm_tensors = [t for t in updated if counts_in_model_sum(t, self.grid, axes)]
+        self.norm_groups = [self.grid.group(axis) for axis in axes]
         groups = decay_groups(self.named_parameters, train_config.weight_decay)
         if train_config.optimizer == "sgd":
             self.optimizer = SGD(self.sync.optimizer_groups(groups), lr=train_config.learning_rate)
@@ -213,7 +224,7 @@ class Trainer:
     def _build_executor(self):
         config = self.config
         micro_batch = config.batch_size // (config.dp * config.microbatches)
-        length = self.model_config.block_size // (config.tp if config.sequence_parallel else 1)
+        length = self.model_config.block_size // (config.tp if config.sequence_parallel else 1)  # (B/dp m, T/tp, C)
         activation_shape = (micro_batch, length, self.model_config.n_embd)
         return PipelineExecutor(self.chunks, self.grid.pp, config.schedule, config.microbatches, activation_shape,
                                 getattr(xp, config.dtype), recompute=config.recompute)
@@ -241,16 +252,24 @@ class Trainer:
             return HierarchicalDataParallel(self.parameters, self.grid.dp, NodeGroups(self.grid.dp, node), **options)
         return DataParallel(self.parameters, self.grid.dp, overlap=config.overlap, algorithm=config.allreduce, **options)
 
-    def _counts_once(self, name, parameter):
-        """Whether this rank counts ``parameter`` in sums over the whole model (the gradient norm).
+    def _place(self, name, parameter):
+        """What the optimizer updates for ``parameter``, with its placement on every axis.
 
-        Sharded parameters: every tp rank its part. Replicated ones: tp rank 0 only. The tied
-        embedding's copy in the head of a later stage: not again. Data-parallel replicas hold the
-        same values, except ZeRO's parts (``sync.partitioned_over``), so the dp group is not summed.
+        tp: as the layers placed it (Shard, or Replicate / Partial under sequence parallelism).
+        pp: each stage holds its own layers (whole tensors dealt out), but the tied embedding is one
+        weight with two uses, a copy on the first and on the last stage: Partial, summed between them.
+        dp: every replica's gradient is a part (its rows), averaged by the sync; ZeRO's parts are a
+        Shard of the flattened parameter instead.
         """
-        if parameter.shard.is_replicated and self.grid.tp_rank != 0:
-            return False
-        return not (name == TIED_EMBEDDING and self.config.pp > 1 and not self.grid.is_first_stage)
+        pp = Shard(None)
+        head_stage = getattr(self.executor, "loss_stage", self.config.pp - 1)  # 0 when a V puts both ends on rank 0
+        if name == TIED_EMBEDDING and head_stage != 0:
+            pp = Partial("sum", holders=(0, head_stage))
+        place(parameter, dp=Partial("avg"), pp=pp)
+        tensor = self.sync.updated_tensor(parameter)
+        if tensor is not parameter:
+            place(tensor, **{**parameter.placements, "dp": Shard(0)})
+        return tensor
 
     # ---- one step ----------------------------------------------------------------------
     def train_step(self, inputs, targets):
@@ -299,9 +318,12 @@ class Trainer:
     # ---- the single-process view -------------------------------------------------------
     def num_parameters(self):
         """Numbers in the whole single-process model (collective over tp and pp)."""
-        buffer = xp.array([sum(p.size for _, p in self.counted_once)], dtype=xp.float64)
-        self.grid.tp.allreduce(buffer)
-        self.grid.pp.allreduce(buffer)
+        parameters = [p for _, p in self.named_parameters]
+        axes = norm_axes(parameters, self.grid)
+        buffer = xp.array([sum(p.size for p in parameters if counts_in_model_sum(p, self.grid, axes))],
+                          dtype=xp.float64)
+        for axis in axes:
+            self.grid.group(axis).allreduce(buffer)
         return int(buffer[0])
 
     def gather_state(self, arrays_by_parameter=None):
@@ -312,7 +334,7 @@ class Trainer:
         Collective: every rank calls it (under ZeRO the dp group first all-gathers).
         """
         if arrays_by_parameter is None:
-            arrays_by_parameter = self.sync.parameter_arrays()
+            arrays_by_parameter = self.sync_state.parameter_arrays()
         return gather_full_arrays(self.parameters, arrays_by_parameter, self.grid)
 
     # ---- this rank's arrays, for (distributed) checkpoints ------------------------------
@@ -320,18 +342,18 @@ class Trainer:
     # under ZeRO the calls are collective over the dp group.
     def parameter_arrays(self):
         """{full name: copy of this rank's tensor-parallel shard of the parameter}."""
-        arrays = self.sync.parameter_arrays()
+        arrays = self.sync_state.parameter_arrays()
         return {name: arrays[id(p)] for name, p in self.named_parameters}
 
     def load_parameter_arrays(self, arrays):
         """Set every local parameter from {full name: its tensor-parallel shard}."""
         self._check_shapes(arrays, "parameter")
         for name, p in self.named_parameters:
-            self.sync.load_parameter(p, xp.asarray(from_host(arrays[name]), dtype=p.dtype))
+            self.sync_state.load_parameter(p, xp.asarray(from_host(arrays[name]), dtype=p.dtype))
 
     def optimizer_state_arrays(self):
         """{full name: {"m": array, "v": array}}, AdamW's moments (zeros before the first step)."""
-        moments = self.sync.optimizer_state_arrays(self.optimizer)
+        moments = self.sync_state.optimizer_state_arrays(self.optimizer)
         return {name: moments[id(p)] for name, p in self.named_parameters}
 
     def load_optimizer_state_arrays(self, states, step_count):
@@ -340,7 +362,7 @@ class Trainer:
             self._check_shapes({name: slots[slot] for name, slots in states.items() if slot in slots}, f"AdamW {slot}")
         for name, p in self.named_parameters:
             moments = {slot: xp.asarray(from_host(states[name][slot]), dtype=p.dtype) for slot in MOMENTS}
-            self.sync.load_optimizer_state(self.optimizer, p, moments)
+            self.sync_state.load_optimizer_state(self.optimizer, p, moments)
         self.step_count = self.optimizer.step_count = step_count
 
     def _check_shapes(self, arrays, what):
@@ -354,11 +376,11 @@ class Trainer:
     def sync_state_arrays(self):
         """{name: array} that only this rank holds (``sync.state_arrays``): compression residuals,
         local SGD's replica; saved per rank, restored under the same layout."""
-        return self.sync.state_arrays(self.optimizer)
+        return self.sync_state.state_arrays(self.optimizer)
 
     def load_sync_state_arrays(self, arrays):
-        self.sync.load_state_arrays({name: from_host(array) for name, array in arrays.items()}, self.optimizer)
+        self.sync_state.load_state_arrays({name: from_host(array) for name, array in arrays.items()}, self.optimizer)
 
     def memory_report(self):
         """Bytes this rank holds after a step (``memory_report`` of the gradient sync in use)."""
-        return self.sync.memory_report(self.optimizer)
+        return self.sync_state.memory_report(self.optimizer)

@@ -123,3 +123,18 @@ def test_cli_reports_a_bad_checkpoint_in_one_line(tmp_path):
     result = run_cli("sample", "--checkpoint", str(tmp_path / "nowhere"), cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: no checkpoint folder at {str(tmp_path / 'nowhere')!r}"
+
+
+FIXTURES = PACKAGE_PARENT / "tests" / "fixtures"
+
+
+@pytest.mark.parametrize("nranks, layout", [
+    (8, dict(dp=2, tp=2, pp=2, microbatches=2, sequence_parallel=True)),  # the layout it was written under
+    (4, dict(tp=2, pp=2, microbatches=2)),
+])
+def test_checkpoint_written_before_the_mesh_loads(nranks, layout):
+    """A checkpoint from the code before parallel/mesh.py (tests/fixtures/make_checkpoint_before_mesh.py):
+    the ranks keep their order, so it loads, and the next step equals the one that code took."""
+    results = results_from_ranks(nranks, f"{BODY}:checkpoint_before_mesh_loads", timeout=120,
+                                 fixture=str(FIXTURES), layout=layout)
+    assert_as_expected(results, checks=["checkpoint before the mesh"])

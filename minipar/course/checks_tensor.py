@@ -63,14 +63,17 @@ def check_f_and_g(comm):
 def _layers(tp, sequence_parallel):
     """A column-parallel and a row-parallel layer holding their slices of two seeded full Linears."""
     from minipar.backend import from_host, host_rng
+    from minipar.parallel.sequence_parallel import SequenceParallelRegion
     from minipar.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from minipar.parallel.tensor_parallel_comm import TensorParallelRegion
 
     width, hidden = 4, 4 * tp.size
     rng = host_rng(3)
     full = {"A": rng.standard_normal((width, hidden)), "a": rng.standard_normal(hidden),
             "B": rng.standard_normal((hidden, width)), "b": rng.standard_normal(width)}
-    column = ColumnParallelLinear(width, hidden, tp, sequence_parallel)
-    row = RowParallelLinear(hidden, width, tp, sequence_parallel)
+    region = (SequenceParallelRegion if sequence_parallel else TensorParallelRegion)(tp)
+    column = ColumnParallelLinear(width, hidden, region)
+    row = RowParallelLinear(hidden, width, region)
     for parameter, name in ((column.weight, "A"), (column.bias, "a"), (row.weight, "B")):
         parameter.data[...] = from_host(parameter.shard.take(full[name]))
     row.bias.data[...] = from_host(full["b"])

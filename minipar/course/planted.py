@@ -123,12 +123,11 @@ PLANTED = (
             "        return allreduce_sum(grad, ctx.communicator)\n", "        return grad\n",
             "f's backward sums dL/dy over the tensor-parallel ranks"),
     Planted("megatron_f_g", "the row-parallel bias added on every rank before g", TP_LAYERS,
-            "out = leave_parallel_region(ops.linear(x, self.weight), self.communicator, self.sequence_parallel)\n"
+            "out = self.region.leave(ops.linear(x, self.weight))\n"
             "        return out + self.bias if self.bias is not None else out",
-            "return leave_parallel_region(ops.linear(x, self.weight, self.bias), self.communicator,\n"
-            "                                     self.sequence_parallel)", "the bias added once after the sum"),
+            "return self.region.leave(ops.linear(x, self.weight, self.bias))", "the bias added once after the sum"),
     Planted("megatron_f_g", "the column-parallel layer without f", TP_LAYERS,
-            "        x = enter_parallel_region(x, self.communicator, self.sequence_parallel)\n", "",
+            "        x = self.region.enter(x)\n", "",
             "dL/dx through both layers"),
 
     Planted("vocab_parallel_loss", "each rank shifts by its own row max", TP_COMM,

@@ -4,8 +4,9 @@
         -> final LayerNorm -> logits = x @ token_embedding^T  (the output head is tied)
 
 The model is also a chain of pieces (``GPT.pieces``): embedding, blocks, head. Pipeline
-parallelism hands each stage a run of pieces; tensor parallelism swaps each piece for a
-sharded twin.
+parallelism hands each stage a run of pieces; tensor parallelism builds this same model from
+other ``layers`` (nn/layers.py ``Layers``: its Linears and embeddings hold slices and talk to
+their ranks), never a second copy of it.
 
 Initialisation follows GPT-2 (Radford et al. 2019): weights ~ N(0, 0.02), the two
 projections that write into the residual stream scaled by 1/sqrt(2 n_layer) so the
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from minipar import ops
 from minipar.backend import default_dtype, host_rng, xp
 from minipar.errors import ConfigError, require_positive_int
-from minipar.nn.layers import Block, Dropout, Embedding, LayerNorm
+from minipar.nn.layers import LAYERS, Block
 from minipar.nn.module import Module
 from minipar.tensor import Tensor, no_grad
 
@@ -89,16 +90,19 @@ def initial_state(config, dtype=None):
 class TokenAndPositionEmbedding(Module):
     """ids (B, T) -> token embedding + position embedding (B, T, C): the first pipeline piece."""
 
-    def __init__(self, config):
+    def __init__(self, config, layers=LAYERS):
         self.block_size = config.block_size
-        self.token = Embedding(config.vocab_size, config.n_embd)
-        self.position = Embedding(config.block_size, config.n_embd)
-        self.dropout = Dropout(config.dropout, config.seed)
+        self.token = layers.token_embedding(config.vocab_size, config.n_embd)
+        self.position = layers.position_embedding(config.block_size, config.n_embd)
+        self.dropout = layers.dropout(config.dropout, config.seed)
+        self.positions = layers.positions  # which positions this process computes: all of them here
 
     def forward(self, ids):  # (B, T) -> (B, T, C)
+        ids = ids.data if isinstance(ids, Tensor) else ids
         if ids.shape[-1] > self.block_size:
             raise ConfigError(f"sequence length {ids.shape[-1]} exceeds block_size {self.block_size}")
-        return self.dropout(self.token(ids) + self.position(xp.arange(ids.shape[-1])))
+        positions = self.positions(ids.shape[-1])
+        return self.dropout(self.token(ids) + self.position(positions))
 
 
 class TiedHead(Module):
@@ -109,27 +113,34 @@ class TiedHead(Module):
     E and the two gradients must be summed (see parallel/pipeline).
     """
 
-    def __init__(self, config, token_weight):
-        self.norm = LayerNorm(config.n_embd)
+    def __init__(self, config, token_weight, layers=LAYERS):
+        self.norm = layers.layer_norm(config.n_embd)
         self.token_weight = token_weight  # the same Parameter object as the embedding's
+        self.vocabulary = layers.vocabulary()  # how the logits are held (whole here) and their loss
 
-    def logits(self, x):  # (B, T, C) -> (B, T, V)
-        return ops.linear(self.norm(x), self.token_weight.transpose())
+    def local_logits(self, x):  # (B, T, C) -> (B, T, V): the logits this process holds
+        return ops.linear(self.vocabulary.read(self.norm(x)), self.token_weight.transpose())
+
+    def logits(self, x):  # (B, T, C) -> (B, T, V), every logit
+        return self.vocabulary.whole(self.local_logits(x))
 
     def forward(self, x, targets):  # -> scalar mean cross-entropy
-        return ops.cross_entropy(self.logits(x), targets)
+        targets = targets.data if isinstance(targets, Tensor) else targets
+        return self.vocabulary.cross_entropy(self.local_logits(x), targets)
 
 
 class GPT(Module):
     """The whole model. ``dtype``: its parameters' float type ("float32", "float64"); None takes
-    the backend's default (float32 unless a program chose otherwise with set_default_dtype)."""
+    the backend's default (float32 unless a program chose otherwise with set_default_dtype).
+    ``layers``: what each part is made of (nn/layers.py); a parallel layout passes its own and
+    fills the weights itself (``initialise=False``)."""
 
-    def __init__(self, config, initialise=True, dtype=None):
+    def __init__(self, config, initialise=True, dtype=None, layers=LAYERS):
         self.config = config
-        self.embedding = TokenAndPositionEmbedding(config)
-        self.blocks = [Block(config.n_embd, config.n_head, config.dropout, config.bias, config.seed + 2 * i + 1)
-                       for i in range(config.n_layer)]
-        self.head = TiedHead(config, self.embedding.token.weight)
+        self.embedding = TokenAndPositionEmbedding(config, layers)
+        self.blocks = [Block(config.n_embd, config.n_head, config.dropout, config.bias, config.seed + 2 * i + 1,
+                             layers) for i in range(config.n_layer)]
+        self.head = TiedHead(config, self.embedding.token.weight, layers)
         for name, p in self.named_parameters():
             p.name = name  # its name in the whole model, which a piece alone does not know
         if dtype is not None:

@@ -2,6 +2,11 @@
 
 Shapes: B batch, T sequence length, C embedding width (n_embd), H heads, D = C/H head size.
 Weights start at zero here; ``minipar.nn.gpt.initialise`` fills them from a seed.
+
+``Layers`` says which layer each part of the model is made of. The model asks it, never names
+a class, so a parallel layout can hand the same ``Block`` and ``GPT`` its own set (the tensor-
+parallel one in parallel/tensor_parallel.py: each Linear holding its slice and talking to its
+ranks) without a second copy of the model. Nothing here knows which layouts exist.
 """
 from minipar import ops
 from minipar.backend import default_dtype, host_rng, xp
@@ -52,13 +57,66 @@ class Dropout(Module):
         return ops.dropout(x, self.probability, self.generator, self.training)
 
 
+class WholeVocabulary:
+    """How the output layer's logits (B, T, V) are held: whole, on this process."""
+
+    def read(self, x):
+        """The head's input, as the output layer needs it."""
+        return x
+
+    def whole(self, logits):
+        """Every logit (B, T, V), for sampling and evaluation."""
+        return logits
+
+    def cross_entropy(self, logits, targets):
+        """The mean loss over the rows."""
+        return ops.cross_entropy(logits, targets)
+
+
+class Layers:
+    """The layers a model is built from, one method per role; a parallel layout passes its own set.
+
+    The two Linears of attention and of the MLP have different roles: the first reads the residual
+    stream and widens it (QKV, C -> 3C; the MLP's hidden layer, C -> 4C), the second writes back into
+    it (C -> C, 4C -> C). ``blocks`` says the output is that many equal blocks side by side ([Q|K|V]).
+    """
+
+    def linear_from_stream(self, in_features, out_features, bias=True, blocks=1):
+        return Linear(in_features, out_features, bias)
+
+    def linear_to_stream(self, in_features, out_features, bias=True):
+        return Linear(in_features, out_features, bias)
+
+    def layer_norm(self, width):
+        return LayerNorm(width)
+
+    def dropout(self, probability, seed):
+        return Dropout(probability, seed)
+
+    def token_embedding(self, num_embeddings, embedding_dim):
+        return Embedding(num_embeddings, embedding_dim)
+
+    def position_embedding(self, num_embeddings, embedding_dim):
+        return Embedding(num_embeddings, embedding_dim)
+
+    def positions(self, length):
+        """The positions of a length-T sequence this process computes: all of them."""
+        return xp.arange(length)
+
+    def vocabulary(self):
+        return WholeVocabulary()
+
+
+LAYERS = Layers()  # the single-process model's
+
+
 class MLP(Module):
     """Position-wise feed-forward: C -> 4C -> GELU -> C."""
 
-    def __init__(self, width, dropout=0.0, bias=True, seed=0):
-        self.hidden = Linear(width, 4 * width, bias)
-        self.output = Linear(4 * width, width, bias)
-        self.dropout = Dropout(dropout, seed)
+    def __init__(self, width, dropout=0.0, bias=True, seed=0, layers=LAYERS):
+        self.hidden = layers.linear_from_stream(width, 4 * width, bias)
+        self.output = layers.linear_to_stream(4 * width, width, bias)
+        self.dropout = layers.dropout(dropout, seed)
 
     def forward(self, x):  # (B, T, C)
         hidden = self.hidden  # its bias is added inside GELU's pass over (B, T, 4C): ops.bias_gelu
@@ -82,29 +140,31 @@ class CausalSelfAttention(Module):
     """Multi-head self-attention in which position t sees only positions <= t.
 
     One Linear makes Q, K and V at once: its weight is (C, 3C), columns [Q | K | V], and
-    inside each block the H heads sit side by side (D columns each).
+    inside each block the H heads sit side by side (D columns each). The heads are counted from
+    the width QKV returns, so a layer holding some of the heads (tensor parallelism) runs as is.
     """
 
-    def __init__(self, width, num_heads, dropout=0.0, bias=True, seed=0):
-        self.num_heads = num_heads
-        self.qkv = Linear(width, 3 * width, bias)
-        self.output = Linear(width, width, bias)
-        self.dropout = Dropout(dropout, seed)
+    def __init__(self, width, num_heads, dropout=0.0, bias=True, seed=0, layers=LAYERS):
+        self.head_size = width // num_heads
+        self.qkv = layers.linear_from_stream(width, 3 * width, bias, blocks=3)
+        self.output = layers.linear_to_stream(width, width, bias)
+        self.dropout = layers.dropout(dropout, seed)
 
     def forward(self, x):  # (B, T, C)
-        q, k, v = ops.split(self.qkv(x), 3, axis=-1)  # 3 x (B, T, C)
-        heads = ops.causal_attention(*(split_heads(t, self.num_heads) for t in (q, k, v)))  # (B, H, T, D)
+        q, k, v = ops.split(self.qkv(x), 3, axis=-1)  # 3 x (B, T, H*D)
+        num_heads = q.shape[-1] // self.head_size
+        heads = ops.causal_attention(*(split_heads(t, num_heads) for t in (q, k, v)))  # (B, H, T, D)
         return self.dropout(self.output(merge_heads(heads)))  # (B, T, C)
 
 
 class Block(Module):
     """Pre-LN transformer block (GPT-2): x + attention(LN(x)), then x + MLP(LN(x))."""
 
-    def __init__(self, width, num_heads, dropout=0.0, bias=True, seed=0):
-        self.attention_norm = LayerNorm(width)
-        self.attention = CausalSelfAttention(width, num_heads, dropout, bias, seed)
-        self.mlp_norm = LayerNorm(width)
-        self.mlp = MLP(width, dropout, bias, seed + 1)
+    def __init__(self, width, num_heads, dropout=0.0, bias=True, seed=0, layers=LAYERS):
+        self.attention_norm = layers.layer_norm(width)
+        self.attention = CausalSelfAttention(width, num_heads, dropout, bias, seed, layers)
+        self.mlp_norm = layers.layer_norm(width)
+        self.mlp = MLP(width, dropout, bias, seed + 1, layers)
 
     def forward(self, x):  # (B, T, C)
         x = x + self.attention(self.attention_norm(x))

@@ -16,7 +16,7 @@ _METADATA_TAG, _ARRAY_TAG = 71, 72
 def gather_full_arrays(parameters, arrays_by_parameter, grid):
     """{full name: array} on world rank 0, None elsewhere (see module docstring)."""
     world = grid.world
-    senders = [r for r in range(world.size) if grid.layout.coordinates(r)[0] == 0]
+    senders = [r for r in range(world.size) if grid.shape.coordinates(r)["dp"] == 0]
     # A replicated parameter is the same on every tensor-parallel rank: only tp rank 0 sends it.
     local = [(p.shard, arrays_by_parameter[id(p)]) for p in parameters
              if id(p) in arrays_by_parameter and not (p.shard.is_replicated and grid.tp_rank != 0)]

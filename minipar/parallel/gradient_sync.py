@@ -19,19 +19,40 @@ The Trainer calls, once per step, in this order:
 the parts of them this rank owns (``optimizer_groups`` turns groups of parameters into groups
 of those). ``partitioned_over`` names the groups across which the updated tensors are disjoint
 parts of the whole, so a sum over the model (the squared gradient norm) is summed over them too.
-Checkpoints see arrays shaped like each parameter's tensor-parallel shard in every mode
-(``parameter_arrays``, ``load_parameter``, ``optimizer_state_arrays``, ``load_optimizer_state``;
-``gradient_arrays`` for tests), and ``memory_report`` measures the bytes behind the arrays.
+That is the whole of the sync interface (``SYNC_MEMBERS``), and all a step needs.
 
-Model parallelism adds two sums of the same shape (``finish_gradient_sync()`` after the data-
-parallel one, on the updated tensors; all three are linear, so their order does not change the
-result): ``SequenceParallelGradientSum`` below, over the tp group, and the tied embedding's
-``TiedEmbeddingGradientSum`` (parallel/pipeline/partition.py), between the first and last stage.
+Its state is a second, separate interface (``STATE_MEMBERS``), which the Trainer reaches only
+through ``SyncState(sync)``: checkpoints see arrays shaped like each parameter's tensor-parallel
+shard in every mode (``parameter_arrays``, ``load_parameter``, ``optimizer_state_arrays``,
+``load_optimizer_state``; ``gradient_arrays`` for tests; ``state_arrays`` and
+``load_state_arrays`` for what only this rank holds), and ``memory_report`` measures the bytes
+behind the arrays.
+
+In the vocabulary of parallel/placement.py the data-parallel average is the sum of a gradient
+that is Partial("avg") on the dp axis; under ZeRO the updated tensors are Shard(0) on dp
+(``partitioned_over`` names the dp group then). The other partial gradients (sequence
+parallelism's over tp, the tied embedding's between the first and last stage) are summed the
+same way for every axis by ``placement.PartialGradientSum``, after this one; all are linear, so
+their order does not change the result.
 """
 from minipar.backend import xp
-from minipar.parallel.tensor_parallel import finish_tensor_parallel_gradients
 
 MOMENTS = ("m", "v")  # AdamW's per-parameter state, as checkpoints store it
+
+SYNC_MEMBERS = ("updated", "updated_tensor", "optimizer_groups", "partitioned_over", "piece_runner",
+                "start_step", "gradient_ready", "finish_gradient_sync", "after_optimizer_step")
+STATE_MEMBERS = ("parameter_arrays", "load_parameter", "gradient_arrays", "optimizer_state_arrays",
+                 "load_optimizer_state", "state_arrays", "load_state_arrays", "memory_report")
+
+
+class SyncState:
+    """The state half of a gradient sync (``STATE_MEMBERS``), on its own: what checkpoints, tests and
+    memory reports read and write. A thin view: each mode keeps its state beside its sync, and this
+    object is the only door to it, so the step's code (``SYNC_MEMBERS``) never sees a checkpoint."""
+
+    def __init__(self, sync):
+        for name in STATE_MEMBERS:
+            setattr(self, name, getattr(sync, name))
 
 
 def bytes_held(arrays):
@@ -119,15 +140,3 @@ class SingleReplica:
     def memory_report(self, optimizer):
         """Bytes this rank holds: parameters, gradients and ``optimizer``'s state (16Ψ with fp32 AdamW)."""
         return memory_report((p.data for p in self.parameters), (p.grad for p in self.parameters), optimizer)
-
-
-class SequenceParallelGradientSum:
-    """Sequence parallelism's gradient sum over the tp group (``finish_tensor_parallel_gradients``),
-    on ``tensors`` (the updated ones: under ZeRO the parts, the same positions on every tp rank).
-    Without sequence parallelism no tensor has a partial gradient and it does nothing."""
-
-    def __init__(self, tensors, tp_comm):
-        self.tensors, self.comm = list(tensors), tp_comm
-
-    def finish_gradient_sync(self):
-        finish_tensor_parallel_gradients(self.tensors, self.comm)

@@ -1,4 +1,4 @@
-"""Tensor (model) parallelism, Megatron style, with optional sequence parallelism.
+"""Tensor (model) parallelism, Megatron style: the layers that hold slices and where f and g sit.
 
 Each transformer layer is split over the t ranks of a tensor-parallel group (Shoeybi et
 al. 2019, section 3). A linear layer Y = X A can be split two ways:
@@ -21,27 +21,32 @@ The vocabulary is split too: the token embedding E (V, C) by rows, rank j holdin
 tied output layer computes logits for its own V/t entries and the loss is reduced
 across ranks without gathering the (B, T, V) logits (VocabParallelCrossEntropy).
 
-Sequence parallelism (Korthikanti et al. 2022) splits what is left, LayerNorm, dropout
-and the residual stream, along the sequence: f and g become an all-gather and a
-reduce-scatter along T, and the activations between pieces are (B, T/t, C).
+One model definition. These layers are what ``TensorParallelLayers`` hands to the single-process
+``GPT`` and ``Block`` (minipar/nn): the model's code is the same, only its Linears, its token
+embedding and its vocabulary (the logits and the loss) are the parallel ones. Each layer takes a
+region (parallel/tensor_parallel_comm.py ``TensorParallelRegion``) that holds the communicator and
+says where f and g sit; sequence parallelism (Korthikanti et al. 2022) is another region
+(parallel/sequence_parallel.py) with the same methods, so nothing here changes with it.
 
 ``tensor_parallel_pieces`` builds the whole chain as exact slices of
-``minipar.nn.gpt.initial_state``, every Parameter labelled with its ``Shard``.
+``minipar.nn.gpt.initial_state``; every Parameter records its placement on tp (parallel/placement.py)
+and the slice of the single-process array it holds (``p.shard``, for checkpoints).
 """
 import dataclasses
 
 from minipar import ops
-from minipar.backend import ON_DEVICE, host_rng, xp
+from minipar.backend import ON_DEVICE, xp
 from minipar.errors import ConfigError, ShapeError, require_positive_int
-from minipar.nn.gpt import initial_state
-from minipar.nn.layers import Embedding, LayerNorm, merge_heads, split_heads, zeros
+from minipar.nn.gpt import GPT, initial_state
+from minipar.nn.layers import Layers, zeros
 from minipar.nn.module import Module, Parameter
-from minipar.parallel.sharding import Shard, shard_of
+from minipar.parallel import sharding
+from minipar.parallel.placement import Shard, place
+from minipar.parallel.sequence_parallel import SequenceParallelRegion
 from minipar.parallel.tensor_parallel_comm import (
+    TensorParallelRegion,
     VocabParallelCrossEntropy,
     all_gather_vocabulary,
-    enter_parallel_region,
-    leave_parallel_region,
 )
 from minipar.tensor import Tensor, no_grad
 
@@ -60,81 +65,37 @@ def validate_tensor_parallel(config, tp, world_size):
         raise ConfigError("tensor parallelism cannot split this model: " + "; ".join(problems))
 
 
-class ReplicatedPartialGradientParameter(Parameter):
-    """A parameter replicated over the tp group (every rank holds all of it) whose gradient is partial.
-
-    Under sequence parallelism every part of the model that is not split over the tp
-    ranks (LayerNorms, the position embedding, the biases added after rs) runs on
-    this rank's slice of the sequence, so its gradient sums over T/t positions only:
-    the full gradient is the sum over the tp group (``finish_tensor_parallel_gradients``).
-    """
+def as_region(region):
+    """``region`` itself, or a bare Communicator taken as plain tensor parallelism's region over it."""
+    return region if isinstance(region, TensorParallelRegion) else TensorParallelRegion(region)
 
 
-def _replicated(data, sequence_parallel):
-    return ReplicatedPartialGradientParameter(data) if sequence_parallel else Parameter(data)
-
-
-def _layer_norm_with_partial_gradients(width, sequence_parallel):
-    norm = LayerNorm(width)
-    norm.weight, norm.bias = (_replicated(p.data, sequence_parallel) for p in (norm.weight, norm.bias))
-    return norm
-
-
-def _split_parameter(full_shape, axis, communicator, blocks=1):
-    """A zero Parameter of this rank's slice of a full one; ``tensor_parallel_pieces`` names and fills it."""
+def _split_parameter(full_shape, dim, communicator, blocks=1):
+    """A zero Parameter of this rank's slice of a full one, Shard(dim) on tp, with its ``sharding.Shard``
+    (the slice it takes of a full array); ``tensor_parallel_pieces`` names and fills it."""
     shape = list(full_shape)
-    shape[axis] //= communicator.size
-    parameter = Parameter(zeros(*shape))
-    parameter.shard = Shard("", axis, communicator.rank, communicator.size, blocks)
+    shape[dim] //= communicator.size
+    parameter = place(Parameter(zeros(*shape)), tp=Shard(dim, blocks))
+    parameter.shard = sharding.Shard("", dim, communicator.rank, communicator.size, blocks)
     return parameter
-
-
-def _sequence_range(length, communicator, sequence_parallel):
-    """The positions [start, stop) this rank holds of a length-T sequence."""
-    if not sequence_parallel:
-        return 0, length
-    local = length // communicator.size
-    return communicator.rank * local, (communicator.rank + 1) * local
-
-
-class ParallelDropout(Module):
-    """Dropout that draws the single-process mask, (B, T, C), and keeps this rank's positions.
-
-    Outside sequence parallelism every tp rank draws the same mask from the same seed,
-    so the replicated activations stay identical; under it each rank takes its slice,
-    so a run with dropout is still the same computation as one process.
-    """
-
-    def __init__(self, probability, seed, communicator, sequence_parallel):
-        self.probability, self.communicator, self.sequence_parallel = probability, communicator, sequence_parallel
-        self.generator = host_rng(seed)
-
-    def forward(self, x):
-        if not self.training or self.probability == 0.0:
-            return x
-        batch, local_length, width = x.shape
-        length = local_length * (self.communicator.size if self.sequence_parallel else 1)
-        start, stop = _sequence_range(length, self.communicator, self.sequence_parallel)
-        keep = self.generator.random((batch, length, width))[:, start:stop] >= self.probability
-        return ops.Dropout.apply(x, xp.asarray(keep, dtype=x.dtype) / (1.0 - self.probability))
 
 
 class ColumnParallelLinear(Module):
     """Y_j = X A_j + b_j: rank j holds columns j of A (C_in, C_out/t) and of b.
 
-    The input goes through f (or, under sequence parallelism, the all-gather ag), so
-    dL/dX is summed over the ranks in backward. ``blocks=3`` splits each of [Q | K | V]
-    separately, so a fused QKV weight gives every rank whole heads of all three.
+    The input goes through f (the region's ``enter``), so dL/dX is summed over the ranks in
+    backward. ``blocks=3`` splits each of [Q | K | V] separately, so a fused QKV weight gives
+    every rank whole heads of all three.
     """
 
-    def __init__(self, in_features, out_features, communicator, sequence_parallel=False, bias=True, blocks=1):
-        self.communicator, self.sequence_parallel = communicator, sequence_parallel
-        self.weight = _split_parameter((in_features, out_features), 1, communicator, blocks)
-        self.bias = _split_parameter((out_features,), 0, communicator, blocks) if bias else None
+    def __init__(self, in_features, out_features, region, bias=True, blocks=1):
+        self.region = region = as_region(region)  # a bare Communicator: plain Megatron f and g
+        self.weight = _split_parameter((in_features, out_features), 1, region.communicator, blocks)
+        self.bias = _split_parameter((out_features,), 0, region.communicator, blocks) if bias else None
 
-    def forward(self, x):  # (B, T, C_in), or (B, T/t, C_in) under SP -> (B, T, C_out/t)
+    def forward(self, x):  # (B, T, C_in) -> (B, T, C_out/t)
         ### BEGIN SOLUTION
-        x = enter_parallel_region(x, self.communicator, self.sequence_parallel)
+        x = self.region.enter(x)
         return ops.linear(x, self.weight, self.bias)
         ### END SOLUTION
 
@@ -142,210 +103,127 @@ class ColumnParallelLinear(Module):
 class RowParallelLinear(Module):
     """Y = sum_j X_j A_j + b: rank j holds rows j of A (C_in/t, C_out); b is replicated.
 
-    The partial products are summed by g (allreduce) or, under sequence parallelism,
-    rs (reduce-scatter along T). The bias is added once, after the sum; adding it on
-    every rank before the sum would count it t times.
+    The partial products are summed by g (the region's ``leave``). The bias is added once,
+    after the sum; adding it on every rank before the sum would count it t times.
     """
 
-    def __init__(self, in_features, out_features, communicator, sequence_parallel=False, bias=True):
-        self.communicator, self.sequence_parallel = communicator, sequence_parallel
-        self.weight = _split_parameter((in_features, out_features), 0, communicator)
-        self.bias = _replicated(zeros(out_features), sequence_parallel) if bias else None
+    def __init__(self, in_features, out_features, region, bias=True):
+        self.region = region = as_region(region)
+        self.weight = _split_parameter((in_features, out_features), 0, region.communicator)
+        self.bias = place(Parameter(zeros(out_features)), tp=region.gradient_placement) if bias else None
 
-    def forward(self, x):  # (B, T, C_in/t) -> (B, T, C_out), or (B, T/t, C_out) under SP
+    def forward(self, x):  # (B, T, C_in/t) -> (B, T, C_out)
         ### BEGIN SOLUTION
-        out = leave_parallel_region(ops.linear(x, self.weight), self.communicator, self.sequence_parallel)
+        out = self.region.leave(ops.linear(x, self.weight))
         return out + self.bias if self.bias is not None else out
         ### END SOLUTION
-
-
-class ParallelMLP(Module):
-    """C -> 4C/t (column) -> GELU -> C (row): the hidden units split over the ranks."""
-
-    def __init__(self, config, communicator, sequence_parallel, seed):
-        width = config.n_embd
-        self.hidden = ColumnParallelLinear(width, 4 * width, communicator, sequence_parallel, config.bias)
-        self.output = RowParallelLinear(4 * width, width, communicator, sequence_parallel, config.bias)
-        self.dropout = ParallelDropout(config.dropout, seed, communicator, sequence_parallel)
-
-    def forward(self, x):
-        return self.dropout(self.output(ops.gelu(self.hidden(x))))
-
-
-class ParallelSelfAttention(Module):
-    """Causal attention with n_head/t heads per rank: QKV column-parallel, output row-parallel."""
-
-    def __init__(self, config, communicator, sequence_parallel, seed):
-        width = config.n_embd
-        self.local_heads = config.n_head // communicator.size
-        self.qkv = ColumnParallelLinear(width, 3 * width, communicator, sequence_parallel, config.bias, blocks=3)
-        self.output = RowParallelLinear(width, width, communicator, sequence_parallel, config.bias)
-        self.dropout = ParallelDropout(config.dropout, seed, communicator, sequence_parallel)
-
-    def forward(self, x):
-        q, k, v = ops.split(self.qkv(x), 3, axis=-1)  # 3 x (B, T, C/t): this rank's heads
-        heads = ops.causal_attention(*(split_heads(t, self.local_heads) for t in (q, k, v)))
-        return self.dropout(self.output(merge_heads(heads)))
-
-
-class ParallelBlock(Module):
-    """Pre-LN block; the LayerNorms are replicated (sequence-sharded under SP)."""
-
-    def __init__(self, config, communicator, sequence_parallel, seed):
-        self.attention_norm = _layer_norm_with_partial_gradients(config.n_embd, sequence_parallel)
-        self.attention = ParallelSelfAttention(config, communicator, sequence_parallel, seed)
-        self.mlp_norm = _layer_norm_with_partial_gradients(config.n_embd, sequence_parallel)
-        self.mlp = ParallelMLP(config, communicator, sequence_parallel, seed + 1)
-
-    def forward(self, x):
-        x = x + self.attention(self.attention_norm(x))
-        return x + self.mlp(self.mlp_norm(x))
 
 
 class VocabParallelEmbedding(Module):
     """Token embedding with its vocabulary rows split: rank j holds ids [j V/t, (j+1) V/t).
 
     Each rank looks up the ids in its range and writes zeros for the others; summing over
-    the ranks (g, or rs under SP) gives every id its row exactly once.
+    the ranks (g) gives every id its row exactly once.
     """
 
-    def __init__(self, vocab_size, width, communicator, sequence_parallel=False):
-        self.communicator, self.sequence_parallel = communicator, sequence_parallel
+    def __init__(self, vocab_size, width, region):
+        self.region = region = as_region(region)
         self.vocab_size = vocab_size
-        self.weight = _split_parameter((vocab_size, width), 0, communicator)
-        self.vocab_start = communicator.rank * (vocab_size // communicator.size)
+        self.weight = _split_parameter((vocab_size, width), 0, region.communicator)
+        self.vocab_start = region.communicator.rank * (vocab_size // region.communicator.size)
 
-    def forward(self, ids):  # (B, T) -> (B, T, C), or (B, T/t, C) under SP
+    def forward(self, ids):  # (B, T) -> (B, T, C)
         if not ON_DEVICE and ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
             raise ShapeError(f"embedding: ids must lie in [0, {self.vocab_size}), "
                              f"got values from {ids.min()} to {ids.max()}")
         mine = (ids >= self.vocab_start) & (ids < self.vocab_start + self.weight.shape[0])
         local_ids = xp.where(mine, ids - self.vocab_start, 0)
         partial = ops.embedding(self.weight, local_ids) * mine[..., None].astype(self.weight.dtype)
-        return leave_parallel_region(partial, self.communicator, self.sequence_parallel)
+        return self.region.leave(partial)
 
 
-class ParallelEmbedding(Module):
-    """The first piece: ids (B, T) -> token + position embedding, (B, T, C) or (B, T/t, C) under SP."""
+class VocabParallelVocabulary:
+    """The head's logits split like the embedding, rank j holding entries [j V/t, (j+1) V/t).
 
-    def __init__(self, config, communicator, sequence_parallel):
-        self.communicator, self.sequence_parallel = communicator, sequence_parallel
-        self.block_size = config.block_size
-        self.token = VocabParallelEmbedding(config.vocab_size, config.n_embd, communicator, sequence_parallel)
-        self.position = Embedding(config.block_size, config.n_embd)
-        self.position.weight = _replicated(self.position.weight.data, sequence_parallel)
-        self.dropout = ParallelDropout(config.dropout, config.seed, communicator, sequence_parallel)
-
-    def forward(self, ids):
-        ids = ids.data if isinstance(ids, Tensor) else ids
-        length = ids.shape[-1]
-        if length > self.block_size:
-            raise ConfigError(f"sequence length {length} exceeds block_size {self.block_size}")
-        if self.sequence_parallel and length % self.communicator.size:
-            raise ConfigError(f"sequence parallelism splits the sequence over the tp ranks: sequence length "
-                              f"{length} must be divisible by tp ({self.communicator.size})")
-        start, stop = _sequence_range(length, self.communicator, self.sequence_parallel)
-        return self.dropout(self.token(ids) + self.position(xp.arange(start, stop)))
-
-
-class VocabParallelHead(Module):
-    """The last piece: final LayerNorm, logits_j = x E_j^T (B, T, V/t), vocab-parallel loss.
-
-    ``token_weight`` is the same Parameter as the embedding's shard E_j (tied, Press &
-    Wolf 2017), so both uses add into one gradient.
+    The tied output layer is column-parallel (x E_j^T, with f before it), and the loss is reduced
+    across ranks without gathering the (B, T, V) logits (``VocabParallelCrossEntropy``).
     """
 
-    def __init__(self, config, token_weight, communicator, sequence_parallel):
-        self.communicator, self.sequence_parallel = communicator, sequence_parallel
-        self.norm = _layer_norm_with_partial_gradients(config.n_embd, sequence_parallel)
-        self.token_weight = token_weight
+    def __init__(self, region):
+        self.region = region
 
-    def logits_shard(self, x):  # (B, T, C) or (B, T/t, C) under SP -> (B, T, V/t)
-        x = enter_parallel_region(self.norm(x), self.communicator, self.sequence_parallel)
-        return ops.linear(x, self.token_weight.transpose())
+    def read(self, x):  # f before the column-parallel logits x E_j^T
+        return self.region.enter(x)
 
-    def forward(self, x, targets):  # -> scalar mean cross-entropy, the same on every rank
-        targets = targets.data if isinstance(targets, Tensor) else targets
-        vocab_start = self.communicator.rank * self.token_weight.shape[0]
-        return VocabParallelCrossEntropy.apply(self.logits_shard(x), targets,
-                                               communicator=self.communicator, vocab_start=vocab_start)
+    def cross_entropy(self, logits, targets):  # logits (B, T, V/t) -> the mean loss, the same on every rank
+        communicator = self.region.communicator
+        return VocabParallelCrossEntropy.apply(logits, targets, communicator=communicator,
+                                               vocab_start=communicator.rank * logits.shape[-1])
 
-    def logits(self, x):
+    def whole(self, logits):
         """The full logits (B, T, V) on every rank, for sampling and evaluation (no gradient).
 
         Training never calls this: it gathers V/t * (t-1) numbers per position.
         """
         with no_grad():
-            return Tensor(all_gather_vocabulary(self.logits_shard(x).data, self.communicator))
+            return Tensor(all_gather_vocabulary(logits.data, self.region.communicator))
+
+
+class TensorParallelLayers(Layers):
+    """The layers of a GPT under tensor parallelism over ``region``'s ranks (nn/layers.py ``Layers``)."""
+
+    def __init__(self, region):
+        self.region = region
+
+    def linear_from_stream(self, in_features, out_features, bias=True, blocks=1):
+        return ColumnParallelLinear(in_features, out_features, self.region, bias, blocks)
+
+    def linear_to_stream(self, in_features, out_features, bias=True):
+        return RowParallelLinear(in_features, out_features, self.region, bias)
+
+    def layer_norm(self, width):
+        return self.region.replicated(super().layer_norm(width))
+
+    def dropout(self, probability, seed):
+        return self.region.dropout(probability, seed)
+
+    def token_embedding(self, num_embeddings, embedding_dim):
+        return VocabParallelEmbedding(num_embeddings, embedding_dim, self.region)
+
+    def position_embedding(self, num_embeddings, embedding_dim):
+        return self.region.replicated(super().position_embedding(num_embeddings, embedding_dim))
+
+    def positions(self, length):
+        return self.region.positions(length)
+
+    def vocabulary(self):
+        return VocabParallelVocabulary(self.region)
 
 
 def tensor_parallel_pieces(config, tp_comm, sequence_parallel=False, dtype=None):
-    """This rank's sharded twin of ``GPT(config).pieces()``: [embedding, block 0..L-1, head].
+    """This rank's sharded ``GPT(config).pieces()``: [embedding, block 0..L-1, head].
 
-    Every parameter is an exact slice of ``initial_state(config)`` and carries its
-    ``Shard`` (full name, split axis, index = tp rank, count = tp, blocks). Shapes:
+    Every parameter is an exact slice of ``initial_state(config)`` and carries its placement on tp
+    and its ``sharding.Shard`` (full name, split axis, index = tp rank, count = tp, blocks). Shapes:
 
         embedding(ids (B, T))         -> x
         block(x)                      -> x
         head(x, targets (B, T))       -> scalar mean loss, the same on every tp rank
 
     with x of shape (B, T, C), identical on every tp rank, or under sequence parallelism
-    (B, T/tp, C), rank j holding positions [j T/tp, (j+1) T/tp). Under SP, call
-    ``finish_tensor_parallel_gradients`` after backward. Raises ConfigError (on every
-    rank alike) for a model that tp does not divide. ``dtype`` as for ``GPT``.
+    (B, T/tp, C), rank j holding positions [j T/tp, (j+1) T/tp). Under SP, sum the partial
+    gradients after backward (``sequence_parallel.finish_tensor_parallel_gradients``). Raises
+    ConfigError (on every rank alike) for a model that tp does not divide. ``dtype`` as for ``GPT``.
     """
     validate_tensor_parallel(config, tp_comm.size, tp_comm.world_size)
-    embedding = ParallelEmbedding(config, tp_comm, sequence_parallel)
-    blocks = [ParallelBlock(config, tp_comm, sequence_parallel, config.seed + 2 * i + 1)
-              for i in range(config.n_layer)]
-    head = VocabParallelHead(config, embedding.token.weight, tp_comm, sequence_parallel)
-    pieces = [embedding, *blocks, head]
-    if dtype is not None:
-        for piece in pieces:
-            piece.to(dtype)
-
+    region = (SequenceParallelRegion if sequence_parallel else TensorParallelRegion)(tp_comm)
+    model = GPT(config, initialise=False, dtype=dtype, layers=TensorParallelLayers(region))
     state = initial_state(config, dtype)
-    prefixes = ["embedding.", *(f"blocks.{i}." for i in range(config.n_layer)), "head."]
-    placed = set()
-    for piece, prefix in zip(pieces, prefixes, strict=True):
-        for name, parameter in piece.named_parameters(prefix):
-            split = shard_of(parameter)
-            if split is not None and split.full_name:
-                continue  # the head's tied token weight, already placed by the embedding
-            shard = Shard(name) if split is None else dataclasses.replace(split, full_name=name)
-            values = shard.take(state[name])
-            if values.shape != parameter.shape:
-                raise AssertionError(f"{name}: slice {values.shape} does not fit parameter {parameter.shape}")
-            parameter.data[...] = values
-            parameter.shard = shard
-            placed.add(name)
-    if placed != set(state):
-        raise AssertionError(f"parameters not placed exactly once: {sorted(placed ^ set(state))}")
-    return pieces
-
-
-def finish_tensor_parallel_gradients(parameters, tp_comm):
-    """Sum over the tp group the gradients that saw only this rank's slice of the sequence.
-
-    Under sequence parallelism a replicated parameter θ used at positions τ gets
-    dL/dθ = sum over all τ of (dL/dy_τ)(dy_τ/dθ), but rank j computes only its T/t
-    positions; the other terms live on the other ranks. The parameters concerned are
-    exactly the ``ReplicatedPartialGradientParameter``s: every LayerNorm weight and bias (both
-    per block and the head's), the position embedding, and the row-parallel biases
-    (attention and MLP output, added after rs). Split parameters need nothing: all
-    that runs between an all-gather and a reduce-scatter sees the full sequence, so their
-    gradients already sum over all T positions (the token embedding's too, as rs's
-    backward all-gathers its output gradient). Without sequence parallelism there are no
-    such parameters and this is a no-op. All tp ranks hold the same pieces, so they agree
-    on the list; one allreduce of the concatenated gradients serves them all. Call it once
-    per step, after the last micro-batch's backward (the sum is linear).
-    """
-    partial = [p for p in parameters if isinstance(p, ReplicatedPartialGradientParameter) and p.grad is not None]
-    if not partial:
-        return
-    flat = xp.concatenate([p.grad.reshape(-1) for p in partial])
-    tp_comm.allreduce(flat)
-    offset = 0
-    for p in partial:
-        p.grad = flat[offset:offset + p.size].reshape(p.shape).copy()
-        offset += p.size
+    for name, parameter in model.named_parameters():  # the tied weight once, as embedding.token.weight
+        split = sharding.shard_of(parameter)
+        parameter.shard = sharding.Shard(name) if split is None else dataclasses.replace(split, full_name=name)
+        values = parameter.shard.take(state[name])
+        if values.shape != parameter.shape:
+            raise AssertionError(f"{name}: slice {values.shape} does not fit parameter {parameter.shape}")
+        parameter.data[...] = values
+    return model.pieces()

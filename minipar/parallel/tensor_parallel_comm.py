@@ -1,4 +1,4 @@
-"""The communication of tensor and sequence parallelism, as autograd ops.
+"""The communication of tensor parallelism, as autograd ops: Megatron's f and g.
 
 Each op is a ``Function`` whose forward and backward are a pair of collectives over the
 tensor-parallel group (a minipar ``Communicator`` of t ranks). Megatron-LM (Shoeybi et al.
@@ -12,33 +12,23 @@ branch X A_j only produces part of dL/dx, so the parts are summed in backward. g
 after a row-parallel matmul: each rank holds a partial sum X_j B_j of Y = X B, which is
 summed in forward; the gradient of a sum reaches each summand unchanged.
 
-Sequence parallelism (Korthikanti et al. 2022, section 4.2) keeps the activations
-between parallel regions split along the sequence, rank j holding positions
-[j T/t, (j+1) T/t). The two ops become
+Where f and g sit is a ``TensorParallelRegion`` (below): the layers of parallel/tensor_parallel.py
+call ``region.enter`` before a column-parallel matmul and ``region.leave`` after a row-parallel
+one. Sequence parallelism is another region with the same two methods (parallel/sequence_parallel.py),
+so the layers do not change with it.
 
-    ag  (replaces f): forward all-gather along T,     backward reduce-scatter along T
-    rs  (replaces g): forward reduce-scatter along T, backward all-gather along T
-
-(the paper calls them g and ḡ; here g keeps Megatron's meaning, the allreduce). A ring
-allreduce is a reduce-scatter followed by an all-gather, so this moves the same bytes as f
-and g; the saving is memory, not traffic (see docs/tensor_parallel.md).
-
-Layout. The communicator's ``allgather`` and ``reduce_scatter`` stack rank blocks along
-axis 0: MPI's Allgather and Reduce_scatter_block see one flat buffer cut into t
-contiguous pieces. Our activations are (B, T, C) with the sequence on axis 1, so rank
-j's positions are B separate runs of memory, not one block. We therefore move the
-sequence axis to the front, (T, B, C), and make the array contiguous: now positions
-[j T/t, (j+1) T/t) are one contiguous block of (T/t) B C numbers, exactly the piece MPI
-assigns to rank j. Megatron keeps its activations in (T, B, C) order everywhere to avoid
-this copy; minipar keeps the single-process model's (B, T, C) and pays one transpose
-copy per call, which is small next to the matrix products around it.
+Layout. The communicator's ``allgather`` stacks rank blocks along axis 0, as MPI's Allgather
+sees one flat buffer cut into t contiguous pieces; gathering the vocabulary axis of the logits
+for sampling moves it to the front first (one transpose copy, outside training).
 
 Every op writes into a freshly allocated output buffer through the communicator's
 buffer methods, so ``communicator.counters`` records each call and its bytes.
 """
 from minipar.backend import xp
 from minipar.errors import ShapeError
+from minipar.nn.layers import Dropout
 from minipar.ops.fused import mean_over_counted, rows_that_count, scale_counted_rows
+from minipar.parallel.placement import Replicate, place
 from minipar.tensor import Function
 
 # ---- the collectives on arrays ------------------------------------------------------------
@@ -47,27 +37,6 @@ def allreduce_sum(array, communicator):
     """sum_j array_j on every rank, in a new C-contiguous array."""
     out = xp.empty(array.shape, dtype=array.dtype)
     return communicator.allreduce(xp.ascontiguousarray(array), out=out)
-
-
-def all_gather_sequence(local, communicator):
-    """(B, T/t, C) on each rank -> (B, T, C), rank j's block at positions [j T/t, (j+1) T/t)."""
-    batch, local_length, width = local.shape
-    sequence_first = xp.ascontiguousarray(local.transpose(1, 0, 2))  # (T/t, B, C): see "Layout"
-    gathered = xp.empty((communicator.size * local_length, batch, width), dtype=local.dtype)
-    communicator.allgather(sequence_first, gathered)
-    return xp.ascontiguousarray(gathered.transpose(1, 0, 2))
-
-
-def reduce_scatter_sequence(full, communicator):
-    """(B, T, C) on each rank -> positions [j T/t, (j+1) T/t) of sum_ranks full, on rank j."""
-    batch, length, width = full.shape
-    if length % communicator.size:
-        raise ShapeError(f"reduce-scatter along the sequence: length {length} is not divisible by "
-                         f"the {communicator.size} tensor-parallel ranks")
-    sequence_first = xp.ascontiguousarray(full.transpose(1, 0, 2))  # (T, B, C): see "Layout"
-    local = xp.empty((length // communicator.size, batch, width), dtype=full.dtype)
-    communicator.reduce_scatter(sequence_first, local)
-    return xp.ascontiguousarray(local.transpose(1, 0, 2))
 
 
 # ---- Megatron's f and g ----------------------------------------------------------------------
@@ -105,56 +74,45 @@ class ReduceFromTensorParallelRegion(Function):
         ### END SOLUTION
 
 
-# ---- sequence parallelism's ag and rs (the paper's g and ḡ) ---------------------------------------
+# ---- where f and g sit ------------------------------------------------------------------------
 
-class GatherFromSequenceParallelRegion(Function):
-    """Sequence parallelism's ag (the paper's g): all-gather the sequence forward, reduce-scatter it backward.
+class TensorParallelRegion:
+    """Where Megatron's f and g sit, for layers over the ranks of ``communicator``.
 
-    Forward: (B, T/t, C) -> (B, T, C), the full sequence a column-parallel matmul needs.
-    Backward: every rank's branch contributed to dL/dx at all T positions; summing over
-    ranks and keeping only one's own positions is exactly a reduce-scatter.
+    Between the regions the activations are whole, (B, T, C) on every rank, so a parameter every
+    rank holds whole (a LayerNorm's, a row-parallel bias) also sees the whole batch: its gradient
+    is the same on every rank (``gradient_placement``, parallel/placement.py).
     """
 
-    @staticmethod
-    def forward(ctx, local, communicator):
-        ctx.communicator = communicator
-        return all_gather_sequence(local, communicator)
+    gradient_placement = Replicate()
 
-    @staticmethod
-    def backward(ctx, grad):
-        return reduce_scatter_sequence(grad, ctx.communicator)
+    def __init__(self, communicator):
+        self.communicator = communicator
 
+    def enter(self, x):
+        """f, before a column-parallel matmul: (B, T, C) -> (B, T, C), summed over ranks in backward."""
+        return CopyToTensorParallelRegion.apply(x, communicator=self.communicator)
 
-class ReduceScatterToSequenceParallelRegion(Function):
-    """Sequence parallelism's rs (the paper's ḡ): reduce-scatter the sequence forward, all-gather it backward.
+    def leave(self, partial):
+        """g, after a row-parallel matmul: the partial sums (B, T, C) -> their sum over ranks."""
+        return ReduceFromTensorParallelRegion.apply(partial, communicator=self.communicator)
 
-    Forward: the partial sums (B, T, C) of a row-parallel matmul are summed over ranks and
-    each rank keeps its T/t positions. Backward: y_j depends on every rank's partial sum
-    at positions j, so each rank needs dL/dy at all positions: an all-gather.
-    """
+    def positions(self, length):
+        """The positions of a length-T sequence the activations between regions hold: all."""
+        return xp.arange(length)
 
-    @staticmethod
-    def forward(ctx, partial, communicator):
-        ctx.communicator = communicator
-        return reduce_scatter_sequence(partial, communicator)
+    def local_length(self, length):
+        return length
 
-    @staticmethod
-    def backward(ctx, grad):
-        return all_gather_sequence(grad, ctx.communicator)
+    def dropout(self, probability, seed):
+        """Every rank draws the same mask from the same seed, so whole activations stay equal."""
+        return Dropout(probability, seed)
 
-
-def enter_parallel_region(x, communicator, sequence_parallel):
-    """Before a column-parallel layer: f on (B, T, C), or ag (all-gather) on (B, T/t, C) under SP."""
-    if sequence_parallel:
-        return GatherFromSequenceParallelRegion.apply(x, communicator=communicator)
-    return CopyToTensorParallelRegion.apply(x, communicator=communicator)
-
-
-def leave_parallel_region(partial, communicator, sequence_parallel):
-    """After a row-parallel layer: g (allreduce) to (B, T, C), or rs (reduce-scatter) to (B, T/t, C)."""
-    if sequence_parallel:
-        return ReduceScatterToSequenceParallelRegion.apply(partial, communicator=communicator)
-    return ReduceFromTensorParallelRegion.apply(partial, communicator=communicator)
+    def replicated(self, module):
+        """``module`` (a LayerNorm, the position embedding), every rank holding all of it."""
+        for parameter in module.parameters():
+            place(parameter, tp=self.gradient_placement)
+        return module
 
 
 def all_gather_vocabulary(shard, communicator):

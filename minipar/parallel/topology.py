@@ -1,4 +1,9 @@
-"""The process grid: world = dp x tp x pp, and one communicator per group.
+"""The process grid written out by hand for three axes: world = dp x tp x pp (the exercise).
+
+This is the naive version of ``parallel/mesh.py``, which does the same for any named axes
+(``DeviceMesh``; the Trainer uses that one): here each axis is spelled out, so a learner sees
+the rank formula and the three splits before meeting the general mixed radix. Both give
+every layout the same ranks and the same groups (tests/test_mesh.py checks it).
 
 Rank layout (Megatron-LM's order, tensor-parallel fastest):
 
@@ -62,20 +67,16 @@ class Layout:
             return [self.rank_of(dp_rank, tp_rank, p) for p in range(self.pp)]
         raise ValueError(f"group must be 'dp', 'tp' or 'pp', got {group!r}")
 
+    @property
+    def mesh_shape(self):
+        """This layout as a ``MeshShape`` over the named axes (parallel/mesh.py); the other axes have size 1."""
+        from minipar.parallel.mesh import MeshShape
+
+        return MeshShape.of(dp=self.dp, tp=self.tp, pp=self.pp)
+
     def describe(self):
         """A text picture of the grid: one line per pipeline stage, a box per data-parallel replica."""
-        lines = [f"world = dp {self.dp} x tp {self.tp} x pp {self.pp} = {self.world_size} ranks",
-                 "rank = tp_rank + tp * (dp_rank + dp * pp_rank)   (tensor-parallel ranks adjacent)", ""]
-        for pp_rank in range(self.pp):
-            replicas = []
-            for dp_rank in range(self.dp):
-                ranks = " ".join(f"{self.rank_of(dp_rank, t, pp_rank):>2}" for t in range(self.tp))
-                replicas.append(f"dp{dp_rank}[ {ranks} ]")
-            lines.append(f"stage {pp_rank}: " + "   ".join(replicas))
-        lines += ["",
-                  "[ ... ] = one tensor-parallel group; columns of equal position across boxes = data-parallel groups;",
-                  "rows = pipeline stages, a pipeline group links the same slot on every row."]
-        return "\n".join(lines)
+        return self.mesh_shape.describe()
 
 
 class ProcessGrid:

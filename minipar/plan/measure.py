@@ -44,12 +44,10 @@ class SavedBytes:
 
 def measure_step(trainer, inputs, targets):
     """Peak saved bytes and bytes sent per group during one ``trainer.train_step``."""
-    from minipar.parallel.pipeline.partition import TiedEmbeddingGradientSum
-
     groups = {"dp": trainer.grid.dp, "tp": trainer.grid.tp, "pp": trainer.grid.pp}
-    tied = [s for s in trainer.gradient_sums if isinstance(s, TiedEmbeddingGradientSum) and s.ends is not None]
-    if tied:  # the first and last stage's own communicator for the tied embedding's sum
-        groups["pp-ends"] = tied[0].ends
+    ends = trainer.partial_gradients.holder_groups.get("pp")
+    if ends:  # the first and last stage's own communicator for the tied embedding's sum
+        groups["pp-ends"] = ends[0]
     for communicator in groups.values():
         communicator.reset_counters()
     counter = SavedBytes(trainer.parameters)

@@ -53,21 +53,10 @@ from minipar.plan.model import part_length, rank_chunks, rank_parameters, rank_p
 
 # ---- parameters, gradients, optimizer state ------------------------------------------------------
 
-SEQUENCE_SHARDED = ("norm.weight", "norm.bias", "embedding.position.weight", "attention.output.bias",
-                    "mlp.output.bias")  # gradients SP sums over tp (parallel/tensor_parallel.py)
-
-
 def zero_gradient_elements(model, strategy, stage):
-    """Elements of gradient a ZeRO rank holds after the step: each unit's averaged parts, except that
-    sequence parallelism's sum replaces the parts of the sequence-sharded parameters by copies (a
-    unit whose parts were all replaced is no longer held)."""
-    count, total = strategy.dp, 0
-    for _, unit in zero_named_units(model, strategy, stage):
-        summed = [strategy.sequence_parallel and name.endswith(SEQUENCE_SHARDED) for name, _ in unit]
-        parts = [part_length(n, count) for _, n in unit]
-        total += sum(parts) if not all(summed) else 0
-        total += sum(part for part, copy in zip(parts, summed, strict=True) if copy)
-    return total
+    """Elements of gradient a ZeRO rank holds after the step: each unit's averaged parts (the
+    sequence-parallel and tied-embedding sums write into them in place, parallel/placement.py)."""
+    return sum(part_length(n, strategy.dp) for _, unit in zero_named_units(model, strategy, stage) for _, n in unit)
 
 
 def parameter_memory(model, strategy, stage):

@@ -286,3 +286,26 @@ def corrupt_checkpoints(comm, folder):
     compare.value("step of the pristine checkpoint, loaded after all that",
                   load_distributed_checkpoint(pristine, survivor)["step"], 1)
     return compare.report()
+
+
+def checkpoint_before_mesh_loads(comm, fixture, layout):
+    """The checkpoint written by the code from before the device mesh (tests/fixtures/) loads under
+    ``layout``, and the third step's loss and parameters equal what that code computed."""
+    world, compare = Communicator(comm), Comparisons()
+    compare.checks.append("checkpoint before the mesh")
+    expected = json.loads(Path(fixture, "checkpoint_before_mesh.json").read_text())
+    config = TrainConfig(steps=4, batch_size=8, dtype="float64", warmup_steps=1, learning_rate=1e-2, **layout)
+    trainer = Trainer(GPTConfig(**expected["model"]), config, world)
+    info = load_distributed_checkpoint(os.path.join(fixture, "checkpoint_before_mesh.minipar"), trainer)
+    compare.value("step loaded", info["step"], 2)
+    ids = host_rng([11, 2]).integers(0, expected["model"]["vocab_size"], (8, expected["model"]["block_size"] + 1))
+    loss = trainer.train_step(xp.asarray(ids[:, :-1]), xp.asarray(ids[:, 1:]))
+    compare.arrays_close("loss of step 2", xp.asarray([loss]), xp.asarray([expected["loss_of_step_2"]]), rtol=1e-11)
+    state = trainer.gather_state()
+    if state is not None:
+        names = sorted(expected["sum_of_squares_after_step_2"])
+        compare.value("parameter names", sorted(state), names)
+        compare.arrays_close("sum of squares of every parameter after step 2",
+                             xp.asarray([float((state[n] ** 2).sum()) for n in names]),
+                             xp.asarray([expected["sum_of_squares_after_step_2"][n] for n in names]), rtol=1e-11)
+    return compare.report()

@@ -125,7 +125,7 @@ def check_gradients(comm, cases):
         trainer = Trainer(model_config, config, world)
         loss = trainer.compute_gradients(inputs, targets)
         norm_squared = trainer.grad_norm_squared()
-        gradients = trainer.gather_state(trainer.sync.gradient_arrays())
+        gradients = trainer.gather_state(trainer.sync_state.gradient_arrays())
         if world.rank == 0:
             model = GPT(model_config, dtype=config.dtype)
             reference_loss = model(inputs, targets)[1]

@@ -17,11 +17,9 @@ from minipar.comm import Communicator
 from minipar.errors import ConfigError, ShapeError
 from minipar.nn.gpt import GPT, GPTConfig
 from minipar.optim import AdamW
-from minipar.parallel.tensor_parallel import (
-    ReplicatedPartialGradientParameter,
-    finish_tensor_parallel_gradients,
-    tensor_parallel_pieces,
-)
+from minipar.parallel.placement import Partial, placement_of
+from minipar.parallel.sequence_parallel import finish_tensor_parallel_gradients
+from minipar.parallel.tensor_parallel import tensor_parallel_pieces
 from minipar.parallel.tensor_parallel_comm import VocabParallelCrossEntropy
 from minipar.parallel.topology import Layout, ProcessGrid
 from minipar.tensor import Tensor
@@ -156,8 +154,7 @@ def check_equivalence(compare, tp_comm, sequence_parallel, with_training=True):
     for p in parameters:  # built as exact slices of the single-process initial weights
         name = p.shard.full_name
         compare.arrays_equal(f"{label}: initial {name}", p.data, p.shard.take(full_state[name]))
-    partial_gradient = ReplicatedPartialGradientParameter
-    sequence_sharded = sorted(p.shard.full_name for p in parameters if isinstance(p, partial_gradient))
+    sequence_sharded = sorted(p.shard.full_name for p in parameters if isinstance(placement_of(p, "tp"), Partial))
     # Under SP: every LayerNorm, the position embedding and the row-parallel (output) biases.
     expected_sharded = sorted(n for n in full_state
                               if "norm" in n or n == "embedding.position.weight" or n.endswith("output.bias"))
@@ -182,7 +179,7 @@ def check_equivalence(compare, tp_comm, sequence_parallel, with_training=True):
     tp_comm.reset_counters()
     finish_tensor_parallel_gradients(parameters, tp_comm)
     finishing = {name: (r["calls"], r["elements"]) for name, r in tp_comm.counters_snapshot().items()}
-    summed = sum(p.size for p in parameters if isinstance(p, ReplicatedPartialGradientParameter))
+    summed = sum(p.size for p in parameters if isinstance(placement_of(p, "tp"), Partial))
     compare.value(f"{label}: traffic of finish_tensor_parallel_gradients", finishing,
                   {"allreduce": (1, summed)} if sequence_parallel else {})
 
