@@ -347,3 +347,63 @@ def modelled_traffic(collective, rank, size, count, itemsize, root=0):
         "reduce": Traffic(from_parent * count, fan_out * count),
     }[collective]
     return Traffic(elements.bytes_sent * itemsize, elements.bytes_received * itemsize)
+
+
+# ---- all-to-all: every rank sends a different block to every other rank --------------------------
+
+_ALL_TO_ALL_TAG = 7106
+
+
+def pairwise_alltoall(mpi_comm, send, out, send_bounds, receive_bounds):
+    """Pairwise-exchange all-to-all: the slice ``send_bounds[j]`` of ``send`` goes to rank j, and
+    what rank i sends lands in the slice ``receive_bounds[i]`` of ``out``.
+
+    Re-creates ``MPI_Alltoall`` / ``MPI_Alltoallv`` as MPICH runs them for long messages. The
+    bounds are (start, stop) element offsets into the flat buffers, one pair per rank, so equal
+    blocks (all-to-all) and uneven ones (all-to-allv) are the same loop. Rank r first copies
+    its own block, then at step s = 1 … N−1 sends to rank r+s and receives from rank r−s (mod N)
+    in one ``Sendrecv``: at every step each rank has exactly one partner each way, so no rank
+    waits on a busy one, and after N−1 steps every pair has met once.
+
+    Rank r sends everything but its own block: (N−1)/N of the data when the blocks are equal.
+    Cost (N−1)α + ((N−1)/N)nβ, nothing reduced (Thakur, Rabenseifner & Gropp 2005).
+    Unlike the ring collectives no block is forwarded: each travels once, straight to its owner.
+    """
+    flat_send, flat_out = _flat(send), _flat(out)
+    rank, size = mpi_comm.Get_rank(), mpi_comm.Get_size()
+    own_start, own_stop = send_bounds[rank]
+    mine_start, mine_stop = receive_bounds[rank]
+    if own_stop - own_start != mine_stop - mine_start:
+        raise ShapeError(f"all-to-all: rank {rank} sends itself {own_stop - own_start} elements but expects "
+                         f"{mine_stop - mine_start}")
+    flat_out[mine_start:mine_stop] = flat_send[own_start:own_stop]
+    traffic = Traffic()
+    for step in range(1, size):
+        dest, source = (rank + step) % size, (rank - step) % size
+        outgoing = flat_send[send_bounds[dest][0]:send_bounds[dest][1]]
+        incoming = flat_out[receive_bounds[source][0]:receive_bounds[source][1]]
+        mpi_comm.Sendrecv(outgoing, dest, _ALL_TO_ALL_TAG, incoming, source, _ALL_TO_ALL_TAG)
+        traffic += Traffic(outgoing.nbytes, incoming.nbytes)
+    return traffic
+
+
+def bounds_from_counts(counts, row_size=1):
+    """(start, stop) element offsets of consecutive blocks of ``counts[j]`` rows of ``row_size`` elements."""
+    bounds, start = [], 0
+    for count in counts:
+        stop = start + int(count) * row_size
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def alltoall_traffic(rank, send_bounds, receive_bounds, itemsize):
+    """The bytes a direct exchange moves on this rank: every block but its own, each way.
+
+    What the pairwise exchange counts message by message, and the model used to count MPI's
+    built-in ``Alltoall(v)``, which may route small messages through other ranks (Bruck's
+    algorithm) and so move more.
+    """
+    sent = sum(stop - start for j, (start, stop) in enumerate(send_bounds) if j != rank)
+    received = sum(stop - start for i, (start, stop) in enumerate(receive_bounds) if i != rank)
+    return Traffic(sent * itemsize, received * itemsize)

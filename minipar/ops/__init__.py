@@ -6,12 +6,14 @@ Each op is a ``Function`` (forward and backward side by side) in one of:
   linear_algebra.py  matmul, linear
   fused.py           softmax, log_softmax, layer_norm, cross_entropy, embedding, dropout,
                      causal_attention
+  routing.py         gather_rows, scatter_add_rows (a mixture of experts' dispatch and combine)
 Derived ops (split, masked_fill) are built from these primitives below.
 """
 from minipar.backend import xp
 from minipar.ops.elementwise import Add, Div, Exp, Gelu, Log, Mul, Neg, Power, Relu, Sub, Tanh
 from minipar.ops.fused import CausalAttention, CrossEntropy, Dropout, Embedding, LayerNorm, LogSoftmax, Softmax
 from minipar.ops.linear_algebra import LinearFunction, MatMul
+from minipar.ops.routing import AttachAuxiliaryLoss, GatherRows, ScatterAddRows
 from minipar.ops.shape import Concatenate, GetItem, Max, Mean, Reshape, Sum, Transpose
 
 add, sub, mul, div, neg = Add.apply, Sub.apply, Mul.apply, Div.apply, Neg.apply
@@ -107,3 +109,18 @@ def masked_fill(x, mask, value):
     """Entries where ``mask`` is True become ``value`` (derived: x * keep + value * mask)."""
     keep = xp.logical_not(mask).astype(x.dtype)
     return x * keep + xp.where(mask, value, 0).astype(x.dtype)
+
+
+def gather_rows(x, index):
+    """out[j] = x[index[j]] for a (rows, width) x and a 1-d integer index; -1 gives a zero row."""
+    return GatherRows.apply(x, index)
+
+
+def scatter_add_rows(rows, index, num_rows):
+    """out[i] = sum of rows[j] with index[j] == i, shape (num_rows, width); rows with index -1 are left out."""
+    return ScatterAddRows.apply(rows, index, num_rows=num_rows)
+
+
+def attach_auxiliary_loss(x, aux, scale=1.0):
+    """x unchanged, but backward also sends ``scale`` into scalar ``aux``: as if scale·aux were added to the loss."""
+    return AttachAuxiliaryLoss.apply(x, aux, scale=scale)

@@ -207,13 +207,55 @@ class Dropout(Function):
 _causal_masks = {}
 
 
-def _causal_mask(length, dtype):
+def causal_mask(length, dtype):
     """(T, T) with 0 on and below the diagonal and -inf above it, made once per shape."""
     key = (length, xp.dtype(dtype).str)
     if key not in _causal_masks:
         future = xp.triu(xp.ones((length, length), dtype=bool), k=1)
         _causal_masks[key] = xp.where(future, -xp.inf, 0.0).astype(dtype)
     return _causal_masks[key]
+
+
+def scaled_scores(q, k, mask=None):
+    """S = Q K^T / sqrt(d) (+ mask): q (..., Tq, d), k (..., Tk, d), mask (Tq, Tk) of 0 and -inf."""
+    scores = q @ xp.swapaxes(k, -1, -2)  # (..., Tq, Tk)
+    scores *= 1.0 / math.sqrt(q.shape[-1])
+    if mask is not None:
+        scores += mask
+    return scores
+
+
+def attention_forward(q, k, v, mask=None):
+    """Softmax attention of q over (k, v): ``(output, probabilities, log_sum_exp)``.
+
+    ``log_sum_exp`` (..., Tq) is l_i = log sum_j exp(S_ij), so P_ij = exp(S_ij - l_i): what
+    blockwise attention keeps to merge partial results (parallel/context_parallel.py). Every
+    row needs at least one unmasked key.
+    """
+    scores = scaled_scores(q, k, mask)
+    row_max = scores.max(axis=-1, keepdims=True)
+    scores -= row_max  # exp never overflows
+    xp.exp(scores, out=scores)  # in place: attention's scores are among the largest arrays of a step
+    row_sums = scores.sum(axis=-1, keepdims=True)
+    scores *= 1.0 / row_sums  # one division per row, then multiplications
+    log_sum_exp = (row_max + xp.log(row_sums))[..., 0]
+    return scores @ v, scores, log_sum_exp
+
+
+def attention_backward(q, k, v, probabilities, grad, row_dot=None):
+    """dQ, dK, dV of O = P V with P = softmax(S), S = Q K^T / sqrt(d), given dO = ``grad``.
+
+    ``row_dot`` is rowsum(dP * P). None computes it from ``probabilities``, which is right
+    when they cover every key of the row; a block of keys passes rowsum(dO * O) of the whole
+    output, the same number: sum_j P_ij (dO_i . V_j) = dO_i . O_i (Dao et al. 2022).
+    """
+    grad_v = xp.swapaxes(probabilities, -1, -2) @ grad
+    grad_probabilities = grad @ xp.swapaxes(v, -1, -2)
+    if row_dot is None:
+        row_dot = (grad_probabilities * probabilities).sum(axis=-1, keepdims=True)
+    grad_scores = probabilities * (grad_probabilities - row_dot)
+    grad_scores *= 1.0 / math.sqrt(q.shape[-1])  # masked entries have probability 0: gradient already 0
+    return grad_scores @ k, xp.swapaxes(grad_scores, -1, -2) @ q, grad_v
 
 
 class CausalAttention(Function):
@@ -223,7 +265,9 @@ class CausalAttention(Function):
         dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dP * P)),  dQ = dS K / sqrt(d),  dK = dS^T Q / sqrt(d)
 
     q, k, v: (B, heads, T, d). The mask means position i attends only to 0..i, so a
-    token never sees the future it is asked to predict.
+    token never sees the future it is asked to predict. The two halves are
+    ``attention_forward`` and ``attention_backward``, which context parallelism reuses
+    on blocks of the sequence.
     """
 
     @staticmethod
@@ -231,24 +275,11 @@ class CausalAttention(Function):
         if not (q.shape == k.shape == v.shape) or q.ndim != 4:
             raise ShapeError(f"causal_attention: q, k, v must share a (B, heads, T, d) shape, "
                              f"got {q.shape}, {k.shape}, {v.shape}")
-        sequence_length, head_size = q.shape[-2], q.shape[-1]
-        scale = 1.0 / math.sqrt(head_size)
-        scores = q @ xp.swapaxes(k, -1, -2)  # (B, heads, T, T)
-        scores *= scale
-        scores += _causal_mask(sequence_length, scores.dtype)  # -inf above the diagonal
-        probabilities = _softmax(scores)
+        output, probabilities, _ = attention_forward(q, k, v, causal_mask(q.shape[-2], q.dtype))
         ctx.save_for_backward(q, k, v, probabilities)
-        ctx.scale = scale
-        return probabilities @ v
+        return output
 
     @staticmethod
     def backward(ctx, grad):
         q, k, v, probabilities = ctx.saved
-        grad_v = xp.swapaxes(probabilities, -1, -2) @ grad
-        grad_probabilities = grad @ xp.swapaxes(v, -1, -2)
-        grad_scores = probabilities * (grad_probabilities
-                                       - (grad_probabilities * probabilities).sum(axis=-1, keepdims=True))
-        grad_scores *= ctx.scale  # masked entries have probability 0, so their gradient is already 0
-        grad_q = grad_scores @ k
-        grad_k = xp.swapaxes(grad_scores, -1, -2) @ q
-        return grad_q, grad_k, grad_v
+        return attention_backward(q, k, v, probabilities, grad)

@@ -1,0 +1,77 @@
+"""All-to-all: minipar's hand-built pairwise exchange against MPI's built-in, in one run.
+
+    mpiexec -n 4 python benchmarks/bench_alltoall.py [--repetitions 20]
+
+For each message size (the whole send buffer of one rank, float32, 4 KB … 16 MB, cut into N
+equal blocks) the two algorithms run in turn, repetition after repetition, so a burst of load
+hits both alike. One timing is the slowest rank's time for one all-to-all (ranks start
+together after a barrier); the table shows the median.
+
+Algorithm bandwidth is (N−1)/N × bytes / time: the part of its buffer each rank must send
+away (every block but its own), per second. "ratio" is the built-in's time over ours (above 1:
+ours is faster). Rank 0 prints the table; nothing is written to disk.
+"""
+import argparse
+import os
+import statistics
+import time
+
+from mpi4py import MPI
+
+from minipar.backend import xp
+from minipar.comm import Communicator
+
+SIZES_BYTES = [4 * 1024 * 4**step for step in range(7)]  # 4 KB, 16 KB, … 16 MB
+ALGORITHMS = ("mpi", "pairwise")
+
+
+def slowest_rank_seconds(communicator, send, out, algorithm):
+    communicator.barrier()
+    started = time.perf_counter()
+    communicator.alltoall(send, out, algorithm=algorithm)
+    elapsed = time.perf_counter() - started
+    return communicator.mpi.allreduce(elapsed, op=MPI.MAX)  # one float: pickled metadata is fine
+
+
+def measure(communicator, nbytes, repetitions):
+    count = nbytes // 4 // communicator.size * communicator.size  # whole blocks
+    send, out = xp.ones(count, dtype=xp.float32), xp.empty(count, dtype=xp.float32)
+    for algorithm in ALGORITHMS:  # warm-up: first-touch pages and MPI connection setup
+        communicator.alltoall(send, out, algorithm=algorithm)
+    samples = {algorithm: [] for algorithm in ALGORITHMS}
+    for _ in range(repetitions):
+        for algorithm in ALGORITHMS:
+            samples[algorithm].append(slowest_rank_seconds(communicator, send, out, algorithm))
+    return {algorithm: statistics.median(times) for algorithm, times in samples.items()}
+
+
+def format_size(nbytes):
+    return f"{nbytes // 1024**2} MB" if nbytes >= 1024**2 else f"{nbytes // 1024} KB"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repetitions", type=int, default=None,
+                        help="timed runs per size and algorithm (default: more for small messages)")
+    parser.add_argument("--max-bytes", type=int, default=SIZES_BYTES[-1], help="largest buffer to time")
+    arguments = parser.parse_args()
+    communicator = Communicator()
+    size = communicator.size
+    if communicator.rank == 0:
+        print(f"alltoall, float32, {size} ranks; algorithm bandwidth = (N-1)/N * bytes / time, median of repetitions")
+        if size > (os.cpu_count() or 1):
+            print(f"warning: {size} ranks on {os.cpu_count()} cores; the times measure the OS scheduler as much as MPI")
+        print(f"{'size':>7} {'reps':>5} {'built-in us':>12} {'GB/s':>6} {'pairwise us':>12} {'GB/s':>6} {'ratio':>6}")
+    for nbytes in (n for n in SIZES_BYTES if n <= arguments.max_bytes):
+        repetitions = arguments.repetitions or max(5, min(100, (32 * 1024**2) // nbytes))
+        seconds = measure(communicator, nbytes, repetitions)
+        if communicator.rank == 0:
+            moved = (size - 1) / size * nbytes
+            bandwidth = {a: moved / seconds[a] / 1e9 for a in ALGORITHMS}
+            print(f"{format_size(nbytes):>7} {repetitions:>5} {seconds['mpi'] * 1e6:>12.1f} {bandwidth['mpi']:>6.2f} "
+                  f"{seconds['pairwise'] * 1e6:>12.1f} {bandwidth['pairwise']:>6.2f} "
+                  f"{seconds['mpi'] / seconds['pairwise']:>6.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
