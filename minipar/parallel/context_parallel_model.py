@@ -105,22 +105,23 @@ def context_parallel_attention(q, k, v, communicator, layout="contiguous", varia
 class ContextParallelAttention(Module):
     """``CausalSelfAttention`` with its core over the cp group; takes over its Linears and Dropout.
 
-    The tensor-parallel ``ParallelSelfAttention`` has the same parts (its heads are this tp rank's
-    n_head/tp, its Linears column- and row-parallel), so it can be wrapped the same way.
+    Under tensor parallelism the same class holds column- and row-parallel Linears and this tp
+    rank's n_head/tp heads (counted from the width ``qkv`` returns), so it is wrapped the same way.
     """
 
     def __init__(self, attention, communicator, layout="contiguous", variant="ring", overlap=False, work=None):
         if variant not in VARIANTS:
             raise ConfigError(f"cp attention must be one of {list(VARIANTS)}, got {variant!r}")
-        self.num_heads = getattr(attention, "num_heads", None) or attention.local_heads  # tensor parallel: its heads
+        self.head_size = attention.head_size
         self.qkv, self.output, self.dropout = attention.qkv, attention.output, attention.dropout
         self.communicator, self.layout, self.variant, self.overlap = communicator, layout, variant, overlap
         self.work = AttentionWork() if work is None else work
         self.replaced = {"module": attention}  # a dict, so its parameters are not listed twice
 
     def forward(self, x):  # (B, T/cp, C)
-        q, k, v = ops.split(self.qkv(x), 3, axis=-1)  # 3 x (B, T/cp, C)
-        heads = context_parallel_attention(*(split_heads(t, self.num_heads) for t in (q, k, v)), self.communicator,
+        q, k, v = ops.split(self.qkv(x), 3, axis=-1)  # 3 x (B, T/cp, C), C/tp under tensor parallelism
+        num_heads = q.shape[-1] // self.head_size
+        heads = context_parallel_attention(*(split_heads(t, num_heads) for t in (q, k, v)), self.communicator,
                                            self.layout, self.variant, self.overlap, self.work)  # (B, H, T/cp, D)
         return self.dropout(self.output(merge_heads(heads)))  # (B, T/cp, C)
 
@@ -128,17 +129,17 @@ class ContextParallelAttention(Module):
 class ContextParallelEmbedding(Module):
     """Token and position embedding of this rank's tokens, each at its own position (the layout's).
 
-    ids (B, T/N) -> (B, T/N, C). Wraps ``TokenAndPositionEmbedding`` or the tensor-parallel
-    ``ParallelEmbedding`` (same ``token``, ``position`` and ``dropout``); under sequence
-    parallelism tp rank j keeps the j-th of tp equal slices of this rank's tokens.
+    ids (B, T/N) -> (B, T/N, C). Wraps ``TokenAndPositionEmbedding`` (single-process or built
+    from tensor parallelism's layers: the same ``token``, ``position``, ``dropout`` and
+    ``positions``); ``positions(n)`` says which of n tokens this process computes, so under
+    sequence parallelism tp rank j keeps the j-th of tp equal slices of this rank's tokens.
     """
 
     def __init__(self, embedding, communicator, layout="contiguous"):
         self.block_size = embedding.block_size
         self.token, self.position, self.dropout = embedding.token, embedding.position, embedding.dropout
         self.rank, self.size, self.layout = communicator.rank, communicator.size, layout
-        self.sequence_parallel = getattr(embedding, "sequence_parallel", False)
-        self.tp_comm = getattr(embedding, "communicator", None)
+        self.local_positions = embedding.positions  # all n of n tokens, or this tp rank's slice under SP
         self.replaced = {"module": embedding}  # a dict, so its parameters are not listed twice
 
     def forward(self, ids):  # (B, T/N) -> (B, T/N, C), or (B, T/(N tp), C) under SP
@@ -147,13 +148,7 @@ class ContextParallelEmbedding(Module):
             raise ConfigError(f"sequence length {length} ({ids.shape[-1]} tokens on each of {self.size} cp ranks) "
                               f"exceeds block_size {self.block_size}")
         positions = token_positions(self.rank, self.size, length, self.layout)
-        if self.sequence_parallel:
-            tp, tp_rank = self.tp_comm.size, self.tp_comm.rank
-            if ids.shape[-1] % tp:
-                raise ConfigError(f"sequence parallelism splits each cp rank's {ids.shape[-1]} tokens over the "
-                                  f"tp ranks: that must be divisible by tp ({tp})")
-            share = ids.shape[-1] // tp
-            positions = positions[tp_rank * share:(tp_rank + 1) * share]
+        positions = positions[self.local_positions(ids.shape[-1])]  # SP: this tp rank's share of them
         return self.dropout(self.token(ids) + self.position(positions))
 
 
