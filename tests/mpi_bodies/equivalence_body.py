@@ -139,6 +139,9 @@ def check_gradients(comm, cases):
         gradients = trainer.gather_state(trainer.sync_state.gradient_arrays())
         if world.rank == 0:
             model = GPT(model_config, dtype=config.dtype)
+            for block in model.blocks:
+                if model_config.n_experts:
+                    block.mlp.groups = routing_groups(model_config, config)
             reference_loss = model(inputs, targets)[1]
             reference_loss.backward()
             reference = dict(model.named_parameters())
