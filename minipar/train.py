@@ -278,8 +278,9 @@ class Trainer:
         Shard of the flattened parameter instead.
         """
         pp = Shard(None)
-        if name == TIED_EMBEDDING and self.config.pp > 1:
-            pp = Partial("sum", holders=(0, self.config.pp - 1))
+        head_stage = getattr(self.executor, "loss_stage", self.config.pp - 1)  # 0 when a V puts both ends on rank 0
+        if name == TIED_EMBEDDING and head_stage != 0:
+            pp = Partial("sum", holders=(0, head_stage))
         place(parameter, dp=Partial("avg"), pp=pp)
         axes.place_on_axes(parameter, self.expert_ids, self.config)  # cp and ep: parallel/axes.py
         tensor = self.sync.updated_tensor(parameter)

@@ -126,7 +126,7 @@ def test_layout_refusals_say_why():
         check_layout(16, 2, "striped")
 
 
-@pytest.mark.parametrize("nranks, dp, variant", [(4, 2, "ring"), (4, 2, "allgather"),
+@pytest.mark.parametrize("nranks, dp, variant", [(4, 2, "ring"), pytest.param(4, 2, "allgather", marks=pytest.mark.slow),
                                                  pytest.param(8, 2, "ring", marks=pytest.mark.slow),
                                                  pytest.param(8, 4, "allgather", marks=pytest.mark.slow)])
 def test_data_and_context_parallel(nranks, dp, variant):
@@ -164,6 +164,10 @@ def test_validation_refuses_in_one_sentence():
         validate_context_parallel(config, 3, "contiguous", "ring", 8)
     with pytest.raises(ConfigError, match=r"cp attention must be one of \['ring', 'allgather'\], got 'p2p'"):
         validate_context_parallel(config, 2, "contiguous", "p2p", 8)
+    with pytest.raises(ConfigError, match=r"sequence parallelism splits each cp rank's 6 tokens \(block_size 12 / "
+                                          r"cp 2\) over tp \(4\): they must be divisible"):
+        validate_context_parallel(config, 2, "contiguous", "ring", 8, tp=4, sequence_parallel=True)
+    validate_context_parallel(config, 2, "contiguous", "ring", 8, tp=4)  # without SP every tp rank has all 6
     for bad in (0, -1, 2.0, True):
         with pytest.raises(ConfigError, match="cp must be a positive integer"):
             validate_context_parallel(config, bad, "contiguous", "ring", 8)

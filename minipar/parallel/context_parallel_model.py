@@ -10,7 +10,10 @@
 - ``ContextParallelEmbedding``: the token and position embedding of this rank's tokens;
   ``use_context_parallel`` swaps it and the attention in on a GPT, whose forward then takes
   this rank's tokens; ``context_parallel_pieces`` does it to a list of pipeline pieces (GPT's
-  or tensor parallelism's); ``single_process_modules`` swaps back for a while (generation).
+  or tensor parallelism's); ``single_process_modules`` / ``single_process_pieces`` swap back for
+  a while (generation).
+- ``ContextParallelDropout``: one process's dropout mask at this rank's positions, so runs with
+  dropout stay equal to one process.
 
 Gradients. Each rank's loss is the mean over its own tokens; all ranks hold equally many,
 so the sequence's mean loss is the mean over cp of the ranks' losses. The attention ops
@@ -21,7 +24,7 @@ over the cp group (as over dp) gives the single-process gradient.
 from contextlib import contextmanager
 
 from minipar import ops
-from minipar.backend import xp
+from minipar.backend import from_host, to_host, xp
 from minipar.errors import ConfigError, require_positive_int
 from minipar.nn.layers import merge_heads, split_heads
 from minipar.nn.module import Module
@@ -35,6 +38,7 @@ from minipar.parallel.context_parallel import (
     pair_kind,
     token_positions,
 )
+from minipar.parallel.sequence_parallel import SequenceParallelRegion
 from minipar.tensor import Function
 
 
@@ -102,6 +106,47 @@ def context_parallel_attention(q, k, v, communicator, layout="contiguous", varia
     raise ConfigError(f"cp attention must be one of {list(VARIANTS)}, got {variant!r}")
 
 
+class ContextParallelDropout(Module):
+    """Dropout of this rank's tokens with the mask one process would draw at their positions.
+
+    Draws the whole (B, T, C) mask from the wrapped layer's generator, as one process does, and
+    keeps this rank's positions (under sequence parallelism, this tp rank's share of them), so a
+    run with dropout is still the single-process computation. Wraps ``nn.layers.Dropout`` or the
+    tensor-parallel ``SequenceParallelDropout``.
+    """
+
+    def __init__(self, dropout, communicator, layout="contiguous"):
+        self.dropout = dropout  # a child: its generator stays where recomputation finds it
+        self.rank, self.size, self.layout = communicator.rank, communicator.size, layout
+        self.replaced = {"module": dropout}
+
+    def forward(self, x):  # (B, T/N, C), or (B, T/(N tp), C) under SP
+        probability = self.dropout.probability
+        if not self.training or probability == 0.0:
+            return x
+        batch, local_length, width = x.shape
+        positions = this_ranks_positions(self.dropout, self.rank, self.size, self.layout, local_length)
+        length = local_length * self.size * _sequence_share(self.dropout)[1]
+        keep = self.dropout.generator.random((batch, length, width))[:, to_host(positions)] >= probability
+        return ops.Dropout.apply(x, from_host(keep.astype(x.dtype)) / (1.0 - probability))
+
+
+def _sequence_share(module):
+    """(index, count) of the slice of a cp rank's tokens this tp rank holds: (0, 1) unless ``module``
+    belongs to a sequence-parallel region (SequenceParallelDropout)."""
+    region = getattr(module, "region", None)
+    if isinstance(region, SequenceParallelRegion):
+        return region.communicator.rank, region.communicator.size
+    return 0, 1
+
+
+def this_ranks_positions(module, rank, size, layout, local_length):
+    """Positions of the ``local_length`` tokens ``module`` sees on cp rank ``rank`` (its SP share, if any)."""
+    index, count = _sequence_share(module)
+    positions = token_positions(rank, size, local_length * count * size, layout)
+    return positions[index * local_length:(index + 1) * local_length]
+
+
 class ContextParallelAttention(Module):
     """``CausalSelfAttention`` with its core over the cp group; takes over its Linears and Dropout.
 
@@ -113,7 +158,8 @@ class ContextParallelAttention(Module):
         if variant not in VARIANTS:
             raise ConfigError(f"cp attention must be one of {list(VARIANTS)}, got {variant!r}")
         self.head_size = attention.head_size
-        self.qkv, self.output, self.dropout = attention.qkv, attention.output, attention.dropout
+        self.qkv, self.output = attention.qkv, attention.output
+        self.dropout = ContextParallelDropout(attention.dropout, communicator, layout)
         self.communicator, self.layout, self.variant, self.overlap = communicator, layout, variant, overlap
         self.work = AttentionWork() if work is None else work
         self.replaced = {"module": attention}  # a dict, so its parameters are not listed twice
@@ -137,7 +183,8 @@ class ContextParallelEmbedding(Module):
 
     def __init__(self, embedding, communicator, layout="contiguous"):
         self.block_size = embedding.block_size
-        self.token, self.position, self.dropout = embedding.token, embedding.position, embedding.dropout
+        self.token, self.position = embedding.token, embedding.position
+        self.dropout = ContextParallelDropout(embedding.dropout, communicator, layout)
         self.rank, self.size, self.layout = communicator.rank, communicator.size, layout
         self.local_positions = embedding.positions  # all n of n tokens, or this tp rank's slice under SP
         self.replaced = {"module": embedding}  # a dict, so its parameters are not listed twice
@@ -174,16 +221,19 @@ def context_parallel_pieces(pieces, communicator, layout="contiguous", variant="
     for piece in pieces:
         if hasattr(piece, "attention"):
             piece.attention = ContextParallelAttention(piece.attention, communicator, layout, variant, overlap)
+            if hasattr(piece.mlp, "dropout"):  # a mixture of experts has none
+                piece.mlp.dropout = ContextParallelDropout(piece.mlp.dropout, communicator, layout)
         elif hasattr(piece, "token") and hasattr(piece, "position"):
             piece = ContextParallelEmbedding(piece, communicator, layout)
         swapped.append(piece)
     return swapped
 
 
-def validate_context_parallel(config, cp, layout, variant, world_size):
+def validate_context_parallel(config, cp, layout, variant, world_size, tp=1, sequence_parallel=False):
     """Raise ConfigError (the same on every rank) for a cp layout this model or job cannot take.
 
-    The sequences trained on are ``config.block_size`` long: the layout must cut them evenly.
+    The sequences trained on are ``config.block_size`` long: the layout must cut them evenly, and
+    under sequence parallelism each cp rank's T/cp tokens must split over the tp ranks.
     """
     require_positive_int("cp", cp)
     if world_size % cp:
@@ -191,18 +241,35 @@ def validate_context_parallel(config, cp, layout, variant, world_size):
     if variant not in VARIANTS:
         raise ConfigError(f"cp attention must be one of {list(VARIANTS)}, got {variant!r}")
     check_layout(config.block_size, cp, layout)
+    if sequence_parallel and (config.block_size // cp) % tp:
+        raise ConfigError(f"sequence parallelism splits each cp rank's {config.block_size // cp} tokens "
+                          f"(block_size {config.block_size} / cp {cp}) over tp ({tp}): they must be divisible")
 
 
 @contextmanager
 def single_process_modules(model):
-    """Within the block the model is one process again (same parameters): for generating text,
+    """Within the block the GPT is one process again (same parameters): for generating text,
     whose growing context the cp layout does not split."""
-    swapped = [(model, "embedding")] + [(block, "attention") for block in model.blocks]
+    cp_embedding = model.embedding
+    with single_process_pieces(model.pieces()) as pieces:
+        model.embedding = pieces[0]
+        try:
+            yield model
+        finally:
+            model.embedding = cp_embedding
+
+
+@contextmanager
+def single_process_pieces(pieces):
+    """Yields ``pieces`` as one process runs them: every swapped module back for the block."""
+    swapped = [(owner, name) for block in pieces if hasattr(block, "attention")
+               for owner, name in ((block, "attention"), (block.mlp, "dropout"))
+               if isinstance(getattr(owner, name, None), (ContextParallelAttention, ContextParallelDropout))]
     cp_modules = [getattr(owner, name) for owner, name in swapped]
     for (owner, name), module in zip(swapped, cp_modules):
         setattr(owner, name, module.replaced["module"])
     try:
-        yield model
+        yield [piece.replaced["module"] if isinstance(piece, ContextParallelEmbedding) else piece for piece in pieces]
     finally:
         for (owner, name), module in zip(swapped, cp_modules):
             setattr(owner, name, module)

@@ -65,6 +65,11 @@ def validate_tensor_parallel(config, tp, world_size):
         raise ConfigError("tensor parallelism cannot split this model: " + "; ".join(problems))
 
 
+def as_region(region):
+    """``region`` itself, or a bare Communicator taken as plain tensor parallelism's region over it."""
+    return region if isinstance(region, TensorParallelRegion) else TensorParallelRegion(region)
+
+
 def _split_parameter(full_shape, dim, communicator, blocks=1):
     """A zero Parameter of this rank's slice of a full one, Shard(dim) on tp, with its ``sharding.Shard``
     (the slice it takes of a full array); ``tensor_parallel_pieces`` names and fills it."""
@@ -84,7 +89,7 @@ class ColumnParallelLinear(Module):
     """
 
     def __init__(self, in_features, out_features, region, bias=True, blocks=1):
-        self.region = region
+        self.region = region = as_region(region)  # a bare Communicator: plain Megatron f and g
         self.weight = _split_parameter((in_features, out_features), 1, region.communicator, blocks)
         self.bias = _split_parameter((out_features,), 0, region.communicator, blocks) if bias else None
 
@@ -103,7 +108,7 @@ class RowParallelLinear(Module):
     """
 
     def __init__(self, in_features, out_features, region, bias=True):
-        self.region = region
+        self.region = region = as_region(region)
         self.weight = _split_parameter((in_features, out_features), 0, region.communicator)
         self.bias = place(Parameter(zeros(out_features)), tp=region.gradient_placement) if bias else None
 
@@ -122,7 +127,8 @@ class VocabParallelEmbedding(Module):
     """
 
     def __init__(self, vocab_size, width, region):
-        self.region, self.vocab_size = region, vocab_size
+        self.region = region = as_region(region)
+        self.vocab_size = vocab_size
         self.weight = _split_parameter((vocab_size, width), 0, region.communicator)
         self.vocab_start = region.communicator.rank * (vocab_size // region.communicator.size)
 

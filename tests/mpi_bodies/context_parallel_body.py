@@ -103,9 +103,10 @@ def randomise_affine(model, seed):
 
 
 def check_model(communicator, compare, layout, variant, overlap):
+    """Dropout on (0.1): every cp rank draws one process's mask at its positions, so still equal."""
     name = f"GPT {layout} {variant}{' overlap' if overlap else ''}"
     rank, size = communicator.rank, communicator.size
-    config = GPTConfig(**MODEL)
+    config = GPTConfig(**MODEL, dropout=0.1)
     generator = host_random(11)
     ids, targets = on_device(*(generator.integers(0, config.vocab_size, (BATCH, config.block_size)) for _ in range(2)))
     reference = GPT(config, dtype="float64")
@@ -119,8 +120,10 @@ def check_model(communicator, compare, layout, variant, overlap):
     local_ids, local_targets = (split_tokens(a, rank, size, layout) for a in (ids, targets))
     local_logits, local_loss = model(local_ids, local_targets)
     local_loss.backward()
+    reference.eval()
+    model.eval()
     with single_process_modules(model):  # one process again, for generation: the whole sequence's logits
-        compare.arrays_close(f"{name}: single-process modules", model(ids)[0].data, logits.data, RTOL)
+        compare.arrays_close(f"{name}: single-process modules", model(ids)[0].data, reference(ids)[0].data, RTOL)
     compare.value(f"{name}: parameter names", [n for n, _ in model.named_parameters()],
                   [n for n, _ in reference.named_parameters()])
 
@@ -166,7 +169,7 @@ def run_data_and_context_parallel(comm, dp, layout="zigzag", variant="ring", ove
     replica, cp_rank = divmod(world.rank, cp)
     communicator = world.split(color=replica, key=cp_rank)
     compare = Comparisons()
-    config = GPTConfig(**MODEL)
+    config = GPTConfig(**MODEL)  # dropout off: a replica draws masks for its rows only, one process for all
     generator = host_random(5)
     ids, targets = on_device(*(generator.integers(0, config.vocab_size, (2 * dp, config.block_size)) for _ in range(2)))
     reference = GPT(config, dtype="float64")
@@ -199,7 +202,7 @@ def run_with_tensor_parallel(comm, dp, cp, sequence_parallel, layout="zigzag", v
     backward, SP's partial gradients are summed over tp, then everything is averaged over the
     dp x cp ranks that share a tp rank. The tp shards, joined, equal one process's gradients.
     """
-    from minipar.parallel.context_parallel_model import context_parallel_pieces
+    from minipar.parallel.context_parallel_model import context_parallel_pieces, single_process_pieces
     from minipar.parallel.sequence_parallel import finish_tensor_parallel_gradients
     from minipar.parallel.tensor_parallel import tensor_parallel_pieces
 
@@ -211,7 +214,8 @@ def run_with_tensor_parallel(comm, dp, cp, sequence_parallel, layout="zigzag", v
     cp_comm = world.split(color=replica * tp + tp_rank, key=cp_rank)
     averaging = world.split(color=tp_rank, key=world.rank)  # the dp x cp group
     compare = Comparisons()
-    config = GPTConfig(**{**MODEL, "n_head": 2 * tp, "vocab_size": 16 * tp})
+    # Dropout on without dp (with dp a replica draws masks for its rows only, one process for all rows).
+    config = GPTConfig(**{**MODEL, "n_head": 2 * tp, "vocab_size": 16 * tp, "dropout": 0.1 if dp == 1 else 0.0})
     generator = host_random(6)
     ids, targets = on_device(*(generator.integers(0, config.vocab_size, (2 * dp, config.block_size)) for _ in range(2)))
     reference = GPT(config, dtype="float64")
@@ -242,6 +246,14 @@ def run_with_tensor_parallel(comm, dp, cp, sequence_parallel, layout="zigzag", v
         joined = p.shard.join([part.reshape(averaged.shape) for part in parts])
         compare.arrays_close(f"{name}: grad {p.shard.full_name}", joined, reference_grads[p.shard.full_name],
                              RTOL, ATOL)
+    reference.eval()
+    with single_process_pieces(pieces) as one_process:  # tensor parallelism alone again, the whole rows
+        x = ids[rows]
+        for piece in one_process[:-1]:
+            x = piece.eval()(x)
+        sharded_loss = one_process[-1].eval()(x, targets[rows])
+    compare.arrays_close(f"{name}: single-process pieces (eval)", np.array(sharded_loss.item()),
+                         np.array(reference(ids[rows], targets[rows])[1].item()), RTOL)
     compare.checks.append(name)
     return compare.report()
 
@@ -265,7 +277,7 @@ def run_with_pipeline(comm, pp, dp, schedule="1f1b", microbatches=2, layout="zig
     cp_comm = world.split(color=stage * dp + replica, key=cp_rank)
     averaging = world.split(color=stage, key=world.rank)  # the stage's dp x cp ranks
     compare = Comparisons()
-    config = GPTConfig(**MODEL)
+    config = GPTConfig(**MODEL)  # dropout off: a micro-batch draws masks for its rows only
     batch = 2 * microbatches
     generator = host_random(9)
     ids, targets = on_device(*(generator.integers(0, config.vocab_size, (batch * dp, config.block_size))
