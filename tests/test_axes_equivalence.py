@@ -7,11 +7,12 @@ loop; a second set compares the gradients and the global norm right after the gr
 
 cp: both layouts (contiguous, zigzag), both attention variants (ring, with and without overlap,
 and all-gather), at cp = 2, 4, 8, and combined with dp, tp (with sequence parallelism), pp and
-ZeRO. ep: a mixture of experts in every block, its experts sharded over ep = 2, 4, 8 ranks carved
-out of the data dimension, with dp, tp and pp. A mixture of experts counts capacity and its
-balance loss per group of tokens; the reference cuts its batch into the layout's groups, one per
-data rank and micro-batch (``equivalence_body.routing_groups``), so cases with drops (capacity
-factor 1) are compared too; the others have room for every token.
+ZeRO; with dropout 0.1 too (each cp rank keeps its positions of one process's mask). ep: a
+mixture of experts in every block, its experts sharded over ep = 2, 4, 8 ranks carved out of
+the data dimension, with dp, tp, pp and ZeRO. A mixture of experts counts capacity and its
+balance loss per group of tokens; the reference cuts its batch into the layout's groups, one
+per data rank and micro-batch (``equivalence_body.routing_groups``), so cases with drops
+(capacity factor 1) are compared too; the others have room for every token.
 """
 import pytest
 
@@ -26,10 +27,12 @@ EIGHT = {**NO_DROPS, "n_experts": 8, "capacity_factor": 4.0}
 QUICK = {
     1: [dict(model=NO_DROPS), dict(microbatches=2, model=DROPS)],  # the MoE GPT through the Trainer, ep = cp = 1
     2: [dict(dp=2, model=DROPS), dict(cp=2), dict(cp=2, cp_layout="zigzag", cp_attention="allgather"),
-        dict(cp=2, cp_layout="zigzag", cp_overlap=True), dict(ep=2, model=NO_DROPS),
+        dict(cp=2, cp_layout="zigzag", cp_overlap=True), dict(cp=2, cp_layout="zigzag", model={"dropout": 0.1}),
+        dict(ep=2, model=NO_DROPS),
         dict(ep=2, microbatches=2, model=DROPS)],
     4: [dict(cp=4, cp_layout="zigzag", cp_overlap=True), dict(cp=4, cp_attention="allgather"),
         dict(dp=2, cp=2, cp_layout="zigzag", microbatches=2), dict(ep=4, model=NO_DROPS),
+        dict(cp=2, tp=2, sequence_parallel=True, cp_layout="zigzag", model={"dropout": 0.1}),
         dict(dp=2, ep=2, model=DROPS)],
 }
 SLOW = {
