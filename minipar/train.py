@@ -39,7 +39,7 @@ from minipar.parallel.gradient_sync import MOMENTS, SingleReplica, SyncState
 from minipar.parallel.mesh import AXES, DeviceMesh, MeshShape
 from minipar.parallel.pipeline.executor import PipelineExecutor, split_microbatches
 from minipar.parallel.pipeline.partition import TIED_EMBEDDING, partition, stage_parameters
-from minipar.parallel.placement import Partial, PartialGradientSum, Shard, counts_in_model_sum, norm_axes, place
+from minipar.parallel.placement import Partial, PartialGradientSum, Shard, agreed_norm_axes, counts_in_model_sum, place
 from minipar.parallel.sharding import label_replicated
 from minipar.parallel.tensor_parallel import tensor_parallel_pieces
 from minipar.parallel.topology import Layout
@@ -208,7 +208,7 @@ class Trainer:
         # first because with overlap (or ZeRO 2-3) it started during backward.
         self.partial_gradients = PartialGradientSum(updated, self.grid, [axis for axis in AXES if axis != "dp"])
         self.gradient_sums = [self.sync, self.partial_gradients]
-        summed = self._norm_axes(updated)  # ||g||^2 sums over the axes that shard something
+        summed = agreed_norm_axes(updated, self.grid)  # ||g||^2 sums over the axes that shard something
         self.norm_tensors = [t for t in updated if counts_in_model_sum(t, self.grid, summed)]
         self.norm_groups = [self.grid.group(axis) for axis in summed]
         groups = decay_groups(self.named_parameters, train_config.weight_decay)
@@ -220,13 +220,6 @@ class Trainer:
         self.step_count = 0
 
     # ---- construction ------------------------------------------------------------------
-    def _norm_axes(self, tensors):
-        """``norm_axes``, agreed by every rank (one small allgather): a stage without experts sums
-        over ep too, or stages would count each other's numbers a different number of times."""
-        found = {axis for axes_of_rank in self.grid.world.mpi.allgather(norm_axes(tensors, self.grid))
-                 for axis in axes_of_rank}
-        return [axis for axis in AXES if axis in found]
-
     def _build_chunks(self):
         config, grid = self.config, self.grid
         if config.tp > 1 or config.sequence_parallel:
@@ -338,7 +331,7 @@ class Trainer:
     def num_parameters(self):
         """Numbers in the whole single-process model (collective over tp and pp)."""
         parameters = [p for _, p in self.named_parameters]
-        summed = self._norm_axes(parameters)
+        summed = agreed_norm_axes(parameters, self.grid)
         buffer = xp.array([sum(p.size for p in parameters if counts_in_model_sum(p, self.grid, summed))],
                           dtype=xp.float64)
         for axis in summed:
