@@ -89,6 +89,14 @@ def add_model_arguments(parser):
     group.add_argument("--vocab-multiple", type=positive_int, default=8,
                        help="pad the vocabulary to a multiple of this (so it splits over tensor-parallel ranks)")
     group.add_argument("--model-seed", type=non_negative_int, default=1337)
+    experts = parser.add_argument_group("mixture of experts (GPTConfig; docs/expert_parallel.md)")
+    experts.add_argument("--experts", type=non_negative_int, default=0,
+                         help="E expert MLPs in place of every block's MLP (0: a dense MLP)")
+    experts.add_argument("--top-k", type=positive_int, default=2, help="experts per token (1 or 2)")
+    experts.add_argument("--capacity-factor", type=finite_float, default=1.25,
+                         help="each expert takes at most CF*k*T/E tokens of a group; the rest are dropped")
+    experts.add_argument("--aux-loss-weight", type=finite_float, default=0.01,
+                         help="alpha of the load-balancing loss")
 
 
 def add_train_arguments(parser):
@@ -129,6 +137,15 @@ def add_train_arguments(parser):
     layout.add_argument("--dp", type=positive_int, default=1)
     layout.add_argument("--tp", type=positive_int, default=1)
     layout.add_argument("--pp", type=positive_int, default=1)
+    layout.add_argument("--ep", type=positive_int, default=1,
+                        help="expert-parallel ranks: each holds E/ep experts and its own rows (with --experts)")
+    layout.add_argument("--cp", type=positive_int, default=1,
+                        help="context-parallel ranks: each holds T/cp tokens of every sequence")
+    layout.add_argument("--cp-layout", choices=["contiguous", "zigzag"], default=defaults.cp_layout,
+                        help="zigzag: rank i holds chunks i and 2cp-1-i (balanced causal work)")
+    layout.add_argument("--cp-attention", choices=["ring", "allgather"], default=defaults.cp_attention)
+    layout.add_argument("--cp-overlap", action="store_true",
+                        help="ring: post the next K/V block's receive before computing on the current one")
     layout.add_argument("--microbatches", type=positive_int, default=1)
     layout.add_argument("--schedule", choices=["gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zbv"],
                         default=defaults.schedule)

@@ -41,11 +41,15 @@ def build_configs(arguments, vocabulary_size, schedule):
         raise ConfigError(f"--vocab-multiple must be at least 1, got {multiple}")
     model_config = GPTConfig(vocab_size=math.ceil(vocabulary_size / multiple) * multiple,
                              block_size=arguments.block_size, n_layer=arguments.n_layer, n_head=arguments.n_head,
-                             n_embd=arguments.n_embd, dropout=arguments.dropout, seed=arguments.model_seed)
+                             n_embd=arguments.n_embd, dropout=arguments.dropout, seed=arguments.model_seed,
+                             n_experts=arguments.experts, top_k=arguments.top_k,
+                             capacity_factor=arguments.capacity_factor, aux_loss_weight=arguments.aux_loss_weight)
     train_config = TrainConfig(
         **schedule, batch_size=arguments.batch_size, weight_decay=arguments.weight_decay,
         grad_clip=arguments.grad_clip, seed=arguments.seed, dtype=arguments.dtype, dp=arguments.dp, tp=arguments.tp,
-        pp=arguments.pp, microbatches=arguments.microbatches, schedule=arguments.schedule,
+        pp=arguments.pp, ep=arguments.ep, cp=arguments.cp, cp_layout=arguments.cp_layout,
+        cp_attention=arguments.cp_attention, cp_overlap=arguments.cp_overlap,
+        microbatches=arguments.microbatches, schedule=arguments.schedule,
         virtual_stages=arguments.virtual_stages, split=parse_split(arguments.split), recompute=arguments.recompute,
         sequence_parallel=arguments.sequence_parallel, zero=arguments.zero, bucket_megabytes=arguments.bucket_mb,
         overlap=arguments.overlap, allreduce=arguments.allreduce, ranks_per_node=arguments.ranks_per_node,
@@ -107,9 +111,11 @@ class TrainPlan:
 def check_train(arguments, world_size):
     """Every check ``train`` needs, on this rank, local work only: ``(TrainPlan, fingerprint)``."""
     from minipar.parallel.checkpoint_index import read_index_here
-    from minipar.parallel.topology import Layout
+    from minipar.parallel.mesh import MeshShape
 
-    Layout(arguments.dp, arguments.tp, arguments.pp).validate(world_size)  # the rank count first: the likeliest slip
+    # the rank count first: the likeliest slip
+    MeshShape.of(dp=arguments.dp, tp=arguments.tp, pp=arguments.pp, ep=arguments.ep, cp=arguments.cp).check_world(
+        world_size)
     if arguments.block_size is None:
         # An addition line is "ab+cd=" plus the reversed sum and a newline: 3 digits + 4 characters.
         arguments.block_size = 64 if arguments.data else 3 * arguments.digits + 4
@@ -202,7 +208,9 @@ def train_command(plan):
         print(describe(world.transport, placement))
         print(f"data: {dataset.name}")
         print(f"model: {model_config}")
-        print(f"layout: dp {train_config.dp} x tp {train_config.tp} x pp {train_config.pp} on {world.size} ranks, "
+        extra = "".join(f" x {axis} {getattr(train_config, axis)}" for axis in ("ep", "cp")
+                        if getattr(train_config, axis) > 1)
+        print(f"layout: dp {train_config.dp} x tp {train_config.tp} x pp {train_config.pp}{extra} on {world.size} ranks, "
               f"{total:,} parameters in the model")
         for note in plan.notes:
             print(f"note: {note}")

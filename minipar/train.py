@@ -31,15 +31,16 @@ from minipar.errors import CheckpointError, ConfigError, DataError, require_fini
 from minipar.job import guard_job
 from minipar.nn.gpt import GPT
 from minipar.optim import SGD, AdamW, clip_grad_norm, cosine_learning_rate, decay_groups, grad_norm_squared
+from minipar.parallel import axes
 from minipar.parallel.communication_reduction import CompressedDataParallel, HierarchicalDataParallel, LocalSGD
-from minipar.parallel.data_parallel import DataParallel, local_slice
+from minipar.parallel.data_parallel import DataParallel
 from minipar.parallel.gather import gather_full_arrays
 from minipar.parallel.gradient_sync import MOMENTS, SingleReplica, SyncState
 from minipar.parallel.mesh import AXES, DeviceMesh, MeshShape
 from minipar.parallel.pipeline.executor import PipelineExecutor, split_microbatches
 from minipar.parallel.pipeline.partition import TIED_EMBEDDING, partition, stage_parameters
 from minipar.parallel.pipeline.schedules import chunks_per_stage, placement_of
-from minipar.parallel.placement import Partial, PartialGradientSum, Shard, counts_in_model_sum, norm_axes, place
+from minipar.parallel.placement import Partial, PartialGradientSum, Shard, agreed_norm_axes, counts_in_model_sum, place
 from minipar.parallel.sharding import label_replicated
 from minipar.parallel.tensor_parallel import tensor_parallel_pieces
 from minipar.parallel.topology import Layout
@@ -62,6 +63,11 @@ class TrainConfig:
     dp: int = 1  # data-parallel replicas
     tp: int = 1  # tensor-parallel ranks per layer
     pp: int = 1  # pipeline stages
+    ep: int = 1  # expert-parallel ranks, carved out of the data dimension: each holds E/ep experts and its rows
+    cp: int = 1  # context-parallel ranks: each holds T/cp tokens of every sequence (parallel/axes.py)
+    cp_layout: str = "contiguous"  # contiguous | zigzag (rank i holds chunks i and 2cp-1-i: balanced causal work)
+    cp_attention: str = "ring"  # ring (K/V blocks around the cp ring) | allgather (Llama 3's variant)
+    cp_overlap: bool = False  # ring: post the next K/V block's receive before computing on the one in hand
     microbatches: int = 1  # per step and replica; gradients accumulate over them
     schedule: str = "1f1b"  # gpipe | 1f1b | interleaved | zb-h1 | zb-h2 | zbv (zero bubble, Qi et al. 2023)
     virtual_stages: int = 1  # model chunks per pipeline rank (interleaved schedule)
@@ -95,6 +101,8 @@ class TrainConfig:
         if self.batch_size % (self.dp * self.microbatches):
             raise ConfigError(f"global batch size {self.batch_size} must be divisible by dp x microbatches "
                               f"= {self.dp} x {self.microbatches} = {self.dp * self.microbatches}")
+        if self.ep > 1 or self.cp > 1:
+            axes.check_options(self)
         if self.virtual_stages > 1 and self.schedule != "interleaved":
             raise ConfigError(f"virtual_stages = {self.virtual_stages} needs the interleaved schedule, "
                               f"not {self.schedule!r}")
@@ -154,6 +162,7 @@ class TrainConfig:
         if self.sequence_parallel and model_config.block_size % self.tp:
             raise ConfigError(f"sequence parallelism splits the sequence over the {self.tp} tensor-parallel ranks, "
                               f"so the block size ({model_config.block_size}) must be divisible by tp ({self.tp})")
+        axes.check_model(model_config, self)  # cp and ep: parallel/axes.py
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -200,9 +209,9 @@ class Trainer:
         # first because with overlap (or ZeRO 2-3) it started during backward.
         self.partial_gradients = PartialGradientSum(updated, self.grid, [axis for axis in AXES if axis != "dp"])
         self.gradient_sums = [self.sync, self.partial_gradients]
-        axes = norm_axes(updated, self.grid)  # ||g||^2 sums over the axes that shard something
-        self.norm_tensors = [t for t in updated if counts_in_model_sum(t, self.grid, axes)]
-        self.norm_groups = [self.grid.group(axis) for axis in axes]
+        summed = agreed_norm_axes(updated, self.grid)  # ||g||^2 sums over the axes that shard something
+        self.norm_tensors = [t for t in updated if counts_in_model_sum(t, self.grid, summed)]
+        self.norm_groups = [self.grid.group(axis) for axis in summed]
         groups = decay_groups(self.named_parameters, train_config.weight_decay)
         if train_config.optimizer == "sgd":
             self.optimizer = SGD(self.sync.optimizer_groups(groups), lr=train_config.learning_rate)
@@ -218,16 +227,19 @@ class Trainer:
             pieces = tensor_parallel_pieces(self.model_config, grid.tp, config.sequence_parallel, config.dtype)
         else:
             pieces = label_replicated(GPT(self.model_config, dtype=config.dtype)).pieces()  # each gets its shard
+        pieces = axes.swap_layers(pieces, grid, config)  # ep: this rank's experts; cp: attention over the cp ring
+        self.expert_ids = axes.experts_of(pieces)
         return partition(pieces, config.pp, grid.pp_rank, chunks_per_stage(config.schedule, config.virtual_stages),
                          config.split, placement_of(config.schedule))  # zbv: 2 chunks in a V
 
     def _build_executor(self):
         config = self.config
-        micro_batch = config.batch_size // (config.dp * config.microbatches)
-        length = self.model_config.block_size // (config.tp if config.sequence_parallel else 1)  # (B/dp m, T/tp, C)
-        activation_shape = (micro_batch, length, self.model_config.n_embd)
+        micro_batch = config.batch_size // (config.dp * config.ep * config.microbatches)
+        length = self.model_config.block_size // (config.cp * (config.tp if config.sequence_parallel else 1))
+        activation_shape = (micro_batch, length, self.model_config.n_embd)  # (B/(dp ep m), T/(cp [tp]), C)
         return PipelineExecutor(self.chunks, self.grid.pp, config.schedule, config.microbatches, activation_shape,
-                                getattr(xp, config.dtype), recompute=config.recompute)
+                                getattr(xp, config.dtype), recompute=config.recompute,
+                                loss_scale=axes.loss_scale(config))
 
     def _build_gradient_sync(self):
         config = self.config
@@ -266,6 +278,7 @@ class Trainer:
         if name == TIED_EMBEDDING and head_stage != 0:
             pp = Partial("sum", holders=(0, head_stage))
         place(parameter, dp=Partial("avg"), pp=pp)
+        axes.place_on_axes(parameter, self.expert_ids, self.config)  # cp and ep: parallel/axes.py
         tensor = self.sync.updated_tensor(parameter)
         if tensor is not parameter:
             place(tensor, **{**parameter.placements, "dp": Shard(0)})
@@ -285,7 +298,7 @@ class Trainer:
         if inputs.shape[0] != config.batch_size:
             raise ConfigError(f"batch has {inputs.shape[0]} rows, the configuration says {config.batch_size}")
         check_token_ids(inputs, targets, self.model_config.vocab_size)  # every rank: the same global batch
-        inputs, targets = local_slice((inputs, targets), self.grid.dp_rank, config.dp)  # (B/dp, T)
+        inputs, targets = axes.local_batch(inputs, targets, self.grid, config)  # (B/(dp ep), T/cp)
         self.sync.start_step()
         loss = self.executor.run(split_microbatches(inputs, config.microbatches),  # m x (B/(dp m), T)
                                  split_microbatches(targets, config.microbatches))
@@ -307,22 +320,24 @@ class Trainer:
         return grad_norm_squared(self.norm_tensors, self.norm_groups)
 
     def _share_loss(self, loss):
-        """The last stage knows the loss; average it over replicas and give it to every rank."""
+        """The last stage knows the loss; average it over the dp x ep x cp ranks (each holds as many
+        tokens) and give it to every rank."""
         buffer = xp.zeros(1, dtype=xp.float64)
         if loss is not None:
             buffer[0] = loss  # a 0-d array, still on the device
         self.grid.pp.broadcast(buffer, root=self.executor.loss_stage)  # p - 1, or 0 under ZB-V
-        self.grid.dp.allreduce(buffer)
-        return scalar_to_host(buffer) / self.config.dp  # the step's one copy to the host
+        data = self.grid.group("dp", "ep", "cp")
+        data.allreduce(buffer)
+        return scalar_to_host(buffer) / data.size  # the step's one copy to the host
 
     # ---- the single-process view -------------------------------------------------------
     def num_parameters(self):
         """Numbers in the whole single-process model (collective over tp and pp)."""
         parameters = [p for _, p in self.named_parameters]
-        axes = norm_axes(parameters, self.grid)
-        buffer = xp.array([sum(p.size for p in parameters if counts_in_model_sum(p, self.grid, axes))],
+        summed = agreed_norm_axes(parameters, self.grid)
+        buffer = xp.array([sum(p.size for p in parameters if counts_in_model_sum(p, self.grid, summed))],
                           dtype=xp.float64)
-        for axis in axes:
+        for axis in summed:
             self.grid.group(axis).allreduce(buffer)
         return int(buffer[0])
 

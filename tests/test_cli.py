@@ -147,3 +147,19 @@ def test_periodic_saves_keep_the_last_k_and_clean_up_after_interrupted_saves(tmp
     for path in [tmp_path / "ckpt.minipar", *(tmp_path / "ckpt.minipar").iterdir()]:
         expected = (0o777 if path.is_dir() else 0o666) & ~umask
         assert stat.S_IMODE(path.stat().st_mode) == expected, path
+
+
+def test_cp_layout_that_does_not_cut_the_sequence_is_refused_in_one_sentence(tmp_path):
+    result = run_cli("train", "--cp", "2", "--cp-layout", "zigzag", "--steps", "1", "--out", str(tmp_path),
+                     ranks=2, timeout=60)
+    assert result.returncode != 0
+    expected = ("error: sequence length 10 does not split into the 4 equal chunks that cp 2 with the zigzag "
+                "layout needs; use a multiple of 4")
+    assert result.stderr.count(expected) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_ep_without_experts_is_refused(tmp_path):
+    result = run_cli("train", "--ep", "2", "--steps", "1", "--out", str(tmp_path), ranks=2, timeout=60)
+    assert result.returncode != 0
+    assert "--ep 2 shards the experts of a mixture of experts: add --experts E" in result.stderr, result.stderr

@@ -53,6 +53,33 @@ def test_resume_on_four_ranks(tmp_path):
     assert_as_expected(results, checks=[f"{a} -> {b}" for a, b, _, _ in cases])
 
 
+def test_resume_context_parallel_on_four_ranks(tmp_path):
+    """cp runs save and resume like any other (every parameter is whole on the cp ranks)."""
+    cases = [(dict(dp=2, cp=2, cp_layout="zigzag"), dict(dp=2, cp=2, cp_layout="zigzag"), 2, 2),  # bit for bit
+             (dict(dp=2, cp=2, cp_layout="zigzag"), dict(cp=4, cp_attention="allgather"), 2, 2),
+             (dict(tp=2, cp=2), dict(dp=4), 1, 2)]
+    results = results_from_ranks(4, f"{BODY}:resume_cases", timeout=180, folder=str(tmp_path), cases=cases,
+                                 total_steps=4)
+    assert_as_expected(results, checks=[f"{a} -> {b}" for a, b, _, _ in cases])
+
+
+def test_resume_expert_parallel_on_four_ranks(tmp_path):
+    """ep runs: each ep rank writes its experts (Shard on axis 0, index = ep rank), and any layout with
+    as many data ranks reads them back, resharded (a mixture of experts routes each data rank's tokens
+    as one group, so the one-process reference routes 4 micro-batches)."""
+    experts = dict(n_experts=4, top_k=2, capacity_factor=2.0, aux_loss_weight=0.01)
+    cases = [(dict(dp=2, ep=2), dict(dp=2, ep=2), 2, 2),  # same layout: bit for bit
+             (dict(dp=2, ep=2), dict(ep=4), 2, 2),
+             (dict(ep=4), dict(dp=4), 1, 2)]
+    results = results_from_ranks(4, f"{BODY}:resume_cases", timeout=180, folder=str(tmp_path), cases=cases,
+                                 total_steps=4, model=experts, reference_microbatches=4)
+    assert_as_expected(results, checks=[f"{a} -> {b}" for a, b, _, _ in cases])
+    index = json.loads((tmp_path / "case-1" / "index.json").read_text())
+    assert index["layout"] == {"dp": 2, "tp": 1, "pp": 1, "ep": 2}, index["layout"]
+    shards = index["arrays"]["model/blocks.0.mlp.experts.hidden.weight"]["shards"]
+    assert [(s["index"], s["count"]) for s in shards] == [(0, 2), (1, 2)], shards
+
+
 def test_failed_save_keeps_previous_checkpoint_and_names_the_rank(tmp_path):
     results = results_from_ranks(4, f"{BODY}:failed_save_keeps_previous", timeout=60, folder=str(tmp_path))
     assert_as_expected(results, checks=["atomic save"])

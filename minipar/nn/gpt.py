@@ -24,6 +24,7 @@ from minipar.backend import default_dtype, host_rng, xp
 from minipar.errors import ConfigError, require_positive_int
 from minipar.nn.layers import LAYERS, Block
 from minipar.nn.module import Module
+from minipar.nn.moe import MixtureOfExperts
 from minipar.tensor import Tensor, no_grad
 
 
@@ -37,6 +38,11 @@ class GPTConfig:
     dropout: float = 0.0  # 0 keeps runs exactly comparable across parallel layouts
     bias: bool = True  # biases in Linear layers, as in GPT-2
     seed: int = 1337  # one seed fixes the initial weights everywhere
+    # mixture of experts in place of every block's MLP (nn/moe.py); 0 keeps the dense MLP
+    n_experts: int = 0  # E expert MLPs per block, of which each token uses top_k
+    top_k: int = 2  # experts per token (1: Switch, 2: GShard)
+    capacity_factor: float = 1.25  # each expert takes at most CF·k·T/E tokens of a group; the rest are dropped
+    aux_loss_weight: float = 0.01  # alpha of Switch's load-balancing loss (equals alpha at perfect balance)
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -50,6 +56,12 @@ class GPTConfig:
             raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        require_positive_int("GPTConfig.n_experts", self.n_experts, minimum=0)
+        if self.n_experts and (self.top_k not in (1, 2) or self.top_k > self.n_experts):
+            raise ConfigError(f"top_k must be 1 or 2 and at most n_experts ({self.n_experts}), got {self.top_k}")
+        if self.n_experts and not (self.capacity_factor > 0 and self.aux_loss_weight >= 0):
+            raise ConfigError(f"capacity_factor must be > 0 and aux_loss_weight >= 0, got {self.capacity_factor} "
+                              f"and {self.aux_loss_weight}")
 
     @classmethod
     def from_dict(cls, values):
@@ -65,7 +77,10 @@ class GPTConfig:
 
 
 def residual_projection_names(n_layer):
-    return {f"blocks.{i}.{part}.output.weight" for i in range(n_layer) for part in ("attention", "mlp")}
+    """The weights that write into the residual stream (initialised smaller): attention's and the
+    MLP's output projections, or the experts' output weights in a mixture of experts."""
+    return {f"blocks.{i}.{part}.output.weight" for i in range(n_layer)
+            for part in ("attention", "mlp", "mlp.experts")}
 
 
 def initial_state(config, dtype=None):
@@ -139,7 +154,7 @@ class GPT(Module):
         self.config = config
         self.embedding = TokenAndPositionEmbedding(config, layers)
         self.blocks = [Block(config.n_embd, config.n_head, config.dropout, config.bias, config.seed + 2 * i + 1,
-                             layers) for i in range(config.n_layer)]
+                             layers, mlp=self.experts_layer(config)) for i in range(config.n_layer)]
         self.head = TiedHead(config, self.embedding.token.weight, layers)
         for name, p in self.named_parameters():
             p.name = name  # its name in the whole model, which a piece alone does not know
@@ -147,6 +162,14 @@ class GPT(Module):
             self.to(dtype)
         if initialise:
             self.load_state_dict(initial_state(config, dtype))
+
+    @staticmethod
+    def experts_layer(config):
+        """A block's mixture of experts (nn/moe.py) when ``config.n_experts`` > 0, else None (an MLP)."""
+        if not config.n_experts:
+            return None
+        return MixtureOfExperts(config.n_embd, config.n_experts, config.top_k, config.capacity_factor,
+                                config.aux_loss_weight, bias=config.bias)
 
     def pieces(self):
         """The model as a chain of pieces, the unit a pipeline stage is made of:

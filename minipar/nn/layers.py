@@ -158,13 +158,15 @@ class CausalSelfAttention(Module):
 
 
 class Block(Module):
-    """Pre-LN transformer block (GPT-2): x + attention(LN(x)), then x + MLP(LN(x))."""
+    """Pre-LN transformer block (GPT-2): x + attention(LN(x)), then x + MLP(LN(x)).
 
-    def __init__(self, width, num_heads, dropout=0.0, bias=True, seed=0, layers=LAYERS):
+    ``mlp``: the position-wise layer to use instead of an MLP (a mixture of experts, nn/moe.py)."""
+
+    def __init__(self, width, num_heads, dropout=0.0, bias=True, seed=0, layers=LAYERS, mlp=None):
         self.attention_norm = layers.layer_norm(width)
         self.attention = CausalSelfAttention(width, num_heads, dropout, bias, seed, layers)
         self.mlp_norm = layers.layer_norm(width)
-        self.mlp = MLP(width, dropout, bias, seed + 1, layers)
+        self.mlp = MLP(width, dropout, bias, seed + 1, layers) if mlp is None else mlp
 
     def forward(self, x):  # (B, T, C)
         x = x + self.attention(self.attention_norm(x))

@@ -26,7 +26,8 @@ FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
 SLICING_FIELDS = ("axis", "index", "count", "blocks")  # a Shard without its name
 # The GPTConfig fields that fix the parameters' shapes and meaning (dropout and seed do not).
-MODEL_SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias")
+MODEL_SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "n_experts")
+SAVED_BEFORE = {"n_experts": 0}  # what an index written before a field existed means by its absence
 
 
 def raise_on_every_rank(message):
@@ -81,6 +82,7 @@ def check_index(index, folder):
 
 def check_model_matches(index, model_config):
     saved, current = index["model_config"], model_config.to_dict()
+    saved = {**SAVED_BEFORE, **saved}
     differences = [f"{field} {saved.get(field)!r} != {current[field]!r}" for field in MODEL_SHAPE_FIELDS
                    if saved.get(field) != current[field]]
     if differences:

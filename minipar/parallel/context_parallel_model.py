@@ -38,6 +38,7 @@ from minipar.parallel.context_parallel import (
     pair_kind,
     token_positions,
 )
+from minipar.parallel.sequence_parallel import SequenceParallelRegion
 from minipar.tensor import Function
 
 
@@ -111,7 +112,7 @@ class ContextParallelDropout(Module):
     Draws the whole (B, T, C) mask from the wrapped layer's generator, as one process does, and
     keeps this rank's positions (under sequence parallelism, this tp rank's share of them), so a
     run with dropout is still the single-process computation. Wraps ``nn.layers.Dropout`` or the
-    tensor-parallel ``ParallelDropout``.
+    tensor-parallel ``SequenceParallelDropout``.
     """
 
     def __init__(self, dropout, communicator, layout="contiguous"):
@@ -131,9 +132,11 @@ class ContextParallelDropout(Module):
 
 
 def _sequence_share(module):
-    """(index, count) of the slice of a cp rank's tokens this tp rank holds: (0, 1) unless under SP."""
-    if getattr(module, "sequence_parallel", False):
-        return module.communicator.rank, module.communicator.size
+    """(index, count) of the slice of a cp rank's tokens this tp rank holds: (0, 1) unless ``module``
+    belongs to a sequence-parallel region (SequenceParallelDropout)."""
+    region = getattr(module, "region", None)
+    if isinstance(region, SequenceParallelRegion):
+        return region.communicator.rank, region.communicator.size
     return 0, 1
 
 
@@ -147,14 +150,14 @@ def this_ranks_positions(module, rank, size, layout, local_length):
 class ContextParallelAttention(Module):
     """``CausalSelfAttention`` with its core over the cp group; takes over its Linears and Dropout.
 
-    The tensor-parallel ``ParallelSelfAttention`` has the same parts (its heads are this tp rank's
-    n_head/tp, its Linears column- and row-parallel), so it can be wrapped the same way.
+    Under tensor parallelism the same class holds column- and row-parallel Linears and this tp
+    rank's n_head/tp heads (counted from the width ``qkv`` returns), so it is wrapped the same way.
     """
 
     def __init__(self, attention, communicator, layout="contiguous", variant="ring", overlap=False, work=None):
         if variant not in VARIANTS:
             raise ConfigError(f"cp attention must be one of {list(VARIANTS)}, got {variant!r}")
-        self.num_heads = getattr(attention, "num_heads", None) or attention.local_heads  # tensor parallel: its heads
+        self.head_size = attention.head_size
         self.qkv, self.output = attention.qkv, attention.output
         self.dropout = ContextParallelDropout(attention.dropout, communicator, layout)
         self.communicator, self.layout, self.variant, self.overlap = communicator, layout, variant, overlap
@@ -162,8 +165,9 @@ class ContextParallelAttention(Module):
         self.replaced = {"module": attention}  # a dict, so its parameters are not listed twice
 
     def forward(self, x):  # (B, T/cp, C)
-        q, k, v = ops.split(self.qkv(x), 3, axis=-1)  # 3 x (B, T/cp, C)
-        heads = context_parallel_attention(*(split_heads(t, self.num_heads) for t in (q, k, v)), self.communicator,
+        q, k, v = ops.split(self.qkv(x), 3, axis=-1)  # 3 x (B, T/cp, C), C/tp under tensor parallelism
+        num_heads = q.shape[-1] // self.head_size
+        heads = context_parallel_attention(*(split_heads(t, num_heads) for t in (q, k, v)), self.communicator,
                                            self.layout, self.variant, self.overlap, self.work)  # (B, H, T/cp, D)
         return self.dropout(self.output(merge_heads(heads)))  # (B, T/cp, C)
 
@@ -171,9 +175,10 @@ class ContextParallelAttention(Module):
 class ContextParallelEmbedding(Module):
     """Token and position embedding of this rank's tokens, each at its own position (the layout's).
 
-    ids (B, T/N) -> (B, T/N, C). Wraps ``TokenAndPositionEmbedding`` or the tensor-parallel
-    ``ParallelEmbedding`` (same ``token``, ``position`` and ``dropout``); under sequence
-    parallelism tp rank j keeps the j-th of tp equal slices of this rank's tokens.
+    ids (B, T/N) -> (B, T/N, C). Wraps ``TokenAndPositionEmbedding`` (single-process or built
+    from tensor parallelism's layers: the same ``token``, ``position``, ``dropout`` and
+    ``positions``); ``positions(n)`` says which of n tokens this process computes, so under
+    sequence parallelism tp rank j keeps the j-th of tp equal slices of this rank's tokens.
     """
 
     def __init__(self, embedding, communicator, layout="contiguous"):
@@ -181,6 +186,7 @@ class ContextParallelEmbedding(Module):
         self.token, self.position = embedding.token, embedding.position
         self.dropout = ContextParallelDropout(embedding.dropout, communicator, layout)
         self.rank, self.size, self.layout = communicator.rank, communicator.size, layout
+        self.local_positions = embedding.positions  # all n of n tokens, or this tp rank's slice under SP
         self.replaced = {"module": embedding}  # a dict, so its parameters are not listed twice
 
     def forward(self, ids):  # (B, T/N) -> (B, T/N, C), or (B, T/(N tp), C) under SP
@@ -188,12 +194,8 @@ class ContextParallelEmbedding(Module):
         if length > self.block_size:
             raise ConfigError(f"sequence length {length} ({ids.shape[-1]} tokens on each of {self.size} cp ranks) "
                               f"exceeds block_size {self.block_size}")
-        embedding = self.replaced["module"]
-        index, count = _sequence_share(embedding)
-        if ids.shape[-1] % count:
-            raise ConfigError(f"sequence parallelism splits each cp rank's {ids.shape[-1]} tokens over the "
-                              f"tp ranks: that must be divisible by tp ({count})")
-        positions = this_ranks_positions(embedding, self.rank, self.size, self.layout, ids.shape[-1] // count)
+        positions = token_positions(self.rank, self.size, length, self.layout)
+        positions = positions[self.local_positions(ids.shape[-1])]  # SP: this tp rank's share of them
         return self.dropout(self.token(ids) + self.position(positions))
 
 

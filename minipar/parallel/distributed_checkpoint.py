@@ -105,7 +105,7 @@ def save_distributed_checkpoint(path, trainer, tokenizer=None, extra=None, keep=
     replaces is renamed to ``kept_name(path, its step)`` instead of deleted, the oldest pruned.
     Arrays that are not finite (a diverged run) are refused: a NaN checkpoint is never written.
     """
-    world, layout, path = trainer.grid.world, trainer.grid.layout, Path(os.path.abspath(path))
+    world, path = trainer.grid.world, Path(os.path.abspath(path))
     pieces = trainer_pieces(trainer)
     # Who writes what: the lowest rank holding each piece. Small metadata, so a pickled allgather.
     owner = {}
@@ -146,10 +146,10 @@ def save_distributed_checkpoint(path, trainer, tokenizer=None, extra=None, keep=
     if world.rank == 0:
         index = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "step": trainer.step_count,
                  "model_config": trainer.model_config.to_dict(), "train_config": trainer.config.to_dict(),
-                 "tokenizer": tokenizer, "layout": {"dp": layout.dp, "tp": layout.tp, "pp": layout.pp},
+                 "tokenizer": tokenizer, "layout": layout_record(trainer.grid.shape),
                  **(extra or {}), "files": {}, "arrays": {}}
         try:  # again no communication: whatever happens here reaches every rank through the broadcast
-            outcome = _finish_save(path, Path(temporary), reports, index, layout, keep)
+            outcome = _finish_save(path, Path(temporary), reports, index, trainer.grid.shape, keep)
         except Exception as failure:  # noqa: BLE001 - raised below on every rank
             shutil.rmtree(temporary, ignore_errors=True)
             outcome = f"saving checkpoint {str(path)!r} failed on rank 0: {describe_failure(failure)}"
@@ -171,7 +171,13 @@ def _remove_leftovers(path):
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _finish_save(path, temporary, reports, index, layout, keep=1):
+def layout_record(shape):
+    """The index's "layout": dp, tp and pp, and ep and cp where they are used (a MeshShape)."""
+    return {axis: shape.size(axis) for axis in ("dp", "tp", "pp", "ep", "cp")
+            if axis in ("dp", "tp", "pp") or shape.size(axis) > 1}
+
+
+def _finish_save(path, temporary, reports, index, shape, keep=1):
     """On rank 0: fill in the index, write it, swap the folder into place; an error message or None."""
     failed = [rank for rank, (error, _) in enumerate(reports) if error]
     if failed:
@@ -181,7 +187,7 @@ def _finish_save(path, temporary, reports, index, layout, keep=1):
                 + f": {reports[failed[0]][0]}; the previous checkpoint, if any, is untouched")
     for rank, (_, records) in enumerate(reports):
         for key, record in records.items():
-            coordinates = dict(zip(("dp_rank", "tp_rank", "pp_rank"), layout.coordinates(rank)))
+            coordinates = {f"{axis}_rank": shape.coordinates(rank)[axis] for axis in layout_record(shape)}
             index["files"].setdefault(record["file"], {"rank": rank, **coordinates})
             full_shape = _full_shape(Shard(key, *slicing_of(record)), record["shape"])
             index["arrays"].setdefault(key, {"shape": full_shape, "dtype": record["dtype"], "shards": []})
@@ -263,7 +269,7 @@ def _load_sync_state(path, index, trainer):
     under another one the residuals restart from zero, and rank 0 says so."""
     grid = trainer.grid
     saved = [key for key in index["arrays"] if key.startswith("sync/")]
-    same_layout = index["layout"] == {"dp": grid.layout.dp, "tp": grid.layout.tp, "pp": grid.layout.pp}
+    same_layout = index["layout"] == layout_record(grid.shape)
     if not same_layout:
         if saved and grid.world.rank == 0:
             print("note: this checkpoint holds per-rank state (compression residuals or local SGD replicas) "

@@ -1,9 +1,10 @@
 """Gather a parallel model back into single-process form on world rank 0.
 
 Each parameter knows which slice of which full parameter it holds (its ``Shard``), so
-the ranks of data-parallel replica 0 (one copy of every shard) send their arrays to rank
-0, which joins the tensor-parallel parts and collects the pipeline stages. The list of
-what is coming is small metadata and goes by pickle; the arrays go by buffer ``Send``.
+the ranks of data-parallel replica 0 and context-parallel rank 0 (one copy of every shard;
+cp ranks hold whole parameters) send their arrays to rank 0, which joins the tensor- and
+expert-parallel parts and collects the pipeline stages. The list of what is coming is small
+metadata and goes by pickle; the arrays go by buffer ``Send``.
 """
 from dataclasses import asdict
 
@@ -16,12 +17,16 @@ _METADATA_TAG, _ARRAY_TAG = 71, 72
 def gather_full_arrays(parameters, arrays_by_parameter, grid):
     """{full name: array} on world rank 0, None elsewhere (see module docstring)."""
     world = grid.world
-    senders = [r for r in range(world.size) if grid.shape.coordinates(r)["dp"] == 0]
-    # A replicated parameter is the same on every tensor-parallel rank: only tp rank 0 sends it.
+    def sends(coordinates):
+        return coordinates["dp"] == 0 and coordinates["cp"] == 0
+
+    senders = [r for r in range(world.size) if sends(grid.shape.coordinates(r))]
+    # A replicated parameter is the same on every tensor- and expert-parallel rank: only their rank 0 sends it.
+    replica = grid.coordinate("tp") == 0 and grid.coordinate("ep") == 0
     local = [(p.shard, arrays_by_parameter[id(p)]) for p in parameters
-             if id(p) in arrays_by_parameter and not (p.shard.is_replicated and grid.tp_rank != 0)]
+             if id(p) in arrays_by_parameter and not (p.shard.is_replicated and not replica)]
     if world.rank != 0:
-        if grid.dp_rank == 0:
+        if sends(grid.coordinates):
             world.mpi.send([(asdict(shard), array.shape, array.dtype.str) for shard, array in local],
                            dest=0, tag=_METADATA_TAG)
             for _, array in local:

@@ -72,6 +72,14 @@ def norm_axes(tensors, mesh):
             and any(isinstance(placement_of(t, axis), Shard) for t in tensors)]
 
 
+def agreed_norm_axes(tensors, mesh):
+    """``norm_axes`` as every rank of the world agrees (one small allgather, at construction): a
+    pipeline stage without experts must still sum over ep, or the stages would count each other's
+    numbers a different number of times."""
+    found = {axis for axes in mesh.world.mpi.allgather(norm_axes(tensors, mesh)) for axis in axes}
+    return [axis for axis in AXES if axis in found]
+
+
 def counts_in_model_sum(tensor, mesh, axes):
     """Whether this rank counts ``tensor`` in a sum over ``axes``: a shard always; a whole tensor
     (Replicate, or Partial after its sum) only on the first rank of the axis that holds it."""

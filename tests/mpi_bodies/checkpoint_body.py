@@ -69,9 +69,12 @@ def gathered(trainer):
     return state
 
 
-def reference(total_steps, steps):
-    """Losses and gathered state of an uninterrupted single-process run of ``steps`` steps."""
-    trainer = Trainer(GPTConfig(**MODEL), train_config(total_steps), Communicator(MPI.COMM_SELF))
+def reference(total_steps, steps, model=None, microbatches=1):
+    """Losses and gathered state of an uninterrupted single-process run of ``steps`` steps (``model``:
+    GPTConfig fields replacing MODEL's; a mixture of experts routes each micro-batch as one group, so
+    ``microbatches`` = the layouts' data ranks makes one process route as they do)."""
+    trainer = Trainer(GPTConfig(**{**MODEL, **(model or {})}), train_config(total_steps, microbatches=microbatches),
+                      Communicator(MPI.COMM_SELF))
     return train(trainer, steps), gathered(trainer)
 
 
@@ -125,26 +128,29 @@ def finish_chain_single_process(comm, folder, steps, total_steps):
     return compare.report()
 
 
-def resume_cases(comm, folder, cases, total_steps):
-    """Each case: layout A, layout B, n, m. Same layout: bit for bit equal; otherwise to rounding."""
+def resume_cases(comm, folder, cases, total_steps, model=None, reference_microbatches=1):
+    """Each case: layout A, layout B, n, m. Same layout: bit for bit equal; otherwise to rounding.
+    ``model``, ``reference_microbatches``: as for ``reference``."""
     world, compare = Communicator(comm), Comparisons()
+    model_config = GPTConfig(**{**MODEL, **(model or {})})
     for number, (layout_a, layout_b, steps_before, steps_after) in enumerate(cases):
         path = os.path.join(folder, f"case-{number}")
-        first = Trainer(GPTConfig(**MODEL), train_config(total_steps, **layout_a), world)
+        first = Trainer(model_config, train_config(total_steps, **layout_a), world)
         losses = train(first, steps_before)
         save_distributed_checkpoint(path, first)
-        second = Trainer(GPTConfig(**MODEL), train_config(total_steps, **layout_b), world)
+        second = Trainer(model_config, train_config(total_steps, **layout_b), world)
         load_distributed_checkpoint(path, second)
         losses += train(second, steps_after)
         state = gathered(second)
         label = f"{layout_a} -> {layout_b}"
         if layout_a == layout_b:
-            uninterrupted = Trainer(GPTConfig(**MODEL), train_config(total_steps, **layout_b), world)
+            uninterrupted = Trainer(model_config, train_config(total_steps, **layout_b), world)
             expected_losses = train(uninterrupted, steps_before + steps_after)
             expected_state = gathered(uninterrupted)
             compare.value(f"{label}: losses (bit for bit)", losses, expected_losses)
         elif world.rank == 0:
-            expected_losses, expected_state = reference(total_steps, steps_before + steps_after)
+            expected_losses, expected_state = reference(total_steps, steps_before + steps_after, model,
+                                                        reference_microbatches)
             compare.arrays_close(f"{label}: losses", losses, expected_losses, rtol=1e-11)
         if world.rank == 0:
             compare_states(compare, label, state, expected_state, exact=layout_a == layout_b)

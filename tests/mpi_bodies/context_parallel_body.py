@@ -203,7 +203,8 @@ def run_with_tensor_parallel(comm, dp, cp, sequence_parallel, layout="zigzag", v
     dp x cp ranks that share a tp rank. The tp shards, joined, equal one process's gradients.
     """
     from minipar.parallel.context_parallel_model import context_parallel_pieces, single_process_pieces
-    from minipar.parallel.tensor_parallel import finish_tensor_parallel_gradients, tensor_parallel_pieces
+    from minipar.parallel.sequence_parallel import finish_tensor_parallel_gradients
+    from minipar.parallel.tensor_parallel import tensor_parallel_pieces
 
     world = Communicator(comm)
     tp = world.size // (dp * cp)

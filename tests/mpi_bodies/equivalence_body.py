@@ -36,15 +36,26 @@ _REFERENCE_RUNS, _REFERENCE_FIELDS = {}, ("batch_size", "learning_rate", "min_le
                                           "steps", "weight_decay", "betas", "grad_clip")
 
 
+def routing_groups(model_config, config):
+    """A mixture of experts counts capacity and its balance loss per group of tokens (nn/moe.py): in
+    a layout, each data rank's micro-batch is one group (dp·ep·m of them, in row order); one process
+    equals it when it cuts its batch into as many groups."""
+    return config.dp * config.ep * config.microbatches if model_config.n_experts else 1
+
+
 def single_process_run(model_config, config, data):
-    key = (repr(model_config), len(data), *(getattr(config, name) for name in _REFERENCE_FIELDS))
+    groups = routing_groups(model_config, config)
+    key = (repr(model_config), len(data), groups, *(getattr(config, name) for name in _REFERENCE_FIELDS))
     if key not in _REFERENCE_RUNS:
-        _REFERENCE_RUNS[key] = _single_process_run(model_config, config, data)
+        _REFERENCE_RUNS[key] = _single_process_run(model_config, config, data, groups)
     return _REFERENCE_RUNS[key]
 
 
-def _single_process_run(model_config, config, data):
+def _single_process_run(model_config, config, data, groups=1):
     model = GPT(model_config, dtype=config.dtype)
+    for block in model.blocks:
+        if model_config.n_experts:
+            block.mlp.groups = groups
     optimizer = AdamW(decay_groups(model.named_parameters(), config.weight_decay), lr=config.learning_rate,
                       betas=config.betas, weight_decay=config.weight_decay)
     losses = []
@@ -128,6 +139,9 @@ def check_gradients(comm, cases):
         gradients = trainer.gather_state(trainer.sync_state.gradient_arrays())
         if world.rank == 0:
             model = GPT(model_config, dtype=config.dtype)
+            for block in model.blocks:
+                if model_config.n_experts:
+                    block.mlp.groups = routing_groups(model_config, config)
             reference_loss = model(inputs, targets)[1]
             reference_loss.backward()
             reference = dict(model.named_parameters())

@@ -121,13 +121,15 @@ class PipelineExecutor:
     """Runs a pipeline schedule over this rank's chunks, one training step per ``run`` call."""
 
     def __init__(self, chunks, pp_comm, schedule_name, num_microbatches, activation_shape, dtype,
-                 recompute=False, timeline=None, actions=None):
+                 recompute=False, timeline=None, actions=None, loss_scale=1.0):
         """``chunks``: this rank's chunks from ``partition``; ``pp_comm``: the pipeline group's
         Communicator (rank = stage); ``activation_shape``: one micro-batch's activation between
         chunks, e.g. (b, T, C), or a list of p·v - 1 such shapes, entry c for the output of chunk c;
         ``timeline``: a ``minipar.trace.Timeline`` to record into; ``actions``: this rank's list of
         Actions to run instead of ``schedule_name``'s (a schedule written by hand, checked by the
-        simulator first); ``schedule_name`` still says where the chunks sit."""
+        simulator first); ``schedule_name`` still says where the chunks sit; ``loss_scale``: what each
+        micro-batch's loss is multiplied by besides 1/m before backward (1/(cp ep) when this rank's loss
+        is one of cp·ep parts of its data-parallel replica's: train.py)."""
         self.chunks, self.comm = list(chunks), pp_comm
         self.num_stages, self.stage = pp_comm.size, pp_comm.rank
         self.num_microbatches = num_microbatches
@@ -144,7 +146,7 @@ class PipelineExecutor:
             build_schedule(schedule_name, self.num_stages, num_microbatches, self.stage, len(self.chunks))
         self.chunk_by_index = {chunk.index: chunk for chunk in self.chunks}
         self.boundary_shapes, self.dtype = _boundary_shapes(activation_shape, self.total_chunks), xp.dtype(dtype)
-        self.recompute, self.timeline = recompute, timeline
+        self.recompute, self.timeline, self.loss_scale = recompute, timeline, loss_scale
         self.peak_stashed = 0  # most (micro-batch, chunk) pairs held between F and the end of backward (or W)
         self.loss_stage = stage_of_chunk(self.total_chunks - 1, self.num_stages, self.placement)
         self._run_action = {RECV_FORWARD: self._receive, RECV_BACKWARD: self._receive,
@@ -221,7 +223,7 @@ class PipelineExecutor:
         if not chunk.is_last:
             return chunk(x), None
         loss = chunk(x, self._targets[microbatch])
-        return loss * (1.0 / self.num_microbatches), loss.data.astype(xp.float64)  # stays on the device
+        return loss * (self.loss_scale / self.num_microbatches), loss.data.astype(xp.float64)  # stays on the device
 
     def _forward(self, action):
         started = time.perf_counter()
