@@ -119,9 +119,12 @@ class MLP(Module):
         self.dropout = layers.dropout(dropout, seed)
 
     def forward(self, x):  # (B, T, C)
-        hidden = self.hidden  # its bias is added inside GELU's pass over (B, T, 4C): ops.bias_gelu
-        return self.dropout(self.output(ops.bias_gelu(ops.linear(x, hidden.weight), hidden.bias)
-                                        if hidden.bias is not None else ops.gelu(hidden(x))))
+        hidden = self.hidden
+        if type(hidden) is Linear and hidden.bias is not None:  # the bias added inside GELU's pass: ops.bias_gelu
+            activation = ops.bias_gelu(ops.linear(x, hidden.weight), hidden.bias)  # (B, T, 4C)
+        else:  # another layer (a parallel one communicates in its forward): its own call, then GELU
+            activation = ops.gelu(hidden(x))
+        return self.dropout(self.output(activation))
 
 
 def split_heads(x, num_heads):
