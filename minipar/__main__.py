@@ -16,7 +16,15 @@ collective (``minipar.job.agree``) tells every rank who failed and why, so a bad
 ranks alike with one message from rank 0. World rank 0 alone prints progress, evaluates and writes
 the checkpoint index. Anything that fails later, on any rank, or Ctrl-C, ends the whole MPI job
 at once with one message naming the rank (``minipar.job``).
+
+Process-wide settings (BLAS threads, MPICH's wait, the Ctrl-C watcher) are made by
+``minipar.job.start_process``, the first statement below, before NumPy or mpi4py load.
 """
+if __name__ == "__main__":  # the command line's entry point: process-wide settings first (minipar/job.py)
+    from minipar._threads import start_process
+
+    start_process()
+
 import argparse
 import os
 import sys
@@ -24,7 +32,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from minipar.errors import ConfigError, UsageError
-from minipar.job import agree, fingerprint, job_world, run_job
+from minipar.job import agree, fingerprint, job_world, on_every_rank, run_job, start_process
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -38,6 +46,12 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+    def exit(self, status=0, message=None):
+        """--help and --version: every rank parses alike and leaves alike (no abort, minipar.job.run_job)."""
+        if message:
+            self._print_message(message, sys.stderr)
+        raise on_every_rank(SystemExit(status))
 
     def _print_message(self, message, file=None):
         world = job_world()
@@ -348,6 +362,7 @@ def main(argv=None):
 
 def run_as_job():
     """The console entry point: ``main()`` with its exit status."""
+    start_process()
     return main()
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from minipar.backend import to_host, xp
 from minipar.data import CharTokenizer, addition_dataset, answer_accuracy, load_text_dataset
 from minipar.errors import CheckpointError, ConfigError, DataError, JobError
-from minipar.job import on_every_rank
+from minipar.job import on_every_rank, record_ranks
 from minipar.nn.gpt import GPT, GPTConfig
 from minipar.parallel.checkpoint_index import check_model_matches
 from minipar.parallel.distributed_checkpoint import (
@@ -194,6 +194,7 @@ def train_command(plan):
     world = Communicator()
     placement = device_placement(world.mpi)  # the GPU each rank took at start-up (__main__), to report
     is_printer = world.rank == 0
+    record_ranks(world.mpi, os.path.join(arguments.out, "ranks.json"))  # rank -> PID: a killed rank is named by it
     trainer = Trainer(model_config, train_config, world)
     if arguments.resume:
         resume(trainer, arguments.resume)
