@@ -139,7 +139,8 @@ def test_periodic_saves_keep_the_last_k_and_clean_up_after_interrupted_saves(tmp
     (stale / "shard-rank-00000.minipar").write_bytes(b"half a shard")
     result = run_cli("train", "--steps", "7", "--save-every", "2", "--keep", "2", *TINY, "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-step-000006.minipar", "ckpt.minipar"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-step-000006.minipar", "ckpt.minipar",
+                                                             "ranks.json"]  # rank -> PID (minipar/job.py)
     assert index_of(tmp_path / "ckpt.minipar")["step"] == 7
     assert index_of(tmp_path / "ckpt-step-000006.minipar")["step"] == 6
     umask = os.umask(0)
