@@ -132,6 +132,9 @@ def add_train_arguments(parser):
     saving = parser.add_argument_group("checkpoints")
     saving.add_argument("--out", default="out", help="folder for the checkpoint (checked writable before step 1)")
     saving.add_argument("--resume", default=None, help="a checkpoint to continue from (any layout)")
+    saving.add_argument("--allow-new-data", action="store_true",
+                        help="--resume on data whose character table differs from the checkpoint's (token ids "
+                             "then mean other characters than the model learned)")
     saving.add_argument("--save-every", type=non_negative_int, default=None,
                         help="also save every N steps (default: every 500 steps for runs longer than 500; 0: never)")
     saving.add_argument("--keep", type=positive_int, default=2,

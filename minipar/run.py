@@ -122,6 +122,7 @@ def check_train(arguments, world_size):
     start_step, history = 0, []
     if index is not None:
         check_model_matches(index, model_config)  # raises CheckpointError naming the difference
+        check_same_tokenizer(index, dataset.tokenizer, arguments)
         start_step = index["step"]
         history = list(index.get("history", {}).get("train_loss", []))[:start_step]
         if start_step >= train_config.steps:
@@ -140,6 +141,20 @@ def check_train(arguments, world_size):
 
 
 DEFAULT_SAVE_EVERY = 500
+
+
+def check_same_tokenizer(index, tokenizer, arguments):
+    """Refuse to resume on data whose character -> id table differs from the checkpoint's (unless
+    --allow-new-data): the same vocabulary size would resume silently with every id meaning another character."""
+    saved = index.get("tokenizer")
+    if saved == tokenizer.to_dict() or arguments.allow_new_data:
+        return
+    characters = saved.get("characters") if isinstance(saved, dict) else None
+    described = (f"{len(characters)} characters {characters!r}" if isinstance(characters, str)
+                 else "no character table")
+    raise DataError(f"--resume {arguments.resume}: the checkpoint was trained on {described}, this data has "
+                    f"{tokenizer.vocab_size} characters {tokenizer.characters!r}, so token ids would mean other "
+                    "characters; pass --allow-new-data to resume on it anyway")
 
 
 def dataset_fingerprint(dataset):

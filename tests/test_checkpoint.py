@@ -483,3 +483,54 @@ def test_a_shard_file_that_links_out_of_the_folder_is_refused(saved_folder, tmp_
     shard.symlink_to(outside)
     with pytest.raises(CheckpointError, match="link out of the checkpoint's folder"):
         load_single_process_model(folder)
+
+
+# ---- the tokenizer is saved and compared on resume ----------------------------------------------
+def run_train(*arguments, cwd=None):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    return subprocess.run([sys.executable, "-m", "minipar", "train", "--n-layer", "1", "--n-embd", "16", "--n-head",
+                           "2", "--batch-size", "4", "--eval-batches", "1", "--block-size", "8", *arguments],
+                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parent.parent)
+
+
+def test_the_character_table_is_compared_on_resume():
+    """The check itself, fast: equal tables pass, another mapping is refused in one sentence, the flag allows it."""
+    from types import SimpleNamespace
+
+    from minipar.data import CharTokenizer
+    from minipar.errors import DataError
+    from minipar.run import check_same_tokenizer
+
+    index = {"tokenizer": CharTokenizer("abc").to_dict()}
+    arguments = SimpleNamespace(resume="out/ckpt.minipar", allow_new_data=False)
+    check_same_tokenizer(index, CharTokenizer("cab"), arguments)  # the same table
+    with pytest.raises(DataError, match=r"^--resume out/ckpt.minipar: the checkpoint was trained on 3 characters "
+                                        r"'abc', this data has 3 characters 'abd', .*--allow-new-data"):
+        check_same_tokenizer(index, CharTokenizer("abd"), arguments)
+    check_same_tokenizer(index, CharTokenizer("abd"), SimpleNamespace(resume="x", allow_new_data=True))
+
+
+@pytest.mark.slow
+def test_resuming_on_data_with_another_character_table_is_refused_unless_allowed(tmp_path):
+    """Same vocabulary size (so the model's shape matches), another character -> id mapping."""
+    first, second = tmp_path / "a.txt", tmp_path / "b.txt"
+    first.write_text("abcdefgh\n" * 40)
+    second.write_text("abcdefgz\n" * 40)  # 9 characters both; 'z' sorts last, 'h' moved out: ids shift
+    out = tmp_path / "out"
+    result = run_train("--steps", "1", "--data", str(first), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((out / "ckpt.minipar" / "index.json").read_text())["tokenizer"]
+    assert saved == {"kind": "char", "characters": "\nabcdefgh"}
+    result = run_train("--steps", "2", "--data", str(second), "--resume", str(out / "ckpt.minipar"), "--out", str(out))
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0] == (f"error: --resume {out / 'ckpt.minipar'}: the checkpoint was trained on 9 characters "
+                        "'\\nabcdefgh', this data has 9 characters '\\nabcdefgz', so token ids would mean other "
+                        "characters; pass --allow-new-data to resume on it anyway")
+    result = run_train("--steps", "2", "--data", str(second), "--resume", str(out / "ckpt.minipar"), "--out", str(out),
+                       "--allow-new-data")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "ckpt.minipar" / "index.json").read_text())["tokenizer"]["characters"] == "\nabcdefgz"
