@@ -114,7 +114,7 @@ def add_train_arguments(parser):
     group.add_argument("--digits", type=positive_int, default=2, help="digits per operand of the addition task")
     schedule = parser.add_argument_group(
         "the run's schedule (saved in the checkpoint; --resume continues it unless you give these again)")
-    schedule.add_argument("--steps", type=non_negative_int, default=None,
+    schedule.add_argument("--steps", type=positive_int, default=None,
                           help=f"optimizer steps of the whole run (default {defaults.steps})")
     schedule.add_argument("--lr", type=finite_float, default=None,
                           help=f"peak learning rate (default {defaults.learning_rate})")

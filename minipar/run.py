@@ -13,6 +13,7 @@ sample: the checkpoint loaded into one process (one more layout) -> generate.
 """
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from minipar.backend import to_host, xp
@@ -42,16 +43,42 @@ def build_configs(arguments, vocabulary_size, schedule):
     model_config = GPTConfig(vocab_size=math.ceil(vocabulary_size / multiple) * multiple,
                              block_size=arguments.block_size, n_layer=arguments.n_layer, n_head=arguments.n_head,
                              n_embd=arguments.n_embd, dropout=arguments.dropout, seed=arguments.model_seed)
-    train_config = TrainConfig(
-        **schedule, batch_size=arguments.batch_size, weight_decay=arguments.weight_decay,
+    with flags_in_messages():
+        train_config = TrainConfig(
+            **schedule, batch_size=arguments.batch_size, weight_decay=arguments.weight_decay,
         grad_clip=arguments.grad_clip, seed=arguments.seed, dtype=arguments.dtype, dp=arguments.dp, tp=arguments.tp,
         pp=arguments.pp, microbatches=arguments.microbatches, schedule=arguments.schedule,
         virtual_stages=arguments.virtual_stages, split=parse_split(arguments.split), recompute=arguments.recompute,
         sequence_parallel=arguments.sequence_parallel, zero=arguments.zero, bucket_megabytes=arguments.bucket_mb,
         overlap=arguments.overlap, allreduce=arguments.allreduce, ranks_per_node=arguments.ranks_per_node,
         compress=arguments.compress, topk_ratio=arguments.topk_ratio, powersgd_rank=arguments.powersgd_rank,
-        local_sgd=arguments.local_sgd, optimizer=arguments.optimizer)
+            local_sgd=arguments.local_sgd, optimizer=arguments.optimizer)
     return model_config, train_config
+
+
+# TrainConfig's checks name its fields (the Python API); the command line's user typed these flags.
+FLAG_OF_FIELD = {"learning_rate": "--lr", "min_learning_rate": "--min-lr", "warmup_steps": "--warmup",
+                 "bucket_megabytes": "--bucket-mb", "batch_size": "--batch-size", "weight_decay": "--weight-decay",
+                 "grad_clip": "--grad-clip", "virtual_stages": "--virtual-stages", "topk_ratio": "--topk-ratio",
+                 "powersgd_rank": "--powersgd-rank", "local_sgd": "--local-sgd", "ranks_per_node": "--ranks-per-node",
+                 "sequence_parallel": "--sequence-parallel"}
+FLAG_AT_START = ("steps", "seed", "zero", "dtype", "optimizer", "compress", "microbatches", "schedule")
+
+
+@contextmanager
+def flags_in_messages():
+    """Re-raise a ConfigError from TrainConfig with the command line's flag names in place of its field names."""
+    import re
+
+    try:
+        yield
+    except ConfigError as error:
+        text = re.sub(r"(?<![\w-])(" + "|".join(FLAG_OF_FIELD) + r")(?!\w)", lambda m: FLAG_OF_FIELD[m.group(1)],
+                      str(error))
+        text = re.sub(r"^(" + "|".join(FLAG_AT_START) + r") must", r"--\1 must", text)
+        text = re.sub(r"^(--[a-z-]+) = ", r"\1 ", text)
+        text = re.sub(r"^global batch size (\d+)", r"--batch-size \1 (the global batch)", text)
+        raise ConfigError(text) from None
 
 
 def parse_split(text):

@@ -471,3 +471,26 @@ def test_the_ctrl_c_watcher_ends_a_rank_that_mpi_never_reached():
     assert result.returncode == 130 and time.time() - started < 10, (result.returncode, result.stderr)
     assert "ran on" not in result.stdout and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.count("interrupted (Ctrl-C) on rank 0 of 2 before MPI was running") == 1, result.stderr
+
+
+# ---- every message names the flag the user typed (in-process: the checks every rank runs) ------
+@pytest.mark.parametrize("arguments, message", [
+    (["--steps", "0"], "argument --steps: expected a positive integer, got 0"),
+    (["--lr", "-1"], "--lr must be >= 0.0, got -1.0"),
+    (["--min-lr", "-1"], "--min-lr must be >= 0.0, got -1.0"),
+    (["--bucket-mb", "0"], "--bucket-mb must be > 0.0, got 0.0"),
+    (["--weight-decay", "-1"], "--weight-decay must be >= 0.0"),
+    (["--grad-clip", "-1"], "--grad-clip must be >= 0.0"),
+    (["--virtual-stages", "2"], "--virtual-stages 2 needs the interleaved schedule"),
+    (["--compress", "topk", "--topk-ratio", "2"], "--topk-ratio must be in (0, 1], got 2.0"),
+    (["--batch-size", "6", "--microbatches", "4"], "--batch-size 6 (the global batch) must be divisible"),
+])
+def test_configuration_messages_name_the_flags(tmp_path, arguments, message):
+    from minipar.__main__ import _prepare
+
+    with pytest.raises(Exception) as raised:  # noqa: B017 - the message is what is checked
+        _prepare(["train", *arguments, "--out", str(tmp_path)], 1)
+    text = str(raised.value)
+    assert message in text, text
+    for field in ("learning_rate", "bucket_megabytes", "warmup_steps", "virtual_stages", "topk_ratio", "stop-after"):
+        assert field not in text, text
