@@ -36,7 +36,7 @@ def test_layout_that_does_not_match_the_world_fails_on_every_rank_without_hangin
 def test_batch_not_divisible_by_data_parallel_ranks_is_refused():
     result = run_cli("train", "--dp", "2", "--batch-size", "7", "--steps", "1", ranks=2, timeout=60)
     assert result.returncode != 0
-    assert "global batch size 7 must be divisible by dp x microbatches" in result.stderr
+    assert "--batch-size 7 (the global batch) must be divisible by dp x microbatches" in result.stderr
 
 
 def test_invalid_model_shape_names_the_numbers():
