@@ -188,6 +188,41 @@ def choose_backend(argv):
         os.environ["MINIPAR_BACKEND"] = chosen.backend
     if chosen.transport is not None:
         os.environ["MINIPAR_TRANSPORT"] = chosen.transport
+    if os.environ.get("MINIPAR_BACKEND") == "cupy" and "minipar.backend" not in sys.modules:
+        check_gpu_stack(os.environ.get("MINIPAR_TRANSPORT", "staged"))
+
+
+GPU_EXTRA = 'pip install -e ".[gpu]"'
+
+
+def check_gpu_stack(transport):
+    """One sentence naming what to install when a piece of the GPU stack is missing (before the backend loads)."""
+    try:
+        import cupy
+    except ImportError as error:
+        raise ConfigError(f"--backend cupy: CuPy is not installed ({error}); {GPU_EXTRA} installs it") from None
+    try:
+        devices = cupy.cuda.runtime.getDeviceCount()
+    except Exception as error:  # noqa: BLE001 - CUDARuntimeError, or a driver library that will not load
+        raise ConfigError(f"--backend cupy: CUDA finds no usable GPU ({error}); install the NVIDIA driver "
+                          "(nvidia-smi must list a GPU)") from None
+    if devices == 0:
+        raise ConfigError("--backend cupy: CUDA finds no GPU on this machine (nvidia-smi must list one)")
+    try:
+        cupy.arange(4.0).reshape(2, 2) @ cupy.ones((2, 2))  # loads cuBLAS and compiles a kernel (NVRTC)
+    except Exception as error:  # noqa: BLE001 - a missing CUDA library surfaces as one of several errors
+        raise ConfigError(f"--backend cupy: CuPy cannot load the CUDA libraries ({type(error).__name__}: {error}); "
+                          f"{GPU_EXTRA} installs them (cupy-cuda12x[ctk])") from None
+    if transport == "nccl":
+        try:
+            from cupy.cuda import nccl
+
+            available = bool(nccl.available)
+        except ImportError:
+            available = False
+        if not available:
+            raise ConfigError('--transport nccl: CuPy finds no NCCL library (libnccl.so.2); pip install '
+                              f'"nvidia-nccl-cu12>=2.18.1,<3" (part of {GPU_EXTRA})')
 
 
 def add_communication_arguments(parser, defaults):

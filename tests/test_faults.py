@@ -494,3 +494,16 @@ def test_configuration_messages_name_the_flags(tmp_path, arguments, message):
     assert message in text, text
     for field in ("learning_rate", "bucket_megabytes", "warmup_steps", "virtual_stages", "topk_ratio", "stop-after"):
         assert field not in text, text
+
+
+def test_a_missing_gpu_stack_is_named_in_one_sentence(tmp_path):
+    """Where CuPy is absent (this machine, CI), --backend cupy says what to install instead of a traceback."""
+    import importlib.util
+
+    if importlib.util.find_spec("cupy") is not None:
+        pytest.skip("CuPy is installed here: the message for its absence cannot be seen")
+    code, ended, stdout, stderr = Job(cli(1, "train", "--backend", "cupy", "--steps", "1", "--out",
+                                          str(tmp_path / "out")), tmp_path).finish(timeout=120)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, stderr
+    assert lines[0].startswith("error: --backend cupy: CuPy is not installed") and 'pip install -e ".[gpu]"' in lines[0]
