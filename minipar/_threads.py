@@ -4,7 +4,7 @@ thread per rank, and MPI ranks that sleep while they wait when ranks share cores
 ``start_process`` is the first statement of ``python -m minipar`` and ``python -m minipar.testing``
 (and what a script of your own run under mpiexec calls first). Under an MPI launcher it blocks
 SIGINT at once, before anything else is imported, so that a Ctrl-C arriving while the rank starts
-waits, pending, for the watcher thread (minipar/job.py) instead of raising KeyboardInterrupt in
+waits, pending, for the watcher thread (minipar/ctrl_c.py) instead of raising KeyboardInterrupt in
 the middle of an import; then it sets the variables below; then it starts the watcher. Without a
 launcher it does nothing. This module imports only ``os`` and ``signal``.
 
@@ -84,6 +84,6 @@ def start_process():
         return
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # a Ctrl-C from now on waits for the watcher
     set_thread_environment()
-    from minipar.job import watch_ctrl_c
+    from minipar.ctrl_c import watch_ctrl_c
 
     watch_ctrl_c()

@@ -438,13 +438,13 @@ class RecordingWorld:
 
 
 def test_the_ctrl_c_watcher_aborts_a_running_job(monkeypatch, capsys):
-    from minipar import job
+    from minipar import ctrl_c, job
 
     world = RecordingWorld()
     monkeypatch.setitem(job._guarded, "world", world)
     monkeypatch.setattr(job, "flush_to_launcher", lambda limit=None: None)
     with pytest.raises(SystemExit, match="aborted"):
-        job._on_ctrl_c()  # what the watcher thread runs when sigwait returns SIGINT
+        ctrl_c._on_ctrl_c()  # what the watcher thread runs when sigwait returns SIGINT
     assert world.aborted == [job.EXIT_INTERRUPTED]
     assert "error on rank 0 of 2: interrupted (Ctrl-C); ending the job" in capsys.readouterr().err
 
@@ -452,8 +452,8 @@ def test_the_ctrl_c_watcher_aborts_a_running_job(monkeypatch, capsys):
 WATCHER_PROBE = textwrap.dedent("""
     import os, signal, sys, time
     from minipar._threads import start_process
-    import minipar.job
-    minipar.job._START_WAIT = float(sys.argv[1])
+    import minipar.ctrl_c
+    minipar.ctrl_c._START_WAIT = float(sys.argv[1])
     start_process()
     os.kill(os.getpid(), signal.SIGINT)  # as mpiexec forwards a Ctrl-C
     time.sleep(30)  # the main thread never hears it: SIGINT is blocked here, the watcher takes it
