@@ -69,7 +69,7 @@ TINY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--batch-size", "8"
     (["train", "--split", "a,b"], "--split must list blocks per pipeline chunk as positive integers"),
     (["train", "--bucket-mb", "nan"], "argument --bucket-mb: expected a finite number, got 'nan'"),
     (["train", "--lr", "nan"], "argument --lr: expected a finite number, got 'nan'"),
-    (["train", "--lr", "-1"], "learning_rate must be >= 0.0, got -1.0"),
+    (["train", "--lr", "-1"], "--lr must be >= 0.0, got -1.0"),
     (["train", "--weight-decay", "inf"], "argument --weight-decay: expected a finite number, got 'inf'"),
     (["train", "--micro", "4"], "unrecognized arguments: --micro 4"),
     (["train", "--zero", "4"], "argument --zero: invalid choice: 4"),
