@@ -47,7 +47,7 @@ const images = [...document.images].map(img => ({src: img.currentSrc || img.src,
                                                   output: !!img.closest('.jp-OutputArea-output'),
                                                   scale: img.naturalWidth
                                                     ? img.getBoundingClientRect().width / img.naturalWidth : 1}));
-const active = document.querySelector('.md-nav__link--active, .md-nav__item--active > .md-nav__link');
+const active = document.querySelector('a.md-nav__link--active[href="./"]');  // this page's entry in the sidebar
 const headings = [...document.querySelectorAll('article h2, article h3, article h4')].map(h => h.textContent);
 const walker = document.createTreeWalker(document.querySelector('article') || document.body, NodeFilter.SHOW_TEXT);
 const prose = [];  // the text a reader sees as prose: not code, not already typeset
