@@ -18,10 +18,14 @@ import os
 import statistics
 import time
 
-from mpi4py import MPI
+from minipar._threads import start_process  # noqa: E402
 
-from minipar.backend import xp
-from minipar.comm import Communicator
+start_process()  # the CLI's process-wide settings first: BLAS threads, MPICH's wait, Ctrl-C (minipar/_threads.py)
+
+from mpi4py import MPI  # noqa: E402
+
+from minipar.backend import xp  # noqa: E402
+from minipar.comm import Communicator  # noqa: E402
 
 SIZES_BYTES = [4 * 1024 * 4**step for step in range(7)]  # 4 KB, 16 KB, … 16 MB
 ALGORITHMS = ("mpi", "ring", "recursive_doubling")

@@ -26,13 +26,17 @@ import json
 import statistics
 import time
 
-from mpi4py import MPI
+from minipar._threads import start_process  # noqa: E402
 
-from minipar.backend import from_host, host_rng, xp
-from minipar.comm import Communicator
-from minipar.nn.gpt import GPT, GPTConfig
-from minipar.optim import AdamW, decay_groups
-from minipar.parallel.data_parallel import DataParallel, local_slice, validate_data_parallel
+start_process()  # the CLI's process-wide settings first: BLAS threads, MPICH's wait, Ctrl-C (minipar/_threads.py)
+
+from mpi4py import MPI  # noqa: E402
+
+from minipar.backend import from_host, host_rng, xp  # noqa: E402
+from minipar.comm import Communicator  # noqa: E402
+from minipar.nn.gpt import GPT, GPTConfig  # noqa: E402
+from minipar.optim import AdamW, decay_groups  # noqa: E402
+from minipar.parallel.data_parallel import DataParallel, local_slice, validate_data_parallel  # noqa: E402
 
 CONFIG = dict(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128)
 GLOBAL_BATCH = 16

@@ -45,15 +45,19 @@ import argparse
 import os
 import time
 
-from minipar.backend import from_host, host_rng, xp
-from minipar.comm import Communicator
-from minipar.nn.layers import Linear
-from minipar.nn.module import Module
-from minipar.parallel.pipeline.executor import PipelineExecutor, split_microbatches
-from minipar.parallel.pipeline.partition import partition
-from minipar.parallel.pipeline.schedules import RECEIVES, SENDS, build_all_schedules, placement_of
-from minipar.parallel.pipeline.simulator import message_key, simulate
-from minipar.trace import COMPUTE_CATEGORIES, Timeline, measured_bubble_fraction, plot_gantt, write_chrome_trace
+from minipar._threads import start_process  # noqa: E402
+
+start_process()  # the CLI's process-wide settings first: BLAS threads, MPICH's wait, Ctrl-C (minipar/_threads.py)
+
+from minipar.backend import from_host, host_rng, xp  # noqa: E402
+from minipar.comm import Communicator  # noqa: E402
+from minipar.nn.layers import Linear  # noqa: E402
+from minipar.nn.module import Module  # noqa: E402
+from minipar.parallel.pipeline.executor import PipelineExecutor, split_microbatches  # noqa: E402
+from minipar.parallel.pipeline.partition import partition  # noqa: E402
+from minipar.parallel.pipeline.schedules import RECEIVES, SENDS, build_all_schedules, placement_of  # noqa: E402
+from minipar.parallel.pipeline.simulator import message_key, simulate  # noqa: E402
+from minipar.trace import COMPUTE_CATEGORIES, Timeline, measured_bubble_fraction, plot_gantt, write_chrome_trace  # noqa: E402
 
 
 class PassThrough(Module):

@@ -26,6 +26,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from minipar._threads import start_process  # noqa: E402
+
+start_process()  # the CLI's process-wide settings first: BLAS threads, MPICH's wait, Ctrl-C (minipar/_threads.py)
+
+
 from minipar.backend import xp  # noqa: E402
 from minipar.nn.gpt import GPTConfig  # noqa: E402
 from minipar.plan.cost import step_time  # noqa: E402

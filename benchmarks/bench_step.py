@@ -27,6 +27,11 @@ if arguments.threads:
 import time  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from minipar._threads import start_process  # noqa: E402
+
+start_process()  # the CLI's process-wide settings first: BLAS threads, MPICH's wait, Ctrl-C (minipar/_threads.py)
+
 from minipar.backend import set_default_dtype, xp  # noqa: E402
 from minipar.nn.gpt import GPT, GPTConfig  # noqa: E402
 from minipar.optim import AdamW, decay_groups  # noqa: E402

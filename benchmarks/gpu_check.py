@@ -27,6 +27,11 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from minipar._threads import start_process  # noqa: E402
+
+start_process()  # the CLI's process-wide settings first: BLAS threads, MPICH's wait, Ctrl-C (minipar/_threads.py)
+
+
 import numpy  # noqa: E402
 
 MODEL = dict(vocab_size=16, block_size=8, n_layer=8, n_head=4, n_embd=32)

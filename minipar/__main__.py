@@ -16,7 +16,15 @@ collective (``minipar.job.agree``) tells every rank who failed and why, so a bad
 ranks alike with one message from rank 0. World rank 0 alone prints progress, evaluates and writes
 the checkpoint index. Anything that fails later, on any rank, or Ctrl-C, ends the whole MPI job
 at once with one message naming the rank (``minipar.job``).
+
+Process-wide settings (BLAS threads, MPICH's wait, the Ctrl-C watcher) are made by
+``minipar.job.start_process``, the first statement below, before NumPy or mpi4py load.
 """
+if __name__ == "__main__":  # the command line's entry point: process-wide settings first (minipar/job.py)
+    from minipar._threads import start_process
+
+    start_process()
+
 import argparse
 import os
 import sys
@@ -24,7 +32,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from minipar.errors import ConfigError, UsageError
-from minipar.job import agree, fingerprint, job_world, run_job
+from minipar.job import agree, fingerprint, job_world, on_every_rank, run_job, start_process
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -38,6 +46,12 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+    def exit(self, status=0, message=None):
+        """--help and --version: every rank parses alike and leaves alike (no abort, minipar.job.run_job)."""
+        if message:
+            self._print_message(message, sys.stderr)
+        raise on_every_rank(SystemExit(status))
 
     def _print_message(self, message, file=None):
         world = job_world()
@@ -108,7 +122,7 @@ def add_train_arguments(parser):
     group.add_argument("--digits", type=positive_int, default=2, help="digits per operand of the addition task")
     schedule = parser.add_argument_group(
         "the run's schedule (saved in the checkpoint; --resume continues it unless you give these again)")
-    schedule.add_argument("--steps", type=non_negative_int, default=None,
+    schedule.add_argument("--steps", type=positive_int, default=None,
                           help=f"optimizer steps of the whole run (default {defaults.steps})")
     schedule.add_argument("--lr", type=finite_float, default=None,
                           help=f"peak learning rate (default {defaults.learning_rate})")
@@ -126,6 +140,9 @@ def add_train_arguments(parser):
     saving = parser.add_argument_group("checkpoints")
     saving.add_argument("--out", default="out", help="folder for the checkpoint (checked writable before step 1)")
     saving.add_argument("--resume", default=None, help="a checkpoint to continue from (any layout)")
+    saving.add_argument("--allow-new-data", action="store_true",
+                        help="--resume on data whose character table differs from the checkpoint's (token ids "
+                             "then mean other characters than the model learned)")
     saving.add_argument("--save-every", type=non_negative_int, default=None,
                         help="also save every N steps (default: every 500 steps for runs longer than 500; 0: never)")
     saving.add_argument("--keep", type=positive_int, default=2,
@@ -189,6 +206,41 @@ def choose_backend(argv):
         os.environ["MINIPAR_BACKEND"] = chosen.backend
     if chosen.transport is not None:
         os.environ["MINIPAR_TRANSPORT"] = chosen.transport
+    if os.environ.get("MINIPAR_BACKEND") == "cupy" and "minipar.backend" not in sys.modules:
+        check_gpu_stack(os.environ.get("MINIPAR_TRANSPORT", "staged"))
+
+
+GPU_EXTRA = 'pip install -e ".[gpu]"'
+
+
+def check_gpu_stack(transport):
+    """One sentence naming what to install when a piece of the GPU stack is missing (before the backend loads)."""
+    try:
+        import cupy
+    except ImportError as error:
+        raise ConfigError(f"--backend cupy: CuPy is not installed ({error}); {GPU_EXTRA} installs it") from None
+    try:
+        devices = cupy.cuda.runtime.getDeviceCount()
+    except Exception as error:  # noqa: BLE001 - CUDARuntimeError, or a driver library that will not load
+        raise ConfigError(f"--backend cupy: CUDA finds no usable GPU ({error}); install the NVIDIA driver "
+                          "(nvidia-smi must list a GPU)") from None
+    if devices == 0:
+        raise ConfigError("--backend cupy: CUDA finds no GPU on this machine (nvidia-smi must list one)")
+    try:
+        cupy.arange(4.0).reshape(2, 2) @ cupy.ones((2, 2))  # loads cuBLAS and compiles a kernel (NVRTC)
+    except Exception as error:  # noqa: BLE001 - a missing CUDA library surfaces as one of several errors
+        raise ConfigError(f"--backend cupy: CuPy cannot load the CUDA libraries ({type(error).__name__}: {error}); "
+                          f"{GPU_EXTRA} installs them (cupy-cuda12x[ctk])") from None
+    if transport == "nccl":
+        try:
+            from cupy.cuda import nccl
+
+            available = bool(nccl.available)
+        except ImportError:
+            available = False
+        if not available:
+            raise ConfigError('--transport nccl: CuPy finds no NCCL library (libnccl.so.2); pip install '
+                              f'"nvidia-nccl-cu12>=2.18.1,<3" (part of {GPU_EXTRA})')
 
 
 def add_communication_arguments(parser, defaults):
@@ -366,6 +418,7 @@ def main(argv=None):
 
 def run_as_job():
     """The console entry point: ``main()`` with its exit status."""
+    start_process()
     return main()
 
 

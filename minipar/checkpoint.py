@@ -11,6 +11,14 @@ Why not ``numpy.savez`` + ``numpy.load``? ``numpy.load`` can run pickled code
 when asked to, and neither records checksums. Here reading never unpickles:
 numeric dtypes only, ``allow_pickle=False`` on both sides.
 
+Reading trusts nothing in the file before checking it against the file itself, so that a crafted
+checkpoint (``sample --checkpoint`` of a file from anywhere) cannot make minipar allocate more
+than the file's size: every entry must be stored uncompressed (a compressed entry's unpacked size
+is bounded by nothing: a 1.8 MB "zip bomb" once took 3.6 GB), its declared size must lie inside
+the file, its name must be ``manifest.json`` or ``arrays/<allowed name>.npy`` (no ``..``, no
+absolute path), and each array's .npy header must declare the shape and dtype of the manifest
+and exactly the bytes the entry holds, all before the array is allocated.
+
 Atomic: the file is written under a temporary name in the same folder, flushed
 to disk (fsync), then renamed over the target with ``os.replace``. A rename
 within one file system is atomic on POSIX, so a reader sees the old checkpoint
@@ -25,7 +33,6 @@ for another parallel layout reads the index, reads the shards it needs, and
 re-slices.
 """
 import hashlib
-import io
 import json
 import os
 import re
@@ -186,11 +193,32 @@ def _open_archive(path):
         raise CheckpointError(f"{str(path)!r} is not a minipar checkpoint (not a zip archive)") from None
 
 
-def _read_entry(archive, path, entry_name):
-    try:
-        return archive.read(entry_name)
-    except KeyError:
+def _check_entries(archive, path):
+    """Refuse a crafted archive before reading any entry: {name: ZipInfo} of its checked entries."""
+    size, entries = os.path.getsize(path), {}
+    for info in archive.infolist():
+        name = info.filename
+        parts = name.replace("\\", "/").split("/")
+        if name.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
+            raise CheckpointError(f"checkpoint {str(path)!r} holds an entry named {name!r}, which escapes the "
+                                  f"archive's folder; minipar writes only {MANIFEST} and arrays/<name>.npy")
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r}: entry {name!r} is compressed (zip method {info.compress_type}); minipar "
+                "stores every entry uncompressed and refuses others, whose unpacked size the file does not bound")
+        if info.file_size != info.compress_size or info.header_offset + info.compress_size > size:
+            raise CheckpointError(f"checkpoint {str(path)!r}: entry {name!r} declares {info.file_size:,} bytes, "
+                                  f"which the {size:,}-byte file does not hold")
+        entries[name] = info
+    return entries
+
+
+def _read_entry(archive, path, entries, entry_name):
+    info = entries.get(entry_name)
+    if info is None:
         return None
+    try:
+        return archive.read(info)  # stored: at most the bytes the file holds (_check_entries)
     except zipfile.BadZipFile as error:
         # zipfile checks each entry's CRC-32 as it reads; a mismatch means the bytes changed.
         raise CheckpointError(f"checkpoint {str(path)!r}: checksum mismatch in {entry_name} ({error})") from None
@@ -198,16 +226,55 @@ def _read_entry(archive, path, entry_name):
         raise CheckpointError(f"checkpoint {str(path)!r} is truncated or unreadable at {entry_name}: {error}") from None
 
 
+def _read_npy(archive, path, info, name, record):
+    """One array, its .npy header checked against the manifest ``record`` and the entry's size before allocating."""
+    where = f"checkpoint {str(path)!r}: array {name!r}"
+    try:
+        with archive.open(info) as stream:
+            version = npy_format.read_magic(stream)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f".npy format version {version} is not one minipar writes")
+            reader = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
+            shape, fortran_order, dtype = reader(stream)
+            if dtype.kind not in STORABLE_KINDS:
+                raise ValueError(f"dtype {dtype.str} holds Python objects, which minipar never unpickles")
+            declared = (list(record["shape"]), record["dtype"])
+            if fortran_order or [int(n) for n in shape] != declared[0] \
+                    or dtype.str != declared[1]:
+                raise CheckpointError(f"{where} has shape {tuple(shape)} and dtype {dtype.str}, but the manifest "
+                                      f"says {tuple(declared[0])} and {declared[1]}")
+            count = 1
+            for n in shape:
+                count *= int(n)
+            if count * dtype.itemsize != info.file_size - stream.tell():
+                raise CheckpointError(f"{where} declares {count * dtype.itemsize:,} bytes of data; its entry holds "
+                                      f"{info.file_size - stream.tell():,}")
+            array = numpy.empty(shape, dtype=dtype)  # no more than the entry holds, so no more than the file
+            view, done = memoryview(array.reshape(-1).view("u1")), 0
+            while done < len(view):
+                got = stream.readinto(view[done:])
+                if not got:
+                    raise EOFError(f"{len(view) - done} bytes missing")
+                done += got
+            stream.read(1)  # at the end: zipfile checks the entry's CRC-32 now
+        return array
+    except zipfile.BadZipFile as error:
+        raise CheckpointError(f"checkpoint {str(path)!r}: checksum mismatch in {info.filename} ({error})") from None
+    except (EOFError, OSError, ValueError, TypeError, KeyError) as error:
+        raise CheckpointError(f"{where} is unreadable ({error})") from None
+
+
 def read_array_file(path, expected=None):
     """Read ``(arrays, metadata)`` from a file written by ``write_array_file``, checking everything.
 
-    Every array's shape, dtype and SHA-256 must match the manifest. ``expected``
-    optionally maps names to ``(shape, dtype)`` the caller needs (a model's
-    parameters): each must be present with that shape and dtype. Arrays are
-    returned as backend arrays.
+    Every array's shape, dtype and SHA-256 must match the manifest, and nothing is allocated beyond
+    what the file holds (see the module docstring). ``expected`` optionally maps names to
+    ``(shape, dtype)`` the caller needs (a model's parameters): each must be present with that shape
+    and dtype. Arrays are returned as backend arrays.
     """
     with _open_archive(path) as archive:
-        manifest_bytes = _read_entry(archive, path, MANIFEST)
+        entries = _check_entries(archive, path)
+        manifest_bytes = _read_entry(archive, path, entries, MANIFEST)
         if manifest_bytes is None:
             raise CheckpointError(f"{str(path)!r} is not a minipar checkpoint (it has no {MANIFEST})")
         try:
@@ -220,22 +287,16 @@ def read_array_file(path, expected=None):
             raise CheckpointError(f"checkpoint {str(path)!r} has format version {manifest.get('version')!r}; "
                                   f"this minipar reads version {FORMAT_VERSION}")
         records = manifest.get("arrays")
-        if not isinstance(records, dict) or not isinstance(manifest.get("metadata"), dict):
+        if not isinstance(records, dict) or not isinstance(manifest.get("metadata"), dict) or not all(
+                isinstance(record, dict) and isinstance(record.get("shape"), list) for record in records.values()):
             raise CheckpointError(f"checkpoint {str(path)!r} has a malformed {MANIFEST}")
         arrays = {}
         for name, record in records.items():
-            raw = _read_entry(archive, path, f"arrays/{name}.npy")
-            if raw is None:
+            info = entries.get(f"arrays/{name}.npy")
+            if info is None:
                 raise CheckpointError(f"checkpoint {str(path)!r} is missing array {name!r}")
-            try:
-                array = npy_format.read_array(io.BytesIO(raw), allow_pickle=False)
-            except ValueError as error:
-                raise CheckpointError(f"checkpoint {str(path)!r}: array {name!r} is unreadable ({error})") from None
-            if list(array.shape) != record["shape"] or array.dtype.str != record["dtype"]:
-                raise CheckpointError(
-                    f"checkpoint {str(path)!r}: array {name!r} has shape {array.shape} and dtype {array.dtype.str}, "
-                    f"but the manifest says {tuple(record['shape'])} and {record['dtype']}")
-            if sha256_of(array) != record["sha256"]:
+            array = _read_npy(archive, path, info, name, record)
+            if sha256_of(array) != record.get("sha256"):
                 raise CheckpointError(f"checkpoint {str(path)!r}: checksum mismatch for array {name!r} "
                                       "(its bytes differ from the SHA-256 in the manifest)")
             arrays[name] = array

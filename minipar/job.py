@@ -18,22 +18,23 @@ An MPI job has two kinds of failure, and each needs its own ending.
   alike, rank 0 speaks first and the others, which wait 1.5 s before speaking, are ended before
   they repeat it.
 
-Ctrl-C: MPICH's ``mpiexec`` forwards SIGINT to every rank, but Python only acts on a signal
-between bytecodes, and a rank blocked in an MPI call never gets there (the job ran on,
-untouchable, in minipar before this module). So under an MPI launcher ``watch_ctrl_c`` blocks
-SIGINT as soon as minipar is imported, before NumPy or MPI start threads of their own (a thread
-inherits its creator's mask, and the kernel hands a process's signal to any thread that does not
-block it: MPICH's progress thread took it and the main thread, stuck in a collective, never
-heard). One small thread then waits for it with ``sigwait`` (mpi4py releases the GIL in blocking
-calls, so the thread runs) and aborts the job; in a one-rank job it raises KeyboardInterrupt in
-the main thread, as Python would. A process killed outright (``kill -9``) needs nothing from us:
-the launcher sees it die and ends the others.
+Ctrl-C under mpiexec is minipar/ctrl_c.py: a watcher thread that ends the job whatever it is doing
+at that moment, started by ``start_process`` (minipar/_threads.py), the one place where
+process-wide settings are made.
 
 ``guard_job`` installs a ``sys.excepthook`` that aborts, so a user's own script that builds a
 ``Trainer`` gets the same ending for an uncaught exception (as ``python -m mpi4py script.py``
-would give). ``run_job`` is the CLI's wrapper around a command.
+would give). ``run_job`` is the CLI's wrapper around a command; there a ``SystemExit`` raised on
+one rank (``sys.exit`` in user code) ends the job too, naming the rank and the code, instead of
+leaving that rank waiting in MPI_Finalize for partners that wait for it.
+
+A rank killed outright (``kill -9``, the kernel's out-of-memory killer) can say nothing, and
+neither can the others: MPICH's hydra sends SIGKILL to every other rank at once, and its banner
+("BAD TERMINATION ... PID n") names one rank's PID, not always the killed one's (measured with
+MPICH 4/hydra 5.0.2). So ``record_ranks`` writes each rank's PID and host at start
+(``train`` puts it in ``OUT/ranks.json``): the kernel's log (``dmesg``: "Killed process n") names
+the PID, and that file names the rank (docs/checkpoints.md, "When a rank is killed").
 """
-import _thread
 import hashlib
 import json
 import os
@@ -44,13 +45,14 @@ import threading
 import time
 import traceback
 
+from minipar._threads import start_process  # noqa: F401  (re-exported: minipar.job.start_process)
 from minipar.errors import CheckpointError, ConfigError, DataError, JobError
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, JobError)
 EXIT_USER_ERROR, EXIT_CRASH, EXIT_INTERRUPTED = 2, 1, 130
 _SPEAK_DELAY = 1.5  # seconds a rank other than 0 waits before speaking and aborting (see the docstring)
 _DRAIN_LIMIT = 2.0  # seconds a rank about to abort waits for the launcher to read what it wrote
-_guarded = {}  # the Ctrl-C watcher thread and the world whose job is guarded, once per process
+_guarded = {}  # the Ctrl-C watcher thread (minipar/ctrl_c.py) and the world whose job is guarded, once per process
 
 
 def job_world():
@@ -70,12 +72,20 @@ def on_every_rank(error):
     return error
 
 
+def exit_code_of(error):
+    """The exit status a SystemExit asks for (sys.exit's rules: None is 0, an int itself, anything else 1)."""
+    code = error.code
+    return 0 if code is None else code if isinstance(code, int) else 1
+
+
 def describe(error):
     """One line: a user error's own sentence, anything else with its type."""
     if isinstance(error, USER_ERRORS):
         return str(error)
     if isinstance(error, KeyboardInterrupt):
         return "interrupted (Ctrl-C)"
+    if isinstance(error, SystemExit):
+        return f"sys.exit({error.code!r}) was called (SystemExit, exit code {exit_code_of(error)})"
     return f"{type(error).__name__}: {error}"
 
 
@@ -171,7 +181,7 @@ def abort_job(world, error, code=None):
             EXIT_USER_ERROR if isinstance(error, USER_ERRORS) else EXIT_CRASH)
     # A fresh line first: rank 0's progress bar may be half-way along the terminal's line.
     lines = f"\nerror on rank {rank} of {size}: {describe(error)}; ending the job\n"
-    if code == EXIT_CRASH:
+    if not isinstance(error, (KeyboardInterrupt, *USER_ERRORS)):  # a bug or a sys.exit: where it happened
         lines += "".join(traceback.format_exception(type(error), error, error.__traceback__))
     try:
         sys.stdout.flush()
@@ -182,37 +192,20 @@ def abort_job(world, error, code=None):
         os._exit(code)  # so this rank leaves by itself, running no more Python (and no MPI_Finalize)
 
 
-def _initialised_world():
-    """COMM_WORLD once MPI_Init has run (and MPI_Finalize has not), else None."""
-    mpi = sys.modules.get("mpi4py.MPI")
-    if mpi is None or not mpi.Is_initialized() or mpi.Is_finalized():
-        return None
-    return mpi.COMM_WORLD
+def record_ranks(world, path=None):
+    """Every rank's (host, PID), gathered on every rank (collective); rank 0 writes them to ``path`` as JSON.
 
-
-def _wait_for_ctrl_c():
-    while True:
-        signal.sigwait({signal.SIGINT})
-        world = _guarded.get("world") or _initialised_world()
-        if world is None or world.Get_size() == 1:
-            _thread.interrupt_main()  # one process: a KeyboardInterrupt in the main thread, as usual
-        else:
-            abort_job(world, KeyboardInterrupt(), EXIT_INTERRUPTED)
-
-
-def watch_ctrl_c():
-    """Under an MPI launcher, from now on only the minipar-ctrl-c thread receives SIGINT (see the docstring).
-
-    ``minipar/__init__.py`` calls it first thing, so every thread started later (BLAS, MPI's
-    progress thread, tqdm's monitor) inherits the blocked signal.
+    A rank killed outright cannot name itself (see the docstring); this record maps the PID that the
+    kernel's log names to the rank.
     """
-    from minipar._threads import launched_by_mpi
+    import socket
 
-    if not launched_by_mpi or "watcher" in _guarded or threading.current_thread() is not threading.main_thread():
-        return
-    _guarded["watcher"] = threading.Thread(target=_wait_for_ctrl_c, name="minipar-ctrl-c", daemon=True)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    _guarded["watcher"].start()
+    ranks = world.allgather({"host": socket.gethostname(), "pid": os.getpid()})  # small metadata
+    if path is not None and world.Get_rank() == 0:
+        from minipar.checkpoint import write_json_atomic
+
+        write_json_atomic(path, {"ranks": [dict(rank=rank, **entry) for rank, entry in enumerate(ranks)]})
+    return ranks
 
 
 def guard_job(world):
@@ -222,8 +215,10 @@ def guard_job(world):
     if threading.current_thread() is not threading.main_thread():
         return
     _guarded["world"] = world
-    watch_ctrl_c()  # a no-op when minipar/__init__ already did it
-    # A thread started before minipar was imported (mpi4py imported first) may still take SIGINT; Python
+    from minipar.ctrl_c import watch_ctrl_c
+
+    watch_ctrl_c()  # a no-op when start_process already did it
+    # A thread started before the watcher (mpi4py imported first) may still take SIGINT; Python
     # then runs this handler in the main thread, as soon as that one is back in Python.
     signal.signal(signal.SIGINT, lambda number, frame: abort_job(world, KeyboardInterrupt(), EXIT_INTERRUPTED))
     previous = sys.excepthook
@@ -243,8 +238,10 @@ def run_job(body):
     rank = world.Get_rank() if world is not None else 0
     try:
         return body()
-    except SystemExit:
-        raise
+    except SystemExit as error:
+        if getattr(error, "on_every_rank", False) or world is None or world.Get_size() == 1:
+            raise  # --help, a usage error: every rank leaves alike
+        abort_job(world, error, exit_code_of(error) or EXIT_CRASH)  # sys.exit on one rank: does not return
     except BaseException as error:  # noqa: BLE001 - every failure ends the job, one way or the other
         if not (getattr(error, "on_every_rank", False) or world is None or world.Get_size() == 1):
             abort_job(world, error)  # found alone: does not return

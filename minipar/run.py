@@ -13,12 +13,13 @@ sample: the checkpoint loaded into one process (one more layout) -> generate.
 """
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from minipar.backend import to_host, xp
 from minipar.data import CharTokenizer, addition_dataset, answer_accuracy, load_text_dataset
 from minipar.errors import CheckpointError, ConfigError, DataError, JobError
-from minipar.job import on_every_rank
+from minipar.job import on_every_rank, record_ranks
 from minipar.nn.gpt import GPT, GPTConfig
 from minipar.parallel.checkpoint_index import check_model_matches
 from minipar.parallel.distributed_checkpoint import (
@@ -39,23 +40,51 @@ def build_configs(arguments, vocabulary_size, schedule):
     multiple = arguments.vocab_multiple
     if multiple < 1:
         raise ConfigError(f"--vocab-multiple must be at least 1, got {multiple}")
-    model_config = GPTConfig(vocab_size=math.ceil(vocabulary_size / multiple) * multiple,
-                             block_size=arguments.block_size, n_layer=arguments.n_layer, n_head=arguments.n_head,
-                             n_embd=arguments.n_embd, dropout=arguments.dropout, seed=arguments.model_seed,
-                             n_experts=arguments.experts, top_k=arguments.top_k,
-                             capacity_factor=arguments.capacity_factor, aux_loss_weight=arguments.aux_loss_weight)
-    train_config = TrainConfig(
-        **schedule, batch_size=arguments.batch_size, weight_decay=arguments.weight_decay,
-        grad_clip=arguments.grad_clip, seed=arguments.seed, dtype=arguments.dtype, dp=arguments.dp, tp=arguments.tp,
-        pp=arguments.pp, ep=arguments.ep, cp=arguments.cp, cp_layout=arguments.cp_layout,
-        cp_attention=arguments.cp_attention, cp_overlap=arguments.cp_overlap,
-        microbatches=arguments.microbatches, schedule=arguments.schedule,
-        virtual_stages=arguments.virtual_stages, split=parse_split(arguments.split), recompute=arguments.recompute,
-        sequence_parallel=arguments.sequence_parallel, zero=arguments.zero, bucket_megabytes=arguments.bucket_mb,
-        overlap=arguments.overlap, allreduce=arguments.allreduce, ranks_per_node=arguments.ranks_per_node,
-        compress=arguments.compress, topk_ratio=arguments.topk_ratio, powersgd_rank=arguments.powersgd_rank,
-        local_sgd=arguments.local_sgd, optimizer=arguments.optimizer)
+    with flags_in_messages():  # the checks name the flags the user typed (FLAG_OF_FIELD)
+        model_config = GPTConfig(
+            vocab_size=math.ceil(vocabulary_size / multiple) * multiple, block_size=arguments.block_size,
+            n_layer=arguments.n_layer, n_head=arguments.n_head, n_embd=arguments.n_embd, dropout=arguments.dropout,
+            seed=arguments.model_seed, n_experts=arguments.experts, top_k=arguments.top_k,
+            capacity_factor=arguments.capacity_factor, aux_loss_weight=arguments.aux_loss_weight)
+        train_config = TrainConfig(
+            **schedule, batch_size=arguments.batch_size, weight_decay=arguments.weight_decay,
+            grad_clip=arguments.grad_clip, seed=arguments.seed, dtype=arguments.dtype, dp=arguments.dp,
+            tp=arguments.tp, pp=arguments.pp, ep=arguments.ep, cp=arguments.cp, cp_layout=arguments.cp_layout,
+            cp_attention=arguments.cp_attention, cp_overlap=arguments.cp_overlap,
+            microbatches=arguments.microbatches, schedule=arguments.schedule,
+            virtual_stages=arguments.virtual_stages, split=parse_split(arguments.split), recompute=arguments.recompute,
+            sequence_parallel=arguments.sequence_parallel, zero=arguments.zero, bucket_megabytes=arguments.bucket_mb,
+            overlap=arguments.overlap, allreduce=arguments.allreduce, ranks_per_node=arguments.ranks_per_node,
+            compress=arguments.compress, topk_ratio=arguments.topk_ratio, powersgd_rank=arguments.powersgd_rank,
+            local_sgd=arguments.local_sgd, optimizer=arguments.optimizer)
     return model_config, train_config
+
+
+# TrainConfig's checks name its fields (the Python API); the command line's user typed these flags.
+FLAG_OF_FIELD = {"learning_rate": "--lr", "min_learning_rate": "--min-lr", "warmup_steps": "--warmup",
+                 "bucket_megabytes": "--bucket-mb", "batch_size": "--batch-size", "weight_decay": "--weight-decay",
+                 "grad_clip": "--grad-clip", "virtual_stages": "--virtual-stages", "topk_ratio": "--topk-ratio",
+                 "powersgd_rank": "--powersgd-rank", "local_sgd": "--local-sgd", "ranks_per_node": "--ranks-per-node",
+                 "sequence_parallel": "--sequence-parallel", "n_experts": "--experts", "top_k": "--top-k",
+                 "capacity_factor": "--capacity-factor", "aux_loss_weight": "--aux-loss-weight",
+                 "cp_layout": "--cp-layout", "cp_attention": "--cp-attention"}
+FLAG_AT_START = ("steps", "seed", "zero", "dtype", "optimizer", "compress", "microbatches", "schedule")
+
+
+@contextmanager
+def flags_in_messages():
+    """Re-raise a ConfigError from TrainConfig with the command line's flag names in place of its field names."""
+    import re
+
+    try:
+        yield
+    except ConfigError as error:
+        text = re.sub(r"(?<![\w-])(" + "|".join(FLAG_OF_FIELD) + r")(?!\w)", lambda m: FLAG_OF_FIELD[m.group(1)],
+                      str(error))
+        text = re.sub(r"^(" + "|".join(FLAG_AT_START) + r") must", r"--\1 must", text)
+        text = re.sub(r"^(--[a-z-]+) = ", r"\1 ", text)
+        text = re.sub(r"^global batch size (\d+)", r"--batch-size \1 (the global batch)", text)
+        raise ConfigError(text) from None
 
 
 def parse_split(text):
@@ -128,6 +157,7 @@ def check_train(arguments, world_size):
     start_step, history = 0, []
     if index is not None:
         check_model_matches(index, model_config)  # raises CheckpointError naming the difference
+        check_same_tokenizer(index, dataset.tokenizer, arguments)
         start_step = index["step"]
         history = list(index.get("history", {}).get("train_loss", []))[:start_step]
         if start_step >= train_config.steps:
@@ -146,6 +176,20 @@ def check_train(arguments, world_size):
 
 
 DEFAULT_SAVE_EVERY = 500
+
+
+def check_same_tokenizer(index, tokenizer, arguments):
+    """Refuse to resume on data whose character -> id table differs from the checkpoint's (unless
+    --allow-new-data): the same vocabulary size would resume silently with every id meaning another character."""
+    saved = index.get("tokenizer")
+    if saved == tokenizer.to_dict() or arguments.allow_new_data:
+        return
+    characters = saved.get("characters") if isinstance(saved, dict) else None
+    described = (f"{len(characters)} characters {characters!r}" if isinstance(characters, str)
+                 else "no character table")
+    raise DataError(f"--resume {arguments.resume}: the checkpoint was trained on {described}, this data has "
+                    f"{tokenizer.vocab_size} characters {tokenizer.characters!r}, so token ids would mean other "
+                    "characters; pass --allow-new-data to resume on it anyway")
 
 
 def dataset_fingerprint(dataset):
@@ -200,6 +244,7 @@ def train_command(plan):
     world = Communicator()
     placement = device_placement(world.mpi)  # the GPU each rank took at start-up (__main__), to report
     is_printer = world.rank == 0
+    record_ranks(world.mpi, os.path.join(arguments.out, "ranks.json"))  # rank -> PID: a killed rank is named by it
     trainer = Trainer(model_config, train_config, world)
     if arguments.resume:
         resume(trainer, arguments.resume)

@@ -305,6 +305,9 @@ def _run_body_on_this_rank(target, kwargs_json):
 
 
 if __name__ == "__main__":
+    from minipar._threads import start_process
+
+    start_process()  # the process-wide settings, as the CLI makes them (minipar/job.py)
     if len(sys.argv) != 3:
         sys.exit("usage: python -m minipar.testing package.module:function '<json kwargs>'")
     _run_body_on_this_rank(sys.argv[1], sys.argv[2])

@@ -13,6 +13,9 @@ run time). Every page must load with:
   (``build/site/minipar-site.json``, written by the build), and it must have been executed unless
   ``--allow-unexecuted``;
 * its formulas typeset: every formula is MathML (``<math>``), none left as raw TeX;
+* a lesson's figures shown at 75% of their size or more (smaller, their labels cannot be read);
+* an API page with no dunder (``__repr__``, ``__all__``) among its entries;
+* a lesson's sidebar entry reading as its label in ``mkdocs.yml``'s nav, not the notebook's title;
 * every link inside the site pointing to a page or file that exists, and to an anchor on that page.
 
 Screenshots of the home page and of the pipeline lesson go to ``build/site-check/``. Exit status 0
@@ -35,11 +38,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOTS = {"home.png": "", "pipeline_lesson.png": "lessons/05_pipeline_parallel/"}
+MIN_FIGURE_SCALE = 0.75  # a lesson's figure shown smaller than this has labels too small to read
+DUNDER = re.compile(r"__[a-z][a-z0-9_]*__")
 RAW_TEX = re.compile(r"\\(frac|sum|partial|cdot|approx|tanh)\b|\$\$")
 
 PAGE_STATE = """
 const images = [...document.images].map(img => ({src: img.currentSrc || img.src, ok: img.complete && img.naturalWidth > 0,
-                                                  output: !!img.closest('.jp-OutputArea-output')}));
+                                                  output: !!img.closest('.jp-OutputArea-output'),
+                                                  scale: img.naturalWidth
+                                                    ? img.getBoundingClientRect().width / img.naturalWidth : 1}));
+const active = document.querySelector('a.md-nav__link--active[href="./"]');  // this page's entry in the sidebar
+const headings = [...document.querySelectorAll('article h2, article h3, article h4')].map(h => h.textContent);
 const walker = document.createTreeWalker(document.querySelector('article') || document.body, NodeFilter.SHOW_TEXT);
 const prose = [];  // the text a reader sees as prose: not code, not already typeset
 while (walker.nextNode()) {
@@ -51,7 +60,8 @@ const text = prose.join(' ');
 const links = [...document.querySelectorAll('a[href]')].map(a => a.href);
 return {images, links, text, formulas: document.querySelectorAll('math').length,
         mathErrors: document.querySelectorAll('math merror').length, title: document.title,
-        height: document.documentElement.scrollHeight};
+        height: document.documentElement.scrollHeight, navLabel: active ? active.textContent.trim() : null,
+        headings};
 """
 
 
@@ -114,7 +124,18 @@ def check_link(link, base):
     return None
 
 
-def check_page(driver, base, page, lessons, allow_unexecuted):
+def nav_labels_of(config_path):
+    """{page url: its label in mkdocs.yml's nav} for the lessons (the pages whose own title is long)."""
+    labels = {}
+    for line in Path(config_path).read_text().splitlines():
+        match = re.match(r'\s*- "?([^":]+)"?: (lessons/\S+)\.ipynb', line)
+        if match:
+            labels[match.group(2) + "/"] = match.group(1)
+    return labels
+
+
+def check_page(driver, base, page, lessons, allow_unexecuted, nav_labels=None):
+    nav_labels = nav_labels or {}
     driver.get(base + page)
     state = driver.execute_script(PAGE_STATE)
     problems = []
@@ -122,6 +143,15 @@ def check_page(driver, base, page, lessons, allow_unexecuted):
         if entry["level"] == "SEVERE":
             problems.append(f"console error: {entry['message']}")
     problems += [f"image did not load: {image['src']}" for image in state["images"] if not image["ok"]]
+    problems += [f"a lesson's figure is shown at {image['scale']:.0%} of its size (text too small to read): "
+                 f"{image['src'][-60:]}" for image in state["images"]
+                 if image["ok"] and image["output"] and image["scale"] < MIN_FIGURE_SCALE]
+    if page.startswith("api/"):
+        dunders = sorted({name for heading in state["headings"] for name in DUNDER.findall(heading)})
+        if dunders:
+            problems.append(f"API page lists dunders: {', '.join(dunders)}")
+    if page in nav_labels and state["navLabel"] is not None and state["navLabel"] != nav_labels[page]:
+        problems.append(f"the sidebar says {state['navLabel']!r}, the navigation {nav_labels[page]!r}")
     if page in lessons:
         lesson = lessons[page]
         shown = sum(1 for image in state["images"] if image["output"] and image["ok"])
@@ -161,6 +191,7 @@ def main(argv=None):
         if not Path(tool).exists():
             parser.error(f"{tool} not found: apt-get install -y chromium chromium-driver")
     lessons = json.loads(manifest_path.read_text())["lessons"]
+    nav_labels = nav_labels_of(ROOT / "mkdocs.yml")
     out.mkdir(parents=True, exist_ok=True)
     server, base = serve(site)
     driver = browser(args.chromium, args.chromedriver)
@@ -171,7 +202,7 @@ def main(argv=None):
             pages = [page for page in pages if page.startswith(tuple(args.only))]
         for page in pages:
             started = time.perf_counter()
-            state, problems = check_page(driver, base, page, lessons, args.allow_unexecuted)
+            state, problems = check_page(driver, base, page, lessons, args.allow_unexecuted, nav_labels)
             figures += sum(1 for image in state["images"] if image["ok"])
             formulas += state["formulas"]
             for problem in problems:

@@ -316,3 +316,221 @@ def test_json_helpers_report_problems(tmp_path):
     with pytest.raises(CheckpointError, match="not JSON-serialisable"):
         write_json_atomic(tmp_path / "index.json", {"bad": {1, 2}})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.json"]
+
+
+# ---- crafted files: refused without allocating more than the file's size ----------------------
+def peak_bytes_while(action):
+    """(what ``action()`` raised, the peak of Python's and NumPy's allocations meanwhile, in bytes)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        action()
+    except CheckpointError as error:
+        raised = error
+    else:
+        raised = None
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return raised, peak
+
+
+def test_a_compressed_entry_a_zip_bomb_is_refused_unread(tmp_path):
+    """50 MB of zeros deflated into about 50 kB: reading it would allocate 50 MB from a tiny file."""
+    zeros = numpy.zeros(50 * 2**20 // 8)
+    path = tmp_path / "bomb.ckpt"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("manifest.json", json.dumps(manifest_for({"w": zeros})))
+        archive.writestr("arrays/w.npy", npy_bytes(zeros))
+    size = path.stat().st_size
+    assert size < 2**20  # the file is small; the entry is not
+    raised, peak = peak_bytes_while(lambda: read_array_file(path))
+    assert raised is not None and "is compressed" in str(raised) and "uncompressed" in str(raised), raised
+    assert peak < size + 2**20, f"allocated {peak} bytes for a {size}-byte file"
+
+
+def test_a_shape_declared_far_beyond_the_file_is_refused_before_allocating(tmp_path):
+    """Manifest and .npy header agree on 2**31 float64s (16 GiB); the entry holds 80 bytes."""
+    small = numpy.arange(10, dtype=numpy.float64)
+    header = io.BytesIO()
+    npy_format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False, "shape": (2**31,)})
+    manifest = manifest_for({"w": small})
+    manifest["arrays"]["w"]["shape"] = [2**31]
+    path = tmp_path / "huge.ckpt"
+    build_archive(path, manifest, {"arrays/w.npy": header.getvalue() + small.tobytes()})
+    raised, peak = peak_bytes_while(lambda: read_array_file(path))
+    assert raised is not None and "declares 17,179,869,184 bytes of data" in str(raised), raised
+    assert peak < path.stat().st_size + 2**20, f"allocated {peak} bytes for a {path.stat().st_size}-byte file"
+
+
+def test_an_entry_declaring_more_bytes_than_the_file_holds_is_refused(tmp_path):
+    """The zip directory itself lies about an entry's size (patched in the central directory)."""
+    path = tmp_path / "liar.ckpt"
+    write_array_file(path, {"w": numpy.arange(4.0)})
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo("arrays/w.npy")
+    name = b"arrays/w.npy"
+    record = data.rfind(b"PK\x01\x02", 0, data.rfind(name))  # the entry's central directory record
+    assert data[record + 46:record + 46 + len(name)] == name
+    data[record + 20:record + 28] = (2**30).to_bytes(4, "little") * 2  # compressed and unpacked sizes: 1 GiB
+    path.write_bytes(bytes(data))
+    assert info.file_size < 1000
+    raised, peak = peak_bytes_while(lambda: read_array_file(path))
+    assert raised is not None and "declares 1,073,741,824 bytes" in str(raised), raised
+    assert peak < path.stat().st_size + 2**20
+
+
+@pytest.mark.parametrize("name", ["arrays/../../outside.npy", "/etc/evil.npy", "arrays\\..\\evil.npy"])
+def test_entry_names_that_escape_the_folder_are_refused(tmp_path, name):
+    path = tmp_path / "escape.ckpt"
+    build_archive(path, manifest_for({}), {name: npy_bytes(numpy.arange(3.0))})
+    with pytest.raises(CheckpointError, match="escapes the archive's folder"):
+        read_array_file(path)
+
+
+def test_files_written_by_this_minipar_are_stored_uncompressed_and_load(tmp_path):
+    """The other side of the checks above: what save writes passes them (old checkpoints keep loading)."""
+    path = tmp_path / "c.ckpt"
+    save_checkpoint(path, example_arrays(), METADATA)
+    with zipfile.ZipFile(path) as archive:
+        assert {info.compress_type for info in archive.infolist()} == {zipfile.ZIP_STORED}
+    arrays, metadata = load_checkpoint(path)
+    assert metadata == METADATA and sorted(arrays) == sorted(example_arrays())
+
+
+# ---- crafted distributed checkpoints (a folder: index.json + shard files) -----------------------
+@pytest.fixture(scope="module")
+def saved_folder(tmp_path_factory):
+    """A real one-process checkpoint of a tiny model, made once by the CLI."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path_factory.mktemp("saved")
+    (out / "text.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 20)
+    result = subprocess.run([sys.executable, "-m", "minipar", "train", "--steps", "1", "--n-layer", "1", "--n-embd",
+                             "16", "--n-head", "2", "--batch-size", "4", "--eval-batches", "1", "--block-size", "8",
+                             "--data", str(out / "text.txt"), "--out", str(out)],
+                            capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 0, result.stderr
+    return out / "ckpt.minipar"
+
+
+def crafted(saved_folder, tmp_path, change):
+    """A copy of the saved checkpoint with ``change(index)`` applied to its index."""
+    import shutil
+
+    folder = tmp_path / "crafted.minipar"
+    shutil.copytree(saved_folder, folder)
+    index = json.loads((folder / "index.json").read_text())
+    change(index)
+    (folder / "index.json").write_text(json.dumps(index))
+    return folder
+
+
+def test_an_index_declaring_more_than_its_files_hold_is_refused_before_allocating(saved_folder, tmp_path):
+    from minipar.parallel.distributed_checkpoint import load_single_process_model
+
+    def grow(index):  # a model 2**20 times wider, every shape and config field consistent with it
+        index["model_config"]["n_embd"] *= 2**20
+        for entry in index["arrays"].values():
+            entry["shape"] = [n * 2**20 for n in entry["shape"]]
+            for record in entry["shards"]:
+                record["shape"] = [n * 2**20 for n in record["shape"]]
+
+    folder = crafted(saved_folder, tmp_path, grow)
+    raised, peak = peak_bytes_while(lambda: load_single_process_model(folder))
+    assert raised is not None and "bytes of arrays the index declares" in str(raised), raised
+    assert peak < sum(f.stat().st_size for f in folder.iterdir()) + 2**20
+
+
+def test_a_model_config_larger_than_the_saved_arrays_is_refused_before_building(saved_folder, tmp_path):
+    from minipar.parallel.distributed_checkpoint import load_single_process_model
+
+    def widen(index):
+        index["model_config"]["vocab_size"] = 2**30  # sample would build a 2**30 x 16 embedding for it
+
+    raised, peak = peak_bytes_while(lambda: load_single_process_model(crafted(saved_folder, tmp_path, widen)))
+    assert raised is not None and "its model config says" in str(raised), raised
+    assert peak < 2**22
+
+
+@pytest.mark.parametrize("name", ["../outside.minipar", "/tmp/elsewhere.minipar", ".hidden.minipar"])
+def test_shard_file_names_that_escape_the_folder_are_refused(saved_folder, tmp_path, name):
+    from minipar.parallel.distributed_checkpoint import load_single_process_model
+
+    def escape(index):
+        first = next(iter(index["files"]))
+        index["files"][name] = index["files"].pop(first)
+        for entry in index["arrays"].values():
+            for record in entry["shards"]:
+                record["file"] = name if record["file"] == first else record["file"]
+
+    with pytest.raises(CheckpointError, match="not a plain file name"):
+        load_single_process_model(crafted(saved_folder, tmp_path, escape))
+
+
+def test_a_shard_file_that_links_out_of_the_folder_is_refused(saved_folder, tmp_path):
+    from minipar.parallel.distributed_checkpoint import load_single_process_model
+
+    folder = crafted(saved_folder, tmp_path, lambda index: None)
+    shard = next(folder.glob("shard-*.minipar"))
+    outside = tmp_path / "outside.minipar"
+    shard.rename(outside)
+    shard.symlink_to(outside)
+    with pytest.raises(CheckpointError, match="link out of the checkpoint's folder"):
+        load_single_process_model(folder)
+
+
+# ---- the tokenizer is saved and compared on resume ----------------------------------------------
+def run_train(*arguments, cwd=None):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    return subprocess.run([sys.executable, "-m", "minipar", "train", "--n-layer", "1", "--n-embd", "16", "--n-head",
+                           "2", "--batch-size", "4", "--eval-batches", "1", "--block-size", "8", *arguments],
+                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parent.parent)
+
+
+def test_the_character_table_is_compared_on_resume():
+    """The check itself, fast: equal tables pass, another mapping is refused in one sentence, the flag allows it."""
+    from types import SimpleNamespace
+
+    from minipar.data import CharTokenizer
+    from minipar.errors import DataError
+    from minipar.run import check_same_tokenizer
+
+    index = {"tokenizer": CharTokenizer("abc").to_dict()}
+    arguments = SimpleNamespace(resume="out/ckpt.minipar", allow_new_data=False)
+    check_same_tokenizer(index, CharTokenizer("cab"), arguments)  # the same table
+    with pytest.raises(DataError, match=r"^--resume out/ckpt.minipar: the checkpoint was trained on 3 characters "
+                                        r"'abc', this data has 3 characters 'abd', .*--allow-new-data"):
+        check_same_tokenizer(index, CharTokenizer("abd"), arguments)
+    check_same_tokenizer(index, CharTokenizer("abd"), SimpleNamespace(resume="x", allow_new_data=True))
+
+
+@pytest.mark.slow
+def test_resuming_on_data_with_another_character_table_is_refused_unless_allowed(tmp_path):
+    """Same vocabulary size (so the model's shape matches), another character -> id mapping."""
+    first, second = tmp_path / "a.txt", tmp_path / "b.txt"
+    first.write_text("abcdefgh\n" * 40)
+    second.write_text("abcdefgz\n" * 40)  # 9 characters both; 'z' sorts last, 'h' moved out: ids shift
+    out = tmp_path / "out"
+    result = run_train("--steps", "1", "--data", str(first), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((out / "ckpt.minipar" / "index.json").read_text())["tokenizer"]
+    assert saved == {"kind": "char", "characters": "\nabcdefgh"}
+    result = run_train("--steps", "2", "--data", str(second), "--resume", str(out / "ckpt.minipar"), "--out", str(out))
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0] == (f"error: --resume {out / 'ckpt.minipar'}: the checkpoint was trained on 9 characters "
+                        "'\\nabcdefgh', this data has 9 characters '\\nabcdefgz', so token ids would mean other "
+                        "characters; pass --allow-new-data to resume on it anyway")
+    result = run_train("--steps", "2", "--data", str(second), "--resume", str(out / "ckpt.minipar"), "--out", str(out),
+                       "--allow-new-data")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "ckpt.minipar" / "index.json").read_text())["tokenizer"]["characters"] == "\nabcdefgz"

@@ -36,7 +36,7 @@ def test_layout_that_does_not_match_the_world_fails_on_every_rank_without_hangin
 def test_batch_not_divisible_by_data_parallel_ranks_is_refused():
     result = run_cli("train", "--dp", "2", "--batch-size", "7", "--steps", "1", ranks=2, timeout=60)
     assert result.returncode != 0
-    assert "global batch size 7 must be divisible by dp x microbatches" in result.stderr
+    assert "--batch-size 7 (the global batch) must be divisible by dp x microbatches" in result.stderr
 
 
 def test_invalid_model_shape_names_the_numbers():
@@ -69,7 +69,7 @@ TINY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--batch-size", "8"
     (["train", "--split", "a,b"], "--split must list blocks per pipeline chunk as positive integers"),
     (["train", "--bucket-mb", "nan"], "argument --bucket-mb: expected a finite number, got 'nan'"),
     (["train", "--lr", "nan"], "argument --lr: expected a finite number, got 'nan'"),
-    (["train", "--lr", "-1"], "learning_rate must be >= 0.0, got -1.0"),
+    (["train", "--lr", "-1"], "--lr must be >= 0.0, got -1.0"),
     (["train", "--weight-decay", "inf"], "argument --weight-decay: expected a finite number, got 'inf'"),
     (["train", "--micro", "4"], "unrecognized arguments: --micro 4"),
     (["train", "--zero", "4"], "argument --zero: invalid choice: 4"),
@@ -139,7 +139,8 @@ def test_periodic_saves_keep_the_last_k_and_clean_up_after_interrupted_saves(tmp
     (stale / "shard-rank-00000.minipar").write_bytes(b"half a shard")
     result = run_cli("train", "--steps", "7", "--save-every", "2", "--keep", "2", *TINY, "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-step-000006.minipar", "ckpt.minipar"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-step-000006.minipar", "ckpt.minipar",
+                                                             "ranks.json"]  # rank -> PID (minipar/job.py)
     assert index_of(tmp_path / "ckpt.minipar")["step"] == 7
     assert index_of(tmp_path / "ckpt-step-000006.minipar")["step"] == 6
     umask = os.umask(0)

@@ -110,3 +110,50 @@ def test_orthonormal_columns_is_orthonormal_and_spans_the_input():
 def test_bad_compression_settings_are_refused(method, bad):
     with pytest.raises(ConfigError):
         make_compressor(method, **bad)
+
+
+class OneRank:
+    """A communicator of one rank: the allreduce leaves its buffer as it is."""
+
+    size = 1
+
+    def allreduce(self, buffer, algorithm=None):
+        pass
+
+
+def _matrix_with_decaying_spectrum(n=40, m=30, seed=5):
+    rng = np.random.default_rng(seed)
+    left, _ = np.linalg.qr(rng.standard_normal((n, m)))
+    right, _ = np.linalg.qr(rng.standard_normal((m, m)))
+    return (left * 0.7 ** np.arange(m)) @ right.T  # singular values 1, 0.7, 0.49, ...
+
+
+def test_powersgd_carries_q_from_one_step_to_the_next():
+    """Warm start (Vogels et al. 2019, Algorithm 1): step t+1 multiplies by the Q that step t computed."""
+    gradient = _matrix_with_decaying_spectrum()
+    compressor = PowerSGD(rank=2)
+    compressor.average([gradient.copy()], OneRank())
+    q_after_first = compressor.q[0].copy()
+    compressor.residuals.clear()  # the same input again, so only Q differs between the two ways
+    compressor.average([gradient.copy()], OneRank())
+    p_second = compressor.last_sent[0][0]
+    np.testing.assert_allclose(p_second, orthonormal_columns(gradient @ q_after_first), rtol=0, atol=1e-12,
+                               err_msg="the second step's P is not M times the first step's Q: no warm start")
+    fresh = orthonormal_columns(gradient @ PowerSGD(rank=2)._q(0, gradient))
+    assert np.abs(p_second - fresh).max() > 1e-3, "the second step used a fresh Q"
+
+
+def test_powersgd_approximation_error_falls_on_a_fixed_gradient():
+    """With Q carried, each step is one more power iteration: ||M - P Qᵀ|| falls to the best rank-r error."""
+    gradient = _matrix_with_decaying_spectrum()
+    singular = np.linalg.svd(gradient, compute_uv=False)
+    best = np.sqrt(np.sum(singular[2:] ** 2))  # Eckart–Young: the best rank-2 error
+    compressor, errors = PowerSGD(rank=2), []
+    for _ in range(24):
+        compressor.residuals.clear()  # no error feedback: the approximation of M itself
+        approximation = gradient.copy()
+        compressor.average([approximation], OneRank())
+        errors.append(np.linalg.norm(gradient - approximation))
+    assert errors[0] > best * (1 + 1e-3), f"the random start is already optimal? {errors[0]} vs {best}"
+    assert all(b <= a + 1e-12 for a, b in zip(errors, errors[1:])), f"the error rose: {errors}"
+    assert errors[-1] < best * (1 + 1e-9), f"after 24 steps {errors[-1]}, best rank-2 error {best}: {errors}"

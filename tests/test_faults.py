@@ -30,6 +30,8 @@ SMALL = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--batch-size", "8
 # A user's script: patch minipar on one rank (the fault), then run the CLI's main() through the API.
 INJECT = textwrap.dedent("""
     import errno, sys, time
+    from minipar.job import start_process
+    start_process()  # what python -m minipar does first (and what a user's script under mpiexec does)
     from mpi4py import MPI
     import minipar.train, minipar.run, minipar.parallel.distributed_checkpoint as dc
     from minipar.errors import DataError
@@ -49,6 +51,14 @@ INJECT = textwrap.dedent("""
                 raise ZeroDivisionError("injected bug")
             return original(self)
         minipar.train.Trainer.update = broken
+    if here and WHERE == "exit":  # user code calls sys.exit on one rank mid-step
+        original_update = minipar.train.Trainer.update
+        def exits(self):
+            if self.step_count == 3:
+                mark()
+                sys.exit(AT)
+            return original_update(self)
+        minipar.train.Trainer.update = exits
     if here and WHERE == "batch":  # a DataError on one rank mid-run
         original_batch = minipar.data.Dataset.get_batch
         def broken_batch(self, split, *args):
@@ -167,6 +177,19 @@ def test_exception_on_one_rank_mid_step_ends_every_rank_with_one_message(tmp_pat
     assert index_of(out)["step"] == 4 and leftovers(out) == []  # the save before the fault is whole
 
 
+@pytest.mark.parametrize("code", [7, 0])
+def test_sys_exit_on_one_rank_ends_every_rank_naming_the_rank_and_the_code(tmp_path, code):
+    """sys.exit on one rank used to leave it in MPI_Finalize, waiting for partners stuck in a collective."""
+    job = Job(script(tmp_path, 4, 2, "exit", code, "train", "--dp", "2", "--tp", "2", "--steps", "50",
+                     "--out", str(tmp_path / "out"), *SMALL), tmp_path)
+    status, ended, stdout, stderr = job.finish()
+    report(f"sys.exit({code}) on rank 2 of 4 mid-step", status, ended - fault_time(stderr), stderr)
+    assert status == (code or 1), stderr  # the rank's own code; 0 cannot say that the job failed, so 1
+    assert ended - fault_time(stderr) < ENDS_WITHIN, stderr
+    said = f"error on rank 2 of 4: sys.exit({code}) was called (SystemExit, exit code {code}); ending the job"
+    assert stderr.count(said) == 1 and stderr.count("error on rank") == 1, stderr
+
+
 @pytest.mark.parametrize("where", ["check", pytest.param("batch", marks=pytest.mark.slow)])
 def test_data_error_on_one_rank_is_said_once_naming_the_rank(tmp_path, where):
     out = tmp_path / "out"
@@ -236,6 +259,62 @@ def test_ctrl_c_to_the_launcher_ends_every_rank(tmp_path):
                       "--out", str(out), *SMALL), tmp_path)
     code, _, _, stderr = resumed.finish()
     assert code == 0 and leftovers(out) == [] and index_of(out)["step"] == index["step"] + 1, stderr
+
+
+# SIGINT this long after mpiexec starts 8 ranks: every step of 0.1 s lands somewhere else in start-up
+# (Python starting, minipar's imports, MPI_Init, the checks, the first steps). A few run by default.
+START_UP_DELAYS = [round(0.1 * tenth, 1) for tenth in range(1, 21)]
+QUICK_DELAYS = (0.5, 1.0, 2.0)
+
+
+def tracebacks(stderr):
+    """(every traceback, those of ranks that the Ctrl-C met in Python's own start-up, before minipar's first line).
+
+    Nothing of minipar runs there (no frame in the minipar package, or only the line that calls start_process),
+    so nothing of minipar can catch it: Python itself prints KeyboardInterrupt. Any other traceback
+    is a failure.
+    """
+    blocks = re.split(r"(?=Traceback \(most recent call last\):|Fatal Python error)", stderr)[1:]
+    return blocks, [block for block in blocks if "/minipar/" not in block.split("KeyboardInterrupt")[0]
+                    or "start_process" in block]
+
+
+@pytest.mark.parametrize("delay", [delay if delay in QUICK_DELAYS else pytest.param(delay, marks=pytest.mark.slow)
+                                   for delay in START_UP_DELAYS])
+def test_ctrl_c_during_start_up_ends_every_rank_with_one_message(tmp_path, delay):
+    job = Job(cli(8, "train", "--dp", "2", "--tp", "2", "--pp", "2", "--steps", "100000", "--out",
+                  str(tmp_path / "out"), *SMALL), tmp_path)
+    time.sleep(max(0.0, job.started + delay - time.time()))
+    sent = time.time()
+    job.process.send_signal(signal.SIGINT)
+    code, ended, stdout, stderr = job.finish(timeout=60)
+    report(f"SIGINT {delay:.1f} s after launching 8 ranks", code, ended - sent, stderr)
+    assert code != 0 and ended - sent < ENDS_WITHIN, (code, ended - sent, stderr)
+    assert "step 1" not in stdout and "train loss" not in stdout, stdout  # never a run on to the end
+    every, python_start_up = tracebacks(stderr)
+    assert len(every) == len(python_start_up), stderr
+    if not python_start_up:  # every rank was in minipar: one message, from rank 0
+        assert stderr.count("interrupted (Ctrl-C)") == 1, stderr
+
+
+def test_a_killed_rank_is_named_by_the_pid_record(tmp_path):
+    """hydra SIGKILLs every other rank at once and its banner may name another rank's PID, so nobody can say
+    which rank died; OUT/ranks.json, written at start, maps the PID the kernel names to the rank."""
+    out = tmp_path / "out"
+    job = Job(cli(2, "train", "--dp", "2", "--steps", "100000", "--save-every", "2", "--out", str(out), *SMALL),
+              tmp_path)
+    job.wait_for("checkpoint written")
+    record = json.loads((out / "ranks.json").read_text())["ranks"]
+    victim = job.rank_pids()[-1]
+    assert sorted(entry["pid"] for entry in record) == sorted(job.rank_pids()), record
+    killed = time.time()
+    os.kill(victim, signal.SIGKILL)
+    code, ended, stdout, stderr = job.finish()
+    named = [entry["rank"] for entry in record if entry["pid"] == victim]
+    report(f"SIGKILL of rank {named[0]} of 2 (named by OUT/ranks.json)", code, ended - killed,
+           stderr.replace("=   BAD", "error (launcher): BAD"))
+    assert code != 0 and ended - killed < ENDS_WITHIN, (code, ended - killed, stderr)
+    assert len(named) == 1 and named[0] in (0, 1)
 
 
 @pytest.mark.slow
@@ -338,3 +417,94 @@ def test_a_run_resumed_under_another_layout_agrees_to_float64_rounding(tmp_path)
     expected, got = index_of(tmp_path / "a")["history"]["train_loss"], index_of(tmp_path / "b")["history"]["train_loss"]
     assert len(got) == 12
     assert max(abs(a - b) / abs(a) for a, b in zip(expected, got)) < 1e-12
+
+
+# ---- the Ctrl-C watcher itself, without a launcher (fast) -------------------------------------
+class RecordingWorld:
+    """A stand-in COMM_WORLD of 2 ranks whose Abort records the code and stops the caller."""
+
+    def __init__(self, rank=0):
+        self.rank, self.aborted = rank, []
+
+    def Get_rank(self):  # noqa: N802 - mpi4py's names
+        return self.rank
+
+    def Get_size(self):  # noqa: N802
+        return 2
+
+    def Abort(self, code):  # noqa: N802
+        self.aborted.append(code)
+        raise SystemExit("aborted")  # instead of ending the process
+
+
+def test_the_ctrl_c_watcher_aborts_a_running_job(monkeypatch, capsys):
+    from minipar import ctrl_c, job
+
+    world = RecordingWorld()
+    monkeypatch.setitem(job._guarded, "world", world)
+    monkeypatch.setattr(job, "flush_to_launcher", lambda limit=None: None)
+    with pytest.raises(SystemExit, match="aborted"):
+        ctrl_c._on_ctrl_c()  # what the watcher thread runs when sigwait returns SIGINT
+    assert world.aborted == [job.EXIT_INTERRUPTED]
+    assert "error on rank 0 of 2: interrupted (Ctrl-C); ending the job" in capsys.readouterr().err
+
+
+WATCHER_PROBE = textwrap.dedent("""
+    import os, signal, sys, time
+    from minipar._threads import start_process
+    import minipar.ctrl_c
+    minipar.ctrl_c._START_WAIT = float(sys.argv[1])
+    start_process()
+    print(f"SENT AT {time.time():.3f}", flush=True)
+    os.kill(os.getpid(), signal.SIGINT)  # as mpiexec forwards a Ctrl-C
+    time.sleep(30)  # the main thread never hears it: SIGINT is blocked here, the watcher takes it
+    print("ran on")
+""")
+
+
+def test_the_ctrl_c_watcher_ends_a_rank_that_mpi_never_reached():
+    """A rank still starting (no MPI yet) and told Ctrl-C leaves with 130; rank 0 says it once."""
+    environment = {name: value for name, value in os.environ.items() if not name.startswith(("PMI_", "OMPI_", "PMIX_"))}
+    environment.update(PMI_SIZE="2", PMI_RANK="0", PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    result = subprocess.run([sys.executable, "-c", WATCHER_PROBE, "0.2"], env=environment, capture_output=True,
+                            text=True, timeout=60)
+    ended, sent = time.time(), float(re.findall(r"SENT AT ([0-9.]+)", result.stdout)[0])
+    assert result.returncode == 130 and ended - sent < ENDS_WITHIN, (result.returncode, ended - sent, result.stderr)
+    assert "ran on" not in result.stdout and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.count("interrupted (Ctrl-C) on rank 0 of 2 before MPI was running") == 1, result.stderr
+
+
+# ---- every message names the flag the user typed (in-process: the checks every rank runs) ------
+@pytest.mark.parametrize("arguments, message", [
+    (["--steps", "0"], "argument --steps: expected a positive integer, got 0"),
+    (["--lr", "-1"], "--lr must be >= 0.0, got -1.0"),
+    (["--min-lr", "-1"], "--min-lr must be >= 0.0, got -1.0"),
+    (["--bucket-mb", "0"], "--bucket-mb must be > 0.0, got 0.0"),
+    (["--weight-decay", "-1"], "--weight-decay must be >= 0.0"),
+    (["--grad-clip", "-1"], "--grad-clip must be >= 0.0"),
+    (["--virtual-stages", "2"], "--virtual-stages 2 needs the interleaved schedule"),
+    (["--compress", "topk", "--topk-ratio", "2"], "--topk-ratio must be in (0, 1], got 2.0"),
+    (["--batch-size", "6", "--microbatches", "4"], "--batch-size 6 (the global batch) must be divisible"),
+])
+def test_configuration_messages_name_the_flags(tmp_path, arguments, message):
+    from minipar.__main__ import _prepare
+
+    with pytest.raises(Exception) as raised:  # noqa: B017 - the message is what is checked
+        _prepare(["train", *arguments, "--out", str(tmp_path)], 1)
+    text = str(raised.value)
+    assert message in text, text
+    for field in ("learning_rate", "bucket_megabytes", "warmup_steps", "virtual_stages", "topk_ratio", "stop-after"):
+        assert field not in text, text
+
+
+def test_a_missing_gpu_stack_is_named_in_one_sentence(tmp_path):
+    """Where CuPy is absent (this machine, CI), --backend cupy says what to install instead of a traceback."""
+    import importlib.util
+
+    if importlib.util.find_spec("cupy") is not None:
+        pytest.skip("CuPy is installed here: the message for its absence cannot be seen")
+    code, ended, stdout, stderr = Job(cli(1, "train", "--backend", "cupy", "--steps", "1", "--out",
+                                          str(tmp_path / "out")), tmp_path).finish(timeout=120)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, stderr
+    assert lines[0].startswith("error: --backend cupy: CuPy is not installed") and 'pip install -e ".[gpu]"' in lines[0]

@@ -1,7 +1,8 @@
 """Ranks that outnumber cores get MPICH's sleeping wait; ranks with a core each keep busy-polling.
 
-minipar/_threads.py decides at import, before mpi4py initialises MPI, from the launcher's count of
-ranks on this node. Each case imports minipar in a fresh interpreter with a launcher's variables.
+minipar/_threads.py decides in start_process (the CLI's first statement), before mpi4py initialises
+MPI, from the launcher's count of ranks on this node.
+Each case calls start_process in a fresh interpreter with a launcher's variables.
 """
 import json
 import os
@@ -11,7 +12,7 @@ import sys
 from minipar._threads import OVERSUBSCRIBED_MPICH
 from minipar.testing import PACKAGE_PARENT
 
-PROBE = ("import json, os, minipar; "
+PROBE = ("import json, os, minipar._threads; minipar._threads.start_process(); "
          "print(json.dumps({name: os.environ.get(name) for name in minipar._threads.OVERSUBSCRIBED_MPICH}))")
 
 

@@ -1,6 +1,6 @@
-"""Gradient compression: fewer bytes per data-parallel step, paid for in exactness.
+r"""Gradient compression: fewer bytes per data-parallel step, paid for in exactness.
 
-Plain data parallelism moves 2(N−1)/N · n values per step through a ring allreduce. Three ways
+Plain data parallelism moves $2\frac{N-1}{N} n$ values per step through a ring allreduce. Three ways
 to move less, each a small piece below, each trading something different:
 
 16-bit exchange (``HalfPrecision``: fp16 or bf16). Every message of the ring carries 16-bit
@@ -15,18 +15,22 @@ fp32 bit pattern: round to nearest even at bit 16 and keep the high 16 bits (``b
 Top-k with error feedback (``TopK``). Each rank sends only its k largest-magnitude entries of
 g + e as (index, value) pairs, 2k numbers instead of n, gathered from every rank and summed into
 a dense buffer. What was not sent is kept as the residual e and added to the next step's
-gradient, so nothing is lost, only delayed: sent + e_new = g + e_old exactly (Seide et al. 2014,
+gradient, so nothing is lost, only delayed: $\text{sent} + e_\text{new} = g + e_\text{old}$ exactly (Seide et al. 2014,
 "1-bit SGD"; Stich et al. 2018; Karimireddy et al. 2019, "Error feedback fixes SignSGD").
 
-PowerSGD (``PowerSGD``, Vogels et al. 2019). A gradient matrix M (n × m) is replaced by a rank-r
-product P Qᵀ found by one step of power iteration, warm-started from last step's Q:
+PowerSGD (``PowerSGD``, Vogels et al. 2019). A gradient matrix $M$ ($n \times m$) is replaced by a
+rank-$r$ product $P Q^\top$ found by one step of power iteration, warm-started from last step's $Q$:
 
-    P = M Q            allreduce (mean) P           n·r numbers
-    P = orthonormalise(P)
-    Q = Mᵀ P           allreduce (mean) Q           m·r numbers
-    approximation = P Qᵀ,   residual e = M − P Qᵀ  (error feedback, M = gradient + old e)
+$$
+\begin{aligned}
+P &= M Q && \text{allreduce (mean) } P\text{: } n r \text{ numbers} \\
+P &\leftarrow \operatorname{orthonormalise}(P) \\
+Q &= M^\top P && \text{allreduce (mean) } Q\text{: } m r \text{ numbers} \\
+M &\approx P Q^\top, \quad e = M - P Q^\top && \text{error feedback: } M = \text{gradient} + \text{old } e
+\end{aligned}
+$$
 
-(n + m)·r numbers instead of n·m; vectors (biases, norm gains) and matrices too small to gain are
+$(n + m) r$ numbers instead of $n m$; vectors (biases, norm gains) and matrices too small to gain are
 sent whole, inside the first allreduce. All ranks hold the same P and Q after the allreduces, so
 they apply the same approximation and replicas stay identical.
 

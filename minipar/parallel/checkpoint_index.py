@@ -3,7 +3,9 @@
 The index, ``index.json`` in the checkpoint folder (minipar/parallel/distributed_checkpoint.py writes
 the folder), holds the configs, step, tokenizer and layout, and for every full array which file holds
 which slice (Shard fields, shapes, dtypes, SHA-256). ``check_index`` refuses an index whose pieces do
-not tile every array exactly; saving runs the same check, so such an index is never written.
+not tile every array exactly, whose file names leave the folder, or whose declared pieces need
+more bytes than their files hold (so nothing is allocated for a crafted index); saving runs the
+same check, so such an index is never written.
 
 Resharding: a saved piece is ``saved.take(full)`` and a rank of the new layout needs
 ``mine.take(full)``, so it reads the pieces' files, rebuilds ``full = saved.join(pieces)`` and keeps
@@ -15,6 +17,8 @@ broadcasts it; each rank reads what it needs, and an allgather of every rank's e
 the same CheckpointError, naming the rank.
 """
 from pathlib import Path
+
+import numpy  # dtypes of the index's records, on the host
 
 from minipar.backend import to_host
 from minipar.checkpoint import read_array_file, read_json, sha256_of
@@ -55,11 +59,16 @@ def check_index(index, folder):
     try:
         if not isinstance(index["step"], int) or index["step"] < 0 or not isinstance(index["model_config"], dict):
             raise CheckpointError(f"step {index['step']!r} or model config {index['model_config']!r} is invalid")
+        sizes, declared = {}, {}
         for name in index["files"]:
-            if Path(name).name != name or name.startswith("."):
-                raise CheckpointError(f"shard file name {name!r} is not a plain file name")
-            if not (Path(folder) / name).is_file():
+            if Path(name).name != name or name.startswith(".") or "\\" in name:
+                raise CheckpointError(f"shard file name {name!r} is not a plain file name (it would escape the folder)")
+            where = Path(folder) / name
+            if not where.is_file():
                 raise CheckpointError(f"shard file {name!r} is missing")
+            if where.is_symlink() or where.resolve().parent != Path(folder).resolve():
+                raise CheckpointError(f"shard file {name!r} is a link out of the checkpoint's folder")
+            sizes[name], declared[name] = where.stat().st_size, 0
         for key, entry in index["arrays"].items():
             records, full_shape = entry["shards"], list(entry["shape"])
             first = Shard(key, *slicing_of(records[0]))
@@ -76,8 +85,42 @@ def check_index(index, folder):
                 if record["file"] not in index["files"] or list(record["shape"]) != piece_shape:
                     raise CheckpointError(f"piece {record['index']} of {key!r} has an unknown file or shape "
                                           f"{record['shape']} (expected {piece_shape})")
+                declared[record["file"]] += _bytes_of(record)
+        for name, size in sizes.items():  # before anything is allocated for them
+            if declared[name] > size:
+                raise CheckpointError(f"shard file {name!r} holds {size:,} bytes, fewer than the {declared[name]:,} "
+                                      "bytes of arrays the index declares in it (truncated, or not this index's file)")
     except (KeyError, TypeError, IndexError, AttributeError, ValueError, ZeroDivisionError) as failure:
         raise CheckpointError(f"malformed index ({type(failure).__name__}: {failure})") from None
+
+
+def _bytes_of(record):
+    """Bytes of one piece as the index declares it (a numeric dtype, a shape of non-negative ints)."""
+    dtype = numpy.dtype(record["dtype"])
+    if dtype.kind not in "biufc" or not all(isinstance(n, int) and n >= 0 for n in record["shape"]):
+        raise CheckpointError(f"a piece has dtype {record['dtype']!r} and shape {record['shape']!r}")
+    count = 1
+    for n in record["shape"]:
+        count *= n
+    return count * dtype.itemsize
+
+
+def check_model_backed(index):
+    """The saved model config agrees with the arrays the index declares (which its files back):
+    a crafted config cannot make a loader build a model larger than the checkpoint."""
+    config, arrays = index["model_config"], index["arrays"]
+    try:
+        expected = {"model/embedding.token.weight": [config["vocab_size"], config["n_embd"]],
+                    "model/embedding.position.weight": [config["block_size"], config["n_embd"]]}
+        layers = {key.split(".")[1] for key in arrays if key.startswith("model/blocks.")}
+        for key, shape in expected.items():
+            if key not in arrays or list(arrays[key]["shape"]) != shape:
+                raise CheckpointError(f"its model config says {key[len('model/'):]} is {shape}, its arrays "
+                                      f"say {arrays.get(key, {}).get('shape')}")
+        if layers != {str(n) for n in range(config["n_layer"])}:
+            raise CheckpointError(f"its model config says {config['n_layer']} layers, its arrays hold {len(layers)}")
+    except (KeyError, TypeError, AttributeError) as failure:
+        raise CheckpointError(f"malformed model config ({type(failure).__name__}: {failure})") from None
 
 
 def check_model_matches(index, model_config):
@@ -110,6 +153,7 @@ def read_index_here(folder, model_config):
                               f"this minipar reads version {FORMAT_VERSION}")
     try:
         check_index(index, folder)
+        check_model_backed(index)
         if model_config is not None:
             check_model_matches(index, model_config)
     except CheckpointError as failure:
