@@ -386,3 +386,15 @@ def test_small_models_print_units_that_fit_and_cpu_wording(tmp_path, capsys):
     assert " MB " in out or " KB " in out
     assert "NVLink" not in out and "InfiniBand" not in out and "shared memory" in out
     assert "rank-hours" in out and "GPU" not in out
+
+
+@pytest.mark.parametrize("schedule, v", [("zb-h1", 1), ("zb-h2", 1), ("zbv", 2)])
+def test_zero_bubble_closed_form_beyond_the_simulator_agrees_with_it(schedule, v, monkeypatch):
+    """Above SIMULATOR_LIMIT the planner uses the paper's bubble plus a synchronous step's skew:
+    the same number the simulator gives where both can run (p = 8, m = 32, F = 1, B + W = 2)."""
+    from minipar.plan import cost
+
+    strategy = Strategy(1, 1, 8, 32, 32, schedule, v)
+    simulated = pipeline_bubble(strategy, 1.0, 2.0)
+    monkeypatch.setattr(cost, "SIMULATOR_LIMIT", 0)
+    assert pipeline_bubble(strategy, 1.0, 2.0) == pytest.approx(simulated), schedule
