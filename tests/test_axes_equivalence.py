@@ -17,7 +17,7 @@ per data rank and micro-batch (``equivalence_body.routing_groups``), so cases wi
 import pytest
 
 from minipar.testing import results_from_ranks
-from tests.test_equivalence import assert_dtypes_explicit, assert_same_training
+from tests.test_equivalence import assert_same_training, check_gradient_cases
 
 LONG = {"block_size": 16}  # zigzag at cp 8 cuts the sequence into 16 chunks
 NO_DROPS = {"n_experts": 4, "top_k": 2, "capacity_factor": 2.0, "aux_loss_weight": 0.01}  # CF = E/k: room for all
@@ -72,15 +72,4 @@ def test_cp_and_ep_layouts_equal_single_process_8_ranks():
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_cp_and_ep_gradients_and_norm_before_the_update(world_size):
-    cases = GRADIENT_CASES[world_size]
-    reported = results_from_ranks(world_size, "tests.mpi_bodies.equivalence_body:check_gradients", timeout=600,
-                                  cases=cases)[0]
-    assert [r["case"] for r in reported] == cases
-    for r in reported:
-        case = r["case"]
-        assert_dtypes_explicit(r)
-        assert r["loss"] == pytest.approx(r["reference_loss"], rel=1e-12, abs=0), case
-        assert r["norm_squared"] == pytest.approx(r["reference_norm_squared"], rel=1e-12, abs=0), case
-        assert r["names"] == r["reference_names"], case
-        for name, error in r["gradient_error"].items():
-            assert error <= 1e-12 * r["gradient_scale"][name] + 1e-15, (case, name, error, r["gradient_scale"][name])
+    check_gradient_cases(world_size, GRADIENT_CASES[world_size])

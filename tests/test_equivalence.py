@@ -138,7 +138,11 @@ GRADIENT_CASES = {
 
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 def test_gradients_and_norm_equal_single_process_before_the_update(world_size):
-    cases = GRADIENT_CASES[world_size]
+    check_gradient_cases(world_size, GRADIENT_CASES[world_size])
+
+
+def check_gradient_cases(world_size, cases):
+    """Loss, ||g||² and every gradient of each case, before the update, against one process (rel 1e-12)."""
     reported = results_from_ranks(world_size, "tests.mpi_bodies.equivalence_body:check_gradients", timeout=600,
                                   cases=cases)[0]
     assert [r["case"] for r in reported] == cases
