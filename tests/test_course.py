@@ -150,8 +150,9 @@ def test_stub_fails_on_every_check_with_the_exercise_named(name, tmp_path):
     assert "did not finish" not in report, report   # a stub never leaves ranks waiting
 
 
-FAST_PLANTED = {"received block overwrites instead of adding", "MPI's built-in with made-up traffic"}
-FAST_ALTERNATIVES = {"the mirrored ring (to r - 1, from r + 1), Sendrecv"}
+FAST_PLANTED = {"received block overwrites instead of adding", "MPI's built-in with made-up traffic",
+                "no W delay: every W straight after its B"}
+FAST_ALTERNATIVES = {"the mirrored ring (to r - 1, from r + 1), Sendrecv", "one loop with counters of F, B and W"}
 
 
 def planted_params(corpus, fast):

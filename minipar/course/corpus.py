@@ -36,6 +36,9 @@ CONTRACTS = {
                          "recomputation on and off",
     "zero_1": "3 steps f64 + 2 steps f32 (dtype kept); parts and AdamW step vs one process; reduce-scatter + "
               "all-gather, never an allreduce of gradients",
+    "zb_h1": "F, B, W each once, backward split, sends straight after their F/B; simulator accepts p=1,2,3,4,8, "
+             "m=p..16; idle exactly p-1 per rank (T_F=T_B=T_W), bubble (p-1)/(3m+p-1); peak [min(p,m)]*p; "
+             "executor vs one process on 2 and 4 ranks, recomputation off and on",
 }
 
 

@@ -71,6 +71,7 @@ TP_COMM, TP_LAYERS = "minipar/parallel/tensor_parallel_comm.py", "minipar/parall
 SCHEDULES = "minipar/parallel/pipeline/schedules.py"
 DATA_PARALLEL, ZERO = "minipar/parallel/data_parallel.py", "minipar/parallel/zero.py"
 EXECUTOR = "minipar/parallel/pipeline/executor.py"
+ZERO_BUBBLE = "minipar/parallel/pipeline/zero_bubble.py"
 
 PLANTED = (
     Planted("layer_norm_backward", "g_hat without the weight", FUSED,
@@ -438,6 +439,79 @@ return leave_parallel_region(partial, self.communicator, self.sequence_parallel)
             "rows = xp.zeros((self.count, part_length(p.size, self.count)), dtype=array.dtype)",
             "rows = xp.zeros((self.count, part_length(p.size, self.count)), dtype=xp.float64)", "float32 run"),
 )
+
+# ---- ZB-H1 as data ------------------------------------------------------------------------------
+_ZB_H1_B_BEFORE_F = """
+warmup = min(num_stages - stage - 1, num_microbatches)
+actions, weights_owed = [], list(range(num_microbatches))
+for microbatch in range(warmup):
+    actions += forward_actions(microbatch, stage, num_stages)
+for step in range(num_microbatches - warmup):
+    actions += split_backward_actions(step, stage, num_stages)
+    if step >= stage:
+        actions.append(Action(BACKWARD_WEIGHT, weights_owed.pop(0), stage))
+    actions += forward_actions(warmup + step, stage, num_stages)
+for microbatch in range(num_microbatches - warmup, num_microbatches):
+    actions += split_backward_actions(microbatch, stage, num_stages)
+    actions.append(Action(BACKWARD_WEIGHT, weights_owed.pop(0), stage))
+actions += [Action(BACKWARD_WEIGHT, microbatch, stage) for microbatch in weights_owed]
+return actions
+"""
+_ZB_H1_COUNTERS = """
+warmup = min(num_stages - stage - 1, num_microbatches)
+actions, forwards, backwards, weights = [], 0, 0, 0
+while weights < num_microbatches:
+    if forwards < num_microbatches and forwards - backwards <= warmup:
+        actions += forward_actions(forwards, stage, num_stages)
+        forwards += 1
+    elif backwards < num_microbatches:
+        actions += split_backward_actions(backwards, stage, num_stages)
+        backwards += 1
+        if backwards > stage or backwards > num_microbatches - warmup:
+            actions.append(Action(BACKWARD_WEIGHT, weights, stage))
+            weights += 1
+    else:
+        actions.append(Action(BACKWARD_WEIGHT, weights, stage))
+        weights += 1
+return actions
+"""
+_ZB_H1_ORDER = """
+warmup = min(num_stages - stage - 1, num_microbatches)
+order = [("F", k) for k in range(warmup)]
+for k in range(num_microbatches - warmup):
+    order += [("F", warmup + k), ("B", k)] + ([("W", k - stage)] if k >= stage else [])
+done = sum(kind == "W" for kind, _ in order)
+for k in range(num_microbatches - warmup, num_microbatches):
+    order += [("B", k), ("W", done)]
+    done += 1
+order += [("W", k) for k in range(done, num_microbatches)]
+actions = []
+for kind, k in order:
+    if kind == "W":
+        actions.append(Action(BACKWARD_WEIGHT, k, stage))
+    else:
+        actions += (forward_actions if kind == "F" else split_backward_actions)(k, stage, num_stages)
+return actions
+"""
+ZB_H1_PLANTED = (
+    Planted("zb_h1", "no W delay: every W straight after its B", ZERO_BUBBLE,
+            "        if step >= stage:  # W of micro-batch step - s: its B went s backwards ago\n",
+            "        if step >= 0:  # W straight after its B\n", "ZB-H1 idles exactly p − 1"),
+    Planted("zb_h1", "warm-up of p − s forwards (1F1B's count plus one)", ZERO_BUBBLE,
+            "    warmup = min(num_stages - stage - 1, num_microbatches)\n",
+            "    warmup = min(num_stages - stage, num_microbatches)\n", "ZB-H1 holds min(p, m)"),
+    region("zb_h1", "B before its F in the steady state", ZERO_BUBBLE, {"zb_h1": _ZB_H1_B_BEFORE_F},
+           "the simulator refuses the schedules"),
+    Planted("zb_h1", "1F1B copied: whole backwards, no W", ZERO_BUBBLE,
+            "        actions += split_backward_actions(step, stage, num_stages)\n",
+            "        actions += backward_actions(step, stage, num_stages)\n", "runs a whole BACKWARD",
+            more=(("from minipar.parallel.pipeline.schedules import (\n",
+                   "from minipar.parallel.pipeline.schedules import (\n    backward_actions,\n"),)),
+    Planted("zb_h1", "each W put off one backward too many (s + 1)", ZERO_BUBBLE,
+            "        if step >= stage:  # W of micro-batch step - s: its B went s backwards ago\n",
+            "        if step >= stage + 1:\n", "ZB-H1 holds min(p, m)"),
+)
+MORE_PLANTED = MORE_PLANTED + ZB_H1_PLANTED
 PLANTED = PLANTED + MORE_PLANTED
 
 ALTERNATIVES = (
@@ -538,4 +612,7 @@ return padded.reshape(self.count, -1)
     Planted("zero_1", "divide by N before the reduce-scatter", ZERO,
             "        self.comm.reduce_scatter(rows.reshape(-1), gradient)\n        gradient /= self.count\n",
             "        rows /= self.count\n        self.comm.reduce_scatter(rows.reshape(-1), gradient)\n", ""),
+    region("zb_h1", "one loop with counters of F, B and W", ZERO_BUBBLE, {"zb_h1": _ZB_H1_COUNTERS}, ""),
+    region("zb_h1", "the order as a list of (F/B/W, micro-batch), then the actions", ZERO_BUBBLE,
+           {"zb_h1": _ZB_H1_ORDER}, ""),
 )

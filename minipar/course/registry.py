@@ -73,6 +73,9 @@ EXERCISES = (
     Exercise("zero_1", "ZeRO-1: reduce-scatter the gradients, update the own part, all-gather the parameters",
              "minipar/parallel/zero.py", ("Zero._rows", "Zero._reduce_scatter", "Zero.after_optimizer_step"), 40,
              "checks_data:ZERO_1", lesson="lessons/07_zero.ipynb", docs="docs/zero.md"),
+    Exercise("zb_h1", "ZB-H1 as data: B and W split, each W put off so the bubble is a third of 1F1B's",
+             "minipar/parallel/pipeline/zero_bubble.py", ("zb_h1",), 35, "checks_zero_bubble:ZB_H1",
+             world_size=4, lesson="lessons/10_zero_bubble.ipynb", docs="docs/pipeline_schedules.md"),
 )
 
 
