@@ -39,6 +39,9 @@ CONTRACTS = {
     "zb_h1": "F, B, W each once, backward split, sends straight after their F/B; simulator accepts p=1,2,3,4,8, "
              "m=p..16; idle exactly p-1 per rank (T_F=T_B=T_W), bubble (p-1)/(3m+p-1); peak [min(p,m)]*p; "
              "executor vs one process on 2 and 4 ranks, recomputation off and on",
+    "pairwise_alltoall": "point-to-point only; <= N-1 sends and receives, distinct partners, never itself (exactly "
+                         "N-1 with no empty block); each block once, whole, buffer dtype; Traffic = what moved; "
+                         "Ssend; 5 exchanges (equal, uneven, empty, large) f64/f32; send untouched; N=1,2,3,4,5,8",
 }
 
 

@@ -76,6 +76,9 @@ EXERCISES = (
     Exercise("zb_h1", "ZB-H1 as data: B and W split, each W put off so the bubble is a third of 1F1B's",
              "minipar/parallel/pipeline/zero_bubble.py", ("zb_h1",), 35, "checks_zero_bubble:ZB_H1",
              world_size=4, lesson="lessons/10_zero_bubble.ipynb", docs="docs/pipeline_schedules.md"),
+    Exercise("pairwise_alltoall", "The pairwise-exchange all-to-all(v): N − 1 Sendrecv steps, one partner each way",
+             "minipar/comm/collectives.py", ("pairwise_alltoall",), 30, "checks_alltoall:PAIRWISE_ALLTOALL",
+             lesson="lessons/12_experts.ipynb", docs="docs/expert_parallel.md"),
 )
 
 
