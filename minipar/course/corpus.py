@@ -42,6 +42,9 @@ CONTRACTS = {
     "pairwise_alltoall": "point-to-point only; <= N-1 sends and receives, distinct partners, never itself (exactly "
                          "N-1 with no empty block); each block once, whole, buffer dtype; Traffic = what moved; "
                          "Ssend; 5 exchanges (equal, uneven, empty, large) f64/f32; send untouched; N=1,2,3,4,5,8",
+    "ring_attention": "merge: 3 parts in a row from l=-inf vs softmax over the union, logits > +1000, in place, "
+                      "f64 1e-12 / f32 kept; ring: output, dQ, dK, dV vs whole-sequence causal attention, contiguous "
+                      "and zigzag, overlap off/on, N=1,2,3,4,8; N-1 whole K/V blocks to r+1 from r-1; Ssend",
 }
 
 

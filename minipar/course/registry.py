@@ -79,6 +79,10 @@ EXERCISES = (
     Exercise("pairwise_alltoall", "The pairwise-exchange all-to-all(v): N − 1 Sendrecv steps, one partner each way",
              "minipar/comm/collectives.py", ("pairwise_alltoall",), 30, "checks_alltoall:PAIRWISE_ALLTOALL",
              lesson="lessons/12_experts.ipynb", docs="docs/expert_parallel.md"),
+    Exercise("ring_attention", "Ring attention: the log-sum-exp merge of partial results and one step of the K/V ring",
+             "minipar/parallel/context_parallel.py", ("merge_partials", "ring_step"), 35,
+             "checks_context:RING_ATTENTION", lesson="lessons/11_context_parallel.ipynb",
+             docs="docs/context_parallel.md"),
 )
 
 
