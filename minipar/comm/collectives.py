@@ -368,7 +368,13 @@ def pairwise_alltoall(mpi_comm, send, out, send_bounds, receive_bounds):
     Rank r sends everything but its own block: (N−1)/N of the data when the blocks are equal.
     Cost (N−1)α + ((N−1)/N)nβ, nothing reduced (Thakur, Rabenseifner & Gropp 2005).
     Unlike the ring collectives no block is forwarded: each travels once, straight to its owner.
+
+    The course's contract (exercise pairwise_alltoall): point-to-point messages only, N−1 exchanges
+    per call, each with a distinct partner and each block sent once in ``send``'s own dtype (empty
+    blocks included or skipped on both sides alike), an order that cannot deadlock when every send
+    is synchronous, and the ``Traffic`` of what moved.
     """
+    ### BEGIN SOLUTION
     flat_send, flat_out = _flat(send), _flat(out)
     rank, size = mpi_comm.Get_rank(), mpi_comm.Get_size()
     own_start, own_stop = send_bounds[rank]
@@ -385,6 +391,7 @@ def pairwise_alltoall(mpi_comm, send, out, send_bounds, receive_bounds):
         mpi_comm.Sendrecv(outgoing, dest, _ALL_TO_ALL_TAG, incoming, source, _ALL_TO_ALL_TAG)
         traffic += Traffic(outgoing.nbytes, incoming.nbytes)
     return traffic
+    ### END SOLUTION
 
 
 def bounds_from_counts(counts, row_size=1):

@@ -36,6 +36,15 @@ CONTRACTS = {
                          "recomputation on and off",
     "zero_1": "3 steps f64 + 2 steps f32 (dtype kept); parts and AdamW step vs one process; reduce-scatter + "
               "all-gather, never an allreduce of gradients",
+    "zb_h1": "F, B, W each once, backward split, sends straight after their F/B; simulator accepts p=1,2,3,4,8, "
+             "m=p..16; idle exactly p-1 per rank (T_F=T_B=T_W), bubble (p-1)/(3m+p-1); peak [min(p,m)]*p; "
+             "executor vs one process on 2 and 4 ranks, recomputation off and on",
+    "pairwise_alltoall": "point-to-point only; <= N-1 sends and receives, distinct partners, never itself (exactly "
+                         "N-1 with no empty block); each block once, whole, buffer dtype; Traffic = what moved; "
+                         "Ssend; 5 exchanges (equal, uneven, empty, large) f64/f32; send untouched; N=1,2,3,4,5,8",
+    "ring_attention": "merge: 3 parts in a row from l=-inf vs softmax over the union, logits > +1000, in place, "
+                      "f64 1e-12 / f32 kept; ring: output, dQ, dK, dV vs whole-sequence causal attention, contiguous "
+                      "and zigzag, overlap off/on, N=1,2,3,4,8; N-1 whole K/V blocks to r+1 from r-1; Ssend",
 }
 
 

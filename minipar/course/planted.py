@@ -71,6 +71,8 @@ TP_COMM, TP_LAYERS = "minipar/parallel/tensor_parallel_comm.py", "minipar/parall
 SCHEDULES = "minipar/parallel/pipeline/schedules.py"
 DATA_PARALLEL, ZERO = "minipar/parallel/data_parallel.py", "minipar/parallel/zero.py"
 EXECUTOR = "minipar/parallel/pipeline/executor.py"
+ZERO_BUBBLE = "minipar/parallel/pipeline/zero_bubble.py"
+CONTEXT = "minipar/parallel/context_parallel.py"
 
 PLANTED = (
     Planted("layer_norm_backward", "g_hat without the weight", FUSED,
@@ -438,6 +440,215 @@ return leave_parallel_region(partial, self.communicator, self.sequence_parallel)
             "rows = xp.zeros((self.count, part_length(p.size, self.count)), dtype=array.dtype)",
             "rows = xp.zeros((self.count, part_length(p.size, self.count)), dtype=xp.float64)", "float32 run"),
 )
+
+# ---- ZB-H1 as data ------------------------------------------------------------------------------
+_ZB_H1_B_BEFORE_F = """
+warmup = min(num_stages - stage - 1, num_microbatches)
+actions, weights_owed = [], list(range(num_microbatches))
+for microbatch in range(warmup):
+    actions += forward_actions(microbatch, stage, num_stages)
+for step in range(num_microbatches - warmup):
+    actions += split_backward_actions(step, stage, num_stages)
+    if step >= stage:
+        actions.append(Action(BACKWARD_WEIGHT, weights_owed.pop(0), stage))
+    actions += forward_actions(warmup + step, stage, num_stages)
+for microbatch in range(num_microbatches - warmup, num_microbatches):
+    actions += split_backward_actions(microbatch, stage, num_stages)
+    actions.append(Action(BACKWARD_WEIGHT, weights_owed.pop(0), stage))
+actions += [Action(BACKWARD_WEIGHT, microbatch, stage) for microbatch in weights_owed]
+return actions
+"""
+_ZB_H1_COUNTERS = """
+warmup = min(num_stages - stage - 1, num_microbatches)
+actions, forwards, backwards, weights = [], 0, 0, 0
+while weights < num_microbatches:
+    if forwards < num_microbatches and forwards - backwards <= warmup:
+        actions += forward_actions(forwards, stage, num_stages)
+        forwards += 1
+    elif backwards < num_microbatches:
+        actions += split_backward_actions(backwards, stage, num_stages)
+        backwards += 1
+        if backwards > stage or backwards > num_microbatches - warmup:
+            actions.append(Action(BACKWARD_WEIGHT, weights, stage))
+            weights += 1
+    else:
+        actions.append(Action(BACKWARD_WEIGHT, weights, stage))
+        weights += 1
+return actions
+"""
+_ZB_H1_ORDER = """
+warmup = min(num_stages - stage - 1, num_microbatches)
+order = [("F", k) for k in range(warmup)]
+for k in range(num_microbatches - warmup):
+    order += [("F", warmup + k), ("B", k)] + ([("W", k - stage)] if k >= stage else [])
+done = sum(kind == "W" for kind, _ in order)
+for k in range(num_microbatches - warmup, num_microbatches):
+    order += [("B", k), ("W", done)]
+    done += 1
+order += [("W", k) for k in range(done, num_microbatches)]
+actions = []
+for kind, k in order:
+    if kind == "W":
+        actions.append(Action(BACKWARD_WEIGHT, k, stage))
+    else:
+        actions += (forward_actions if kind == "F" else split_backward_actions)(k, stage, num_stages)
+return actions
+"""
+ZB_H1_PLANTED = (
+    Planted("zb_h1", "no W delay: every W straight after its B", ZERO_BUBBLE,
+            "        if step >= stage:  # W of micro-batch step - s: its B went s backwards ago\n",
+            "        if step >= 0:  # W straight after its B\n", "ZB-H1 idles exactly p − 1"),
+    Planted("zb_h1", "warm-up of p − s forwards (1F1B's count plus one)", ZERO_BUBBLE,
+            "    warmup = min(num_stages - stage - 1, num_microbatches)\n",
+            "    warmup = min(num_stages - stage, num_microbatches)\n", "ZB-H1 holds min(p, m)"),
+    region("zb_h1", "B before its F in the steady state", ZERO_BUBBLE, {"zb_h1": _ZB_H1_B_BEFORE_F},
+           "the simulator refuses the schedules"),
+    Planted("zb_h1", "1F1B copied: whole backwards, no W", ZERO_BUBBLE,
+            "        actions += split_backward_actions(step, stage, num_stages)\n",
+            "        actions += backward_actions(step, stage, num_stages)\n", "runs a whole BACKWARD",
+            more=(("from minipar.parallel.pipeline.schedules import (\n",
+                   "from minipar.parallel.pipeline.schedules import (\n    backward_actions,\n"),)),
+    Planted("zb_h1", "each W put off one backward too many (s + 1)", ZERO_BUBBLE,
+            "        if step >= stage:  # W of micro-batch step - s: its B went s backwards ago\n",
+            "        if step >= stage + 1:\n", "ZB-H1 holds min(p, m)"),
+)
+
+# ---- the pairwise all-to-all ---------------------------------------------------------------------
+_ALLTOALL_START = """
+flat_send, flat_out = _flat(send), _flat(out)
+rank, size = mpi_comm.Get_rank(), mpi_comm.Get_size()
+(s0, s1), (r0, r1) = send_bounds[rank], receive_bounds[rank]
+if s1 - s0 != r1 - r0:
+    raise ShapeError(f"all-to-all: rank {rank} sends itself {s1 - s0} elements but expects {r1 - r0}")
+flat_out[r0:r1] = flat_send[s0:s1]
+"""
+_ALLTOALL_BUILT_IN = """
+flat_send, flat_out = _flat(send), _flat(out)
+def spec(array, bounds):
+    return [array, ([stop - start for start, stop in bounds], [start for start, _ in bounds])]
+mpi_comm.Alltoallv(spec(flat_send, send_bounds), spec(flat_out, receive_bounds))
+return alltoall_traffic(mpi_comm.Get_rank(), send_bounds, receive_bounds, flat_send.itemsize)
+"""
+_ALLTOALL_FLOAT64_WIRE = _ALLTOALL_START + """
+traffic = Traffic()
+for step in range(1, size):
+    dest, source = (rank + step) % size, (rank - step) % size
+    outgoing = flat_send[send_bounds[dest][0]:send_bounds[dest][1]].astype("float64")
+    incoming = flat_out[receive_bounds[source][0]:receive_bounds[source][1]].astype("float64")
+    mpi_comm.Sendrecv(outgoing, dest, 5, incoming, source, 5)
+    flat_out[receive_bounds[source][0]:receive_bounds[source][1]] = incoming
+    traffic += Traffic(outgoing.nbytes, incoming.nbytes)
+return traffic
+"""
+_ALLTOALL_EQUAL_BLOCKS = """
+flat_send, flat_out = _flat(send), _flat(out)
+rank, size = mpi_comm.Get_rank(), mpi_comm.Get_size()
+out_block, in_block = flat_send.size // size, flat_out.size // size
+flat_out[rank * in_block:(rank + 1) * in_block] = flat_send[rank * out_block:(rank + 1) * out_block]
+traffic = Traffic()
+for step in range(1, size):
+    dest, source = (rank + step) % size, (rank - step) % size
+    outgoing = flat_send[dest * out_block:(dest + 1) * out_block]
+    incoming = flat_out[source * in_block:(source + 1) * in_block]
+    mpi_comm.Sendrecv(outgoing, dest, 5, incoming, source, 5)
+    traffic += Traffic(outgoing.nbytes, incoming.nbytes)
+return traffic
+"""
+_ALLTOALL_NONBLOCKING = _ALLTOALL_START + """
+requests, traffic = [], Traffic()
+for step in range(1, size):
+    source = (rank - step) % size
+    incoming = flat_out[receive_bounds[source][0]:receive_bounds[source][1]]
+    requests.append(mpi_comm.Irecv(incoming, source, 5))
+    traffic += Traffic(0, incoming.nbytes)
+for step in range(1, size):
+    dest = (rank + step) % size
+    outgoing = flat_send[send_bounds[dest][0]:send_bounds[dest][1]]
+    requests.append(mpi_comm.Isend(outgoing, dest, 5))
+    traffic += Traffic(outgoing.nbytes, 0)
+for request in requests:
+    request.Wait()
+return traffic
+"""
+_ALLTOALL_XOR_SKIPPING_EMPTY = _ALLTOALL_START + """
+traffic = Traffic()
+for step in range(1, size):
+    if size & (size - 1) == 0:
+        dest = source = rank ^ step
+    else:
+        dest, source = (rank - step) % size, (rank + step) % size
+    outgoing = flat_send[send_bounds[dest][0]:send_bounds[dest][1]]
+    incoming = flat_out[receive_bounds[source][0]:receive_bounds[source][1]]
+    if outgoing.size and incoming.size:
+        mpi_comm.Sendrecv(outgoing, dest, 5, incoming, source, 5)
+    elif outgoing.size:
+        mpi_comm.Send(outgoing, dest, 5)
+    elif incoming.size:
+        mpi_comm.Recv(incoming, source, 5)
+    traffic += Traffic(outgoing.nbytes, incoming.nbytes)
+return traffic
+"""
+ALLTOALL_PLANTED = (
+    Planted("pairwise_alltoall", "blocking Send then Recv at each step (deadlocks past the eager limit)", COLLECTIVES,
+            "        mpi_comm.Sendrecv(outgoing, dest, _ALL_TO_ALL_TAG, incoming, source, _ALL_TO_ALL_TAG)\n",
+            "        mpi_comm.Send(outgoing, dest, _ALL_TO_ALL_TAG)\n        mpi_comm.Recv(incoming, source, "
+            "_ALL_TO_ALL_TAG)\n", "deadlock: ranks", limit=15),
+    region("pairwise_alltoall", "MPI's built-in Alltoallv", COLLECTIVES, {"pairwise_alltoall": _ALLTOALL_BUILT_IN},
+           "called MPI's Alltoallv"),
+    region("pairwise_alltoall", "float64 scratch buffers in a float32 exchange", COLLECTIVES,
+           {"pairwise_alltoall": _ALLTOALL_FLOAT64_WIRE}, "moved float64 in a float32 all-to-all"),
+    Planted("pairwise_alltoall", "near miss: each received block off by 1e-9 relative", COLLECTIVES,
+            "incoming, source, _ALL_TO_ALL_TAG)\n",
+            "incoming, source, _ALL_TO_ALL_TAG)\n        incoming *= 1 + 1e-9\n", "out element"),
+    Planted("pairwise_alltoall", "the own block never copied", COLLECTIVES,
+            "    flat_out[mine_start:mine_stop] = flat_send[own_start:own_stop]\n", "",
+            "nothing arrived in this slot"),
+    region("pairwise_alltoall", "equal blocks assumed (n/N each)", COLLECTIVES,
+           {"pairwise_alltoall": _ALLTOALL_EQUAL_BLOCKS}, "uneven blocks"),
+)
+
+# ---- ring attention ------------------------------------------------------------------------------
+_RING_STEP_NONBLOCKING = """
+rank, size = communicator.rank, communicator.size
+requests = []
+if step < size - 1 and overlap:
+    requests = [communicator.isend(in_hand, (rank + 1) % size, KV_TAG),
+                communicator.irecv(arriving, (rank - 1) % size, KV_TAG)]
+attend((rank - step) % size)
+if step < size - 1 and not overlap:
+    requests = [communicator.irecv(arriving, (rank - 1) % size, KV_TAG),
+                communicator.isend(in_hand, (rank + 1) % size, KV_TAG)]
+for request in reversed(requests):
+    request.wait()
+"""
+RING_ATTENTION_PLANTED = (
+    Planted("ring_attention", "the running output rescaled by exp(l1 − m), not exp(l1 − l)", CONTEXT,
+            "    out *= xp.exp(log_sum_exp - merged)[..., None]\n", "    out *= xp.exp(log_sum_exp - m)[..., None]\n",
+            "out, element"),
+    Planted("ring_attention", "no max shift in the log-sum-exp (exp overflows for large logits)", CONTEXT,
+            "    merged = m + xp.log(xp.exp(log_sum_exp - m) + xp.exp(partial_log_sum_exp - m))\n",
+            "    merged = xp.log(xp.exp(log_sum_exp) + xp.exp(partial_log_sum_exp))\n", "logits near +1000"),
+    Planted("ring_attention", "near miss: the log-sum-exp off by 1e-9 relative", CONTEXT,
+            "    log_sum_exp[...] = merged\n", "    log_sum_exp[...] = merged * (1 + 1e-9)\n",
+            "log_sum_exp, element"),
+    Planted("ring_attention", "out rebound to a new array instead of updated in place", CONTEXT,
+            "    out *= xp.exp(log_sum_exp - merged)[..., None]\n    out += xp.exp",
+            "    out = out * xp.exp(log_sum_exp - merged)[..., None]\n    out = out + xp.exp", "out, element"),
+    Planted("ring_attention", "blocking send then receive at each step (deadlocks past the eager limit)", CONTEXT,
+            "        communicator.sendrecv(in_hand, to_next, arriving, from_previous, KV_TAG)\n",
+            "        communicator.isend(in_hand, to_next, KV_TAG).wait()\n"
+            "        communicator.irecv(arriving, from_previous, KV_TAG).wait()\n", "deadlock: ranks", limit=15),
+    Planted("ring_attention", "the block in hand taken for rank r − s − 1's (causal blocks off by one)", CONTEXT,
+            "    attend((rank - step) % size)\n", "    attend((rank - step - 1) % size)\n", "output, element"),
+    Planted("ring_attention", "the block passed on the last step too (N messages)", CONTEXT,
+            "    last = step == size - 1\n    requests = []\n", "    last = False\n    requests = []\n",
+            "the ring passes the K/V block on N − 1"),
+    Planted("ring_attention", "the ring turned the other way for K/V only", CONTEXT,
+            "    to_next, from_previous = (rank + 1) % size, (rank - 1) % size\n",
+            "    to_next, from_previous = (rank - 1) % size, (rank + 1) % size\n", "the block goes to rank r + 1",
+            more=(("    attend((rank - step) % size)\n", "    attend((rank + step) % size)\n"),)),
+)
+MORE_PLANTED = MORE_PLANTED + ZB_H1_PLANTED + ALLTOALL_PLANTED + RING_ATTENTION_PLANTED
 PLANTED = PLANTED + MORE_PLANTED
 
 ALTERNATIVES = (
@@ -538,4 +749,18 @@ return padded.reshape(self.count, -1)
     Planted("zero_1", "divide by N before the reduce-scatter", ZERO,
             "        self.comm.reduce_scatter(rows.reshape(-1), gradient)\n        gradient /= self.count\n",
             "        rows /= self.count\n        self.comm.reduce_scatter(rows.reshape(-1), gradient)\n", ""),
+    region("zb_h1", "one loop with counters of F, B and W", ZERO_BUBBLE, {"zb_h1": _ZB_H1_COUNTERS}, ""),
+    region("zb_h1", "the order as a list of (F/B/W, micro-batch), then the actions", ZERO_BUBBLE,
+           {"zb_h1": _ZB_H1_ORDER}, ""),
+    region("pairwise_alltoall", "every Irecv posted, then every Isend, then Wait", COLLECTIVES,
+           {"pairwise_alltoall": _ALLTOALL_NONBLOCKING}, ""),
+    region("pairwise_alltoall", "XOR partners on a power of two, else the other shift; empty blocks skipped",
+           COLLECTIVES, {"pairwise_alltoall": _ALLTOALL_XOR_SKIPPING_EMPTY}, ""),
+    region("ring_attention", "the merge with logaddexp, the output rebuilt in place", CONTEXT, {"merge_partials": """
+merged = xp.logaddexp(log_sum_exp, partial_log_sum_exp)
+out[...] = xp.exp(log_sum_exp - merged)[..., None] * out + xp.exp(partial_log_sum_exp - merged)[..., None] * partial
+log_sum_exp[...] = merged
+"""}, ""),
+    region("ring_attention", "Isend/Irecv on every step, posted after attending when there is no overlap", CONTEXT,
+           {"ring_step": _RING_STEP_NONBLOCKING}, ""),
 )

@@ -73,6 +73,16 @@ EXERCISES = (
     Exercise("zero_1", "ZeRO-1: reduce-scatter the gradients, update the own part, all-gather the parameters",
              "minipar/parallel/zero.py", ("Zero._rows", "Zero._reduce_scatter", "Zero.after_optimizer_step"), 40,
              "checks_data:ZERO_1", lesson="lessons/07_zero.ipynb", docs="docs/zero.md"),
+    Exercise("zb_h1", "ZB-H1 as data: B and W split, each W put off so the bubble is a third of 1F1B's",
+             "minipar/parallel/pipeline/zero_bubble.py", ("zb_h1",), 35, "checks_zero_bubble:ZB_H1",
+             world_size=4, lesson="lessons/10_zero_bubble.ipynb", docs="docs/pipeline_schedules.md"),
+    Exercise("ring_attention", "Ring attention: the log-sum-exp merge of partial results and one step of the K/V ring",
+             "minipar/parallel/context_parallel.py", ("merge_partials", "ring_step"), 35,
+             "checks_context:RING_ATTENTION", lesson="lessons/11_context_parallel.ipynb",
+             docs="docs/context_parallel.md"),
+    Exercise("pairwise_alltoall", "The pairwise-exchange all-to-all(v): N − 1 Sendrecv steps, one partner each way",
+             "minipar/comm/collectives.py", ("pairwise_alltoall",), 30, "checks_alltoall:PAIRWISE_ALLTOALL",
+             lesson="lessons/12_experts.ipynb", docs="docs/expert_parallel.md"),
 )
 
 

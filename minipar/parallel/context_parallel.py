@@ -71,13 +71,16 @@ def merge_partials(out, log_sum_exp, partial, partial_log_sum_exp):
         l = m + log(exp(l1 - m) + exp(l2 - m)),  m = max(l1, l2),
         o = exp(l1 - l) o1 + exp(l2 - l) o2
     (each part's probabilities are its own exp(S - l_k), rescaled by exp(l_k - l)). A running
-    l1 of -inf (no keys yet) gives o = o2; l2 is always finite here.
+    l1 of -inf (no keys yet) gives o = o2; l2 is always finite here. ``out`` (..., d) and
+    ``log_sum_exp`` (...) are updated in place and keep their dtype (course exercise ring_attention).
     """
+    ### BEGIN SOLUTION
     m = xp.maximum(log_sum_exp, partial_log_sum_exp)
     merged = m + xp.log(xp.exp(log_sum_exp - m) + xp.exp(partial_log_sum_exp - m))
     out *= xp.exp(log_sum_exp - merged)[..., None]
     out += xp.exp(partial_log_sum_exp - merged)[..., None] * partial
     log_sum_exp[...] = merged
+    ### END SOLUTION
 
 
 class MergePartials(Function):
@@ -192,18 +195,38 @@ def attend_block_backward(saved, grad, row_dot, key_block, query_chunks, key_chu
 
 # ---- ring attention --------------------------------------------------------------------------
 
-def _exchange(communicator, send, receive, tag, overlap):
-    """Send to the next rank and receive from the previous one: now, or posted (overlap) to wait on later."""
-    forward, backward = (communicator.rank + 1) % communicator.size, (communicator.rank - 1) % communicator.size
-    if not overlap:
-        communicator.sendrecv(send, forward, receive, backward, tag)
-        return []
-    return [communicator.irecv(receive, backward, tag), communicator.isend(send, forward, tag)]
+def _pass_on(communicator, send, receive, tag):
+    """Send to the next rank and receive from the previous one, in one sendrecv (the ring's direction)."""
+    rank, size = communicator.rank, communicator.size
+    communicator.sendrecv(send, (rank + 1) % size, receive, (rank - 1) % size, tag)
 
 
-def _finish(requests):
+def ring_step(communicator, step, in_hand, arriving, attend, overlap):
+    """Step ``step`` (0 … N-1) of the ring, on every rank at once (course exercise ring_attention).
+
+    Rank r holds the K/V block of rank r - step in ``in_hand`` (one array, K and V stacked):
+    call ``attend(owner)`` with that owner, and pass the block on, to rank r + 1, while the
+    next one arrives from rank r - 1 into ``arriving`` (the same shape and dtype), tag ``KV_TAG``.
+    There is nothing to pass on the last step, so N - 1 messages in all. Without ``overlap``
+    attend first, then exchange (``communicator.sendrecv``); with ``overlap`` post the receive
+    and the send (``irecv``, ``isend``) before attending and wait for both after, so the next
+    block travels while this one is computed on. The backward runs the same steps (its dK, dV
+    follow the block on the same ring), so the direction is part of the contract.
+    """
+    ### BEGIN SOLUTION
+    rank, size = communicator.rank, communicator.size
+    to_next, from_previous = (rank + 1) % size, (rank - 1) % size
+    last = step == size - 1
+    requests = []
+    if overlap and not last:
+        requests = [communicator.irecv(arriving, from_previous, KV_TAG),
+                    communicator.isend(in_hand, to_next, KV_TAG)]
+    attend((rank - step) % size)
+    if not last and not overlap:
+        communicator.sendrecv(in_hand, to_next, arriving, from_previous, KV_TAG)
     for request in requests:
         request.wait()
+    ### END SOLUTION
 
 
 class RingAttention(Function):
@@ -230,15 +253,11 @@ class RingAttention(Function):
         log_sum_exp = xp.full(q.shape[:-1], -xp.inf, dtype=q.dtype)  # (B, H, T/N): no keys yet
         mine = chunks_of_rank(rank, size, layout)
         for step in range(size):
-            in_hand, arriving = blocks[step % 2], blocks[(step + 1) % 2]
-            last = step == size - 1
-            requests = _exchange(communicator, in_hand, arriving, KV_TAG, True) if overlap and not last else []
-            owner = (rank - step) % size
-            attend_block(q, in_hand[0], in_hand[1], mine, chunks_of_rank(owner, size, layout), out, log_sum_exp,
-                         work)
-            if not last and not overlap:
-                _exchange(communicator, in_hand, arriving, KV_TAG, False)
-            _finish(requests)
+            in_hand = blocks[step % 2]
+            ring_step(communicator, step, in_hand, blocks[(step + 1) % 2],
+                      lambda owner, in_hand=in_hand: attend_block(q, in_hand[0], in_hand[1], mine,
+                                                                  chunks_of_rank(owner, size, layout), out,
+                                                                  log_sum_exp, work), overlap)
         ctx.save_for_backward(q, k, v, out, log_sum_exp)
         ctx.communicator, ctx.layout, ctx.overlap = communicator, layout, overlap
         return out
@@ -257,17 +276,14 @@ class RingAttention(Function):
         own = xp.zeros((2, *k.shape), dtype=k.dtype)  # dK, dV of this rank's block from its own queries
         mine = chunks_of_rank(rank, size, layout)
         for step in range(size):
-            in_hand, arriving = blocks[step % 2], blocks[(step + 1) % 2]
-            last = step == size - 1
-            requests = _exchange(communicator, in_hand, arriving, KV_TAG, True) if overlap and not last else []
+            in_hand = blocks[step % 2]
             accumulated = own if step == 0 else travelling[step % 2]
-            attend_block_backward((q, log_sum_exp), grad, row_dot, in_hand, mine,
-                                  chunks_of_rank((rank - step) % size, size, layout), grad_q, accumulated)
-            if not last and not overlap:
-                _exchange(communicator, in_hand, arriving, KV_TAG, False)
-            _finish(requests)
+            ring_step(communicator, step, in_hand, blocks[(step + 1) % 2],
+                      lambda owner, in_hand=in_hand, accumulated=accumulated: attend_block_backward(
+                          (q, log_sum_exp), grad, row_dot, in_hand, mine, chunks_of_rank(owner, size, layout),
+                          grad_q, accumulated), overlap)
             if step > 0:  # pass the gradient on with (after) its block; on the last step, home
-                _exchange(communicator, accumulated, travelling[(step + 1) % 2], GRAD_TAG, False)
+                _pass_on(communicator, accumulated, travelling[(step + 1) % 2], GRAD_TAG)
         if size > 1:
             own += travelling[size % 2]  # my block's dK, dV from every other rank's queries
         return grad_q, own[0], own[1]
