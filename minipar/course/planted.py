@@ -169,10 +169,8 @@ PLANTED = (
             "        if getattr(self, '_the_buffer', None) is None:\n            self._the_buffer = "
             "self._new_buffer(action)\n        buffer = self._the_buffer\n", "while its Isend was still in flight"),
     Planted("pipeline_messages", "every message sent to the next stage, gradients too", EXECUTOR,
-            "request = self.comm.isend(buffer, peer_rank(action, self.num_stages), "
-            "message_tag(action, self.total_chunks))",
-            "request = self.comm.isend(buffer, (self.stage + 1) % self.num_stages, "
-            "message_tag(action, self.total_chunks))", "did not finish", limit=15),
+            "request = self.comm.isend(buffer, peer_rank(action, self.num_stages, self.placement),",
+            "request = self.comm.isend(buffer, (self.stage + 1) % self.num_stages,", "did not finish", limit=15),
     Planted("pipeline_messages", "the received activation is not a leaf that requires a gradient", EXECUTOR,
             'self._received[("activation", *key)] = Tensor(fresh, requires_grad=True)',
             'self._received[("activation", *key)] = Tensor(fresh)', "no gradient reached this stage"),
@@ -393,8 +391,8 @@ MORE_PLANTED = (
 
     region("megatron_f_g", "the row-parallel bias on rank 0 only (other ranks' bias gradients lost)", TP_LAYERS,
            {"RowParallelLinear.forward": """
-partial = ops.linear(x, self.weight, self.bias if self.communicator.rank == 0 else None)
-return leave_parallel_region(partial, self.communicator, self.sequence_parallel)
+partial = ops.linear(x, self.weight, self.bias if self.region.communicator.rank == 0 else None)
+return self.region.leave(partial)
 """}, "the row-parallel bias"),
     Planted("megatron_f_g", "g's backward sums too (an allreduce both ways)", TP_COMM,
             "    def backward(ctx, grad):\n        ### BEGIN SOLUTION\n        return grad\n",
@@ -414,13 +412,6 @@ return leave_parallel_region(partial, self.communicator, self.sequence_parallel)
             "", "no allreduce started before the last backward ended",
             more=(("        if self.overlap:\n            for bucket in self.buckets[self._next_launch:]:",
                    "        if False:\n            for bucket in self.buckets[self._next_launch:]:"),)),
-    Planted("data_parallel", "per-step state never reset", DATA_PARALLEL,
-            ("                slot.parameter.grad = summed / self.comm.size\n        self._end_step()\n",
-             "            bucket.flat /= self.comm.size  # Σ_i Δθ_i -> the average, in place, one pass\n"
-             "        self._end_step()\n"),
-            ("                slot.parameter.grad = summed / self.comm.size\n",
-             "            bucket.flat /= self.comm.size  # Σ_i Δθ_i -> the average, in place, one pass\n"),
-            "step 1 passed"),
     Planted("data_parallel", "float32 gradients averaged into float64", DATA_PARALLEL,
             ("slot.parameter.grad = summed / self.comm.size",
              "slot.parameter.grad = slot.view  # the average, where backward left it"),
@@ -704,11 +695,11 @@ self.pp = world.split(color=layout.rank_of(self.dp_rank, self.tp_rank, 0), key=s
                    "        return total\n"),)),
     region("megatron_f_g", "the biases added after the matmul, in the other order", TP_LAYERS, {
         "ColumnParallelLinear.forward": """
-y = ops.linear(enter_parallel_region(x, self.communicator, self.sequence_parallel), self.weight)
+y = ops.linear(self.region.enter(x), self.weight)
 return y if self.bias is None else y + self.bias
 """,
         "RowParallelLinear.forward": """
-out = leave_parallel_region(ops.linear(x, self.weight), self.communicator, self.sequence_parallel)
+out = self.region.leave(ops.linear(x, self.weight))
 if self.bias is None:
     return out
 return self.bias + out
