@@ -141,14 +141,16 @@ class _EncodedWire:
     def Send(self, buf, dest, tag=0):
         self._comm.Send(self._words(buf), dest, tag)
 
+    # ``status`` is passed on only when given: the GPU transports' wires take none (comm/transport.py).
     def Recv(self, buf, source, tag=0, status=None):
         words = xp.empty(buf.size, dtype=xp.uint16)
-        self._comm.Recv(words, source, tag, status)
+        self._comm.Recv(words, source, tag, *(() if status is None else (status,)))
         self._arrived(words, buf)
 
     def Sendrecv(self, sendbuf, dest, sendtag=0, recvbuf=None, source=0, recvtag=0, status=None):
         words = xp.empty(recvbuf.size, dtype=xp.uint16)
-        self._comm.Sendrecv(self._words(sendbuf), dest, sendtag, words, source, recvtag, status)
+        self._comm.Sendrecv(self._words(sendbuf), dest, sendtag, words, source, recvtag,
+                            *(() if status is None else (status,)))
         self._arrived(words, recvbuf)
 
     def Isend(self, buf, dest, tag=0):
