@@ -372,3 +372,57 @@ def test_lesson_2_runs_before_its_exercise_is_done(student_tree, monkeypatch):
                         for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs)
     assert "ring_allreduce is not written yet (exercise ring_allreduce)" in printed, printed[-3000:]
     assert "recursive_doubling is not written yet" in printed, printed[-3000:]
+
+
+@pytest.mark.slow
+def test_lesson_5_runs_before_its_exercises_are_done(student_tree, monkeypatch):
+    """The reference lesson on the student's package (one_f_one_b and pipeline_messages unwritten): every cell
+    runs, 1F1B and the executor are left out, and one line says so for each."""
+    nbformat = pytest.importorskip("nbformat")
+    from tests.test_lessons import run_notebook
+
+    monkeypatch.setenv("PYTHONPATH", str(student_tree))    # the kernel and the engines import the student's minipar
+    path = ROOT / "lessons" / "05_pipeline_parallel.ipynb"
+    notebook = nbformat.read(path, as_version=4)
+    run_notebook(path, notebook)
+    printed = "\n".join(str(output.get("text", "")) + str(output.get("data", {}).get("text/plain", ""))
+                        for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs)
+    assert "1f1b is not written yet (exercise one_f_one_b): left out until it is" in printed, printed[-3000:]
+    assert "gpipe cannot run yet (exercise pipeline_messages is not written)" in printed, printed[-3000:]
+    assert "the simulator's peak stash stands in" not in printed, printed[-3000:]   # 1F1B is not simulated either
+    assert "checked once exercise one_f_one_b is written" in printed, printed[-3000:]
+
+
+@pytest.mark.slow
+def test_lesson_3_runs_before_its_exercise_is_done(student_tree, monkeypatch):
+    """The reference lesson on the student's package (data_parallel unwritten): every cell runs, MPI's built-in
+    allreduce per parameter stands in for DataParallel's buckets, the overlap is skipped, one line for each."""
+    nbformat = pytest.importorskip("nbformat")
+    from tests.test_lessons import run_notebook
+
+    monkeypatch.setenv("PYTHONPATH", str(student_tree))    # the engines import the student's minipar
+    path = ROOT / "lessons" / "03_data_parallel.ipynb"
+    notebook = nbformat.read(path, as_version=4)
+    run_notebook(path, notebook)
+    printed = "\n".join(str(output.get("text", "")) + str(output.get("data", {}).get("text/plain", ""))
+                        for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs)
+    assert printed.count("finish_gradient_sync is not written yet (exercise data_parallel)") == 1, printed[-3000:]
+    assert "gradient_ready is not written yet (exercise data_parallel): no overlap to show" in printed, printed[-3000:]
+
+
+@pytest.mark.slow
+def test_lesson_7_runs_before_its_exercises_are_done(student_tree, monkeypatch):
+    """The reference lesson on the student's package (data_parallel and zero_1 unwritten): every cell runs, the
+    stages that need them are left out with one line each, and the formulas are still checked on paper."""
+    nbformat = pytest.importorskip("nbformat")
+    from tests.test_lessons import run_notebook
+
+    monkeypatch.setenv("PYTHONPATH", str(student_tree))    # the engines import the student's minipar
+    path = ROOT / "lessons" / "07_zero.ipynb"
+    notebook = nbformat.read(path, as_version=4)
+    run_notebook(path, notebook)
+    printed = "\n".join(str(output.get("text", "")) + str(output.get("data", {}).get("text/plain", ""))
+                        for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs)
+    assert "stage 0 cannot run yet (exercise data_parallel is not written): left out below" in printed, printed[-3000:]
+    for stage in (1, 2, 3):
+        assert f"stage {stage} cannot run yet (exercise zero_1 is not written)" in printed, printed[-3000:]
