@@ -71,7 +71,9 @@ def train_from_the_command_line(backend, out):
     finished = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment)
     assert finished.returncode == 0, finished.stderr[-3000:]
     losses = re.findall(r"step \d+: train loss [0-9.]+", finished.stdout + finished.stderr)
-    files = {path.relative_to(out).as_posix(): path.read_bytes() for path in sorted(out.rglob("*")) if path.is_file()}
+    # ranks.json records each rank's PID (to name a killed rank): a fact of the run, not of training.
+    files = {path.relative_to(out).as_posix(): path.read_bytes() for path in sorted(out.rglob("*"))
+             if path.is_file() and path.name != "ranks.json"}
     return losses, files
 
 
