@@ -29,7 +29,7 @@ def value(sender, receiver, k):
 
 
 def cases(size):
-    """(name, counts[i][j] = elements rank i sends rank j, dtype) of the exchanges one check runs in a row."""
+    """(name, ``counts[i][j]`` = elements rank i sends rank j, dtype) of the exchanges one check runs in a row."""
     ranks = range(size)
     return [("equal blocks of 3", [[3] * size for _ in ranks], np.float64),
             ("uneven blocks, some empty", [[(i + 2 * j) % 3 for j in ranks] for i in ranks], np.float32),
