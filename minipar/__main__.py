@@ -137,6 +137,12 @@ def add_train_arguments(parser):
     group.add_argument("--dtype", choices=["float32", "float64"], default=defaults.dtype)
     group.add_argument("--eval-interval", type=positive_int, default=100)
     group.add_argument("--eval-batches", type=positive_int, default=8)
+    add_checkpoint_arguments(parser)
+    add_layout_arguments(parser, defaults)
+    add_communication_arguments(parser, defaults)
+
+
+def add_checkpoint_arguments(parser):
     saving = parser.add_argument_group("checkpoints")
     saving.add_argument("--out", default="out", help="folder for the checkpoint (checked writable before step 1)")
     saving.add_argument("--resume", default=None, help="a checkpoint to continue from (any layout)")
@@ -150,6 +156,12 @@ def add_train_arguments(parser):
                              "as OUT/ckpt-step-NNNNNN.minipar")
     saving.add_argument("--stop-after", type=positive_int, default=None,
                         help="stop (and save) after this step: a piece of the run, continued with --resume")
+
+
+def add_layout_arguments(parser, defaults):
+    """The mesh's axes (--dp --tp --pp --ep --cp) and how each mode runs on them."""
+    from minipar.parallel.pipeline.schedules import SCHEDULE_NAMES
+
     layout = parser.add_argument_group("parallel layout")
     layout.add_argument("--dp", type=positive_int, default=1)
     layout.add_argument("--tp", type=positive_int, default=1)
@@ -164,8 +176,7 @@ def add_train_arguments(parser):
     layout.add_argument("--cp-overlap", action="store_true",
                         help="ring: post the next K/V block's receive before computing on the current one")
     layout.add_argument("--microbatches", type=positive_int, default=1)
-    layout.add_argument("--schedule", choices=["gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zbv"],
-                        default=defaults.schedule)
+    layout.add_argument("--schedule", choices=SCHEDULE_NAMES, default=defaults.schedule)
     layout.add_argument("--virtual-stages", type=positive_int, default=1, help="model chunks per rank (interleaved)")
     layout.add_argument("--split", default=None, help="blocks per pipeline chunk, e.g. 1,3")
     layout.add_argument("--recompute", action="store_true", help="activation recomputation in the pipeline")
@@ -177,7 +188,6 @@ def add_train_arguments(parser):
                         default="mpi", help="hierarchical: inside each node, then across nodes (docs/communication.md)")
     layout.add_argument("--ranks-per-node", type=non_negative_int, default=0,
                         help="--allreduce hierarchical: simulated nodes of K ranks (default: MPI's shared-memory nodes)")
-    add_communication_arguments(parser, defaults)
 
 
 BACKENDS = ("numpy", "cupy", "devicesim")  # minipar.backend.BACKEND_NAMES, before it may be imported
