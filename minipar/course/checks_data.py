@@ -135,17 +135,76 @@ def _zero_contract(spy, rank, step, elements):
                           "all-gather the updated parts after the optimizer step")
 
 
+def _zero_reference_step(reference, optimizer, config, inputs, targets, step):
+    """One process's step; returns its parameters before the step and its full gradients (host copies)."""
+    from minipar.backend import to_host
+    from minipar.optim import clip_grad_norm
+    from minipar.train import learning_rate_at
+
+    for p in reference.parameters():
+        p.grad = None
+    reference(inputs, targets)[1].backward()
+    before = {name: np.asarray(to_host(p.data)).copy() for name, p in reference.named_parameters()}
+    full_grads = {name: np.asarray(to_host(p.grad)).copy() for name, p in reference.named_parameters()}
+    clip_grad_norm(reference.parameters(), config.grad_clip)
+    optimizer.set_lr(learning_rate_at(config, step))
+    optimizer.step()
+    return before, full_grads
+
+
+def _require_zero_parts(trainer, full_grads, rank, size, step, dtype_name, tolerance):
+    """After the sync: this rank's part of every gradient is rows [rank s, (rank + 1) s) of the padded average."""
+    from minipar.backend import to_host
+
+    for name, p in trainer.named_parameters:
+        part = trainer.sync.updated_tensor(p)
+        length = -(-p.size // size)                                        # s = ceil(n / N)
+        padded = np.zeros(size * length)
+        padded[:p.size] = full_grads[name].reshape(-1)
+        require(part.grad is not None, f"rank {rank}, step {step + 1}: the part of {name} has no gradient "
+                                       "after the sync")
+        got = np.asarray(to_host(part.grad))
+        require(got.dtype == np.dtype(dtype_name),
+                f"rank {rank}, step {step + 1}: the part of dL/d{name} is {got.dtype} in a {dtype_name} run: "
+                "keep the gradient's dtype (zeros(..., dtype=array.dtype) for the padding)")
+        compare(f"rank {rank}, step {step + 1}: its part of dL/d{name} (flat elements [{rank * length}, "
+                f"{(rank + 1) * length}) of {p.size}, zero-padded to {size} × {length}), element",
+                got.reshape(-1), padded[rank * length:(rank + 1) * length],
+                "ḡ_d = (1/N) Σ_i g_i on the part rank d owns", ratio_hint(size), rtol=tolerance, atol=tolerance)
+
+
+def _require_zero_parameters(trainer, reference, before, rank, size, step, dtype_name, tolerance):
+    """After the step: every full parameter equals one process's, and an element still holding its old
+    value names the all-gather that never came."""
+    from minipar.backend import to_host
+
+    for name, p in trainer.named_parameters:
+        got = np.asarray(to_host(p.data)).reshape(-1)
+        require(got.dtype == np.dtype(dtype_name), f"rank {rank}, step {step + 1}: {name} is {got.dtype} "
+                                                   f"after the step of a {dtype_name} run: keep the dtype")
+        expected = np.asarray(to_host(dict(reference.named_parameters())[name].data)).reshape(-1)
+        length = -(-p.size // size)
+
+        def stale(index, got_value, expected_value, name=name, length=length):
+            if got_value == before[name].reshape(-1)[index[0]]:
+                return (f"this element still holds its value from before the step: the updated part of "
+                        f"rank {index[0] // length} never arrived (all-gather the updated parts)")
+            return ""
+
+        compare(f"rank {rank}, step {step + 1}: {name} after the AdamW step, flat element", got, expected,
+                "one process's clipped AdamW step", stale, rtol=tolerance, atol=tolerance)
+
+
 def _zero_check(dtype_name, steps):
     """ZeRO-1 through the Trainer for ``steps`` steps: each rank's gradient part, then the parameters after
     AdamW, against one process; the dtype kept; the messages of the contract."""
 
     def check(comm):
-        from minipar.backend import to_host
         from minipar.comm import Communicator
         from minipar.course.spy import spy_on
         from minipar.nn.gpt import GPT, GPTConfig
-        from minipar.optim import AdamW, clip_grad_norm, decay_groups
-        from minipar.train import TrainConfig, Trainer, learning_rate_at
+        from minipar.optim import AdamW, decay_groups
+        from minipar.train import TrainConfig, Trainer
 
         world = Communicator(comm)
         rank, size = world.rank, world.size
@@ -160,55 +219,17 @@ def _zero_check(dtype_name, steps):
         elements = sum(p.size for _, p in trainer.named_parameters)
         for step in range(steps):
             inputs, targets = _batch(4 * size, seed=12 + step)
-            for p in reference.parameters():
-                p.grad = None
-            reference(inputs, targets)[1].backward()
-            before = {name: np.asarray(to_host(p.data)).copy() for name, p in reference.named_parameters()}
-            full_grads = {name: np.asarray(to_host(p.grad)).copy() for name, p in reference.named_parameters()}
-            clip_grad_norm(reference.parameters(), config.grad_clip)
-            optimizer.set_lr(learning_rate_at(config, step))
-            optimizer.step()
+            before, full_grads = _zero_reference_step(reference, optimizer, config, inputs, targets, step)
             spy.clear()
             trainer.compute_gradients(inputs, targets)
-
-            def parts(step=step, full_grads=full_grads):
-                for name, p in trainer.named_parameters:
-                    part = trainer.sync.updated_tensor(p)
-                    length = -(-p.size // size)                                        # s = ceil(n / N)
-                    padded = np.zeros(size * length)
-                    padded[:p.size] = full_grads[name].reshape(-1)
-                    require(part.grad is not None, f"rank {rank}, step {step + 1}: the part of {name} has no gradient "
-                                                   "after the sync")
-                    got = np.asarray(to_host(part.grad))
-                    require(got.dtype == np.dtype(dtype_name),
-                            f"rank {rank}, step {step + 1}: the part of dL/d{name} is {got.dtype} in a {dtype_name} run: "
-                            "keep the gradient's dtype (zeros(..., dtype=array.dtype) for the padding)")
-                    compare(f"rank {rank}, step {step + 1}: its part of dL/d{name} (flat elements [{rank * length}, "
-                            f"{(rank + 1) * length}) of {p.size}, zero-padded to {size} × {length}), element",
-                            got.reshape(-1), padded[rank * length:(rank + 1) * length],
-                            "ḡ_d = (1/N) Σ_i g_i on the part rank d owns", ratio_hint(size), rtol=tolerance,
-                            atol=tolerance)
-
-            agreed(comm, parts)   # all ranks stop together before the all-gather of the step
+            # all ranks stop together before the all-gather of the step
+            agreed(comm, lambda step=step, full_grads=full_grads: _require_zero_parts(
+                trainer, full_grads, rank, size, step, dtype_name, tolerance))
             trainer.update()
 
             def after_the_step(step=step, before=before):
                 _zero_contract(spy, rank, step, elements)
-                for name, p in trainer.named_parameters:
-                    got = np.asarray(to_host(p.data)).reshape(-1)
-                    require(got.dtype == np.dtype(dtype_name), f"rank {rank}, step {step + 1}: {name} is {got.dtype} "
-                                                               f"after the step of a {dtype_name} run: keep the dtype")
-                    expected = np.asarray(to_host(dict(reference.named_parameters())[name].data)).reshape(-1)
-                    length = -(-p.size // size)
-
-                    def stale(index, got_value, expected_value, name=name, length=length, before=before):
-                        if got_value == before[name].reshape(-1)[index[0]]:
-                            return (f"this element still holds its value from before the step: the updated part of "
-                                    f"rank {index[0] // length} never arrived (all-gather the updated parts)")
-                        return ""
-
-                    compare(f"rank {rank}, step {step + 1}: {name} after the AdamW step, flat element", got, expected,
-                            "one process's clipped AdamW step", stale, rtol=tolerance, atol=tolerance)
+                _require_zero_parameters(trainer, reference, before, rank, size, step, dtype_name, tolerance)
 
             agreed(comm, after_the_step)
 
