@@ -283,12 +283,13 @@ def tracebacks(stderr):
                                    for delay in START_UP_DELAYS])
 def test_ctrl_c_during_start_up_ends_every_rank_with_one_message(tmp_path, delay):
     job = Job(cli(8, "train", "--dp", "2", "--tp", "2", "--pp", "2", "--steps", "100000", "--out",
-                  str(tmp_path / "out"), *SMALL), tmp_path)
+                  str(tmp_path / "out"), *SMALL, "--n-layer", "2"), tmp_path)  # two stages need two layers
     time.sleep(max(0.0, job.started + delay - time.time()))
     sent = time.time()
     job.process.send_signal(signal.SIGINT)
     code, ended, stdout, stderr = job.finish(timeout=60)
     report(f"SIGINT {delay:.1f} s after launching 8 ranks", code, ended - sent, stderr)
+    assert "error:" not in stderr, stderr  # the job must end because of the signal, not a bad configuration
     assert code != 0 and ended - sent < ENDS_WITHIN, (code, ended - sent, stderr)
     assert "step 1" not in stdout and "train loss" not in stdout, stdout  # never a run on to the end
     every, python_start_up = tracebacks(stderr)
