@@ -192,7 +192,9 @@ class Tensor:
         finish_leaf = accumulate_leaf if later is None else later.finish_leaf
 
         pending = {id(self): grad}  # tensor -> gradient summed over the uses run so far
-        for tensor in reversed(_topological_order(self)):  # every op after all the ops that use its output
+        order = _topological_order(self)
+        while order:  # from the end: every op after all the ops that use its output
+            tensor = order.pop()  # and let go of it, so its array is freed once nothing else holds it
             grad = pending.pop(id(tensor), None)
             ctx = tensor._node
             if ctx is None:  # a leaf, after the last op that uses it
