@@ -5,7 +5,8 @@
 For each message size (float32, 4 KB … 16 MB) every algorithm runs in turn,
 repetition after repetition, so a burst of load on the machine hits all of
 them alike. One timing is the slowest rank's time for one in-place allreduce
-(ranks start together after a barrier); the table shows the median.
+(ranks start together after a barrier); the table shows the median
+(benchmarks/collective_timing.py).
 
 Bus bandwidth, as nccl-tests defines it (doc/PERFORMANCE.md), is
 2(N−1)/N × bytes / time: the rate at which each rank's link carries the
@@ -15,47 +16,26 @@ compare across rank counts. "ratio" is our bus bandwidth over the built-in's
 """
 import argparse
 import os
-import statistics
-import time
 
 from minipar._threads import start_process  # noqa: E402
 
 start_process()  # the CLI's process-wide settings first: BLAS threads, MPICH's wait, Ctrl-C (minipar/_threads.py)
 
-from mpi4py import MPI  # noqa: E402
+from collective_timing import SIZES_BYTES, default_repetitions, format_size, median_seconds  # noqa: E402
 
 from minipar.backend import xp  # noqa: E402
 from minipar.comm import Communicator  # noqa: E402
 
-SIZES_BYTES = [4 * 1024 * 4**step for step in range(7)]  # 4 KB, 16 KB, … 16 MB
 ALGORITHMS = ("mpi", "ring", "recursive_doubling")
 LABELS = {"mpi": "built-in", "ring": "ring", "recursive_doubling": "rec.doubling"}
 
 
-def slowest_rank_seconds(communicator, buffer, algorithm):
-    """Seconds one allreduce takes, measured from a common start to the last rank's finish."""
-    communicator.barrier()
-    started = time.perf_counter()
-    communicator.allreduce(buffer, algorithm=algorithm)
-    elapsed = time.perf_counter() - started
-    return communicator.mpi.allreduce(elapsed, op=MPI.MAX)  # one float: pickled metadata is fine
-
-
 def measure(communicator, nbytes, repetitions):
-    """Median seconds per algorithm for one message size."""
+    """Median seconds per algorithm for one in-place allreduce of ``nbytes``."""
     # Zeros stay zero under repeated in-place sums: no overflow, same arithmetic cost.
     buffer = xp.zeros(nbytes // 4, dtype=xp.float32)
-    for algorithm in ALGORITHMS:  # warm-up: first-touch pages and MPI connection setup
-        communicator.allreduce(buffer, algorithm=algorithm)
-    samples = {algorithm: [] for algorithm in ALGORITHMS}
-    for _ in range(repetitions):
-        for algorithm in ALGORITHMS:
-            samples[algorithm].append(slowest_rank_seconds(communicator, buffer, algorithm))
-    return {algorithm: statistics.median(times) for algorithm, times in samples.items()}
-
-
-def format_size(nbytes):
-    return f"{nbytes // 1024**2} MB" if nbytes >= 1024**2 else f"{nbytes // 1024} KB"
+    return median_seconds(communicator, ALGORITHMS,
+                          lambda algorithm: communicator.allreduce(buffer, algorithm=algorithm), repetitions)
 
 
 def main():
@@ -79,7 +59,7 @@ def main():
             header += f" {LABELS[algorithm] + ' us':>15} {'GB/s':>6}"
         print(header + f" {'ratio ring':>11} {'ratio rec.dbl':>14}")
     for nbytes in SIZES_BYTES:
-        repetitions = arguments.repetitions or max(5, min(100, (32 * 1024**2) // nbytes))
+        repetitions = arguments.repetitions or default_repetitions(nbytes)
         seconds = measure(communicator, nbytes, repetitions)
         if communicator.rank == 0:
             row = f"{format_size(nbytes):>7} {repetitions:>5}"

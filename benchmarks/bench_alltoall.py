@@ -5,7 +5,7 @@
 For each message size (the whole send buffer of one rank, float32, 4 KB … 16 MB, cut into N
 equal blocks) the two algorithms run in turn, repetition after repetition, so a burst of load
 hits both alike. One timing is the slowest rank's time for one all-to-all (ranks start
-together after a barrier); the table shows the median.
+together after a barrier); the table shows the median (benchmarks/collective_timing.py).
 
 Algorithm bandwidth is (N−1)/N × bytes / time: the part of its buffer each rank must send
 away (every block but its own), per second. "ratio" is the built-in's time over ours (above 1:
@@ -13,40 +13,21 @@ ours is faster). Rank 0 prints the table; nothing is written to disk.
 """
 import argparse
 import os
-import statistics
-import time
 
-from mpi4py import MPI
+from collective_timing import SIZES_BYTES, default_repetitions, format_size, median_seconds
 
 from minipar.backend import xp
 from minipar.comm import Communicator
 
-SIZES_BYTES = [4 * 1024 * 4**step for step in range(7)]  # 4 KB, 16 KB, … 16 MB
 ALGORITHMS = ("mpi", "pairwise")
 
 
-def slowest_rank_seconds(communicator, send, out, algorithm):
-    communicator.barrier()
-    started = time.perf_counter()
-    communicator.alltoall(send, out, algorithm=algorithm)
-    elapsed = time.perf_counter() - started
-    return communicator.mpi.allreduce(elapsed, op=MPI.MAX)  # one float: pickled metadata is fine
-
-
 def measure(communicator, nbytes, repetitions):
+    """Median seconds per algorithm for one all-to-all of ``nbytes`` per rank."""
     count = nbytes // 4 // communicator.size * communicator.size  # whole blocks
     send, out = xp.ones(count, dtype=xp.float32), xp.empty(count, dtype=xp.float32)
-    for algorithm in ALGORITHMS:  # warm-up: first-touch pages and MPI connection setup
-        communicator.alltoall(send, out, algorithm=algorithm)
-    samples = {algorithm: [] for algorithm in ALGORITHMS}
-    for _ in range(repetitions):
-        for algorithm in ALGORITHMS:
-            samples[algorithm].append(slowest_rank_seconds(communicator, send, out, algorithm))
-    return {algorithm: statistics.median(times) for algorithm, times in samples.items()}
-
-
-def format_size(nbytes):
-    return f"{nbytes // 1024**2} MB" if nbytes >= 1024**2 else f"{nbytes // 1024} KB"
+    return median_seconds(communicator, ALGORITHMS,
+                          lambda algorithm: communicator.alltoall(send, out, algorithm=algorithm), repetitions)
 
 
 def main():
@@ -63,7 +44,7 @@ def main():
             print(f"warning: {size} ranks on {os.cpu_count()} cores; the times measure the OS scheduler as much as MPI")
         print(f"{'size':>7} {'reps':>5} {'built-in us':>12} {'GB/s':>6} {'pairwise us':>12} {'GB/s':>6} {'ratio':>6}")
     for nbytes in (n for n in SIZES_BYTES if n <= arguments.max_bytes):
-        repetitions = arguments.repetitions or max(5, min(100, (32 * 1024**2) // nbytes))
+        repetitions = arguments.repetitions or default_repetitions(nbytes)
         seconds = measure(communicator, nbytes, repetitions)
         if communicator.rank == 0:
             moved = (size - 1) / size * nbytes

@@ -23,66 +23,28 @@ reverse topological order and applies the chain rule,
 each ``backward`` computing one vector-Jacobian product. The node of a tensor is the
 ``Context`` its op filled in, plus the op and its inputs: one object per op, nothing more.
 
-Order. A tensor's gradient is complete once every op that used it has passed its share back.
-So backward first counts, for each tensor below the root, its uses by ops reachable from the
-root (only those: a graph may hang off tensors that this loss never touched), then runs an op
-as soon as its output's count reaches zero (Kahn's algorithm: a topological order, found
-without sorting). A leaf whose count reaches zero is final at that moment, so its
-gradient-ready hooks fire right after the last op that used it: in a network, the last layer's
-parameters are ready first, which is what lets data parallelism overlap its allreduces with the
-rest of backward. Both passes use an explicit stack, so a graph thousands of ops deep never
-meets Python's recursion limit.
+Order. A tensor's gradient is complete once every op that used it has passed its share back, so
+backward runs the ops in a topological order, outputs before inputs. One depth-first walk from the
+root finds it: an op is listed once every op below it is, so the list read backwards is the order
+(Tarjan 1976). Only ops reachable from the root count: a graph may hang off tensors that this loss
+never touched. A leaf goes into the list when the first of its users is listed, which puts it, in
+backward, right after the last op that uses it: its gradient is final there, and its
+gradient-ready hooks fire at once. In a network the last layer's parameters are ready first, which
+is what lets data parallelism overlap its allreduces with the rest of backward. The walk uses an
+explicit stack, so a graph thousands of ops deep never meets Python's recursion limit.
 
-Splitting backward in two (Qi et al. 2023, "Zero Bubble Pipeline Parallelism"). A pipeline stage's
-backward does two jobs: B, the gradient of its input, which the previous stage is waiting for, and
-W, the gradient of its weights, which nobody needs until the optimizer step. For y = x W,
+Splitting backward in two (Qi et al. 2023, "Zero Bubble Pipeline Parallelism"):
+``backward(grad, defer_weights=True, inputs=(x,))`` computes the gradient of the stage's input now
+(B) and returns a ``WeightGradients`` whose ``.run()`` computes the weights' later (W); see
+minipar/weight_gradients.py.
 
-    B:  dL/dx = dL/dy W^T          W:  dL/dW = x^T dL/dy
-
-``backward(grad, defer_weights=True, inputs=(x,))`` runs B only and returns a
-``WeightGradients``: every op runs its backward for the tensors that are not leaves (and for the
-leaves in ``inputs``), and an op that declares ``defers_weight_gradient`` leaves the gradients of
-its leaf inputs (its weights) for later, keeping what it saved and the incoming gradient. Calling
-``.run()`` on the result is W: it replays that work, and the additions into each leaf, in exactly
-the order a plain backward would have done them, so the sums come out bit for bit the same. A
-leaf's gradient-ready hooks fire in W, when it is final. Ops that do not declare the split
-compute their leaves' gradients in B; W then only adds them in.
-
-Communication sits on the autograd path the same way: an op whose forward is the identity
-and whose backward is an allreduce is just another ``Function`` (see parallel/).
+Communication sits on the autograd path as ops too: one whose forward is the identity and whose
+backward is an allreduce is just another ``Function`` (see parallel/). ``no_grad`` and
+``observe_saved`` switch and watch the recording (minipar/grad_mode.py).
 """
-from contextlib import contextmanager
-from itertools import zip_longest
-
+from minipar import grad_mode
 from minipar.backend import default_dtype, xp
-
-_grad_enabled = True
-_saved_observers = []  # opt-in: see observe_saved
-
-
-@contextmanager
-def observe_saved(observer):
-    """Call ``observer(arrays)`` at every ``save_for_backward`` in the block (to count activation memory)."""
-    _saved_observers.append(observer)
-    try:
-        yield
-    finally:
-        _saved_observers.remove(observer)
-
-
-@contextmanager
-def no_grad():
-    """Run a block without recording a graph (evaluation, optimizer updates)."""
-    global _grad_enabled
-    previous, _grad_enabled = _grad_enabled, False
-    try:
-        yield
-    finally:
-        _grad_enabled = previous
-
-
-def is_grad_enabled():
-    return _grad_enabled
+from minipar.grad_mode import is_grad_enabled, no_grad, observe_saved  # noqa: F401  (imported from here)
 
 
 class Context:
@@ -93,11 +55,12 @@ class Context:
     """
 
     saved = ()
+    inputs = ()  # set by apply when the op is recorded
     skipped_inputs = frozenset()  # indices whose gradient this backward call must not compute (B/W split)
 
     def save_for_backward(self, *arrays):
         self.saved = arrays
-        for observer in _saved_observers:
+        for observer in grad_mode.saved_observers:
             observer(arrays)
 
     def needs_input_grad(self, index):
@@ -111,7 +74,7 @@ class Function:
 
     ``defers_weight_gradient = True`` says that ``backward`` computes only the gradients that
     ``ctx.needs_input_grad`` asks for, so the engine can call it twice: once for the inputs (B),
-    once, later, for the leaf weights (W). See ``Tensor.backward(defer_weights=True)``.
+    once, later, for the leaf weights (W). See minipar/weight_gradients.py.
     """
 
     defers_weight_gradient = False
@@ -127,16 +90,15 @@ class Function:
 
     @classmethod
     def apply(cls, *inputs, **options):
-        arrays, wants_grad = [], False
+        ctx, arrays, record = Context(), [], False
         for x in inputs:
             if isinstance(x, Tensor):
                 arrays.append(x.data)
-                wants_grad = wants_grad or x.requires_grad
+                record = record or x.requires_grad
             else:
                 arrays.append(x)
-        ctx = Context()
         out = Tensor(cls.forward(ctx, *arrays, **options))
-        if wants_grad and _grad_enabled:
+        if record and grad_mode.recording:  # record the node
             ctx.function, ctx.inputs = cls, inputs
             out.requires_grad, out._node = True, ctx
         return out
@@ -222,214 +184,102 @@ class Tensor:
             from minipar.errors import ShapeError
 
             raise ShapeError(f"backward: gradient of shape {grad.shape} for a tensor of shape {self.shape}")
-        later = WeightGradients({id(x) for x in inputs}) if defer_weights else None
-        finish_leaf = _accumulate_leaf if later is None else later.finish_leaf
+        later = None
+        if defer_weights:
+            from minipar.weight_gradients import WeightGradients  # it builds on this module
 
-        uses = _count_uses(self)
+            later = WeightGradients({id(x) for x in inputs})
+        finish_leaf = accumulate_leaf if later is None else later.finish_leaf
+
         pending = {id(self): grad}  # tensor -> gradient summed over the uses run so far
-        ready = [self]  # tensors whose gradient is complete and whose op has not run yet
-        while ready:
-            tensor = ready.pop()
+        order = _topological_order(self)
+        while order:  # from the end: every op after all the ops that use its output
+            tensor = order.pop()  # and let go of it, so its array is freed once nothing else holds it
             grad = pending.pop(id(tensor), None)
             ctx = tensor._node
-            if ctx is None:  # a leaf
+            if ctx is None:  # a leaf, after the last op that uses it
                 finish_leaf(tensor, grad)
                 continue
+            if grad is None:  # nothing flows through this op (it does not matter if it was freed)
+                continue
             if ctx is _FREED:
-                if grad is None:  # nothing would flow through it, so it does not matter that it is gone
-                    continue
                 raise RuntimeError("backward through a graph whose saved arrays were already freed by an "
                                    "earlier backward; run the forward again")
-            input_grads = () if grad is None else _input_gradients(ctx, grad, later)
-            for x, g in zip_longest(ctx.inputs, input_grads):  # g is None: no gradient flows to x
-                if not isinstance(x, Tensor) or not x.requires_grad:
+            input_grads = ctx.function.backward(ctx, grad) if later is None else later.input_gradients(ctx, grad)
+            if not isinstance(input_grads, tuple):
+                input_grads = (input_grads,)
+            for x, g in zip(ctx.inputs, input_grads):  # a missing or None g: no gradient flows to x
+                if g is None or not isinstance(x, Tensor) or not x.requires_grad:
                     continue
-                key = id(x)
-                if g is not None:
-                    if later is not None and later.defers(x):
-                        later.add(x, g)  # summed in W, in this order
-                    else:
-                        pending[key] = g if key not in pending else pending[key] + g
-                uses[key] -= 1
-                if uses[key] == 0:  # every use of x has passed its gradient back
-                    if x._node is None:
-                        finish_leaf(x, pending.pop(key, None))  # now, so its hooks fire early
-                    else:
-                        ready.append(x)
-            if grad is not None:
-                tensor._node = _FREED  # drop the saved activations as soon as they are used
+                if later is not None and later.defers(x):
+                    later.add(x, g)  # summed in W, in this order
+                else:
+                    key = id(x)
+                    pending[key] = g if key not in pending else pending[key] + g
+            tensor._node = _FREED  # drop the saved activations as soon as they are used
         return later
 
-    # ---- operators (the ops themselves live in minipar/ops) -----------------------------
-    def __add__(self, other):
-        return ops.add(self, other)
+    # ---- operators: a table, one line each (the ops themselves live in minipar/ops) ----------
+    def __add__(self, other): return ops.add(self, other)
+    def __radd__(self, other): return ops.add(other, self)
+    def __sub__(self, other): return ops.sub(self, other)
+    def __rsub__(self, other): return ops.sub(other, self)
+    def __mul__(self, other): return ops.mul(self, other)
+    def __rmul__(self, other): return ops.mul(other, self)
+    def __truediv__(self, other): return ops.div(self, other)
+    def __rtruediv__(self, other): return ops.div(other, self)
+    def __neg__(self): return ops.neg(self)
+    def __pow__(self, exponent): return ops.power(self, exponent)
+    def __matmul__(self, other): return ops.matmul(self, other)
+    def __getitem__(self, index): return ops.getitem(self, index)
+    def sum(self, axis=None, keepdims=False): return ops.sum(self, axis, keepdims)
+    def mean(self, axis=None, keepdims=False): return ops.mean(self, axis, keepdims)
+    def max(self, axis=None, keepdims=False): return ops.max(self, axis, keepdims)
+    def exp(self): return ops.exp(self)
+    def log(self): return ops.log(self)
+    def tanh(self): return ops.tanh(self)
+    def relu(self): return ops.relu(self)
 
-    def __radd__(self, other):
-        return ops.add(other, self)
-
-    def __sub__(self, other):
-        return ops.sub(self, other)
-
-    def __rsub__(self, other):
-        return ops.sub(other, self)
-
-    def __mul__(self, other):
-        return ops.mul(self, other)
-
-    def __rmul__(self, other):
-        return ops.mul(other, self)
-
-    def __truediv__(self, other):
-        return ops.div(self, other)
-
-    def __rtruediv__(self, other):
-        return ops.div(other, self)
-
-    def __neg__(self):
-        return ops.neg(self)
-
-    def __pow__(self, exponent):
-        return ops.power(self, exponent)
-
-    def __matmul__(self, other):
-        return ops.matmul(self, other)
-
-    def __getitem__(self, index):
-        return ops.getitem(self, index)
-
-    def sum(self, axis=None, keepdims=False):
-        return ops.sum(self, axis, keepdims)
-
-    def mean(self, axis=None, keepdims=False):
-        return ops.mean(self, axis, keepdims)
-
-    def max(self, axis=None, keepdims=False):
-        return ops.max(self, axis, keepdims)
-
-    def reshape(self, *shape):
+    def reshape(self, *shape):  # x.reshape(2, 3) or x.reshape((2, 3))
         return ops.reshape(self, shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape)
 
     def transpose(self, *axes):
         return ops.transpose(self, axes[0] if len(axes) == 1 and isinstance(axes[0], (tuple, list)) else axes or None)
 
-    def exp(self):
-        return ops.exp(self)
 
-    def log(self):
-        return ops.log(self)
-
-    def tanh(self):
-        return ops.tanh(self)
-
-    def relu(self):
-        return ops.relu(self)
+_FREED = Context()  # marks a node whose backward already ran (it has no inputs)
 
 
-_FREED = Context()  # marks a node whose backward already ran
+def _topological_order(root):
+    """The tensors that ``root`` depends on, each listed after every tensor it depends on.
 
-
-def _input_gradients(ctx, grad, later):
-    """One op's backward as a tuple of input gradients; under a B/W split, B's share only.
-
-    An op that declares ``defers_weight_gradient`` skips its deferred leaves now and is queued
-    (with its saved arrays and ``grad``) for W; any other op computes every gradient now.
+    A depth-first walk: an op is listed when the walk comes back up to it, after everything
+    below it (the ``None`` pushed above an op on the stack marks that moment). A leaf is listed
+    just before the first of its users to be listed, so that, read backwards, it comes right
+    after the last op that uses it. A freed op is listed without its inputs (it has none left).
     """
-    deferred = () if later is None or not ctx.function.defers_weight_gradient else \
-        [i for i, x in enumerate(ctx.inputs) if isinstance(x, Tensor) and x.requires_grad and later.defers(x)]
-    if deferred:
-        ctx.skipped_inputs = frozenset(deferred)  # B: every gradient but the deferred leaves'
-        input_grads = ctx.function.backward(ctx, grad)
-        ctx.skipped_inputs = frozenset(i for i in range(len(ctx.inputs)) if i not in deferred)  # W: only those
-        later.queue_op(ctx, grad)
-    else:
-        input_grads = ctx.function.backward(ctx, grad)
-    if not isinstance(input_grads, tuple):
-        input_grads = (input_grads,)
-    if deferred:  # B must not have computed them; W will
-        input_grads = tuple(None if i in deferred else g for i, g in enumerate(input_grads))
-    return input_grads
-
-
-class WeightGradients:
-    """W of one backward: the weight-gradient work B left behind, replayed in order by ``run``.
-
-    The queue holds three kinds of entry, in the order a plain backward would have met them:
-    an op whose backward still owes its leaves' gradients, a gradient already computed for a
-    leaf (by an op that cannot split), and "this leaf is complete". ``run`` sums each leaf's
-    contributions in that order, as the plain engine does, then adds the sum into ``.grad`` and
-    fires the leaf's hooks: the result is identical to ``backward`` without the split.
-    """
-
-    def __init__(self, now_ids):
-        self._now = now_ids  # ids of the leaves whose gradient B computes itself (a stage's input)
-        self._queue = []
-        self.done = False
-
-    def defers(self, tensor):
-        return tensor._node is None and id(tensor) not in self._now
-
-    def queue_op(self, ctx, grad):
-        self._queue.append(("op", ctx, grad))
-
-    def add(self, leaf, grad):
-        self._queue.append(("add", leaf, grad))
-
-    def finish_leaf(self, leaf, grad):
-        if id(leaf) in self._now:
-            _accumulate_leaf(leaf, grad)
-            return
-        if grad is not None:
-            self._queue.append(("add", leaf, grad))
-        self._queue.append(("finish", leaf, None))
-
-    def __len__(self):
-        return len(self._queue)
-
-    def run(self):
-        """W: every deferred weight gradient, summed and accumulated as a plain backward would."""
-        if self.done:
-            raise RuntimeError("WeightGradients.run() called twice: the weight gradients were already added")
-        pending = {}
-        for what, subject, grad in self._queue:
-            if what == "op":
-                grads = subject.function.backward(subject, grad)
-                grads = grads if isinstance(grads, tuple) else (grads,)
-                for index, (x, g) in enumerate(zip(subject.inputs, grads)):
-                    if g is not None and index not in subject.skipped_inputs:
-                        key = id(x)
-                        pending[key] = g if key not in pending else pending[key] + g
-            elif what == "add":
-                key = id(subject)
-                pending[key] = grad if key not in pending else pending[key] + grad
-            else:
-                _accumulate_leaf(subject, pending.pop(id(subject), None))
-        self._queue.clear()  # drops the saved activations W was keeping
-        self.done = True
-
-
-def _count_uses(root):
-    """For every tensor below ``root``: how many ops reachable from ``root`` take it as an input.
-
-    Ops that only a different graph reaches do not count, so the gradient of a parameter that
-    another micro-batch's graph also uses is complete when this graph is done with it.
-    """
-    uses, stack = {}, [root]
+    if root._node is None:
+        return [root]
+    order, seen, stack = [], set(), [root]
     while stack:
-        ctx = stack.pop()._node
-        if ctx is None or ctx is _FREED:
-            continue
-        for x in ctx.inputs:
-            if isinstance(x, Tensor) and x.requires_grad:
-                key = id(x)
-                if key in uses:
-                    uses[key] += 1
-                else:  # first sight: walk below it once
-                    uses[key] = 1
+        tensor = stack.pop()
+        if tensor is None:  # everything below the op under this mark is listed: list the op
+            tensor = stack.pop()
+            for x in tensor._node.inputs:  # leaves no op listed so far uses: this op is their last user
+                if isinstance(x, Tensor) and x._node is None and x.requires_grad and id(x) not in seen:
+                    seen.add(id(x))
+                    order.append(x)
+            order.append(tensor)
+        elif id(tensor) not in seen:
+            seen.add(id(tensor))
+            stack += (tensor, None)
+            for x in tensor._node.inputs:
+                if isinstance(x, Tensor) and x._node is not None and id(x) not in seen:
                     stack.append(x)
-    return uses
+    return order
 
 
-def _accumulate_leaf(leaf, grad):
+def accumulate_leaf(leaf, grad):
     """Add a finished gradient into ``leaf.grad`` and tell whoever waits for it.
 
     The first contribution is copied, because the incoming array may be shared with another

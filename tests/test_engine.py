@@ -161,3 +161,18 @@ def test_a_none_gradient_still_counts_as_a_use_done():
     c = Tensor(np.array(1.0), requires_grad=True)
     _FirstInputOnly.apply(a, c).backward()  # nothing flows to c: no gradient, no hook
     assert c.grad is None
+
+
+def test_backward_lets_go_of_an_intermediate_array_once_its_op_has_run():
+    """Peak memory: an activation that nothing else holds is freed during backward, not at its end."""
+    import weakref
+
+    x = Tensor(np.ones(3), requires_grad=True)
+    hidden = x * 2.0
+    alive = weakref.ref(hidden.data)  # held only by the tensor hidden, which the graph holds
+    loss = hidden.tanh().sum()
+    del hidden
+    freed_when_x_is_final = []
+    x.register_grad_ready_hook(lambda t: freed_when_x_is_final.append(alive() is None))
+    loss.backward()
+    assert freed_when_x_is_final == [True], "x * 2.0 was still alive after its op had run (when x was final)"

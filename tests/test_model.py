@@ -152,3 +152,30 @@ def test_parameters_carry_their_model_name_and_no_shard():
     assert names == [], f"(name in the model, p.name) that differ: {names}"
     assert not any(hasattr(p, "shard") for p in model.parameters()), "a plain GPT's parameter has a shard"
 
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_mlp_takes_the_product_and_the_bias_from_its_hidden_layer_whatever_its_type(float64, bias):
+    """The MLP adds the hidden bias inside GELU's pass (bias_gelu), asking the layer for x W and b:
+    a layer with work of its own before the bias (a parallel one's f) keeps it, whatever its class."""
+    from minipar import ops
+    from minipar.nn.layers import MLP, Layers, Linear
+    from minipar.tensor import Tensor
+
+    class DoublingLinear(Linear):  # its own step before the bias, as ColumnParallelLinear has f
+        def product_and_bias(self, x):
+            product, b = super().product_and_bias(x)
+            return product * 2.0, b
+
+    class DoublingLayers(Layers):
+        def linear_from_stream(self, in_features, out_features, bias=True, blocks=1):
+            return DoublingLinear(in_features, out_features, bias)
+
+    rng = np.random.default_rng(0)
+    mlp = MLP(4, bias=bias, layers=DoublingLayers())
+    for p in mlp.parameters():
+        p.data[...] = rng.normal(size=p.shape)
+    x = rng.normal(size=(2, 3, 4))
+    hidden = 2.0 * x @ mlp.hidden.weight.data + (mlp.hidden.bias.data if bias else 0.0)
+    expected = ops.linear(ops.gelu(Tensor(hidden)), mlp.output.weight, mlp.output.bias)
+    np.testing.assert_allclose(mlp(Tensor(x)).data, expected.data, rtol=1e-12, atol=1e-12)

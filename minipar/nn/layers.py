@@ -27,6 +27,12 @@ class Linear(Module):
     def forward(self, x):
         return ops.linear(x, self.weight, self.bias)
 
+    def product_and_bias(self, x):
+        """``forward`` in two parts, x W and b (None without a bias), for a caller that adds b
+        itself: the MLP adds it inside GELU's pass (``ops.bias_gelu``). Every Linear a ``Layers``
+        set makes answers this, a parallel one with its communication included."""
+        return ops.linear(x, self.weight), self.bias
+
 
 class Embedding(Module):
     def __init__(self, num_embeddings, embedding_dim):
@@ -79,6 +85,7 @@ class Layers:
     The two Linears of attention and of the MLP have different roles: the first reads the residual
     stream and widens it (QKV, C -> 3C; the MLP's hidden layer, C -> 4C), the second writes back into
     it (C -> C, 4C -> C). ``blocks`` says the output is that many equal blocks side by side ([Q|K|V]).
+    Both kinds of Linear have ``product_and_bias(x)`` as well as ``forward`` (see ``Linear``).
     """
 
     def linear_from_stream(self, in_features, out_features, bias=True, blocks=1):
@@ -119,11 +126,8 @@ class MLP(Module):
         self.dropout = layers.dropout(dropout, seed)
 
     def forward(self, x):  # (B, T, C)
-        hidden = self.hidden
-        if type(hidden) is Linear and hidden.bias is not None:  # the bias added inside GELU's pass: ops.bias_gelu
-            activation = ops.bias_gelu(ops.linear(x, hidden.weight), hidden.bias)  # (B, T, 4C)
-        else:  # another layer (a parallel one communicates in its forward): its own call, then GELU
-            activation = ops.gelu(hidden(x))
+        product, bias = self.hidden.product_and_bias(x)  # x W (B, T, 4C) and b: GELU adds b in its own pass
+        activation = ops.gelu(product) if bias is None else ops.bias_gelu(product, bias)  # (B, T, 4C)
         return self.dropout(self.output(activation))
 
 

@@ -19,24 +19,21 @@ def unbroadcast(grad, shape):
     return grad.sum(axis=size_one_axes, keepdims=True) if size_one_axes else grad
 
 
-def _shape_of(x):
-    return getattr(x, "shape", ())
-
-
-def _check_broadcast(op_name, a, b):
-    if _shape_of(a) == _shape_of(b):  # the common case, and far cheaper than broadcast_shapes
-        return
-    try:
-        xp.broadcast_shapes(_shape_of(a), _shape_of(b))
-    except ValueError:
-        raise ShapeError(f"{op_name}: shapes {_shape_of(a)} and {_shape_of(b)} do not broadcast") from None
+def _broadcast_checked(op_name, a, b):
+    """The shapes of ``a`` and ``b``, after checking that they broadcast together."""
+    a_shape, b_shape = getattr(a, "shape", ()), getattr(b, "shape", ())
+    if a_shape != b_shape:  # equal shapes, the common case, need no (slower) broadcast_shapes
+        try:
+            xp.broadcast_shapes(a_shape, b_shape)
+        except ValueError:
+            raise ShapeError(f"{op_name}: shapes {a_shape} and {b_shape} do not broadcast") from None
+    return a_shape, b_shape
 
 
 class Add(Function):
     @staticmethod
     def forward(ctx, a, b):
-        _check_broadcast("add", a, b)
-        ctx.shapes = (_shape_of(a), _shape_of(b))
+        ctx.shapes = _broadcast_checked("add", a, b)
         return a + b
 
     @staticmethod
@@ -48,8 +45,7 @@ class Add(Function):
 class Sub(Function):
     @staticmethod
     def forward(ctx, a, b):
-        _check_broadcast("sub", a, b)
-        ctx.shapes = (_shape_of(a), _shape_of(b))
+        ctx.shapes = _broadcast_checked("sub", a, b)
         return a - b
 
     @staticmethod
@@ -61,28 +57,30 @@ class Sub(Function):
 class Mul(Function):
     @staticmethod
     def forward(ctx, a, b):
-        _check_broadcast("mul", a, b)
+        ctx.shapes = _broadcast_checked("mul", a, b)
         ctx.save_for_backward(a, b)
         return a * b
 
     @staticmethod
     def backward(ctx, grad):
         a, b = ctx.saved
-        return unbroadcast(grad * b, _shape_of(a)), unbroadcast(grad * a, _shape_of(b))
+        a_shape, b_shape = ctx.shapes
+        return unbroadcast(grad * b, a_shape), unbroadcast(grad * a, b_shape)
 
 
 class Div(Function):
     @staticmethod
     def forward(ctx, a, b):
-        _check_broadcast("div", a, b)
+        ctx.shapes = _broadcast_checked("div", a, b)
         ctx.save_for_backward(a, b)
         return a / b
 
     @staticmethod
     def backward(ctx, grad):
         a, b = ctx.saved
+        a_shape, b_shape = ctx.shapes
         grad_a = grad / b
-        return unbroadcast(grad_a, _shape_of(a)), unbroadcast(-grad_a * a / b, _shape_of(b))
+        return unbroadcast(grad_a, a_shape), unbroadcast(-grad_a * a / b, b_shape)
 
 
 class Neg(Function):

@@ -99,6 +99,10 @@ class ColumnParallelLinear(Module):
         return ops.linear(x, self.weight, self.bias)
         ### END SOLUTION
 
+    def product_and_bias(self, x):
+        """``forward`` without adding b_j: (f(X) A_j, b_j), so the MLP can add b_j inside GELU's pass."""
+        return ops.linear(self.region.enter(x), self.weight), self.bias
+
 
 class RowParallelLinear(Module):
     """Y = sum_j X_j A_j + b: rank j holds rows j of A (C_in/t, C_out); b is replicated.
@@ -117,6 +121,10 @@ class RowParallelLinear(Module):
         out = self.region.leave(ops.linear(x, self.weight))
         return out + self.bias if self.bias is not None else out
         ### END SOLUTION
+
+    def product_and_bias(self, x):
+        """``forward`` without adding b: (g(sum_j X_j A_j), b), b to be added once, after the sum."""
+        return self.region.leave(ops.linear(x, self.weight)), self.bias
 
 
 class VocabParallelEmbedding(Module):
