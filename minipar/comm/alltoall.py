@@ -17,7 +17,6 @@ from minipar.errors import ShapeError
 class AllToAll:
     """Mixed into ``Communicator``: uses its ``wire``, ``mpi``, ``rank``, ``size`` and ``_account``."""
 
-
     def alltoall(self, send, out, algorithm="mpi"):
         """Block j of ``send`` goes to rank j; block i of ``out`` arrives from rank i.
 
