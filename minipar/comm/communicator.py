@@ -39,7 +39,6 @@ given (the n of the cost formulas), for tracing timelines.
 """
 import numbers
 import time
-from dataclasses import asdict
 
 from mpi4py import MPI
 
@@ -48,7 +47,7 @@ from minipar.comm.alltoall import AllToAll
 from minipar.comm.arguments import MPI_OPS, check_array, check_choice, check_out_matches
 from minipar.comm.compression import bf16_ring_allreduce, fp16_ring_allreduce
 from minipar.comm.nonblocking import NonblockingCollectives
-from minipar.comm.records import CallRecord, Counters, Request
+from minipar.comm.records import Bookkeeping, Counters, Request
 from minipar.comm.traffic import Traffic, modelled_traffic
 from minipar.comm.transport import check_transport, default_transport, make_wire
 from minipar.errors import ConfigError, ShapeError
@@ -62,9 +61,10 @@ _ALLREDUCE_ALGORITHMS = {
 }
 
 
-class Communicator(NonblockingCollectives, AllToAll):
+class Communicator(Bookkeeping, NonblockingCollectives, AllToAll):
     """Buffer methods, counters and listeners over one MPI communicator (module docstring); the
-    nonblocking collectives come from ``nonblocking.py``, the all-to-alls from ``alltoall.py``."""
+    nonblocking collectives come from ``nonblocking.py``, the all-to-alls from ``alltoall.py``, the
+    counters and listeners from ``records.py``."""
 
     def __init__(self, mpi_comm=None, transport=None):
         self.mpi = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
@@ -87,39 +87,7 @@ class Communicator(NonblockingCollectives, AllToAll):
         """
         return MPI.COMM_WORLD.Get_size()
 
-    # ---- bookkeeping ---------------------------------------------------------------
-
-    def reset_counters(self):
-        self.counters = Counters()
-
-    def counters_snapshot(self):
-        """The counters as plain nested dicts (safe to keep, compare or serialise)."""
-        return {name: asdict(record) for name, record in self.counters.items()}
-
-    def add_listener(self, listener):
-        """Call ``listener(name, start, end, nbytes)`` after every call on this communicator."""
-        self._listeners.append(listener)
-
-    def remove_listener(self, listener):
-        self._listeners.remove(listener)
-
-    def _record_of(self, name):
-        return self.counters.setdefault(name, CallRecord())
-
-    def _notify(self, name, start, end, nbytes):
-        for listener in self._listeners:
-            listener(name, start, end, nbytes)
-
-    def _account(self, name, elements, traffic, started, nbytes, notify=True):
-        finished = time.perf_counter()
-        record = self._record_of(name)
-        record.calls += 1
-        record.elements += int(elements)
-        record.bytes_sent += int(traffic.bytes_sent)
-        record.bytes_received += int(traffic.bytes_received)
-        record.seconds += finished - started
-        if notify:
-            self._notify(name, started, finished, nbytes)
+    # ---- bookkeeping (counters and listeners: records.Bookkeeping) -----------------------
 
     def _modelled(self, name, array_size, itemsize, root=0):
         return modelled_traffic(name, self.rank, self.size, array_size, itemsize, root)
