@@ -34,7 +34,8 @@ start_process()  # the CLI's process-wide settings first: BLAS threads, MPICH's 
 from minipar.backend import xp  # noqa: E402
 from minipar.nn.gpt import GPTConfig  # noqa: E402
 from minipar.plan.cost import step_time  # noqa: E402
-from minipar.plan.model import ModelSpec, Strategy  # noqa: E402
+from minipar.plan.model import ModelSpec  # noqa: E402
+from minipar.plan.strategy import Strategy  # noqa: E402
 from minipar.train import TrainConfig, Trainer  # noqa: E402
 
 MODEL = dict(vocab_size=64, block_size=64, n_layer=8, n_head=8, n_embd=128)  # bench_hybrid's model

@@ -19,7 +19,7 @@ Pre-Training", section 3.1).
 
 Batches are a pure function of (seed, step, split): every process that asks
 for step 7 gets the same global batch, so a data-parallel rank can take its
-own rows without any communication (``minipar.parallel.data_parallel.local_slice``).
+own rows without any communication (``minipar.parallel.batch_split.local_slice``).
 """
 from dataclasses import dataclass
 from pathlib import Path

@@ -15,7 +15,7 @@ import threading
 import numpy as np
 import pytest
 
-from minipar.comm import collectives
+from minipar.comm import collectives, tree_collectives
 from minipar.testing import results_from_ranks
 from tests.mpi_bodies.comparisons import assert_as_expected
 
@@ -108,7 +108,7 @@ def run_on_threads(size, algorithm, inputs, patience=3.0):
 ALGORITHMS = {
     "ring allreduce": lambda comm, buffer: collectives.ring_allreduce(comm, buffer),
     "recursive doubling allreduce": lambda comm, buffer: collectives.recursive_doubling_allreduce(comm, buffer),
-    "tree allreduce": lambda comm, buffer: collectives.tree_allreduce(comm, buffer),
+    "tree allreduce": lambda comm, buffer: tree_collectives.tree_allreduce(comm, buffer),
 }
 
 
@@ -125,17 +125,17 @@ def test_allreduce_algorithms_on_threads(name, size):
 def test_tree_broadcast_and_reduce_on_threads_from_every_root(size):
     for root in range(size):
         inputs = [np.full(4, 100.0 + rank) for rank in range(size)]
-        broadcast = functools.partial(collectives.tree_broadcast, root=root)
+        broadcast = functools.partial(tree_collectives.tree_broadcast, root=root)
         for rank, buffer in enumerate(run_on_threads(size, broadcast, inputs)):
             np.testing.assert_array_equal(buffer, inputs[root], err_msg=f"broadcast root {root}: rank {rank}")
-        reduced = run_on_threads(size, functools.partial(collectives.tree_reduce, root=root), inputs)[root]
+        reduced = run_on_threads(size, functools.partial(tree_collectives.tree_reduce, root=root), inputs)[root]
         np.testing.assert_array_equal(reduced, sum(inputs), err_msg=f"reduce to root {root}")
 
 
 def test_a_wrong_tree_partner_fails_in_seconds(monkeypatch):
     """A planted bug: every parent one rank off. The threads name who waited for whom, well before any timeout."""
-    real = collectives._binomial_parent_distance
-    monkeypatch.setattr(collectives, "_binomial_parent_distance", lambda relative, size: real(relative, size) + 1)
+    real = tree_collectives.binomial_parent_distance
+    monkeypatch.setattr(tree_collectives, "binomial_parent_distance", lambda relative, size: real(relative, size) + 1)
     inputs = [np.full(4, float(rank)) for rank in range(4)]
     with pytest.raises(AssertionError, match=r"rank \d: .*(waited 0.5 s for a message from rank \d+|does not exist)"):
-        run_on_threads(4, lambda c, b: collectives.tree_broadcast(c, b, 0), inputs, patience=0.5)
+        run_on_threads(4, lambda c, b: tree_collectives.tree_broadcast(c, b, 0), inputs, patience=0.5)

@@ -26,8 +26,9 @@ from minipar.plan.memory import (
     paper_parameter_memory,
     peak_full_gradient_bytes,
 )
-from minipar.plan.model import PRESETS, ModelSpec, Strategy, block_parameters, rank_parameters, representative_stages
+from minipar.plan.model import PRESETS, ModelSpec, block_parameters
 from minipar.plan.search import candidate_strategies, rank_layouts
+from minipar.plan.strategy import Strategy, rank_parameters, representative_stages
 from minipar.testing import results_from_ranks
 
 SMALL = GPTConfig(vocab_size=64, block_size=16, n_layer=8, n_head=8, n_embd=32)

@@ -1,8 +1,9 @@
 """Collectives built by hand from point-to-point messages.
 
-MPI's ``Allreduce``, ``Allgather``, ``Reduce_scatter``, ``Bcast`` and ``Reduce``
-are black boxes. The functions here re-create them from ``Send``, ``Recv`` and
-``Sendrecv`` so that a reader can follow every message. Each returns the
+MPI's ``Allreduce``, ``Allgather``, ``Reduce_scatter`` and ``Alltoall(v)`` are
+black boxes. The functions here re-create them from ``Send``, ``Recv`` and
+``Sendrecv`` so that a reader can follow every message (``Bcast`` and ``Reduce``
+on a binomial tree: ``tree_collectives.py``). Each returns the
 ``Traffic`` it caused on this rank, counted message by message, so the byte
 counts are exact rather than modelled.
 
@@ -22,26 +23,18 @@ Conventions:
   a point-to-point receive that the caller posted on the same communicator
   with another tag.
 """
-from dataclasses import dataclass
-
+from minipar.comm.traffic import Traffic, alltoall_traffic, block_bounds, bounds_from_counts, modelled_traffic
 from minipar.errors import ShapeError
+
+# Traffic and the block and volume helpers live in traffic.py, the trees in tree_collectives.py; the
+# first are offered here too, where the lessons and the course read the collectives.
+__all__ = ["REDUCE_INTO", "Traffic", "alltoall_traffic", "block_bounds", "bounds_from_counts", "modelled_traffic",
+           "pairwise_alltoall", "recursive_doubling_allreduce", "ring_all_gather", "ring_allreduce",
+           "ring_reduce_scatter"]
 
 _REDUCE_SCATTER_TAG = 7101
 _ALL_GATHER_TAG = 7102
 _RECURSIVE_DOUBLING_TAG = 7103
-_BROADCAST_TAG = 7104
-_REDUCE_TAG = 7105
-
-
-@dataclass
-class Traffic:
-    """Bytes this rank put on the wire and took off it during one collective."""
-
-    bytes_sent: int = 0
-    bytes_received: int = 0
-
-    def __add__(self, other):
-        return Traffic(self.bytes_sent + other.bytes_sent, self.bytes_received + other.bytes_received)
 
 
 def _sum_into(accumulator, incoming):
@@ -55,22 +48,6 @@ def _max_into(accumulator, incoming):
 
 
 REDUCE_INTO = {"sum": _sum_into, "max": _max_into}
-
-
-def block_bounds(count, nblocks):
-    """``(start, stop)`` of ``nblocks`` contiguous blocks covering ``count`` elements.
-
-    Blocks differ in length by at most one: the first ``count % nblocks`` get
-    the extra element, so block 0 is always the largest. When ``nblocks``
-    divides ``count`` every block holds exactly ``count / nblocks``.
-    """
-    base, extra = divmod(count, nblocks)
-    bounds, start = [], 0
-    for index in range(nblocks):
-        stop = start + base + (1 if index < extra else 0)
-        bounds.append((start, stop))
-        start = stop
-    return bounds
 
 
 def _flat(buffer):
@@ -236,119 +213,6 @@ def recursive_doubling_allreduce(mpi_comm, buffer, op="sum"):
     ### END SOLUTION
 
 
-def tree_allreduce(mpi_comm, buffer, op="sum"):
-    """Allreduce as a binomial-tree reduce to rank 0 followed by a binomial-tree broadcast.
-
-    The simplest correct allreduce. Cost 2⌈lg N⌉(α + nβ) + ⌈lg N⌉nγ (Thakur,
-    Rabenseifner & Gropp 2005): the root's links carry ⌈lg N⌉ × n each way,
-    so it scales worst of the three for large n.
-    """
-    return tree_reduce(mpi_comm, buffer, 0, op) + tree_broadcast(mpi_comm, buffer, 0)
-
-
-def _binomial_parent_distance(relative, size):
-    """The distance to the parent in a binomial tree (lowest set bit), or the tree's span for the root."""
-    distance = 1
-    while distance < size and not relative & distance:
-        distance *= 2
-    return distance
-
-
-def _binomial_children(relative, size):
-    """Ranks (relative to the root) that ``relative`` sends to in a binomial broadcast, farthest first."""
-    distance = _binomial_parent_distance(relative, size) // 2
-    children = []
-    while distance >= 1:
-        if relative + distance < size:
-            children.append(relative + distance)
-        distance //= 2
-    return children
-
-
-def tree_broadcast(mpi_comm, buffer, root=0):
-    """Binomial-tree broadcast, in place: ``buffer`` on ``root`` is copied to every rank.
-
-    Re-creates ``MPI_Bcast`` as MPICH runs it for short messages. Number
-    ranks relative to the root. A rank receives once, from the rank that
-    differs in its lowest set bit, then forwards to relative + 2^j for each
-    smaller power of two: the number of ranks holding the data doubles every
-    round, so ⌈lg N⌉ rounds reach everyone.
-
-    Every non-root rank receives n bytes; the root sends ⌈lg N⌉ × n. Cost
-    ⌈lg N⌉(α + nβ) (Thakur, Rabenseifner & Gropp 2005).
-    """
-    flat = _flat(buffer)
-    rank, size = mpi_comm.Get_rank(), mpi_comm.Get_size()
-    relative = (rank - root) % size
-    traffic = Traffic()
-    if relative != 0:
-        parent = (rank - _binomial_parent_distance(relative, size)) % size
-        mpi_comm.Recv(flat, parent, _BROADCAST_TAG)
-        traffic += Traffic(0, flat.nbytes)
-    for child in _binomial_children(relative, size):
-        mpi_comm.Send(flat, (child + root) % size, _BROADCAST_TAG)
-        traffic += Traffic(flat.nbytes, 0)
-    return traffic
-
-
-def tree_reduce(mpi_comm, buffer, root=0, op="sum"):
-    """Binomial-tree reduce, in place: afterwards ``buffer`` on ``root`` holds the reduction.
-
-    Re-creates ``MPI_Reduce``: the broadcast tree run backwards. Each rank
-    receives from its children nearest first, reduces, and sends the partial
-    result to its parent. On ranks other than the root the buffer is left
-    holding that partial result.
-
-    Every non-root rank sends n bytes once; the root receives ⌈lg N⌉ × n.
-    Cost ⌈lg N⌉(α + nβ + nγ) (Thakur, Rabenseifner & Gropp 2005).
-    """
-    reduce_into = REDUCE_INTO[op]
-    flat = _flat(buffer)
-    rank, size = mpi_comm.Get_rank(), mpi_comm.Get_size()
-    relative = (rank - root) % size
-    traffic = Traffic()
-    children = _binomial_children(relative, size)
-    incoming = _scratch(flat, flat.size) if children else None
-    for child in reversed(children):
-        mpi_comm.Recv(incoming, (child + root) % size, _REDUCE_TAG)
-        reduce_into(flat, incoming)
-        traffic += Traffic(0, incoming.nbytes)
-    if relative != 0:
-        parent = (rank - _binomial_parent_distance(relative, size)) % size
-        mpi_comm.Send(flat, parent, _REDUCE_TAG)
-        traffic += Traffic(flat.nbytes, 0)
-    return traffic
-
-
-def modelled_traffic(collective, rank, size, count, itemsize, root=0):
-    """The bytes the hand-built algorithm would move on this rank, without moving them.
-
-    Used to count MPI's built-in collectives, whose real traffic MPI does not
-    report: ring volumes for ``"allreduce"``, ``"reduce_scatter"`` and
-    ``"allgather"`` (``count`` is the full, gathered size), binomial-tree
-    volumes for ``"broadcast"`` and ``"reduce"``. These are textbook figures;
-    the MPI library may pick another algorithm and move different bytes.
-    """
-    if size == 1:
-        return Traffic()
-    block_sizes = [stop - start for start, stop in block_bounds(count, size)]
-    # Ring reduce-scatter: rank r sends all blocks but r, receives all but r−1.
-    reduce_scatter = Traffic(count - block_sizes[rank], count - block_sizes[(rank - 1) % size])
-    # Ring all-gather: rank r sends all blocks but r+1, receives all but r.
-    all_gather = Traffic(count - block_sizes[(rank + 1) % size], count - block_sizes[rank])
-    relative = (rank - root) % size
-    fan_out = len(_binomial_children(relative, size))
-    from_parent = 0 if relative == 0 else 1
-    elements = {
-        "reduce_scatter": reduce_scatter,
-        "allgather": all_gather,
-        "allreduce": reduce_scatter + all_gather,
-        "broadcast": Traffic(fan_out * count, from_parent * count),
-        "reduce": Traffic(from_parent * count, fan_out * count),
-    }[collective]
-    return Traffic(elements.bytes_sent * itemsize, elements.bytes_received * itemsize)
-
-
 # ---- all-to-all: every rank sends a different block to every other rank --------------------------
 
 _ALL_TO_ALL_TAG = 7106
@@ -394,23 +258,3 @@ def pairwise_alltoall(mpi_comm, send, out, send_bounds, receive_bounds):
     ### END SOLUTION
 
 
-def bounds_from_counts(counts, row_size=1):
-    """(start, stop) element offsets of consecutive blocks of ``counts[j]`` rows of ``row_size`` elements."""
-    bounds, start = [], 0
-    for count in counts:
-        stop = start + int(count) * row_size
-        bounds.append((start, stop))
-        start = stop
-    return bounds
-
-
-def alltoall_traffic(rank, send_bounds, receive_bounds, itemsize):
-    """The bytes a direct exchange moves on this rank: every block but its own, each way.
-
-    What the pairwise exchange counts message by message, and the model used to count MPI's
-    built-in ``Alltoall(v)``, which may route small messages through other ranks (Bruck's
-    algorithm) and so move more.
-    """
-    sent = sum(stop - start for j, (start, stop) in enumerate(send_bounds) if j != rank)
-    received = sum(stop - start for i, (start, stop) in enumerate(receive_bounds) if i != rank)
-    return Traffic(sent * itemsize, received * itemsize)

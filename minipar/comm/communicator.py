@@ -6,8 +6,9 @@ default) and offers
 - ``rank``, ``size``, ``mpi`` (the raw communicator), ``split(color, key)``,
   ``barrier()``;
 - point to point: ``send``, ``recv``, ``sendrecv``, ``isend``, ``irecv``;
-- collectives: ``allreduce``, ``iallreduce``, ``allgather``,
-  ``reduce_scatter``, ``broadcast``, ``reduce``, ``alltoall``, ``alltoallv``. ``algorithm="mpi"`` calls
+- collectives: ``allreduce``, ``allgather``, ``scatter``, ``reduce_scatter``, ``broadcast``,
+  ``reduce``; nonblocking ``iallreduce``, ``ireduce_scatter``, ``iallgather`` (``nonblocking.py``);
+  ``alltoall``, ``alltoallv`` and ``exchange_counts`` (``alltoall.py``). ``algorithm="mpi"`` calls
   MPI's built-in; the other names run the hand-built versions in
   ``minipar.comm.collectives``, which give the same results.
 
@@ -38,51 +39,33 @@ given (the n of the cost formulas), for tracing timelines.
 """
 import numbers
 import time
-from dataclasses import asdict
 
 from mpi4py import MPI
 
-from minipar.comm import collectives
-from minipar.comm.collectives import Traffic
+from minipar.comm import collectives, tree_collectives
+from minipar.comm.alltoall import AllToAll
+from minipar.comm.arguments import MPI_OPS, check_array, check_choice, check_out_matches
 from minipar.comm.compression import bf16_ring_allreduce, fp16_ring_allreduce
-from minipar.comm.records import CallRecord, Counters, Request
+from minipar.comm.nonblocking import NonblockingCollectives
+from minipar.comm.records import Bookkeeping, Counters, Request
+from minipar.comm.traffic import Traffic, modelled_traffic
 from minipar.comm.transport import check_transport, default_transport, make_wire
 from minipar.errors import ConfigError, ShapeError
 
-_MPI_OPS = {"sum": MPI.SUM, "max": MPI.MAX}
 _ALLREDUCE_ALGORITHMS = {
     "ring": collectives.ring_allreduce,
     "recursive_doubling": collectives.recursive_doubling_allreduce,
-    "tree": collectives.tree_allreduce,
+    "tree": tree_collectives.tree_allreduce,
     "ring_fp16": fp16_ring_allreduce,  # lossy: 16-bit messages (comm/compression.py)
     "ring_bf16": bf16_ring_allreduce,
 }
 
 
-def _check_array(array, role, call, writable=False):
-    if not hasattr(array, "flags") or not hasattr(array, "dtype"):
-        raise ShapeError(f"{call}: {role} must be an array, got {type(array).__name__}")
-    if not array.flags.c_contiguous:
-        raise ShapeError(
-            f"{call}: {role} of shape {array.shape} is not C-contiguous; MPI moves contiguous "
-            "buffers only, so pass xp.ascontiguousarray(...) or a preallocated array"
-        )
-    if writable and not getattr(array.flags, "writeable", True):
-        raise ShapeError(f"{call}: {role} is read-only, but results are written into it")
+class Communicator(Bookkeeping, NonblockingCollectives, AllToAll):
+    """Buffer methods, counters and listeners over one MPI communicator (module docstring); the
+    nonblocking collectives come from ``nonblocking.py``, the all-to-alls from ``alltoall.py``, the
+    counters and listeners from ``records.py``."""
 
-
-def _check_out_matches(array, out, call):
-    _check_array(out, "out", call, writable=True)
-    if out.dtype != array.dtype or out.shape != array.shape:
-        raise ShapeError(f"{call}: out is {out.dtype} {out.shape} but the array is {array.dtype} {array.shape}")
-
-
-def _check_choice(value, allowed, what, call):
-    if value not in allowed:
-        raise ConfigError(f"{call}: {what} must be one of {sorted(allowed)}, got {value!r}")
-
-
-class Communicator:
     def __init__(self, mpi_comm=None, transport=None):
         self.mpi = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
         self.rank = self.mpi.Get_rank()
@@ -104,42 +87,10 @@ class Communicator:
         """
         return MPI.COMM_WORLD.Get_size()
 
-    # ---- bookkeeping ---------------------------------------------------------------
-
-    def reset_counters(self):
-        self.counters = Counters()
-
-    def counters_snapshot(self):
-        """The counters as plain nested dicts (safe to keep, compare or serialise)."""
-        return {name: asdict(record) for name, record in self.counters.items()}
-
-    def add_listener(self, listener):
-        """Call ``listener(name, start, end, nbytes)`` after every call on this communicator."""
-        self._listeners.append(listener)
-
-    def remove_listener(self, listener):
-        self._listeners.remove(listener)
-
-    def _record_of(self, name):
-        return self.counters.setdefault(name, CallRecord())
-
-    def _notify(self, name, start, end, nbytes):
-        for listener in self._listeners:
-            listener(name, start, end, nbytes)
-
-    def _account(self, name, elements, traffic, started, nbytes, notify=True):
-        finished = time.perf_counter()
-        record = self._record_of(name)
-        record.calls += 1
-        record.elements += int(elements)
-        record.bytes_sent += int(traffic.bytes_sent)
-        record.bytes_received += int(traffic.bytes_received)
-        record.seconds += finished - started
-        if notify:
-            self._notify(name, started, finished, nbytes)
+    # ---- bookkeeping (counters and listeners: records.Bookkeeping) -----------------------
 
     def _modelled(self, name, array_size, itemsize, root=0):
-        return collectives.modelled_traffic(name, self.rank, self.size, array_size, itemsize, root)
+        return modelled_traffic(name, self.rank, self.size, array_size, itemsize, root)
 
     def _check_root(self, root, call):
         if not isinstance(root, numbers.Integral) or not 0 <= root < self.size:
@@ -159,13 +110,13 @@ class Communicator:
     # ---- point to point ----------------------------------------------------------------
 
     def send(self, array, dest, tag=0):
-        _check_array(array, "array", "send")
+        check_array(array, "array", "send")
         started = time.perf_counter()
         self.wire.Send(array, dest, tag)
         self._account("send", array.size, Traffic(array.nbytes, 0), started, array.nbytes)
 
     def recv(self, out, source, tag=0):
-        _check_array(out, "out", "recv", writable=True)
+        check_array(out, "out", "recv", writable=True)
         started = time.perf_counter()
         self.wire.Recv(out, source, tag)
         self._account("recv", out.size, Traffic(0, out.nbytes), started, out.nbytes)
@@ -173,8 +124,8 @@ class Communicator:
 
     def sendrecv(self, send_array, dest, recv_out, source, tag=0):
         """Send to ``dest`` and receive from ``source`` at once (no deadlock in a ring)."""
-        _check_array(send_array, "send_array", "sendrecv")
-        _check_array(recv_out, "recv_out", "sendrecv", writable=True)
+        check_array(send_array, "send_array", "sendrecv")
+        check_array(recv_out, "recv_out", "sendrecv", writable=True)
         started = time.perf_counter()
         self.wire.Sendrecv(send_array, dest, tag, recv_out, source, tag)
         traffic = Traffic(send_array.nbytes, recv_out.nbytes)
@@ -183,7 +134,7 @@ class Communicator:
 
     def isend(self, array, dest, tag=0):
         """Start sending ``array``; do not modify it until the request's ``wait()`` returns."""
-        _check_array(array, "array", "isend")
+        check_array(array, "array", "isend")
         started = time.perf_counter()
         mpi_request = self.wire.Isend(array, dest, tag)
         self._account("isend", array.size, Traffic(array.nbytes, 0), started, 0, notify=False)
@@ -191,7 +142,7 @@ class Communicator:
 
     def irecv(self, out, source, tag=0):
         """Start receiving into ``out``; its contents are valid once ``wait()`` returns."""
-        _check_array(out, "out", "irecv", writable=True)
+        check_array(out, "out", "irecv", writable=True)
         started = time.perf_counter()
         mpi_request = self.wire.Irecv(out, source, tag)
         self._account("irecv", out.size, Traffic(0, out.nbytes), started, 0, notify=False)
@@ -205,17 +156,17 @@ class Communicator:
         ``op``: "sum" or "max". ``algorithm``: "mpi", "ring", "recursive_doubling"
         or "tree". Returns the array holding the result.
         """
-        _check_choice(op, _MPI_OPS, "op", "allreduce")
-        _check_choice(algorithm, {"mpi", *_ALLREDUCE_ALGORITHMS}, "algorithm", "allreduce")
+        check_choice(op, MPI_OPS, "op", "allreduce")
+        check_choice(algorithm, {"mpi", *_ALLREDUCE_ALGORITHMS}, "algorithm", "allreduce")
         if out is array:
             out = None  # MPI forbids the same buffer as both input and output: that is in place
-        _check_array(array, "array", "allreduce", writable=out is None)
+        check_array(array, "array", "allreduce", writable=out is None)
         if out is not None:
-            _check_out_matches(array, out, "allreduce")
+            check_out_matches(array, out, "allreduce")
         result = array if out is None else out
         started = time.perf_counter()
         if algorithm == "mpi":
-            self.wire.Allreduce(MPI.IN_PLACE if out is None else array, result, _MPI_OPS[op])
+            self.wire.Allreduce(MPI.IN_PLACE if out is None else array, result, MPI_OPS[op])
             traffic = self._modelled("allreduce", array.size, array.itemsize)
         else:
             if out is not None:
@@ -224,26 +175,13 @@ class Communicator:
         self._account("allreduce", array.size, traffic, started, array.nbytes)
         return result
 
-    def iallreduce(self, array, op="sum"):
-        """Start an in-place allreduce (MPI_Iallreduce) and return its Request.
-
-        Lets data parallelism reduce one gradient while backward computes the next.
-        """
-        _check_choice(op, _MPI_OPS, "op", "iallreduce")
-        _check_array(array, "array", "iallreduce", writable=True)
-        started = time.perf_counter()
-        mpi_request = self.wire.Iallreduce(MPI.IN_PLACE, array, _MPI_OPS[op])
-        traffic = self._modelled("allreduce", array.size, array.itemsize)
-        self._account("iallreduce", array.size, traffic, started, 0, notify=False)
-        return Request(self, "iallreduce", mpi_request, None, array, array.nbytes, started)
-
     def allgather(self, send, out, algorithm="mpi"):
         """Concatenate every rank's ``send`` along the first axis, in rank order, into ``out``.
 
         ``out.shape`` must be ``(size * send.shape[0], *send.shape[1:])``.
         ``algorithm``: "mpi" or "ring".
         """
-        _check_choice(algorithm, {"mpi", "ring"}, "algorithm", "allgather")
+        check_choice(algorithm, {"mpi", "ring"}, "algorithm", "allgather")
         self._check_gather_shapes(piece=send, whole=out, call="allgather")
         started = time.perf_counter()
         if algorithm == "mpi":
@@ -278,12 +216,12 @@ class Communicator:
         ``send.shape`` must be ``(size * out.shape[0], *out.shape[1:])``.
         ``algorithm``: "mpi" or "ring".
         """
-        _check_choice(op, _MPI_OPS, "op", "reduce_scatter")
-        _check_choice(algorithm, {"mpi", "ring"}, "algorithm", "reduce_scatter")
+        check_choice(op, MPI_OPS, "op", "reduce_scatter")
+        check_choice(algorithm, {"mpi", "ring"}, "algorithm", "reduce_scatter")
         self._check_gather_shapes(piece=out, whole=send, call="reduce_scatter")
         started = time.perf_counter()
         if algorithm == "mpi":
-            self.wire.Reduce_scatter_block(send, out, _MPI_OPS[op])
+            self.wire.Reduce_scatter_block(send, out, MPI_OPS[op])
             traffic = self._modelled("reduce_scatter", send.size, send.itemsize)
         else:
             working_copy = send.copy()  # the ring reduces in place; leave send intact
@@ -293,43 +231,9 @@ class Communicator:
         self._account("reduce_scatter", send.size, traffic, started, send.nbytes)
         return out
 
-    def ireduce_scatter(self, send, out, op="sum"):
-        """Start ``reduce_scatter`` (MPI_Ireduce_scatter_block) and return its Request; ``send``
-        must not change and ``out`` is not valid until ``wait()``. ZeRO starts one per unit of
-        gradients during backward (--overlap). A transport without the nonblocking call (the GPU
-        ones) runs the blocking one and returns a finished request."""
-        _check_choice(op, _MPI_OPS, "op", "ireduce_scatter")
-        self._check_gather_shapes(piece=out, whole=send, call="reduce_scatter")
-        started = time.perf_counter()
-        start = getattr(self.wire, "Ireduce_scatter_block", None)
-        if start is None:
-            self.wire.Reduce_scatter_block(send, out, _MPI_OPS[op])
-            mpi_request = MPI.REQUEST_NULL
-        else:
-            mpi_request = start(send, out, _MPI_OPS[op])
-        traffic = self._modelled("reduce_scatter", send.size, send.itemsize)
-        self._account("ireduce_scatter", send.size, traffic, started, 0, notify=False)
-        return Request(self, "ireduce_scatter", mpi_request, None, out, send.nbytes, started)
-
-    def iallgather(self, send, out):
-        """Start ``allgather`` (MPI_Iallgather) and return its Request; ``out`` is valid after
-        ``wait()``. ZeRO-3 prefetches the next piece's parameters with it (--overlap); blocking
-        on transports without it, as ``ireduce_scatter``."""
-        self._check_gather_shapes(piece=send, whole=out, call="allgather")
-        started = time.perf_counter()
-        start = getattr(self.wire, "Iallgather", None)
-        if start is None:
-            self.wire.Allgather(send, out)
-            mpi_request = MPI.REQUEST_NULL
-        else:
-            mpi_request = start(send, out)
-        traffic = self._modelled("allgather", out.size, out.itemsize)
-        self._account("iallgather", out.size, traffic, started, 0, notify=False)
-        return Request(self, "iallgather", mpi_request, None, out, out.nbytes, started)
-
     def _check_gather_shapes(self, piece, whole, call):
-        _check_array(piece, "the per-rank array", call, writable=call == "reduce_scatter")
-        _check_array(whole, "the full array", call, writable=call == "allgather")
+        check_array(piece, "the per-rank array", call, writable=call == "reduce_scatter")
+        check_array(whole, "the full array", call, writable=call == "allgather")
         stacked = piece.ndim > 0 and whole.shape == (self.size * piece.shape[0], *piece.shape[1:])
         if not stacked or piece.dtype != whole.dtype:
             raise ShapeError(
@@ -339,15 +243,15 @@ class Communicator:
 
     def broadcast(self, array, root=0, algorithm="mpi"):
         """Copy ``array`` on ``root`` into ``array`` on every rank. ``algorithm``: "mpi" or "tree"."""
-        _check_choice(algorithm, {"mpi", "tree"}, "algorithm", "broadcast")
+        check_choice(algorithm, {"mpi", "tree"}, "algorithm", "broadcast")
         self._check_root(root, "broadcast")
-        _check_array(array, "array", "broadcast", writable=True)
+        check_array(array, "array", "broadcast", writable=True)
         started = time.perf_counter()
         if algorithm == "mpi":
             self.wire.Bcast(array, root)
             traffic = self._modelled("broadcast", array.size, array.itemsize, root)
         else:
-            traffic = collectives.tree_broadcast(self.wire, array, root)
+            traffic = tree_collectives.tree_broadcast(self.wire, array, root)
         self._account("broadcast", array.size, traffic, started, array.nbytes)
         return array
 
@@ -357,96 +261,24 @@ class Communicator:
         ``out`` is needed on the root only (pass None elsewhere). Returns ``out``.
         ``algorithm``: "mpi" or "tree".
         """
-        _check_choice(op, _MPI_OPS, "op", "reduce")
-        _check_choice(algorithm, {"mpi", "tree"}, "algorithm", "reduce")
+        check_choice(op, MPI_OPS, "op", "reduce")
+        check_choice(algorithm, {"mpi", "tree"}, "algorithm", "reduce")
         self._check_root(root, "reduce")
-        _check_array(array, "array", "reduce")
+        check_array(array, "array", "reduce")
         is_root = self.rank == root
         if is_root and out is None:
             raise ShapeError("reduce: the root rank must pass an out array for the result")
         if out is not None:
-            _check_out_matches(array, out, "reduce")
+            check_out_matches(array, out, "reduce")
         started = time.perf_counter()
         if algorithm == "mpi":
-            self.wire.Reduce(array, out if is_root else None, _MPI_OPS[op], root)
+            self.wire.Reduce(array, out if is_root else None, MPI_OPS[op], root)
             traffic = self._modelled("reduce", array.size, array.itemsize, root)
         else:
             working = out if is_root else array.copy()  # tree reduce works in place
             if is_root:
                 working[...] = array
-            traffic = collectives.tree_reduce(self.wire, working, root, op)
+            traffic = tree_collectives.tree_reduce(self.wire, working, root, op)
         self._account("reduce", array.size, traffic, started, array.nbytes)
         return out
 
-    # ---- all-to-all (expert parallelism's dispatch and combine) -------------------------------
-
-    def alltoall(self, send, out, algorithm="mpi"):
-        """Block j of ``send`` goes to rank j; block i of ``out`` arrives from rank i.
-
-        The first axis of ``send`` is cut into ``size`` equal blocks, and ``out`` has the same
-        shape and dtype. ``algorithm``: "mpi" (``MPI_Alltoall``) or "pairwise" (the hand-built
-        exchange in ``minipar.comm.collectives``). Each rank sends and receives (N−1)/N of n.
-        """
-        _check_choice(algorithm, {"mpi", "pairwise"}, "algorithm", "alltoall")
-        _check_array(send, "send", "alltoall")
-        _check_array(out, "out", "alltoall", writable=True)
-        if send.ndim == 0 or send.shape[0] % self.size or out.shape != send.shape or out.dtype != send.dtype:
-            raise ShapeError(f"alltoall: send must have a first axis divisible by the {self.size} ranks and out its "
-                             f"shape and dtype; got send {send.dtype} {send.shape} and out {out.dtype} {out.shape}")
-        block = send.size // self.size
-        bounds = [(j * block, (j + 1) * block) for j in range(self.size)]
-        return self._alltoall("alltoall", send, out, bounds, bounds, algorithm)
-
-    def alltoallv(self, send, send_counts, out, receive_counts, algorithm="mpi"):
-        """Rows ``send_counts[j]`` of ``send`` (consecutive, in rank order) go to rank j; the
-        ``receive_counts[i]`` rows from rank i land in ``out``, in rank order.
-
-        Counts are rows of the first axis; the other axes of ``send`` and ``out`` must match.
-        ``receive_counts`` must be what the others send this rank (``exchange_counts`` finds it).
-        ``algorithm``: "mpi" (``MPI_Alltoallv``) or "pairwise".
-        """
-        _check_choice(algorithm, {"mpi", "pairwise"}, "algorithm", "alltoallv")
-        _check_array(send, "send", "alltoallv")
-        _check_array(out, "out", "alltoallv", writable=True)
-        send_counts, receive_counts = [int(c) for c in send_counts], [int(c) for c in receive_counts]
-        if len(send_counts) != self.size or len(receive_counts) != self.size or min(send_counts + receive_counts) < 0:
-            raise ShapeError(f"alltoallv: send_counts and receive_counts need one count >= 0 per rank ({self.size}), "
-                             f"got {send_counts} and {receive_counts}")
-        if (send.ndim == 0 or out.ndim == 0 or send.shape[1:] != out.shape[1:] or send.dtype != out.dtype
-                or send.shape[0] != sum(send_counts) or out.shape[0] != sum(receive_counts)):
-            raise ShapeError(f"alltoallv: send {send.dtype} {send.shape} must hold sum(send_counts) = {sum(send_counts)} "
-                             f"rows and out {out.dtype} {out.shape} sum(receive_counts) = {sum(receive_counts)}, "
-                             "with the same dtype and row shape")
-        row = 1
-        for extent in send.shape[1:]:
-            row *= extent
-        send_bounds = collectives.bounds_from_counts(send_counts, row)
-        receive_bounds = collectives.bounds_from_counts(receive_counts, row)
-        return self._alltoall("alltoallv", send, out, send_bounds, receive_bounds, algorithm)
-
-    def _alltoall(self, name, send, out, send_bounds, receive_bounds, algorithm):
-        started = time.perf_counter()
-        # The GPU wires (staged, NCCL) offer no Alltoall(v): there "mpi" runs the pairwise exchange too.
-        if algorithm == "pairwise" or not hasattr(self.wire, "Alltoallv"):
-            traffic = collectives.pairwise_alltoall(self.wire, send, out, send_bounds, receive_bounds)
-        else:
-            def spec(array, bounds):
-                counts = [stop - start for start, stop in bounds]
-                return [array, (counts, [start for start, _ in bounds])]
-
-            if name == "alltoall":
-                self.wire.Alltoall(send, out)
-            else:
-                self.wire.Alltoallv(spec(send, send_bounds), spec(out, receive_bounds))
-            traffic = collectives.alltoall_traffic(self.rank, send_bounds, receive_bounds, send.itemsize)
-        self._account(name, send.size, traffic, started, send.nbytes)
-        return out
-
-    def exchange_counts(self, send_counts):
-        """What every rank sends this one, given what this one sends each rank (a list of ints):
-        the metadata an ``alltoallv`` needs first, N small integers, so pickled (mpi4py's
-        lower-case ``alltoall``) rather than moved through buffers. Not counted as traffic."""
-        counts = [int(c) for c in send_counts]
-        if len(counts) != self.size:
-            raise ShapeError(f"exchange_counts: one count per rank ({self.size}) needed, got {counts}")
-        return [int(c) for c in self.mpi.alltoall(counts)]

@@ -41,7 +41,8 @@ import math
 import numpy as _host  # the shared random start of Q is drawn on the host; errstate quiets fp16's inf
 
 from minipar.backend import from_host, xp
-from minipar.comm.collectives import Traffic, block_bounds, ring_all_gather, ring_reduce_scatter
+from minipar.comm.collectives import ring_all_gather, ring_reduce_scatter
+from minipar.comm.traffic import Traffic, block_bounds
 from minipar.errors import ConfigError
 
 COMPRESSION_METHODS = ("none", "fp16", "bf16", "topk", "powersgd")

@@ -1,11 +1,12 @@
-"""What the Communicator keeps about its calls: per-call records and pending requests.
+"""What the Communicator keeps about its calls: per-call records, listeners and pending requests.
 
 ``CallRecord`` is one line of a rank's traffic ledger (calls, elements, bytes, seconds);
-``Counters`` maps a call's name to its record; ``Request`` is a non-blocking call still in
-flight, whose wait() finishes it and books the time it blocked.
+``Counters`` maps a call's name to its record; ``Bookkeeping`` (mixed into the Communicator) books
+each call into them and tells the listeners; ``Request`` is a non-blocking call still in flight,
+whose wait() finishes it and books the time it blocked.
 """
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from minipar.backend import from_host
 
@@ -26,6 +27,42 @@ class Counters(dict):
 
     def __missing__(self, name):
         return CallRecord()
+
+
+class Bookkeeping:
+    """Mixed into ``Communicator``, whose ``__init__`` sets ``counters = Counters()`` and ``_listeners = []``."""
+
+    def reset_counters(self):
+        self.counters = Counters()
+
+    def counters_snapshot(self):
+        """The counters as plain nested dicts (safe to keep, compare or serialise)."""
+        return {name: asdict(record) for name, record in self.counters.items()}
+
+    def add_listener(self, listener):
+        """Call ``listener(name, start, end, nbytes)`` after every call on this communicator."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener):
+        self._listeners.remove(listener)
+
+    def _record_of(self, name):
+        return self.counters.setdefault(name, CallRecord())
+
+    def _notify(self, name, start, end, nbytes):
+        for listener in self._listeners:
+            listener(name, start, end, nbytes)
+
+    def _account(self, name, elements, traffic, started, nbytes, notify=True):
+        finished = time.perf_counter()
+        record = self._record_of(name)
+        record.calls += 1
+        record.elements += int(elements)
+        record.bytes_sent += int(traffic.bytes_sent)
+        record.bytes_received += int(traffic.bytes_received)
+        record.seconds += finished - started
+        if notify:
+            self._notify(name, started, finished, nbytes)
 
 
 class Request:

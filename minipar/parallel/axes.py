@@ -28,9 +28,9 @@ A mixture of experts' auxiliary loss is part of the rank's loss, so it takes the
 """
 from minipar.errors import ConfigError
 from minipar.nn.moe import MixtureOfExperts, expert_parameter_ids
+from minipar.parallel.batch_split import local_slice
 from minipar.parallel.context_parallel import LAYOUTS, VARIANTS, check_layout
 from minipar.parallel.context_parallel_model import context_parallel_pieces, split_tokens
-from minipar.parallel.data_parallel import local_slice
 from minipar.parallel.expert_parallel import ExpertParallelMixtureOfExperts, validate_expert_parallel
 from minipar.parallel.placement import Partial, Shard, place
 

@@ -43,27 +43,24 @@ whatever order a pipeline schedule runs them in.
 
 A parameter that got no gradient on a rank contributes zeros, and after the sync every
 parameter has a gradient (the average). Leaving it None on one rank but not another would
-make the optimizers diverge; zeros keep the replicas identical.
+make the optimizers diverge; zeros keep the replicas identical (``replicas.py`` checks them).
 
-Rank discipline. Every rank builds the model from the same seed (and rank 0's copy is
-broadcast anyway). The batch for step s is split one of two ways:
-  - ``local_slice``: every rank samples the same global batch from (seed, step) and keeps
-    rows [d·B/N, (d+1)·B/N) for dp rank d; no communication;
-  - ``scatter_batch``: only dp rank 0 samples; it Scatters the rows, shard d to rank d.
-Both give rank d the same rows.
+Rank discipline: how each rank gets its rows of the batch is ``batch_split.py``.
 """
 from dataclasses import dataclass, field
 
-from minipar.backend import to_host, xp
+from minipar.backend import xp
 from minipar.errors import ConfigError, require_positive_int
+from minipar.parallel.batch_split import local_slice, scatter_batch
 from minipar.parallel.gradient_sync import SingleReplica, bytes_held
+from minipar.parallel.replicas import ReplicaChecks, ReplicaDivergenceError
+
+# local_slice and scatter_batch (batch_split.py) and ReplicaDivergenceError (replicas.py) are offered here too.
+__all__ = ["ALLREDUCE_ALGORITHMS", "DEFAULT_BUCKET_BYTES", "Bucket", "DataParallel", "ReplicaDivergenceError",
+           "local_slice", "scatter_batch", "validate_data_parallel"]
 
 DEFAULT_BUCKET_BYTES = 1 << 20  # 1 MiB; PyTorch uses 25 MB, our models are far smaller
 ALLREDUCE_ALGORITHMS = ("mpi", "ring", "recursive_doubling", "tree")
-
-
-class ReplicaDivergenceError(RuntimeError):
-    """Data-parallel replicas that should be identical are not (raised on every rank)."""
 
 
 def _check_options(bucket_bytes, overlap, algorithm, accumulation_steps, check_interval=0):
@@ -97,48 +94,6 @@ def validate_data_parallel(global_batch, dp, world_size, bucket_bytes=DEFAULT_BU
                           f"accumulation_steps ({accumulation_steps}) = {dp * accumulation_steps}")
 
 
-def local_slice(global_batch, dp_rank, dp):
-    """Rows [d·B/N, (d+1)·B/N) of an array, or of each array in a tuple (inputs, targets)."""
-    arrays = tuple(global_batch) if isinstance(global_batch, (tuple, list)) else (global_batch,)
-    rows = arrays[0].shape[0]
-    if any(a.shape[0] != rows for a in arrays):
-        raise ConfigError(f"batch arrays disagree on the number of rows: {[a.shape[0] for a in arrays]}")
-    if rows % dp:
-        raise ConfigError(f"global batch {rows} is not divisible by dp = {dp}")
-    share = rows // dp
-    pieces = tuple(a[dp_rank * share:(dp_rank + 1) * share] for a in arrays)
-    return pieces if isinstance(global_batch, (tuple, list)) else pieces[0]
-
-
-def scatter_batch(global_inputs, global_targets, dp_comm):
-    """dp rank 0 holds the global batch (others pass None); each rank gets its B/N rows.
-
-    Only the shapes travel as pickled metadata (the others cannot know them); the rows
-    themselves move with the communicator's scatter (MPI_Scatter) into preallocated buffers.
-    """
-    rank, size = dp_comm.rank, dp_comm.size
-    metadata = None
-    if rank == 0:  # a problem found on rank 0 travels as the metadata, so every rank raises it
-        if global_inputs is None or global_targets is None:
-            metadata = "scatter_batch: dp rank 0 must pass the global inputs and targets"
-        else:
-            metadata = [(a.shape, a.dtype.str) for a in (global_inputs, global_targets)]
-    metadata = dp_comm.mpi.bcast(metadata, root=0)
-    if isinstance(metadata, str):
-        raise ConfigError(metadata)
-    (inputs_shape, _), (targets_shape, _) = metadata
-    if inputs_shape[0] != targets_shape[0]:
-        raise ConfigError(f"inputs have {inputs_shape[0]} rows but targets have {targets_shape[0]}")
-    if inputs_shape[0] % size:
-        raise ConfigError(f"global batch {inputs_shape[0]} is not divisible by dp = {size}")
-    shards = []
-    for array, (shape, dtype) in zip((global_inputs, global_targets), metadata, strict=True):
-        shard = xp.empty((shape[0] // size, *shape[1:]), dtype=dtype)
-        dp_comm.scatter(xp.ascontiguousarray(array) if rank == 0 else None, shard, root=0)
-        shards.append(shard)
-    return tuple(shards)
-
-
 @dataclass
 class _Slot:
     """Where one parameter's gradient lives in its bucket, and how far this step has got."""
@@ -164,7 +119,7 @@ class Bucket:
     request: object = None  # the in-flight Iallreduce (overlap mode)
 
 
-class DataParallel(SingleReplica):
+class DataParallel(ReplicaChecks, SingleReplica):
     """Average gradients over the data-parallel group ``dp_comm`` (a minipar Communicator).
 
         dp = DataParallel(model.parameters(), grid.dp, overlap=True, accumulation_steps=m)
@@ -233,18 +188,6 @@ class DataParallel(SingleReplica):
             buckets.append(bucket)
         return buckets
 
-    def _check_same_parameters_everywhere(self):
-        """Mismatched shapes would make the bucket allreduces hang; say which ranks differ."""
-        layout = [(name, tuple(p.shape), p.dtype.str) for name, p in zip(self.names, self.parameters, strict=True)]
-        everyone = self.comm.mpi.allgather(layout)  # small metadata, pickled once at start
-        differing = [rank for rank, other in enumerate(everyone) if other != everyone[0]]
-        if differing:
-            theirs, ours = everyone[differing[0]], everyone[0]
-            example = next((f"{a} where rank 0 has {b}" for a, b in zip(theirs, ours, strict=False) if a != b),
-                           f"{len(theirs)} tensors where rank 0 has {len(ours)}")
-            raise ConfigError(f"data-parallel ranks {differing} hold other parameters than dp rank 0 "
-                              f"(rank {differing[0]} has {example}); every replica must build the same model")
-
     def after_optimizer_step(self, step):
         self.check_replicas(step)  # fails loudly if replicas ever diverge
 
@@ -261,52 +204,6 @@ class DataParallel(SingleReplica):
         (they are views of the buckets), so not in the total."""
         return {**super().memory_report(optimizer),
                 "data_parallel_buckets": bytes_held(bucket.flat for bucket in self.buckets)}
-
-    # ---- replicas ------------------------------------------------------------------------
-    def broadcast_parameters(self):
-        """Copy dp rank 0's parameters to every rank, one broadcast per bucket."""
-        for bucket in self.buckets:
-            if self.comm.rank == 0:
-                for slot in bucket.slots:
-                    bucket.flat[slot.start:slot.stop] = slot.parameter.data.reshape(-1)
-            self.comm.broadcast(bucket.flat, root=0)
-            for slot in bucket.slots:
-                slot.parameter.data[...] = bucket.flat[slot.start:slot.stop].reshape(slot.parameter.shape)
-
-    def check_replicas(self, step=None):
-        """Compare a checksum of every parameter across ranks; raise ReplicaDivergenceError if any differ.
-
-        The checksum of a parameter is (Σ x, Σ x²) in float64; the rows of all ranks are
-        allgathered (2 floats per tensor) and must agree bitwise. Given ``step``, checks only
-        when step % check_interval == 0 and returns None otherwise; returns the local checksums.
-        """
-        if step is not None and (self.check_interval <= 0 or step % self.check_interval):
-            return None
-        local = xp.empty((1, 2 * len(self.parameters)), dtype=xp.float64)
-        for i, p in enumerate(self.parameters):
-            values = p.data.astype(xp.float64)
-            local[0, 2 * i], local[0, 2 * i + 1] = values.sum(), (values * values).sum()
-        everyone = xp.empty((self.comm.size, local.shape[1]), dtype=xp.float64)
-        everyone = to_host(self.comm.allgather(local, everyone))  # a few numbers per rank, compared as bytes
-        groups = {}
-        for rank in range(self.comm.size):
-            groups.setdefault(everyone[rank].tobytes(), []).append(rank)
-        if len(groups) > 1:
-            raise ReplicaDivergenceError(self._divergence_message(everyone, list(groups.values())))
-        return local[0]
-
-    def _divergence_message(self, everyone, groups):
-        # The largest group is taken as right (on a tie, the one holding rank 0).
-        reference = max(groups, key=lambda ranks: (len(ranks), 0 in ranks))
-        diverging = sorted(rank for ranks in groups if ranks is not reference for rank in ranks)
-        lines = [f"data-parallel replicas differ: ranks {diverging} disagree with ranks {reference}"]
-        for i, name in enumerate(self.names):
-            columns = everyone[:, 2 * i:2 * i + 2]
-            if (columns != columns[reference[0]]).any():
-                values = ", ".join(f"rank {r}: sum {float(columns[r, 0])!r}, sum of squares {float(columns[r, 1])!r}"
-                                   for r in sorted({reference[0], *diverging}))
-                lines.append(f"  {name}: {values}")
-        return "\n".join(lines)
 
     # ---- gradients -----------------------------------------------------------------------
     def _pack(self, slot):

@@ -34,6 +34,8 @@ from minipar.errors import ConfigError, require_positive_int
 
 AXES = ("pp", "dp", "ep", "cp", "tp")  # slowest to fastest; a new axis is one more name here
 
+EVERY_LAYOUT = ("dp", "tp", "pp")  # the axes every layout names (the CLI's --dp --tp --pp); the others when > 1
+
 AXIS_ROLES = {  # what each axis splits, for pictures and messages
     "pp": "pipeline stages: the layers",
     "dp": "data-parallel replicas: the batch",
@@ -104,10 +106,14 @@ class MeshShape:
     def check_world(self, world_size):
         """Raise ConfigError unless the mesh has ``world_size`` ranks (the same on every rank, no message)."""
         if self.world_size != world_size:
-            named = ["dp", "tp", "pp", *(axis for axis in ("ep", "cp") if self.size(axis) > 1)]
+            named = [*EVERY_LAYOUT, *self._optional_axes_in_use()]
             raise ConfigError(f"{' x '.join(named)} = {' x '.join(str(self.size(a)) for a in named)} = "
                               f"{self.world_size} does not equal the number of MPI ranks ({world_size}); "
                               f"launch with mpiexec -n {self.world_size} or change the layout")
+
+    def _optional_axes_in_use(self):
+        """The axes beyond dp, tp and pp that this layout uses (size > 1), slowest first: ep, cp, ..."""
+        return [axis for axis in AXES if axis not in EVERY_LAYOUT and self.size(axis) > 1]
 
     def _check_axes(self, axes):
         unknown = [axis for axis in axes if axis not in AXES]
@@ -116,13 +122,13 @@ class MeshShape:
 
     def describe(self):
         """A text picture of the mesh: one line per pipeline stage, a box per data-parallel replica, and
-        inside it (when ep or cp > 1) a box per expert- or context-parallel rank, the tp ranks innermost."""
+        inside it a box per rank of each further axis in use (ep, cp), the tp ranks innermost."""
         used = [axis for axis in AXES if self.size(axis) > 1] or ["tp"]
         sizes = " x ".join(f"{axis} {self.size(axis)}" for axis in used)
         formula = " + ".join(f"{axis}_rank" + (f" * {self.stride(axis)}" if self.stride(axis) > 1 else "")
                              for axis in reversed(used))
         lines = [f"world = {sizes} = {self.world_size} ranks", f"rank = {formula}   (tp fastest)", ""]
-        boxes = ["dp", *(axis for axis in ("ep", "cp") if self.size(axis) > 1)]
+        boxes = ["dp", *self._optional_axes_in_use()]
         for stage in range(self.size("pp")):
             lines.append(f"stage {stage}: " + self._draw(boxes, {"pp": stage}))
         lines += ["", "[ ... ] = one tensor-parallel group; a group over an axis = the ranks that differ only there;",

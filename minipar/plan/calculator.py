@@ -11,7 +11,8 @@ from minipar.plan.cli import plot_memory, seconds, size
 from minipar.plan.cost import mfu, predict
 from minipar.plan.hardware import named_machine
 from minipar.plan.memory import Headroom
-from minipar.plan.model import ModelSpec, Strategy, check_strategy
+from minipar.plan.model import ModelSpec
+from minipar.plan.strategy import Strategy, check_strategy
 
 DEFAULTS = dict(n_layer=96, n_embd=12288, n_head=96, n_kv_head=96, seq=2048, vocab=51200, swiglu=False, gpus=1024,
                 gpu="a100", memory_gb=80, tp=8, pp=8, microbatches=48, schedule="1f1b", virtual=1, zero=1,

@@ -19,8 +19,9 @@ from minipar.errors import ConfigError
 from minipar.plan.cost import flops_per_step, mfu
 from minipar.plan.hardware import load_machine, named_machine
 from minipar.plan.memory import Headroom
-from minipar.plan.model import ENGINES, PRESETS, SCHEDULES, ModelSpec
+from minipar.plan.model import PRESETS, ModelSpec
 from minipar.plan.search import rank_layouts
+from minipar.plan.strategy import ENGINES, SCHEDULES
 
 DEFAULT_BATCH = {"gpt2-small": 512, "gpt3-175b": 1536, "megatron-1.7b": 512, "megatron-3.6b": 512,
                  "megatron-7.5b": 512, "megatron-18b": 1024, "megatron-39b": 1536, "megatron-76b": 1792,

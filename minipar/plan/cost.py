@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 from minipar.plan.kernels import head_compute_times, layer_compute_times
 from minipar.plan.memory import memory_per_rank, state_bytes
-from minipar.plan.model import Strategy, rank_pieces, representative_stages
+from minipar.plan.strategy import Strategy, rank_pieces, representative_stages
 from minipar.plan.traffic import step_calls
 
 SIMULATED = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zbv")  # the simulator runs them all (W = B/2)

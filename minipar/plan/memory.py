@@ -17,7 +17,7 @@ gradients, K = 12 bytes of fp32 master copy, momentum and variance). ZeRO over N
 
 To the byte, minipar cuts every parameter (each a tensor-parallel shard) into N_d parts of
 ceil(n/N_d) elements, zero-padded (parallel/zero.py), and keeps the whole padded parameter in
-stages 1-2; ``parameter_memory`` does that arithmetic on the list ``rank_parameters`` (model.py)
+stages 1-2; ``parameter_memory`` does that arithmetic on the list ``rank_parameters`` (strategy.py)
 gives, the same list in the same order as the Trainer's ``stage_parameters``.
 
 Activations per micro-batch, per layer (``layer_activation_bytes``). Korthikanti et al. 2022
@@ -49,7 +49,8 @@ activations).
 import functools
 from dataclasses import dataclass
 
-from minipar.plan.model import part_length, rank_chunks, rank_parameters, rank_pieces, zero_named_units, zero_units
+from minipar.plan.model import part_length
+from minipar.plan.strategy import rank_chunks, rank_parameters, rank_pieces, zero_named_units, zero_units
 
 # ---- parameters, gradients, optimizer state ------------------------------------------------------
 

@@ -13,7 +13,8 @@ import json
 from minipar.plan.cost import flops_per_step, predict
 from minipar.plan.hardware import named_machine
 from minipar.plan.memory import Headroom
-from minipar.plan.model import PRESETS, Strategy
+from minipar.plan.model import PRESETS
+from minipar.plan.strategy import Strategy
 
 
 def load(path):

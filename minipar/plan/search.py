@@ -12,7 +12,8 @@ minipar's own engine (``engine="minipar"``) runs the schedules its executor has
 import itertools
 
 from minipar.plan.cost import predict
-from minipar.plan.model import SCHEDULES, Strategy, check_strategy, divisors
+from minipar.plan.model import divisors
+from minipar.plan.strategy import SCHEDULES, Strategy, check_strategy
 
 DEFAULT_OPTIONS = {"zero": (0, 1, 2, 3), "sp": (False, True), "recompute": ("", "selective", "full"),
                    "precision": ("mixed",), "schedules": SCHEDULES, "virtual": (2, 4), "cp": (1,),
@@ -26,7 +27,7 @@ def runnable_schedules(engine, wanted):
     from minipar.parallel.pipeline.schedules import SCHEDULE_NAMES
 
     # ZB-V runs in minipar, but its V placement (rank 0 holds both the embedding and the head) is
-    # not yet in the byte-exact model of what each rank holds and sends (model.rank_chunks), so
+    # not yet in the byte-exact model of what each rank holds and sends (strategy.rank_chunks), so
     # minipar's engine does not offer it; the paper engines plan it from its formulas.
     return tuple(name for name in wanted if name in SCHEDULE_NAMES and name != "zbv")
 

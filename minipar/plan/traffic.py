@@ -21,13 +21,14 @@ each call with its size, so that (a) the bytes equal the communicators' traffic 
 
 MPI does not report what its built-in collectives move, so the counters book the textbook ring
 (allreduce 2(N−1)/N·n, all-gather and reduce-scatter (N−1)/N·n) and binomial-tree (broadcast)
-volumes; ``minipar.comm.collectives.modelled_traffic`` is that one formula, used here too.
+volumes; ``minipar.comm.traffic.modelled_traffic`` is that one formula, used here too.
 The tied-embedding sum between the first and last stage runs on a two-rank sub-communicator
 of the pp group (parallel/pipeline/partition.py), so its bytes are listed as group "pp-ends".
 """
 from dataclasses import dataclass
 
-from minipar.plan.model import part_length, rank_chunks, rank_parameters, rank_pieces, zero_units
+from minipar.plan.model import part_length
+from minipar.plan.strategy import rank_chunks, rank_parameters, rank_pieces, zero_units
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ def _group_size(strategy, group):
 
 def bytes_sent(call, rank, size):
     """Bytes this rank sends for ``call`` (× count), as the counters book them."""
-    from minipar.comm.collectives import modelled_traffic
+    from minipar.comm.traffic import modelled_traffic
 
     if call.kind == "send":
         return call.count * call.elements * call.itemsize

@@ -9,7 +9,8 @@ from minipar.comm import Communicator
 from minipar.nn.gpt import GPTConfig
 from minipar.plan.measure import measure_step
 from minipar.plan.memory import activation_memory, parameter_memory, peak_full_gradient_bytes
-from minipar.plan.model import ModelSpec, Strategy
+from minipar.plan.model import ModelSpec
+from minipar.plan.strategy import Strategy
 from minipar.plan.traffic import bytes_per_group, coordinates
 from minipar.train import TrainConfig, Trainer
 

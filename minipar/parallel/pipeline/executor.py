@@ -27,17 +27,14 @@ the chunk's input x and its output y with the graph hanging off it: that is the 
 memory a schedule trades against its bubble. GPipe holds all m at once; 1F1B (PipeDream-flush,
 Narayanan et al. 2021) at most p - s on stage s. ``peak_stashed`` records the most this rank
 held at once. With ``recompute=True`` the forward runs under ``no_grad`` and keeps only x;
-right before the backward the forward runs again, this time recording the graph (activation
-recomputation, Chen et al. 2016; used by GPipe). Dropout draws the same masks both times
-because the random state of every Dropout is saved at the first forward and restored for
-the second.
+right before the backward the forward runs again, this time recording the graph, with the same
+dropout masks (``minipar.parallel.recompute``; Chen et al. 2016).
 
 Messages. Every boundary carries arrays of one known shape: boundary c, between chunk c and
 chunk c + 1, carries chunk c's output forward and its gradient back (an activation and its
-gradient have the same shape). ``activation_shape`` gives one shape for every boundary (a
-transformer's (b, T, C)) or a list with one shape per boundary (an MLP whose widths change), so
-messages move with Isend/Irecv between preallocated buffers, never pickled, each with the
-schedule's unique tag. Two rules keep them safe:
+gradient have the same shape). ``activation_shape`` gives one shape for every boundary or one
+per boundary (``microbatches.boundary_shapes``), so messages move with Isend/Irecv between
+preallocated buffers, never pickled, each with the schedule's unique tag. Two rules keep them safe:
   - a send buffer is not written again until its Isend has completed (completed sends are
     reclaimed with Test; when none is free a new buffer is allocated, so a send never blocks,
     which is what the schedules' deadlock-freedom assumes); all sends are waited before
@@ -50,11 +47,11 @@ With p = 1 there are no messages and the step is plain gradient accumulation ove
 """
 import time
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from minipar.backend import xp
-from minipar.errors import ConfigError, ShapeError, require_positive_int
+from minipar.errors import ConfigError, ShapeError
+from minipar.parallel.pipeline.microbatches import boundary_shapes, split_microbatches
 from minipar.parallel.pipeline.schedules import (
     BACKWARD,
     BACKWARD_INPUT,
@@ -72,40 +69,13 @@ from minipar.parallel.pipeline.schedules import (
     placement_of,
     stage_of_chunk,
 )
+from minipar.parallel.recompute import random_states, replaying
 from minipar.tensor import Tensor, no_grad
 
+# split_microbatches (microbatches.py), random_states and replaying (parallel/recompute.py) are offered here too.
+__all__ = ["RECEIVE_BUFFERS", "PipelineExecutor", "random_states", "replaying", "split_microbatches"]
+
 RECEIVE_BUFFERS = 2  # receives posted ahead: double buffering, the next message lands during compute
-
-
-def split_microbatches(batch, num_microbatches):
-    """Rows [i*b, (i+1)*b) of ``batch`` as micro-batch i, b = B/m: the list ``run`` takes."""
-    require_positive_int("the number of micro-batches", num_microbatches)
-    rows = batch.shape[0]
-    if rows % num_microbatches:
-        raise ConfigError(f"a batch of {rows} rows does not split into {num_microbatches} equal micro-batches; "
-                          f"choose a number of micro-batches that divides {rows}")
-    size = rows // num_microbatches
-    return [batch[i * size:(i + 1) * size] for i in range(num_microbatches)]
-
-
-def random_states(module):
-    """The states of ``module``'s random generators (its Dropout layers'), to replay its draws later."""
-    return [generator.bit_generator.state for generator in module.random_generators()]
-
-
-@contextmanager
-def replaying(module, states):
-    """Inside the block ``module`` draws what it drew from ``states`` (``random_states``); after it,
-    its generators carry on as if the block had not run. Recomputation relies on it (and ZeRO-3)."""
-    generators = module.random_generators()
-    current = [generator.bit_generator.state for generator in generators]
-    for generator, state in zip(generators, states, strict=True):
-        generator.bit_generator.state = state
-    try:
-        yield
-    finally:
-        for generator, state in zip(generators, current, strict=True):
-            generator.bit_generator.state = state
 
 
 @dataclass
@@ -145,7 +115,7 @@ class PipelineExecutor:
         self.schedule = list(actions) if actions is not None else \
             build_schedule(schedule_name, self.num_stages, num_microbatches, self.stage, len(self.chunks))
         self.chunk_by_index = {chunk.index: chunk for chunk in self.chunks}
-        self.boundary_shapes, self.dtype = _boundary_shapes(activation_shape, self.total_chunks), xp.dtype(dtype)
+        self.boundary_shapes, self.dtype = boundary_shapes(activation_shape, self.total_chunks), xp.dtype(dtype)
         self.recompute, self.timeline, self.loss_scale = recompute, timeline, loss_scale
         self.peak_stashed = 0  # most (micro-batch, chunk) pairs held between F and the end of backward (or W)
         self.loss_stage = stage_of_chunk(self.total_chunks - 1, self.num_stages, self.placement)
@@ -356,14 +326,3 @@ class PipelineExecutor:
             label = name if action is None else f"{name} mb{action.microbatch} chunk{action.chunk}"
             self.timeline.record(label, category, started, finished, **args)
         self._last_event_end = finished
-
-
-def _boundary_shapes(activation_shape, total_chunks):
-    """One shape per boundary between consecutive chunks, checked: a list of total_chunks - 1 tuples."""
-    shapes = list(activation_shape)
-    if all(isinstance(n, int) and not isinstance(n, bool) for n in shapes):  # one shape for every boundary
-        return [tuple(shapes)] * (total_chunks - 1)
-    if len(shapes) != total_chunks - 1 or not all(isinstance(shape, (tuple, list)) for shape in shapes):
-        raise ConfigError(f"activation_shape must be one shape, e.g. (b, T, C), or a list of {total_chunks - 1} "
-                          f"shapes, one per boundary between the {total_chunks} chunks; got {activation_shape!r}")
-    return [tuple(shape) for shape in shapes]
