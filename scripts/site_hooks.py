@@ -314,11 +314,23 @@ CODE = re.compile(r"(<code>.*?</code>|<pre>.*?</pre>)", re.S)
 DOLLARS = re.compile(r"\$\$(?P<block>.+?)\$\$|(?<![\\$])\$(?P<inline>[^$\n]+?)\$", re.S)
 
 
+# Docstrings are read in a terminal too, so their formulas may keep Unicode symbols ($Δθ = (1/N) Σ_i Δθ_i$,
+# docs/site.md): each becomes its TeX command, so that it is drawn as an operator, with an operator's spacing.
+UNICODE_TEX = {"−": "-", "×": r"\times ", "·": r"\cdot ", "≈": r"\approx ", "≤": r"\le ", "≥": r"\ge ",
+               "≠": r"\ne ", "±": r"\pm ", "Σ": r"\sum ", "∏": r"\prod ", "∂": r"\partial ", "∇": r"\nabla ",
+               "√": r"\sqrt ", "∞": r"\infty ", "∈": r"\in ", "→": r"\to ", "←": r"\leftarrow ", "…": r"\ldots ",
+               "⌈": r"\lceil ", "⌉": r"\rceil ", "⌊": r"\lfloor ", "⌋": r"\rfloor ", "⊙": r"\odot ",
+               "‖": r"\| ", "ḡ": r"\bar{g}", "ᵀ": "^T", "²": "^2", "³": "^3", "⁻¹": "^{-1}",
+               **{chr(0x2080 + digit): f"_{digit}" for digit in range(10)}}
+UNICODE_MATH = re.compile("|".join(sorted(map(re.escape, UNICODE_TEX), key=len, reverse=True)))
+
+
 def _mathml(tex, display, where):
     from latex2mathml.converter import convert
 
+    tex = UNICODE_MATH.sub(lambda match: UNICODE_TEX[match.group(0)], html.unescape(tex))
     try:
-        return convert(html.unescape(tex).strip(), display="block" if display else "inline")
+        return convert(tex.strip(), display="block" if display else "inline")
     except Exception as error:  # noqa: BLE001 - any parse error: report the formula, keep its text
         log.warning(f"{where}: cannot typeset the formula {tex!r}: {type(error).__name__} {error}".rstrip())
         return f"<code>{tex}</code>"
