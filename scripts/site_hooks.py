@@ -320,15 +320,33 @@ UNICODE_TEX = {"−": "-", "×": r"\times ", "·": r"\cdot ", "≈": r"\approx "
                "≠": r"\ne ", "±": r"\pm ", "Σ": r"\sum ", "∏": r"\prod ", "∂": r"\partial ", "∇": r"\nabla ",
                "√": r"\sqrt ", "∞": r"\infty ", "∈": r"\in ", "→": r"\to ", "←": r"\leftarrow ", "…": r"\ldots ",
                "⌈": r"\lceil ", "⌉": r"\rceil ", "⌊": r"\lfloor ", "⌋": r"\rfloor ", "⊙": r"\odot ",
-               "‖": r"\| ", "ḡ": r"\bar{g}", "ᵀ": "^T", "²": "^2", "³": "^3", "⁻¹": "^{-1}",
+               "‖": r"\| ", "ḡ": r"\bar{g}", "ᵀ": "^T", "ᵗ": "^t", "²": "^2", "³": "^3", "⁻¹": "^{-1}",
                **{chr(0x2080 + digit): f"_{digit}" for digit in range(10)}}
 UNICODE_MATH = re.compile("|".join(sorted(map(re.escape, UNICODE_TEX), key=len, reverse=True)))
+# ... and, in a formula without a single backslash (a docstring's: no escapes in Python strings), the names of
+# functions are upright, as TeX sets them: lg N, log, exp, max, softmax.
+TEX_FUNCTIONS = ("lg", "log", "ln", "exp", "max", "min", "sin", "cos", "tanh")
+FUNCTION_NAME = re.compile(r"(?<![A-Za-z])(lg|log|ln|exp|max|min|sin|cos|tanh|softmax|logsumexp|onehot|mean|rowsum|"
+                           r"gelu|sqrt)(?![A-Za-z])")
+HAT = re.compile("([A-Za-zα-ω])\u0302")  # m̂: m and a combining circumflex
+ROOT_OF = re.compile(r"√(\([^()]*\)|\\hat\{.\}|[A-Za-zα-ω0-9])")  # √(2L), √v̂, √d: the radicand
+
+
+def _unicode_to_tex(tex):
+    """A formula written with Unicode symbols (docstrings, docs/site.md) as TeX that latex2mathml reads."""
+    if "\\" not in tex:
+        tex = FUNCTION_NAME.sub(lambda match: "√" if match[1] == "sqrt" else "\\" + match[1] + " "
+                                if match[1] in TEX_FUNCTIONS else "\\operatorname{" + match[1] + "}", tex)
+    tex = HAT.sub(r"\\hat{\1}", tex)
+    tex = ROOT_OF.sub(lambda match: "\\sqrt{" + match.group(1).removeprefix("(").removesuffix(")") + "}", tex)
+    tex = re.sub(r" {3,}", r" \\quad ", tex)  # a wide gap between two formulas on one line stays wide
+    return UNICODE_MATH.sub(lambda match: UNICODE_TEX[match.group(0)], tex)
 
 
 def _mathml(tex, display, where):
     from latex2mathml.converter import convert
 
-    tex = UNICODE_MATH.sub(lambda match: UNICODE_TEX[match.group(0)], html.unescape(tex))
+    tex = _unicode_to_tex(html.unescape(tex))
     try:
         return convert(tex.strip(), display="block" if display else "inline")
     except Exception as error:  # noqa: BLE001 - any parse error: report the formula, keep its text

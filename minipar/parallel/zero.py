@@ -277,7 +277,7 @@ class Zero(SingleReplica):
             unit.gradient += gradient
 
     def _reduce_scatter(self, unit):
-        """ḡ_d = (1/N) Σ_i g_i on this rank's parts; each full gradient is freed once packed."""
+        """$ḡ_d = (1/N) Σ_i g_i$ on this rank's parts; each full gradient is freed once packed."""
         ### BEGIN SOLUTION
         rows = xp.zeros((self.count, unit.length), dtype=unit.parameters[0].dtype)
         for p, place in unit.slots():
