@@ -347,6 +347,9 @@ def _mathml(tex, display, where):
     from latex2mathml.converter import convert
 
     tex = _unicode_to_tex(html.unescape(tex))
+    # latex2mathml (3.81) has no `aligned`: it would draw each & as a letter on one long line. `align*` is the
+    # same rows and columns, as a MathML table.
+    tex = tex.replace("\\begin{aligned}", "\\begin{align*}").replace("\\end{aligned}", "\\end{align*}")
     try:
         return convert(tex.strip(), display="block" if display else "inline")
     except Exception as error:  # noqa: BLE001 - any parse error: report the formula, keep its text

@@ -78,7 +78,7 @@ def test_every_formula_typesets(source):
         for tex, display in formulas(text):
             count += 1
             mathml = hooks._mathml(tex, display, where)
-            if not mathml.startswith("<math") or "<merror" in mathml:
+            if not mathml.startswith("<math") or "<merror" in mathml or "<mi>&</mi>" in mathml:  # an & drawn as a letter
                 broken.append(f"{where}: {tex!r}")
     assert count > (40 if source == "docstrings" else 300), count  # the formulas are really found
     assert not broken, "formulas that do not typeset:\n" + "\n".join(broken)
