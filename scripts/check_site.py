@@ -14,7 +14,7 @@ run time). Every page must load with:
   ``--allow-unexecuted``;
 * its formulas typeset: every formula is MathML (``<math>``), none left as raw TeX (and, as a note
   that fails nothing, the spots of prose that look like maths written as plain text: ``Σ``, ``√``,
-  ``x²``, ``(N−1)``, ``g_i``);
+  ``x²``, ``(N−1)``);
 * a lesson's figures shown at 75% of their size or more (smaller, their labels cannot be read);
 * no number in a table broken across two lines, and no page wider than the window (a wide table
   scrolls inside its column);
@@ -47,7 +47,7 @@ DUNDER = re.compile(r"__[a-z][a-z0-9_]*__")
 RAW_TEX = re.compile(r"\\(frac|sum|partial|cdot|approx|tanh)\b|\$\$")
 # Maths written as plain text in prose (not code, not MathML): reported, page by page, so it can be put between
 # dollars (docs/site.md, "Formulas"); not a failure, since a Σ in a sentence may be meant as a word.
-PLAIN_MATH = re.compile(r"[Σ√∂≈∇]|[A-Za-z)][²³ᵀ]|\([A-Za-z] ?[−-] ?1\)|[A-Za-z]_[A-Za-z0-9]\b")
+PLAIN_MATH = re.compile(r"[Σ√∂≈∇]|[A-Za-z)][²³ᵀ]|\([A-Za-z] ?[−-] ?1\)")
 
 PAGE_STATE = """
 const images = [...document.images].map(img => ({src: img.currentSrc || img.src, ok: img.complete && img.naturalWidth > 0,
@@ -59,7 +59,7 @@ const headings = [...document.querySelectorAll('article h2, article h3, article 
 const walker = document.createTreeWalker(document.querySelector('article') || document.body, NodeFilter.SHOW_TEXT);
 const prose = [];  // the text a reader sees as prose: not code, not already typeset
 while (walker.nextNode()) {
-  if (!walker.currentNode.parentElement.closest('code, pre, math, script, style, .highlight')) {
+  if (!walker.currentNode.parentElement.closest('code, pre, math, script, style, .highlight, .jp-InputArea, .jp-OutputArea')) {
     prose.push(walker.currentNode.textContent);
   }
 }
