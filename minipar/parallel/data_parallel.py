@@ -276,7 +276,7 @@ class DataParallel(SingleReplica):
     def check_replicas(self, step=None):
         """Compare a checksum of every parameter across ranks; raise ReplicaDivergenceError if any differ.
 
-        The checksum of a parameter is (Σ x, Σ x²) in float64; the rows of all ranks are
+        The checksum of a parameter is $(Σ x, Σ x²)$ in float64; the rows of all ranks are
         allgathered (2 floats per tensor) and must agree bitwise. Given ``step``, checks only
         when step % check_interval == 0 and returns None otherwise; returns the local checksums.
         """
@@ -358,7 +358,7 @@ class DataParallel(SingleReplica):
             self._next_launch += 1
 
     def finish_gradient_sync(self):
-        """Make every parameter's .grad the average over the dp group: Δθ = (1/N) Σ_i Δθ_i."""
+        """Make every parameter's .grad the average over the dp group: $Δθ = (1/N) Σ_i Δθ_i$."""
         ### BEGIN SOLUTION
         if self.overlap:
             for bucket in self.buckets[self._next_launch:]:
