@@ -79,8 +79,16 @@ def set_thread_environment():
 
 
 def start_process():
-    """The one place for process-wide settings (see the docstring); call it first. Calling it again does nothing."""
+    """The one place for process-wide settings (see the docstring); call it first. Calling it again does nothing.
+
+    Launched as ``mpiexec -n 8 env --block-signal=INT python -m minipar ...``, a rank starts with SIGINT
+    already blocked, so a Ctrl-C during Python's own start-up (before this line can run) waits too; blocking
+    it again here changes nothing. Without a launcher nothing watches for it, so an inherited block is lifted
+    and a pending Ctrl-C is Python's KeyboardInterrupt, as usual.
+    """
     if not launched_by_mpi:
+        if signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, set()):
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         return
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # a Ctrl-C from now on waits for the watcher
     set_thread_environment()

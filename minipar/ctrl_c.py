@@ -24,10 +24,20 @@ a dead watcher would leave SIGINT blocked and the job deaf to every later Ctrl-C
 
 ``start_process`` (minipar/_threads.py, also ``minipar.job.start_process``) is the one place
 where process-wide settings are made: SIGINT blocked at once, one BLAS thread per rank and MPICH's
-sleeping wait, then the watcher. ``python -m minipar`` calls it as its first statement (a Ctrl-C
-that arrives earlier still, while Python itself starts, gets Python's own KeyboardInterrupt),
+sleeping wait, then the watcher. ``python -m minipar`` calls it as its first statement,
 ``python -m minipar.testing`` likewise; importing minipar does nothing. A script of your own run
 under mpiexec calls ``minipar.job.start_process()`` first.
+
+Before that first statement, no code of minipar runs: Python installs its own SIGINT handler while
+the interpreter starts, then imports ``site`` (every ``.pth`` file of the environment: an editable
+install's finder imports pathlib and re), then runpy finds the module. A Ctrl-C in that window, the
+first few tenths of a second of an 8-rank job on a busy machine, meets Python's handler on every rank
+that is still there: each prints its own KeyboardInterrupt traceback (or "Fatal Python error:
+init_import_site"), and nothing in Python can run earlier to prevent it. A signal mask, though,
+survives ``exec``: launched as ``mpiexec -n 8 env --block-signal=INT python -m minipar ...`` (GNU
+coreutils' ``env``, 8.31 or later), every rank starts with SIGINT blocked, Python's start-up never
+sees the signal, and the watcher takes it as soon as it starts (tests/test_faults.py sweeps 0.1 to
+2.0 s both ways; docs/checkpoints.md, "Ctrl-C while the ranks start").
 """
 import _thread
 import os

@@ -1,14 +1,20 @@
 """Optimizers and learning-rate schedules.
 
-SGD:            theta <- theta - lr * g
-SGD + momentum: u <- mu u + g;  theta <- theta - lr * u
-AdamW (Loshchilov & Hutter 2019, decoupled weight decay; Adam: Kingma & Ba 2015):
-    m <- b1 m + (1 - b1) g,   v <- b2 v + (1 - b2) g^2
-    m_hat = m / (1 - b1^t),   v_hat = v / (1 - b2^t)
-    theta <- theta - lr * (m_hat / (sqrt(v_hat) + eps) + wd * theta)
+With $θ$ a parameter, $g$ its gradient, $η$ the learning rate (``lr``), $μ$ the momentum,
+$β₁, β₂$ the betas, $ε$ ``eps``, $λ$ the weight decay and $t$ the step:
+
+- SGD: $θ ← θ − η g$
+- SGD with momentum: $u ← μ u + g$, then $θ ← θ − η u$
+- AdamW (Loshchilov & Hutter 2019, decoupled weight decay; Adam: Kingma & Ba 2015):
+
+$$m ← β₁ m + (1 − β₁) g,   v ← β₂ v + (1 − β₂) g²$$
+
+$$m̂ = m / (1 − β₁ᵗ),   v̂ = v / (1 − β₂ᵗ)$$
+
+$$θ ← θ − η (m̂ / (√v̂ + ε) + λ θ)$$
 
 The update of one parameter uses only that parameter's own gradient and state: that is
-why a tensor-parallel rank can update its shard alone (theta_j <- theta_j - lr g_j) and
+why a tensor-parallel rank can update its shard alone ($θ_j ← θ_j − η g_j$) and
 ZeRO can split the optimizer state across data-parallel ranks.
 """
 import math

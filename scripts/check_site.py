@@ -12,8 +12,12 @@ run time). Every page must load with:
 * its figures: a lesson page shows at least as many images as its executed outputs hold
   (``build/site/minipar-site.json``, written by the build), and it must have been executed unless
   ``--allow-unexecuted``;
-* its formulas typeset: every formula is MathML (``<math>``), none left as raw TeX;
+* its formulas typeset: every formula is MathML (``<math>``), none left as raw TeX (and, as a note
+  that fails nothing, the spots of prose that look like maths written as plain text: ``Σ``, ``√``,
+  ``x²``, ``(N−1)``);
 * a lesson's figures shown at 75% of their size or more (smaller, their labels cannot be read);
+* no number in a table broken across two lines, and no page wider than the window (a wide table
+  scrolls inside its column);
 * an API page with no dunder (``__repr__``, ``__all__``) among its entries;
 * a lesson's sidebar entry reading as its label in ``mkdocs.yml``'s nav, not the notebook's title;
 * every link inside the site pointing to a page or file that exists, and to an anchor on that page.
@@ -41,6 +45,9 @@ SCREENSHOTS = {"home.png": "", "pipeline_lesson.png": "lessons/05_pipeline_paral
 MIN_FIGURE_SCALE = 0.75  # a lesson's figure shown smaller than this has labels too small to read
 DUNDER = re.compile(r"__[a-z][a-z0-9_]*__")
 RAW_TEX = re.compile(r"\\(frac|sum|partial|cdot|approx|tanh)\b|\$\$")
+# Maths written as plain text in prose (not code, not MathML): reported, page by page, so it can be put between
+# dollars (docs/site.md, "Formulas"); not a failure, since a Σ in a sentence may be meant as a word.
+PLAIN_MATH = re.compile(r"[Σ√∂≈∇]|[A-Za-z)][²³ᵀ]|\([A-Za-z] ?[−-] ?1\)")
 
 PAGE_STATE = """
 const images = [...document.images].map(img => ({src: img.currentSrc || img.src, ok: img.complete && img.naturalWidth > 0,
@@ -52,13 +59,24 @@ const headings = [...document.querySelectorAll('article h2, article h3, article 
 const walker = document.createTreeWalker(document.querySelector('article') || document.body, NodeFilter.SHOW_TEXT);
 const prose = [];  // the text a reader sees as prose: not code, not already typeset
 while (walker.nextNode()) {
-  if (!walker.currentNode.parentElement.closest('code, pre, math, script, style, .highlight')) {
+  if (!walker.currentNode.parentElement.closest('code, pre, math, script, style, .highlight, .jp-InputArea, .jp-OutputArea')) {
     prose.push(walker.currentNode.textContent);
   }
 }
 const text = prose.join(' ');
 const links = [...document.querySelectorAll('a[href]')].map(a => a.href);
-return {images, links, text, formulas: document.querySelectorAll('math').length,
+// A number in a table cell drawn on more than one line (it wrapped mid-digit), and the page wider than the window
+// (a table or figure that overflows instead of scrolling inside its column).
+const wrappedNumbers = [...document.querySelectorAll('article td, article th')].filter(cell => {
+  const value = cell.textContent.trim();
+  if (!/^[-+−~≈]?[0-9][0-9.,]* *[%×a-zA-Z/]{0,4}$/.test(value)) return false;
+  const range = document.createRange();
+  range.selectNodeContents(cell);
+  const tops = [...range.getClientRects()].map(rect => rect.top);
+  return Math.max(...tops) - Math.min(...tops) > 8;  // a second line, not a code span's padding
+}).map(cell => cell.textContent.trim());
+const overflow = document.documentElement.scrollWidth - document.documentElement.clientWidth;
+return {images, links, text, wrappedNumbers, overflow, formulas: document.querySelectorAll('math').length,
         mathErrors: document.querySelectorAll('math merror').length, title: document.title,
         height: document.documentElement.scrollHeight, navLabel: active ? active.textContent.trim() : null,
         headings};
@@ -159,6 +177,10 @@ def check_page(driver, base, page, lessons, allow_unexecuted, nav_labels=None):
             problems.append("lesson shown without outputs: run python scripts/execute_lessons.py, then rebuild")
         elif shown < lesson["figures"]:
             problems.append(f"shows {shown} of the {lesson['figures']} figures its executed notebook holds")
+    if state["wrappedNumbers"]:
+        problems.append(f"numbers wrapped inside a table cell: {', '.join(state['wrappedNumbers'][:5])}")
+    if state["overflow"] > 2:
+        problems.append(f"the page is {state['overflow']} px wider than the window (a table or figure overflows)")
     if state["mathErrors"]:
         problems.append(f"{state['mathErrors']} formulas did not typeset (MathML merror)")
     raw = RAW_TEX.search(state["text"])
@@ -195,7 +217,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     server, base = serve(site)
     driver = browser(args.chromium, args.chromedriver)
-    failures, figures, formulas = 0, 0, 0
+    failures, figures, formulas, plain = 0, 0, 0, {}
     try:
         pages = pages_of(site)
         if args.only is not None:
@@ -205,8 +227,13 @@ def main(argv=None):
             state, problems = check_page(driver, base, page, lessons, args.allow_unexecuted, nav_labels)
             figures += sum(1 for image in state["images"] if image["ok"])
             formulas += state["formulas"]
+            spots = [state["text"][max(0, m.start() - 25):m.end() + 25].replace("\n", " ")
+                     for m in PLAIN_MATH.finditer(state["text"])]
+            if spots:
+                plain[page] = spots
+                print(f"NOTE /{page}: {len(spots)} spots of maths as plain text, e.g. ...{spots[0]}...", flush=True)
             for problem in problems:
-                print(f"FAIL /{page}: {problem}")
+                print(f"FAIL /{page}: {problem}", flush=True)
             failures += bool(problems)
             if args.verbose:
                 print(f"/{page}: {len(problems)} problems, {time.perf_counter() - started:.1f} s", flush=True)
@@ -220,7 +247,8 @@ def main(argv=None):
         driver.quit()
         server.shutdown()
     print(f"{len(pages)} pages, {len(pages) - failures} passed; {figures} images loaded, {formulas} formulas "
-          f"typeset; screenshots: {', '.join(str(out / name) for name in SCREENSHOTS)}")
+          f"typeset; {sum(map(len, plain.values()))} spots of maths as plain text on {len(plain)} pages; "
+          f"screenshots: {', '.join(str(out / name) for name in SCREENSHOTS)}")
     return 1 if failures else 0
 
 

@@ -3,8 +3,8 @@
     python scripts/execute_lessons.py                 # every lesson (several minutes on 2 cores)
     python scripts/execute_lessons.py 05 07           # only the lessons whose names start so
 
-Each lesson runs top to bottom in a fresh kernel, as ``tests/test_lessons.py`` runs it; lessons 2-9
-start their ipyparallel MPI engines through ``minipar.lessons.start_mpi_cluster``. The executed copy
+Each lesson runs top to bottom in a fresh kernel, as ``tests/test_lessons.py`` runs it; lessons 2-9,
+11 and 12 start their ipyparallel MPI engines through ``minipar.lessons.start_mpi_cluster``. The executed copy
 goes to ``build/lessons/NAME.ipynb`` (``build/`` is ignored by git, so outputs are never committed)
 and records a digest of the lesson's cells. ``mkdocs build`` shows the executed copy when its digest
 matches the lesson in ``lessons/``; when the lesson changed since, the strict build fails and names

@@ -314,11 +314,44 @@ CODE = re.compile(r"(<code>.*?</code>|<pre>.*?</pre>)", re.S)
 DOLLARS = re.compile(r"\$\$(?P<block>.+?)\$\$|(?<![\\$])\$(?P<inline>[^$\n]+?)\$", re.S)
 
 
+# Docstrings are read in a terminal too, so their formulas may keep Unicode symbols ($Δθ = (1/N) Σ_i Δθ_i$,
+# docs/site.md): each becomes its TeX command, so that it is drawn as an operator, with an operator's spacing.
+UNICODE_TEX = {"−": "-", "×": r"\times ", "·": r"\cdot ", "≈": r"\approx ", "≤": r"\le ", "≥": r"\ge ",
+               "≠": r"\ne ", "±": r"\pm ", "Σ": r"\sum ", "∏": r"\prod ", "∂": r"\partial ", "∇": r"\nabla ",
+               "√": r"\sqrt ", "∞": r"\infty ", "∈": r"\in ", "→": r"\to ", "←": r"\leftarrow ", "…": r"\ldots ",
+               "⌈": r"\lceil ", "⌉": r"\rceil ", "⌊": r"\lfloor ", "⌋": r"\rfloor ", "⊙": r"\odot ",
+               "‖": r"\| ", "ḡ": r"\bar{g}", "ᵀ": "^T", "ᵗ": "^t", "²": "^2", "³": "^3", "⁻¹": "^{-1}",
+               **{chr(0x2080 + digit): f"_{digit}" for digit in range(10)}}
+UNICODE_MATH = re.compile("|".join(sorted(map(re.escape, UNICODE_TEX), key=len, reverse=True)))
+# ... and, in a formula without a single backslash (a docstring's: no escapes in Python strings), the names of
+# functions are upright, as TeX sets them: lg N, log, exp, max, softmax.
+TEX_FUNCTIONS = ("lg", "log", "ln", "exp", "max", "min", "sin", "cos", "tanh")
+FUNCTION_NAME = re.compile(r"(?<![A-Za-z])(lg|log|ln|exp|max|min|sin|cos|tanh|softmax|logsumexp|onehot|mean|rowsum|"
+                           r"gelu|sqrt)(?![A-Za-z])")
+HAT = re.compile("([A-Za-zα-ω])\u0302")  # m̂: m and a combining circumflex
+ROOT_OF = re.compile(r"√(\([^()]*\)|\\hat\{.\}|[A-Za-zα-ω0-9])")  # √(2L), √v̂, √d: the radicand
+
+
+def _unicode_to_tex(tex):
+    """A formula written with Unicode symbols (docstrings, docs/site.md) as TeX that latex2mathml reads."""
+    if "\\" not in tex:
+        tex = FUNCTION_NAME.sub(lambda match: "√" if match[1] == "sqrt" else "\\" + match[1] + " "
+                                if match[1] in TEX_FUNCTIONS else "\\operatorname{" + match[1] + "}", tex)
+    tex = HAT.sub(r"\\hat{\1}", tex)
+    tex = ROOT_OF.sub(lambda match: "\\sqrt{" + match.group(1).removeprefix("(").removesuffix(")") + "}", tex)
+    tex = re.sub(r" {3,}", r" \\quad ", tex)  # a wide gap between two formulas on one line stays wide
+    return UNICODE_MATH.sub(lambda match: UNICODE_TEX[match.group(0)], tex)
+
+
 def _mathml(tex, display, where):
     from latex2mathml.converter import convert
 
+    tex = _unicode_to_tex(html.unescape(tex))
+    # latex2mathml (3.81) has no `aligned`: it would draw each & as a letter on one long line. `align*` is the
+    # same rows and columns, as a MathML table.
+    tex = tex.replace("\\begin{aligned}", "\\begin{align*}").replace("\\end{aligned}", "\\end{align*}")
     try:
-        return convert(html.unescape(tex).strip(), display="block" if display else "inline")
+        return convert(tex.strip(), display="block" if display else "inline")
     except Exception as error:  # noqa: BLE001 - any parse error: report the formula, keep its text
         log.warning(f"{where}: cannot typeset the formula {tex!r}: {type(error).__name__} {error}".rstrip())
         return f"<code>{tex}</code>"

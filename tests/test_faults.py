@@ -264,38 +264,90 @@ def test_ctrl_c_to_the_launcher_ends_every_rank(tmp_path):
 # SIGINT this long after mpiexec starts 8 ranks: every step of 0.1 s lands somewhere else in start-up
 # (Python starting, minipar's imports, MPI_Init, the checks, the first steps). A few run by default.
 START_UP_DELAYS = [round(0.1 * tenth, 1) for tenth in range(1, 21)]
-QUICK_DELAYS = (0.5, 1.0, 2.0)
+QUICK_DELAYS = {"python": (0.5, 2.0), "blocked": (0.2,)}  # 0.2 s: the ranks are in Python's own start-up
+# The launch that closes Python's start-up window (minipar/ctrl_c.py): each rank execs Python with SIGINT
+# already blocked (GNU coreutils' env, 8.31 or later), so the watcher takes a Ctrl-C however early it comes.
+BLOCKED = ["env", "--block-signal=INT"]
+MAIN = Path(__file__).resolve().parent.parent / "minipar" / "__main__.py"
+FRAME = re.compile(r'^\s*File "(?P<path>[^"]+)", line (?P<line>\d+), in (?P<function>\S+)', re.M)
+EXCEPTION = re.compile(r"^(?P<name>[A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit|Warning))\b", re.M)
 
 
-def tracebacks(stderr):
-    """(every traceback, those of ranks that the Ctrl-C met in Python's own start-up, before minipar's first line).
+def env_blocks_signals():
+    try:
+        return subprocess.run([*BLOCKED, "true"], capture_output=True, timeout=30).returncode == 0
+    except OSError:
+        return False
 
-    Nothing of minipar runs there (no frame in the minipar package, or only the line that calls start_process),
-    so nothing of minipar can catch it: Python itself prints KeyboardInterrupt. Any other traceback
-    is a failure.
+
+def python_start_up_tracebacks(stderr):
+    """How many ranks printed Python's own KeyboardInterrupt: a Ctrl-C that met them before minipar's first line.
+
+    The ranks' tracebacks interleave line by line in the launcher's stderr, so lines are judged one by one:
+    every exception is a KeyboardInterrupt, except one per "Fatal Python error: init_..." that is not the
+    site import's (a SIGINT while the interpreter builds sys.stdin and the like surfaces as a TypeError); and
+    every frame in minipar is one that runs before SIGINT is blocked (the package's ``__init__``,
+    ``__main__`` up to its ``start_process()`` call, ``_threads`` while it is imported, ``start_process``
+    itself). Anything else (an error, a frame of minipar after the block) fails the test, naming it.
     """
-    blocks = re.split(r"(?=Traceback \(most recent call last\):|Fatal Python error)", stderr)[1:]
-    return blocks, [block for block in blocks if "/minipar/" not in block.split("KeyboardInterrupt")[0]
-                    or "start_process" in block]
+    last_unguarded = next(number for number, line in enumerate(MAIN.read_text().splitlines(), 1)
+                          if line.strip() == "start_process()")
+    for match in FRAME.finditer(stderr):
+        path, line, function = Path(match["path"]), int(match["line"]), match["function"]
+        if not path.is_relative_to(MAIN.parent):
+            continue  # Python's own modules and the editable install's finder
+        unguarded = ((path.name == "__main__.py" and line <= last_unguarded) or path.name == "__init__.py"
+                     or (path.name == "_threads.py" and function in ("<module>", "start_process")))
+        assert unguarded, f"a traceback in minipar after SIGINT was blocked ({match[0].strip()}):\n{stderr}"
+    names = [match["name"] for match in EXCEPTION.finditer(stderr)]
+    fatal = re.findall(r"Fatal Python error: (?!Fatal)(\w+)", stderr)  # two ranks' headers may share a line
+    assert all(phase.startswith("init_") for phase in fatal), f"a fatal error after start-up: {fatal}\n{stderr}"
+    others = [name for name in names if name != "KeyboardInterrupt"]
+    assert len(others) <= sum(phase != "init_import_site" for phase in fatal), \
+        f"an error, not Python's start-up interrupted: {names}\n{stderr}"
+    return len(names)
 
 
-@pytest.mark.parametrize("delay", [delay if delay in QUICK_DELAYS else pytest.param(delay, marks=pytest.mark.slow)
-                                   for delay in START_UP_DELAYS])
-def test_ctrl_c_during_start_up_ends_every_rank_with_one_message(tmp_path, delay):
-    job = Job(cli(8, "train", "--dp", "2", "--tp", "2", "--pp", "2", "--steps", "100000", "--out",
-                  str(tmp_path / "out"), *SMALL, "--n-layer", "2"), tmp_path)  # two stages need two layers
+def ended_before_minipar(code, stdout, stderr):
+    """The signal came before any of minipar could run: mpiexec itself killed by it (the launcher was
+    still starting: nothing printed, nothing left running), or a rank killed by it before Python had
+    installed its handler (MPICH's banner: EXIT CODE 2, the signal's number)."""
+    launcher_killed = code == -signal.SIGINT and not stdout.strip() and not stderr.strip()
+    return launcher_killed or "EXIT CODE: 2\n" in stdout
+
+
+@pytest.mark.parametrize("launch, delay", [
+    (launch, delay) if delay in QUICK_DELAYS[launch] else pytest.param(launch, delay, marks=pytest.mark.slow)
+    for launch in ("python", "blocked") for delay in START_UP_DELAYS])
+def test_ctrl_c_during_start_up_ends_every_rank_with_one_message(tmp_path, launch, delay):
+    """SIGINT to mpiexec ``delay`` s after it starts 8 ranks: the job ends within 5 s, non-zero, before training.
+
+    Launched as the README does (``python``), a rank still in Python's own start-up prints Python's
+    KeyboardInterrupt (nothing of minipar has run there); every other rank is silent and rank 0 says it once.
+    Launched with SIGINT blocked from exec (``blocked``), there is one message and no traceback at any delay.
+    """
+    if launch == "blocked" and not env_blocks_signals():
+        pytest.skip("this env has no --block-signal (GNU coreutils 8.31 or later)")
+    command = cli(8, "train", "--dp", "2", "--tp", "2", "--pp", "2", "--steps", "100000", "--out",
+                  str(tmp_path / "out"), *SMALL, "--n-layer", "2")  # two stages need two layers
+    if launch == "blocked":
+        command = [command[0], "-n", "8", *BLOCKED, *command[3:]]
+    job = Job(command, tmp_path)
     time.sleep(max(0.0, job.started + delay - time.time()))
     sent = time.time()
     job.process.send_signal(signal.SIGINT)
     code, ended, stdout, stderr = job.finish(timeout=60)
-    report(f"SIGINT {delay:.1f} s after launching 8 ranks", code, ended - sent, stderr)
-    assert "error:" not in stderr, stderr  # the job must end because of the signal, not a bad configuration
+    report(f"SIGINT {delay:.1f} s after launching 8 ranks ({launch})", code, ended - sent, stderr)
+    # The job must end because of the signal, not a bad configuration ("error: ..." at a line's start, unlike
+    # Python's "Fatal Python error:").
+    assert not re.search(r"(?:^|\r)error:", stderr, re.M), stderr
     assert code != 0 and ended - sent < ENDS_WITHIN, (code, ended - sent, stderr)
     assert "step 1" not in stdout and "train loss" not in stdout, stdout  # never a run on to the end
-    every, python_start_up = tracebacks(stderr)
-    assert len(every) == len(python_start_up), stderr
-    if not python_start_up:  # every rank was in minipar: one message, from rank 0
-        assert stderr.count("interrupted (Ctrl-C)") == 1, stderr
+    interrupted_in_python = python_start_up_tracebacks(stderr)
+    if launch == "blocked":
+        assert interrupted_in_python == 0 and "Traceback" not in stderr, stderr
+    if not interrupted_in_python and not ended_before_minipar(code, stdout, stderr):
+        assert stderr.count("interrupted (Ctrl-C)") == 1, (stdout, stderr)  # every rank in minipar: rank 0 says it
 
 
 def test_a_killed_rank_is_named_by_the_pid_record(tmp_path):
@@ -473,6 +525,22 @@ def test_the_ctrl_c_watcher_ends_a_rank_that_mpi_never_reached():
     assert result.returncode == 130 and ended - sent < ENDS_WITHIN, (result.returncode, ended - sent, result.stderr)
     assert "ran on" not in result.stdout and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.count("interrupted (Ctrl-C) on rank 0 of 2 before MPI was running") == 1, result.stderr
+
+
+def test_an_inherited_sigint_block_is_lifted_without_a_launcher():
+    """``env --block-signal=INT`` is for ranks under mpiexec; without a launcher nothing watches SIGINT, so
+    ``start_process`` unblocks it and a Ctrl-C is Python's KeyboardInterrupt, as usual."""
+    if not env_blocks_signals():
+        pytest.skip("this env has no --block-signal (GNU coreutils 8.31 or later)")
+    environment = {name: value for name, value in os.environ.items()
+                   if not name.startswith(("PMI_", "OMPI_", "PMIX_", "MPI_LOCALNRANKS"))}
+    environment["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    probe = ("import signal; before = signal.pthread_sigmask(signal.SIG_BLOCK, set())\n"
+             "from minipar._threads import start_process; start_process()\n"
+             "print(sorted(before), sorted(signal.pthread_sigmask(signal.SIG_BLOCK, set())))")
+    result = subprocess.run([*BLOCKED, sys.executable, "-c", probe], env=environment, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.split() == ["[<Signals.SIGINT:", "2>]", "[]"], result
 
 
 # ---- every message names the flag the user typed (in-process: the checks every rank runs) ------

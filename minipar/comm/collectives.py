@@ -15,8 +15,8 @@ Conventions:
   ``minipar.comm.Communicator`` stages backend arrays through host memory and
   calls these. They work in place and any shape is treated as flat.
 - ``op`` is ``"sum"`` or ``"max"``.
-- The α–β costs in the docstrings count, for a message of n bytes, α per
-  message (latency), β per byte moved and γ per byte reduced (Thakur,
+- The α–β costs in the docstrings count, for a message of $n$ bytes, $α$ per
+  message (latency), $β$ per byte moved and $γ$ per byte reduced (Thakur,
   Rabenseifner & Gropp 2005, "Optimization of collective communication
   operations in MPICH").
 - Each collective sends with its own tag, so its messages cannot be taken by
@@ -82,8 +82,8 @@ def ring_reduce_scatter(mpi_comm, buffer, op="sum"):
     ring collecting one contribution per hop, and the block that arrives
     last at rank r is block r, now complete. Other blocks hold partial sums.
 
-    Rank r sends every block except block r: (N−1)/N of the data when N
-    divides it. Cost (N−1)α + ((N−1)/N)nβ + ((N−1)/N)nγ
+    Rank r sends every block except block r: $(N−1)/N$ of the data when N
+    divides it. Cost $(N−1)α + ((N−1)/N)nβ + ((N−1)/N)nγ$
     (Patarasuk & Yuan 2009; Thakur, Rabenseifner & Gropp 2005).
     """
     ### BEGIN SOLUTION
@@ -117,8 +117,8 @@ def ring_all_gather(mpi_comm, buffer):
     block that arrived in the step before. After N−1 steps every block has
     been everywhere.
 
-    Rank r sends every block except block r+1: (N−1)/N of the gathered data
-    when N divides it. Cost (N−1)α + ((N−1)/N)nβ, no reduction
+    Rank r sends every block except block r+1: $(N−1)/N$ of the gathered data
+    when N divides it. Cost $(N−1)α + ((N−1)/N)nβ$, no reduction
     (Patarasuk & Yuan 2009; Thakur, Rabenseifner & Gropp 2005).
     """
     ### BEGIN SOLUTION
@@ -146,9 +146,9 @@ def ring_allreduce(mpi_comm, buffer, op="sum"):
     The reduce-scatter leaves rank r holding complete block r, which is
     exactly what the all-gather starts from.
 
-    Each rank sends, and receives, 2(N−1)/N of the data, independent of N in
+    Each rank sends, and receives, $2(N−1)/N$ of the data, independent of N in
     the limit: the bandwidth-optimal amount (Patarasuk & Yuan 2009). Cost
-    2(N−1)α + 2((N−1)/N)nβ + ((N−1)/N)nγ (Thakur, Rabenseifner & Gropp 2005;
+    $2(N−1)α + 2((N−1)/N)nβ + ((N−1)/N)nγ$ (Thakur, Rabenseifner & Gropp 2005;
     NVIDIA nccl-tests doc/PERFORMANCE.md for the 2(N−1)/N "bus bandwidth" factor).
     Every block is reduced on one rank and then copied, so all ranks end with
     bitwise identical results.
@@ -171,7 +171,7 @@ def recursive_doubling_allreduce(mpi_comm, buffer, op="sum"):
     rank below 2E sends the result back to its even neighbour. This folding
     adds two steps (Thakur, Rabenseifner & Gropp 2005, section 4).
 
-    Cost lg N α + n lg N β + n lg N γ for N a power of two (Thakur,
+    Cost $lg N α + n lg N β + n lg N γ$ for N a power of two (Thakur,
     Rabenseifner & Gropp 2005): few messages, so good for small n, but every
     round moves the whole buffer, so worse than the ring for large n.
     """
@@ -230,7 +230,7 @@ def pairwise_alltoall(mpi_comm, send, out, send_bounds, receive_bounds):
     waits on a busy one, and after N−1 steps every pair has met once.
 
     Rank r sends everything but its own block: (N−1)/N of the data when the blocks are equal.
-    Cost (N−1)α + ((N−1)/N)nβ, nothing reduced (Thakur, Rabenseifner & Gropp 2005).
+    Cost $(N−1)α + ((N−1)/N)nβ$, nothing reduced (Thakur, Rabenseifner & Gropp 2005).
     Unlike the ring collectives no block is forwarded: each travels once, straight to its owner.
 
     The course's contract (exercise pairwise_alltoall): point-to-point messages only, N−1 exchanges

@@ -17,7 +17,7 @@ REDUCE_TAG = 7105
 def tree_allreduce(mpi_comm, buffer, op="sum"):
     """Allreduce as a binomial-tree reduce to rank 0 followed by a binomial-tree broadcast.
 
-    The simplest correct allreduce. Cost 2⌈lg N⌉(α + nβ) + ⌈lg N⌉nγ (Thakur,
+    The simplest correct allreduce. Cost $2⌈lg N⌉(α + nβ) + ⌈lg N⌉nγ$ (Thakur,
     Rabenseifner & Gropp 2005): the root's links carry ⌈lg N⌉ × n each way,
     so it scales worst of the three for large n.
     """
@@ -33,8 +33,8 @@ def tree_broadcast(mpi_comm, buffer, root=0):
     smaller power of two: the number of ranks holding the data doubles every
     round, so ⌈lg N⌉ rounds reach everyone.
 
-    Every non-root rank receives n bytes; the root sends ⌈lg N⌉ × n. Cost
-    ⌈lg N⌉(α + nβ) (Thakur, Rabenseifner & Gropp 2005).
+    Every non-root rank receives n bytes; the root sends $⌈lg N⌉ × n$. Cost
+    $⌈lg N⌉(α + nβ)$ (Thakur, Rabenseifner & Gropp 2005).
     """
     flat = _flat(buffer)
     rank, size = mpi_comm.Get_rank(), mpi_comm.Get_size()
@@ -59,7 +59,7 @@ def tree_reduce(mpi_comm, buffer, root=0, op="sum"):
     holding that partial result.
 
     Every non-root rank sends n bytes once; the root receives ⌈lg N⌉ × n.
-    Cost ⌈lg N⌉(α + nβ + nγ) (Thakur, Rabenseifner & Gropp 2005).
+    Cost $⌈lg N⌉(α + nβ + nγ)$ (Thakur, Rabenseifner & Gropp 2005).
     """
     reduce_into = REDUCE_INTO[op]
     flat = _flat(buffer)

@@ -22,7 +22,7 @@ def _softmax(x, axis=-1):
 
 
 class Softmax(Function):
-    """p = softmax(x);  dL/dx = p * (g - sum(g * p))  along the softmax axis."""
+    """$p = softmax(x)$, $∂L/∂x = p ⊙ (g − Σ (g ⊙ p))$ along the softmax axis ($g = ∂L/∂p$)."""
 
     @staticmethod
     def forward(ctx, x, axis=-1):
@@ -38,7 +38,7 @@ class Softmax(Function):
 
 
 class LogSoftmax(Function):
-    """y = x - logsumexp(x);  dL/dx = g - softmax(x) * sum(g)."""
+    """$y = x − logsumexp(x)$, $∂L/∂x = g − softmax(x) Σ g$ ($g = ∂L/∂y$)."""
 
     @staticmethod
     def forward(ctx, x, axis=-1):
@@ -57,8 +57,9 @@ class LogSoftmax(Function):
 class LayerNorm(Function):
     """Layer normalisation over the last axis (Ba, Kiros & Hinton 2016).
 
-        x_hat = (x - mean) / sqrt(var + eps),   y = x_hat * weight + bias
-        dL/dx = (1/sigma) (g_hat - mean(g_hat) - x_hat * mean(g_hat * x_hat)),  g_hat = g * weight
+    $$x̂ = (x − μ) / σ,   σ = sqrt(var(x) + ε),   y = x̂ ⊙ w + b$$
+
+    $$∂L/∂x = (1/σ) (ĝ − mean(ĝ) − x̂ ⊙ mean(ĝ ⊙ x̂)),   ĝ = g ⊙ w$$
 
     Forward, unfused (each line a pass over (B, T, C) and a temporary of that size):
 
@@ -113,10 +114,13 @@ class LayerNorm(Function):
 class CrossEntropy(Function):
     """Mean negative log-likelihood of integer targets under softmax(logits), over the rows that count.
 
-        loss = (1/n) sum_{i: t_i != ignore} [ logsumexp(z_i) - z_i[t_i] ],   n = #{i: t_i != ignore}
-        dL/dz_i = (softmax(z_i) - onehot(t_i)) / n   for counted rows, 0 for ignored ones
+    $$loss = (1/n) Σ_{i: t_i ≠ ignore} [logsumexp(z_i) − z_{i, t_i}]$$
 
-    The log-sum-exp form, logsumexp(z) = m + log sum_j exp(z_j - m) with m = max_j z_j, never
+    $$∂L/∂z_i = (softmax(z_i) − onehot(t_i)) / n$$
+
+    for counted rows, 0 for ignored ones; $n$ is the number of counted rows.
+
+    The log-sum-exp form, $logsumexp(z) = m + log Σ_j exp(z_j − m)$ with $m = max_j z_j$, never
     takes the log of a probability: a confident wrong prediction whose target logit is 104 below
     the maximum costs 104, where log(softmax) would underflow to log(0) = inf in float32.
     ``ignore_index``: targets equal to it (padding) count neither in the sum nor in n.
@@ -305,7 +309,7 @@ def attention_forward(q, k, v, mask=None):
 
 
 def attention_backward(q, k, v, probabilities, grad, row_dot=None):
-    """dQ, dK, dV of O = P V with P = softmax(S), S = Q K^T / sqrt(d), given dO = ``grad``.
+    """dQ, dK, dV of $O = P V$ with $P = softmax(S)$, $S = Q Kᵀ / sqrt(d)$, given dO = ``grad``.
 
     ``row_dot`` is rowsum(dP * P). None computes it from ``probabilities``, which is right
     when they cover every key of the row; a block of keys passes rowsum(dO * O) of the whole
@@ -325,8 +329,9 @@ def attention_backward(q, k, v, probabilities, grad, row_dot=None):
 class CausalAttention(Function):
     """Scaled dot-product attention with a causal mask (Vaswani et al. 2017), fused.
 
-        S = Q K^T / sqrt(d),  S[i, j] = -inf for j > i,  P = softmax(S),  O = P V
-        dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dP * P)),  dQ = dS K / sqrt(d),  dK = dS^T Q / sqrt(d)
+    $$S = Q Kᵀ / sqrt(d),   S_{ij} = −∞ (j > i),   P = softmax(S),   O = P V$$
+
+    $$dV = Pᵀ dO,   dP = dO Vᵀ,   dS = P ⊙ (dP − rowsum(dP ⊙ P)),   dQ = dS K / sqrt(d),   dK = dSᵀ Q / sqrt(d)$$
 
     The scale, the mask and the softmax are one fused pass (``_masked_softmax_in_place``), as is
     the softmax's backward (``_softmax_backward_in_place``): both in place, block by block of rows.

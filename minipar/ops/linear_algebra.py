@@ -8,7 +8,7 @@ from minipar.tensor import Function
 class MatMul(Function):
     """C = A @ B over the last two axes, batch axes broadcast.
 
-    dL/dA = dL/dC @ B^T,  dL/dB = A^T @ dL/dC  (then summed over broadcast batch axes).
+    $∂L/∂A = (∂L/∂C) Bᵀ$, $∂L/∂B = Aᵀ (∂L/∂C)$, then summed over broadcast batch axes.
     Each product is computed only if asked for, so when B is a weight its product can wait for W
     (the zero-bubble split, see ``Tensor.backward``).
     """

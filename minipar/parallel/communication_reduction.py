@@ -3,14 +3,14 @@
 Three variations on ``DataParallel`` (parallel/data_parallel.py), each the gradient-sync interface
 of parallel/gradient_sync.py, so the Trainer runs them like any other (docs/communication.md):
 
-    CompressedDataParallel   Δθ ≈ (1/N) Σ_i C(Δθ_i + e_i)      fp16/bf16, top-k, PowerSGD
-    DataParallel with a NodeGroups (``--allreduce hierarchical``): the same exact average, routed
-                             node by node (comm/hierarchical.py)
-    LocalSGD                 θ ← (1/N) Σ_i θ_i every H steps; no gradient exchange in between
+- ``CompressedDataParallel``: $Δθ ≈ (1/N) Σ_i C(Δθ_i + e_i)$ with $C$ fp16/bf16, top-k or PowerSGD;
+- ``DataParallel`` with a ``NodeGroups`` (``--allreduce hierarchical``): the same exact average, routed
+  node by node (comm/hierarchical.py);
+- ``LocalSGD``: $θ ← (1/N) Σ_i θ_i$ every $H$ steps; no gradient exchange in between.
 
 What each gives up: compression is lossy (error feedback keeps what was not sent and sends it
-later); local SGD lets replicas drift apart for H − 1 steps. With plain SGD and H = 1 local SGD
-is data parallelism exactly, because the update is linear: (1/N) Σ_i (θ − η g_i) = θ − η ḡ.
+later); local SGD lets replicas drift apart for $H − 1$ steps. With plain SGD and $H = 1$ local SGD
+is data parallelism exactly, because the update is linear: $(1/N) Σ_i (θ − η g_i) = θ − η ḡ$.
 """
 from minipar.backend import xp
 from minipar.parallel.data_parallel import DataParallel
@@ -117,7 +117,7 @@ class LocalSGD(DataParallel):
         return (step + 1) % self.period == 0
 
     def average_parameters(self):
-        """θ ← (1/N) Σ_i θ_i, one allreduce per bucket (the same bytes as one gradient average)."""
+        """$θ ← (1/N) Σ_i θ_i$, one allreduce per bucket (the same bytes as one gradient average)."""
         for bucket in self.buckets:
             for slot in bucket.slots:
                 bucket.flat[slot.start:slot.stop] = slot.parameter.data.reshape(-1)

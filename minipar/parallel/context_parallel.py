@@ -22,9 +22,9 @@ All-gather attention (Llama 3, Dubey et al. 2024, section 3.3.2): all-gather K a
 the group, attend the local queries to the whole sequence with a position mask, and
 reduce-scatter dK, dV in backward.
 
-Elements sent per rank per layer (B sequences, width C): ring forward 2(N-1) B (T/N) C;
-ring backward 4(N-1) B (T/N) C (K, V again and dK, dV); all-gather forward the same
-2(N-1) B (T/N) C, backward 2(N-1) B (T/N) C. See docs/context_parallel.md.
+Elements sent per rank per layer ($B$ sequences, width $C$): ring forward $2(N−1) B (T/N) C$;
+ring backward $4(N−1) B (T/N) C$ (K, V again and dK, dV); all-gather forward the same
+$2(N−1) B (T/N) C$, backward $2(N−1) B (T/N) C$. See docs/context_parallel.md.
 """
 from dataclasses import dataclass
 

@@ -2,22 +2,22 @@
 
 One step on N data-parallel ranks (Goyal et al. 2017, "Accurate, Large Minibatch SGD"):
 
-    replicate  every rank holds the same parameters θ (broadcast from dp rank 0 at start);
-    scatter    the global batch of B rows is cut into N shards of B/N rows;
-    compute    rank i runs forward and backward on its shard: Δθ_i = ∇θ mean-loss(shard i);
-    aggregate  Δθ = (1/N) Σ_i Δθ_i, one allreduce (sum) in place on the bucket, then one
-               in-place division by N: the gradients are views of the bucket, so nothing is copied;
-    step       every rank applies the same update to the same θ, so replicas stay identical.
+- replicate: every rank holds the same parameters $θ$ (broadcast from dp rank 0 at start);
+- scatter: the global batch of $B$ rows is cut into $N$ shards of $B/N$ rows;
+- compute: rank $i$ runs forward and backward on its shard, $Δθ_i = ∇_θ$ (mean loss of shard $i$);
+- aggregate: $Δθ = (1/N) Σ_i Δθ_i$, one allreduce (sum) in place on the bucket, then one in-place
+  division by $N$: the gradients are views of the bucket, so nothing is copied;
+- step: every rank applies the same update to the same $θ$, so replicas stay identical.
 
 With equal shards the mean of the shard means is the mean over the whole batch, so
-Δθ is exactly the gradient one process would get on all B rows: only rounding differs.
+$Δθ$ is exactly the gradient one process would get on all $B$ rows: only rounding differs.
 
 Buckets (Li et al. 2020, "PyTorch Distributed: Experiences on Accelerating Data Parallel
-Training", section 3.2.2). One allreduce per parameter pays the latency α once per tensor;
+Training", section 3.2.2). One allreduce per parameter pays the latency $α$ once per tensor;
 one allreduce of everything cannot start until the last gradient exists. Gradients are
 therefore packed into flat buckets of about ``bucket_bytes``, filled in reverse parameter
-order, roughly the order backward produces them. With a ring a bucket of n bytes costs
-2(N−1)α + 2((N−1)/N)nβ + ((N−1)/N)nγ (Thakur, Rabenseifner & Gropp 2005).
+order, roughly the order backward produces them. With a ring a bucket of $n$ bytes costs
+$2(N−1)α + 2((N−1)/N)nβ + ((N−1)/N)nγ$ (Thakur, Rabenseifner & Gropp 2005).
 
 Gradients as bucket views (PyTorch DDP's ``gradient_as_bucket_view``). ``start_step()`` zeroes
 each bucket and makes every ``p.grad`` the slice of its bucket shaped like ``p``; the engine adds
@@ -255,7 +255,7 @@ class DataParallel(ReplicaChecks, SingleReplica):
             self._next_launch += 1
 
     def finish_gradient_sync(self):
-        """Make every parameter's .grad the average over the dp group: Δθ = (1/N) Σ_i Δθ_i."""
+        """Make every parameter's .grad the average over the dp group: $Δθ = (1/N) Σ_i Δθ_i$."""
         ### BEGIN SOLUTION
         if self.overlap:
             for bucket in self.buckets[self._next_launch:]:

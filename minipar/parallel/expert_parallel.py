@@ -22,13 +22,13 @@ tensor parallelism's f and g are a pair,
     Combine:   forward  experts -> tokens (all-to-all)     backward  tokens -> experts (all-to-all)
 
 Bytes per rank per layer, forward: each all-to-all sends the E C_e C-element slot buffer but
-the rank's own E/N experts' part, (N−1)/N of it, and receives as much; with C_e = CF k T_j/E
-that is CF·k·T_j·C·(N−1)/N elements each way, for dispatch and again for combine (about
-2·k·T·C·(N−1)/N at CF = 1); backward moves the same again (docs/expert_parallel.md).
+the rank's own $E/N$ experts' part, $(N−1)/N$ of it, and receives as much; with $C_e = CF k T_j/E$
+that is $CF·k·T_j·C·(N−1)/N$ elements each way, for dispatch and again for combine (about
+$2·k·T·C·(N−1)/N$ at $CF = 1$); backward moves the same again (docs/expert_parallel.md).
 
 Which gradients are averaged where (``average_gradients``). With D data-parallel ranks in all
 (D = dp · ep), rank r's loss L_r is the mean over its own tokens and the single-process
-gradient is (1/D) Σ_r ∂L_r/∂θ. A dense parameter (router, attention, ...) sees only its own
+gradient is $(1/D) Σ_r ∂L_r/∂θ$. A dense parameter (router, attention, ...) sees only its own
 rank's tokens: allreduce-sum over all D ranks, divide by D. An expert on ep rank j already
 received, through the all-to-all's backward, the gradient of every ep rank's tokens; the same
 expert also lives on the dp ranks that share ep index j: allreduce-sum over those dp ranks

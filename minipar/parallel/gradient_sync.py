@@ -1,7 +1,7 @@
 """How local gradients become the single-process gradient: one interface for every data-parallel mode.
 
 After backward each of N data-parallel replicas holds the gradient of its own rows only; the
-optimizer needs their average Δθ = (1/N) Σ_i Δθ_i. Three ways to get it, one interface:
+optimizer needs their average $Δθ = (1/N) Σ_i Δθ_i$. Three ways to get it, one interface:
 
     SingleReplica   N = 1: nothing to send (this module)
     DataParallel    every rank keeps everything and allreduces (parallel/data_parallel.py)

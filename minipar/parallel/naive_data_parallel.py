@@ -1,12 +1,13 @@
 """Naive data parallelism: one allreduce per parameter after backward. Read this before data_parallel.py.
 
 N replicas hold the same weights; each runs forward and backward on its own B/N rows of the
-batch, so its gradient g_i is the gradient of the mean loss over those rows. The loss of the
-whole batch is the mean of the N replicas' losses, so its gradient is the mean of theirs:
+batch, so its gradient $g_i$ is the gradient of the mean loss over those rows. The loss of the
+whole batch is the mean of the N replicas' losses, so its gradient is the mean of theirs, one
+allreduce, then a division, per parameter:
 
-    g = (1/N) Σ_i g_i        (one allreduce, then a division, per parameter)
+$$g = (1/N) Σ_i g_i$$
 
-and with the same g every replica takes the same optimizer step: the replicas stay identical,
+and with the same $g$ every replica takes the same optimizer step: the replicas stay identical,
 and training is one process's on the whole batch (Li et al. 2020, "PyTorch Distributed", section 3).
 
 What this leaves slow, and what parallel/data_parallel.py does about it: one collective per

@@ -46,7 +46,7 @@ class ReplicaChecks:
     def check_replicas(self, step=None):
         """Compare a checksum of every parameter across ranks; raise ReplicaDivergenceError if any differ.
 
-        The checksum of a parameter is (Σ x, Σ x²) in float64; the rows of all ranks are
+        The checksum of a parameter is $(Σ x, Σ x²)$ in float64; the rows of all ranks are
         allgathered (2 floats per tensor) and must agree bitwise. Given ``step``, checks only
         when step % check_interval == 0 and returns None otherwise; returns the local checksums.
         """

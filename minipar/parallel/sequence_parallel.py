@@ -20,7 +20,7 @@ the other and do not change. What it changes besides f and g:
     with dropout is still the computation of one process;
   - gradients: a parameter every rank holds whole (the LayerNorms, the position embedding, the
     row-parallel biases, added after rs) now sees T/t positions, so its gradient is a part of the
-    whole one, Partial("sum") over tp: dL/dθ = Σ over all τ of (dL/dy_τ)(dy_τ/dθ), the other terms
+    whole one, Partial("sum") over tp: $∂L/∂θ = Σ_τ (∂L/∂y_τ)(∂y_τ/∂θ)$ over all positions $τ$, the other terms
     on the other ranks. The Trainer sums it with every other partial gradient (parallel/placement.py).
     Split parameters need nothing: all that runs between an all-gather and a reduce-scatter sees
     the full sequence.

@@ -13,7 +13,7 @@ rank with a slice Y_j, which is exactly the X_j the row layer wants. So
     rank runs attention for its n_head/t heads alone) then row (the output projection).
 Entering the pair costs f (identity forward, allreduce backward), leaving it g (allreduce
 forward, identity backward): two allreduces of b*s*h numbers per layer in forward and two
-in backward, 8 b s h (t-1)/t numbers sent per rank on a ring (Narayanan et al. 2021); the
+in backward, $8 b s h (t−1)/t$ numbers sent per rank on a ring (Narayanan et al. 2021); the
 ops themselves are in parallel/tensor_parallel_comm.py.
 
 The vocabulary is split too: the token embedding E (V, C) by rows, rank j holding ids

@@ -25,7 +25,7 @@ gradient at the end of backward, as the paper counts it; stages 2-3 hold about o
 Micro-batches. With m micro-batches per step stages 2-3 reduce-scatter each unit after every
 micro-batch and add the averaged result into its part (as DeepSpeed's stage 2 does), so the
 full gradients never outlive one micro-batch's backward and the table holds whatever m is; the
-price is m reduce-scatters per step instead of one, m(N-1)/N Ψ bytes. Stage 1 keeps the full
+price is m reduce-scatters per step instead of one, $m(N−1)/N Ψ$ bytes. Stage 1 keeps the full
 gradients summed over the micro-batches and reduce-scatters once, as its row of the table says.
 
 Parts. A parameter (this rank's tensor-parallel shard of it) of n numbers is read flat, padded
@@ -44,9 +44,9 @@ here; the optimizer updates the parts (``updated``). One step, g_i the gradient 
     all-gather      stages 1-2: the updated parts rebuild θ everywhere; stage 3: nothing
 
 Traffic per step, Ψ = bytes of this rank's parameters, ring collectives: a reduce-scatter and
-an all-gather send (N-1)/N Ψ each, 2(N-1)/N Ψ together, exactly data parallelism's allreduce,
+an all-gather send $(N−1)/N Ψ$ each, $2(N−1)/N Ψ$ together, exactly data parallelism's allreduce,
 which *is* a reduce-scatter then an all-gather. Stage 3 gathers twice (forward and backward):
-3(N-1)/N Ψ, 1.5 times as much (the paper, section 7). Parameters travel in units, one
+$3(N−1)/N Ψ$, 1.5 times as much (the paper, section 7). Parameters travel in units, one
 collective each: a piece's own parameters, or one parameter shared by two pieces of this rank
 (the tied embedding when one stage holds embedding and head). A unit's buffer is rank-major,
 [part 0 of each parameter | part 1 of each | ...], as MPI_Reduce_scatter_block and
@@ -277,7 +277,7 @@ class Zero(SingleReplica):
             unit.gradient += gradient
 
     def _reduce_scatter(self, unit):
-        """ḡ_d = (1/N) Σ_i g_i on this rank's parts; each full gradient is freed once packed."""
+        """$ḡ_d = (1/N) Σ_i g_i$ on this rank's parts; each full gradient is freed once packed."""
         ### BEGIN SOLUTION
         rows = xp.zeros((self.count, unit.length), dtype=unit.parameters[0].dtype)
         for p, place in unit.slots():

@@ -15,9 +15,9 @@ Per micro-batch on a stage (one rank's view; the slowest stage sets the pace):
 The pipeline: m·T_mb plus the bubble. The bubble comes from the pipeline simulator
 (parallel/pipeline/simulator.py) for the schedules it knows (``SIMULATED``), run on the stage's
 own F and B + R; for large p·m·v, where the simulator is slow, from its closed form
-(p − 1)/v·T_mb, which the tests check equals the simulator. The zero-bubble schedules (Qi et al.
+$(p − 1)/v·T_mb$, which the tests check equals the simulator. The zero-bubble schedules (Qi et al.
 2023), until the simulator has them, from the paper's formulas, with B split evenly into B_input
-and W: ZB-H1 (p−1)(F + B_in − W), ZB-H2 and ZB-V (p−1)·max(0, F + B_in − 2W). To move a schedule
+and W: ZB-H1 $(p−1)(F + B_{in} − W)$, ZB-H2 and ZB-V $(p−1)·max(0, F + B_{in} − 2W)$. To move a schedule
 to the simulator, add its name to ``SIMULATED``.
 
 The data-parallel collectives once per step (gradient sync, ZeRO's gathers) and what hides them
@@ -77,14 +77,14 @@ def _sizes(strategy):
 # ---- FLOPs ---------------------------------------------------------------------------------------
 
 def layer_matrix_parameters(model):
-    """Weights a token multiplies by in one layer (no biases, no norms): 12h² for GPT-2 shapes."""
+    """Weights a token multiplies by in one layer (no biases, no norms): $12h²$ for GPT-2 shapes."""
     h = model.n_embd
     return h * (2 * h + 2 * model.kv_width) + model.ffn_matrices * h * model.hidden * model.top_k
 
 
 def stage_forward_flops(model, strategy, stage):
     """FLOPs of one micro-batch's forward through this stage's pieces, on one tp rank:
-    2·T·(layer weights)/t + 4·T·s·h/t per block (24·b·s·h²(1 + s/6h)/t for GPT-2), 2·T·h·V/t the head."""
+    $2T·W/t + 4T·s·h/t$ per block, $W$ the layer's weights ($24·b·s·h²(1 + s/6h)/t$ for GPT-2), $2T·h·V/t$ the head."""
     tokens, s, h, t = strategy.micro_batch * model.block_size // strategy.cp, model.block_size, model.n_embd, \
         strategy.tp
     block = (2 * tokens * layer_matrix_parameters(model) + 4 * tokens * s * h) / t
@@ -95,7 +95,7 @@ def stage_forward_flops(model, strategy, stage):
 
 def flops_per_step(model, batch_size, recompute_forward=0.0):
     """Model FLOPs 3·B·s·(L·(2·weights + 4sh) + 2hV): Korthikanti et al. 2022's (appendix A)
-    72·B·L·s·h²(1 + s/6h + V/12hL) for GPT-2 shapes; plus ``recompute_forward`` × one more forward
+    $72·B·L·s·h²(1 + s/6h + V/12hL)$ for GPT-2 shapes; plus ``recompute_forward`` × one more forward
     of the layers (1/3 of the layers' share for full recomputation, as Narayanan et al. count)."""
     s, h, L = model.block_size, model.n_embd, model.n_layer
     layers = L * (2 * layer_matrix_parameters(model) + 4 * s * h)
@@ -103,7 +103,7 @@ def flops_per_step(model, batch_size, recompute_forward=0.0):
 
 
 def selective_recompute_flops(model, b, tp):
-    """Selective recomputation reruns QKᵀ and P·V per layer: 4·b·s²·h/t FLOPs (Korthikanti et al. 2022)."""
+    """Selective recomputation reruns $QKᵀ$ and $P·V$ per layer: $4·b·s²·h/t$ FLOPs (Korthikanti et al. 2022)."""
     return 4 * b * model.block_size ** 2 * model.n_embd / tp
 
 

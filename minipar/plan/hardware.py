@@ -1,14 +1,16 @@
 """Machines the planner can target: named GPU profiles with their sources, or a calibration file.
 
 A machine is what the time model needs: achieved FLOP/s per rank, memory per rank, ranks per
-node, and for the links inside and between nodes a latency α (s) and a time per byte β (s/B).
+node, and for the links inside and between nodes a latency $α$ (s) and a time per byte $β$ (s/B).
 Collective times follow the α–β costs of the collectives lesson (Thakur, Rabenseifner & Gropp
-2005; docs/collectives.md), for a group of N ranks and n bytes:
+2005; docs/collectives.md), for a group of $N$ ranks and $n$ bytes:
 
-    allreduce (ring)             2(N−1)α + 2((N−1)/N) n β
-    all-gather, reduce-scatter   (N−1)α + ((N−1)/N) n β
-    broadcast (binomial tree)    ⌈lg N⌉ (α + n β)
-    send                         α + n β
+| collective                 | time                              |
+|----------------------------|-----------------------------------|
+| allreduce (ring)           | $2(N−1)α + 2((N−1)/N) n β$        |
+| all-gather, reduce-scatter | $(N−1)α + ((N−1)/N) n β$          |
+| broadcast (binomial tree)  | $⌈lg N⌉ (α + n β)$                |
+| send                       | $α + n β$                         |
 
 A group whose ranks all sit on one node uses the node's links (NVLink); one that spans nodes is
 limited by the slowest link its ring crosses, the network port (InfiniBand).

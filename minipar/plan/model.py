@@ -4,8 +4,8 @@ Symbols (as in /docs/planning.md): L layers, h = n_embd, a heads, s sequence len
 b micro-batch rows, t tensor-parallel ranks, p pipeline stages, v chunks per stage, m micro-batches,
 N_d data-parallel ranks, Ψ parameters on a rank, e bytes per element.
 
-A ModelSpec is a decoder's shapes: minipar's GPT (Ψ = 12Lh² + 13Lh (blocks) + Vh + sh
-(embeddings) + 2h (final norm)), or the Llama family's SwiGLU, GQA, RMSNorm, untied embeddings,
+A ModelSpec is a decoder's shapes: minipar's GPT ($Ψ = 12Lh² + 13Lh + Vh + sh + 2h$:
+the blocks, the embeddings and the final norm), or the Llama family's SwiGLU, GQA, RMSNorm, untied embeddings,
 and experts; presets and Hugging Face config.json files make one. ``block_parameters`` and
 ``piece_parameters`` list a piece's parameters, each a tensor-parallel shard, in the order of
 minipar's ``named_parameters``. How a layout (a Strategy) places them on each rank:
@@ -96,7 +96,7 @@ class ModelSpec:
     def parameters(self):
         """Ψ of the whole model: blocks, embeddings, final norm (and the output layer if untied).
 
-        GPT-2 shapes: 12Lh² + 13Lh + Vh + sh + 2h (the sum of ``block_parameters``)."""
+        GPT-2 shapes: $12Lh² + 13Lh + Vh + sh + 2h$ (the sum of ``block_parameters``)."""
         blocks = self.n_layer * sum(n for _, n in block_parameters(self, 1))
         embeddings = self.vocab_size * self.n_embd * (1 if self.tied else 2)
         positions = self.block_size * self.n_embd if self.learned_positions else 0

@@ -5,7 +5,7 @@ gives (tests/data/published_runs.json in the repository); this module turns a ro
 ``Strategy`` on the A100 profile and returns the prediction, under the "ideal" engine (the
 papers' Megatron-LM and DeepSpeed overlap what they can; minipar's engine is another matter).
 FLOPs per GPU are counted as each paper counts them: Narayanan et al. 2021 count executed FLOPs
-(96·B·s·L·h²(1 + s/6h + V/16Lh): the recomputed forward included); Korthikanti et al. 2022
+($96·B·s·L·h²(1 + s/6h + V/16Lh)$: the recomputed forward included); Korthikanti et al. 2022
 report the iteration time itself.
 """
 import json

@@ -18,7 +18,7 @@ The schedule (``schedules.py``) says what to do; this module does it. For each A
 Any other kind is an error: ``run`` dispatches each kind to its own method and refuses the rest.
 
 Why the 1/m. A step on the whole batch minimises the mean loss over its B rows. With m equal
-micro-batches, mean over B = (1/m) Σ_i (mean over micro-batch i), so backpropagating each
+micro-batches, the mean over $B$ is $(1/m) Σ_i$ (mean over micro-batch $i$), so backpropagating each
 micro-batch's loss times 1/m, and letting gradients add up (+=) across backward calls, gives
 exactly the whole-batch gradient (GPipe, Huang et al. 2019, section 2.2).
 

@@ -103,12 +103,13 @@ def gpipe(num_stages, num_microbatches, stage):
 
     Backwards run in the same micro-batch order as the forwards (first in, first out), so the
     last stage can start micro-batch 0's backward straight after its last forward. With forward
-    time t_f and backward time t_b per stage and no communication cost, the step takes
-    (m + p - 1)(t_f + t_b), of which each rank computes m(t_f + t_b); the idle share, the bubble, is
+    time $t_f$ and backward time $t_b$ per stage and no communication cost, the step takes
+    $(m + p − 1)(t_f + t_b)$, of which each rank computes $m(t_f + t_b)$; the idle share, the bubble,
+    is, as a fraction of the step,
 
-        (p - 1) / (m + p - 1)   of the step,
+    $$(p − 1) / (m + p − 1)$$
 
-    which Narayanan et al. 2021 write as (p - 1)/m of the ideal compute time. The price is memory:
+    which Narayanan et al. 2021 write as $(p − 1)/m$ of the ideal compute time. The price is memory:
     every rank stashes the activations of all m micro-batches before its first backward.
     """
     _check_layout(num_stages, num_microbatches, stage)
@@ -126,8 +127,8 @@ def one_f_one_b(num_stages, num_microbatches, stage):
     Stage s runs w = min(p - s - 1, m) warm-up forwards, then alternates one forward with one
     backward until its forwards are done, then drains the remaining w backwards. A backward frees
     its micro-batch's activations as soon as the pipeline allows, so stage s never holds more than
-    min(p - s, m) ≤ p micro-batches in flight, against GPipe's m. The bubble is unchanged,
-    (p - 1)/(m + p - 1) of the step: the warm-up and drain idle times are GPipe's, only reordered.
+    $min(p − s, m) ≤ p$ micro-batches in flight, against GPipe's $m$. The bubble is unchanged,
+    $(p − 1)/(m + p − 1)$ of the step: the warm-up and drain idle times are GPipe's, only reordered.
     """
     _check_layout(num_stages, num_microbatches, stage)
     ### BEGIN SOLUTION
@@ -153,10 +154,10 @@ def interleaved_one_f_one_b(num_stages, num_microbatches, stage, num_chunks):
     at m·v), alternates one forward with one backward, then drains. The groups of p are why m must
     be a multiple of p.
 
-    Each chunk takes 1/v of a stage's time, so the fill and drain shrink by v: the bubble is
-    (1/v)(p - 1)/m of the ideal compute time, that is
+    Each chunk takes $1/v$ of a stage's time, so the fill and drain shrink by $v$: the bubble is
+    $(1/v)(p − 1)/m$ of the ideal compute time, that is, as a fraction of the step,
 
-        ((p - 1)/v) / (m + (p - 1)/v)   of the step,
+    $$((p − 1)/v) / (m + (p − 1)/v)$$
 
     bought with v times as many messages. num_chunks = 1 gives plain 1F1B (``one_f_one_b``), with
     no constraint on m.
