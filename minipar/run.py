@@ -48,7 +48,8 @@ def build_configs(arguments, vocabulary_size, schedule):
             capacity_factor=arguments.capacity_factor, aux_loss_weight=arguments.aux_loss_weight)
         train_config = TrainConfig(
             **schedule, batch_size=arguments.batch_size, weight_decay=arguments.weight_decay,
-            grad_clip=arguments.grad_clip, seed=arguments.seed, dtype=arguments.dtype, dp=arguments.dp,
+            grad_clip=arguments.grad_clip, seed=arguments.seed, dtype=arguments.dtype, precision=arguments.precision,
+            dp=arguments.dp,
             tp=arguments.tp, pp=arguments.pp, ep=arguments.ep, cp=arguments.cp, cp_layout=arguments.cp_layout,
             cp_attention=arguments.cp_attention, cp_overlap=arguments.cp_overlap,
             microbatches=arguments.microbatches, schedule=arguments.schedule,
@@ -67,7 +68,7 @@ FLAG_OF_FIELD = {"learning_rate": "--lr", "min_learning_rate": "--min-lr", "warm
                  "powersgd_rank": "--powersgd-rank", "local_sgd": "--local-sgd", "ranks_per_node": "--ranks-per-node",
                  "sequence_parallel": "--sequence-parallel", "n_experts": "--experts", "top_k": "--top-k",
                  "capacity_factor": "--capacity-factor", "aux_loss_weight": "--aux-loss-weight",
-                 "cp_layout": "--cp-layout", "cp_attention": "--cp-attention"}
+                 "cp_layout": "--cp-layout", "cp_attention": "--cp-attention", "precision": "--precision"}
 FLAG_AT_START = ("steps", "seed", "zero", "dtype", "optimizer", "compress", "microbatches", "schedule")
 
 

@@ -58,6 +58,21 @@ from minipar.backend import default_dtype, xp
 
 _grad_enabled = True
 _saved_observers = []  # opt-in: see observe_saved
+_round = None  # 16-bit compute: rounds op outputs and gradients to the format (see rounding_to)
+
+
+@contextmanager
+def rounding_to(round_to_format):
+    """Emulate 16-bit compute in the block: every op's output, every gradient an op passes back and
+    every sum of gradients is ``round_to_format(array)`` (minipar/mixed_precision.py). An op computes
+    in fp32 from 16-bit inputs and rounds once, as a GPU kernel does; ops with ``rounds_output = False``
+    (the loss: an fp32 island) keep their fp32 result."""
+    global _round
+    previous, _round = _round, round_to_format
+    try:
+        yield
+    finally:
+        _round = previous
 
 
 @contextmanager
@@ -115,6 +130,7 @@ class Function:
     """
 
     defers_weight_gradient = False
+    rounds_output = True  # under rounding_to: False for fp32 islands (the loss) and exact ops (views)
 
     @staticmethod
     def forward(ctx, *inputs, **options):
@@ -135,7 +151,8 @@ class Function:
             else:
                 arrays.append(x)
         ctx = Context()
-        out = Tensor(cls.forward(ctx, *arrays, **options))
+        out = cls.forward(ctx, *arrays, **options)
+        out = Tensor(_rounded(out) if cls.rounds_output else out)
         if wants_grad and _grad_enabled:
             ctx.function, ctx.inputs = cls, inputs
             out.requires_grad, out._node = True, ctx
@@ -249,7 +266,7 @@ class Tensor:
                     if later is not None and later.defers(x):
                         later.add(x, g)  # summed in W, in this order
                     else:
-                        pending[key] = g if key not in pending else pending[key] + g
+                        pending[key] = g if key not in pending else _rounded(pending[key] + g)
                 uses[key] -= 1
                 if uses[key] == 0:  # every use of x has passed its gradient back
                     if x._node is None:
@@ -345,6 +362,8 @@ def _input_gradients(ctx, grad, later):
         input_grads = ctx.function.backward(ctx, grad)
     if not isinstance(input_grads, tuple):
         input_grads = (input_grads,)
+    if _round is not None:
+        input_grads = tuple(_rounded(g) for g in input_grads)
     if deferred:  # B must not have computed them; W will
         input_grads = tuple(None if i in deferred else g for i, g in enumerate(input_grads))
     return input_grads
@@ -397,7 +416,7 @@ class WeightGradients:
                 for index, (x, g) in enumerate(zip(subject.inputs, grads)):
                     if g is not None and index not in subject.skipped_inputs:
                         key = id(x)
-                        pending[key] = g if key not in pending else pending[key] + g
+                        pending[key] = g if key not in pending else _rounded(pending[key] + g)
             elif what == "add":
                 key = id(subject)
                 pending[key] = grad if key not in pending else pending[key] + grad
@@ -429,6 +448,13 @@ def _count_uses(root):
     return uses
 
 
+def _rounded(array):
+    """``array`` in the 16-bit format of ``rounding_to`` (floating arrays only), or as it is."""
+    if _round is None or array is None or getattr(array, "dtype", None) is None or array.dtype.kind != "f":
+        return array
+    return _round(array)
+
+
 def _accumulate_leaf(leaf, grad):
     """Add a finished gradient into ``leaf.grad`` and tell whoever waits for it.
 
@@ -443,6 +469,8 @@ def _accumulate_leaf(leaf, grad):
         leaf.grad = grad.astype(leaf.data.dtype, copy=True)
     else:
         leaf.grad += grad
+        if _round is not None:  # a 16-bit gradient stays 16-bit as micro-batches add up
+            leaf.grad[...] = _round(leaf.grad)
     for hook in leaf._grad_ready_hooks or ():
         hook(leaf)
 
