@@ -37,6 +37,8 @@ and says what the process really holds (``storage_bytes``).
 """
 from contextlib import contextmanager
 
+import numpy as _host  # errstate only: NumPy's floating-point warnings
+
 from minipar.backend import xp
 from minipar.errors import ConfigError
 from minipar.parallel.gradient_sync import bytes_held
@@ -66,8 +68,8 @@ def check_precision_options(config):
 
 def rounding(precision):
     """array -> the nearest number of ``precision``, in the array's own dtype (float32 storage)."""
-    def round_array(array):
-        return round_to_format(array, precision).astype(array.dtype, copy=False)
+    def round_array(array):  # (the bf16 codec returns at least 1-d: keep a 0-d loss 0-d)
+        return round_to_format(array, precision).astype(array.dtype, copy=False).reshape(array.shape)
     return round_array
 
 
@@ -110,7 +112,8 @@ class MixedPrecision:
             yield
             return
         self.executor.loss_scale = self.loss_scale * self.scale
-        with rounding_to(self.round):
+        # fp16 overflows to inf on purpose (the scaler then skips the step): no warning per op
+        with rounding_to(self.round), _host.errstate(over="ignore", invalid="ignore"):
             yield
 
     def finish_gradient_sync(self):

@@ -420,6 +420,8 @@ class _GatherRunRelease(Function):
     """Forward: gather, run the piece without a graph, release. Backward: gather, rerun it with
     its graph, backpropagate the output gradient through it, release (module docstring)."""
 
+    rounds_output = False  # the piece's output: its own ops rounded it already under 16-bit compute
+
     @staticmethod
     def forward(ctx, x, *parameter_arrays, zero, piece, units, targets, as_tensor, input_gradient):
         ctx.x, ctx.zero, ctx.piece, ctx.units, ctx.targets = x, zero, piece, units, targets
