@@ -157,9 +157,10 @@ class MixedPrecision:
         sync_state.parameter_arrays = lambda: self._master_arrays(inner["parameter_arrays"])
         sync_state.load_parameter = lambda p, array: self._load_parameter(inner["load_parameter"], p, array)
         sync_state.memory_report = lambda optimizer: self.memory_report(inner["memory_report"](optimizer))
-        sync_state.state_arrays = lambda optimizer: {**inner["state_arrays"](optimizer), **self._scaler_arrays()}
+        sync_state.state_arrays = lambda optimizer: {**inner["state_arrays"](optimizer),
+                                                     **self._scaler_arrays(optimizer)}
         sync_state.load_state_arrays = lambda arrays, optimizer: inner["load_state_arrays"](
-            self._load_scaler_arrays(arrays), optimizer)
+            self._load_scaler_arrays(arrays, optimizer), optimizer)
         return sync_state
 
     def _master_arrays(self, parameter_arrays):
@@ -182,17 +183,21 @@ class MixedPrecision:
         if not (isinstance(self.sync, Zero) and self.sync.stage == 3):
             parameter.data[...] = self.round(parameter.data)
 
-    def _scaler_arrays(self):
+    def _scaler_arrays(self, optimizer):
+        """fp16: S, the clean run, and AdamW's step count (skipped steps did not advance it, so it is
+        not the checkpoint's step)."""
         if self.scaler is None:
             return {}
-        return {"loss_scale": xp.asarray([float(self.scaler.scale), self.scaler.clean_steps], dtype=xp.float64)}
+        state = [float(self.scaler.scale), self.scaler.clean_steps, optimizer.step_count]
+        return {"loss_scale": xp.asarray(state, dtype=xp.float64)}
 
-    def _load_scaler_arrays(self, arrays):
+    def _load_scaler_arrays(self, arrays, optimizer):
         arrays = dict(arrays)
         saved = arrays.pop("loss_scale", None)
         if saved is not None and self.scaler is not None:
-            scale, clean_steps = (float(v) for v in saved)
+            scale, clean_steps, optimizer_steps = (float(v) for v in saved)
             self.scaler.load_state({"scale": scale, "clean_steps": int(clean_steps)})
+            optimizer.step_count = int(optimizer_steps)
         return arrays
 
     def memory_report(self, report):

@@ -181,3 +181,24 @@ def test_zero_memory_on_8_ranks_is_the_papers_figure_1_and_the_planners():
             assert row["measured"] == row["planner"], f"rank {rank} ZeRO-{stage}: planner {row['planner']}"
             assert row["held"] == row["planner_total"], f"rank {rank} ZeRO-{stage}"
             assert row["master_weights"] == 4 * psi // (1 if stage == 0 else 8), f"rank {rank} ZeRO-{stage}"
+
+
+def test_a_checkpoint_resumes_the_masters_moments_and_loss_scale(tmp_path):
+    from minipar.parallel.distributed_checkpoint import load_distributed_checkpoint, save_distributed_checkpoint
+
+    config = TrainConfig(steps=6, batch_size=8, warmup_steps=1, learning_rate=1e-2, precision="fp16")
+    data = batches(8, GPTConfig(**TINY), 6)
+    straight = Trainer(GPTConfig(**TINY), config, Communicator())
+    for step, (inputs, targets) in enumerate(data):
+        straight.train_step(inputs, targets)
+        if step == 2:
+            save_distributed_checkpoint(tmp_path / "ckpt.minipar", straight)
+            saved_scale = straight.precision.scale
+    resumed = Trainer(GPTConfig(**TINY), config, Communicator())
+    load_distributed_checkpoint(tmp_path / "ckpt.minipar", resumed)
+    assert resumed.precision.scale == saved_scale
+    for inputs, targets in data[3:]:
+        resumed.train_step(inputs, targets)
+    assert resumed.precision.scale == straight.precision.scale
+    for a, b in zip(resumed.precision.masters, straight.precision.masters, strict=True):
+        np.testing.assert_array_equal(a, b)
