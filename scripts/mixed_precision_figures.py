@@ -17,7 +17,7 @@ IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"
 FP16_MAX, FP16_TINIEST_NORMAL, FP16_TINIEST = 65504.0, 2.0**-14, 2.0**-24
 
 
-def addition_trainer(precision, steps, **options):
+def addition_trainer(precision, steps, model=None, **options):
     from minipar.comm import Communicator
     from minipar.data import addition_dataset
     from minipar.nn.gpt import GPTConfig
@@ -25,7 +25,7 @@ def addition_trainer(precision, steps, **options):
 
     dataset = addition_dataset()
     vocab = -(-dataset.tokenizer.vocab_size // 8) * 8  # the CLI's model for 2 digits: --vocab-multiple 8, block 10
-    model_config = GPTConfig(vocab_size=vocab, block_size=10)
+    model_config = GPTConfig(vocab_size=vocab, block_size=10, **(model or {}))
     config = TrainConfig(steps=steps, precision=precision, **options)
     return dataset, model_config, config, Trainer(model_config, config, Communicator())
 
@@ -35,14 +35,14 @@ def batch(dataset, config, model_config, step):
 
 
 def gradients():
-    """|g| of every parameter after 300 steps of fp32 training, against fp16's range: what underflows
+    """|g| of every parameter after 200 steps of fp32 training, against fp16's range: what underflows
     to zero or to a subnormal without a loss scale, and with S = 2^16."""
     import matplotlib.pyplot as plt
 
     dataset, model_config, config, trainer = addition_trainer("fp32", 2000)
-    for step in range(300):
+    for step in range(200):
         trainer.train_step(*batch(dataset, config, model_config, step))
-    trainer.compute_gradients(*batch(dataset, config, model_config, 300))
+    trainer.compute_gradients(*batch(dataset, config, model_config, 200))
     values = np.abs(np.concatenate([t.grad.reshape(-1) for t in trainer.sync.updated]).astype(np.float64))
     values = values[values > 0]
     rows = []
@@ -58,7 +58,7 @@ def gradients():
                      (np.log2(FP16_MAX), "fp16 max 65504"), (np.log2(FP16_TINIEST) - 16, "2^-24 / S, S = 2^16")):
         axis.axvline(x, color="#c62828" if "S =" not in label else "#2e7d32", linestyle="--", linewidth=1)
         axis.text(x, axis.get_ylim()[1] * 0.95, " " + label, rotation=90, va="top", fontsize=7)
-    axis.set_xlabel("log2 |gradient|, every parameter of the addition GPT at step 300 (fp32 run)")
+    axis.set_xlabel("log2 |gradient|, every parameter of the addition GPT at step 200 (fp32 run)")
     axis.set_ylabel("elements")
     IMAGES.mkdir(parents=True, exist_ok=True)
     figure.savefig(IMAGES / "mixed_precision_gradients.png", dpi=110, bbox_inches="tight")
@@ -69,13 +69,17 @@ def gradients():
         print(f"| {scale:g} | {zero:.2%} | {subnormal:.2%} | {over:.2%} |")
 
 
+SMALL = dict(n_layer=2, n_head=4, n_embd=64)  # the loss-scale runs: a smaller GPT, so 2 x 600 fp16 steps stay short
+
+
 def loss_scale(steps=600):
-    """S per step of fp16 runs of the addition task: GradScaler's defaults, and a growth interval of 100."""
+    """S per step of fp16 runs of the addition task (``SMALL``): GradScaler's defaults, and a growth
+    interval of 100."""
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(8, 3.2))
     for growth_interval in (2000, 100):
-        dataset, model_config, config, trainer = addition_trainer("fp16", 2000)
+        dataset, model_config, config, trainer = addition_trainer("fp16", 2000, model=SMALL)
         trainer.precision.scaler.growth_interval = growth_interval
         scales, skipped, losses = [], [], []
         for step in range(steps):
@@ -89,7 +93,7 @@ def loss_scale(steps=600):
         axis.plot(skipped, [np.log2(scales[s]) for s in skipped], "x", color=line.get_color())
         print(f"{label}: skipped steps {skipped}; S from 2^{np.log2(scales[0]):g} to 2^{np.log2(scales[-1]):g}; "
               f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-    axis.set_xlabel("step (x: an overflow, the step skipped and S halved)")
+    axis.set_xlabel(f"step (x: an overflow, the step skipped and S halved); GPT {SMALL} on the addition task")
     axis.set_ylabel("log2 S")
     axis.legend(fontsize=8)
     figure.savefig(IMAGES / "mixed_precision_loss_scale.png", dpi=110, bbox_inches="tight")
