@@ -1,6 +1,6 @@
 """What 16-bit emulation costs on NumPy: a training step in bf16 and fp16 against fp32, as ratios.
 
-    python benchmarks/bench_precision.py [--steps 4] [--rounds 5]
+    python benchmarks/bench_precision.py [--steps 3] [--rounds 5]
 
 One process, the README's model on the addition task (batch 64, 4 layers, C = 128). The three
 precisions take turns, ``steps`` steps each per round, so a shared machine slows them alike; the
@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=4, help="steps per precision and round")
+    parser.add_argument("--steps", type=int, default=3, help="steps per precision and round")
     parser.add_argument("--rounds", type=int, default=5)
     arguments = parser.parse_args()
 
