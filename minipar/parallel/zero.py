@@ -8,9 +8,9 @@ part d on dp rank d, and brings the other parts in only while they are needed:
     stage 2, P_os+g    ... and the averaged gradient: a full gradient is freed once sent
     stage 3, P_os+g+p  ... and the parameters: gathered for a piece's forward and backward only
 
-Memory per rank, Ψ parameters on this rank (its tensor- and pipeline-parallel share), N the dp
-size. The paper counts mixed-precision Adam: fp16 parameters 2Ψ and gradients 2Ψ, and K = 12
-bytes per parameter of fp32 optimizer state (master copy, m, v). minipar trains in fp32: the
+Memory per rank, Ψ parameters on this rank (its tensor- and pipeline-parallel share), N the dp size. The paper
+counts mixed-precision Adam: fp16 parameters 2Ψ and gradients 2Ψ, K = 12 bytes per parameter of fp32 optimizer
+state (master copy, m, v); so does ``--precision bf16|fp16`` (mixed_precision.py). In fp32 minipar holds the
 parameters 4Ψ, gradients 4Ψ, AdamW's m and v 8Ψ (``memory_report`` measures these):
 
     bytes per rank       paper, mixed precision (K = 12)    minipar, fp32 AdamW
@@ -19,14 +19,13 @@ parameters 4Ψ, gradients 4Ψ, AdamW's m and v 8Ψ (``memory_report`` measures t
     stage 2, P_os+g      2Ψ + 14Ψ/N                         4Ψ + 12Ψ/N
     stage 3, P_os+g+p    16Ψ/N                              16Ψ/N
 
-(With sizes N does not divide, Ψ becomes the padded count below.) Stage 1 holds every full
-gradient at the end of backward, as the paper counts it; stages 2-3 hold about one piece's.
+(With sizes N does not divide, Ψ becomes the padded count below.) Stage 1 holds every full gradient at the
+end of backward, as the paper counts it; stages 2-3 hold about one piece's.
 
-Micro-batches. With m micro-batches per step stages 2-3 reduce-scatter each unit after every
-micro-batch and add the averaged result into its part (as DeepSpeed's stage 2 does), so the
-full gradients never outlive one micro-batch's backward and the table holds whatever m is; the
-price is m reduce-scatters per step instead of one, m(N-1)/N Ψ bytes. Stage 1 keeps the full
-gradients summed over the micro-batches and reduce-scatters once, as its row of the table says.
+Micro-batches. With m micro-batches per step stages 2-3 reduce-scatter each unit after every micro-batch and add the
+averaged result into its part (as DeepSpeed's stage 2 does), so the full gradients never outlive one micro-batch's backward
+and the table holds whatever m is; the price is m reduce-scatters per step instead of one, m(N-1)/N Ψ bytes. Stage 1 keeps
+the full gradients summed over the micro-batches and reduce-scatters once, as its row of the table says.
 
 Parts. A parameter (this rank's tensor-parallel shard of it) of n numbers is read flat, padded
 with zeros to N s numbers, s = ceil(n / N), and rank d owns [d s, (d+1) s) (per-parameter
@@ -419,8 +418,7 @@ class Zero(SingleReplica):
 class _GatherRunRelease(Function):
     """Forward: gather, run the piece without a graph, release. Backward: gather, rerun it with
     its graph, backpropagate the output gradient through it, release (module docstring)."""
-
-    rounds_output = False  # the piece's output: its own ops rounded it already under 16-bit compute
+    rounds_output = False  # 16-bit compute: its output is the piece's, which the piece's own ops rounded
 
     @staticmethod
     def forward(ctx, x, *parameter_arrays, zero, piece, units, targets, as_tensor, input_gradient):
