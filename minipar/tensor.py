@@ -415,11 +415,11 @@ class WeightGradients:
                 grads = grads if isinstance(grads, tuple) else (grads,)
                 for index, (x, g) in enumerate(zip(subject.inputs, grads)):
                     if g is not None and index not in subject.skipped_inputs:
-                        key = id(x)
+                        key, g = id(x), _rounded(g)  # 16-bit compute: as B rounds its gradients
                         pending[key] = g if key not in pending else _rounded(pending[key] + g)
             elif what == "add":
                 key = id(subject)
-                pending[key] = grad if key not in pending else pending[key] + grad
+                pending[key] = grad if key not in pending else _rounded(pending[key] + grad)
             else:
                 _accumulate_leaf(subject, pending.pop(id(subject), None))
         self._queue.clear()  # drops the saved activations W was keeping

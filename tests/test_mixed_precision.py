@@ -202,3 +202,23 @@ def test_a_checkpoint_resumes_the_masters_moments_and_loss_scale(tmp_path):
     assert resumed.precision.scale == straight.precision.scale
     for a, b in zip(resumed.precision.masters, straight.precision.masters, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_split_backward_equals_plain_backward_in_16_bit(precision):
+    """Zero-bubble schedules split backward into B and W (tensor.WeightGradients): in 16 bits too, W's
+    gradients must be rounded and summed as a plain backward's are, bit for bit."""
+    rng = np.random.default_rng(1)
+    arrays = [round_to_format(rng.standard_normal(shape), precision) for shape in ((4, 8), (8, 8), (8, 8), (8,))]
+    grads = []
+    for split in (False, True):
+        x, w1, w2, b = (Tensor(a.copy(), requires_grad=True) for a in arrays)
+        with rounding_to(rounding(precision)):
+            out = ops.linear(ops.linear(x, w1, b).tanh(), w2, b) * 0.37
+            later = out.backward(np.ones((4, 8), dtype=np.float32), defer_weights=split, inputs=(x,))
+            if split:
+                later.run()
+        grads.append([t.grad for t in (x, w1, w2, b)])
+    for name, plain, split in zip(("x", "w1", "w2", "b"), *grads, strict=True):
+        assert is_format(split, precision), f"{name}: the split backward's gradient is not a {precision} number"
+        np.testing.assert_array_equal(split, plain, err_msg=name)
