@@ -19,13 +19,14 @@ parameters 4Ψ, gradients 4Ψ, AdamW's m and v 8Ψ (``memory_report`` measures t
     stage 2, P_os+g      2Ψ + 14Ψ/N                         4Ψ + 12Ψ/N
     stage 3, P_os+g+p    16Ψ/N                              16Ψ/N
 
-(With sizes N does not divide, Ψ becomes the padded count below.) Stage 1 holds every full gradient at the
-end of backward, as the paper counts it; stages 2-3 hold about one piece's.
+(With sizes N does not divide, Ψ becomes the padded count below.) Stage 1 holds every full
+gradient at the end of backward, as the paper counts it; stages 2-3 hold about one piece's.
 
-Micro-batches. With m micro-batches per step stages 2-3 reduce-scatter each unit after every micro-batch and add the
-averaged result into its part (as DeepSpeed's stage 2 does), so the full gradients never outlive one micro-batch's backward
-and the table holds whatever m is; the price is m reduce-scatters per step instead of one, m(N-1)/N Ψ bytes. Stage 1 keeps
-the full gradients summed over the micro-batches and reduce-scatters once, as its row of the table says.
+Micro-batches. With m micro-batches per step stages 2-3 reduce-scatter each unit after every
+micro-batch and add the averaged result into its part (as DeepSpeed's stage 2 does), so the
+full gradients never outlive one micro-batch's backward and the table holds whatever m is; the
+price is m reduce-scatters per step instead of one, m(N-1)/N Ψ bytes. Stage 1 keeps the full
+gradients summed over the micro-batches and reduce-scatters once, as its row of the table says.
 
 Parts. A parameter (this rank's tensor-parallel shard of it) of n numbers is read flat, padded
 with zeros to N s numbers, s = ceil(n / N), and rank d owns [d s, (d+1) s) (per-parameter
@@ -65,15 +66,14 @@ compute, release) keeping only its input; its backward gathers again, reruns the
 the graph, backpropagates through it and releases. The chunks call their pieces through
 ``run_gathered`` (``PipelineChunk.piece_runner``), so the pieces themselves stay as they are.
 
-Overlap (``overlap=True``, ``--overlap``; PyTorch FSDP and DeepSpeed do the same). Each unit's
-reduce-scatter starts (MPI_Ireduce_scatter_block) at the grad-ready hook that completes it, in
-every stage (stage 1: during the last micro-batch), and backward carries on with earlier layers;
-at most ``MAX_REDUCE_SCATTERS_IN_FLIGHT`` send buffers (full-size) are held at once, the oldest
-finished first, and ``finish_gradient_sync`` waits for the rest. Stage 3 also prefetches: while
-a piece computes, the all-gather of the piece that runs next (the following one in forward, the
-previous one in backward) is in flight (MPI_Iallgather), so two pieces' parameters are gathered
-at once. Results are added in the order they were sent, on every rank, so overlap changes when
-bytes move, not the numbers.
+Overlap (``overlap=True``, ``--overlap``; PyTorch FSDP and DeepSpeed do the same). Each unit's reduce-
+scatter starts (MPI_Ireduce_scatter_block) at the grad-ready hook that completes it, in every stage
+(stage 1: during the last micro-batch), and backward carries on with earlier layers; at most
+``MAX_REDUCE_SCATTERS_IN_FLIGHT`` send buffers (full-size) are held at once, the oldest finished first,
+and ``finish_gradient_sync`` waits for the rest. Stage 3 also prefetches: while a piece computes, the
+all-gather of the piece that runs next (the following one in forward, the previous one in backward) is
+in flight (MPI_Iallgather), so two pieces' parameters are gathered at once. Results are added in the
+order they were sent, on every rank, so overlap changes when bytes move, not the numbers.
 """
 from contextlib import contextmanager
 
