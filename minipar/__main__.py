@@ -135,6 +135,9 @@ def add_train_arguments(parser):
     group.add_argument("--grad-clip", type=finite_float, default=defaults.grad_clip)
     group.add_argument("--seed", type=non_negative_int, default=defaults.seed, help="seeds the batches")
     group.add_argument("--dtype", choices=["float32", "float64"], default=defaults.dtype)
+    group.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=defaults.precision,
+                       help="bf16 or fp16: 16-bit compute on fp32 master weights (fp16 with dynamic loss "
+                            "scaling; docs/mixed_precision.md)")
     group.add_argument("--eval-interval", type=positive_int, default=100)
     group.add_argument("--eval-batches", type=positive_int, default=8)
     add_checkpoint_arguments(parser)

@@ -297,3 +297,16 @@ class Dataset:
     def validation_batches(self, batch_size, block_size, count, seed=0):
         """A fixed list of ``count`` validation batches: the same list on every call and every rank."""
         return [self.get_batch("validation", batch_size, block_size, seed, step) for step in range(count)]
+
+
+def check_token_ids(inputs, targets, vocab_size):
+    """Ids and targets must lie in [0, vocab_size): checked here, on every rank, before the step starts,
+    rather than inside the first or last pipeline stage alone while the others wait. On a GPU (where a
+    bad id would silently wrap) their ranges come to the host as one named copy of four integers."""
+    checked = [(what, ids) for what, ids in (("input ids", inputs), ("targets", targets)) if ids.size]
+    if not checked:
+        return
+    bounds = to_host(xp.stack([bound for _, ids in checked for bound in (ids.min(), ids.max())]))
+    for (what, _), (lowest, highest) in zip(checked, bounds.reshape(-1, 2).tolist(), strict=True):
+        if lowest < 0 or highest >= vocab_size:
+            raise DataError(f"{what} must lie in [0, {vocab_size}), got values from {lowest} to {highest}")

@@ -48,7 +48,8 @@ def build_configs(arguments, vocabulary_size, schedule):
             capacity_factor=arguments.capacity_factor, aux_loss_weight=arguments.aux_loss_weight)
         train_config = TrainConfig(
             **schedule, batch_size=arguments.batch_size, weight_decay=arguments.weight_decay,
-            grad_clip=arguments.grad_clip, seed=arguments.seed, dtype=arguments.dtype, dp=arguments.dp,
+            grad_clip=arguments.grad_clip, seed=arguments.seed, dtype=arguments.dtype, precision=arguments.precision,
+            dp=arguments.dp,
             tp=arguments.tp, pp=arguments.pp, ep=arguments.ep, cp=arguments.cp, cp_layout=arguments.cp_layout,
             cp_attention=arguments.cp_attention, cp_overlap=arguments.cp_overlap,
             microbatches=arguments.microbatches, schedule=arguments.schedule,
@@ -67,7 +68,7 @@ FLAG_OF_FIELD = {"learning_rate": "--lr", "min_learning_rate": "--min-lr", "warm
                  "powersgd_rank": "--powersgd-rank", "local_sgd": "--local-sgd", "ranks_per_node": "--ranks-per-node",
                  "sequence_parallel": "--sequence-parallel", "n_experts": "--experts", "top_k": "--top-k",
                  "capacity_factor": "--capacity-factor", "aux_loss_weight": "--aux-loss-weight",
-                 "cp_layout": "--cp-layout", "cp_attention": "--cp-attention"}
+                 "cp_layout": "--cp-layout", "cp_attention": "--cp-attention", "precision": "--precision"}
 FLAG_AT_START = ("steps", "seed", "zero", "dtype", "optimizer", "compress", "microbatches", "schedule")
 
 
@@ -256,7 +257,8 @@ def train_command(plan):
         extra = "".join(f" x {axis} {getattr(train_config, axis)}" for axis in ("ep", "cp")
                         if getattr(train_config, axis) > 1)
         print(f"layout: dp {train_config.dp} x tp {train_config.tp} x pp {train_config.pp}{extra} on {world.size} ranks, "
-              f"{total:,} parameters in the model")
+              f"{total:,} parameters in the model"
+              + (f", {train_config.precision} on fp32 master weights" if train_config.precision != "fp32" else ""))
         for note in plan.notes:
             print(f"note: {note}")
         if plan.start_step:
@@ -291,8 +293,11 @@ def _report(trainer, dataset, model_config, train_config, arguments, step, loss,
         # The last report scores every held-out problem; the ones along the way a sample of 200.
         problems = len(dataset.validation_problems or []) if final else 200
         report = evaluate(model, dataset, train_config, arguments.eval_batches, accuracy_problems=problems)
+        scaling = trainer.precision.scaler  # fp16: where the loss scale is (docs/mixed_precision.md)
         progress.write(f"step {step + 1}: train loss {loss:.4f}, "
-                       + ", ".join(f"{key.replace('_', ' ')} {value:.4f}" for key, value in report.items()))
+                       + ", ".join(f"{key.replace('_', ' ')} {value:.4f}" for key, value in report.items())
+                       + (f", loss scale {trainer.precision.scale:g} ({trainer.precision.skipped_steps} steps "
+                          f"skipped)" if scaling else ""))
 
 
 def _progress_bar(steps, enabled):

@@ -44,7 +44,7 @@ backward is an allreduce is just another ``Function`` (see parallel/). ``no_grad
 """
 from minipar import grad_mode
 from minipar.backend import default_dtype, xp
-from minipar.grad_mode import is_grad_enabled, no_grad, observe_saved  # noqa: F401  (imported from here)
+from minipar.grad_mode import is_grad_enabled, no_grad, observe_saved, rounded, rounding_to  # noqa: F401  (imported from here)
 
 
 class Context:
@@ -78,6 +78,7 @@ class Function:
     """
 
     defers_weight_gradient = False
+    rounds_output = True  # under grad_mode.rounding_to: False for fp32 islands (the loss) and exact ops
 
     @staticmethod
     def forward(ctx, *inputs, **options):
@@ -97,7 +98,8 @@ class Function:
                 record = record or x.requires_grad
             else:
                 arrays.append(x)
-        out = Tensor(cls.forward(ctx, *arrays, **options))
+        out = cls.forward(ctx, *arrays, **options)
+        out = Tensor(rounded(out) if cls.rounds_output else out)  # 16-bit compute: grad_mode.rounding_to
         if record and grad_mode.recording:  # record the node
             ctx.function, ctx.inputs = cls, inputs
             out.requires_grad, out._node = True, ctx
@@ -208,6 +210,8 @@ class Tensor:
             input_grads = ctx.function.backward(ctx, grad) if later is None else later.input_gradients(ctx, grad)
             if not isinstance(input_grads, tuple):
                 input_grads = (input_grads,)
+            if grad_mode.round_to_format is not None:
+                input_grads = tuple(rounded(g) for g in input_grads)
             for x, g in zip(ctx.inputs, input_grads):  # a missing or None g: no gradient flows to x
                 if g is None or not isinstance(x, Tensor) or not x.requires_grad:
                     continue
@@ -215,7 +219,7 @@ class Tensor:
                     later.add(x, g)  # summed in W, in this order
                 else:
                     key = id(x)
-                    pending[key] = g if key not in pending else pending[key] + g
+                    pending[key] = g if key not in pending else rounded(pending[key] + g)
             tensor._node = _FREED  # drop the saved activations as soon as they are used
         return later
 
@@ -293,6 +297,8 @@ def accumulate_leaf(leaf, grad):
         leaf.grad = grad.astype(leaf.data.dtype, copy=True)
     else:
         leaf.grad += grad
+        if grad_mode.round_to_format is not None:  # a 16-bit gradient stays 16-bit as micro-batches add up
+            leaf.grad[...] = grad_mode.round_to_format(leaf.grad)
     for hook in leaf._grad_ready_hooks or ():
         hook(leaf)
 

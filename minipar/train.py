@@ -24,11 +24,13 @@ evaluates (on the gathered single-process model) and writes files.
 import dataclasses
 from dataclasses import dataclass
 
-from minipar.backend import from_host, scalar_to_host, to_host, xp
+from minipar.backend import from_host, scalar_to_host, xp
 from minipar.comm.compression import make_compressor
 from minipar.comm.hierarchical import NodeGroups, node_of_world_rank, shared_memory_node
-from minipar.errors import CheckpointError, ConfigError, DataError, require_finite, require_positive_int
+from minipar.data import check_token_ids
+from minipar.errors import CheckpointError, ConfigError, require_finite, require_positive_int
 from minipar.job import guard_job
+from minipar.mixed_precision import MixedPrecision, check_precision_options
 from minipar.nn.gpt import GPT
 from minipar.optim import SGD, AdamW, clip_grad_norm, cosine_learning_rate, decay_groups, grad_norm_squared
 from minipar.parallel import axes
@@ -59,6 +61,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 turns it off
     seed: int = 1337  # batches are drawn from (seed, step); the model from GPTConfig.seed
     dtype: str = "float32"  # float64 for exact comparisons between layouts
+    precision: str = "fp32"  # fp32 | bf16 | fp16: 16-bit compute on fp32 master weights (mixed_precision.py)
     # layout
     dp: int = 1  # data-parallel replicas
     tp: int = 1  # tensor-parallel ranks per layer
@@ -114,6 +117,7 @@ class TrainConfig:
             raise ConfigError("--allreduce chooses how plain data parallelism allreduces; "
                               "ZeRO reduce-scatters and all-gathers instead, so drop it or --zero")
         self._check_communication_options()
+        check_precision_options(self)  # --precision: mixed_precision.py
 
     def _check_communication_options(self):
         """The options of docs/communication.md: each refused, in one sentence, where it does not apply."""
@@ -168,19 +172,6 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def check_token_ids(inputs, targets, vocab_size):
-    """Ids and targets must lie in [0, vocab_size): checked here, on every rank, before the step starts,
-    rather than inside the first or last pipeline stage alone while the others wait. On a GPU (where a
-    bad id would silently wrap) their ranges come to the host as one named copy of four integers."""
-    checked = [(what, ids) for what, ids in (("input ids", inputs), ("targets", targets)) if ids.size]
-    if not checked:
-        return
-    bounds = to_host(xp.stack([bound for _, ids in checked for bound in (ids.min(), ids.max())]))
-    for (what, _), (lowest, highest) in zip(checked, bounds.reshape(-1, 2).tolist(), strict=True):
-        if lowest < 0 or highest >= vocab_size:
-            raise DataError(f"{what} must lie in [0, {vocab_size}), got values from {lowest} to {highest}")
-
-
 def learning_rate_at(config, step):
     return cosine_learning_rate(step, config.learning_rate, config.warmup_steps, config.steps,
                                 config.min_learning_rate)
@@ -208,7 +199,9 @@ class Trainer:
         # axis's sums from the placements. Linear, so their order does not matter; the dp average goes
         # first because with overlap (or ZeRO 2-3) it started during backward.
         self.partial_gradients = PartialGradientSum(updated, self.grid, [axis for axis in AXES if axis != "dp"])
-        self.gradient_sums = [self.sync, self.partial_gradients]
+        self.precision = MixedPrecision(train_config.precision, self.sync, self.executor, world)  # fp32 masters
+        self.sync_state = self.precision.state_view(self.sync_state)  # checkpoints: masters; memory: formats
+        self.gradient_sums = [self.sync, self.partial_gradients, self.precision]  # the last: 16-bit gradients
         summed = agreed_norm_axes(updated, self.grid)  # ||g||^2 sums over the axes that shard something
         self.norm_tensors = [t for t in updated if counts_in_model_sum(t, self.grid, summed)]
         self.norm_groups = [self.grid.group(axis) for axis in summed]
@@ -300,18 +293,20 @@ class Trainer:
         check_token_ids(inputs, targets, self.model_config.vocab_size)  # every rank: the same global batch
         inputs, targets = axes.local_batch(inputs, targets, self.grid, config)  # (B/(dp ep), T/cp)
         self.sync.start_step()
-        loss = self.executor.run(split_microbatches(inputs, config.microbatches),  # m x (B/(dp m), T)
-                                 split_microbatches(targets, config.microbatches))
+        with self.precision.computing():  # --precision bf16|fp16: every op's output rounded to 16 bits
+            loss = self.executor.run(split_microbatches(inputs, config.microbatches),  # m x (B/(dp m), T)
+                                     split_microbatches(targets, config.microbatches))
         for gradient_sum in self.gradient_sums:  # dp average, sequence-parallel sum, tied-embedding sum
             gradient_sum.finish_gradient_sync()
         return self._share_loss(loss)
 
     def update(self):
         """Clip by the global gradient norm, step AdamW on the updated tensors, finish the step."""
-        if self.config.grad_clip > 0:
-            clip_grad_norm(self.sync.updated, self.config.grad_clip, self.grad_norm_squared())
-        self.optimizer.set_lr(learning_rate_at(self.config, self.step_count))
-        self.optimizer.step()
+        if self.precision.gradients_finite():  # fp16: unscaled; skipped on every rank after an overflow
+            if self.config.grad_clip > 0:
+                clip_grad_norm(self.sync.updated, self.config.grad_clip, self.grad_norm_squared())
+            self.optimizer.set_lr(learning_rate_at(self.config, self.step_count))
+            self.precision.step(self.optimizer)  # on the fp32 masters, then their 16-bit working copies
         self.sync.after_optimizer_step(self.step_count)
         self.step_count += 1
 

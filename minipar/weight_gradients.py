@@ -20,6 +20,7 @@ The engine (minipar/tensor.py) calls three methods while it walks the graph: ``i
 for each op's backward, ``add`` for each gradient that reaches a deferred leaf, ``finish_leaf``
 when a leaf has no use left in the graph.
 """
+from minipar.grad_mode import rounded
 from minipar.tensor import Tensor, accumulate_leaf
 
 
@@ -83,11 +84,11 @@ class WeightGradients:
                 grads = grads if isinstance(grads, tuple) else (grads,)
                 for index, (x, g) in enumerate(zip(subject.inputs, grads)):
                     if g is not None and index not in subject.skipped_inputs:
-                        key = id(x)
-                        pending[key] = g if key not in pending else pending[key] + g
+                        key, g = id(x), rounded(g)  # 16-bit compute: as B rounds its gradients
+                        pending[key] = g if key not in pending else rounded(pending[key] + g)
             elif what == "add":
                 key = id(subject)
-                pending[key] = grad if key not in pending else pending[key] + grad
+                pending[key] = grad if key not in pending else rounded(pending[key] + grad)
             else:
                 accumulate_leaf(subject, pending.pop(id(subject), None))
         self._queue.clear()  # drops the saved activations W was keeping

@@ -124,7 +124,10 @@ class CrossEntropy(Function):
     takes the log of a probability: a confident wrong prediction whose target logit is 104 below
     the maximum costs 104, where log(softmax) would underflow to log(0) = inf in float32.
     ``ignore_index``: targets equal to it (padding) count neither in the sum nor in n.
+    Under 16-bit compute the loss is an fp32 island: its output is never rounded (minipar/mixed_precision.py).
     """
+
+    rounds_output = False
 
     @staticmethod
     def forward(ctx, logits, targets, ignore_index=None):
@@ -199,6 +202,8 @@ def scatter_add_rows(indices, rows, num_rows):
 
 class Embedding(Function):
     """out[...] = weight[ids[...]]; backward scatter-adds each row of the gradient to its id."""
+
+    rounds_output = False  # exact: its output's numbers are its inputs' (16-bit in, 16-bit out)
 
     @staticmethod
     def forward(ctx, weight, ids):

@@ -48,6 +48,8 @@ class Mean(Function):
 class Max(Function):
     """The gradient flows to the maximal entries, split evenly between ties."""
 
+    rounds_output = False  # exact: its output's numbers are its inputs' (16-bit in, 16-bit out)
+
     @staticmethod
     def forward(ctx, x, axis=None, keepdims=False):
         axes = _normalise_axes(axis, x.ndim)
@@ -64,6 +66,8 @@ class Max(Function):
 
 
 class Reshape(Function):
+    rounds_output = False  # exact: its output's numbers are its inputs' (16-bit in, 16-bit out)
+
     @staticmethod
     def forward(ctx, x, shape):
         ctx.shape = x.shape
@@ -79,6 +83,8 @@ class Reshape(Function):
 
 class Transpose(Function):
     """Permute axes (reverse them when ``axes`` is None); backward applies the inverse permutation."""
+
+    rounds_output = False  # exact: its output's numbers are its inputs' (16-bit in, 16-bit out)
 
     @staticmethod
     def forward(ctx, x, axes=None):
@@ -102,6 +108,8 @@ def _is_basic_index(index):
 class GetItem(Function):
     """``x[index]``. Backward scatters the gradient back; repeated integer indices add up."""
 
+    rounds_output = False  # exact: its output's numbers are its inputs' (16-bit in, 16-bit out)
+
     @staticmethod
     def forward(ctx, x, index):
         if isinstance(index, tuple):
@@ -122,6 +130,8 @@ class GetItem(Function):
 
 
 class Concatenate(Function):
+    rounds_output = False  # exact: its output's numbers are its inputs' (16-bit in, 16-bit out)
+
     @staticmethod
     def forward(ctx, *arrays, axis=0):
         shapes = [a.shape for a in arrays]

@@ -148,6 +148,8 @@ class VocabParallelCrossEntropy(Function):
     where onehot_j is 1 only at targets inside rank j's range.
     """
 
+    rounds_output = False  # the loss: an fp32 island under 16-bit compute (minipar/mixed_precision.py)
+
     @staticmethod
     def forward(ctx, logits, targets, communicator, vocab_start, ignore_index=None):
         if logits.shape[:-1] != targets.shape:

@@ -8,9 +8,9 @@ part d on dp rank d, and brings the other parts in only while they are needed:
     stage 2, P_os+g    ... and the averaged gradient: a full gradient is freed once sent
     stage 3, P_os+g+p  ... and the parameters: gathered for a piece's forward and backward only
 
-Memory per rank, Ψ parameters on this rank (its tensor- and pipeline-parallel share), N the dp
-size. The paper counts mixed-precision Adam: fp16 parameters 2Ψ and gradients 2Ψ, and K = 12
-bytes per parameter of fp32 optimizer state (master copy, m, v). minipar trains in fp32: the
+Memory per rank, Ψ parameters on this rank (its tensor- and pipeline-parallel share), N the dp size. The paper
+counts mixed-precision Adam: fp16 parameters 2Ψ and gradients 2Ψ, K = 12 bytes per parameter of fp32 optimizer
+state (master copy, m, v); so does ``--precision bf16|fp16`` (mixed_precision.py). In fp32 minipar holds the
 parameters 4Ψ, gradients 4Ψ, AdamW's m and v 8Ψ (``memory_report`` measures these):
 
     bytes per rank       paper, mixed precision (K = 12)    minipar, fp32 AdamW
@@ -66,15 +66,14 @@ compute, release) keeping only its input; its backward gathers again, reruns the
 the graph, backpropagates through it and releases. The chunks call their pieces through
 ``run_gathered`` (``PipelineChunk.piece_runner``), so the pieces themselves stay as they are.
 
-Overlap (``overlap=True``, ``--overlap``; PyTorch FSDP and DeepSpeed do the same). Each unit's
-reduce-scatter starts (MPI_Ireduce_scatter_block) at the grad-ready hook that completes it, in
-every stage (stage 1: during the last micro-batch), and backward carries on with earlier layers;
-at most ``MAX_REDUCE_SCATTERS_IN_FLIGHT`` send buffers (full-size) are held at once, the oldest
-finished first, and ``finish_gradient_sync`` waits for the rest. Stage 3 also prefetches: while
-a piece computes, the all-gather of the piece that runs next (the following one in forward, the
-previous one in backward) is in flight (MPI_Iallgather), so two pieces' parameters are gathered
-at once. Results are added in the order they were sent, on every rank, so overlap changes when
-bytes move, not the numbers.
+Overlap (``overlap=True``, ``--overlap``; PyTorch FSDP and DeepSpeed do the same). Each unit's reduce-
+scatter starts (MPI_Ireduce_scatter_block) at the grad-ready hook that completes it, in every stage
+(stage 1: during the last micro-batch), and backward carries on with earlier layers; at most
+``MAX_REDUCE_SCATTERS_IN_FLIGHT`` send buffers (full-size) are held at once, the oldest finished first,
+and ``finish_gradient_sync`` waits for the rest. Stage 3 also prefetches: while a piece computes, the
+all-gather of the piece that runs next (the following one in forward, the previous one in backward) is
+in flight (MPI_Iallgather), so two pieces' parameters are gathered at once. Results are added in the
+order they were sent, on every rank, so overlap changes when bytes move, not the numbers.
 """
 from contextlib import contextmanager
 
@@ -419,6 +418,7 @@ class Zero(SingleReplica):
 class _GatherRunRelease(Function):
     """Forward: gather, run the piece without a graph, release. Backward: gather, rerun it with
     its graph, backpropagate the output gradient through it, release (module docstring)."""
+    rounds_output = False  # 16-bit compute: its output is the piece's, which the piece's own ops rounded
 
     @staticmethod
     def forward(ctx, x, *parameter_arrays, zero, piece, units, targets, as_tensor, input_gradient):
