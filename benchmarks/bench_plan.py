@@ -2,6 +2,7 @@
 
     mpiexec -n 8 python benchmarks/bench_plan.py [--steps 4] [--calibration FILE]
     python benchmarks/bench_plan.py --papers      # the published runs: paper vs predicted vs error
+                                                  # (the three tables, then BLOOM, MT-NLG, Llama 3)
 
 Calibrates this machine in the same job before and after the measurements and averages the two
 (``minipar.plan.calibrate``: GEMM FLOP/s per shape class and the rest of a block's time fitted on
@@ -150,6 +151,12 @@ def papers(path):
         print(f"\n{names[table]}\n\n| row | paper | predicted | error |\n|---|---|---|---|")
         for row, paper, got, error in rows:
             print(f"| {row} | {paper} | {got:.3g} | {error:+.1%} |")
+    units = {"iteration_s": "s per iteration", "tflops_executed": "TFLOP/s per GPU (executed)",
+             "tflops_model": "TFLOP/s per GPU (model)"}
+    print("\nOther published runs (tests/data/published_runs.json, other_runs: sources and assumptions)\n\n"
+          "| run | metric | paper | predicted | error |\n|---|---|---|---|---|")
+    for row, metric, paper, got, error in published.compare_other(data):
+        print(f"| {row} | {units[metric]} | {paper} | {got:.3g} | {error:+.1%} |")
     pick = published.gpt3_pick(data)
     print(f"\nGPT-3 175B, 1024 A100s, 300B tokens: {pick.strategy.describe()}, {pick.step:.3g} s per step, "
           f"{published.gpt3_days(data, pick):.1f} days (paper: {data['narayanan2021_gpt3_days']['days']})")

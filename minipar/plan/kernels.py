@@ -18,7 +18,8 @@ GPU (hardware.py), not a per-model fit.
 Per layer, forward, on one tensor-parallel rank (Shoeybi et al. 2019's splits):
 
     QKV             T × h   by h × (h + 2g·d)/t
-    scores, P·V     (b·a/t) batched s_c × d by d × s    (twice; 4·T·s·h/t FLOPs)
+    scores, P·V     (b·a/t) batched s_c × d by d × s    (twice; 4·T·s·h/t FLOPs; half of them
+                    with fused causal attention, which skips the masked tiles)
     output          T × h/t by h/t × h
     MLP (GELU)      T × h by h × f/t, T × f/t by f/t × h
     MLP (SwiGLU)    T × h by h × 2f/t, T × f/t by f/t × h
@@ -95,8 +96,16 @@ def layer_memory_bytes(model, strategy, fused_attention):
 
 
 def layer_compute_times(model, strategy, gpu, fused_attention=False):
-    """{"forward", "backward", "recompute"} seconds of one layer's kernels on one rank (no comm)."""
+    """{"forward", "backward", "recompute"} seconds of one layer's kernels on one rank (no comm).
+
+    Fused causal attention computes only the tiles on or below the diagonal: FlashAttention skips
+    the tiles the causal mask removes whole (Dao 2023, FlashAttention-2, section 3.1.1), so its
+    QKᵀ and P·V do about half the products, s²/2 per head (per rank with context parallelism's
+    zigzag, which gives every rank the same share). Unfused kernels (Megatron's masked softmax)
+    compute the whole s × s and mask afterwards."""
     dense, attention = layer_gemms(model, strategy, gpu)
+    if fused_attention:
+        attention /= 2
     moved, softmax = layer_memory_bytes(model, strategy, fused_attention)
     bandwidth = gpu.hbm * gpu.memory_efficiency
     forward = dense + attention + moved / bandwidth
