@@ -124,7 +124,7 @@ def add_train_arguments(parser):
         "the run's schedule (saved in the checkpoint; --resume continues it unless you give these again)")
     schedule.add_argument("--steps", type=positive_int, default=None,
                           help=f"optimizer steps of the whole run (default {defaults.steps}; "
-                               f"addition beyond 2 digits: 1000 per digit)")
+                               f"addition: 1500 more per digit beyond 2)")
     schedule.add_argument("--lr", type=finite_float, default=None,
                           help=f"peak learning rate (default {defaults.learning_rate})")
     schedule.add_argument("--min-lr", type=finite_float, default=None,

@@ -200,7 +200,7 @@ def test_on_devicesim(nranks):
 
 def test_addition_default_steps_grow_with_digits():
     """The done-when's 4-digit run: one process stays on the plateau through 2,000 steps, so the
-    addition task's default run length is 1,000 steps per digit beyond 2 (run.addition_steps);
+    addition task's default run length grows by 1,500 steps per digit beyond 2 (run.addition_steps);
     --steps, a checkpoint's schedule and a text file keep theirs."""
     from argparse import Namespace
 
@@ -211,7 +211,7 @@ def test_addition_default_steps_grow_with_digits():
                                  "min_lr": None, **given})
         return run_schedule(arguments, index)[0]["steps"]
 
-    assert [steps(digits=d) for d in (1, 2, 3, 4, 9)] == [2000, 2000, 3000, 4000, 9000]
+    assert [steps(digits=d) for d in (1, 2, 3, 4, 9)] == [2000, 2000, 3500, 5000, 12500]
     assert steps(digits=4, steps=700) == 700
     assert steps(digits=4, data="text.txt") == 2000
     assert steps({"train_config": {"steps": 2000}}, digits=4) == 2000  # a resumed run continues its cosine
