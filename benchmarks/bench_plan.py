@@ -2,22 +2,26 @@
 
     mpiexec -n 8 python benchmarks/bench_plan.py [--steps 4] [--calibration FILE]
     python benchmarks/bench_plan.py --papers      # the published runs: paper vs predicted vs error
+                                                  # (the issue's three tables, then BLOOM, MT-NLG, Llama 3)
 
 Calibrates this machine in the same job before and after the measurements and averages the two
-(``minipar.plan.calibrate``: achieved FLOP/s and the per-block overhead on real blocks, α–β fits of
-the collectives for each group size, AdamW's bandwidth), unless --calibration gives a file; builds a
+(``minipar.plan.calibrate``: GEMM FLOP/s per shape class and the rest of a block's time fitted on
+real blocks, α–β fits of the collectives for each group size, AdamW's bandwidth), unless
+--calibration gives a file; builds a
 Trainer for every dp × tp × pp of the world and a few option variants (ZeRO, sequence parallelism,
 recomputation) and measures their steps round-robin (step i of every layout before step i + 1 of
 any, so a change of load hits all alike); the median step time of the slowest rank is compared
 with ``minipar.plan.cost.step_time`` on the calibrated machine.
 Rank 0 prints a Markdown table, the median relative error |predicted − measured| / measured, and
 the Spearman rank correlation between predicted and measured times (does the planner order the
-layouts right?).
+layouts right?); the same two for one FLOP/s for every GEMM (the blocks' fit, no shape classes),
+from the same calibration.
 
 The ranks share the machine's cores (8 ranks on 2 cores, and other jobs): times are noisy, and the
 calibration measures the same shared machine, so compare within one run only.
 """
 import argparse
+import dataclasses
 import itertools
 import statistics
 import sys
@@ -119,11 +123,19 @@ def calibrated_machine(world, path):
     from minipar.plan.hardware import Machine, load_machine
 
     if path:
-        return load_machine(path, gpus=world.size)
-    flops, overhead = calibrate.block_fit("float32", 5, world)
+        machine = load_machine(path, gpus=world.size)
+        return machine, dataclasses.replace(machine, gemm_table=[])
+    points = calibrate.block_times("float32", 5, world)
+    flops, one_rate_overhead = calibrate.block_fit(points)
+    table = calibrate.gemm_table("float32", 5, world)
+    overhead, per_element = calibrate.rest_fit(points, table)
     bandwidth = calibrate.adam_bandwidth("float32", 5, world)
     fits = calibrate.collective_fits(world, "float32", 5)
-    return Machine("this machine", world.size, world.size, 1e12, flops, 0, 0, 0, 0, bandwidth, overhead, fits)
+    machine = Machine("this machine", world.size, world.size, 1e12, flops, 0, 0, 0, 0, bandwidth, overhead, fits,
+                      gemm_table=table, elementwise_seconds=per_element)
+    one_rate = Machine("this machine, one GEMM rate", world.size, world.size, 1e12, flops, 0, 0, 0, 0, bandwidth,
+                       one_rate_overhead, fits)
+    return machine, one_rate
 
 
 def papers(path):
@@ -140,6 +152,12 @@ def papers(path):
         print(f"\n{names[table]}\n\n| row | paper | predicted | error |\n|---|---|---|---|")
         for row, paper, got, error in rows:
             print(f"| {row} | {paper} | {got:.3g} | {error:+.1%} |")
+    units = {"iteration_s": "s per iteration", "tflops_executed": "TFLOP/s per GPU (executed)",
+             "tflops_model": "TFLOP/s per GPU (model)"}
+    print("\nOther published runs (tests/data/published_runs.json, other_runs: sources and assumptions)\n\n"
+          "| run | metric | paper | predicted | error |\n|---|---|---|---|---|")
+    for row, metric, paper, got, error in published.compare_other(data):
+        print(f"| {row} | {units[metric]} | {paper} | {got:.3g} | {error:+.1%} |")
     pick = published.gpt3_pick(data)
     print(f"\nGPT-3 175B, 1024 A100s, 300B tokens: {pick.strategy.describe()}, {pick.step:.3g} s per step, "
           f"{published.gpt3_days(data, pick):.1f} days (paper: {data['narayanan2021_gpt3_days']['days']})")
@@ -154,13 +172,15 @@ def papers(path):
 
 def average_machines(first, second):
     """The mean of two calibrations of one machine (before and after the measurements)."""
-    import dataclasses
-
     mean = lambda a, b: (a + b) / 2  # noqa: E731
     fitted = {key: [mean(a, b) for a, b in zip(first.fitted[key], second.fitted[key], strict=True)]
               for key in first.fitted}
-    return dataclasses.replace(first, flops=2 / (1 / first.flops + 1 / second.flops),
+    rate = lambda a, b: 2 / (1 / a + 1 / b)  # noqa: E731  (the mean of the two times per FLOP)
+    table = [[thin, wide, rate(a, b)] for (thin, wide, a), (*_, b) in zip(first.gemm_table, second.gemm_table,
+                                                                          strict=True)]
+    return dataclasses.replace(first, flops=rate(first.flops, second.flops), gemm_table=table,
                                overhead_per_block=mean(first.overhead_per_block, second.overhead_per_block),
+                               elementwise_seconds=mean(first.elementwise_seconds, second.elementwise_seconds),
                                memory_bandwidth=mean(first.memory_bandwidth, second.memory_bandwidth), fitted=fitted)
 
 
@@ -178,14 +198,15 @@ def main():
     from minipar.comm import Communicator
 
     world = Communicator()
-    machine = calibrated_machine(world, arguments.calibration)
+    before = calibrated_machine(world, arguments.calibration)
     model = ModelSpec.from_gpt_config(GPTConfig(**MODEL))
     built = [build(world, layout) for layout in layouts(world.size)]
     measured = measure_round_robin(world, [trainer for trainer, _ in built], arguments.steps)
     after = calibrated_machine(world, arguments.calibration)  # again: the load may have changed
-    machine = average_machines(machine, after)
+    machine, one_rate = (average_machines(first, second) for first, second in zip(before, after, strict=True))
     rows = [(strategy, seconds, step_time(model, strategy, machine, overlap=False))
             for (_, strategy), seconds in zip(built, measured, strict=True)]
+    one_rate_steps = [step_time(model, strategy, one_rate, overlap=False)["step"] for _, strategy in built]
     if world.rank == 0:
         print(f"model {MODEL}, global batch {BATCH}, float32, {world.size} ranks, median of {arguments.steps} steps; "
               f"calibration: {machine.flops / 1e9:.2f} GFLOP/s per rank, {machine.overhead_per_block * 1e3:.2f} ms "
@@ -200,6 +221,9 @@ def main():
                   f"{(t['step'] - measured) / measured:+.0%} | {parts} |")
         print(f"median relative error {statistics.median(errors):.1%}; Spearman rank correlation "
               f"{spearman([t['step'] for _, _, t in rows], [m for _, m, _ in rows]):.2f} over {len(rows)} layouts")
+        one_errors = [abs(p - m) / m for p, (_, m, _) in zip(one_rate_steps, rows, strict=True)]
+        print(f"one GEMM rate for every shape instead: median relative error {statistics.median(one_errors):.1%}; "
+              f"Spearman {spearman(one_rate_steps, [m for _, m, _ in rows]):.2f}")
 
 
 if __name__ == "__main__":

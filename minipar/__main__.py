@@ -123,7 +123,8 @@ def add_train_arguments(parser):
     schedule = parser.add_argument_group(
         "the run's schedule (saved in the checkpoint; --resume continues it unless you give these again)")
     schedule.add_argument("--steps", type=positive_int, default=None,
-                          help=f"optimizer steps of the whole run (default {defaults.steps})")
+                          help=f"optimizer steps of the whole run (default {defaults.steps}; "
+                               f"addition: 1500 more per digit beyond 2)")
     schedule.add_argument("--lr", type=finite_float, default=None,
                           help=f"peak learning rate (default {defaults.learning_rate})")
     schedule.add_argument("--min-lr", type=finite_float, default=None,

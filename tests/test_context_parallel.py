@@ -196,3 +196,22 @@ def test_on_devicesim(nranks):
     results = results_from_ranks(4, "tests.mpi_bodies.context_parallel_body:run_with_tensor_parallel", timeout=300,
                                  dp=1, cp=2, sequence_parallel=True)
     assert_as_expected(results, checks=["dp 1 x cp 2 x tp 2 SP zigzag ring"])
+
+
+def test_addition_default_steps_grow_with_digits():
+    """The done-when's 4-digit run: one process stays on the plateau through 2,000 steps, so the
+    addition task's default run length grows by 1,500 steps per digit beyond 2 (run.addition_steps);
+    --steps, a checkpoint's schedule and a text file keep theirs."""
+    from argparse import Namespace
+
+    from minipar.run import run_schedule
+
+    def steps(index=None, **given):
+        arguments = Namespace(**{"data": None, "digits": 2, "steps": None, "warmup": None, "lr": None,
+                                 "min_lr": None, **given})
+        return run_schedule(arguments, index)[0]["steps"]
+
+    assert [steps(digits=d) for d in (1, 2, 3, 4, 9)] == [2000, 2000, 3500, 5000, 12500]
+    assert steps(digits=4, steps=700) == 700
+    assert steps(digits=4, data="text.txt") == 2000
+    assert steps({"train_config": {"steps": 2000}}, digits=4) == 2000  # a resumed run continues its cosine

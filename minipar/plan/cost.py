@@ -4,7 +4,10 @@ Per micro-batch on a stage (one rank's view; the slowest stage sets the pace):
 
     F, B  forward and backward of the stage's pieces. GPU profiles: kernels.py (GEMMs at a
           shape-dependent efficiency, memory-bound kernels at the HBM bandwidth). A calibration
-          file: FLOPs / the FLOP/s measured on real blocks + a per-block overhead, B = 2F.
+          file: every GEMM (forward and its two backward products) at the FLOP/s ``calibrate``
+          measured for its shape class, plus the fitted per-block rest (kernels.py); a file
+          without that table: FLOPs / the FLOP/s measured on real blocks + a per-block overhead,
+          B = 2F.
     R     recomputation: full reruns F; selective reruns the attention core (kernels.py);
           minipar's ZeRO-3 reruns each piece's forward in its backward (one more F).
     comm  the tensor-, context- and expert-parallel collectives of the micro-batch (traffic.py),
@@ -38,7 +41,7 @@ depend on the engine (``Strategy.engine``):
 import functools
 from dataclasses import dataclass
 
-from minipar.plan.kernels import head_compute_times, layer_compute_times
+from minipar.plan.kernels import cpu_head_times, cpu_layer_times, head_compute_times, layer_compute_times
 from minipar.plan.memory import memory_per_rank, state_bytes
 from minipar.plan.strategy import Strategy, rank_pieces, representative_stages
 from minipar.plan.traffic import step_calls
@@ -124,8 +127,14 @@ def stage_compute(model, strategy, machine, stage):
         recompute = scale * blocks * layer["recompute"] + (forward if zero3_rerun else 0.0)
         backward = scale * (blocks * layer["backward"] + head["backward"])
         return {"forward": forward, "backward": backward, "recompute": recompute}
-    t_f = stage_forward_flops(model, strategy, stage) / machine.flops + machine.overhead_per_block * blocks / 3
     reruns = int(strategy.recompute == "full") + int(zero3_rerun)
+    if machine.gemm_table:  # calibrated per GEMM shape class (kernels.py)
+        layer = cpu_layer_times(model, strategy, machine)
+        head = cpu_head_times(model, strategy, machine) if "head" in pieces else {"forward": 0.0, "backward": 0.0}
+        forward = blocks * layer["forward"] + head["forward"]
+        recompute = reruns * forward + (blocks * layer["attention"] if strategy.recompute == "selective" else 0.0)
+        return {"forward": forward, "backward": blocks * layer["backward"] + head["backward"], "recompute": recompute}
+    t_f = stage_forward_flops(model, strategy, stage) / machine.flops + machine.overhead_per_block * blocks / 3
     recompute = reruns * t_f
     if strategy.recompute == "selective":
         recompute += selective_recompute_flops(model, strategy.micro_batch, strategy.tp) * blocks / machine.flops

@@ -36,8 +36,9 @@ grid); cost.OVERLAP_LOSS is the third global constant.
 Kernel times from these: minipar/plan/kernels.py.
 
 A calibration file (``python -m minipar calibrate``) replaces all of this with numbers measured
-here: FLOP/s per rank and a per-block overhead fitted on real blocks, and per (collective, group
-size) a fitted time = a + n·b.
+here: GEMM FLOP/s per shape class (kernels.py: thin × wide products on a grid), the per-block
+cost GEMMs do not explain fitted on real blocks, and per (collective, group size) a fitted time
+= a + n·b.
 """
 import json
 import math
@@ -60,6 +61,10 @@ class Machine:
     memory_bandwidth: float  # B/s, for the optimizer step (it streams every parameter's state)
     overhead_per_block: float = 0.0  # s per block forward + backward that FLOPs do not explain
     fitted: dict = field(default_factory=dict)  # {"allreduce/4": [a, b]}: measured collectives
+    # calibrated CPU ranks (kernels.py): [[thin, wide, FLOP/s], ...] per GEMM shape class, and the
+    # seconds per element of the block's elementwise work; an empty table: one rate (flops) for all
+    gemm_table: list = field(default_factory=list)
+    elementwise_seconds: float = 0.0
     source: str = ""
     # GPU profiles only (0 for a calibrated machine, which times measured blocks instead):
     peak: float = 0.0  # dense 16-bit FLOP/s of the data sheet
@@ -69,6 +74,11 @@ class Machine:
     memory_efficiency: float = 0.0
     fused_attention: bool = False  # FlashAttention-style kernels: no s² traffic (Dao et al. 2022)
     device: str = "cpu"  # "gpu" or "cpu": what the ranks are (and how --explain speaks of links)
+
+    @property
+    def gemm_rates(self):
+        """{(thin, wide): FLOP/s} from ``gemm_table`` (kernels.gemm_seconds_cpu reads it)."""
+        return {(int(thin), int(wide)): rate for thin, wide, rate in self.gemm_table}
 
     @property
     def is_gpu_profile(self):

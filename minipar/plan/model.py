@@ -157,7 +157,11 @@ def _llama(name, layers, width, heads, kv_heads, hidden, context, vocab):
 # Llama 2: Touvron et al. 2023, Table 1 (context 4096; 70B uses GQA with 8 KV heads) and the
 #   released config.json files (FFN widths 11008 / 28672, vocabulary 32000).
 # Llama 3: Dubey et al. 2024, Table 3 (8B: 32 layers, 4096, 32 heads, 8 KV heads, FFN 14336;
-#   70B: 80, 8192, 64, 8, 28672; vocabulary 128,256; context 8192).
+#   70B: 80, 8192, 64, 8, 28672; 405B: 126, 16384, 128, 8, 53248; vocabulary 128,256; context 8192).
+# BLOOM-176B: Le Scao et al. 2022, Table 3 (70 layers, h 14336, 112 heads, s 2048; vocabulary
+#   250,880 as padded for tp; ALiBi: no position table; tied embeddings; GELU MLP of 4h).
+# MT-NLG 530B: Smith et al. 2022, section 2.4 (105 layers, h 20480, 128 heads, s 2048; GPT-2's
+#   vocabulary padded to 50,272).
 PRESETS = {
     "gpt2-small": ModelSpec(12, 768, 12, 1024, 50304, "gpt2-small"),
     "gpt3-175b": ModelSpec(96, 12288, 96, 2048, 51200, "gpt3-175b"),
@@ -178,6 +182,9 @@ PRESETS = {
     "llama2-70b": _llama("llama2-70b", 80, 8192, 64, 8, 28672, 4096, 32000),
     "llama3-8b": _llama("llama3-8b", 32, 4096, 32, 8, 14336, 8192, 128256),
     "llama3-70b": _llama("llama3-70b", 80, 8192, 64, 8, 28672, 8192, 128256),
+    "llama3-405b": _llama("llama3-405b", 126, 16384, 128, 8, 53248, 8192, 128256),
+    "bloom-176b": ModelSpec(70, 14336, 112, 2048, 250880, "bloom-176b", learned_positions=False),
+    "mt-nlg-530b": ModelSpec(105, 20480, 128, 2048, 50272, "mt-nlg-530b"),
 }
 
 

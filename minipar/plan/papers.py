@@ -2,16 +2,18 @@
 
 The rows themselves (the papers' values, with table and row) live in a JSON file the caller
 gives (tests/data/published_runs.json in the repository); this module turns a row into a
-``Strategy`` on the A100 profile and returns the prediction, under the "ideal" engine (the
+``Strategy`` on the A100 profile (or the row's own GPU and network, for the other published
+runs: BLOOM, MT-NLG, Llama 3) and returns the prediction, under the "ideal" engine (the
 papers' Megatron-LM and DeepSpeed overlap what they can; minipar's engine is another matter).
 FLOPs per GPU are counted as each paper counts them: Narayanan et al. 2021 count executed FLOPs
 ($96·B·s·L·h²(1 + s/6h + V/16Lh)$: the recomputed forward included); Korthikanti et al. 2022
 report the iteration time itself.
 """
+import dataclasses
 import json
 
 from minipar.plan.cost import flops_per_step, predict
-from minipar.plan.hardware import named_machine
+from minipar.plan.hardware import LINK_EFFICIENCY, named_machine
 from minipar.plan.memory import Headroom
 from minipar.plan.model import PRESETS
 from minipar.plan.strategy import Strategy
@@ -23,17 +25,26 @@ def load(path):
 
 
 def row_strategy(row):
-    dp = row["gpus"] // (row["tp"] * row["pp"])
+    cp = row.get("cp", 1)
+    dp = row["gpus"] // (row["tp"] * row["pp"] * cp)
     microbatches = row["batch"] // (dp * row["micro_batch"])
     v = row.get("virtual_stages", 1)
     return Strategy(dp, row["tp"], row["pp"], row["batch"], microbatches, "interleaved" if v > 1 else "1f1b", v,
                     row.get("zero", 0), row.get("sequence_parallel", False), row["recompute"], "mixed",
-                    engine="ideal")
+                    cp=cp, engine="ideal")
 
 
 def predict_row(row, machine_name="a100"):
+    """(model, machine, prediction) of a stored row; a row may name its GPU (``machine``), its
+    sequence length (``block_size``), FlashAttention-style kernels (``fused_attention``) and its
+    network where it is not the profile's (``network_gbytes_per_gpu``: GB/s per GPU between nodes)."""
     model = PRESETS[row["preset"]]
-    machine = named_machine(machine_name, row["gpus"], 8)
+    if "block_size" in row:
+        model = dataclasses.replace(model, block_size=row["block_size"])
+    machine = named_machine(row.get("machine", machine_name), row["gpus"], 8,
+                            fused_attention=row.get("fused_attention", False))
+    if "network_gbytes_per_gpu" in row:
+        machine = dataclasses.replace(machine, inter_beta=1 / (row["network_gbytes_per_gpu"] * 1e9 * LINK_EFFICIENCY))
     return model, machine, predict(model, row_strategy(row), machine, overlap=True, headroom=Headroom())
 
 
@@ -55,6 +66,22 @@ def compare(data):
             model, _, prediction = predict_row(row)
             got = executed_tflops(model, prediction, row["gpus"])
             out[table].append((row["row"], row["tflops_per_gpu"], got, got / row["tflops_per_gpu"] - 1))
+    return out
+
+
+def compare_other(data):
+    """[(row, metric, paper, predicted, relative error)] for the other published runs: each row's
+    ``metric`` is its iteration time (s), or TFLOP/s per GPU counted with the recomputed forward
+    (``tflops_executed``, as Megatron's formula counts) or without it (``tflops_model``)."""
+    out = []
+    for row in data["other_runs"]["rows"]:
+        model, _, prediction = predict_row(row)
+        if row["metric"] == "iteration_s":
+            got = prediction.step
+        else:
+            recompute = 1.0 if row["metric"] == "tflops_executed" and row["recompute"] == "full" else 0.0
+            got = flops_per_step(model, row["batch"], recompute) / prediction.step / row["gpus"] / 1e12
+        out.append((row["row"], row["metric"], row["paper"], got, got / row["paper"] - 1))
     return out
 
 
