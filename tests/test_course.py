@@ -94,7 +94,7 @@ def test_student_version_stubs_every_exercise_and_keeps_no_solution(student_tree
             assert f"exercise {exercise.name}: write {function} in {path}" in text, function
             compile(text, path, "exec")
     assert not (student_tree / "tests" / "test_course.py").exists()
-    assert not (student_tree / "minipar" / "course" / "planted.py").exists()
+    assert not (student_tree / "minipar" / "course" / "planted").exists()
     assert (student_tree / "tests" / "test_exercises.py").exists()
     for notebook in student_tree.glob("lessons/*.ipynb"):
         assert markers.BEGIN not in notebook.read_text(), notebook.name

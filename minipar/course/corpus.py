@@ -1,4 +1,4 @@
-"""Run the corpus (planted.py) and print the table: exercise -> contract -> caught / accepted -> seconds.
+"""Run the corpus (planted/) and print the table: exercise -> contract -> caught / accepted -> seconds.
 
     python -m minipar.course.corpus [--only NAME,...] [--jsonl FILE]
 
