@@ -4,7 +4,93 @@ must pass.
 
 Teacher-only: left out of the student version.
 """
-from minipar.course.planted.base import DATA_PARALLEL, Planted
+from minipar.course.planted.base import DATA_PARALLEL, Planted, region
+
+_OWN_HOOK_COUNT = """
+if not hasattr(self, "hook_counts"):   # my own count of each parameter's grad-ready hooks
+    self.hook_counts = {}
+self.hook_counts[slot.name] = self.hook_counts.get(slot.name, 0) + 1
+if self.hook_counts[slot.name] >= slot.expected:
+    self._pack(slot)
+    self._launch_full_buckets()
+for bucket in self.buckets[:self._next_launch]:
+    bucket.request.test()
+"""
+_SENT_SET_READY = """
+if slot.firings == slot.expected:
+    self._pack(slot)
+    if not hasattr(self, "sent"):
+        self.sent = set()
+    for index, bucket in enumerate(self.buckets):   # launch full buckets in order, each once
+        if index in self.sent:
+            continue
+        if bucket.slots_packed < len(bucket.slots):
+            break
+        bucket.request = self.comm.iallreduce(bucket.flat)
+        self.sent.add(index)
+"""
+_SENT_SET_FINISH = """
+if not hasattr(self, "sent"):
+    self.sent = set()
+for index, bucket in enumerate(self.buckets):
+    if index not in self.sent:
+        for slot in bucket.slots:
+            if slot.firings < slot.expected:
+                self._pack(slot)
+        bucket.request = self.comm.iallreduce(bucket.flat)
+        self.sent.add(index)
+for bucket in self.buckets:
+    bucket.request.wait()
+    bucket.flat /= self.comm.size
+    for slot in bucket.slots:
+        slot.parameter.grad = slot.view
+"""
+_SCRATCH_MADE_ONCE = """
+if self.overlap:
+    for bucket in self.buckets[self._next_launch:]:
+        for slot in bucket.slots:
+            if slot.firings < slot.expected:
+                self._pack(slot)
+    self._launch_full_buckets()
+    for bucket in self.buckets:
+        bucket.request.wait()
+        bucket.flat /= self.comm.size
+        for slot in bucket.slots:
+            slot.parameter.grad = slot.view
+    self._end_step()
+    return
+if not hasattr(self, "totals"):   # one scratch buffer per bucket, made once
+    self.totals = [xp.zeros_like(bucket.flat) for bucket in self.buckets]
+for bucket, total in zip(self.buckets, self.totals, strict=True):
+    for slot in bucket.slots:
+        self._pack(slot)
+    total += bucket.flat
+    self.comm.allreduce(total, algorithm=self.algorithm)
+    total /= self.comm.size
+    for slot in bucket.slots:
+        slot.parameter.grad = total[slot.start:slot.stop].reshape(slot.parameter.shape)
+"""
+_PER_PARAMETER = """
+if self.overlap:
+    for bucket in self.buckets[self._next_launch:]:
+        for slot in bucket.slots:
+            if slot.firings < slot.expected:
+                self._pack(slot)
+    self._launch_full_buckets()
+    for bucket in self.buckets:
+        bucket.request.wait()
+        bucket.flat /= self.comm.size
+else:
+    for p in self.parameters:   # one allreduce per gradient: no need for buckets
+        if p.grad is None:
+            p.grad = xp.zeros_like(p.data)
+        self.comm.allreduce(p.grad)
+        p.grad /= self.comm.size
+for bucket in self.buckets:
+    for slot in bucket.slots:
+        slot.parameter.grad = slot.view
+self._end_step()
+"""
 
 WRONG = (
     Planted("data_parallel", "averaging by N − 1", DATA_PARALLEL,
@@ -27,6 +113,22 @@ WRONG = (
              "slot.parameter.grad = slot.view  # the average, where backward left it"),
             ("slot.parameter.grad = summed.astype('float64') / self.comm.size",
              "slot.parameter.grad = slot.view.astype('float64')"), "keep the dtype"),
+    region("data_parallel", "my own count of grad-ready hooks, never reset (step 2 sends at the first micro-batch)",
+           DATA_PARALLEL, {"DataParallel.gradient_ready": _OWN_HOOK_COUNT}, "not reset"),
+    region("data_parallel", "a set of buckets already sent, never cleared (step 2 waits for a bucket never sent)",
+           DATA_PARALLEL, {"DataParallel.gradient_ready": _SENT_SET_READY,
+                           "DataParallel.finish_gradient_sync": _SENT_SET_FINISH}, "not reset"),
+    region("data_parallel", "a scratch sum made once and added into (step 2 holds step 1's gradient too)",
+           DATA_PARALLEL, {"DataParallel.finish_gradient_sync": _SCRATCH_MADE_ONCE}, "previous step's gradient"),
+    Planted("data_parallel", "only dp rank 0 divides by N (the others keep the sum)", DATA_PARALLEL,
+            "            bucket.flat /= self.comm.size  # Σ_i Δθ_i -> the average, in place, one pass\n",
+            "            if self.comm.rank == 0:\n                bucket.flat /= self.comm.size\n",
+            "rank 1, step 1"),
+    Planted("data_parallel", "near miss: the average off by 1e-9 relative", DATA_PARALLEL,
+            "            bucket.flat /= self.comm.size  # Σ_i Δθ_i -> the average, in place, one pass\n",
+            "            bucket.flat /= self.comm.size * (1 + 1e-9)\n", ".grad after finish_gradient_sync, element"),
+    region("data_parallel", "one allreduce per parameter, no buckets", DATA_PARALLEL,
+           {"DataParallel.finish_gradient_sync": _PER_PARAMETER}, "one allreduce per bucket"),
 )
 
 ALTERNATIVES = (

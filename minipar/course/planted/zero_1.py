@@ -18,6 +18,22 @@ for p, place in unit.slots():
     self.parts[id(p)].grad = gradient[place]
 unit.sent = True
 """
+_ROWS_MADE_ONCE = """
+if not hasattr(self, "rows_of_unit"):   # the padded (N, S) rows of each unit, made once
+    self.rows_of_unit = {}
+if id(unit) not in self.rows_of_unit:
+    self.rows_of_unit[id(unit)] = xp.zeros((self.count, unit.length), dtype=unit.parameters[0].dtype)
+rows = self.rows_of_unit[id(unit)]
+for p, place in unit.slots():
+    if p.grad is not None:
+        rows[:, place] += self._rows(p, p.grad)
+    p.grad = None
+gradient = xp.empty(unit.length, dtype=rows.dtype)
+self.comm.reduce_scatter(rows.reshape(-1), gradient)
+gradient /= self.count
+self._add_to_parts(unit, gradient)
+unit.sent = True
+"""
 
 WRONG = (
     Planted("zero_1", "gradient parts averaged by N − 1", ZERO,
@@ -35,6 +51,15 @@ WRONG = (
     Planted("zero_1", "padding that turns float32 into float64", ZERO,
             "rows = xp.zeros((self.count, part_length(p.size, self.count)), dtype=array.dtype)",
             "rows = xp.zeros((self.count, part_length(p.size, self.count)), dtype=xp.float64)", "float32 run"),
+    region("zero_1", "padded rows made once per unit and added into (step 2 holds step 1's gradient too)", ZERO,
+           {"Zero._reduce_scatter": _ROWS_MADE_ONCE}, "previous step's gradient"),
+    Planted("zero_1", "near miss: the gradient parts off by 1e-9 relative", ZERO,
+            "        gradient /= self.count\n", "        gradient /= self.count * (1 + 1e-9)\n", "its part of dL/d"),
+    Planted("zero_1", "parts of n // N elements (the remainder dropped when N does not divide n)", ZERO,
+            "        rows = xp.zeros((self.count, part_length(p.size, self.count)), dtype=array.dtype)\n"
+            "        rows.reshape(-1)[:array.size] = array.reshape(-1)\n",
+            "        rows = xp.zeros((self.count, p.size // self.count), dtype=array.dtype)\n"
+            "        rows.reshape(-1)[:] = array.reshape(-1)[:rows.size]\n", "no number is dropped"),
 )
 
 ALTERNATIVES = (
