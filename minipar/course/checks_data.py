@@ -264,8 +264,12 @@ def _require_rows(size, dtype_name):
                                                    "(zeros(..., dtype=array.dtype))")
         expected = np.zeros(size * length)
         expected[:n] = np.arange(1, n + 1)
-        compare(f"Zero._rows of n = {n} numbers on N = {size} ranks, flat element", got.reshape(-1), expected,
-                "element i < n is number i, then zeros")
+        flat = got.reshape(-1)
+        in_front = n < flat.size and np.array_equal(flat[flat.size - n:], expected[:n])
+        compare(f"Zero._rows of n = {n} numbers on N = {size} ranks, flat element", flat, expected,
+                "element i < n is number i, then zeros", lambda *_, in_front=in_front: (
+                    "the numbers sit at the end: the padding goes after them, so that rank d's part is numbers "
+                    "[d s, (d + 1) s)" if in_front else ""))
 
 
 def _zero_check(dtype_name, steps):

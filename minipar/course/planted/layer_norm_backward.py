@@ -19,6 +19,10 @@ WRONG = (
     Planted("layer_norm_backward", "the x_hat term averaged over the whole batch, not per row", FUSED,
             "- x_hat * (g_hat * x_hat).mean(axis=-1, keepdims=True))", "- x_hat * (g_hat * x_hat).mean())",
             "dL/dx for x of shape"),
+    Planted("layer_norm_backward", "means taken in float64 for precision (a float32 dL/dx comes back float64)", FUSED,
+            "        grad_x = inverse_std * (g_hat - g_hat.mean(axis=-1, keepdims=True)\n",
+            "        grad_x = inverse_std * (g_hat - g_hat.mean(axis=-1, keepdims=True, dtype='float64')\n",
+            "as float64 for float32 inputs"),
 )
 
 ALTERNATIVES = (

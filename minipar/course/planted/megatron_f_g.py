@@ -28,6 +28,9 @@ return self.region.leave(partial)
             "g's backward is the identity",
             more=(("        return allreduce_sum(partial, communicator)\n",
                    "        ctx.communicator = communicator\n        return allreduce_sum(partial, communicator)\n"),)),
+    Planted("megatron_f_g", "near miss: g's sum off by 1e-9 relative", TP_COMM,
+            "        return allreduce_sum(partial, communicator)\n",
+            "        return allreduce_sum(partial, communicator) * (1 + 1e-9)\n", "g forward, z"),
 )
 
 ALTERNATIVES = (

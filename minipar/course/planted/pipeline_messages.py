@@ -20,6 +20,12 @@ WRONG = (
     Planted("pipeline_messages", "the receive buffer kept in the graph while MPI reuses it", EXECUTOR,
             "        fresh = buffer.copy()  # owned by the graph; the buffer goes straight back to MPI\n",
             "        fresh = buffer\n", "dL/d"),
+    Planted("pipeline_messages", "near miss: each received array off by 1e-9 relative", EXECUTOR,
+            "        fresh = buffer.copy()  # owned by the graph; the buffer goes straight back to MPI\n",
+            "        fresh = buffer * (1 + 1e-9)\n", "dL/d"),
+    Planted("pipeline_messages", "received arrays copied as Python floats (a float32 run turns float64)", EXECUTOR,
+            "        fresh = buffer.copy()  # owned by the graph; the buffer goes straight back to MPI\n",
+            "        fresh = buffer.astype(float)\n", "and dtype float64, but"),
 )
 
 ALTERNATIVES = (

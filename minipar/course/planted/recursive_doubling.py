@@ -30,6 +30,10 @@ WRONG = (
             "        distance *= 2\n\n    if rank < 2 * extra:",
             "        distance *= 2\n    if op == 'sum':\n        flat *= 1 + 1e-9\n\n    if rank < 2 * extra:",
             "expected"),
+    Planted("recursive_doubling", "a float64 scratch buffer in a float32 allreduce", COLLECTIVES,
+            "    incoming = _scratch(flat, flat.size)\n    tag = _RECURSIVE_DOUBLING_TAG\n",
+            "    incoming = flat.astype(float)\n    tag = _RECURSIVE_DOUBLING_TAG\n",
+            "a buffer of its own dtype"),
 )
 
 ALTERNATIVES = (

@@ -139,6 +139,16 @@ WRONG = (
     Planted("ring_allreduce", "a float64 scratch buffer in a float32 ring", COLLECTIVES,
             "incoming_space = _scratch(flat, bounds[0][1] - bounds[0][0])",
             "incoming_space = _scratch(flat.astype('float64'), bounds[0][1] - bounds[0][0])", "buffer of its own dtype"),
+    Planted("ring_allreduce", "equal blocks of n // N (the remainder never reduced when N does not divide n)",
+            COLLECTIVES, "    bounds = block_bounds(flat.size, size)\n    right, left = (rank + 1) % size, (rank - 1) % size\n"
+            "    incoming_space",
+            "    block = flat.size // size\n    bounds = [(i * block, (i + 1) * block) for i in range(size)]\n"
+            "    right, left = (rank + 1) % size, (rank - 1) % size\n    incoming_space",
+            "which is not one of its blocks",
+            more=(("    bounds = block_bounds(flat.size, size)\n    right, left = (rank + 1) % size, (rank - 1) % size\n"
+                   "    for step",
+                   "    block = flat.size // size\n    bounds = [(i * block, (i + 1) * block) for i in range(size)]\n"
+                   "    right, left = (rank + 1) % size, (rank - 1) % size\n    for step"),)),
 )
 
 ALTERNATIVES = (
