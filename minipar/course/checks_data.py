@@ -134,6 +134,11 @@ def _data_parallel_check(overlap, microbatches, bucket_bytes, dtype_name="float6
                         f"rank {rank}, step {step + 1}: no allreduce started before the last backward ended; with "
                         "overlap=True a bucket's allreduce starts (iallreduce) as soon as its gradients are final, "
                         "while backward computes the rest: that overlap is the exercise")
+                blocking = sorted({call.method for call in spy.collectives()[:backward_ended]} - {"Iallreduce"})
+                require(not blocking,
+                        f"rank {rank}, step {step + 1}: backward called MPI's {', '.join(blocking)} (blocking) from "
+                        "the grad-ready hook: backward then stops until every rank gets there, so nothing overlaps; "
+                        "start the bucket's allreduce with iallreduce and wait for it in finish_gradient_sync")
             dp.finish_gradient_sync()
             _require_buckets_sent_whole(spy, dp.buckets, rank, step)
             for name, p in model.named_parameters():

@@ -91,6 +91,17 @@ for bucket in self.buckets:
         slot.parameter.grad = slot.view
 self._end_step()
 """
+_BLOCKING_IN_THE_HOOK = """
+if slot.firings == slot.expected:
+    self._pack(slot)
+    while self._next_launch < len(self.buckets):   # full buckets, in order, allreduced at once
+        bucket = self.buckets[self._next_launch]
+        if bucket.slots_packed < len(bucket.slots):
+            break
+        self.comm.allreduce(bucket.flat)
+        bucket.request = self.comm.iallreduce(bucket.flat[:0])   # something for finish to wait on
+        self._next_launch += 1
+"""
 
 WRONG = (
     Planted("data_parallel", "averaging by N − 1", DATA_PARALLEL,
@@ -129,6 +140,8 @@ WRONG = (
             "            bucket.flat /= self.comm.size * (1 + 1e-9)\n", ".grad after finish_gradient_sync, element"),
     region("data_parallel", "one allreduce per parameter, no buckets", DATA_PARALLEL,
            {"DataParallel.finish_gradient_sync": _PER_PARAMETER}, "one allreduce per bucket"),
+    region("data_parallel", "a blocking allreduce in the grad-ready hook (no overlap, though during backward)",
+           DATA_PARALLEL, {"DataParallel.gradient_ready": _BLOCKING_IN_THE_HOOK}, "(blocking) from the grad-ready hook"),
 )
 
 ALTERNATIVES = (
