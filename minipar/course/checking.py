@@ -16,6 +16,12 @@ class CheckFailure(AssertionError):
     """A wrong value; the message is what the student reads."""
 
 
+# Seconds after which a rank still inside a check counts as stuck (a deadlock, a lost message). The
+# reference's checks take at most about 2 s each on a 2-core machine at load average 40-50, so a
+# hanging check ends within 20 s with a tenfold margin; a check may set a shorter ``limit``.
+CHECK_LIMIT = 20.0
+
+
 @dataclass(frozen=True)
 class Check:
     name: str

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from minipar.course.checking import entries
+from minipar.course.checking import CHECK_LIMIT, entries
 from minipar.course.registry import EXERCISES, checks_of, exercise_named
 from minipar.course.report import Compactor, entry_kind, entry_lines, entry_outcome
 from minipar.course.runner import abort_file, read_entry
@@ -107,7 +107,7 @@ def _not_run(result_dir, index, items, world, limit):
                                                          "kind": kind}))
 
 
-def check(name, directory=".", limit=60.0, out=print):
+def check(name, directory=".", limit=CHECK_LIMIT, out=print):
     """Grade exercise ``name`` in ``directory``; prints as it goes through ``out``; returns a CheckResult."""
     from minipar.testing import _kill_job
 
@@ -168,7 +168,7 @@ def check(name, directory=".", limit=60.0, out=print):
     return result
 
 
-def check_overlaid(name, student_dir, limit=60.0, out=print, reference=None):
+def check_overlaid(name, student_dir, limit=CHECK_LIMIT, out=print, reference=None):
     """Check exercise ``name`` with only its functions taken from ``student_dir`` (the rest: the reference)."""
     from minipar.course.overlay import overlay_exercise
     from minipar.course.student import copy_reference_tree, reference_root
@@ -193,7 +193,7 @@ def _commit_of(directory):
     return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
-def grade(student_dirs, csv_path, limit=60.0, out=print, names=None):
+def grade(student_dirs, csv_path, limit=CHECK_LIMIT, out=print, names=None):
     """Check every exercise for every student, one exercise at a time; one CSV row and one log per student.
 
     Columns: student, commit, date, then per exercise NAME (pass/fail/hang/error), NAME score (the

@@ -8,6 +8,7 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
+from minipar.course.checking import CHECK_LIMIT
 from minipar.course.markers import replace_regions
 
 
@@ -19,7 +20,7 @@ class Planted:
     old: object        # the text to replace, or a tuple of versions of it (the first found once is used)
     new: object        # its replacement, or a tuple matching ``old``
     expect: str        # a fragment of the failure message that points at the mistake ("" for an alternative)
-    limit: float = 60  # a planted deadlock only needs a short limit to be caught
+    limit: float = CHECK_LIMIT  # what `course check` gives a student; a planted deadlock may use less
     more: tuple = ()     # further (old, new) replacements in the same file
     regions: tuple = ()  # (qualified function name, new body of its solution region)
 
@@ -52,7 +53,7 @@ def apply(planted, root):
     path.write_text(text)
 
 
-def region(exercise, name, path, bodies, expect, limit=60):
+def region(exercise, name, path, bodies, expect, limit=CHECK_LIMIT):
     """A wrong solution or an alternative that rewrites whole solution regions: ``bodies`` {function: code}."""
     return Planted(exercise, name, path, "", "", expect, limit, regions=tuple(bodies.items()))
 
