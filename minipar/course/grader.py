@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from minipar.course.checking import CHECK_LIMIT, entries
+from minipar.course.checking import CHECK_LIMIT, entries, limit_of
 from minipar.course.registry import EXERCISES, checks_of, exercise_named
 from minipar.course.report import Compactor, entry_kind, entry_lines, entry_outcome
 from minipar.course.runner import abort_file, read_entry
@@ -107,6 +107,24 @@ def _not_run(result_dir, index, items, world, limit):
                                                          "kind": kind}))
 
 
+HANGS_BEFORE_STOPPING = 2   # checks of one exercise that may hang before the rest is not run
+
+
+def _hung_checks(result_dir, printed, items, world):
+    """The distinct checks (not sizes) among the first ``printed`` entries that ended as a hang."""
+    return {id(items[index][1]) for index in range(printed)
+            if entry_kind(result_dir, index, items[index][2], world) == "hang"}
+
+
+def _not_run_after_hangs(result_dir, index, items, world, limit, hung):
+    """Entry ``index`` recorded as a hang without running it: ``hung`` checks have hung already, and each
+    more would cost the limit and a new job (a class's grading would pay it for every student)."""
+    reason = (f"not run: {hung} checks of this exercise hung already (above), and each would wait "
+              f"{limit_of(items[index][1], limit):g} s again; make those finish first")
+    abort_file(result_dir, index).write_text(json.dumps({"missing": [], "limit": limit, "reason": reason,
+                                                         "kind": "hang"}))
+
+
 def check(name, directory=".", limit=CHECK_LIMIT, out=print):
     """Grade exercise ``name`` in ``directory``; prints as it goes through ``out``; returns a CheckResult."""
     from minipar.testing import _kill_job
@@ -156,6 +174,12 @@ def check(name, directory=".", limit=CHECK_LIMIT, out=print):
             while printed < len(items) and _ended_the_job(result_dir, printed - 1, items, world) \
                     and items[printed][1] is items[printed - 1][1]:
                 _not_run(result_dir, printed, items, world, limit)   # the same check, more ranks: it would hang too
+                for line in compact(entry_lines(result_dir, printed, items, world)):
+                    emit(line)
+                printed += 1
+            hung = len(_hung_checks(result_dir, printed, items, world))
+            while hung >= HANGS_BEFORE_STOPPING and printed < len(items):   # a whole check stays within a minute
+                _not_run_after_hangs(result_dir, printed, items, world, limit, hung)
                 for line in compact(entry_lines(result_dir, printed, items, world)):
                     emit(line)
                 printed += 1
