@@ -27,7 +27,8 @@ CONTRACTS = {
     "process_grid": "coordinates and group members in Megatron order, every layout of N=1,2,4,8",
     "megatron_f_g": "f/g forward and backward; column/row layers' output, dL/dx, every weight and bias gradient "
                     "on every rank; sequence parallel",
-    "vocab_parallel_loss": "loss and dL/dz vs one process, shard edges, logits + 1000",
+    "vocab_parallel_loss": "loss and dL/dz vs one process, shard edges, logits + 1000; allreduces of <= 2 numbers per "
+                           "row, never the logits",
     "data_parallel": "3 steps, state carried (a failure after a good step 1, or step 1's gradient left in step 2's, "
                      "named as such); every rank's gradients (biases too) at 1e-12; one allreduce per bucket, "
                      "whole; no collective before the last micro-batch; with overlap an allreduce starts before "

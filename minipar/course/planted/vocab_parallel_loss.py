@@ -21,6 +21,18 @@ sum_exps, target_logits = both[0], both[1]
 exps /= sum_exps[:, None]
 row_losses = xp.log(sum_exps) - target_logits
 """
+_GATHER_THE_LOGITS = """
+rows = logits.reshape(-1, local_vocab)
+everyone = xp.empty((communicator.size * rows.shape[0], local_vocab), dtype=rows.dtype)
+communicator.allgather(xp.ascontiguousarray(rows), everyone)
+whole = xp.concatenate(list(everyone.reshape(communicator.size, *rows.shape)), axis=1)   # (n, V)
+top = whole.max(axis=1, keepdims=True)
+sum_exps = xp.exp(whole - top).sum(axis=1)
+exps = xp.exp(rows - top) / sum_exps[:, None]
+mine = (flat_targets >= vocab_start) & (flat_targets < vocab_start + local_vocab)
+local_targets = xp.where(mine, flat_targets - vocab_start, 0)
+row_losses = xp.log(sum_exps) - (whole[xp.arange(whole.shape[0]), flat_targets] - top[:, 0])
+"""
 
 WRONG = (
     Planted("vocab_parallel_loss", "each rank shifts by its own row max", TP_COMM,
@@ -36,6 +48,8 @@ WRONG = (
             "        row_losses = (xp.log(sum_exps) - target_logits) * (1 + 1e-9)\n", "the loss"),
     Planted("vocab_parallel_loss", "no max shift (exp overflows for large logits)", TP_COMM,
             "        shifted = rows - row_max[:, None]\n", "        shifted = rows + 0.0\n", "logits + 1000"),
+    region("vocab_parallel_loss", "the logits all-gathered, then the loss of the whole rows", TP_COMM,
+           {"VocabParallelCrossEntropy.forward": _GATHER_THE_LOGITS}, "never the logits"),
 )
 
 ALTERNATIVES = (
