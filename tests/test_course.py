@@ -517,3 +517,26 @@ def test_lesson_12_runs_before_its_exercise_is_done(tmp_path, monkeypatch):
     exchange is chosen only by algorithm="pairwise"), and the bytes equal the formula."""
     printed = run_lesson_as_student_reaching_it(tmp_path, monkeypatch, 12, "12_experts")
     assert "DIFFERENT" not in printed and printed.count(": equal") >= 4, printed[-3000:]
+
+
+def test_state_kept_across_steps_is_named():
+    """Without MPI: a gradient equal to this step's plus the previous step's is said to hold the previous
+    step's, and a failure after a good first step says that state was not reset."""
+    import numpy as np
+
+    from minipar.course.checking import CheckFailure, compare
+    from minipar.course.checks_data import after_a_step, carried_hint
+
+    previous, expected = np.array([0.5, -0.25]), np.array([0.125, 0.75])
+    with pytest.raises(CheckFailure, match="the previous step's gradient is still in it"):
+        compare("g", expected + previous, expected, "the average", carried_hint(2, previous))
+    with pytest.raises(CheckFailure, match=r"divided by N − 1 instead of N"):
+        compare("g", expected * 2, expected, "the average", carried_hint(2, previous))
+
+    def second_step_fails(step):
+        if step == 1:
+            raise AttributeError("'NoneType' object has no attribute 'wait'")
+
+    after_a_step(0, 3, second_step_fails)
+    with pytest.raises(CheckFailure, match="step 1 passed with this code, step 2 did not.*not reset"):
+        after_a_step(1, 3, second_step_fails)
