@@ -92,6 +92,31 @@ def _require_buckets_sent_whole(spy, buckets, rank, step):
                            "pays the latency α once, not each parameter")
 
 
+def _backward_as_the_contract_says(model, microbatches, spy, rank, size, step, overlap):
+    """Backward on each micro-batch (loss / m): no collective before the last one; with overlap, the
+    buckets' allreduces start (non-blocking) during the last backward."""
+    m = len(microbatches)
+    for index, (x, y) in enumerate(microbatches):
+        before = len(spy.collectives())
+        (model(x, y)[1] * (1.0 / m)).backward()
+        backward_ended = len(spy.collectives())
+        if index < m - 1 and backward_ended > before:
+            raise CheckFailure(
+                f"rank {rank}, step {step + 1}: {backward_ended - before} collective(s) started during "
+                f"micro-batch {index + 1} of {m}; gradients are final only after the last one: communicate "
+                "on the last micro-batch only (a parameter is ready at its m-th grad-ready hook)")
+    if overlap and size > 1:
+        require(backward_ended > 0,
+                f"rank {rank}, step {step + 1}: no allreduce started before the last backward ended; with "
+                "overlap=True a bucket's allreduce starts (iallreduce) as soon as its gradients are final, "
+                "while backward computes the rest: that overlap is the exercise")
+        blocking = sorted({call.method for call in spy.collectives()[:backward_ended]} - {"Iallreduce"})
+        require(not blocking,
+                f"rank {rank}, step {step + 1}: backward called MPI's {', '.join(blocking)} (blocking) from "
+                "the grad-ready hook: backward then stops until every rank gets there, so nothing overlaps; "
+                "start the bucket's allreduce with iallreduce and wait for it in finish_gradient_sync")
+
+
 def _data_parallel_check(overlap, microbatches, bucket_bytes, dtype_name="float64", steps=3):
     """``steps`` steps of DataParallel on a GPT; every rank's gradients (biases too) after each step equal one
     process's; with overlap, the first bucket's allreduce starts before the last backward ends."""
@@ -119,26 +144,8 @@ def _data_parallel_check(overlap, microbatches, bucket_bytes, dtype_name="float6
             dp.start_step()
             spy.clear()
             mine = local_slice((inputs, targets), rank, size)
-            micro = zip(split_microbatches(mine[0], m), split_microbatches(mine[1], m), strict=True)
-            for index, (x, y) in enumerate(micro):
-                before = len(spy.collectives())
-                (model(x, y)[1] * (1.0 / m)).backward()
-                backward_ended = len(spy.collectives())
-                if index < m - 1 and backward_ended > before:
-                    raise CheckFailure(
-                        f"rank {rank}, step {step + 1}: {backward_ended - before} collective(s) started during "
-                        f"micro-batch {index + 1} of {m}; gradients are final only after the last one: communicate "
-                        "on the last micro-batch only (a parameter is ready at its m-th grad-ready hook)")
-            if overlap and size > 1:
-                require(backward_ended > 0,
-                        f"rank {rank}, step {step + 1}: no allreduce started before the last backward ended; with "
-                        "overlap=True a bucket's allreduce starts (iallreduce) as soon as its gradients are final, "
-                        "while backward computes the rest: that overlap is the exercise")
-                blocking = sorted({call.method for call in spy.collectives()[:backward_ended]} - {"Iallreduce"})
-                require(not blocking,
-                        f"rank {rank}, step {step + 1}: backward called MPI's {', '.join(blocking)} (blocking) from "
-                        "the grad-ready hook: backward then stops until every rank gets there, so nothing overlaps; "
-                        "start the bucket's allreduce with iallreduce and wait for it in finish_gradient_sync")
+            micro = list(zip(split_microbatches(mine[0], m), split_microbatches(mine[1], m), strict=True))
+            _backward_as_the_contract_says(model, micro, spy, rank, size, step, overlap)
             dp.finish_gradient_sync()
             _require_buckets_sent_whole(spy, dp.buckets, rank, step)
             for name, p in model.named_parameters():
