@@ -20,6 +20,6 @@ oracles (``runner.py``, ``grader.py``). Modules:
 - ``student.py``: the generator of the student version;
 - ``checks_*.py``: each exercise's checks (a rank body that raises ``CheckFailure`` on a wrong value);
 - ``runner.py``: what every rank runs; ``grader.py``: what the command line runs;
-- ``planted.py``: realistic wrong solutions the tests plant to prove that each check can fail
-  (left out of the student version).
+- ``planted/``: realistic wrong solutions the tests plant to prove that each check can fail, and
+  correct alternatives each must pass, one module per exercise (left out of the student version).
 """

@@ -16,6 +16,12 @@ class CheckFailure(AssertionError):
     """A wrong value; the message is what the student reads."""
 
 
+# Seconds after which a rank still inside a check counts as stuck (a deadlock, a lost message). On a
+# 2-core machine at load average 40-50 the reference's checks took 0.2-2 s each, the slowest (ZeRO-1
+# and data parallelism on 8 ranks) 6-10.5 s; a hanging check ends within 20 s. A check may set less.
+CHECK_LIMIT = 20.0
+
+
 @dataclass(frozen=True)
 class Check:
     name: str

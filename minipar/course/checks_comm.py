@@ -107,6 +107,11 @@ def _ring_hint(spy, rank, size, first_block, count):
         direction = 1 if call.peer == (rank + 1) % size else -1
         expected = (rank - direction * (step + first_block)) % size
         block = starts.get(call.offset)
+        if call.offset is not None and block is None and call.peer in ((rank + 1) % size, (rank - 1) % size):
+            return (f"at step {step} rank {rank} sent elements [{call.offset}, {call.offset + call.elements}) of the "
+                    f"buffer, which is not one of its blocks: block_bounds(n = {count}, N = {size}) = "
+                    f"{[tuple(b) for b in bounds]}; when N does not divide n the first n mod N blocks hold one "
+                    "element more than the others, and every rank must cut the buffer the same way")
         if call.peer not in ((rank + 1) % size, (rank - 1) % size) or (block is not None and block != expected):
             shown = f"block {block}" if block is not None else "a buffer that is not one block of it"
             sign = "-" if direction == 1 else "+"

@@ -44,20 +44,77 @@ def ratio_hint(size):
     return hint
 
 
+CARRIED = ("step 1 passed with this code, step {step} did not: look for state kept from the previous step and not "
+           "reset (a count of grad-ready hooks, a flag or a set of what was already sent, a scratch buffer made "
+           "once and added into): every step must start from what start_step() leaves")
+
+
 def after_a_step(step, rank, run):
-    """``run(step)``; an exception after a good first step names the likely cause: state kept across steps."""
+    """``run(step)``; a failure after a good first step names the likely cause: state kept across steps."""
     try:
         run(step)
-    except CheckFailure:
-        raise
+    except CheckFailure as failure:
+        if step == 0:
+            raise
+        raise CheckFailure(f"{failure}\n{CARRIED.format(step=step + 1)}") from failure
     except Exception as error:
         if step == 0:
             raise
         last = (str(error).strip().splitlines() or [""])[-1]
-        raise CheckFailure(f"rank {rank}, step {step + 1} (step 1 passed) raised {type(error).__name__}: {last}\n"
-                           "something kept from the previous step was not reset (a count of gradient hooks, a "
-                           "bucket's request, a packed slot): finish_gradient_sync must leave the object ready for "
-                           "the next step") from error
+        raise CheckFailure(f"rank {rank}, step {step + 1} raised {type(error).__name__}: {last}\n"
+                           f"{CARRIED.format(step=step + 1)}") from error
+
+
+def carried_hint(size, previous):
+    """``ratio_hint``, and a wrong value that is this step's expected one plus the previous step's (a
+    buffer kept across steps and added into) said as such."""
+    ratio = ratio_hint(size)
+
+    def hint(index, got, expected):
+        if previous is not None:
+            before = float(previous[index])
+            if before != 0 and abs(float(got) - (float(expected) + before)) <= 1e-9 * (abs(float(got)) + 1e-300):
+                return (f"got = this step's expected value + the previous step's ({before:.10g}): the previous "
+                        "step's gradient is still in it, so a buffer kept across steps was added into and never "
+                        "reset")
+        return ratio(index, got, expected)
+
+    return hint
+
+
+def _require_buckets_sent_whole(spy, buckets, rank, step):
+    """The contract: one allreduce per bucket per step, each of the whole bucket."""
+    sizes = sorted(bucket.flat.size for bucket in buckets)
+    sent = sorted(call.elements for call in spy.collectives() if call.method in ("Allreduce", "Iallreduce"))
+    require(sent == sizes, f"rank {rank}, step {step + 1}: {len(sent)} allreduce(s) of {sent} elements; the contract "
+                           f"is one allreduce per bucket, of the whole bucket ({len(sizes)} of {sizes} elements): "
+                           "the gradients are packed into the buckets (they are views of them) so that each bucket "
+                           "pays the latency α once, not each parameter")
+
+
+def _backward_as_the_contract_says(model, microbatches, spy, rank, size, step, overlap):
+    """Backward on each micro-batch (loss / m): no collective before the last one; with overlap, the
+    buckets' allreduces start (non-blocking) during the last backward."""
+    m = len(microbatches)
+    for index, (x, y) in enumerate(microbatches):
+        before = len(spy.collectives())
+        (model(x, y)[1] * (1.0 / m)).backward()
+        backward_ended = len(spy.collectives())
+        if index < m - 1 and backward_ended > before:
+            raise CheckFailure(
+                f"rank {rank}, step {step + 1}: {backward_ended - before} collective(s) started during "
+                f"micro-batch {index + 1} of {m}; gradients are final only after the last one: communicate "
+                "on the last micro-batch only (a parameter is ready at its m-th grad-ready hook)")
+    if overlap and size > 1:
+        require(backward_ended > 0,
+                f"rank {rank}, step {step + 1}: no allreduce started before the last backward ended; with "
+                "overlap=True a bucket's allreduce starts (iallreduce) as soon as its gradients are final, "
+                "while backward computes the rest: that overlap is the exercise")
+        blocking = sorted({call.method for call in spy.collectives()[:backward_ended]} - {"Iallreduce"})
+        require(not blocking,
+                f"rank {rank}, step {step + 1}: backward called MPI's {', '.join(blocking)} (blocking) from "
+                "the grad-ready hook: backward then stops until every rank gets there, so nothing overlaps; "
+                "start the bucket's allreduce with iallreduce and wait for it in finish_gradient_sync")
 
 
 def _data_parallel_check(overlap, microbatches, bucket_bytes, dtype_name="float64", steps=3):
@@ -79,28 +136,18 @@ def _data_parallel_check(overlap, microbatches, bucket_bytes, dtype_name="float6
         model = GPT(GPTConfig(**MODEL), dtype=dtype_name)
         dp = DataParallel(model.parameters(), dp_comm, bucket_bytes=bucket_bytes, overlap=overlap,
                           accumulation_steps=m)
+        previous = {}
+
         def one_step(step):
             inputs, targets = _batch(size * m * 2, seed=12 + step)
             expected = _single_process_gradients(inputs, targets, dtype_name)
             dp.start_step()
             spy.clear()
             mine = local_slice((inputs, targets), rank, size)
-            micro = zip(split_microbatches(mine[0], m), split_microbatches(mine[1], m), strict=True)
-            for index, (x, y) in enumerate(micro):
-                before = len(spy.collectives())
-                (model(x, y)[1] * (1.0 / m)).backward()
-                backward_ended = len(spy.collectives())
-                if index < m - 1 and backward_ended > before:
-                    raise CheckFailure(
-                        f"rank {rank}, step {step + 1}: {backward_ended - before} collective(s) started during "
-                        f"micro-batch {index + 1} of {m}; gradients are final only after the last one: communicate "
-                        "on the last micro-batch only (a parameter is ready at its m-th grad-ready hook)")
-            if overlap and size > 1:
-                require(backward_ended > 0,
-                        f"rank {rank}, step {step + 1}: no allreduce started before the last backward ended; with "
-                        "overlap=True a bucket's allreduce starts (iallreduce) as soon as its gradients are final, "
-                        "while backward computes the rest: that overlap is the exercise")
+            micro = list(zip(split_microbatches(mine[0], m), split_microbatches(mine[1], m), strict=True))
+            _backward_as_the_contract_says(model, micro, spy, rank, size, step, overlap)
             dp.finish_gradient_sync()
+            _require_buckets_sent_whole(spy, dp.buckets, rank, step)
             for name, p in model.named_parameters():
                 require(p.grad is not None, f"rank {rank}, step {step + 1}: {name}.grad is None after "
                                             "finish_gradient_sync")
@@ -109,7 +156,8 @@ def _data_parallel_check(overlap, microbatches, bucket_bytes, dtype_name="float6
                                                            f"{got.dtype} in a {dtype_name} run: keep the dtype")
                 compare(f"rank {rank}, step {step + 1}: {name}.grad after finish_gradient_sync, element", got,
                         expected[name], "Δθ = (1/N) Σ_i Δθ_i, the single-process gradient of the whole batch",
-                        ratio_hint(size), rtol=tolerance, atol=tolerance)
+                        carried_hint(size, previous.get(name)), rtol=tolerance, atol=tolerance)
+            previous.update(expected)
 
         for step in range(steps):
             agreed(comm, after_a_step, step, rank, one_step)
@@ -152,15 +200,22 @@ def _zero_reference_step(reference, optimizer, config, inputs, targets, step):
     return before, full_grads
 
 
-def _require_zero_parts(trainer, full_grads, rank, size, step, dtype_name, tolerance):
-    """After the sync: this rank's part of every gradient is rows [rank s, (rank + 1) s) of the padded average."""
+def _part_of(full_gradient, rank, size):
+    """Rank ``rank``'s part of a flat gradient zero-padded to N × s, s = ceil(n / N)."""
+    length = -(-full_gradient.size // size)
+    padded = np.zeros(size * length)
+    padded[:full_gradient.size] = full_gradient.reshape(-1)
+    return padded[rank * length:(rank + 1) * length]
+
+
+def _require_zero_parts(trainer, full_grads, rank, size, step, dtype_name, tolerance, previous=None):
+    """After the sync: this rank's part of every gradient is rows [rank s, (rank + 1) s) of the padded average;
+    ``previous`` (the last step's full gradients) names a part that still holds the last step's."""
     from minipar.backend import to_host
 
     for name, p in trainer.named_parameters:
         part = trainer.sync.updated_tensor(p)
         length = -(-p.size // size)                                        # s = ceil(n / N)
-        padded = np.zeros(size * length)
-        padded[:p.size] = full_grads[name].reshape(-1)
         require(part.grad is not None, f"rank {rank}, step {step + 1}: the part of {name} has no gradient "
                                        "after the sync")
         got = np.asarray(to_host(part.grad))
@@ -169,8 +224,9 @@ def _require_zero_parts(trainer, full_grads, rank, size, step, dtype_name, toler
                 "keep the gradient's dtype (zeros(..., dtype=array.dtype) for the padding)")
         compare(f"rank {rank}, step {step + 1}: its part of dL/d{name} (flat elements [{rank * length}, "
                 f"{(rank + 1) * length}) of {p.size}, zero-padded to {size} × {length}), element",
-                got.reshape(-1), padded[rank * length:(rank + 1) * length],
-                "ḡ_d = (1/N) Σ_i g_i on the part rank d owns", ratio_hint(size), rtol=tolerance, atol=tolerance)
+                got.reshape(-1), _part_of(full_grads[name], rank, size), "ḡ_d = (1/N) Σ_i g_i on the part rank d owns",
+                carried_hint(size, None if previous is None else _part_of(previous[name], rank, size)),
+                rtol=tolerance, atol=tolerance)
 
 
 def _require_zero_parameters(trainer, reference, before, rank, size, step, dtype_name, tolerance):
@@ -195,6 +251,39 @@ def _require_zero_parameters(trainer, reference, before, rank, size, step, dtype
                 "one process's clipped AdamW step", stale, rtol=tolerance, atol=tolerance)
 
 
+def _require_rows(size, dtype_name):
+    """``Zero._rows`` on arrays of n = 1, N + 1, 2N − 1 and 3N numbers (N divides only the last): (N, s) rows,
+    s = ceil(n / N), the numbers in order, zeros after them, the dtype kept."""
+    import types
+
+    from minipar.backend import from_host, to_host
+    from minipar.parallel.zero import Zero
+
+    stand_in = types.SimpleNamespace(count=size, rank=0)
+    for n in sorted({1, size + 1, 2 * size - 1, 3 * size}):
+        array = from_host(np.arange(1, n + 1, dtype=dtype_name))
+        try:
+            rows = Zero._rows(stand_in, types.SimpleNamespace(size=n, shape=(n,), dtype=array.dtype), array)
+        except AttributeError:
+            return                     # it needs more of the Zero object than count: graded through the Trainer
+        got, length = np.asarray(to_host(rows)), -(-n // size)
+        require(got.shape == (size, length),
+                f"Zero._rows of n = {n} numbers on N = {size} ranks: expected shape ({size}, {length}) (s = ceil(n/N) "
+                f"= {length}, zero-padded to N·s = {size * length}), got {got.shape}: when N does not divide n the "
+                "last part is padded with zeros, no number is dropped")
+        require(got.dtype == np.dtype(dtype_name), f"Zero._rows of a {dtype_name} array is {got.dtype} in a "
+                                                   f"{dtype_name} run: keep the array's dtype "
+                                                   "(zeros(..., dtype=array.dtype))")
+        expected = np.zeros(size * length)
+        expected[:n] = np.arange(1, n + 1)
+        flat = got.reshape(-1)
+        in_front = n < flat.size and np.array_equal(flat[flat.size - n:], expected[:n])
+        compare(f"Zero._rows of n = {n} numbers on N = {size} ranks, flat element", flat, expected,
+                "element i < n is number i, then zeros", lambda *_, in_front=in_front: (
+                    "the numbers sit at the end: the padding goes after them, so that rank d's part is numbers "
+                    "[d s, (d + 1) s)" if in_front else ""))
+
+
 def _zero_check(dtype_name, steps):
     """ZeRO-1 through the Trainer for ``steps`` steps: each rank's gradient part, then the parameters after
     AdamW, against one process; the dtype kept; the messages of the contract."""
@@ -208,6 +297,7 @@ def _zero_check(dtype_name, steps):
 
         world = Communicator(comm)
         rank, size = world.rank, world.size
+        agreed(comm, _require_rows, size, dtype_name)
         tolerance = {"float64": 1e-12, "float32": 2e-5}[dtype_name]
         config = TrainConfig(steps=steps, batch_size=4 * size, dtype=dtype_name, learning_rate=1e-2,
                              warmup_steps=1, dp=size, zero=1, microbatches=2)
@@ -217,21 +307,23 @@ def _zero_check(dtype_name, steps):
         optimizer = AdamW(decay_groups(reference.named_parameters(), config.weight_decay), lr=config.learning_rate,
                           betas=config.betas, weight_decay=config.weight_decay)
         elements = sum(p.size for _, p in trainer.named_parameters)
+        previous = None
         for step in range(steps):
             inputs, targets = _batch(4 * size, seed=12 + step)
             before, full_grads = _zero_reference_step(reference, optimizer, config, inputs, targets, step)
             spy.clear()
             trainer.compute_gradients(inputs, targets)
             # all ranks stop together before the all-gather of the step
-            agreed(comm, lambda step=step, full_grads=full_grads: _require_zero_parts(
-                trainer, full_grads, rank, size, step, dtype_name, tolerance))
+            agreed(comm, after_a_step, step, rank, lambda step, full_grads=full_grads, previous=previous:
+                   _require_zero_parts(trainer, full_grads, rank, size, step, dtype_name, tolerance, previous))
             trainer.update()
 
-            def after_the_step(step=step, before=before):
+            def after_the_step(step, before=before):
                 _zero_contract(spy, rank, step, elements)
                 _require_zero_parameters(trainer, reference, before, rank, size, step, dtype_name, tolerance)
 
-            agreed(comm, after_the_step)
+            agreed(comm, after_a_step, step, rank, after_the_step)
+            previous = full_grads
 
     return check
 

@@ -70,6 +70,14 @@ def check_float32(comm):
         tensors = [Tensor(xp.asarray(a, dtype=dtype), requires_grad=True) for a in arrays]
         (LayerNorm.apply(*tensors) * Tensor(xp.asarray(upstream, dtype=dtype))).sum().backward()
         results[dtype] = [t.grad for t in tensors]
+    # The engine adds a returned gradient into the float32 .grad, which hides a float64 one: ask backward itself.
+    out = LayerNorm.apply(*[Tensor(xp.asarray(a, dtype=xp.float32), requires_grad=True) for a in arrays])
+    returned = LayerNorm.backward(out._node, xp.asarray(upstream, dtype=xp.float32))
+    for name, array in zip(("x", "weight", "bias"), returned, strict=True):
+        require(array is None or array.dtype == xp.float32,
+                f"LayerNorm.backward returned dL/d{name} as {array.dtype} for float32 inputs: keep the dtype (a "
+                "float64 step, such as mean(..., dtype='float64') or a Python float array, promotes the result; "
+                "the engine casts it back into .grad, but the op computes and holds twice the bytes)")
     for name, got, expected in zip(("x", "weight", "bias"), results[xp.float32], results[xp.float64], strict=True):
         require(got is not None and got.dtype == xp.float32,
                 f"dL/d{name} is {None if got is None else got.dtype} for float32 inputs: keep the dtype")

@@ -9,7 +9,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from minipar.course.checking import Check, CheckFailure, agreed, compare
+from minipar.course.checking import Check, CheckFailure, agreed, compare, require
 
 LAYOUTS = [(p, m) for p in (1, 2, 3, 4, 6) for m in (1, 2, p, 2 * p + 1)]
 
@@ -111,25 +111,27 @@ class _WatchedRequest:
         return result
 
 
-def _pipeline_gradients(comm, schedule, watch=False, recompute=False, steps=2):
+def _pipeline_gradients(comm, schedule, watch=False, recompute=False, steps=2, dtype_name="float64"):
     """p ranks run ``schedule`` through one executor for ``steps`` steps; after each, every stage's gradients
-    equal one process's on that step's batch. ``recompute``: the forward keeps only its input, and backward
-    runs the chunk again from it (so a received activation must still hold its values then)."""
+    equal one process's on that step's batch, in ``dtype_name``. ``recompute``: the forward keeps only its
+    input, and backward runs the chunk again from it (so a received activation must still hold its values then)."""
     from minipar.backend import from_host, host_rng, set_default_dtype, to_host, xp
     from minipar.comm import Communicator
     from minipar.nn.gpt import GPT, GPTConfig
     from minipar.parallel.pipeline.executor import PipelineExecutor, split_microbatches
     from minipar.parallel.pipeline.partition import TiedEmbeddingGradientSum, partition, stage_parameters
 
-    set_default_dtype(xp.float64)
+    dtype = xp.dtype(dtype_name)
+    tolerance = {"float64": 1e-12, "float32": 2e-5}[dtype_name]
+    set_default_dtype(dtype)
     pp = Communicator(comm)
     m, rows = 2 * pp.size + 1, 1
     config = GPTConfig(vocab_size=8, block_size=4, n_layer=pp.size, n_head=2, n_embd=8)
     chunks = partition(GPT(config).pieces(), pp.size, pp.rank)
     channel = SendWatch(pp) if watch else pp
-    executor = PipelineExecutor(chunks, channel, schedule, m, (rows, config.block_size, config.n_embd), xp.float64,
+    executor = PipelineExecutor(chunks, channel, schedule, m, (rows, config.block_size, config.n_embd), dtype,
                                 recompute=recompute)
-    label = f"{schedule}{', recomputation on' if recompute else ''}"
+    label = f"{schedule}{', recomputation on' if recompute else ''}{', float32' if dtype_name == 'float32' else ''}"
 
     def one_step(step):
         rng = host_rng(9 + step)
@@ -156,11 +158,15 @@ def _pipeline_gradients(comm, schedule, watch=False, recompute=False, steps=2):
                 raise CheckFailure(f"{where}: dL/d{name} is zero, one process's is not: no gradient reached this "
                                    "stage (the received activation must be a leaf with requires_grad, and its .grad "
                                    "is what goes back)")
+            require(got.dtype == dtype, f"{where}: dL/d{name} is {got.dtype} in a {dtype_name} run: keep the "
+                                        "dtype of the messages (a received activation or gradient is the buffer's "
+                                        "dtype, the executor's)")
         for name, parameter in stage_parameters(chunks):
             compare(f"{where}: dL/d{name}, element", np.asarray(to_host(parameter.grad)), expected[name],
                     "one process's gradient on the whole batch (each micro-batch's loss scaled by 1/m)"
                     + ("; with recomputation the backward reruns the chunk on the received activation, so that "
-                       "activation must be a copy MPI no longer writes into" if recompute else ""))
+                       "activation must be a copy MPI no longer writes into" if recompute else ""),
+                    rtol=tolerance, atol=tolerance)
 
     for step in range(steps):
         agreed(comm, one_step, step)
@@ -182,9 +188,9 @@ def check_schedule_on_ranks(comm):
     _pipeline_gradients(comm, "1f1b")
 
 
-def check_messages(schedule, recompute=False):
+def check_messages(schedule, recompute=False, dtype_name="float64", steps=2):
     def check(comm):
-        _pipeline_gradients(comm, schedule, watch=True, recompute=recompute)
+        _pipeline_gradients(comm, schedule, watch=True, recompute=recompute, steps=steps, dtype_name=dtype_name)
 
     return check
 
@@ -193,6 +199,8 @@ MESSAGES = [
     Check("gpipe through the executor, send buffers watched, 2 steps", (2, 3, 4), check_messages("gpipe"), limit=12),
     Check("1f1b through the executor, send buffers watched, 2 steps", (2, 4), check_messages("1f1b"), limit=12),
     Check("1f1b with recomputation, send buffers watched, 2 steps", (3, 4), check_messages("1f1b", True), limit=12),
+    Check("1f1b, float32 kept, send buffers watched, 2 steps", (3,), check_messages("1f1b", False, "float32"),
+          limit=12),
 ]
 ONE_F_ONE_B = [
     Check("1f1b schedules on paper (simulator), p ≤ 6", (1,), check_schedule_on_paper),

@@ -130,11 +130,13 @@ def _linear_check(sequence_parallel):
 def _vocab_check(offset):
     def check(comm):
         from minipar.backend import from_host, host_rng
+        from minipar.course.spy import spy_on
         from minipar.ops.fused import CrossEntropy
         from minipar.parallel.tensor_parallel_comm import VocabParallelCrossEntropy
         from minipar.tensor import Tensor
 
         tp = _setup(comm)
+        spy = spy_on(tp)
         rank, size = tp.rank, tp.size
         vocabulary, rows = 4 * size, 2 * size + 2
         rng = host_rng(6)
@@ -158,8 +160,20 @@ def _vocab_check(offset):
                 "(softmax − onehot(target)) / n on this slice")
         if not np.isfinite(_host(loss.data)).all():
             raise CheckFailure(f"rank {rank}: the loss is not finite: subtract the global row max before exp")
+        _require_few_numbers_per_row(spy, rank, rows, local)
 
     return check
+
+
+def _require_few_numbers_per_row(spy, rank, rows, local):
+    """The contract: allreduces of a number or two per row (row max, Σ exp, the target's logit), never
+    the logits (what gathering them would cost is what vocabulary parallelism saves)."""
+    for call in spy.collectives():
+        require(call.method in ("Allreduce", "Iallreduce", "allreduce") and call.elements <= 2 * rows,
+                f"rank {rank}: the vocabulary-parallel loss called MPI's {call.method} on {call.elements} elements; "
+                f"the contract is allreduces of one or two numbers per row (here at most 2 × {rows} rows: the row "
+                f"max, Σ exp, the target's logit), never the logits ({rows} × {local} per rank): gathering them is "
+                "what the vocabulary-parallel loss avoids")
 
 
 def _vocab_mistakes(logits, targets, size, rank):

@@ -7,6 +7,7 @@ where a failure that stops the job leaves the remaining checks not run.
 import argparse
 import sys
 
+from minipar.course.checking import CHECK_LIMIT
 from minipar.errors import ConfigError
 
 
@@ -19,11 +20,12 @@ def add_arguments(parser):
     check = commands.add_parser("check", help="grade one exercise on MPI ranks")
     check.add_argument("name")
     check.add_argument("--dir", default=".", help="the student's copy of the repository (default: here)")
-    check.add_argument("--limit", type=float, default=60.0, help="seconds per check before a rank counts as stuck")
+    check.add_argument("--limit", type=float, default=CHECK_LIMIT,
+                       help="seconds per check before a rank counts as stuck")
     grade = commands.add_parser("grade", help="grade a class: every exercise for each student directory")
     grade.add_argument("directories", nargs="+")
     grade.add_argument("--csv", required=True, help="the file to write, one row per student")
-    grade.add_argument("--limit", type=float, default=60.0)
+    grade.add_argument("--limit", type=float, default=CHECK_LIMIT)
     grade.add_argument("--only", default=None, help="comma-separated exercise names (default: all)")
 
 

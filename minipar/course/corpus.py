@@ -1,4 +1,4 @@
-"""Run the corpus (planted.py) and print the table: exercise -> contract -> caught / accepted -> seconds.
+"""Run the corpus (planted/) and print the table: exercise -> contract -> caught / accepted -> seconds.
 
     python -m minipar.course.corpus [--only NAME,...] [--jsonl FILE]
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 CONTRACTS = {
     "layer_norm_backward": "dL/dx, dL/dw, dL/db vs central differences and vs autograd through elementary ops "
-                           "(1e-11); float32 kept",
+                           "(1e-11); float32 kept, by backward itself",
     "ring_allreduce": "point-to-point only; N-1 block messages per phase to one neighbour (either way), buffer "
                       "dtype; Traffic = what moved; Ssend; 4 buffers (large, n<N, unequal) in f64/f32; N=1,2,3,4,8",
     "recursive_doubling": "point-to-point only; <= lg P + 1 whole-buffer messages, partners r XOR 2^k; Ssend; "
@@ -27,15 +27,19 @@ CONTRACTS = {
     "process_grid": "coordinates and group members in Megatron order, every layout of N=1,2,4,8",
     "megatron_f_g": "f/g forward and backward; column/row layers' output, dL/dx, every weight and bias gradient "
                     "on every rank; sequence parallel",
-    "vocab_parallel_loss": "loss and dL/dz vs one process, shard edges, logits + 1000",
-    "data_parallel": "3 steps; every rank's gradients (biases too) at 1e-12; no collective before the last "
-                     "micro-batch; with overlap an allreduce starts before backward ends; float32 kept",
+    "vocab_parallel_loss": "loss and dL/dz vs one process, shard edges, logits + 1000; allreduces of <= 2 numbers per "
+                           "row, never the logits",
+    "data_parallel": "3 steps, state carried (a failure after a good step 1, or step 1's gradient left in step 2's, "
+                     "named as such); every rank's gradients (biases too) at 1e-12; one allreduce per bucket, "
+                     "whole; no collective before the last micro-batch; with overlap an allreduce starts before "
+                     "backward ends; float32 kept; N=1,2,3,4,8",
     "one_f_one_b": "every micro-batch once, simulator accepts, stash <= min(p-s, m), bubble (p-1)/(m+p-1); "
                    "executor vs one process (2 steps) once the simulator accepts",
     "pipeline_messages": "2 steps, gradients vs one process, send buffers never written in flight, "
-                         "recomputation on and off",
-    "zero_1": "3 steps f64 + 2 steps f32 (dtype kept); parts and AdamW step vs one process; reduce-scatter + "
-              "all-gather, never an allreduce of gradients",
+                         "recomputation on and off, float32 kept",
+    "zero_1": "3 steps f64 + 2 steps f32 (dtype kept), state carried; rows of n = 1, N+1, 2N-1, 3N (N does not "
+              "divide); parts and AdamW step vs one process; reduce-scatter + all-gather, never an allreduce of "
+              "gradients",
     "zb_h1": "F, B, W each once, backward split, sends straight after their F/B; simulator accepts p=1,2,3,4,8, "
              "m=p..16; idle exactly p-1 per rank (T_F=T_B=T_W), bubble (p-1)/(3m+p-1); peak [min(p,m)]*p; "
              "executor vs one process on 2 and 4 ranks, recomputation off and on",

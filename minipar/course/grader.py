@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from minipar.course.checking import entries
+from minipar.course.checking import CHECK_LIMIT, entries, limit_of
 from minipar.course.registry import EXERCISES, checks_of, exercise_named
 from minipar.course.report import Compactor, entry_kind, entry_lines, entry_outcome
 from minipar.course.runner import abort_file, read_entry
@@ -107,7 +107,25 @@ def _not_run(result_dir, index, items, world, limit):
                                                          "kind": kind}))
 
 
-def check(name, directory=".", limit=60.0, out=print):
+HANGS_BEFORE_STOPPING = 2   # checks of one exercise that may hang before the rest is not run
+
+
+def _hung_checks(result_dir, printed, items, world):
+    """The distinct checks (not sizes) among the first ``printed`` entries that ended as a hang."""
+    return {id(items[index][1]) for index in range(printed)
+            if entry_kind(result_dir, index, items[index][2], world) == "hang"}
+
+
+def _not_run_after_hangs(result_dir, index, items, world, limit, hung):
+    """Entry ``index`` recorded as a hang without running it: ``hung`` checks have hung already, and each
+    more would cost the limit and a new job (a class's grading would pay it for every student)."""
+    reason = (f"not run: {hung} checks of this exercise hung already (above), and each would wait "
+              f"{limit_of(items[index][1], limit):g} s again; make those finish first")
+    abort_file(result_dir, index).write_text(json.dumps({"missing": [], "limit": limit, "reason": reason,
+                                                         "kind": "hang"}))
+
+
+def check(name, directory=".", limit=CHECK_LIMIT, out=print):
     """Grade exercise ``name`` in ``directory``; prints as it goes through ``out``; returns a CheckResult."""
     from minipar.testing import _kill_job
 
@@ -159,6 +177,12 @@ def check(name, directory=".", limit=60.0, out=print):
                 for line in compact(entry_lines(result_dir, printed, items, world)):
                     emit(line)
                 printed += 1
+            hung = len(_hung_checks(result_dir, printed, items, world))
+            while hung >= HANGS_BEFORE_STOPPING and printed < len(items):   # a whole check stays within a minute
+                _not_run_after_hangs(result_dir, printed, items, world, limit, hung)
+                for line in compact(entry_lines(result_dir, printed, items, world)):
+                    emit(line)
+                printed += 1
             start = printed  # a new job for the entries after the one that ended this job
         kinds = [entry_kind(result_dir, index, size, world) or "hang" for index, (_, _, size) in enumerate(items)]
         passed = sum(1 for index, (_, _, size) in enumerate(items)
@@ -168,7 +192,7 @@ def check(name, directory=".", limit=60.0, out=print):
     return result
 
 
-def check_overlaid(name, student_dir, limit=60.0, out=print, reference=None):
+def check_overlaid(name, student_dir, limit=CHECK_LIMIT, out=print, reference=None):
     """Check exercise ``name`` with only its functions taken from ``student_dir`` (the rest: the reference)."""
     from minipar.course.overlay import overlay_exercise
     from minipar.course.student import copy_reference_tree, reference_root
@@ -193,7 +217,7 @@ def _commit_of(directory):
     return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
-def grade(student_dirs, csv_path, limit=60.0, out=print, names=None):
+def grade(student_dirs, csv_path, limit=CHECK_LIMIT, out=print, names=None):
     """Check every exercise for every student, one exercise at a time; one CSV row and one log per student.
 
     Columns: student, commit, date, then per exercise NAME (pass/fail/hang/error), NAME score (the

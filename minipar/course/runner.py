@@ -26,6 +26,8 @@ import time
 import traceback
 from pathlib import Path
 
+from minipar.course.checking import CHECK_LIMIT
+
 GRACE_AFTER_FAILURE = 3.0  # seconds the others get to finish after a rank failed or raised
 POLL = 0.02
 
@@ -239,7 +241,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m minipar.course.runner")
     parser.add_argument("name")
     parser.add_argument("result_dir")
-    parser.add_argument("--limit", type=float, default=60.0)
+    parser.add_argument("--limit", type=float, default=CHECK_LIMIT)
     parser.add_argument("--start", type=int, default=0)
     parser.add_argument("--report", action="store_true")
     arguments = parser.parse_args(argv)

@@ -30,7 +30,7 @@ from minipar.course.markers import (
 from minipar.course.registry import EXERCISES
 from minipar.errors import ConfigError
 
-TEACHER_ONLY = {"tests/test_course.py", "minipar/course/planted.py", "minipar/course/corpus.py", ".ci/run"}
+TEACHER_ONLY = {"tests/test_course.py", "minipar/course/planted", "minipar/course/corpus.py", ".ci/run", ".ci/slow", ".ci/setup.sh"}  # files or folders
 _NEVER_COPIED = {".git", "__pycache__", ".pytest_cache", "out", ".ci/venv", ".ipynb_checkpoints"}
 
 PUBLIC_TESTS = '''"""Public tests of the course: one case per exercise, as `python -m minipar course check NAME`.
@@ -77,7 +77,8 @@ def _tracked_files(root):
 def copy_reference_tree(root, destination, leave_out=()):
     root, destination = Path(root), Path(destination)
     for relative in _tracked_files(root):
-        if relative.as_posix() in leave_out or any(part in _NEVER_COPIED for part in relative.parts):
+        left_out = any(relative.as_posix() == path or relative.as_posix().startswith(path + "/") for path in leave_out)
+        if left_out or any(part in _NEVER_COPIED for part in relative.parts):
             continue
         target = destination / relative
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -255,7 +255,14 @@ class DataParallel(ReplicaChecks, SingleReplica):
             self._next_launch += 1
 
     def finish_gradient_sync(self):
-        """Make every parameter's .grad the average over the dp group: $Δθ = (1/N) Σ_i Δθ_i$."""
+        """Make every parameter's .grad the average over the dp group: $Δθ = (1/N) Σ_i Δθ_i$.
+
+        The contract the course grades (exercise data_parallel, with ``gradient_ready``): one
+        allreduce per bucket per step, of the whole bucket; with overlap, each started by
+        ``iallreduce`` from the grad-ready hook on the last micro-batch (never a blocking call
+        there); the gradients' dtype kept; and nothing carried into the next step that
+        ``start_step()`` does not reset (it resets the buckets, the hooks' counts and requests).
+        """
         ### BEGIN SOLUTION
         if self.overlap:
             for bucket in self.buckets[self._next_launch:]:
