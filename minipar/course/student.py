@@ -30,7 +30,8 @@ from minipar.course.markers import (
 from minipar.course.registry import EXERCISES
 from minipar.errors import ConfigError
 
-TEACHER_ONLY = {"tests/test_course.py", "minipar/course/planted", "minipar/course/corpus.py", ".ci/run", ".ci/slow", ".ci/setup.sh"}  # files or folders
+TEACHER_ONLY = {"tests/test_course.py", "minipar/course/planted", "minipar/course/corpus.py",  # files or folders
+                ".ci/run", ".ci/slow", ".ci/setup.sh"}
 _NEVER_COPIED = {".git", "__pycache__", ".pytest_cache", "out", ".ci/venv", ".ipynb_checkpoints"}
 
 PUBLIC_TESTS = '''"""Public tests of the course: one case per exercise, as `python -m minipar course check NAME`.
