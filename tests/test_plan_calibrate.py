@@ -13,7 +13,8 @@ from minipar.plan import calibrate
 from minipar.plan.cost import stage_compute, step_time
 from minipar.plan.hardware import Machine, load_machine
 from minipar.plan.kernels import THIN, WIDE, block_elements, gemm_seconds_cpu
-from minipar.plan.model import ModelSpec, Strategy
+from minipar.plan.model import ModelSpec
+from minipar.plan.strategy import Strategy
 
 
 def thin_is_slow(thin, wide):

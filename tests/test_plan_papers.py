@@ -60,7 +60,7 @@ def test_fused_causal_attention_computes_half_the_score_products():
     """FlashAttention skips the tiles the causal mask removes: half of QKᵀ and P·V; the rest alike."""
     from minipar.plan.hardware import named_machine
     from minipar.plan.kernels import layer_compute_times, layer_gemms
-    from minipar.plan.model import Strategy
+    from minipar.plan.strategy import Strategy
 
     model, strategy = PRESETS["llama3-8b"], Strategy(8, 8, 1, 64, 8, sequence_parallel=True, precision="mixed")
     h100 = named_machine("h100", 64)

@@ -118,7 +118,8 @@ def rest_fit(points, table):
     per block forward + backward (kernels.py), through the two blocks; both kept non-negative."""
     from minipar.plan.hardware import Machine
     from minipar.plan.kernels import block_elements, cpu_layer_times
-    from minipar.plan.model import ModelSpec, Strategy
+    from minipar.plan.model import ModelSpec
+    from minipar.plan.strategy import Strategy
 
     machine = Machine("gemms only", 1, 1, 0.0, 1.0, 0, 0, 0, 0, 1.0, gemm_table=table)
     rests = []

@@ -106,7 +106,8 @@ def memory_against_formulas(comm):
     (Rajbhandari et al. 2020) and the planner's mixed-precision figures; stage 1 counts its full
     gradients at their peak, as the paper does (they exist whole until the reduce-scatter)."""
     from minipar.plan.memory import paper_parameter_memory, state_bytes
-    from minipar.plan.model import ModelSpec, Strategy
+    from minipar.plan.model import ModelSpec
+    from minipar.plan.strategy import Strategy
 
     set_default_dtype(xp.float32)
     world = Communicator(comm)
