@@ -11,7 +11,7 @@ part d on dp rank d, and brings the other parts in only while they are needed:
 Memory per rank, Ψ parameters on this rank (its tensor- and pipeline-parallel share), N the dp size. The paper
 counts mixed-precision Adam: fp16 parameters 2Ψ and gradients 2Ψ, K = 12 bytes per parameter of fp32 optimizer
 state (master copy, m, v); so does ``--precision bf16|fp16`` (mixed_precision.py). In fp32 minipar holds the
-parameters 4Ψ, gradients 4Ψ, AdamW's m and v 8Ψ (``memory_report`` measures these):
+parameters 4Ψ, gradients 4Ψ, AdamW's m and v 8Ψ (``ZeroState.memory_report``, zero_state.py, measures these):
 
     bytes per rank       paper, mixed precision (K = 12)    minipar, fp32 AdamW
     data parallelism     (2 + 2 + K)Ψ = 16Ψ                 (4 + 4 + 8)Ψ = 16Ψ
@@ -79,8 +79,9 @@ from contextlib import contextmanager
 
 from minipar.backend import xp
 from minipar.errors import ConfigError
-from minipar.parallel.gradient_sync import MOMENTS, SingleReplica, bytes_held, memory_report
-from minipar.parallel.pipeline.executor import random_states, replaying
+from minipar.parallel.gradient_sync import SingleReplica, bytes_held
+from minipar.parallel.recompute import random_states, replaying
+from minipar.parallel.zero_state import ZeroState
 from minipar.tensor import Function, Tensor, is_grad_enabled, no_grad
 
 MAX_REDUCE_SCATTERS_IN_FLIGHT = 2  # --overlap: at most this many send buffers (full-size) held at once
@@ -168,6 +169,7 @@ class Zero(SingleReplica):
             for p in self.parameters:
                 p.register_grad_ready_hook(self.gradient_ready)
         self.piece_runner = self.run_gathered if stage == 3 else None
+        self.state = ZeroState(self)  # checkpoints see whole shards; memory measured from the parts
         self.start_step()
 
     def _rows(self, p, array):
@@ -364,55 +366,6 @@ class Zero(SingleReplica):
         return _GatherRunRelease.apply(x, *parameters, zero=self, piece=piece, units=units, targets=targets,
                                        as_tensor=isinstance(x, Tensor),
                                        input_gradient=isinstance(x, Tensor) and x.requires_grad)
-
-    def memory_report(self, optimizer):
-        """Bytes this rank holds after a step, measured from the arrays (docs/zero.md).
-
-        parameters (the parts, with stages 1-2's whole padded buffers they view), gradients (the
-        averaged parts), optimizer_states (m and v), their total; peak_full_gradients: most bytes
-        of full-size gradients held at once during the step (sampled at the end of backward and at
-        every grad-ready hook); peak_gathered_parameters: stage 3, most bytes of gathered
-        parameters plus the all-gather buffer held at once.
-        """
-        report = memory_report((part.data for part in self.part_list), (part.grad for part in self.part_list),
-                               optimizer)
-        return {**report, "peak_full_gradients": self.peak_full_gradients,
-                "peak_gathered_parameters": self.peak_gathered_parameters}
-
-    # ---- arrays shaped like the tensor-parallel shards (checkpoints); collective over dp ------
-    def _full_arrays(self, part_arrays):
-        """{id(p): array shaped like p} from {id(p): this rank's part}."""
-        out = {}
-        for unit in self.units:
-            rows = self._all_gather(unit, [part_arrays[id(p)] for p in unit.parameters])
-            out.update((id(p), self._full(p, rows, place)) for p, place in unit.slots())
-        return out
-
-    def parameter_arrays(self):
-        if self.stage < 3:
-            return super().parameter_arrays()
-        return self._full_arrays({id(p): self.parts[id(p)].data for p in self.parameters})
-
-    def gradient_arrays(self):
-        return self._full_arrays({id(p): self.parts[id(p)].grad for p in self.parameters})
-
-    def load_parameter(self, parameter, array):
-        if self.stage < 3:
-            parameter.data[...] = array
-        else:
-            self.parts[id(parameter)].data[...] = self._rows(parameter, array)[self.rank]
-
-    def optimizer_state_arrays(self, optimizer):
-        moments = {}
-        for slot in MOMENTS:
-            parts = {id(p): optimizer.state.get(id(part), {}).get(slot, xp.zeros_like(part.data))
-                     for p, part in zip(self.parameters, self.part_list, strict=True)}
-            moments[slot] = self._full_arrays(parts)
-        return {id(p): {slot: moments[slot][id(p)] for slot in MOMENTS} for p in self.parameters}
-
-    def load_optimizer_state(self, optimizer, parameter, moments):
-        optimizer.state[id(self.parts[id(parameter)])] = {
-            slot: self._rows(parameter, moments[slot])[self.rank].copy() for slot in MOMENTS}
 
 
 class _GatherRunRelease(Function):
