@@ -23,11 +23,11 @@ That is the whole of the sync interface (``SYNC_MEMBERS``), and all a step needs
 
 Its state is a second, separate interface (``STATE_MEMBERS``), an object of its own that the
 sync holds as ``sync.state`` (``ReplicaState`` here; ``DataParallelState``, ``CompressedState``,
-``LocalSGDState`` and ``ZeroState`` beside their modes): checkpoints see arrays shaped like each parameter's tensor-parallel
-shard in every mode (``parameter_arrays``, ``load_parameter``, ``optimizer_state_arrays``,
-``load_optimizer_state``; ``gradient_arrays`` for tests; ``state_arrays`` and
-``load_state_arrays`` for what only this rank holds), and ``memory_report`` measures the bytes
-behind the arrays.
+``LocalSGDState`` and ``ZeroState`` beside their modes). Checkpoints see arrays shaped like each
+parameter's tensor-parallel shard in every mode (``parameter_arrays``, ``load_parameter``,
+``optimizer_state_arrays``, ``load_optimizer_state``; ``gradient_arrays`` for tests;
+``state_arrays`` and ``load_state_arrays`` for what only this rank holds), and ``memory_report``
+measures the bytes behind the arrays.
 
 In the vocabulary of parallel/placement.py the data-parallel average is the sum of a gradient
 that is Partial("avg") on the dp axis; under ZeRO the updated tensors are Shard(0) on dp
