@@ -37,7 +37,7 @@ from minipar.parallel import axes
 from minipar.parallel.communication_reduction import CompressedDataParallel, HierarchicalDataParallel, LocalSGD
 from minipar.parallel.data_parallel import DataParallel
 from minipar.parallel.gather import gather_full_arrays
-from minipar.parallel.gradient_sync import MOMENTS, SingleReplica, SyncState
+from minipar.parallel.gradient_sync import MOMENTS, SingleReplica
 from minipar.parallel.mesh import AXES, DeviceMesh, MeshShape
 from minipar.parallel.pipeline.executor import PipelineExecutor, split_microbatches
 from minipar.parallel.pipeline.partition import TIED_EMBEDDING, partition, stage_parameters
@@ -191,7 +191,7 @@ class Trainer:
         self.parameters = [p for _, p in self.named_parameters]
         self.executor = self._build_executor()
         self.sync = self._build_gradient_sync()  # the data-parallel average: none, allreduce or ZeRO
-        self.sync_state = SyncState(self.sync)  # its arrays, for checkpoints and memory reports
+        self.sync_state = self.sync.state  # its arrays, for checkpoints and memory reports
         for chunk in self.chunks:
             chunk.piece_runner = self.sync.piece_runner  # ZeRO-3 gathers each piece's parameters around it
         updated = [self._place(name, p) for name, p in self.named_parameters]  # placements: parallel/placement.py

@@ -13,7 +13,7 @@ later); local SGD lets replicas drift apart for $H − 1$ steps. With plain SGD 
 is data parallelism exactly, because the update is linear: $(1/N) Σ_i (θ − η g_i) = θ − η ḡ$.
 """
 from minipar.backend import xp
-from minipar.parallel.data_parallel import DataParallel
+from minipar.parallel.data_parallel import DataParallel, DataParallelState
 from minipar.parallel.gradient_sync import SingleReplica, bytes_held
 
 
@@ -28,12 +28,21 @@ class CompressedDataParallel(DataParallel):
     def __init__(self, parameters, dp_comm, compressor, **options):
         super().__init__(parameters, dp_comm, overlap=False, **options)
         self.compressor = compressor
+        self.state = CompressedState(self.parameters, self.buckets, compressor)
 
     def finish_gradient_sync(self):
         SingleReplica.finish_gradient_sync(self)  # zeros where no micro-batch reached a parameter
         gradients = [p.grad for p in self.parameters]
         self.compressor.average(gradients, self.comm)  # in place: each becomes the (approximate) mean
         self._end_step()
+
+
+class CompressedState(DataParallelState):
+    """``CompressedDataParallel``'s state: the compressor's own arrays travel in this rank's checkpoint."""
+
+    def __init__(self, parameters, buckets, compressor):
+        super().__init__(parameters, buckets)
+        self.compressor = compressor
 
     def state_arrays(self, optimizer):
         """The compressor's state (residuals, PowerSGD's Q) for this rank's checkpoint."""
@@ -83,6 +92,7 @@ class LocalSGD(DataParallel):
     def __init__(self, parameters, dp_comm, period, **options):
         super().__init__(parameters, dp_comm, overlap=False, **options)
         self.period = period
+        self.state = LocalSGDState(self.parameters, self.buckets)
 
     def finish_gradient_sync(self):
         SingleReplica.finish_gradient_sync(self)  # no communication: that is the point
@@ -92,6 +102,24 @@ class LocalSGD(DataParallel):
         if self.is_averaging_step(step):
             self.average_parameters()
             self.check_replicas()
+
+    def is_averaging_step(self, step):
+        """Steps are counted from 0; replicas average after steps H−1, 2H−1, …"""
+        return (step + 1) % self.period == 0
+
+    def average_parameters(self):
+        """$θ ← (1/N) Σ_i θ_i$, one allreduce per bucket (the same bytes as one gradient average)."""
+        for bucket in self.buckets:
+            for slot in bucket.slots:
+                bucket.flat[slot.start:slot.stop] = slot.parameter.data.reshape(-1)
+            self.comm.allreduce(bucket.flat, algorithm=self.algorithm)
+            for slot in bucket.slots:
+                mean = bucket.flat[slot.start:slot.stop].reshape(slot.parameter.shape) / self.comm.size
+                slot.parameter.data[...] = mean.astype(slot.parameter.data.dtype, copy=False)
+
+
+class LocalSGDState(DataParallelState):
+    """``LocalSGD``'s state: each replica's own parameters and moments travel in its checkpoint."""
 
     def state_arrays(self, optimizer):
         """This replica's own parameters and AdamW moments: between averages they differ from dp
@@ -111,17 +139,3 @@ class LocalSGD(DataParallel):
                 p.data[...] = array
             else:
                 optimizer.state.setdefault(id(p), {})[kind] = xp.asarray(array, dtype=p.dtype).copy()
-
-    def is_averaging_step(self, step):
-        """Steps are counted from 0; replicas average after steps H−1, 2H−1, …"""
-        return (step + 1) % self.period == 0
-
-    def average_parameters(self):
-        """$θ ← (1/N) Σ_i θ_i$, one allreduce per bucket (the same bytes as one gradient average)."""
-        for bucket in self.buckets:
-            for slot in bucket.slots:
-                bucket.flat[slot.start:slot.stop] = slot.parameter.data.reshape(-1)
-            self.comm.allreduce(bucket.flat, algorithm=self.algorithm)
-            for slot in bucket.slots:
-                mean = bucket.flat[slot.start:slot.stop].reshape(slot.parameter.shape) / self.comm.size
-                slot.parameter.data[...] = mean.astype(slot.parameter.data.dtype, copy=False)

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from minipar.backend import xp
 from minipar.errors import ConfigError, require_positive_int
 from minipar.parallel.batch_split import local_slice, scatter_batch
-from minipar.parallel.gradient_sync import SingleReplica, bytes_held
+from minipar.parallel.gradient_sync import ReplicaState, SingleReplica, bytes_held
 from minipar.parallel.replicas import ReplicaChecks, ReplicaDivergenceError
 
 # local_slice and scatter_batch (batch_split.py) and ReplicaDivergenceError (replicas.py) are offered here too.
@@ -151,6 +151,7 @@ class DataParallel(ReplicaChecks, SingleReplica):
         self.check_interval = check_interval
         self.names = [_name_of(p, i) for i, p in enumerate(self.parameters)]
         self.buckets = self._make_buckets()
+        self.state = DataParallelState(self.parameters, self.buckets)
         self._slot_of = {id(slot.parameter): slot for bucket in self.buckets for slot in bucket.slots}
         for key, slot in self._slot_of.items():
             slot.expected = accumulation_steps * uses.get(key, 1)
@@ -198,12 +199,6 @@ class DataParallel(ReplicaChecks, SingleReplica):
             bucket.flat.fill(0)
             for slot in bucket.slots:
                 slot.parameter.grad = slot.view
-
-    def memory_report(self, optimizer):
-        """``SingleReplica.memory_report`` plus the gradient buckets: the same memory as the gradients
-        (they are views of the buckets), so not in the total."""
-        return {**super().memory_report(optimizer),
-                "data_parallel_buckets": bytes_held(bucket.flat for bucket in self.buckets)}
 
     # ---- gradients -----------------------------------------------------------------------
     def _pack(self, slot):
@@ -287,6 +282,20 @@ class DataParallel(ReplicaChecks, SingleReplica):
             bucket.flat /= self.comm.size  # Σ_i Δθ_i -> the average, in place, one pass
         self._end_step()
         ### END SOLUTION
+
+
+class DataParallelState(ReplicaState):
+    """``DataParallel``'s state: ``ReplicaState``'s, whose memory report also names the buckets."""
+
+    def __init__(self, parameters, buckets):
+        super().__init__(parameters)
+        self.buckets = buckets
+
+    def memory_report(self, optimizer):
+        """``ReplicaState.memory_report`` plus the gradient buckets: the same memory as the gradients
+        (they are views of the buckets), so not in the total."""
+        return {**super().memory_report(optimizer),
+                "data_parallel_buckets": bytes_held(bucket.flat for bucket in self.buckets)}
 
 
 def _name_of(parameter, index):

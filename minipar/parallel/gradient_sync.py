@@ -21,12 +21,13 @@ of those). ``partitioned_over`` names the groups across which the updated tensor
 parts of the whole, so a sum over the model (the squared gradient norm) is summed over them too.
 That is the whole of the sync interface (``SYNC_MEMBERS``), and all a step needs.
 
-Its state is a second, separate interface (``STATE_MEMBERS``), which the Trainer reaches only
-through ``SyncState(sync)``: checkpoints see arrays shaped like each parameter's tensor-parallel
-shard in every mode (``parameter_arrays``, ``load_parameter``, ``optimizer_state_arrays``,
-``load_optimizer_state``; ``gradient_arrays`` for tests; ``state_arrays`` and
-``load_state_arrays`` for what only this rank holds), and ``memory_report`` measures the bytes
-behind the arrays.
+Its state is a second, separate interface (``STATE_MEMBERS``), an object of its own that the
+sync holds as ``sync.state`` (``ReplicaState`` here; ``DataParallelState``, ``CompressedState``,
+``LocalSGDState`` and ``ZeroState`` beside their modes). Checkpoints see arrays shaped like each
+parameter's tensor-parallel shard in every mode (``parameter_arrays``, ``load_parameter``,
+``optimizer_state_arrays``, ``load_optimizer_state``; ``gradient_arrays`` for tests;
+``state_arrays`` and ``load_state_arrays`` for what only this rank holds), and ``memory_report``
+measures the bytes behind the arrays.
 
 In the vocabulary of parallel/placement.py the data-parallel average is the sum of a gradient
 that is Partial("avg") on the dp axis; under ZeRO the updated tensors are Shard(0) on dp
@@ -43,16 +44,6 @@ SYNC_MEMBERS = ("updated", "updated_tensor", "optimizer_groups", "partitioned_ov
                 "start_step", "gradient_ready", "finish_gradient_sync", "after_optimizer_step")
 STATE_MEMBERS = ("parameter_arrays", "load_parameter", "gradient_arrays", "optimizer_state_arrays",
                  "load_optimizer_state", "state_arrays", "load_state_arrays", "memory_report")
-
-
-class SyncState:
-    """The state half of a gradient sync (``STATE_MEMBERS``), on its own: what checkpoints, tests and
-    memory reports read and write. A thin view: each mode keeps its state beside its sync, and this
-    object is the only door to it, so the step's code (``SYNC_MEMBERS``) never sees a checkpoint."""
-
-    def __init__(self, sync):
-        for name in STATE_MEMBERS:
-            setattr(self, name, getattr(sync, name))
 
 
 def bytes_held(arrays):
@@ -81,6 +72,7 @@ class SingleReplica:
 
     def __init__(self, parameters):
         self.parameters = list({id(p): p for p in parameters}.values())  # a tied weight listed twice counts once
+        self.state = ReplicaState(self.parameters)  # its checkpoint arrays and memory report (STATE_MEMBERS)
 
     @property
     def updated(self):
@@ -107,6 +99,15 @@ class SingleReplica:
 
     def after_optimizer_step(self, step):
         """Nothing to rebuild or compare with one replica."""
+
+
+class ReplicaState:
+    """The state half (``STATE_MEMBERS``) of ``SingleReplica`` and of every mode that keeps whole
+    parameters: what checkpoints, tests and memory reports read and write, apart from the step's
+    code (``SYNC_MEMBERS``), which never sees a checkpoint."""
+
+    def __init__(self, parameters):
+        self.parameters = parameters  # the sync's list, each tensor once
 
     def state_arrays(self, optimizer):
         """{name: array} of state that is this rank's alone and must travel in a checkpoint for an

@@ -11,7 +11,7 @@ part d on dp rank d, and brings the other parts in only while they are needed:
 Memory per rank, Ψ parameters on this rank (its tensor- and pipeline-parallel share), N the dp size. The paper
 counts mixed-precision Adam: fp16 parameters 2Ψ and gradients 2Ψ, K = 12 bytes per parameter of fp32 optimizer
 state (master copy, m, v); so does ``--precision bf16|fp16`` (mixed_precision.py). In fp32 minipar holds the
-parameters 4Ψ, gradients 4Ψ, AdamW's m and v 8Ψ (``memory_report`` measures these):
+parameters 4Ψ, gradients 4Ψ, AdamW's m and v 8Ψ (``ZeroState.memory_report``, zero_state.py, measures these):
 
     bytes per rank       paper, mixed precision (K = 12)    minipar, fp32 AdamW
     data parallelism     (2 + 2 + K)Ψ = 16Ψ                 (4 + 4 + 8)Ψ = 16Ψ
@@ -63,8 +63,9 @@ Stage 3 needs recomputation: the engine keeps in each op's context what its back
 for a matmul the full weight, so a piece run with its graph recorded would keep its gathered
 weights alive until its backward. So a stage-3 piece runs its forward under no_grad (gather,
 compute, release) keeping only its input; its backward gathers again, reruns the forward with
-the graph, backpropagates through it and releases. The chunks call their pieces through
-``run_gathered`` (``PipelineChunk.piece_runner``), so the pieces themselves stay as they are.
+the graph, backpropagates through it and releases (parallel/zero_gather.py). The chunks call
+their pieces through ``run_gathered`` (``PipelineChunk.piece_runner``), so the pieces
+themselves stay as they are.
 
 Overlap (``overlap=True``, ``--overlap``; PyTorch FSDP and DeepSpeed do the same). Each unit's reduce-
 scatter starts (MPI_Ireduce_scatter_block) at the grad-ready hook that completes it, in every stage
@@ -75,13 +76,11 @@ all-gather of the piece that runs next (the following one in forward, the previo
 in flight (MPI_Iallgather), so two pieces' parameters are gathered at once. Results are added in the
 order they were sent, on every rank, so overlap changes when bytes move, not the numbers.
 """
-from contextlib import contextmanager
-
 from minipar.backend import xp
 from minipar.errors import ConfigError
-from minipar.parallel.gradient_sync import MOMENTS, SingleReplica, bytes_held, memory_report
-from minipar.parallel.pipeline.executor import random_states, replaying
-from minipar.tensor import Function, Tensor, is_grad_enabled, no_grad
+from minipar.parallel.gradient_sync import SingleReplica, bytes_held
+from minipar.parallel.zero_gather import GatheredPieces, order_of_pieces
+from minipar.parallel.zero_state import ZeroState
 
 MAX_REDUCE_SCATTERS_IN_FLIGHT = 2  # --overlap: at most this many send buffers (full-size) held at once
 
@@ -127,7 +126,7 @@ def make_units(pieces, count):
     return units, needs, uses
 
 
-class Zero(SingleReplica):
+class Zero(GatheredPieces, SingleReplica):
     """ZeRO ``stage`` (1, 2 or 3) over ``dp_comm`` for the parameters of this rank's ``chunks``.
 
         zero = Zero(chunks, grid.dp, stage=3, accumulation_steps=m)
@@ -146,10 +145,7 @@ class Zero(SingleReplica):
         self.overlap = overlap
         self.in_flight = []  # --overlap: (unit, request, send buffer, result), oldest first
         self.prefetched = {}  # --overlap, stage 3: {id(unit): (request, send buffer, rows)} of started all-gathers
-        self.runs_next = {}  # --overlap, stage 3: {(id(piece), "forward"|"backward"): the piece that runs after it}
-        for chunk in chunks if overlap and stage == 3 else ():
-            for before, after in zip(chunk.pieces[:-1], chunk.pieces[1:], strict=True):
-                self.runs_next[id(before), "forward"], self.runs_next[id(after), "backward"] = after, before
+        self.runs_next = order_of_pieces(chunks) if overlap and stage == 3 else {}  # stage 3's prefetch
         self.partitioned_over = (dp_comm,)  # each rank updates its own parts
         self.units, self.units_of_piece, piece_uses = make_units(
             [piece for chunk in chunks for piece in chunk.pieces], self.count)
@@ -168,6 +164,7 @@ class Zero(SingleReplica):
             for p in self.parameters:
                 p.register_grad_ready_hook(self.gradient_ready)
         self.piece_runner = self.run_gathered if stage == 3 else None
+        self.state = ZeroState(self)  # checkpoints see whole shards; memory measured from the parts
         self.start_step()
 
     def _rows(self, p, array):
@@ -320,120 +317,3 @@ class Zero(SingleReplica):
                 for p, place in unit.slots():
                     self.padded[id(p)][...] = rows[:, place]
         ### END SOLUTION
-
-    @contextmanager
-    def gathered(self, units, prefetch=()):
-        """Stage 3: the units' parameters whole inside the block, stand-ins again after it; with
-        --overlap the all-gathers of ``prefetch`` (the next piece's units) start before the block."""
-        try:
-            for done, unit in enumerate(units, start=1):
-                if id(unit) in self.prefetched:  # started while the previous piece computed
-                    request, _, rows = self.prefetched.pop(id(unit))
-                    request.wait()
-                else:
-                    rows = self._all_gather(unit, [self.parts[id(p)].data for p in unit.parameters])
-                for p, place in unit.slots():
-                    p.data = self._full(p, rows, place)
-                held = bytes_held(p.data for gathered in units[:done] for p in gathered.parameters)
-                self.peak_gathered_parameters = max(self.peak_gathered_parameters, held + rows.nbytes)
-                del rows
-            for unit in prefetch:
-                if unit not in units and id(unit) not in self.prefetched:
-                    send = xp.concatenate([self.parts[id(p)].data for p in unit.parameters])
-                    rows = xp.empty((self.count, unit.length), dtype=send.dtype)
-                    self.prefetched[id(unit)] = self.comm.iallgather(send, rows.reshape(-1)), send, rows
-            if self.prefetched:
-                held = bytes_held(p.data for gathered in units for p in gathered.parameters)
-                in_flight = sum(rows.nbytes for _, _, rows in self.prefetched.values())
-                self.peak_gathered_parameters = max(self.peak_gathered_parameters, held + in_flight)
-            yield
-        finally:
-            for p in (p for unit in units for p in unit.parameters):
-                p.data = self.stand_in[id(p)]
-
-    def prefetch_after(self, piece, direction):
-        """The units to all-gather ahead while ``piece`` runs its ``direction`` pass (--overlap)."""
-        following = self.runs_next.get((id(piece), direction))
-        return self.units_of_piece[id(following)] if following is not None else ()
-
-    def run_gathered(self, piece, x, *targets):
-        """Stage 3: ``piece(x, *targets)`` with its parameters gathered for its forward and its backward only."""
-        units = self.units_of_piece[id(piece)]
-        parameters = [p for unit in units for p in unit.parameters]
-        # The parameters are inputs only so that the output needs a gradient when x is token ids.
-        return _GatherRunRelease.apply(x, *parameters, zero=self, piece=piece, units=units, targets=targets,
-                                       as_tensor=isinstance(x, Tensor),
-                                       input_gradient=isinstance(x, Tensor) and x.requires_grad)
-
-    def memory_report(self, optimizer):
-        """Bytes this rank holds after a step, measured from the arrays (docs/zero.md).
-
-        parameters (the parts, with stages 1-2's whole padded buffers they view), gradients (the
-        averaged parts), optimizer_states (m and v), their total; peak_full_gradients: most bytes
-        of full-size gradients held at once during the step (sampled at the end of backward and at
-        every grad-ready hook); peak_gathered_parameters: stage 3, most bytes of gathered
-        parameters plus the all-gather buffer held at once.
-        """
-        report = memory_report((part.data for part in self.part_list), (part.grad for part in self.part_list),
-                               optimizer)
-        return {**report, "peak_full_gradients": self.peak_full_gradients,
-                "peak_gathered_parameters": self.peak_gathered_parameters}
-
-    # ---- arrays shaped like the tensor-parallel shards (checkpoints); collective over dp ------
-    def _full_arrays(self, part_arrays):
-        """{id(p): array shaped like p} from {id(p): this rank's part}."""
-        out = {}
-        for unit in self.units:
-            rows = self._all_gather(unit, [part_arrays[id(p)] for p in unit.parameters])
-            out.update((id(p), self._full(p, rows, place)) for p, place in unit.slots())
-        return out
-
-    def parameter_arrays(self):
-        if self.stage < 3:
-            return super().parameter_arrays()
-        return self._full_arrays({id(p): self.parts[id(p)].data for p in self.parameters})
-
-    def gradient_arrays(self):
-        return self._full_arrays({id(p): self.parts[id(p)].grad for p in self.parameters})
-
-    def load_parameter(self, parameter, array):
-        if self.stage < 3:
-            parameter.data[...] = array
-        else:
-            self.parts[id(parameter)].data[...] = self._rows(parameter, array)[self.rank]
-
-    def optimizer_state_arrays(self, optimizer):
-        moments = {}
-        for slot in MOMENTS:
-            parts = {id(p): optimizer.state.get(id(part), {}).get(slot, xp.zeros_like(part.data))
-                     for p, part in zip(self.parameters, self.part_list, strict=True)}
-            moments[slot] = self._full_arrays(parts)
-        return {id(p): {slot: moments[slot][id(p)] for slot in MOMENTS} for p in self.parameters}
-
-    def load_optimizer_state(self, optimizer, parameter, moments):
-        optimizer.state[id(self.parts[id(parameter)])] = {
-            slot: self._rows(parameter, moments[slot])[self.rank].copy() for slot in MOMENTS}
-
-
-class _GatherRunRelease(Function):
-    """Forward: gather, run the piece without a graph, release. Backward: gather, rerun it with
-    its graph, backpropagate the output gradient through it, release (module docstring)."""
-    rounds_output = False  # 16-bit compute: its output is the piece's, which the piece's own ops rounded
-
-    @staticmethod
-    def forward(ctx, x, *parameter_arrays, zero, piece, units, targets, as_tensor, input_gradient):
-        ctx.x, ctx.zero, ctx.piece, ctx.units, ctx.targets = x, zero, piece, units, targets
-        ctx.as_tensor, ctx.input_gradient, ctx.parameter_count = as_tensor, input_gradient, len(parameter_arrays)
-        ctx.random_states = random_states(piece)
-        with zero.gathered(units, zero.prefetch_after(piece, "forward")), no_grad():
-            return piece(Tensor(x) if as_tensor else x, *targets).data
-
-    @staticmethod
-    def backward(ctx, grad):
-        if not is_grad_enabled():
-            raise RuntimeError("ZeRO stage 3 reruns each piece's forward in backward: run backward with gradients on")
-        x = Tensor(ctx.x, requires_grad=ctx.input_gradient) if ctx.as_tensor else ctx.x
-        prefetch = ctx.zero.prefetch_after(ctx.piece, "backward")
-        with replaying(ctx.piece, ctx.random_states), ctx.zero.gathered(ctx.units, prefetch):
-            ctx.piece(x, *ctx.targets).backward(grad)  # the grad-ready hooks reduce-scatter in here
-        return (x.grad if ctx.input_gradient else None,) + (None,) * ctx.parameter_count
