@@ -126,9 +126,10 @@ def _not_run_after_hangs(result_dir, index, items, world, limit, hung):
 
 
 def check(name, directory=".", limit=CHECK_LIMIT, out=print):
-    """Grade exercise ``name`` in ``directory``; prints as it goes through ``out``; returns a CheckResult."""
-    from minipar.testing import _kill_job
+    """Grade exercise ``name`` in ``directory``; prints as it goes through ``out``; returns a CheckResult.
 
+    One mpiexec job runs the checks in turn; a job that ends early (a crash, a hang killed at the
+    limit) is followed by a new one for the entries after the one that ended it."""
     exercise = exercise_named(name)
     directory = Path(directory).resolve()
     items = entries(checks_of(exercise))
@@ -142,54 +143,72 @@ def check(name, directory=".", limit=CHECK_LIMIT, out=print):
     emit(f"course check {name}: {len(items)} checks on mpiexec -n {world} in {directory} "
          f"(limit {limit:g} s per check; a rank still busy then counts as stuck)")
     with tempfile.TemporaryDirectory(prefix="minipar-course-") as scratch:
-        result_dir, start, printed = Path(scratch), 0, 0
+        result_dir, start = Path(scratch), 0
+
+        def report(index):
+            for line in compact(entry_lines(result_dir, index, items, world)):
+                emit(line)
+
         while start < len(items):
-            with open(result_dir / f"job{start}.log", "w+") as log:
-                process = _launch(name, directory, world, result_dir, limit, start, log)
-                backstop = time.monotonic() + STARTUP_ALLOWANCE + (limit + 15) * (len(items) - start)
-                try:
-                    while True:
-                        finished = process.poll() is not None
-                        while printed < len(items) and entry_outcome(result_dir, printed, items[printed][2], world):
-                            for line in compact(entry_lines(result_dir, printed, items, world)):
-                                emit(line)
-                            printed += 1
-                        if finished:
-                            break
-                        if time.monotonic() > backstop:
-                            _kill_job(process)
-                        time.sleep(0.1)
-                finally:   # Ctrl-C, or a closed pipe: the job runs in its own session, so end it here
-                    if process.poll() is None:
-                        _kill_job(process)
-                log.seek(0)
-                tail = log.read().strip().splitlines()[-300:]
-            if printed >= len(items):
-                break
-            if not any(abort_file(result_dir, index).exists() for index in range(start, printed)):
-                _record_crash(result_dir, printed, items, world, limit, process.returncode, tail)
-                for line in compact(entry_lines(result_dir, printed, items, world)):
-                    emit(line)
-                printed += 1
-            while printed < len(items) and _ended_the_job(result_dir, printed - 1, items, world) \
-                    and items[printed][1] is items[printed - 1][1]:
-                _not_run(result_dir, printed, items, world, limit)   # the same check, more ranks: it would hang too
-                for line in compact(entry_lines(result_dir, printed, items, world)):
-                    emit(line)
-                printed += 1
-            hung = len(_hung_checks(result_dir, printed, items, world))
-            while hung >= HANGS_BEFORE_STOPPING and printed < len(items):   # a whole check stays within a minute
-                _not_run_after_hangs(result_dir, printed, items, world, limit, hung)
-                for line in compact(entry_lines(result_dir, printed, items, world)):
-                    emit(line)
-                printed += 1
-            start = printed  # a new job for the entries after the one that ended this job
+            printed, returncode, tail = _run_job(name, directory, items, world, result_dir, limit, start, report)
+            if printed < len(items):
+                printed = _close_ended_job(result_dir, items, world, limit, start, printed, returncode, tail, report)
+            start = printed
         kinds = [entry_kind(result_dir, index, size, world) or "hang" for index, (_, _, size) in enumerate(items)]
         passed = sum(1 for index, (_, _, size) in enumerate(items)
                      if (entry_outcome(result_dir, index, size, world) or ("",))[0] == "pass")
     result = CheckResult(name, passed, len(items), lines, kinds)
     emit(result.score_line)
     return result
+
+
+def _run_job(name, directory, items, world, result_dir, limit, start, report):
+    """One mpiexec job for the entries from ``start``, each reported as its result appears; returns
+    (how many entries are reported, the job's exit code, the last 300 lines of its log)."""
+    from minipar.testing import _kill_job
+
+    printed = start
+    with open(result_dir / f"job{start}.log", "w+") as log:
+        process = _launch(name, directory, world, result_dir, limit, start, log)
+        backstop = time.monotonic() + STARTUP_ALLOWANCE + (limit + 15) * (len(items) - start)
+        try:
+            while True:
+                finished = process.poll() is not None
+                while printed < len(items) and entry_outcome(result_dir, printed, items[printed][2], world):
+                    report(printed)
+                    printed += 1
+                if finished:
+                    break
+                if time.monotonic() > backstop:
+                    _kill_job(process)
+                time.sleep(0.1)
+        finally:   # Ctrl-C, or a closed pipe: the job runs in its own session, so end it here
+            if process.poll() is None:
+                _kill_job(process)
+        log.seek(0)
+        tail = log.read().strip().splitlines()[-300:]
+    return printed, process.returncode, tail
+
+
+def _close_ended_job(result_dir, items, world, limit, start, printed, returncode, tail, report):
+    """Record what a job that ended at entry ``printed`` leaves: the entry that ended it (unless it
+    recorded its own abort), the same check at more ranks (it would end the job too), and the rest
+    of the exercise once it has hung HANGS_BEFORE_STOPPING times. Returns where the next job starts."""
+    if not any(abort_file(result_dir, index).exists() for index in range(start, printed)):
+        _record_crash(result_dir, printed, items, world, limit, returncode, tail)
+        report(printed)
+        printed += 1
+    while printed < len(items) and _ended_the_job(result_dir, printed - 1, items, world) \
+            and items[printed][1] is items[printed - 1][1]:
+        _not_run(result_dir, printed, items, world, limit)
+        report(printed)
+        printed += 1
+    hung = len(_hung_checks(result_dir, printed, items, world))
+    while hung >= HANGS_BEFORE_STOPPING and printed < len(items):   # a whole check stays within a minute
+        _not_run_after_hangs(result_dir, printed, items, world, limit, hung)
+        report(printed)
+        printed += 1
+    return printed
 
 
 def check_overlaid(name, student_dir, limit=CHECK_LIMIT, out=print, reference=None):
