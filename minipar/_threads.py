@@ -5,8 +5,10 @@ thread per rank, and MPI ranks that sleep while they wait when ranks share cores
 (and what a script of your own run under mpiexec calls first). Under an MPI launcher it blocks
 SIGINT at once, before anything else is imported, so that a Ctrl-C arriving while the rank starts
 waits, pending, for the watcher thread (minipar/ctrl_c.py) instead of raising KeyboardInterrupt in
-the middle of an import; then it sets the variables below; then it starts the watcher. Without a
-launcher it does nothing. This module imports only ``os`` and ``signal``.
+the middle of an import; then it sets the variables below; then it starts the watcher; then it
+starts MPI (``minipar.ctrl_c.start_mpi``: MPI_Init with the GIL released, so that the watcher can
+act while a rank waits in MPI_Init for partners). Without a launcher it does nothing. This module
+imports only ``os`` and ``signal``.
 
 The thread variables must be set before NumPy loads, because BLAS reads them only once, at load
 time. Importing this module changes nothing. Ranks that share cores and each
@@ -92,6 +94,7 @@ def start_process():
         return
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # a Ctrl-C from now on waits for the watcher
     set_thread_environment()
-    from minipar.ctrl_c import watch_ctrl_c
+    from minipar.ctrl_c import start_mpi, watch_ctrl_c
 
     watch_ctrl_c()
+    start_mpi()  # MPI_Init with the GIL released, so the watcher can act while a rank waits in it

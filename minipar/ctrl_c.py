@@ -13,7 +13,12 @@ job, whatever the job is doing at that moment:
 * MPI not running yet (still importing, or inside MPI_Init): the watcher waits for MPI_Init to
   finish (at most ``_START_WAIT``, 3 s; the main thread goes on meanwhile), then aborts as above.
   Ranks that simply left while a partner was inside MPI_Init made hydra's mpiexec (5.0.2) wait
-  forever, after every rank had gone;
+  forever, after every rank had gone. For that wait to end, the watcher must be able to run while
+  the main thread is inside MPI_Init, and mpi4py's MPI_Init holds the GIL (a thread that ticks
+  every 0.1 s ticked twice in 2 s of it). So ``start_mpi`` calls MPI_Init_thread through ctypes,
+  which releases the GIL for the call: when a partner died in Python's own start-up and never
+  reaches MPI_Init, the others leave after 3 s instead of waiting in it forever, which is what
+  left mpiexec hanging before (seen in 3 of 21 plain launches interrupted 0.25-0.4 s in);
 * MPI never came up within that time, or has already ended (finalised): nothing to abort through,
   and nothing to wait for, since the launcher gave every rank the signal. Rank 0 says it once and
   every rank leaves at once with 130 (``_end_without_mpi``);
@@ -113,6 +118,36 @@ def _wait_for_ctrl_c():
             _on_ctrl_c()
         except BaseException:  # noqa: BLE001 - the watcher must not die and leave SIGINT blocked
             os._exit(EXIT_INTERRUPTED)
+
+
+def start_mpi():
+    """MPI_Init_thread (MPI_THREAD_MULTIPLE, as mpi4py asks by default) with the GIL released: see the docstring.
+
+    ``start_process`` calls it last, under a launcher only. mpi4py is told not to initialise MPI itself
+    (``mpi4py.rc.initialize``); ``atexit`` finalises it, as mpi4py would have (a rank that aborts leaves
+    through ``os._exit`` and runs no ``atexit``). If the library's MPI_Init_thread cannot be reached
+    through ctypes, mpi4py's own ``Init_thread`` does the same with the GIL held.
+    """
+    import atexit
+    import ctypes
+
+    import mpi4py
+
+    mpi4py.rc.initialize = False
+    from mpi4py import MPI
+
+    if MPI.Is_initialized():
+        return
+    try:
+        init_thread = ctypes.CDLL(MPI.__file__).MPI_Init_thread  # mpi4py's module resolves it from libmpi
+    except (OSError, AttributeError):
+        MPI.Init_thread(MPI.THREAD_MULTIPLE)
+    else:
+        init_thread.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
+        provided = ctypes.c_int(-1)
+        if init_thread(None, None, MPI.THREAD_MULTIPLE, ctypes.byref(provided)) != 0:
+            raise RuntimeError("MPI_Init_thread failed")
+    atexit.register(lambda: MPI.Is_finalized() or MPI.Finalize())
 
 
 def watch_ctrl_c():

@@ -264,7 +264,7 @@ def test_ctrl_c_to_the_launcher_ends_every_rank(tmp_path):
 # SIGINT this long after mpiexec starts 8 ranks: every step of 0.1 s lands somewhere else in start-up
 # (Python starting, minipar's imports, MPI_Init, the checks, the first steps). A few run by default.
 START_UP_DELAYS = [round(0.1 * tenth, 1) for tenth in range(1, 21)]
-# Plain launches early enough to meet Python's own start-up (and its mpiexec hang, docs/checkpoints.md)
+# Plain launches early enough to meet Python's own start-up (docs/checkpoints.md)
 # are slow cases; 0.2 s blocked is inside that start-up.
 QUICK_DELAYS = {"python": (1.0, 2.0), "blocked": (0.2, 0.5)}
 # The launch that closes Python's start-up window (minipar/ctrl_c.py): each rank execs Python with SIGINT
@@ -506,15 +506,46 @@ def test_the_ctrl_c_watcher_aborts_a_running_job(monkeypatch, capsys):
 
 WATCHER_PROBE = textwrap.dedent("""
     import os, signal, sys, time
-    from minipar._threads import start_process
     import minipar.ctrl_c
     minipar.ctrl_c._START_WAIT = float(sys.argv[1])
-    start_process()
+    minipar.ctrl_c.watch_ctrl_c()  # start_process up to starting MPI: this rank is still starting
     print(f"SENT AT {time.time():.3f}", flush=True)
     os.kill(os.getpid(), signal.SIGINT)  # as mpiexec forwards a Ctrl-C
     time.sleep(30)  # the main thread never hears it: SIGINT is blocked here, the watcher takes it
     print("ran on")
 """)
+
+
+PARTNER_DIES_WHILE_STARTING = textwrap.dedent("""
+    import os, time
+    if os.environ["PMI_RANK"] == "1":
+        os._exit(1)  # as a rank does whose Python start-up met the Ctrl-C: gone before MPI_Init
+    from minipar.job import start_process
+    print("STARTING", flush=True)
+    start_process()  # rank 0 now waits in MPI_Init for rank 1, which will never come
+    from mpi4py import MPI  # noqa: F401 (started by now; without start_mpi this import is MPI_Init, GIL held)
+    print("ran on", flush=True)
+""")
+
+
+def test_ctrl_c_ends_a_rank_waiting_in_mpi_init_for_a_partner_that_died_starting(tmp_path):
+    """The plain launch's hang: a rank died in Python's start-up, another waits in MPI_Init for it.
+
+    mpi4py's MPI_Init holds the GIL, so the watcher could not run and the waiting rank (and mpiexec)
+    stayed forever; minipar.ctrl_c.start_mpi calls MPI_Init with the GIL released, and the watcher's
+    3 s wait for MPI ends it."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(PARTNER_DIES_WHILE_STARTING)
+    job = Job([find_mpiexec(), "-n", "2", sys.executable, str(probe)], tmp_path)
+    job.wait_for("STARTING")
+    time.sleep(1.0)  # rank 0 is inside MPI_Init by now
+    sent = time.time()
+    job.process.send_signal(signal.SIGINT)
+    code, ended, stdout, stderr = job.finish(timeout=60)
+    report("SIGINT while rank 0 waits in MPI_Init for a rank dead in start-up", code, ended - sent, stderr)
+    assert code != 0 and ended - sent < ENDS_WITHIN, (code, ended - sent, stderr)
+    assert "ran on" not in stdout and "Traceback" not in stderr, (stdout, stderr)
+    assert stderr.count("interrupted (Ctrl-C) on rank 0 of 2 before MPI was running") == 1, stderr
 
 
 def test_the_ctrl_c_watcher_ends_a_rank_that_mpi_never_reached():
