@@ -53,18 +53,19 @@ collective each: a piece's own parameters, or one parameter shared by two pieces
 MPI_Allgather cut and join it.
 
 Gradient copies per step: one in, none out, as in PyTorch FSDP2 (``foreach_reduce``,
-torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py). Out: each part's .grad is a view of
-the reduce-scatter's output, averaged there in place once (``gradient /= N``, S numbers); a later
-micro-batch's output (stages 2-3) is added into it. In: p's flat gradient is [part 0 | part 1 | ...],
-so in the rank-major buffer it lies in N blocks of s numbers, S apart. No array shaped like p (one
-stride per axis) views that, so backward cannot write there: ``_gradient_rows`` copies each
-gradient in once, zeros going to the padding only. The exception is a unit of one parameter that
-N divides (S = s: the tied embedding when pp = 1), whose flat gradient already is the buffer and
-is sent as it is. No single MPI datatype describes the blocks either (block d sits d s further
-into each parameter, a different shift per parameter). The copy would go only with one
-reduce-scatter per parameter (α per tensor, what units avoid) or by cutting each unit's
-concatenation instead of each parameter, as FSDP1's FlatParameter does, which loses the "same
-positions everywhere" of the parts that the tp and pp sums above rely on.
+torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py). Out: each reduce-scatter's output is
+averaged in place once (``gradient /= N``, S numbers) and the parts' .grad are views of it; a later
+micro-batch's output (stages 2-3) is added into the first. In: p's flat gradient is
+[part 0 | part 1 | ...], so in the rank-major buffer it lies in N blocks of s numbers, S apart. No
+array shaped like p (one stride per axis) views that, so backward cannot write there:
+``_gradient_rows`` copies each gradient in once, zeros going to the padding only. A unit of one
+parameter that N divides (no padding, S = s; e.g. the tied embedding when one stage holds both its
+pieces) is the exception: its flat gradient already is the buffer and is sent as it is. No MPI datatype describes the blocks
+either: block d sits d s further into each parameter, a shift that differs between parameters.
+The copy would go only with one reduce-scatter per parameter (α per tensor, what units avoid) or
+by cutting each unit's concatenation instead of each parameter, as FSDP1's FlatParameter does
+(PyTorch's fully_shard documentation compares the two), which loses the "same positions
+everywhere" of the parts that the tp and pp sums above rely on.
 
 What a parameter is does not change: p.shape is its tensor-parallel shard's shape in every
 stage. In stages 1-2 p.data is the whole shard (a view into its padded buffer, which the part
