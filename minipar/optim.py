@@ -125,7 +125,7 @@ def grad_norm_squared(tensors, communicators=()):
     buffer = xp.zeros(1, dtype=xp.float64)
     for t in tensors:
         if t.grad is not None:
-            buffer += (t.grad.astype(xp.float64) ** 2).sum()
+            buffer += (t.grad.astype(xp.float64, copy=False) ** 2).sum()  # float64 gradients: no copy
     for communicator in communicators:
         communicator.allreduce(buffer)
     return buffer[0]

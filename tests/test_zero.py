@@ -75,3 +75,99 @@ def test_checkpoint_arrays_agree_across_stages_and_resume_any_stage():
     results = results_from_ranks(4, "tests.mpi_bodies.zero_body:check_checkpoint_arrays", timeout=300)
     assert_as_expected(results, checks=["{'dp': 2, 'pp': 2, 'microbatches': 2}",
                                         "{'dp': 2, 'tp': 2, 'sequence_parallel': True}"])
+
+
+# ---- the gradient copies, in one process: a stand-in dp group whose ranks all hold this process's gradients ----
+# N = 4 cuts the tied embedding (16 x 15 = 240 numbers, a unit of its own) without padding and every
+# other parameter (15, 45 x 15, ...) with some, so both ways of building the reduce-scatter input run.
+COPIES = dict(vocab_size=16, block_size=6, n_layer=2, n_head=3, n_embd=15)
+
+
+class _Done:
+    def test(self):
+        return True
+
+    def wait(self):
+        pass
+
+
+class _AlikeRanks:
+    """Rank ``rank`` of ``size`` dp ranks whose gradients all equal this process's: a reduce-scatter
+    sums ``size`` equal contributions, so the average is this rank's part of its own gradient. It
+    keeps each receive buffer it filled."""
+
+    def __init__(self, size, rank):
+        self.size, self.rank, self.received = size, rank, []
+
+    def reduce_scatter(self, send, out):
+        out[...] = send.reshape(self.size, -1)[self.rank] * self.size
+        self.received.append(out)
+
+    def ireduce_scatter(self, send, out):
+        self.reduce_scatter(send, out)
+        return _Done()
+
+
+def _zero_on_alike_ranks(stage, overlap, size=4, rank=1):
+    """(zero, comm, chunk, {id(p): its full gradient of one batch}) for the COPIES model in float64."""
+    from minipar.nn.gpt import GPT, GPTConfig
+    from minipar.parallel.pipeline.partition import partition
+    from minipar.parallel.sharding import label_replicated
+    from minipar.parallel.zero import Zero
+    config = GPTConfig(**COPIES)
+    chunk = partition(label_replicated(GPT(config, dtype="float64")).pieces(), 1, 0)[0]
+    tokens = xp.asarray(xp.arange(2 * 7).reshape(2, 7) % config.vocab_size)
+    batch = (tokens[:, :-1].copy(), tokens[:, 1:].copy())
+    chunk(*batch).backward()
+    full = {id(p): p.grad.copy() for p in chunk.parameters()}
+    for p in chunk.parameters():
+        p.grad = None
+    comm = _AlikeRanks(size, rank)
+    zero = Zero([chunk], comm, stage, overlap=overlap)
+    return zero, comm, chunk, batch, full
+
+
+def test_gradient_rows_copy_each_gradient_once_into_the_rank_major_buffer():
+    """The reduce-scatter input of each unit is ``_rows`` of each gradient side by side, built with
+    no temporary (the only allocation is the buffer itself) and, for a unit of one parameter that N
+    divides, with no copy at all (the buffer is that gradient)."""
+    import tracemalloc
+    zero, _, _, _, full = _zero_on_alike_ranks(stage=1, overlap=False)
+    alone = [unit for unit in zero.units if len(unit.parameters) == 1 and unit.parameters[0].size % zero.count == 0]
+    assert [unit.parameters[0].size for unit in alone] == [16 * 15]  # the tied embedding, which 4 divides
+    padded = [p.size for unit in zero.units for p in unit.parameters if p.size % zero.count]
+    assert padded, "the model must have parameters that N does not divide"
+    for unit in zero.units:
+        for p in unit.parameters:
+            p.grad = full[id(p)].copy()
+        gradients = [p.grad for p in unit.parameters]
+        tracemalloc.start()
+        try:
+            rows = zero._gradient_rows(unit)
+            allocated = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        expected = xp.concatenate([zero._rows(p, full[id(p)]) for p in unit.parameters], axis=1)
+        assert rows.shape == expected.shape and (rows == expected).all()
+        assert all(p.grad is None for p in unit.parameters)  # the full gradients are freed
+        if unit in alone:
+            assert xp.shares_memory(rows, gradients[0]) and allocated < 1024, allocated
+        else:
+            assert rows.nbytes <= allocated < rows.nbytes + 1024, (allocated, rows.nbytes)
+
+
+@pytest.mark.parametrize("stage, overlap", [(1, False), (1, True), (2, False), (2, True)])
+def test_gradient_parts_are_views_of_the_reduce_scatter_output(stage, overlap):
+    """No copy out: after finish_gradient_sync each part's .grad is its slice of its unit's receive
+    buffer, averaged there, and holds this rank's part of the gradient."""
+    zero, comm, chunk, batch, full = _zero_on_alike_ranks(stage, overlap)
+    zero.start_step()
+    chunk(*batch).backward()
+    zero.finish_gradient_sync()
+    assert len(comm.received) == len(zero.units)  # one reduce-scatter per unit
+    for unit in zero.units:
+        [received] = [out for out in comm.received if out is unit.gradient]
+        for p, place in unit.slots():
+            part = zero.updated_tensor(p).grad
+            assert part.base is received and xp.shares_memory(part, received[place]), p.shard.full_name
+            assert (part == zero._rows(p, full[id(p)])[comm.rank]).all(), p.shard.full_name

@@ -52,6 +52,21 @@ collective each: a piece's own parameters, or one parameter shared by two pieces
 [part 0 of each parameter | part 1 of each | ...], as MPI_Reduce_scatter_block and
 MPI_Allgather cut and join it.
 
+Gradient copies per step: one in, none out, as in PyTorch FSDP2 (``foreach_reduce``,
+torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py). Out: each reduce-scatter's output is
+averaged in place once (``gradient /= N``, S numbers) and the parts' .grad are views of it; a later
+micro-batch's output (stages 2-3) is added into the first. In: p's flat gradient is
+[part 0 | part 1 | ...], so in the rank-major buffer it lies in N blocks of s numbers, S apart. No
+array shaped like p (one stride per axis) views that, so backward cannot write there:
+``_gradient_rows`` copies each gradient in once, zeros going to the padding only. A unit of one
+parameter that N divides (no padding, S = s; e.g. the tied embedding when one stage holds both its
+pieces) is the exception: its flat gradient already is the buffer and is sent as it is. No MPI datatype describes the blocks
+either: block d sits d s further into each parameter, a shift that differs between parameters.
+The copy would go only with one reduce-scatter per parameter (α per tensor, what units avoid) or
+by cutting each unit's concatenation instead of each parameter, as FSDP1's FlatParameter does
+(PyTorch's fully_shard documentation compares the two), which loses the "same positions
+everywhere" of the parts that the tp and pp sums above rely on.
+
 What a parameter is does not change: p.shape is its tensor-parallel shard's shape in every
 stage. In stages 1-2 p.data is the whole shard (a view into its padded buffer, which the part
 also views). In stage 3 p.data is the whole shard inside its piece's forward and backward and
@@ -236,6 +251,28 @@ class Zero(GatheredPieces, SingleReplica):
         held = bytes_held(p.grad for p in self.parameters) + sum(rows.nbytes for _, _, rows, _ in self.in_flight)
         self.peak_full_gradients = max(self.peak_full_gradients, held)
 
+    def _gradient_rows(self, unit):
+        """The unit's reduce-scatter input (N, S): row d is ``_rows``' row d of each full gradient, side
+        by side, each copied in once (module docstring); the full gradients are freed."""
+        only = unit.parameters[0]
+        if len(unit.parameters) == 1 and only.grad is not None and only.size == self.count * unit.length:
+            rows, only.grad = only.grad.reshape(self.count, unit.length), None
+            return rows
+        rows = xp.empty((self.count, unit.length), dtype=only.dtype)
+        for p, place in unit.slots():
+            block = rows[:, place]  # (N, s), strided by S: row d is p's part d
+            if p.grad is None:  # no gradient reached p on this rank: it contributes zeros
+                block[...] = 0
+            else:
+                length, flat = block.shape[1], p.grad.reshape(-1)
+                whole, rest = divmod(p.size, length)  # rows that p's numbers fill, then rest numbers
+                block[:whole] = flat[:whole * length].reshape(whole, length)
+                block[whole:] = 0  # the padding, and the partial row written next
+                if rest:
+                    block[whole, :rest] = flat[whole * length:]
+            p.grad = None
+        return rows
+
     def _send(self, unit):
         """Reduce-scatter what the unit's full gradients hold now and free them; blocking, or
         (--overlap) started here and added to the parts when it completes."""
@@ -243,11 +280,7 @@ class Zero(GatheredPieces, SingleReplica):
         if not self.overlap:
             self._reduce_scatter(unit)
             return
-        rows = xp.zeros((self.count, unit.length), dtype=unit.parameters[0].dtype)
-        for p, place in unit.slots():
-            if p.grad is not None:
-                rows[:, place] = self._rows(p, p.grad)
-            p.grad = None
+        rows = self._gradient_rows(unit)
         result = xp.empty(unit.length, dtype=rows.dtype)
         self.in_flight.append((unit, self.comm.ireduce_scatter(rows.reshape(-1), result), rows, result))
         unit.sent = True
@@ -275,11 +308,7 @@ class Zero(GatheredPieces, SingleReplica):
     def _reduce_scatter(self, unit):
         """$ḡ_d = (1/N) Σ_i g_i$ on this rank's parts; each full gradient is freed once packed."""
         ### BEGIN SOLUTION
-        rows = xp.zeros((self.count, unit.length), dtype=unit.parameters[0].dtype)
-        for p, place in unit.slots():
-            if p.grad is not None:
-                rows[:, place] = self._rows(p, p.grad)
-            p.grad = None
+        rows = self._gradient_rows(unit)
         gradient = xp.empty(unit.length, dtype=rows.dtype)
         self.comm.reduce_scatter(rows.reshape(-1), gradient)
         gradient /= self.count

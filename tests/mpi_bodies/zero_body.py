@@ -128,6 +128,11 @@ def check_gradient_memory_with_micro_batches(comm):
         for m, overlap in ((1, False), (4, False), (4, True)):
             trainer, _ = train(world, MODEL, 2, dp=world.size, zero=stage, microbatches=m, overlap=overlap)
             runs[m, overlap] = trainer, trainer.memory_report(), trainer.grid.dp.counters_snapshot()
+        # No copy out: every part's .grad is a slice of its unit's one reduce-scatter output.
+        views = [run.sync.parts[id(p)].grad.base is unit.gradient for run, _, _ in runs.values()
+                 for unit in run.sync.units for p in unit.parameters]
+        checks.append((f"stage {stage}: parts' gradients that view their unit's reduce-scatter output",
+                       sum(views), "==", len(views)))
         trainer, measured, counters = runs[4, False]
         count = trainer.grid.dp.size
         sizes = [array.size for array in trainer.parameter_arrays().values()]
