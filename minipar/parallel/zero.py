@@ -52,20 +52,10 @@ collective each: a piece's own parameters, or one parameter shared by two pieces
 [part 0 of each parameter | part 1 of each | ...], as MPI_Reduce_scatter_block and
 MPI_Allgather cut and join it.
 
-Gradient copies per step: one in, none out, as in PyTorch FSDP2 (``foreach_reduce``,
-torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py). Out: each reduce-scatter's output is
-averaged in place once (``gradient /= N``, S numbers) and the parts' .grad are views of it; a later
-micro-batch's output (stages 2-3) is added into the first. In: p's flat gradient is
-[part 0 | part 1 | ...], so in the rank-major buffer it lies in N blocks of s numbers, S apart. No
-array shaped like p (one stride per axis) views that, so backward cannot write there:
-``_gradient_rows`` copies each gradient in once, zeros going to the padding only. A unit of one
-parameter that N divides (no padding, S = s; e.g. the tied embedding when one stage holds both its
-pieces) is the exception: its flat gradient already is the buffer and is sent as it is. No MPI datatype describes the blocks
-either: block d sits d s further into each parameter, a shift that differs between parameters.
-The copy would go only with one reduce-scatter per parameter (α per tensor, what units avoid) or
-by cutting each unit's concatenation instead of each parameter, as FSDP1's FlatParameter does
-(PyTorch's fully_shard documentation compares the two), which loses the "same positions
-everywhere" of the parts that the tp and pp sums above rely on.
+Gradient copies per step: one in, none out, as in PyTorch FSDP2. The parts' .grad are views of
+each reduce-scatter's output, averaged there in place once; ``_gradient_rows`` copies each full
+gradient once into the rank-major buffer (no array shaped like p can view its N blocks there).
+docs/zero.md, "Gradient copies", says why that copy stays and what removing it would cost.
 
 What a parameter is does not change: p.shape is its tensor-parallel shard's shape in every
 stage. In stages 1-2 p.data is the whole shard (a view into its padded buffer, which the part
@@ -96,49 +86,9 @@ from minipar.errors import ConfigError
 from minipar.parallel.gradient_sync import SingleReplica, bytes_held
 from minipar.parallel.zero_gather import GatheredPieces, order_of_pieces
 from minipar.parallel.zero_state import ZeroState
+from minipar.parallel.zero_units import Unit, make_units, part_length  # noqa: F401 (Unit: re-exported)
 
 MAX_REDUCE_SCATTERS_IN_FLIGHT = 2  # --overlap: at most this many send buffers (full-size) held at once
-
-
-def part_length(size, count):
-    """s = ceil(n / N): each of N ranks owns s numbers of a parameter of n, padded to N s."""
-    return -(-size // count)
-
-
-class Unit:
-    """Parameters that are reduce-scattered and all-gathered together, by one call each."""
-
-    def __init__(self, parameters, count):
-        self.parameters = parameters
-        lengths = [part_length(p.size, count) for p in parameters]
-        starts = [sum(lengths[:i]) for i in range(len(lengths))]
-        self.places = [slice(start, start + length) for start, length in zip(starts, lengths, strict=True)]
-        self.length = sum(lengths)  # S: this rank's part of every parameter of the unit
-        self.final = 0  # parameters whose gradient of the current micro-batch is complete
-        self.sent = False  # reduce-scattered at least once in this step
-        self.gradient = None  # (S,): this rank's part of the averaged gradient, summed over sends
-
-    def slots(self):
-        return zip(self.parameters, self.places, strict=True)
-
-
-def make_units(pieces, count):
-    """One unit per piece for its own parameters, one per parameter shared by pieces; and
-    {id(piece): the units it needs}, {id(p): how many pieces use p}."""
-    uses = {}
-    for piece in pieces:
-        for p in piece.parameters():
-            uses[id(p)] = uses.get(id(p), 0) + 1
-    units, needs, alone = [], {}, {}
-    for piece in pieces:
-        own = [p for p in piece.parameters() if uses[id(p)] == 1]
-        needs[id(piece)] = [Unit(own, count)] if own else []
-        units += needs[id(piece)]
-        for p in (p for p in piece.parameters() if uses[id(p)] > 1):
-            if id(p) not in alone:
-                units.append(alone.setdefault(id(p), Unit([p], count)))
-            needs[id(piece)].append(alone[id(p)])
-    return units, needs, uses
 
 
 class Zero(GatheredPieces, SingleReplica):
