@@ -1,11 +1,11 @@
 """Check an op's backward against central finite differences.
 
-For a scalar function f of an input x, each partial derivative is approximated by
+For a scalar function $f$ of an input $x$, each partial derivative is approximated by
 
-    df/dx_i ~ (f(x + h e_i) - f(x - h e_i)) / (2h),
+$$∂f/∂x_i ≈ (f(x + h e_i) − f(x − h e_i)) / (2h),$$
 
-whose error shrinks like h^2. In float64 with h = 1e-6 the estimate agrees with a correct
-analytic gradient to about 1e-8 relative, while a wrong backward is off by O(1).
+whose error shrinks like $h²$. In float64 with $h$ = 1e-6 the estimate agrees with a correct
+analytic gradient to about 1e-8 relative, while a wrong backward is off by $O(1)$.
 """
 from minipar.backend import host_rng, xp
 from minipar.tensor import Tensor
@@ -30,7 +30,7 @@ def numerical_gradient(function, arrays, index, step=1e-6):
 def check_gradients(build, arrays, differentiable=None, seed=0, atol=1e-7, rtol=1e-6):
     """Compare autograd with central differences for ``build(*tensors) -> Tensor``.
 
-    The output is reduced with a fixed random weighting, L = sum(w * out), so every
+    The output $y$ is reduced with a fixed random weighting, $L = Σ_i w_i y_i$, so every
     element of the output's gradient is exercised, not only its sum. Returns the largest
     absolute error; raises AssertionError naming the input and the worst element.
     """

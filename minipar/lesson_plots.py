@@ -53,9 +53,9 @@ def _symbol(axis, x, y, text, size=14):
 def draw_column_row_split(tp=4):
     """The tensor-parallel MLP of Shoeybi et al. (2019, section 3) on ``tp`` ranks, one colour per rank.
 
-    Top: Y = GELU(X A) with A split by columns, so rank j computes the columns Y_j = GELU(X A_j)
-    alone (GELU acts elementwise, so no sum is needed before it). Bottom: Z = Y B with B split
-    by rows, so rank j computes the partial product Y_j B_j, already full size, and the
+    Top: $Y = gelu(X A)$ with $A$ split by columns, so rank $j$ computes the columns $Y_j = gelu(X A_j)$
+    alone (GELU acts elementwise, so no sum is needed before it). Bottom: $Z = Y B$ with $B$ split
+    by rows, so rank $j$ computes the partial product $Y_j B_j$, already full size, and the
     allreduce (Megatron's g) adds them. Grey means "the same on every rank".
     """
     import matplotlib.pyplot as plt

@@ -1,6 +1,6 @@
 """Mixed-precision training: 16-bit compute on fp32 master weights (``--precision bf16|fp16``).
 
-Micikevicius et al. 2018, "Mixed Precision Training"; the memory it implies is ZeRO's (2 + 2 + 12)Ψ
+Micikevicius et al. 2018, "Mixed Precision Training"; the memory it implies is ZeRO's $(2 + 2 + 12)Ψ$
 (Rajbhandari et al. 2020, section 3.1). Who holds what, per rank, for the tensors it updates:
 
     working weights    16-bit   what forward and backward read: round(master) after every step
@@ -202,7 +202,7 @@ class MixedPrecision:
 
     def memory_report(self, report):
         """The sync's report with 16-bit arrays at 2 bytes per element and the fp32 masters added to
-        the optimizer's state: (2 + 2 + 12)Ψ per replica, ZeRO's table under ZeRO (docs/mixed_precision.md).
+        the optimizer's state: $(2 + 2 + 12)Ψ$ per replica, ZeRO's table under ZeRO (docs/mixed_precision.md).
         ``storage_bytes``: what this process really holds (its 16-bit numbers sit in float32 arrays)."""
         width = FORMAT_BYTES[self.precision]
         out = {key: value * width // 4 if key in WORKING_KEYS else value for key, value in report.items()}

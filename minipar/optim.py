@@ -118,7 +118,7 @@ def decay_groups(named_parameters, weight_decay):
 
 
 def grad_norm_squared(tensors, communicators=()):
-    """||g||^2 = Σ g^2 over the gradients of ``tensors`` (in float64), then summed over each of
+    """$‖g‖² = Σ g²$ over the gradients of ``tensors`` (in float64), then summed over each of
     ``communicators``: the whole model's, when every rank passes the tensors only it counts.
 
     A 0-d array: on a GPU it stays there, so the step neither copies it nor waits for it."""

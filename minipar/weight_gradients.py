@@ -3,9 +3,7 @@ Pipeline Parallelism").
 
 A pipeline stage's backward does two jobs: B, the gradient of its input, which the previous stage
 is waiting for, and W, the gradient of its weights, which nobody needs until the optimizer step.
-For y = x W,
-
-    B:  dL/dx = dL/dy W^T          W:  dL/dW = x^T dL/dy
+For $y = x W$, B computes $∂L/∂x = (∂L/∂y) Wᵀ$ and W computes $∂L/∂W = xᵀ (∂L/∂y)$.
 
 ``Tensor.backward(grad, defer_weights=True, inputs=(x,))`` runs B only and returns a
 ``WeightGradients``: every op runs its backward for the tensors that are not leaves (and for the

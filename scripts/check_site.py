@@ -18,6 +18,8 @@ run time). Every page must load with:
 * a lesson's figures shown at 75% of their size or more (smaller, their labels cannot be read);
 * no number in a table broken across two lines, and no page wider than the window (a wide table
   scrolls inside its column);
+* no list drawn as a paragraph: Markdown reads a list with no blank line before it, or an item's
+  second block indented by fewer than 4 spaces, as running text ("... signature. 3. Check: ...");
 * an API page with no dunder (``__repr__``, ``__all__``) among its entries;
 * a lesson's sidebar entry reading as its label in ``mkdocs.yml``'s nav, not the notebook's title;
 * every link inside the site pointing to a page or file that exists, and to an anchor on that page.
@@ -76,7 +78,10 @@ const wrappedNumbers = [...document.querySelectorAll('article td, article th')].
   return Math.max(...tops) - Math.min(...tops) > 8;  // a second line, not a code span's padding
 }).map(cell => cell.textContent.trim());
 const overflow = document.documentElement.scrollWidth - document.documentElement.clientWidth;
-return {images, links, text, wrappedNumbers, overflow, formulas: document.querySelectorAll('math').length,
+// A paragraph with a line that starts like a list item ("- ", "3. "): a list Markdown did not see.
+const listsAsText = [...document.querySelectorAll('article p')].map(p => p.textContent)
+  .map(text => text.match(/\\n\\s*(?:[-*+]|[0-9]{1,2}\\.) \\S.{0,40}/)).filter(Boolean).map(match => match[0].trim());
+return {images, links, text, wrappedNumbers, overflow, listsAsText, formulas: document.querySelectorAll('math').length,
         mathErrors: document.querySelectorAll('math merror').length, title: document.title,
         height: document.documentElement.scrollHeight, navLabel: active ? active.textContent.trim() : null,
         headings};
@@ -179,6 +184,9 @@ def check_page(driver, base, page, lessons, allow_unexecuted, nav_labels=None):
             problems.append(f"shows {shown} of the {lesson['figures']} figures its executed notebook holds")
     if state["wrappedNumbers"]:
         problems.append(f"numbers wrapped inside a table cell: {', '.join(state['wrappedNumbers'][:5])}")
+    if state["listsAsText"]:
+        problems.append(f"a list drawn as a paragraph (a blank line before it, its items' blocks indented 4 spaces): "
+                        f"{' | '.join(state['listsAsText'][:3])}")
     if state["overflow"] > 2:
         problems.append(f"the page is {state['overflow']} px wider than the window (a table or figure overflows)")
     if state["mathErrors"]:

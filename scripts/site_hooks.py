@@ -331,10 +331,10 @@ UNICODE_TEX = {"−": "-", "×": r"\times ", "·": r"\cdot ", "≈": r"\approx "
                **{chr(0x2080 + digit): f"_{digit}" for digit in range(10)}}
 UNICODE_MATH = re.compile("|".join(sorted(map(re.escape, UNICODE_TEX), key=len, reverse=True)))
 # ... and, in a formula without a single backslash (a docstring's: no escapes in Python strings), the names of
-# functions are upright, as TeX sets them: lg N, log, exp, max, softmax.
+# functions are upright, as TeX sets them: lg N, log, exp, max, softmax, and the operator mod (c mod p).
 TEX_FUNCTIONS = ("lg", "log", "ln", "exp", "max", "min", "sin", "cos", "tanh")
 FUNCTION_NAME = re.compile(r"(?<![A-Za-z])(lg|log|ln|exp|max|min|sin|cos|tanh|softmax|logsumexp|onehot|mean|rowsum|"
-                           r"gelu|sqrt)(?![A-Za-z])")
+                           r"gelu|sqrt|mod)(?![A-Za-z])")
 HAT = re.compile("([A-Za-zα-ω])\u0302")  # m̂: m and a combining circumflex
 ROOT_OF = re.compile(r"√(\([^()]*\)|\\hat\{.\}|[A-Za-zα-ω0-9])")  # √(2L), √v̂, √d: the radicand
 

@@ -66,6 +66,7 @@ def test_unicode_symbols_in_a_formula_become_tex_commands():
     assert hooks._unicode_to_tex("S = Q Kᵀ / sqrt(d)") == "S = Q K^T / \\sqrt{d}"
     assert hooks._unicode_to_tex("m̂ = m / (1 − β₁ᵗ)") == "\\hat{m} = m / (1 - β_1^t)"
     assert hooks._unicode_to_tex("p = softmax(x)   y = x") == "p = \\operatorname{softmax}(x) \\quad y = x"
+    assert hooks._unicode_to_tex("rank c mod p") == "rank c \\operatorname{mod} p"  # the operator, not m·o·d
     # TeX is left as it is: a formula with a backslash is not read for function names
     assert hooks._unicode_to_tex("\\min(p - s, m) + \\text{max}") == "\\min(p - s, m) + \\text{max}"
 

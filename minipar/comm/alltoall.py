@@ -4,7 +4,7 @@ Expert parallelism's dispatch and combine (``parallel/expert_parallel.py``): ``a
 equal blocks, ``alltoallv`` uneven ones whose sizes each rank learns first with
 ``exchange_counts``. ``algorithm="mpi"`` calls ``MPI_Alltoall(v)``; "pairwise" runs the hand-built
 exchange (``collectives.pairwise_alltoall``), which the GPU wires use for "mpi" too. Each rank sends
-and receives every block but its own: (N−1)/N of n when the blocks are equal.
+and receives every block but its own: $(N−1)/N$ of the $n$ elements when the blocks are equal.
 """
 import time
 
@@ -22,7 +22,8 @@ class AllToAll:
 
         The first axis of ``send`` is cut into ``size`` equal blocks, and ``out`` has the same
         shape and dtype. ``algorithm``: "mpi" (``MPI_Alltoall``) or "pairwise" (the hand-built
-        exchange in ``minipar.comm.collectives``). Each rank sends and receives (N−1)/N of n.
+        exchange in ``minipar.comm.collectives``). Each rank sends and receives $(N−1)/N$ of the $n$
+        elements.
         """
         check_choice(algorithm, {"mpi", "pairwise"}, "algorithm", "alltoall")
         check_array(send, "send", "alltoall")

@@ -75,14 +75,14 @@ def _scratch(flat, count):
 def ring_reduce_scatter(mpi_comm, buffer, op="sum"):
     """Ring reduce-scatter, in place: afterwards block ``rank`` of ``buffer`` holds the reduction.
 
-    Re-creates ``MPI_Reduce_scatter_block``. The buffer is cut into N blocks
-    (``block_bounds``). Ranks form a ring; at step s = 0 … N−2 rank r sends
-    block (r−s−1) mod N to rank r+1 and receives block (r−s−2) mod N from
-    rank r−1, adding it into its own copy. Each block travels once round the
+    Re-creates ``MPI_Reduce_scatter_block``. The buffer is cut into $N$ blocks
+    (``block_bounds``). Ranks form a ring; at step $s = 0 … N−2$ rank $r$ sends
+    block $(r−s−1) mod N$ to rank $r+1$ and receives block $(r−s−2) mod N$ from
+    rank $r−1$, adding it into its own copy. Each block travels once round the
     ring collecting one contribution per hop, and the block that arrives
-    last at rank r is block r, now complete. Other blocks hold partial sums.
+    last at rank $r$ is block $r$, now complete. Other blocks hold partial sums.
 
-    Rank r sends every block except block r: $(N−1)/N$ of the data when N
+    Rank $r$ sends every block except block $r$: $(N−1)/N$ of the data when $N$
     divides it. Cost $(N−1)α + ((N−1)/N)nβ + ((N−1)/N)nγ$
     (Patarasuk & Yuan 2009; Thakur, Rabenseifner & Gropp 2005).
     """
@@ -111,14 +111,14 @@ def ring_reduce_scatter(mpi_comm, buffer, op="sum"):
 def ring_all_gather(mpi_comm, buffer):
     """Ring all-gather, in place: block ``rank`` of ``buffer`` is copied to every rank.
 
-    Re-creates ``MPI_Allgather``. On entry rank r owns block r. At step
-    s = 0 … N−2 rank r sends block (r−s) mod N to rank r+1 and receives block
-    (r−s−1) mod N from rank r−1, straight into place: each step forwards the
-    block that arrived in the step before. After N−1 steps every block has
+    Re-creates ``MPI_Allgather``. On entry rank $r$ owns block $r$. At step
+    $s = 0 … N−2$ rank $r$ sends block $(r−s) mod N$ to rank $r+1$ and receives block
+    $(r−s−1) mod N$ from rank $r−1$, straight into place: each step forwards the
+    block that arrived in the step before. After $N−1$ steps every block has
     been everywhere.
 
-    Rank r sends every block except block r+1: $(N−1)/N$ of the gathered data
-    when N divides it. Cost $(N−1)α + ((N−1)/N)nβ$, no reduction
+    Rank $r$ sends every block except block $r+1$: $(N−1)/N$ of the gathered data
+    when $N$ divides it. Cost $(N−1)α + ((N−1)/N)nβ$, no reduction
     (Patarasuk & Yuan 2009; Thakur, Rabenseifner & Gropp 2005).
     """
     ### BEGIN SOLUTION
@@ -149,7 +149,7 @@ def ring_allreduce(mpi_comm, buffer, op="sum"):
     Each rank sends, and receives, $2(N−1)/N$ of the data, independent of N in
     the limit: the bandwidth-optimal amount (Patarasuk & Yuan 2009). Cost
     $2(N−1)α + 2((N−1)/N)nβ + ((N−1)/N)nγ$ (Thakur, Rabenseifner & Gropp 2005;
-    NVIDIA nccl-tests doc/PERFORMANCE.md for the 2(N−1)/N "bus bandwidth" factor).
+    NVIDIA nccl-tests doc/PERFORMANCE.md for the $2(N−1)/N$ "bus bandwidth" factor).
     Every block is reduced on one rank and then copied, so all ranks end with
     bitwise identical results.
     """
@@ -159,21 +159,21 @@ def ring_allreduce(mpi_comm, buffer, op="sum"):
 def recursive_doubling_allreduce(mpi_comm, buffer, op="sum"):
     """Recursive-doubling allreduce, in place.
 
-    Re-creates ``MPI_Allreduce`` as MPICH runs it for short messages. With N a
-    power of two, in round k = 0 … lg N − 1 each rank swaps its whole buffer
-    with the rank whose number differs in bit k and reduces; after lg N rounds
+    Re-creates ``MPI_Allreduce`` as MPICH runs it for short messages. With $N$ a
+    power of two, in round $k = 0 … lg N − 1$ each rank swaps its whole buffer
+    with the rank whose number differs in bit $k$ and reduces; after $lg N$ rounds
     every rank holds everything. Both partners reduce the same two operands
     (in swapped order, and + is commutative), so results are bitwise identical.
 
-    Other N: let P be the largest power of two ≤ N and E = N − P. First, among
-    ranks 0 … 2E−1 each even rank sends its buffer to the odd rank above it
-    and sits out; the P remaining ranks run the rounds above; last, each odd
-    rank below 2E sends the result back to its even neighbour. This folding
+    Other $N$: let $P$ be the largest power of two $≤ N$ and $E = N − P$. First, among
+    ranks $0 … 2E−1$ each even rank sends its buffer to the odd rank above it
+    and sits out; the $P$ remaining ranks run the rounds above; last, each odd
+    rank below $2E$ sends the result back to its even neighbour. This folding
     adds two steps (Thakur, Rabenseifner & Gropp 2005, section 4).
 
-    Cost $lg N α + n lg N β + n lg N γ$ for N a power of two (Thakur,
-    Rabenseifner & Gropp 2005): few messages, so good for small n, but every
-    round moves the whole buffer, so worse than the ring for large n.
+    Cost $lg N · α + n lg N · β + n lg N · γ$ for $N$ a power of two (Thakur,
+    Rabenseifner & Gropp 2005): few messages, so good for small $n$, but every
+    round moves the whole buffer, so worse than the ring for large $n$.
     """
     ### BEGIN SOLUTION
     reduce_into = REDUCE_INTO[op]
@@ -225,15 +225,15 @@ def pairwise_alltoall(mpi_comm, send, out, send_bounds, receive_bounds):
     Re-creates ``MPI_Alltoall`` / ``MPI_Alltoallv`` as MPICH runs them for long messages. The
     bounds are (start, stop) element offsets into the flat buffers, one pair per rank, so equal
     blocks (all-to-all) and uneven ones (all-to-allv) are the same loop. Rank r first copies
-    its own block, then at step s = 1 … N−1 sends to rank r+s and receives from rank r−s (mod N)
-    in one ``Sendrecv``: at every step each rank has exactly one partner each way, so no rank
-    waits on a busy one, and after N−1 steps every pair has met once.
+    its own block, then at step $s = 1 … N−1$ sends to rank $r+s$ and receives from rank $r−s$
+    (mod $N$) in one ``Sendrecv``: at every step each rank has exactly one partner each way, so no
+    rank waits on a busy one, and after $N−1$ steps every pair has met once.
 
-    Rank r sends everything but its own block: (N−1)/N of the data when the blocks are equal.
+    Rank $r$ sends everything but its own block: $(N−1)/N$ of the data when the blocks are equal.
     Cost $(N−1)α + ((N−1)/N)nβ$, nothing reduced (Thakur, Rabenseifner & Gropp 2005).
     Unlike the ring collectives no block is forwarded: each travels once, straight to its owner.
 
-    The course's contract (exercise pairwise_alltoall): point-to-point messages only, N−1 exchanges
+    The course's contract (exercise pairwise_alltoall): point-to-point messages only, $N−1$ exchanges
     per call, each with a distinct partner and each block sent once in ``send``'s own dtype (empty
     blocks included or skipped on both sides alike), an order that cannot deadlock when every send
     is synchronous, and the ``Traffic`` of what moved.

@@ -26,7 +26,7 @@ gathered size for ``allgather`` and ``reduce_scatter``), ``bytes_sent``,
 for point to point and for the hand-built collectives (every message is
 counted). MPI does not report what its built-ins move, so for
 ``algorithm="mpi"`` they record the textbook volume of the ring (allreduce
-2(N−1)/N·n, allgather and reduce-scatter (N−1)/N·n) or of the binomial tree
+$2(N−1)/N·n$, allgather and reduce-scatter $(N−1)/N·n$) or of the binomial tree
 (broadcast, reduce) or of the direct exchange (alltoall, alltoallv: every block
 but one's own, each way) — a model, not a measurement. Non-blocking calls
 (``isend``, ``irecv``, ``iallreduce``) count their bytes when posted and their
@@ -35,7 +35,7 @@ seconds as the time blocked in posting and waiting.
 Listeners. ``comm.add_listener(fn)`` has ``fn(name, start, end, nbytes)``
 called after every call (at ``wait()`` for non-blocking ones), with
 ``time.perf_counter`` times and ``nbytes`` the size of the data the call was
-given (the n of the cost formulas), for tracing timelines.
+given (the $n$ of the cost formulas), for tracing timelines.
 """
 import numbers
 import time
@@ -198,7 +198,7 @@ class Communicator(Bookkeeping, NonblockingCollectives, AllToAll):
         """Rank r receives block r of the root's ``send`` (cut along the first axis) into ``out``.
 
         ``send`` matters on the root only (others may pass None); its shape there must be
-        ``(size * out.shape[0], *out.shape[1:])``. MPI's built-in; the root sends (N−1)/N of it.
+        ``(size * out.shape[0], *out.shape[1:])``. MPI's built-in; the root sends $(N−1)/N$ of it.
         """
         self._check_root(root, "scatter")
         started = time.perf_counter()

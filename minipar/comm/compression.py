@@ -99,7 +99,7 @@ def compressed_ring_allreduce(mpi_comm, buffer, codec, op="sum"):
     encodes each block before its hop and decodes it on arrival (``_EncodedWire``), so the sum
     is still formed in the buffer's precision. After the reduce-scatter each rank rounds its
     finished block once more and the all-gather moves the rounded words, so every rank ends
-    with the same values. Bytes: 2(N−1)/N · n · 2 per rank.
+    with the same values. Bytes: $2(N−1)/N · n · 2$ per rank.
     """
     if op != "sum":
         raise ConfigError(f"the 16-bit ring only sums, got op={op!r}")
@@ -197,7 +197,8 @@ class HalfPrecision:
 
 
 class TopK:
-    """Top-k sparsification with error feedback; k = ceil(ratio · n) per gradient array."""
+    """Top-k sparsification with error feedback; $k = ⌈r·n⌉$ per gradient array of $n$
+    elements, $r$ the ``ratio``."""
 
     def __init__(self, ratio):
         if not 0 < ratio <= 1:

@@ -1,32 +1,39 @@
 """Hierarchical allreduce: reduce inside each node, allreduce across nodes, broadcast back.
 
 Inside a node ranks talk over fast links (NVLink, shared memory); between nodes over a slower
-network (InfiniBand). A flat ring of N = M·K ranks (M nodes of K ranks, numbered node by node)
-crosses the network on every node's last link at each of its 2(N−1) steps. The hierarchical
+network (InfiniBand). A flat ring of $N = M·K$ ranks ($M$ nodes of $K$ ranks, numbered node by
+node) crosses the network on every node's last link at each of its $2(N−1)$ steps. The hierarchical
 allreduce (Jia et al. 2018, "Highly scalable deep learning training system with mixed-precision";
 Horovod's and ChainerMN's hierarchical communicators) sends far less over the network:
 
-    1. reduce     the K ranks of a node sum into their leader (local rank 0)   intra-node
-    2. allreduce  the M leaders run a ring among themselves                     inter-node
-    3. broadcast  each leader copies the result to its K ranks                  intra-node
+| step         | what happens                                                      | links      |
+|--------------|-------------------------------------------------------------------|------------|
+| 1. reduce    | the $K$ ranks of a node sum into their leader (local rank 0)      | intra-node |
+| 2. allreduce | the $M$ leaders run a ring among themselves                       | inter-node |
+| 3. broadcast | each leader copies the result to its $K$ ranks                    | intra-node |
 
-Bytes crossing node boundaries for n bytes of data, all nodes together:
+Bytes crossing node boundaries for $n$ bytes of data, all nodes together:
 
-    flat ring      M · 2(N−1)/N · n     (one crossing link per node, every step)
-    hierarchical   M · 2(M−1)/M · n  =  2(M−1) · n
+| allreduce    | bytes between nodes               | why                                      |
+|--------------|-----------------------------------|------------------------------------------|
+| flat ring    | $M · 2(N−1)/N · n$                | one crossing link per node, every step   |
+| hierarchical | $M · 2(M−1)/M · n = 2(M−1) · n$   | only the leaders' ring crosses           |
 
-For N = 8 as 2 nodes of 4: 3.5 n against 2 n. With α–β costs (α latency, β seconds per byte,
-subscript for the link; binomial trees inside the node):
+For $N = 8$ as 2 nodes of 4: $3.5 n$ against $2 n$. With α–β costs ($α$ latency, $β$ seconds per
+byte, subscript for the link; binomial trees inside the node; in the flat ring the slowest link
+sets the pace):
 
-    T_flat ≈ 2(N−1) α_inter + 2((N−1)/N) n β_inter          (the slowest link sets the pace)
-    T_hier ≈ 2⌈lg K⌉ (α_intra + n β_intra) + 2(M−1) α_inter + 2((M−1)/M) n β_inter
+| allreduce    | time                                                                                  |
+|--------------|---------------------------------------------------------------------------------------|
+| flat ring    | $T_{flat} ≈ 2(N−1) α_{inter} + 2((N−1)/N) n β_{inter}$                                |
+| hierarchical | $T_{hier} ≈ 2⌈lg K⌉ (α_{intra} + n β_{intra}) + 2(M−1) α_{inter} + 2((M−1)/M) n β_{inter}$ |
 
 The sum is the same as the flat allreduce's, formed in another order: equal in exact arithmetic,
 and in floating point equal up to rounding (bitwise equal for integer-valued data).
 
 Nodes come from MPI itself (``shared_memory_node``: ranks that share memory) or, to teach it on
-one machine, from ``node_of_world_rank(K)``: world ranks 0..K−1 are node 0, K..2K−1 node 1, and so
-on (``--ranks-per-node K``). Any group can be split this way, a data-parallel group of a 3D grid too.
+one machine, from ``node_of_world_rank(K)``: world ranks $0 … K−1$ are node 0, $K … 2K−1$ node 1, and
+so on (``--ranks-per-node K``). Any group can be split this way, a data-parallel group of a 3D grid too.
 """
 from mpi4py import MPI
 
@@ -69,7 +76,7 @@ class NodeGroups:
 
 
 def node_of_world_rank(ranks_per_node):
-    """Simulated nodes for teaching on one machine: world ranks 0..K−1 are node 0, K..2K−1 node 1, …"""
+    """Simulated nodes for teaching on one machine: world ranks $0 … K−1$ are node 0, $K … 2K−1$ node 1, …"""
     world = MPI.COMM_WORLD
     if isinstance(ranks_per_node, bool) or not isinstance(ranks_per_node, int) or ranks_per_node < 1:
         raise ConfigError(f"ranks_per_node must be a positive integer, got {ranks_per_node!r}")

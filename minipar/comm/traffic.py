@@ -5,8 +5,8 @@ The hand-built collectives (``collectives.py``, ``tree_collectives.py``) count t
 message by message; ``modelled_traffic`` and ``alltoall_traffic`` give the same figures without
 moving anything, which is how the Communicator counts MPI's built-ins (whose real traffic MPI
 does not report) and how the planner (``minipar/plan/traffic.py``) predicts a step's bytes. The
-volumes: ring reduce-scatter and all-gather (N−1)/N·n each, ring allreduce 2(N−1)/N·n, binomial
-tree ⌈lg N⌉·n on the root's links (Thakur, Rabenseifner & Gropp 2005; Patarasuk & Yuan 2009).
+volumes: ring reduce-scatter and all-gather $(N−1)/N·n$ each, ring allreduce $2(N−1)/N·n$,
+binomial tree $⌈lg N⌉·n$ on the root's links (Thakur, Rabenseifner & Gropp 2005; Patarasuk & Yuan 2009).
 """
 from dataclasses import dataclass
 

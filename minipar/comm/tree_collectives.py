@@ -1,7 +1,7 @@
 """Collectives on a binomial tree, built by hand from point-to-point messages: broadcast, reduce,
 and allreduce as a reduce then a broadcast.
 
-MPICH runs ``MPI_Bcast`` and ``MPI_Reduce`` this way for short messages: ⌈lg N⌉ rounds, the
+MPICH runs ``MPI_Bcast`` and ``MPI_Reduce`` this way for short messages: $⌈lg N⌉$ rounds, the
 number of ranks holding the data doubling every round (Thakur, Rabenseifner & Gropp 2005). The
 conventions are those of ``collectives.py`` (raw mpi4py communicators, contiguous host buffers
 worked on in place, ``op`` "sum" or "max", a tag per collective); which rank is whose parent and
@@ -18,8 +18,8 @@ def tree_allreduce(mpi_comm, buffer, op="sum"):
     """Allreduce as a binomial-tree reduce to rank 0 followed by a binomial-tree broadcast.
 
     The simplest correct allreduce. Cost $2⌈lg N⌉(α + nβ) + ⌈lg N⌉nγ$ (Thakur,
-    Rabenseifner & Gropp 2005): the root's links carry ⌈lg N⌉ × n each way,
-    so it scales worst of the three for large n.
+    Rabenseifner & Gropp 2005): the root's links carry $⌈lg N⌉ × n$ each way,
+    so it scales worst of the three for large $n$.
     """
     return tree_reduce(mpi_comm, buffer, 0, op) + tree_broadcast(mpi_comm, buffer, 0)
 
@@ -29,11 +29,11 @@ def tree_broadcast(mpi_comm, buffer, root=0):
 
     Re-creates ``MPI_Bcast`` as MPICH runs it for short messages. Number
     ranks relative to the root. A rank receives once, from the rank that
-    differs in its lowest set bit, then forwards to relative + 2^j for each
+    differs in its lowest set bit, then forwards to relative $+ 2^j$ for each
     smaller power of two: the number of ranks holding the data doubles every
-    round, so ⌈lg N⌉ rounds reach everyone.
+    round, so $⌈lg N⌉$ rounds reach everyone.
 
-    Every non-root rank receives n bytes; the root sends $⌈lg N⌉ × n$. Cost
+    Every non-root rank receives $n$ bytes; the root sends $⌈lg N⌉ × n$. Cost
     $⌈lg N⌉(α + nβ)$ (Thakur, Rabenseifner & Gropp 2005).
     """
     flat = _flat(buffer)
@@ -58,7 +58,7 @@ def tree_reduce(mpi_comm, buffer, root=0, op="sum"):
     result to its parent. On ranks other than the root the buffer is left
     holding that partial result.
 
-    Every non-root rank sends n bytes once; the root receives ⌈lg N⌉ × n.
+    Every non-root rank sends $n$ bytes once; the root receives $⌈lg N⌉ × n$.
     Cost $⌈lg N⌉(α + nβ + nγ)$ (Thakur, Rabenseifner & Gropp 2005).
     """
     reduce_into = REDUCE_INTO[op]

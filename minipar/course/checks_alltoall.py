@@ -1,15 +1,15 @@
 """Checks for the hand-built pairwise-exchange all-to-all (``pairwise_alltoall`` in
 minipar/comm/collectives.py): values and contract.
 
-Values. The element k of the block rank i sends rank j is 100000·i + 1000·j + (k mod 1000), an
+Values. The element $k$ of the block rank $i$ sends rank $j$ is $100000·i + 1000·j + (k mod 1000)$, an
 integer exact in float32 and float64, so a wrong value names who sent it to whom. Each check
 calls the function on several exchanges in a row, as expert parallelism does step after step:
 equal blocks, uneven blocks with some empty, every block but the own one empty, and blocks far
 above MPI's eager limit, in float64 and float32; ``out`` keeps its dtype, ``send`` is untouched.
 
 Contract, read from a ``Spy`` on the communicator (``spy.py``): no MPI collective (no Alltoall);
-at most N − 1 sends and N − 1 receives per call, each with a distinct partner other than the rank
-itself (exactly N − 1 each way when no block is empty), every non-empty block sent once to its
+at most $N − 1$ sends and $N − 1$ receives per call, each with a distinct partner other than the
+rank itself (exactly $N − 1$ each way when no block is empty), every non-empty block sent once to its
 owner, whole, in the buffer's own dtype; the ``Traffic`` returned is what the spy saw moving. Sends
 are synchronous (``Ssend``), so an order that needs MPI to buffer a message (every rank sending
 before it receives) deadlocks here on every size; such a check ends at its short limit with the

@@ -1,15 +1,15 @@
 """Checks for the hand-built collectives (minipar/comm/collectives.py): values and contract.
 
-Values. Element j of rank r is (1 + j mod 4)·10^r in float64 (``digit_data``: a wrong sum
-names the ranks missing or doubled) and (1 + j mod 4)·2^r in float32; both are integers, so
+Values. Element $j$ of rank $r$ is $(1 + j mod 4)·10^r$ in float64 (``digit_data``: a wrong sum
+names the ranks missing or doubled) and $(1 + j mod 4)·2^r$ in float32; both are integers, so
 every order of summation gives the exact sum and the comparison can be tight (a result
 off by 1e-9 relative fails). Each check calls the function on several buffers in a row, as
-training does step after step: n = 3N + 1 (blocks of unequal size), n = N − 1 (fewer
-elements than ranks: some blocks are empty), n large (far above MPI's eager limit), in
+training does step after step: $n = 3N + 1$ (blocks of unequal size), $n = N − 1$ (fewer
+elements than ranks: some blocks are empty), $n$ large (far above MPI's eager limit), in
 float64 and float32, and the dtype must stay what it was.
 
 Contract, read from a ``Spy`` on the communicator (``spy.py``): a hand-built collective calls
-no MPI collective; the ring sends N − 1 messages per phase, each one block (⌊n/N⌋ or ⌈n/N⌉
+no MPI collective; the ring sends $N − 1$ messages per phase, each one block ($⌊n/N⌋$ or $⌈n/N⌉$
 elements) of the buffer's own dtype, all to one neighbour and received from the other (either
 direction is a ring); the ``Traffic`` returned is what the spy saw moving. Sends are
 synchronous (``Ssend``), so an ordering that needs MPI to buffer a message deadlocks here on
@@ -213,7 +213,7 @@ def check_max(function_name):
 
 
 def check_recursive_doubling(comm):
-    """Sums on every case, and the contract: ⌈lg N⌉ + 1 messages at most, each the whole buffer."""
+    """Sums on every case, and the contract: $⌈lg N⌉ + 1$ messages at most, each the whole buffer."""
     rank, size = comm.Get_rank(), comm.Get_size()
     function = _collectives().recursive_doubling_allreduce
     def one_case(count, dtype):

@@ -4,15 +4,15 @@
 The merge, on one process: partial results of softmax attention over parts of the keys merge
 into the softmax over their union (Milakov & Gimelshein 2018; Liu et al. 2023): the oracle is
 softmax attention over all the keys at once, in NumPy. Three parts in a row (the running
-result starts with l = -inf, "no keys yet"), logits shifted by +1000 (exp overflows without the
+result starts with $l = −∞$, "no keys yet"), logits shifted by +1000 (exp overflows without the
 max shift), shapes (T, d) and (B, H, T, d), float64 at 1e-12 and float32 kept float32.
 
-The ring, on N = 1, 2, 3, 4 and 8 ranks: ``RingAttention`` (which runs the student's
+The ring, on $N$ = 1, 2, 3, 4 and 8 ranks: ``RingAttention`` (which runs the student's
 ``ring_step``) on each rank's tokens, contiguous and zigzag, overlap off and on, equals causal
 attention over the whole sequence computed in NumPy on every rank, output and dQ, dK, dV, in
 float64 at 1e-12; a float32 run keeps float32. Contract, read from a ``Spy`` under the
-Communicator: no collective; forward sends N − 1 K/V messages, each one whole block (K and V,
-2·B·H·(T/N)·d elements) in its own dtype, all to rank r + 1, received from rank r − 1 (the
+Communicator: no collective; forward sends $N − 1$ K/V messages, each one whole block (K and V,
+$2·B·H·(T/N)·d$ elements) in its own dtype, all to rank $r + 1$, received from rank $r − 1$ (the
 backward's dK, dV follow the blocks on that ring). Sends are synchronous, so an order that needs
 MPI to buffer (every rank sending before it receives) deadlocks here and ends at the short limit.
 """

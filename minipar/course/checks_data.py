@@ -1,9 +1,9 @@
 """Checks for data parallelism (minipar/parallel/data_parallel.py) and ZeRO-1 (minipar/parallel/zero.py).
 
 The oracle is one process: the same GPT (same seed, float64) on the whole global batch, one
-backward, and for ZeRO the same clipping and AdamW step. Data-parallel rank d takes rows
-[d B/N, (d+1) B/N) in m micro-batches; after the gradient sync its gradients must be the
-single-process gradient, Δθ = (1/N) Σ_i Δθ_i, to about 1e-12.
+backward, and for ZeRO the same clipping and AdamW step. Data-parallel rank $d$ takes rows
+$[d B/N, (d+1) B/N)$ in $m$ micro-batches; after the gradient sync its gradients must be the
+single-process gradient, $Δθ = (1/N) Σ_i Δθ_i$, to about 1e-12.
 """
 import numpy as np
 

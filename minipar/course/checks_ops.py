@@ -1,6 +1,6 @@
 """Checks for the warm-up: LayerNorm.backward (minipar/ops/fused.py), on one process.
 
-The oracle is the central difference (f(x + h e_i) − f(x − h e_i)) / 2h of the forward
+The oracle is the central difference $(f(x + h e_i) − f(x − h e_i)) / 2h$ of the forward
 pass, which the exercise does not touch, reduced with fixed random weights so that every
 element of the output's gradient matters (``minipar.gradcheck``).
 """

@@ -2,8 +2,8 @@
 before anything runs, then the executor on real ranks against one process's gradients.
 
 The simulator is the oracle for a schedule: every send has its receive, nothing deadlocks,
-each stage runs every micro-batch's forward and backward once, and 1F1B's point holds: stage s
-never stashes more than min(p − s, m) micro-batches, with GPipe's bubble (p − 1)/(m + p − 1).
+each stage runs every micro-batch's forward and backward once, and 1F1B's point holds: stage $s$
+never stashes more than $min(p − s, m)$ micro-batches, with GPipe's bubble $(p − 1)/(m + p − 1)$.
 """
 from fractions import Fraction
 

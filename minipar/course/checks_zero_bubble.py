@@ -1,14 +1,14 @@
 """Checks for ZB-H1 written as data (``zb_h1`` in minipar/parallel/pipeline/zero_bubble.py).
 
 The contract is the zero-bubble paper's (Qi et al. 2023, section 2), read off the simulator
-with exact fractions and unit times T_F = T_B = T_W = 1, for p in {1, 2, 3, 4, 8} stages and
-every m in [p, 16]:
+with exact fractions and unit times $T_F = T_B = T_W = 1$, for $p$ = 1, 2, 3, 4 and 8 stages
+and every $m$ in $[p, 16]$:
 
 - each stage runs every micro-batch's F, B and W once, backward split (no whole BACKWARD), and
   each send comes straight after the F or B that made it (a send put off holds up the next stage);
-- the simulator accepts the p lists (B after its F, W after its B, no deadlock);
-- every rank idles exactly p − 1 (1F1B idles 3(p − 1)): a bubble of (p − 1)/(3m + p − 1);
-- every stage holds min(p, m) micro-batches between F and W, 1F1B's stage-0 peak, never more;
+- the simulator accepts the $p$ lists (B after its F, W after its B, no deadlock);
+- every rank idles exactly $p − 1$ (1F1B idles $3(p − 1)$): a bubble of $(p − 1)/(3m + p − 1)$;
+- every stage holds $min(p, m)$ micro-batches between F and W, 1F1B's stage-0 peak, never more;
 
 then the executor runs the student's schedule on 2 and 4 ranks for 2 steps, recomputation off
 and on, and every stage's gradients equal one process's in float64.

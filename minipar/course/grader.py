@@ -240,8 +240,9 @@ def grade(student_dirs, csv_path, limit=CHECK_LIMIT, out=print, names=None):
     """Check every exercise for every student, one exercise at a time; one CSV row and one log per student.
 
     Columns: student, commit, date, then per exercise NAME (pass/fail/hang/error), NAME score (the
-    fraction of its checks passed) and NAME weight (its minutes), then score: the weighted percentage
-    Σ minutes × fraction / Σ minutes. Logs go to ``<csv stem>-logs/<student>.log`` next to the CSV.
+    fraction $f_e$ of its checks passed) and NAME weight (its minutes $w_e$), then score: the weighted
+    percentage $100 · Σ_e w_e f_e / Σ_e w_e$ over the exercises $e$. Logs go to
+    ``<csv stem>-logs/<student>.log`` next to the CSV.
     """
     names = names or [exercise.name for exercise in EXERCISES]
     exercises = [exercise_named(name) for name in names]

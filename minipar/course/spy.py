@@ -4,7 +4,7 @@ A check hands the student's code a ``Spy`` instead of the raw communicator (or p
 inside a ``minipar.comm.Communicator`` as its ``mpi`` and ``wire``, see ``spy_on``). The spy
 forwards every call to MPI and notes, per call: the method, the peer, the number of elements
 and the dtype. A contract (``checks_comm.py``, ``checks_data.py``) then reads the notes: a
-hand-built collective uses point-to-point calls only, 2(N−1) messages of about n/N elements
+hand-built collective uses point-to-point calls only, $2(N−1)$ messages of about $n/N$ elements
 each to one neighbour; ZeRO-1 reduce-scatters and all-gathers, never allreduces the gradients.
 
 Sends are made synchronous (``synchronous=True``, the default): ``Send`` becomes ``Ssend`` and

@@ -121,7 +121,7 @@ class TokenAndPositionEmbedding(Module):
 
 
 class TiedHead(Module):
-    """Final LayerNorm, logits = x @ E^T with E the token embedding, and the loss: the last piece.
+    """Final LayerNorm, logits $= x Eᵀ$ with $E$ the token embedding, and the loss: the last piece.
 
     Tying the output layer to the input embedding (Press & Wolf 2017) saves V*C parameters.
     When the embedding and the head sit on different pipeline stages, each holds a copy of

@@ -1,6 +1,6 @@
 """The layers of a GPT: Linear, Embedding, LayerNorm, Dropout, MLP, attention, Block.
 
-Shapes: B batch, T sequence length, C embedding width (n_embd), H heads, D = C/H head size.
+Shapes: $B$ batch, $T$ sequence length, $C$ embedding width (n_embd), $H$ heads, $D = C/H$ head size.
 Weights start at zero here; ``minipar.nn.gpt.initialise`` fills them from a seed.
 
 ``Layers`` says which layer each part of the model is made of. The model asks it, never names
@@ -18,7 +18,7 @@ def zeros(*shape):
 
 
 class Linear(Module):
-    """y = x W + b with W of shape (in, out), so that Y = X A reads as in the papers."""
+    """$y = x W + b$ with $W$ of shape (in, out), so that $Y = X A$ reads as in the papers."""
 
     def __init__(self, in_features, out_features, bias=True):
         self.weight = Parameter(zeros(in_features, out_features))

@@ -179,7 +179,7 @@ class MixtureOfExperts(Module):
         return out
 
     def gates(self, probabilities, chosen):
-        """(N, k) weights of the chosen experts: p renormalised over them (k >= 2), p itself (k = 1)."""
+        """(N, k) weights of the chosen experts: $p$ renormalised over them ($k ≥ 2$), $p$ itself ($k = 1$)."""
         picked = ops.getitem(probabilities, (xp.arange(chosen.shape[0])[:, None], chosen))
         return picked if self.top_k == 1 else picked / picked.sum(axis=-1, keepdims=True)
 

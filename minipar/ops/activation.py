@@ -11,12 +11,13 @@ largest array of a step, and a temporary of its size):
 
 Fused: the same arithmetic with ``out=`` and in-place ufuncs, one block of rows at a time, so
 the nine passes of forward and the eleven of backward run in cache and each block meets memory
-about twice. Forward keeps x and t = tanh(u) for backward (8 bytes per hidden unit in fp32, as
+about twice. Forward keeps $x$ and $t = tanh(u)$ for backward (8 bytes per hidden unit in fp32, as
 the planner counts: plan/memory.py).
 
 Bias + GELU. The MLP's first Linear ends with ``out += b``, one more pass; ``bias_gelu`` takes
-the product without its bias and adds b inside the block (h = x + b, then GELU of h). Its
-backward gives dL/dh and dL/db = Σ_rows dL/dh, summed block by block while the block is in cache.
+the product without its bias and adds $b$ inside the block ($h = x + b$, then GELU of $h$). Its
+backward gives $∂L/∂h$ and $∂L/∂b = Σ_{rows} ∂L/∂h$, summed block by block while the block is in
+cache.
 """
 import math
 
@@ -90,7 +91,7 @@ def _gelu_backward(ctx, grad, bias_gradient=None):
 
 
 class Gelu(Function):
-    """y = gelu(x), fused (module docstring: the unfused version and the derivative)."""
+    """$y = gelu(x)$, fused (module docstring: the unfused version and the derivative)."""
 
     @staticmethod
     def forward(ctx, x):
@@ -102,7 +103,8 @@ class Gelu(Function):
 
 
 class BiasGelu(Function):
-    """y = gelu(x + b) for x (..., n) and b (n,), fused; dL/dx = g gelu'(x + b), dL/db = Σ_rows dL/dx."""
+    """$y = gelu(x + b)$ for x (..., n) and b (n,), fused; $∂L/∂x = g · gelu'(x + b)$ and
+    $∂L/∂b = Σ_{rows} ∂L/∂x$, with $g = ∂L/∂y$."""
 
     @staticmethod
     def forward(ctx, x, bias):

@@ -94,7 +94,7 @@ class Neg(Function):
 
 
 class Power(Function):
-    """x ** p for a constant exponent p: d/dx = p x^(p-1)."""
+    """$y = x^p$ for a constant exponent $p$: $dy/dx = p x^{p−1}$."""
 
     @staticmethod
     def forward(ctx, x, exponent):

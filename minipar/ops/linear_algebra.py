@@ -6,7 +6,7 @@ from minipar.tensor import Function
 
 
 class MatMul(Function):
-    """C = A @ B over the last two axes, batch axes broadcast.
+    """$C = A B$ (``A @ B``) over the last two axes, batch axes broadcast.
 
     $∂L/∂A = (∂L/∂C) Bᵀ$, $∂L/∂B = Aᵀ (∂L/∂C)$, then summed over broadcast batch axes.
     Each product is computed only if asked for, so when B is a weight its product can wait for W
@@ -32,12 +32,14 @@ class MatMul(Function):
 
 
 class LinearFunction(Function):
-    """y = x W + b for x of shape (..., in), W of shape (in, out), b of shape (out,).
+    """$y = x W + b$ for x of shape (..., in), W of shape (in, out), b of shape (out,).
 
-    The weight is stored (in, out) so the code reads like the maths, Y = X A, and a
+    The weight is stored (in, out) so the code reads like the maths, $Y = X A$, and a
     column-parallel split (Megatron) is literally a split of W's columns.
     Backward flattens the leading axes into one, so each gradient is one matrix product:
-        dL/dx = dL/dy W^T,   dL/dW = x^T dL/dy,   dL/db = sum over rows of dL/dy.
+
+    $$∂L/∂x = (∂L/∂y) Wᵀ,   ∂L/∂W = xᵀ (∂L/∂y),   ∂L/∂b = Σ_{rows} ∂L/∂y$$
+
     The first is B of the zero-bubble split, the other two are W: each is computed only when
     ``needs_input_grad`` asks, so the engine can run them at different times.
     """

@@ -4,8 +4,8 @@
     scatter_add_rows(rows, index, n)    out[i] = sum of rows[j] over every j with index[j] = i
                                         (rows whose index is -1 go nowhere)
 
-Each is the other's adjoint: as matrices, gather is S (one 1 per row, at column index[j]) and
-scatter-add is S^T, so the backward of one is the other with the same index,
+Each is the other's adjoint: as matrices, gather is $S$ (one 1 per row, at column index[j]) and
+scatter-add is $Sᵀ$, so the backward of one is the other with the same index,
 
     gather:       dL/dx    = S^T dL/dout = scatter_add_rows(dL/dout, index, len(x))
     scatter-add:  dL/drows = S   dL/dout = gather_rows(dL/dout, index).

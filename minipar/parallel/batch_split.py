@@ -1,11 +1,13 @@
 """How a data-parallel rank gets its rows of the global batch.
 
 Every rank builds the model from the same seed (and data parallelism broadcasts dp rank 0's copy
-anyway). The batch for step s is split one of two ways:
-  - ``local_slice``: every rank samples the same global batch from (seed, step) and keeps
-    rows [d·B/N, (d+1)·B/N) for dp rank d; no communication;
-  - ``scatter_batch``: only dp rank 0 samples; it Scatters the rows, shard d to rank d.
-Both give rank d the same rows. With equal shards the mean of the shard means is the mean over
+anyway). The batch for step $s$ is split one of two ways:
+
+- ``local_slice``: every rank samples the same global batch from (seed, step) and keeps
+  rows $[d·B/N, (d+1)·B/N)$ for dp rank $d$; no communication;
+- ``scatter_batch``: only dp rank 0 samples; it Scatters the rows, shard $d$ to rank $d$.
+
+Both give rank $d$ the same rows. With equal shards the mean of the shard means is the mean over
 the whole batch (Goyal et al. 2017), which is why data parallelism averages the gradients.
 The other axes that cut the batch (ep, cp: ``axes.py``) use ``local_slice`` too.
 """

@@ -104,7 +104,7 @@ class LocalSGD(DataParallel):
             self.check_replicas()
 
     def is_averaging_step(self, step):
-        """Steps are counted from 0; replicas average after steps H−1, 2H−1, …"""
+        """Steps are counted from 0; replicas average after steps $H−1$, $2H−1$, …"""
         return (step + 1) % self.period == 0
 
     def average_parameters(self):

@@ -1,22 +1,24 @@
 """Context parallelism: the sequence itself split over the N ranks of a cp group.
 
-Each rank holds T/N tokens of every sequence, and every layer but attention works on its
+Each rank holds $T/N$ tokens of every sequence, and every layer but attention works on its
 tokens alone. Attention needs every earlier key, so keys and values must reach the queries.
 
 Layouts (where a rank's tokens come from). The sequence is cut into equal chunks:
-  contiguous  N chunks, rank i holds chunk i;
-  zigzag      2N chunks, rank i holds chunks i and 2N-1-i (Brandon et al. 2023 balance the
-              causal work the same way by striping; zigzag is Megatron-core's layout).
-Under a causal mask a query chunk a meets a key chunk b fully when b < a, half (the
-diagonal block, masked above its diagonal) when b = a, and not at all when b > a. With
-contiguous chunks rank r does r + 1/2 blocks of work, so max/mean = (2N-1)/N; in zigzag
-each rank does 2N half-chunk blocks (of a quarter the area): the same everywhere.
 
-Ring attention (Liu et al. 2023). K and V blocks travel around the ring r -> r+1; at step s
-rank r holds the block of rank r-s, attends its queries to it and merges the partial result
+- contiguous: $N$ chunks, rank $i$ holds chunk $i$;
+- zigzag: $2N$ chunks, rank $i$ holds chunks $i$ and $2N−1−i$ (Brandon et al. 2023 balance the
+  causal work the same way by striping; zigzag is Megatron-core's layout).
+
+Under a causal mask a query chunk $a$ meets a key chunk $b$ fully when $b < a$, half (the
+diagonal block, masked above its diagonal) when $b = a$, and not at all when $b > a$. With
+contiguous chunks rank $r$ does $r + 1/2$ blocks of work, so max/mean $= (2N−1)/N$; in zigzag
+each rank does $2N$ half-chunk blocks (of a quarter the area): the same everywhere.
+
+Ring attention (Liu et al. 2023). K and V blocks travel around the ring $r → r+1$; at step $s$
+rank $r$ holds the block of rank $r−s$, attends its queries to it and merges the partial result
 into its running one with the log-sum-exp rule (``merge_partials``). Backward recomputes
 each block's probabilities from the saved log-sum-exp and sends dK/dV around the ring
-after the K/V, so each block's gradient arrives home after N-1 hops.
+after the K/V, so each block's gradient arrives home after $N−1$ hops.
 
 All-gather attention (Llama 3, Dubey et al. 2024, section 3.3.2): all-gather K and V over
 the group, attend the local queries to the whole sequence with a position mask, and
@@ -67,11 +69,14 @@ def token_positions(rank, size, length, layout):
 def merge_partials(out, log_sum_exp, partial, partial_log_sum_exp):
     """Merge attention over a new block of keys into a running result, in place.
 
-    With l = log sum_j exp(S_ij) over each part's keys, the softmax over the union is
-        l = m + log(exp(l1 - m) + exp(l2 - m)),  m = max(l1, l2),
-        o = exp(l1 - l) o1 + exp(l2 - l) o2
-    (each part's probabilities are its own exp(S - l_k), rescaled by exp(l_k - l)). A running
-    l1 of -inf (no keys yet) gives o = o2; l2 is always finite here. ``out`` (..., d) and
+    With $l = log Σ_j exp(S_{ij})$ over each part's keys, the softmax over the union is
+
+    $$l = m + log(exp(l_1 − m) + exp(l_2 − m)),   m = max(l_1, l_2)$$
+
+    $$o = exp(l_1 − l) o_1 + exp(l_2 − l) o_2$$
+
+    (each part's probabilities are its own $exp(S − l_k)$, rescaled by $exp(l_k − l)$). A running
+    $l_1$ of $−∞$ (no keys yet) gives $o = o_2$; $l_2$ is always finite here. ``out`` (..., d) and
     ``log_sum_exp`` (...) are updated in place and keep their dtype (course exercise ring_attention).
     """
     ### BEGIN SOLUTION
@@ -122,7 +127,7 @@ class AttentionWork:
 
     ``causal_entries``: query-key score entries per sequence and head inside the causal
     region, a diagonal block counting half (as a causal kernel skipping masked tiles does);
-    FLOPs = 4 d B H causal_entries (Q K^T and P V). ``computed_entries``: what was multiplied
+    FLOPs $= 4dBH·E$, $E$ = ``causal_entries`` ($QKᵀ$ and $PV$). ``computed_entries``: what was multiplied
     (a diagonal block whole). ``peak_score_elements``: the largest scores array at once.
     """
 
@@ -173,7 +178,7 @@ def attend_block(q, k, v, query_chunks, key_chunks, out, log_sum_exp, work):
 def attend_block_backward(saved, grad, row_dot, key_block, query_chunks, key_chunks, grad_q, grad_kv):
     """Add this block's share of dQ (into grad_q) and dK, dV (into grad_kv) for every chunk pair.
 
-    Each pair's probabilities are recomputed from the final log-sum-exp: P = exp(S - l).
+    Each pair's probabilities are recomputed from the final log-sum-exp: $P = exp(S − l)$.
     """
     q, log_sum_exp = saved
     k, v = key_block
@@ -232,8 +237,8 @@ def ring_step(communicator, step, in_hand, arriving, attend, overlap):
 class RingAttention(Function):
     """Causal attention of this rank's queries over the whole sequence, K/V passed around the ring.
 
-    q, k, v: (B, H, T/N, d), this rank's tokens in ``layout`` order. Forward, step s = 0..N-1:
-    attend to the block of rank r-s (``attend_block``), then pass it on (N-1 sends of K and V
+    q, k, v: (B, H, T/N, d), this rank's tokens in ``layout`` order. Forward, step $s = 0 … N−1$:
+    attend to the block of rank $r−s$ (``attend_block``), then pass it on ($N−1$ sends of K and V
     together). ``overlap`` posts the exchange before computing on the block in hand, so the
     next block is on its way meanwhile. Backward: dQ stays home; each block's dK, dV
     accumulate as it travels (the owner's own share kept aside) and go home on the last hop.

@@ -17,8 +17,8 @@
 
 Gradients. Each rank's loss is the mean over its own tokens; all ranks hold equally many,
 so the sequence's mean loss is the mean over cp of the ranks' losses. The attention ops
-send every key's gradient back to the rank that owns it, so rank r's parameter gradients
-are d(loss_r)/dθ summed over all the paths through other ranks' attention: averaging them
+send every key's gradient back to the rank that owns it, so rank $r$'s parameter gradients
+are $∂L_r/∂θ$ summed over all the paths through other ranks' attention: averaging them
 over the cp group (as over dp) gives the single-process gradient.
 """
 from contextlib import contextmanager

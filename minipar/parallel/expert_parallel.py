@@ -26,10 +26,10 @@ the rank's own $E/N$ experts' part, $(N−1)/N$ of it, and receives as much; wit
 that is $CF·k·T_j·C·(N−1)/N$ elements each way, for dispatch and again for combine (about
 $2·k·T·C·(N−1)/N$ at $CF = 1$); backward moves the same again (docs/expert_parallel.md).
 
-Which gradients are averaged where (``average_gradients``). With D data-parallel ranks in all
-(D = dp · ep), rank r's loss L_r is the mean over its own tokens and the single-process
+Which gradients are averaged where (``average_gradients``). With $D$ data-parallel ranks in all
+($D$ = dp · ep), rank $r$'s loss $L_r$ is the mean over its own tokens and the single-process
 gradient is $(1/D) Σ_r ∂L_r/∂θ$. A dense parameter (router, attention, ...) sees only its own
-rank's tokens: allreduce-sum over all D ranks, divide by D. An expert on ep rank j already
+rank's tokens: allreduce-sum over all $D$ ranks, divide by $D$. An expert on ep rank $j$ already
 received, through the all-to-all's backward, the gradient of every ep rank's tokens; the same
 expert also lives on the dp ranks that share ep index j: allreduce-sum over those dp ranks
 (the expert-data-parallel group), divide by D.

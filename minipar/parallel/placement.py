@@ -13,17 +13,17 @@ updates) is one of three things (the vocabulary of PyTorch's DTensor):
 
 The rest is derived, the same way for every axis:
 
-  - the gradient sums: a Partial tensor's gradient is reduced over its axis after backward
-    (``PartialGradientSum``). Data parallelism is Partial("avg") on dp for every parameter (each
-    replica saw B/dp rows), done by the gradient sync with buckets and overlap; sequence
-    parallelism is Partial("sum") on tp for the LayerNorms, the position embedding and the
-    row-parallel biases (each tp rank saw T/tp positions); the tied embedding is Partial("sum") on
-    pp between its two holders, the first and the last stage (each saw one of its two uses);
-  - the gradient norm's counting: ||g||^2 sums over the axes along which some tensor is a Shard
-    (``norm_axes``: different ranks hold different numbers); along such an axis a Replicate or
-    Partial tensor is counted by one rank only, its first holder (``counts_in_model_sum``);
-  - ZeRO's parts: Shard(0) on dp of the flattened parameter, the dp average's Partial("avg")
-    turned into a reduce-scatter (parallel/zero.py).
+- the gradient sums: a Partial tensor's gradient is reduced over its axis after backward
+  (``PartialGradientSum``). Data parallelism is Partial("avg") on dp for every parameter (each
+  replica saw $B/dp$ rows), done by the gradient sync with buckets and overlap; sequence
+  parallelism is Partial("sum") on tp for the LayerNorms, the position embedding and the
+  row-parallel biases (each tp rank saw $T/tp$ positions); the tied embedding is Partial("sum") on
+  pp between its two holders, the first and the last stage (each saw one of its two uses);
+- the gradient norm's counting: $‖g‖²$ sums over the axes along which some tensor is a Shard
+  (``norm_axes``: different ranks hold different numbers); along such an axis a Replicate or
+  Partial tensor is counted by one rank only, its first holder (``counts_in_model_sum``);
+- ZeRO's parts: Shard(0) on dp of the flattened parameter, the dp average's Partial("avg")
+  turned into a reduce-scatter (parallel/zero.py).
 
 Every tensor the parallel side handles carries ``t.placements``, {axis: placement}; an axis not
 named is Replicate. ``minipar.nn`` knows nothing of it.

@@ -7,7 +7,7 @@
   shapes and dtypes (small metadata, pickled once), since mismatched shapes would make the
   bucket allreduces hang;
 - ``broadcast_parameters`` copies dp rank 0's parameters to every rank, one broadcast per bucket;
-- ``check_replicas`` compares a (Σ x, Σ x²) checksum of every parameter across the ranks and
+- ``check_replicas`` compares a $(Σ_i x_i, Σ_i x_i²)$ checksum of every parameter $x$ across the ranks and
   raises ``ReplicaDivergenceError`` on every rank, naming the ranks and parameters that differ.
 """
 from minipar.backend import to_host, xp

@@ -15,15 +15,16 @@ and g; the saving is memory, not traffic (see docs/tensor_parallel.md).
 
 ``SequenceParallelRegion`` has the methods of ``TensorParallelRegion``, so the layers take one or
 the other and do not change. What it changes besides f and g:
-  - positions: the embedding adds the position embedding of this rank's positions only;
-  - dropout: the single-process mask (B, T, C) is drawn and this rank's positions kept, so a run
-    with dropout is still the computation of one process;
-  - gradients: a parameter every rank holds whole (the LayerNorms, the position embedding, the
-    row-parallel biases, added after rs) now sees T/t positions, so its gradient is a part of the
-    whole one, Partial("sum") over tp: $∂L/∂θ = Σ_τ (∂L/∂y_τ)(∂y_τ/∂θ)$ over all positions $τ$, the other terms
-    on the other ranks. The Trainer sums it with every other partial gradient (parallel/placement.py).
-    Split parameters need nothing: all that runs between an all-gather and a reduce-scatter sees
-    the full sequence.
+
+- positions: the embedding adds the position embedding of this rank's positions only;
+- dropout: the single-process mask (B, T, C) is drawn and this rank's positions kept, so a run
+  with dropout is still the computation of one process;
+- gradients: a parameter every rank holds whole (the LayerNorms, the position embedding, the
+  row-parallel biases, added after rs) now sees $T/t$ positions, so its gradient is a part of the
+  whole one, Partial("sum") over tp: $∂L/∂θ = Σ_τ (∂L/∂y_τ)(∂y_τ/∂θ)$ over all positions $τ$, the other
+  terms on the other ranks. The Trainer sums it with every other partial gradient (parallel/placement.py).
+  Split parameters need nothing: all that runs between an all-gather and a reduce-scatter sees
+  the full sequence.
 
 Layout. The communicator's ``allgather`` and ``reduce_scatter`` stack rank blocks along axis 0:
 MPI's Allgather and Reduce_scatter_block see one flat buffer cut into t contiguous pieces. Our

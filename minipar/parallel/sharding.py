@@ -3,9 +3,10 @@
 Every Parameter the parallel side handles carries a ``Shard``, attached as the plain
 attribute ``p.shard`` (``minipar.nn`` knows nothing of it): the name the parameter has
 in the single-process GPT and which slice of that full array it holds. That one description serves three jobs:
-  - building a parallel model as exact slices of the single-process one (``take``);
-  - gathering a parallel model back into a single-process state dict (``join``);
-  - loading a checkpoint saved under one layout into any other.
+
+- building a parallel model as exact slices of the single-process one (``take``);
+- gathering a parallel model back into a single-process state dict (``join``);
+- loading a checkpoint saved under one layout into any other.
 
 A fused QKV weight is (C, 3C) with columns [Q | K | V]; splitting its columns plainly
 would give rank 0 all of Q and part of K. ``blocks=3`` says: cut each of the three

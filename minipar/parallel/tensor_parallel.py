@@ -1,24 +1,28 @@
 """Tensor (model) parallelism, Megatron style: the layers that hold slices and where f and g sit.
 
-Each transformer layer is split over the t ranks of a tensor-parallel group (Shoeybi et
-al. 2019, section 3). A linear layer Y = X A can be split two ways:
+Each transformer layer is split over the $t$ ranks of a tensor-parallel group (Shoeybi et
+al. 2019, section 3). A linear layer $Y = X A$ can be split two ways:
 
-    column-parallel: A = [A_1 ... A_t] by columns,  Y_j = X A_j        (every rank needs all of X)
-    row-parallel:    A = [A_1; ...; A_t] by rows,   Y = sum_j X_j A_j  (rank j needs only X_j)
+| split           | the weight                       | rank $j$ computes  | rank $j$ needs       |
+|-----------------|----------------------------------|--------------------|----------------------|
+| column-parallel | $A = [A_1 … A_t]$ by columns     | $Y_j = X A_j$      | all of $X$           |
+| row-parallel    | $A = [A_1; …; A_t]$ by rows      | $X_j A_j$, and $Y = Σ_j X_j A_j$ | only $X_j$ |
 
 Column then row chains with no communication in between: the column layer leaves each
-rank with a slice Y_j, which is exactly the X_j the row layer wants. So
-  - the MLP is column (C -> 4C/t, GELU on the local slice, elementwise so exact) then row;
-  - attention is column (fused QKV, C -> 3C/t: whole heads of Q, K and V per rank, so each
-    rank runs attention for its n_head/t heads alone) then row (the output projection).
+rank with a slice $Y_j$, which is exactly the $X_j$ the row layer wants. So
+
+- the MLP is column ($C → 4C/t$, GELU on the local slice, elementwise so exact) then row;
+- attention is column (fused QKV, $C → 3C/t$: whole heads of Q, K and V per rank, so each
+  rank runs attention for its $n_{head}/t$ heads alone) then row (the output projection).
+
 Entering the pair costs f (identity forward, allreduce backward), leaving it g (allreduce
-forward, identity backward): two allreduces of b*s*h numbers per layer in forward and two
+forward, identity backward): two allreduces of $b·s·h$ numbers per layer in forward and two
 in backward, $8 b s h (t−1)/t$ numbers sent per rank on a ring (Narayanan et al. 2021); the
 ops themselves are in parallel/tensor_parallel_comm.py.
 
-The vocabulary is split too: the token embedding E (V, C) by rows, rank j holding ids
-[j V/t, (j+1) V/t). The embedding looks up only its own ids and g sums the parts; the
-tied output layer computes logits for its own V/t entries and the loss is reduced
+The vocabulary is split too: the token embedding $E$ (V, C) by rows, rank $j$ holding ids
+$[j V/t, (j+1) V/t)$. The embedding looks up only its own ids and g sums the parts; the
+tied output layer computes logits for its own $V/t$ entries and the loss is reduced
 across ranks without gathering the (B, T, V) logits (VocabParallelCrossEntropy).
 
 One model definition. These layers are what ``TensorParallelLayers`` hands to the single-process
@@ -105,7 +109,7 @@ class ColumnParallelLinear(Module):
 
 
 class RowParallelLinear(Module):
-    """Y = sum_j X_j A_j + b: rank j holds rows j of A (C_in/t, C_out); b is replicated.
+    """$Y = Σ_j X_j A_j + b$: rank $j$ holds rows $j$ of $A$ (C_in/t, C_out); $b$ is replicated.
 
     The partial products are summed by g (the region's ``leave``). The bias is added once,
     after the sum; adding it on every rank before the sum would count it t times.
@@ -171,7 +175,7 @@ class VocabParallelVocabulary:
     def whole(self, logits):
         """The full logits (B, T, V) on every rank, for sampling and evaluation (no gradient).
 
-        Training never calls this: it gathers V/t * (t-1) numbers per position.
+        Training never calls this: it gathers $(t−1)·V/t$ numbers per position.
         """
         with no_grad():
             return Tensor(all_gather_vocabulary(logits.data, self.region.communicator))

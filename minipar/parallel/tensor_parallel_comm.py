@@ -1,15 +1,17 @@
 """The communication of tensor parallelism, as autograd ops: Megatron's f and g.
 
 Each op is a ``Function`` whose forward and backward are a pair of collectives over the
-tensor-parallel group (a minipar ``Communicator`` of t ranks). Megatron-LM (Shoeybi et al.
+tensor-parallel group (a minipar ``Communicator`` of $t$ ranks). Megatron-LM (Shoeybi et al.
 2019, section 3) needs only two:
 
-    f  (enters a parallel region):  forward  y = x             backward  dx = sum_j dy_j  (allreduce)
-    g  (leaves a parallel region):  forward  y = sum_j x_j     backward  dx_j = dy        (allreduce)
+| op | where                     | forward                     | backward                        |
+|----|---------------------------|-----------------------------|---------------------------------|
+| f  | enters a parallel region  | $y = x$                     | $dx = Σ_j dy_j$ (allreduce)     |
+| g  | leaves a parallel region  | $y = Σ_j x_j$ (allreduce)   | $dx_j = dy$                     |
 
-f sits before a column-parallel matmul: every rank uses the same x, but rank j's
-branch X A_j only produces part of dL/dx, so the parts are summed in backward. g sits
-after a row-parallel matmul: each rank holds a partial sum X_j B_j of Y = X B, which is
+f sits before a column-parallel matmul: every rank uses the same $x$, but rank $j$'s
+branch $X A_j$ only produces part of $∂L/∂x$, so the parts are summed in backward. g sits
+after a row-parallel matmul: each rank holds a partial sum $X_j B_j$ of $Y = X B$, which is
 summed in forward; the gradient of a sum reaches each summand unchanged.
 
 Where f and g sit is a ``TensorParallelRegion`` (below): the layers of parallel/tensor_parallel.py
@@ -59,7 +61,7 @@ class CopyToTensorParallelRegion(Function):
 
 
 class ReduceFromTensorParallelRegion(Function):
-    """Megatron's g: allreduce forward (Y = sum_j Y_j), identity backward (dL/dY_j = dL/dY)."""
+    """Megatron's g: allreduce forward ($Y = Σ_j Y_j$), identity backward ($∂L/∂Y_j = ∂L/∂Y$)."""
 
     @staticmethod
     def forward(ctx, partial, communicator):

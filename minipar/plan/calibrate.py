@@ -6,19 +6,19 @@
 Every rank measures at the same time, as in a training run, so ranks that share cores (8 ranks
 on 2 cores) measure their share, which is what a step on them will get:
 
-- matmul FLOP/s per rank (1024² × 1024 in the training dtype), for reference;
-- GEMM FLOP/s per shape class: (thin × wide)·(wide × wide) on a grid of thin 4 … 256 and wide
+- matmul FLOP/s per rank ($1024² × 1024$ in the training dtype), for reference;
+- GEMM FLOP/s per shape class: $(thin × wide)·(wide × wide)$ on a grid of thin 4 … 256 and wide
   32 … 512 (kernels.THIN, WIDE), the rates at which the planner times each GEMM of a layer,
   forward and backward, by its shape (kernels.gemm_seconds_cpu): a 4-row product runs far below
   a 256-row one;
 - a transformer block's forward + backward at two widths; what its GEMMs at those rates do not
-  explain is fitted as c + e·elements per block (Python and NumPy call overheads, which dominate
-  small models, and the elementwise kernels). Fitting t = 3·F_block/F + c instead gives one
-  achieved FLOP/s F on real blocks (kept for MFU and for files without the table);
-- AdamW's update over 4M parameters, as a bandwidth 2·16Ψ/t (the optimizer term of the model);
-- for every group size g dividing the world (world/g groups at once, like the grid's), the
+  explain is fitted as $c + e·n$ per block of $n$ elements (Python and NumPy call overheads, which dominate
+  small models, and the elementwise kernels). Fitting $t = 3·F_{block}/F + c$ instead gives one
+  achieved FLOP/s $F$ on real blocks (kept for MFU and for files without the table);
+- AdamW's update over 4M parameters, as a bandwidth $2·16Ψ/t$ (the optimizer term of the model);
+- for every group size $g$ dividing the world (world/$g$ groups at once, like the grid's), the
   time of allreduce, all-gather, reduce-scatter and broadcast at message sizes 1 KiB … 4 MiB,
-  fitted by least squares to t = a + n·b (α–β per call), and a point-to-point send.
+  fitted by least squares to $t = a + n·b$ (α–β per call), and a point-to-point send.
 
 World rank 0 writes the JSON file (a ``minipar.plan.hardware.Machine``).
 """
@@ -148,7 +148,7 @@ def adam_bandwidth(dtype, repeats, world):
 
 
 def fit_line(points):
-    """Least squares t = a + b·n over (n, t) points; a and b kept non-negative."""
+    """Least squares $t = a + b·n$ over $(n, t)$ points; $a$ and $b$ kept non-negative."""
     count = len(points)
     mean_n = sum(n for n, _ in points) / count
     mean_t = sum(t for _, t in points) / count

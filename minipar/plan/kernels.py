@@ -2,39 +2,43 @@
 tensor-, context- and expert-parallel collectives. Used for the named profiles (hardware.py);
 a calibration file (calibrate.py) times CPU ranks from measured blocks instead.
 
-Symbols: b micro-batch rows, s sequence length, s_c = s/cp the rank's share of it, T = b·s_c the
-tokens a rank sees, h hidden size, a heads, g KV heads, d = h/a, f the MLP width, V vocabulary,
-t tensor-parallel ranks, e = 2 bytes (16-bit activations).
+Symbols: $b$ micro-batch rows, $s$ sequence length, $s_c = s/cp$ the rank's share of it, $T = b·s_c$
+the tokens a rank sees, $h$ hidden size, $a$ heads, $g$ KV heads, $d = h/a$, $f$ the MLP width, $V$
+vocabulary, $t$ tensor-parallel ranks, $e = 2$ bytes (16-bit activations).
 
-GEMMs (shape-dependent efficiency). A GEMM of m × k by k × n takes 2mkn FLOPs and, at least, reads
-and writes its three operands once (2(mk + kn + mn) bytes). Its time is the roofline's larger of
-the two, FLOPs / (peak · η_gemm · wave) and bytes / (HBM bandwidth · η_mem), where ``wave`` is the
-tile-quantisation factor: the output is cut into 128 × 128 tiles, run in waves of one tile per SM,
-and a last, partial wave leaves SMs idle (NVIDIA, "Matrix Multiplication Background User's Guide",
-sections on wave quantisation and arithmetic intensity). η_gemm is the share of the data sheet's
-peak that cuBLAS reaches on large, well-shaped bf16/fp16 GEMMs: a documented global constant per
+GEMMs (shape-dependent efficiency). A GEMM of $m × k$ by $k × n$ takes $2mkn$ FLOPs and, at least,
+reads and writes its three operands once ($2(mk + kn + mn)$ bytes). Its time is the roofline's larger
+of the two, FLOPs / (peak · $η_{gemm}$ · wave) and bytes / (HBM bandwidth · $η_{mem}$), where ``wave``
+is the tile-quantisation factor: the output is cut into $128 × 128$ tiles, run in waves of one tile
+per SM, and a last, partial wave leaves SMs idle (NVIDIA, "Matrix Multiplication Background User's
+Guide", sections on wave quantisation and arithmetic intensity). $η_{gemm}$ is the share of the data
+sheet's peak that cuBLAS reaches on large, well-shaped bf16/fp16 GEMMs: a documented global constant per
 GPU (hardware.py), not a per-model fit.
 
 Per layer, forward, on one tensor-parallel rank (Shoeybi et al. 2019's splits):
 
-    QKV             T × h   by h × (h + 2g·d)/t
-    scores, P·V     (b·a/t) batched s_c × d by d × s    (twice; 4·T·s·h/t FLOPs; half of them
-                    with fused causal attention, which skips the masked tiles)
-    output          T × h/t by h/t × h
-    MLP (GELU)      T × h by h × f/t, T × f/t by f/t × h
-    MLP (SwiGLU)    T × h by h × 2f/t, T × f/t by f/t × h
-    experts         the MLP's FLOPs × top_k, the tokens spread over E/ep local experts
+| GEMM         | shapes                                                   |
+|--------------|----------------------------------------------------------|
+| QKV          | $T × h$ by $h × (h + 2g·d)/t$                            |
+| scores, $PV$ | $b·a/t$ batched $s_c × d$ by $d × s$ (twice: $4·T·s·h/t$ FLOPs)      |
+| output       | $T × h/t$ by $h/t × h$                                   |
+| MLP (GELU)   | $T × h$ by $h × f/t$, $T × f/t$ by $f/t × h$             |
+| MLP (SwiGLU) | $T × h$ by $h × 2f/t$, $T × f/t$ by $f/t × h$            |
+| experts      | the MLP's FLOPs × top_k, the tokens spread over $E/ep$ local experts |
 
+Fused causal attention does half of the scores' and $PV$'s FLOPs: it skips the masked tiles.
 The backward runs every GEMM twice (input and weight gradients). Memory-bound kernels, bytes
-moved forward (e = 2; "/t_sp" = divided by t under sequence parallelism):
+moved forward ($e = 2$; $t_{sp}$ is $t$ under sequence parallelism, else 1):
 
-    2 norms         read x, write y:                         8·T·h / t_sp
-    2 residual adds bias, dropout (1-byte mask), add:        14·T·h / t_sp
-    activation      GELU reads and writes T·f/t; SwiGLU reads two: 4·T·f/t or 6·T·f/t
-    softmax         scale, mask, softmax; then dropout:      9·T·s·a/t     (none with fused attention)
+| kernel          | what it does                                   | bytes                                |
+|-----------------|------------------------------------------------|--------------------------------------|
+| 2 norms         | read $x$, write $y$                            | $8·T·h / t_{sp}$                     |
+| 2 residual adds | bias, dropout (1-byte mask), add               | $14·T·h / t_{sp}$                    |
+| activation      | GELU reads and writes $T·f/t$; SwiGLU reads two | $4·T·f/t$ or $6·T·f/t$              |
+| softmax         | scale, mask, softmax; then dropout             | $9·T·s·a/t$ (none with fused attention) |
 
 and the backward moves twice as much. Selective recomputation (Korthikanti et al. 2022) reruns
-the scores, softmax, dropout and P·V in the backward; full recomputation the whole forward.
+the scores, softmax, dropout and $PV$ in the backward; full recomputation the whole forward.
 """
 import math
 
@@ -72,7 +76,8 @@ def layer_gemm_shapes(model, strategy):
 
 
 def backward_shapes(m, k, n):
-    """The two GEMMs of C = A·B's backward: dA = dC·Bᵀ (m × n by n × k), dB = Aᵀ·dC (k × m by m × n)."""
+    """The two GEMMs of $C = A·B$'s backward: $dA = dC·Bᵀ$ ($m × n$ by $n × k$) and $dB = Aᵀ·dC$
+    ($k × m$ by $m × n$)."""
     return (m, n, k), (k, m, n)
 
 
@@ -100,9 +105,9 @@ def layer_compute_times(model, strategy, gpu, fused_attention=False):
 
     Fused causal attention computes only the tiles on or below the diagonal: FlashAttention skips
     the tiles the causal mask removes whole (Dao 2023, FlashAttention-2, section 3.1.1), so its
-    QKᵀ and P·V do about half the products, s²/2 per head (per rank with context parallelism's
+    $QKᵀ$ and $P·V$ do about half the products, $s²/2$ per head (per rank with context parallelism's
     zigzag, which gives every rank the same share). Unfused kernels (Megatron's masked softmax)
-    compute the whole s × s and mask afterwards."""
+    compute the whole $s × s$ and mask afterwards."""
     dense, attention = layer_gemms(model, strategy, gpu)
     if fused_attention:
         attention /= 2

@@ -1,49 +1,53 @@
 """What a layout puts on each rank: the parameters it holds, its optimizer state, its activations.
 
-Symbols (as in /docs/planning.md): L layers, h = n_embd, a heads, s sequence length, V vocabulary,
-b micro-batch rows, t tensor-parallel ranks, p pipeline stages, v chunks per stage, m micro-batches,
-N_d data-parallel ranks, Ψ parameters on a rank, e bytes per element.
+Symbols (as in /docs/planning.md): $L$ layers, $h$ = n_embd, $a$ heads, $s$ sequence length,
+$V$ vocabulary, $b$ micro-batch rows, $t$ tensor-parallel ranks, $p$ pipeline stages, $v$ chunks per
+stage, $m$ micro-batches, $N_d$ data-parallel ranks, $Ψ$ parameters on a rank, $e$ bytes per element.
 
 Parameters, gradients, optimizer state. minipar trains in one float type, so with AdamW a rank holds
-e·Ψ of parameters, e·Ψ of gradients and 2e·Ψ of moments: 16Ψ bytes in fp32, the same total as the
-mixed-precision (2 + 2 + K)Ψ of Rajbhandari et al. 2020 (ZeRO, section 3.1: fp16 parameters and
-gradients, K = 12 bytes of fp32 master copy, momentum and variance). ZeRO over N_d ranks shards:
+$eΨ$ of parameters, $eΨ$ of gradients and $2eΨ$ of moments: $16Ψ$ bytes in fp32, the same total as
+the mixed-precision $(2 + 2 + K)Ψ$ of Rajbhandari et al. 2020 (ZeRO, section 3.1: fp16 parameters
+and gradients, $K = 12$ bytes of fp32 master copy, momentum and variance). ZeRO over $N_d$ ranks
+shards:
 
-    stage   paper, mixed precision          minipar, fp32 AdamW (e = 4)
-    0       (2 + 2 + K)Ψ                    4Ψ + 4Ψ + 8Ψ
-    1       2Ψ + 2Ψ + KΨ/N_d                4Ψ + 4Ψ + 8Ψ/N_d      (+ the full gradient during the step)
-    2       2Ψ + (2 + K)Ψ/N_d               4Ψ + (4 + 8)Ψ/N_d
-    3       (2 + 2 + K)Ψ/N_d                (4 + 4 + 8)Ψ/N_d
+| stage | paper, mixed precision   | minipar, fp32 AdamW ($e = 4$)                                |
+|-------|--------------------------|--------------------------------------------------------------|
+| 0     | $(2 + 2 + K)Ψ$           | $4Ψ + 4Ψ + 8Ψ$                                               |
+| 1     | $2Ψ + 2Ψ + KΨ/N_d$       | $4Ψ + 4Ψ + 8Ψ/N_d$ (+ the full gradient during the step)     |
+| 2     | $2Ψ + (2 + K)Ψ/N_d$      | $4Ψ + (4 + 8)Ψ/N_d$                                          |
+| 3     | $(2 + 2 + K)Ψ/N_d$       | $(4 + 4 + 8)Ψ/N_d$                                           |
 
-To the byte, minipar cuts every parameter (each a tensor-parallel shard) into N_d parts of
-ceil(n/N_d) elements, zero-padded (parallel/zero.py), and keeps the whole padded parameter in
+To the byte, minipar cuts every parameter (each a tensor-parallel shard) into $N_d$ parts of
+$⌈n/N_d⌉$ elements, zero-padded (parallel/zero.py), and keeps the whole padded parameter in
 stages 1-2; ``parameter_memory`` does that arithmetic on the list ``rank_parameters`` (strategy.py)
 gives, the same list in the same order as the Trainer's ``stage_parameters``.
 
 Activations per micro-batch, per layer (``layer_activation_bytes``). Korthikanti et al. 2022
-(Table 2) count, for 16-bit activations and 1-byte dropout masks, sbh(34 + 5as/h) bytes, and
-sbh(10 + 24/t + 5as/(ht)) with tensor parallelism, sbh(34/t + 5as/(ht)) with sequence parallelism
-too, 2sbh with full recomputation (only the layer's input kept). minipar's engine keeps fewer
-arrays (no dropout masks at p = 0, GELU keeps its input and tanh(u), softmax keeps only P) in e
-bytes each; its own count, op by op, in elements:
+(Table 2) count, for 16-bit activations and 1-byte dropout masks, $sbh(34 + 5as/h)$ bytes, and
+$sbh(10 + 24/t + 5as/(ht))$ with tensor parallelism, $sbh(34/t + 5as/(ht))$ with sequence
+parallelism too, $2sbh$ with full recomputation (only the layer's input kept). minipar's engine
+keeps fewer arrays (no dropout masks at $p = 0$, GELU keeps its input and $tanh(u)$, softmax keeps
+only $P$) in $e$ bytes each; its own count, op by op, in elements:
 
-    LayerNorm ×2      x̂ (bsh) and 1/σ (bs) each      2bsh + 2bs      (÷t under SP)
-    QKV linear        its input (bsh)                 bsh             (full even under SP: the gathered input)
-    attention         Q, K, V (3bsh/t), P (abs²/t)    3bsh/t + abs²/t
-    output linear     its input (bsh/t)               bsh/t
-    MLP hidden        its input (bsh)                 bsh             (full even under SP)
-    GELU              x and tanh(u) (4bsh/t each)     8bsh/t
-    MLP output        its input (4bsh/t)              4bsh/t
+| op            | what it keeps                        | elements          | under SP                          |
+|---------------|--------------------------------------|-------------------|-----------------------------------|
+| LayerNorm ×2  | $x̂$ ($bsh$) and $1/σ$ ($bs$) each    | $2bsh + 2bs$      | divided by $t$                    |
+| QKV linear    | its input ($bsh$)                    | $bsh$             | the same: the gathered input      |
+| attention     | $Q, K, V$ ($3bsh/t$), $P$ ($abs²/t$) | $3bsh/t + abs²/t$ |                                   |
+| output linear | its input ($bsh/t$)                  | $bsh/t$           |                                   |
+| MLP hidden    | its input ($bsh$)                    | $bsh$             | the same                          |
+| GELU          | $x$ and $tanh(u)$ ($4bsh/t$ each)    | $8bsh/t$          |                                   |
+| MLP output    | its input ($4bsh/t$)                 | $4bsh/t$          |                                   |
 
-    total: e·[bsh(4 + 16/t) + 2bs + abs²/t], or e·[bsh(2 + 18/t) + 2bs/t + abs²/t] under SP.
+In total $e·[bsh(4 + 16/t) + 2bs + abs²/t]$, or $e·[bsh(2 + 18/t) + 2bs/t + abs²/t]$ under SP.
 
 The first and last pieces add the token ids and the logits' softmax (``piece_activation_bytes``).
 
-In flight (``in_flight``): GPipe keeps all m micro-batches, 1F1B min(p - stage, m) (Narayanan et
-al. 2021), interleaved 1F1B (v-1)p + 2(p - stage - 1) + 1, at most m·v; ``activation_memory``
-multiplies them by the chunk's bytes. ``memory_per_rank`` adds the terms up, with the
-communication buffers (``buffer_memory``); under ``precision="mixed"`` it uses the papers'
-accounting instead (``mixed_precision_memory``: ZeRO's (2 + 2 + 12)Ψ and Korthikanti's
+In flight (``in_flight``): GPipe keeps all $m$ micro-batches, 1F1B $min(p − stage, m)$ (Narayanan
+et al. 2021), interleaved 1F1B $(v−1)p + 2(p − stage − 1) + 1$, at most $m·v$;
+``activation_memory`` multiplies them by the chunk's bytes. ``memory_per_rank`` adds the terms
+up, with the communication buffers (``buffer_memory``); under ``precision="mixed"`` it uses the
+papers' accounting instead (``mixed_precision_memory``: ZeRO's $(2 + 2 + 12)Ψ$ and Korthikanti's
 activations).
 """
 import functools
@@ -74,7 +78,7 @@ def parameter_memory(model, strategy, stage):
 
 
 def paper_parameter_memory(psi, zero, dp, state_bytes=16):
-    """Rajbhandari et al. 2020, mixed-precision Adam: bytes of (fp16 params, fp16 grads, K = 12
+    """Rajbhandari et al. 2020, mixed-precision Adam: bytes of (fp16 params, fp16 grads, $K = 12$
     bytes of fp32 master weights, momentum and variance); ``state_bytes=18``: Megatron-LM's fp32
     main gradients (2 + 4 + 12)."""
     shard = {0: (1, 1, 1), 1: (1, 1, dp), 2: (1, dp, dp), 3: (dp, dp, dp)}[zero]
@@ -96,13 +100,13 @@ def layer_activation_bytes(model, b, tp, sequence_parallel, e=4):
 def korthikanti_layer_bytes(model, b, tp=1, sequence_parallel=False, recompute=None, cp=1):
     """Korthikanti et al. 2022, Table 2 (16-bit activations): bytes per layer per micro-batch.
 
-    Their sbh(34 + 5as/h) is, per token: attention 11h (QKV input, Q, K, V, the output
-    projection's input, a dropout mask) + 5as (scores, softmax, its mask and output: the s²
-    terms); MLP 19h (input, GELU input and output, mask); two norms 4h. Outside the tensor-parallel
-    region 10h (norms, the two inputs, the two masks): divided by t only under sequence
-    parallelism. Generalised here, term by term, to K and V of width g·d (GQA), a SwiGLU MLP
-    (input, gate and up outputs, their product: 2h + 6f + h), top_k copies of each token in an
-    expert MLP, and a sequence of s/cp tokens per rank."""
+    Their $sbh(34 + 5as/h)$ is, per token: attention $11h$ (QKV input, $Q$, $K$, $V$, the output
+    projection's input, a dropout mask) $+ 5as$ (scores, softmax, its mask and output: the $s²$
+    terms); MLP $19h$ (input, GELU input and output, mask); two norms $4h$. Outside the
+    tensor-parallel region $10h$ (norms, the two inputs, the two masks): divided by $t$ only under
+    sequence parallelism. Generalised here, term by term, to $K$ and $V$ of width $g·d$ (GQA), a
+    SwiGLU MLP (input, gate and up outputs, their product: $2h + 6f + h$), top_k copies of each
+    token in an expert MLP, and a sequence of $s/cp$ tokens per rank."""
     s, h, a, f = model.block_size / cp, model.n_embd, model.n_head, model.hidden
     k, kv = model.top_k, model.kv_width
     if recompute == "full":
@@ -148,9 +152,9 @@ def chunk_activation_bytes(model, strategy, chunk):
 def in_flight(strategy, stage):
     """Most (micro-batch, chunk) pairs whose forward has run and backward not, on ``stage``.
 
-    GPipe: all m. 1F1B: min(p - stage, m) (Narayanan et al. 2021). Interleaved: the warm-up
-    forwards (v-1)p + 2(p - stage - 1), one more in steady state, at most m·v. ZB-H1: min(p, m) and
-    ZB-H2: min(2p - 1, m) on every stage, counted until W; ZB-V: 2p chunk-sized pairs, 1F1B's
+    GPipe: all $m$. 1F1B: $min(p − stage, m)$ (Narayanan et al. 2021). Interleaved: the warm-up
+    forwards $(v−1)p + 2(p − stage − 1)$, one more in steady state, at most $m·v$. ZB-H1: $min(p, m)$
+    and ZB-H2: $min(2p − 1, m)$ on every stage, counted until W; ZB-V: $2p$ chunk-sized pairs, 1F1B's
     memory (Qi et al. 2023; the simulator's ``peak_in_flight``).
     """
     p, m, v, s = strategy.pp, strategy.microbatches, strategy.virtual_stages, stage
@@ -240,8 +244,8 @@ def peak_full_gradient_bytes(model, strategy, stage):
     """Bytes of whole (unsharded) gradients a ZeRO rank holds at once during the step.
 
     Stage 1 reduce-scatters after the last micro-batch's backward, so every gradient is held
-    whole at once: e·Ψ. Stages 2-3 (parallel/zero.py) reduce-scatter each unit after every
-    micro-batch's backward of it (DeepSpeed's way), so at any m the planner counts the largest
+    whole at once: $eΨ$. Stages 2-3 (parallel/zero.py) reduce-scatter each unit after every
+    micro-batch's backward of it (DeepSpeed's way), so at any $m$ the planner counts the largest
     unit and the tied embedding (held until both its uses are done): an upper bound, not the
     byte-exact figure it gives for stage 1.
     """
@@ -283,13 +287,13 @@ def memory_per_rank(model, strategy, stage, headroom=None):
 
 
 def mixed_precision_memory(model, strategy, stage):
-    """The papers' GPU accounting: ZeRO's (2 + 2 + 12)Ψ (or 18Ψ: Megatron's fp32 gradients) and
+    """The papers' GPU accounting: ZeRO's $(2 + 2 + 12)Ψ$ (or $18Ψ$: Megatron's fp32 gradients) and
     Korthikanti's activations.
 
-    In flight on the first 1F1B stage: L/p layers for each of min(p, m) micro-batches, about L
-    layers of one micro-batch (Korthikanti et al. 2022, section 4.2.3), times 1 + (p−1)/(pv) when
-    interleaved; full recomputation keeps 2sbh per layer in flight plus one layer's whole set while
-    it is recomputed. The head's fp32 softmax over V/t adds 4sbV/t bytes. Gradients at their peak
+    In flight on the first 1F1B stage: $L/p$ layers for each of $min(p, m)$ micro-batches, about $L$
+    layers of one micro-batch (Korthikanti et al. 2022, section 4.2.3), times $1 + (p−1)/(pv)$ when
+    interleaved; full recomputation keeps $2sbh$ per layer in flight plus one layer's whole set while
+    it is recomputed. The head's fp32 softmax over $V/t$ adds $4sbV/t$ bytes. Gradients at their peak
     (16-bit, or fp32 with 18 bytes): whole while minipar accumulates micro-batches under ZeRO
     (``peak_full_gradient_bytes``). ZeRO-3 gathers a piece's full parameters, and prefetches the next.
     """

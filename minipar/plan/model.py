@@ -1,8 +1,8 @@
 """The model as the planner sees it: its shapes, the presets, and the parameters of each piece.
 
-Symbols (as in /docs/planning.md): L layers, h = n_embd, a heads, s sequence length, V vocabulary,
-b micro-batch rows, t tensor-parallel ranks, p pipeline stages, v chunks per stage, m micro-batches,
-N_d data-parallel ranks, Ψ parameters on a rank, e bytes per element.
+Symbols (as in /docs/planning.md): $L$ layers, $h$ = n_embd, $a$ heads, $s$ sequence length,
+$V$ vocabulary, $b$ micro-batch rows, $t$ tensor-parallel ranks, $p$ pipeline stages, $v$ chunks per
+stage, $m$ micro-batches, $N_d$ data-parallel ranks, $Ψ$ parameters on a rank, $e$ bytes per element.
 
 A ModelSpec is a decoder's shapes: minipar's GPT ($Ψ = 12Lh² + 13Lh + Vh + sh + 2h$:
 the blocks, the embeddings and the final norm), or the Llama family's SwiGLU, GQA, RMSNorm, untied embeddings,
@@ -94,7 +94,7 @@ class ModelSpec:
 
     @property
     def parameters(self):
-        """Ψ of the whole model: blocks, embeddings, final norm (and the output layer if untied).
+        """$Ψ$ of the whole model: blocks, embeddings, final norm (and the output layer if untied).
 
         GPT-2 shapes: $12Lh² + 13Lh + Vh + sh + 2h$ (the sum of ``block_parameters``)."""
         blocks = self.n_layer * sum(n for _, n in block_parameters(self, 1))

@@ -1,10 +1,10 @@
 """The search: every layout of the machine's ranks, each predicted; those that fit, fastest first.
 
 A layout is dp × tp × pp × cp ranks (ep carved out of dp·cp for experts), a schedule (GPipe,
-1F1B, interleaved with v = 2 or 4, the zero-bubble ZB-H1, ZB-H2 and ZB-V), a micro-batch split,
+1F1B, interleaved with $v$ = 2 or 4, the zero-bubble ZB-H1, ZB-H2 and ZB-V), a micro-batch split,
 a ZeRO stage, sequence parallelism, recomputation and a precision. Tensor (and context)
 parallelism stay inside a node: their collectives run in every layer (Narayanan et al. 2021,
-§3.2). Micro-batches of 1 and 2 rows, and the fewest that fill the pipeline (m ≥ p).
+§3.2). Micro-batches of 1 and 2 rows, and the fewest that fill the pipeline ($m ≥ p$).
 
 minipar's own engine (``engine="minipar"``) runs the schedules its executor has
 (``minipar.parallel.pipeline.schedules.SCHEDULE_NAMES``); the other engines plan them all.

@@ -1,14 +1,14 @@
 """What a layout is and which pieces and parameters it puts on each rank.
 
 Symbols as in model.py (and /docs/planning.md). A Strategy is the dp × tp × pp (× cp, ep) grid,
-the batch split into m micro-batches of b rows, the schedule, the memory options and the engine;
-``check_strategy`` refuses what the Trainer refuses. The L layers are cut into pv chunks of
-floor(L/(pv)) layers, one more for the first L mod pv (``chunk_layers``, as ``partition`` splits
-them), and stage r runs the chunks c with c mod p = r (``rank_chunks``): chunk 0 carries the
-embedding, chunk pv − 1 the head. ``rank_parameters`` lists each parameter (each a
+the batch split into $m$ micro-batches of $b$ rows, the schedule, the memory options and the engine;
+``check_strategy`` refuses what the Trainer refuses. The $L$ layers are cut into $pv$ chunks of
+$⌊L/(pv)⌋$ layers, one more for the first $L mod pv$ (``chunk_layers``, as ``partition`` splits
+them), and stage $r$ runs the chunks $c$ with $c mod p = r$ (``rank_chunks``): chunk 0 carries the
+embedding, chunk $pv − 1$ the head. ``rank_parameters`` lists each parameter (each a
 tensor-parallel shard, ``model.piece_parameters``) a stage holds, the tied weight once, the same
 list in the same order as the Trainer's ``stage_parameters``; ``zero_units`` groups it as ZeRO
-does (parallel/zero.py), each parameter cut into N_d parts of ceil(n/N_d) elements
+does (parallel/zero.py), each parameter cut into $N_d$ parts of $⌈n/N_d⌉$ elements
 (``model.part_length``).
 """
 import functools
@@ -120,7 +120,7 @@ def chunk_layers(model, strategy):
 
 
 def rank_chunks(strategy, stage):
-    """The global chunk numbers stage ``stage`` runs: c with c mod p = stage (round robin)."""
+    """The global chunk numbers stage ``stage`` runs: $c$ with $c mod p$ = ``stage`` (round robin)."""
     return [c for c in range(strategy.chunks) if c % strategy.pp == stage]
 
 

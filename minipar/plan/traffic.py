@@ -2,7 +2,7 @@
 
 A step (``minipar/train.py``) talks on three communicators of the grid, and the planner lists
 each call with its size, so that (a) the bytes equal the communicators' traffic counters, and
-(b) the α–β model can time each call. Per micro-batch, with x = (b, s, h) the activation:
+(b) the α–β model can time each call. Per micro-batch, with x of shape (b, s, h) the activation:
 
     tp group (Shoeybi et al. 2019; Korthikanti et al. 2022 for SP)
       embedding   forward: allreduce x (SP: reduce-scatter x); backward under SP: all-gather x
@@ -20,7 +20,7 @@ each call with its size, so that (a) the bytes equal the communicators' traffic 
                   per step the loss average (1 float64) and, under ZeRO, the gradient norm.
 
 MPI does not report what its built-in collectives move, so the counters book the textbook ring
-(allreduce 2(N−1)/N·n, all-gather and reduce-scatter (N−1)/N·n) and binomial-tree (broadcast)
+(allreduce $2(N−1)/N·n$, all-gather and reduce-scatter $(N−1)/N·n$) and binomial-tree (broadcast)
 volumes; ``minipar.comm.traffic.modelled_traffic`` is that one formula, used here too.
 The tied-embedding sum between the first and last stage runs on a two-rank sub-communicator
 of the pp group (parallel/pipeline/partition.py), so its bytes are listed as group "pp-ends".

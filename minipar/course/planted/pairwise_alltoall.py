@@ -1,4 +1,4 @@
-"""The corpus of exercise pairwise_alltoall (The pairwise-exchange all-to-all(v): N − 1 Sendrecv steps, one
+"""The corpus of exercise pairwise_alltoall (The pairwise-exchange all-to-all(v): $N − 1$ Sendrecv steps, one
 partner each way): wrong solutions that its checks must fail with the words of ``expect``, and correct
 alternatives they must pass.
 

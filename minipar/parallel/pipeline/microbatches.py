@@ -1,19 +1,19 @@
 """Cutting a step's batch into micro-batches, and the shapes of the messages between chunks.
 
 ``split_microbatches(batch, m)`` gives the list the pipeline executor (and the naive GPipe) take:
-rows [i·b, (i+1)·b) as micro-batch i, b = B/m. With equal micro-batches the whole-batch mean loss
-is (1/m) Σ_i (micro-batch i's mean loss), which is why the executor scales each micro-batch's loss
-by 1/m (GPipe, Huang et al. 2019, section 2.2).
+rows $[i·b, (i+1)·b)$ as micro-batch $i$, $b = B/m$. With equal micro-batches the whole-batch mean
+loss is $L = (1/m) Σ_i L_i$, with $L_i$ micro-batch $i$'s mean loss, which is why the executor scales
+each micro-batch's loss by $1/m$ (GPipe, Huang et al. 2019, section 2.2).
 
-``boundary_shapes(activation_shape, total_chunks)``: boundary c, between chunk c and chunk c + 1,
-carries chunk c's output forward and its gradient back (the same shape both ways); one shape for
+``boundary_shapes(activation_shape, total_chunks)``: boundary $c$, between chunk $c$ and chunk
+$c + 1$, carries chunk $c$'s output forward and its gradient back (the same shape both ways); one shape for
 every boundary (a transformer's (b, T, C)) or one per boundary (an MLP whose widths change).
 """
 from minipar.errors import ConfigError, require_positive_int
 
 
 def split_microbatches(batch, num_microbatches):
-    """Rows [i*b, (i+1)*b) of ``batch`` as micro-batch i, b = B/m: the list ``run`` takes."""
+    """Rows $[i·b, (i+1)·b)$ of ``batch`` as micro-batch $i$, $b = B/m$: the list ``run`` takes."""
     require_positive_int("the number of micro-batches", num_microbatches)
     rows = batch.shape[0]
     if rows % num_microbatches:

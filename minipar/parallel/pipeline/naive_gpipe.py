@@ -1,15 +1,15 @@
 """A blocking GPipe step: every forward, then every backward. Read this before executor.py.
 
-GPipe (Huang et al. 2019) cuts the model into p stages, one per rank, and the batch into m
-micro-batches. Stage s runs micro-batch i as soon as stage s-1 has sent it; after the last forward
-the backwards run in reverse, each stage sending dL/dx back to the one before:
+GPipe (Huang et al. 2019) cuts the model into $p$ stages, one per rank, and the batch into $m$
+micro-batches. Stage $s$ runs micro-batch $i$ as soon as stage $s−1$ has sent it; after the last
+forward the backwards run in reverse, each stage sending $∂L/∂x$ back to the one before:
 
     forward:   receive x from s-1 (stage 0: the ids) -> y = chunk(x) -> send y to s+1
     backward:  receive dL/dy from s+1 (last stage: from its loss) -> backward -> send dL/dx to s-1
 
-The loss of micro-batch i is scaled by 1/m, so the gradients that add up over the m backwards
-are those of the whole batch's mean loss. Every stage keeps all m micro-batches' activations until
-their backward (GPipe's memory), and for a fraction (p-1)/(m+p-1) of the step it waits (the
+The loss of micro-batch $i$ is scaled by $1/m$, so the gradients that add up over the $m$ backwards
+are those of the whole batch's mean loss. Every stage keeps all $m$ micro-batches' activations until
+their backward (GPipe's memory), and for a fraction $(p−1)/(m+p−1)$ of the step it waits (the
 bubble). Sends and receives block: a send into a stage still busy waits for it, which is safe
 because in each phase messages flow one way only. executor.py runs the same step and others
 (1F1B, interleaved) from a schedule, with non-blocking messages into preallocated buffers.

@@ -9,31 +9,31 @@ ids (B, T), every block maps (B, T, C) to (B, T, C), and the head takes ``(x, ta
 the scalar mean loss. Any plain stack of modules works the same way, an MLP for instance:
 [input layer, hidden layers..., output layer with its loss].
 
-The L layers in the middle are the unit that is split. With p stages and v chunks per stage
-("virtual stages", Narayanan et al. 2021, Megatron-LM) the chain is cut into p·v chunks of
-consecutive layers; the first piece joins chunk 0 and the last piece joins chunk p·v - 1. Chunks
-are dealt round-robin, chunk c to rank c mod p, so with v = 2 and p = 4:
+The $L$ layers in the middle are the unit that is split. With $p$ stages and $v$ chunks per stage
+("virtual stages", Narayanan et al. 2021, Megatron-LM) the chain is cut into $p·v$ chunks of
+consecutive layers; the first piece joins chunk 0 and the last piece joins chunk $p·v − 1$. Chunks
+are dealt round-robin, chunk $c$ to rank $c mod p$, so with $v = 2$ and $p = 4$:
 
     layers:  [0 1] [2 3] [4 5] [6 7] [8 9] [10 11] [12 13] [14 15]
     chunk:     0     1     2     3     4      5       6       7
     rank:      0     1     2     3     0      1       2       3
 
-and a micro-batch crosses every rank v times. The default split balances the layers:
-every chunk gets floor(L / (p·v)) layers and the first L mod (p·v) chunks one more (GPipe,
+and a micro-batch crosses every rank $v$ times. The default split balances the layers:
+every chunk gets $⌊L / (p·v)⌋$ layers and the first $L mod (p·v)$ chunks one more (GPipe,
 Huang et al. 2019, balances by measured cost; equal transformer blocks make counting enough).
-With interleaving, L must be a multiple of p·v unless a ``split`` is given, as Megatron-LM
+With interleaving, $L$ must be a multiple of $p·v$ unless a ``split`` is given, as Megatron-LM
 requires, so that every virtual stage costs the same and the interleaved bubble formula
-(1/v)(p-1)/m holds.
+$(1/v)(p−1)/m$ holds.
 
 Every rank builds the whole model from the same seed and keeps only its chunks, so the chunks
 start as exact copies of the single-process parameters, each still labelled with its
 single-process name (``parameter.shard.full_name``).
 
-Tied embedding across stages. GPT's head multiplies by the token embedding E (Press & Wolf
+Tied embedding across stages. GPT's head multiplies by the token embedding $E$ (Press & Wolf
 2017): one weight, two uses. In one process autograd adds the two contributions into one
-gradient. Cut into stages, the embedding (chunk 0, rank 0) and the head (last chunk, rank p-1)
-each hold a copy of E and each gets only its own term, dL/dE = g_embedding + g_head split over
-two ranks. ``TiedEmbeddingGradientSum`` allreduces the copies' gradients between those two
+gradient. Cut into stages, the embedding (chunk 0, rank 0) and the head (last chunk, rank $p−1$)
+each hold a copy of $E$ and each gets only its own term of $∂L/∂E = g_{embedding} + g_{head}$, split
+over two ranks. ``TiedEmbeddingGradientSum`` allreduces the copies' gradients between those two
 ranks after backward, so both copies take the same update and stay equal forever. Forget it
 and each copy follows only its own term: the model quietly drifts from single-process training.
 """
@@ -156,7 +156,7 @@ def partition(pieces, num_stages, stage, num_chunks=1, split=None, placement=LOO
 def stage_parameters(chunks):
     """(full name, Parameter) for every parameter of this rank's chunks, each object once.
 
-    A parameter can sit in two chunks of one rank: the tied embedding with p = 1 and v > 1 is one
+    A parameter can sit in two chunks of one rank: the tied embedding with $p = 1$ and $v > 1$ is one
     object in chunk 0 and in the last chunk. Give the optimizer this list, not the chunks' lists
     joined, or that weight would be updated twice.
     """
@@ -180,7 +180,7 @@ class TiedEmbeddingGradientSum:
     ZeRO their parts: the same positions on both ends, so the sum holds on parts too). Building
     it is collective over ``pp_comm``: every rank says whether it holds ``full_name`` (small
     metadata), so all agree on the check, and the two ends get a communicator of their own.
-    With p = 1 there is one copy and nothing to do; a model with the weight on neither end (an
+    With $p = 1$ there is one copy and nothing to do; a model with the weight on neither end (an
     MLP) is a no-op; a model with it on one end only is a ConfigError on every rank.
     """
 

@@ -1,10 +1,10 @@
 """Pipeline schedules as data: for each rank, the ordered list of what it does in one step.
 
-The model is cut into ``p`` stages on ``p`` ranks (rank = stage index) and each step's batch into
-``m`` micro-batches. With interleaving, the model is cut finer, into ``p·v`` chunks ("virtual
-stages"), and rank ``r`` holds chunks ``r, r+p, r+2p, ...`` (Narayanan et al. 2021, Megatron-LM).
-Activations flow forward from chunk ``c`` to ``c+1``, gradients backward from ``c+1`` to ``c``,
-and chunk ``c`` lives on rank ``c mod p``. Without interleaving there is one chunk per rank and
+The model is cut into $p$ stages on $p$ ranks (rank = stage index) and each step's batch into
+$m$ micro-batches. With interleaving, the model is cut finer, into $p·v$ chunks ("virtual
+stages"), and rank $r$ holds chunks $r, r+p, r+2p, …$ (Narayanan et al. 2021, Megatron-LM).
+Activations flow forward from chunk $c$ to $c+1$, gradients backward from $c+1$ to $c$,
+and chunk $c$ lives on rank $c mod p$. Without interleaving there is one chunk per rank and
 the chunk index equals the stage index.
 
 A schedule is a list of ``Action(kind, microbatch, chunk)`` (``actions.py``: the eight kinds,
@@ -13,7 +13,7 @@ a forward, a whole backward or its zero-bubble split into B (input) and W (weigh
 
 The first chunk has no receive-forward and no send-backward; the last has no send-forward and no
 receive-backward. Every other boundary appears as a matched send/receive pair, even in the one
-case where both chunks sit on the same rank (interleaving with p = 1); sending to yourself with a
+case where both chunks sit on the same rank (interleaving with $p = 1$); sending to yourself with a
 nonblocking send followed by a receive is legal MPI.
 
 Communication semantics, which the simulator checks and the executor must keep:
@@ -110,7 +110,7 @@ def gpipe(num_stages, num_microbatches, stage):
     $$(p − 1) / (m + p − 1)$$
 
     which Narayanan et al. 2021 write as $(p − 1)/m$ of the ideal compute time. The price is memory:
-    every rank stashes the activations of all m micro-batches before its first backward.
+    every rank stashes the activations of all $m$ micro-batches before its first backward.
     """
     _check_layout(num_stages, num_microbatches, stage)
     actions = []
@@ -124,9 +124,9 @@ def gpipe(num_stages, num_microbatches, stage):
 def one_f_one_b(num_stages, num_microbatches, stage):
     """1F1B, PipeDream-flush (Narayanan et al. 2021): one forward, one backward, in steady state.
 
-    Stage s runs w = min(p - s - 1, m) warm-up forwards, then alternates one forward with one
-    backward until its forwards are done, then drains the remaining w backwards. A backward frees
-    its micro-batch's activations as soon as the pipeline allows, so stage s never holds more than
+    Stage $s$ runs $w = min(p − s − 1, m)$ warm-up forwards, then alternates one forward with one
+    backward until its forwards are done, then drains the remaining $w$ backwards. A backward frees
+    its micro-batch's activations as soon as the pipeline allows, so stage $s$ never holds more than
     $min(p − s, m) ≤ p$ micro-batches in flight, against GPipe's $m$. The bubble is unchanged,
     $(p − 1)/(m + p − 1)$ of the step: the warm-up and drain idle times are GPipe's, only reordered.
     """
@@ -146,29 +146,32 @@ def one_f_one_b(num_stages, num_microbatches, stage):
 
 
 def interleaved_one_f_one_b(num_stages, num_microbatches, stage, num_chunks):
-    """Interleaved 1F1B (Narayanan et al. 2021, Megatron-LM): 1F1B over v chunks per rank.
+    """Interleaved 1F1B (Narayanan et al. 2021, Megatron-LM): 1F1B over $v$ chunks per rank.
 
-    Micro-batches go through the pipeline in groups of p: rank r runs the forwards of a group on
+    Micro-batches go through the pipeline in groups of $p$: rank $r$ runs the forwards of a group on
     its first chunk, then on its second, ..., then starts the next group; backwards visit its
-    chunks in the reverse order. Rank r warms up with (v - 1)·p + 2(p - r - 1) forwards (capped
-    at m·v), alternates one forward with one backward, then drains. The groups of p are why m must
-    be a multiple of p.
+    chunks in the reverse order. Rank $r$ warms up with
+
+    $$w_r = min((v − 1)·p + 2(p − r − 1), m·v)$$
+
+    forwards, alternates one forward with one backward, then drains. The groups of $p$ are why $m$
+    must be a multiple of $p$.
 
     Each chunk takes $1/v$ of a stage's time, so the fill and drain shrink by $v$: the bubble is
     $(1/v)(p − 1)/m$ of the ideal compute time, that is, as a fraction of the step,
 
     $$((p − 1)/v) / (m + (p − 1)/v)$$
 
-    bought with v times as many messages. num_chunks = 1 gives plain 1F1B (``one_f_one_b``), with
-    no constraint on m.
+    bought with $v$ times as many messages. ``num_chunks=1`` gives plain 1F1B (``one_f_one_b``),
+    with no constraint on $m$.
 
-    Why the warm-up holds 2(p - r - 1) and not 1F1B's p - r - 1 forwards beyond (v - 1)·p: if
-    messages were free, p - r - 1 would do; the simulator gives the same step time with it and
-    less stashed memory. The extra p - r - 1 forwards are slack for communication: they let a
+    Why the warm-up holds $2(p − r − 1)$ and not 1F1B's $p − r − 1$ forwards beyond $(v − 1)·p$: if
+    messages were free, $p − r − 1$ would do; the simulator gives the same step time with it and
+    less stashed memory. The extra $p − r − 1$ forwards are slack for communication: they let a
     rank keep computing while a message is in flight, so send latency mostly hides behind
     compute instead of adding to every steady-state step (try ``simulate(..., send_time=0.5)``
-    both ways). The price is memory: rank r stashes up to min((v - 1)·p + 2(p - r - 1) + 1, m·v)
-    (micro-batch, chunk) pairs, each 1/v of a stage's activations.
+    both ways). The price is memory: rank $r$ stashes up to $min((v − 1)·p + 2(p − r − 1) + 1, m·v)$
+    (micro-batch, chunk) pairs, each $1/v$ of a stage's activations.
     """
     _check_layout(num_stages, num_microbatches, stage, num_chunks)
     if num_chunks == 1:

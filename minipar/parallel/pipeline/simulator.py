@@ -96,7 +96,7 @@ class SimulationResult:
         What is left if the step's end did not wait for every rank: consecutive steps then
         overlap (stage 0 starts the next step's forwards while the last stage finishes this
         one), which is what the zero-bubble paper's optimizer post-validation allows. For
-        ZB-H2 it is 0 with equal times, while ``bubble_fraction`` keeps the (p-1)T_F skew.
+        ZB-H2 it is 0 with equal times, while ``bubble_fraction`` keeps the $(p−1)T_F$ skew.
         """
         spans = []
         for intervals in self.timeline:

@@ -4,41 +4,44 @@ The backward of a chunk is two jobs. B, the gradient of the chunk's input, is on
 path: the previous chunk waits for it. W, the gradient of the chunk's weights, is needed by
 nobody until the optimizer step. Splitting them (``BACKWARD_INPUT`` and ``BACKWARD_WEIGHT``)
 lets a schedule send B's result upstream as early as possible and do W wherever a rank would
-otherwise sit idle. With T_F, T_B, T_W the times of F, B and W on one stage, the paper's bubble
-per rank (its section 2) and what each rank holds between F and W:
+otherwise sit idle. With $T_F$, $T_B$, $T_W$ the times of F, B and W on one stage, the paper's
+bubble per rank (its section 2) and what each rank holds between F and W:
 
-    1F1B    (p-1)(T_F + T_B + T_W)       p - s micro-batches on stage s (p on stage 0)
-    ZB-H1   (p-1)(T_F + T_B - T_W)       p on every stage: 1F1B's peak
-    ZB-H2   (p-1)(T_F + T_B - 2 T_W)     2p - 1 on every stage
-    ZB-V    about 0                      2p half-stage chunks = p stages' worth: 1F1B's peak
+| schedule | bubble per rank            | held between F and W                                       |
+|----------|----------------------------|------------------------------------------------------------|
+| 1F1B     | $(p−1)(T_F + T_B + T_W)$   | $p − s$ micro-batches on stage $s$ ($p$ on stage 0)        |
+| ZB-H1    | $(p−1)(T_F + T_B − T_W)$   | $p$ on every stage: 1F1B's peak                            |
+| ZB-H2    | $(p−1)(T_F + T_B − 2T_W)$  | $2p − 1$ on every stage                                    |
+| ZB-V     | about 0                    | $2p$ half-stage chunks = $p$ stages' worth: 1F1B's peak    |
 
-With equal times T the 1F1B bubble of 3(p-1)T per rank shrinks to (p-1)T for ZB-H1, a third.
+With equal times $T$ the 1F1B bubble of $3(p−1)T$ per rank shrinks to $(p−1)T$ for ZB-H1, a third.
 ZB-H2's and ZB-V's "zero" is zero idle inside each rank's span from its first F to its last W;
 in one step that ends with a synchronous optimizer step, the ranks still start and end
-staggered, by (p-1)T_F (ZB-H2) and (p-1)T_F/2 (ZB-V, half-stage chunks), and only overlapping
+staggered, by $(p−1)T_F$ (ZB-H2) and $(p−1)T_F/2$ (ZB-V, half-stage chunks), and only overlapping
 the next step's start with this one's end (the paper's optimizer post-validation, its section
 4) removes that. docs/pipeline_schedules.md derives all of them.
 
 How the schedules are built (our own rules; the tests check they reach the numbers above).
 
-ZB-H1 keeps 1F1B's shape. Stage s warms up with p-s-1 forwards, then alternates F and B, and
-puts each W off by s steps: stage s runs W of micro-batch k right after B of micro-batch k+s.
-So B's gradient leaves for stage s-1 as soon as B is done (one T_B per stage on the way back,
-not T_B + T_W), and the W's stage s put off fill the drain at the end, where 1F1B idles. Every
-stage holds p micro-batches between F and W: stage 0's 1F1B peak, on every stage.
+ZB-H1 keeps 1F1B's shape. Stage $s$ warms up with $p−s−1$ forwards, then alternates F and B, and
+puts each W off by $s$ steps: stage $s$ runs W of micro-batch $k$ right after B of micro-batch
+$k+s$. So B's gradient leaves for stage $s−1$ as soon as B is done (one $T_B$ per stage on the way
+back, not $T_B + T_W$), and the W's stage $s$ put off fill the drain at the end, where 1F1B idles.
+Every stage holds $p$ micro-batches between F and W: stage 0's 1F1B peak, on every stage.
 
-ZB-H2 goes further: stage s warms up with 2(p-s)-1 forwards, exactly enough to cover the wait for
-its first gradient, then repeats B, W, F with each W put off by 2s steps. Every stage then
-computes without a gap from its first F to its last W: the step is a parallelogram, stage s
-starting T_F after stage s-1 and ending T_F after it. Every stage holds 2p-1 micro-batches.
+ZB-H2 goes further: stage $s$ warms up with $2(p−s)−1$ forwards, exactly enough to cover the wait
+for its first gradient, then repeats B, W, F with each W put off by $2s$ steps. Every stage then
+computes without a gap from its first F to its last W: the step is a parallelogram, stage $s$
+starting $T_F$ after stage $s−1$ and ending $T_F$ after it. Every stage holds $2p−1$ micro-batches.
 
-ZB-V holds two chunks per rank in a V (rank r: chunks r and 2p-1-r), each half a stage, and is
-played out with unit times by a greedy rule: at every tick a free rank runs the oldest ready B
-(the later chunk first), else the ready F of the later chunk if it holds fewer than 2p chunks in
-flight (p stages' worth: 1F1B's stage-0 memory), else its oldest pending W, else waits.
+ZB-V holds two chunks per rank in a V (rank $r$: chunks $r$ and $2p−1−r$), each half a stage, and
+is played out with unit times by a greedy rule: at every tick a free rank runs the oldest ready B
+(the later chunk first), else the ready F of the later chunk if it holds fewer than $2p$ chunks in
+flight ($p$ stages' worth: 1F1B's stage-0 memory), else its oldest pending W, else waits.
 
-The tests check, with exact fractions: ZB-H1 idles (p-1)T per rank, ZB-H2 (p-1)T_F with no gap
-inside any rank's span, ZB-V (p-1)T_F/2 at p = 2, 4 and 8 (within one chunk time of it otherwise).
+The tests check, with exact fractions: ZB-H1 idles $(p−1)T$ per rank, ZB-H2 $(p−1)T_F$ with no gap
+inside any rank's span, ZB-V $(p−1)T_F/2$ at $p$ = 2, 4 and 8 (within one chunk time of it
+otherwise).
 """
 from functools import lru_cache
 
@@ -80,18 +83,18 @@ def zero_bubble(name, num_stages, num_microbatches, stage):
 
 
 def zb_h1(num_stages, num_microbatches, stage):
-    """ZB-H1: 1F1B's order with B and W split, stage s putting each W off by s backwards.
+    """ZB-H1: 1F1B's order with B and W split, stage $s$ putting each W off by $s$ backwards.
 
-    Stage s runs w = min(p - s - 1, m) warm-up forwards, then one F and one B (``split_backward_actions``)
-    per micro-batch, and the W of micro-batch k (``Action(BACKWARD_WEIGHT, k, s)``) right after the B of
-    micro-batch k + s; then it drains: each remaining B followed by the next W, then the W's still owed,
+    Stage $s$ runs $w = min(p − s − 1, m)$ warm-up forwards, then one F and one B (``split_backward_actions``)
+    per micro-batch, and the W of micro-batch $k$ (``Action(BACKWARD_WEIGHT, k, s)``) right after the B of
+    micro-batch $k + s$; then it drains: each remaining B followed by the next W, then the W's still owed,
     in micro-batch order. Its contract, graded by the course (exercise zb_h1):
 
-    - the simulator accepts the p stages' lists (every send has its receive, B after its F, W after
+    - the simulator accepts the $p$ stages' lists (every send has its receive, B after its F, W after
       its B, each send straight after the F or B that made it);
-    - with T_F = T_B = T_W every rank idles exactly (p - 1)T, a bubble of (p - 1)/(3m + p - 1) of the
-      step, a third of 1F1B's 3(p - 1)T;
-    - every stage holds min(p, m) micro-batches between F and W, 1F1B's stage-0 peak on every stage;
+    - with $T_F = T_B = T_W = T$ every rank idles exactly $(p − 1)T$, a bubble of $(p − 1)/(3m + p − 1)$
+      of the step, a third of 1F1B's $3(p − 1)T$;
+    - every stage holds $min(p, m)$ micro-batches between F and W, 1F1B's stage-0 peak on every stage;
     - run by the executor, it gives one process's gradients.
     """
     _check_layout(num_stages, num_microbatches, stage)
@@ -114,8 +117,8 @@ def zb_h1(num_stages, num_microbatches, stage):
 
 
 def zb_h2(num_stages, num_microbatches, stage):
-    """ZB-H2 on one chunk per rank: 2(p - s) - 1 warm-up forwards, then per micro-batch a B, a W put
-    off by 2s backwards (none before), and the next F; then the drain, each B with one W, and the
+    """ZB-H2 on one chunk per rank: $2(p − s) − 1$ warm-up forwards, then per micro-batch a B, a W put
+    off by $2s$ backwards (none before), and the next F; then the drain, each B with one W, and the
     W's still owed."""
     _check_layout(num_stages, num_microbatches, stage)
     warmup = min(2 * (num_stages - stage) - 1, num_microbatches)
