@@ -48,13 +48,14 @@ def _schedules(pp, m, options):
 
 
 def candidate_grids(model, world, gpus_per_node, options):
-    """Every grid the search tries on ``world`` ranks: yields ``(dp, tp, pp, cp, ep)`` tuples with
-    dp·tp·pp·cp = ``world``, before any schedule, micro-batch count or memory is considered.
+    """Every grid the search tries on N = ``world`` ranks: yields ``(dp, tp, pp, cp, ep)`` with
+    $dp · tp · pp · cp = N$, before any schedule, micro-batch count or memory is considered.
 
-    tp·cp stays inside a node (tp·cp ≤ ``gpus_per_node``; tp a divisor of min(world, gpus_per_node),
-    or one of ``options["tp"]`` when given; cp one of ``options["cp"]``), no stage is left without a
-    layer (pp ≤ ``model.n_layer``), and ep, for a model with experts, divides both the experts and
-    dp·cp (1 without experts). ``options``: ``DEFAULT_OPTIONS`` or a dict with its "tp" and "cp" keys.
+    Tensor and context parallelism stay inside a node of G = ``gpus_per_node`` GPUs ($tp · cp ≤ G$;
+    tp divides min(N, G), or is one of ``options["tp"]`` when given; cp is one of ``options["cp"]``),
+    no stage is left without a layer ($pp ≤ L$, L = ``model.n_layer``), and ep, for a model with
+    experts, divides both the number of experts and $dp · cp$ (ep = 1 without experts).
+    ``options``: ``DEFAULT_OPTIONS``, or a dict with its "tp" and "cp" keys.
     """
     for tp, cp in itertools.product(options["tp"] or divisors(min(world, gpus_per_node)), options["cp"]):
         if tp * cp > gpus_per_node or world % (tp * cp):

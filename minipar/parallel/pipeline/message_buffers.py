@@ -5,13 +5,14 @@ carries chunk c's output forward and its gradient back (an activation and its gr
 same shape). ``activation_shape`` gives one shape for every boundary or one per boundary
 (``microbatches.boundary_shapes``), so messages move with Isend/Irecv between preallocated
 buffers, never pickled, each with the schedule's unique tag. Two rules keep them safe:
-  - a send buffer is not written again until its Isend has completed (completed sends are
-    reclaimed with Test; when none is free a new buffer is allocated, so a send never blocks,
-    which is what the schedules' deadlock-freedom assumes); all sends are waited before
-    ``run`` returns;
-  - a receive lands in a pooled buffer of its boundary's shape, posted ahead of time (at most
-    RECEIVE_BUFFERS at once), and is copied out into a fresh array before that buffer takes the
-    next message, so the graph never shares memory with MPI.
+
+- a send buffer is not written again until its Isend has completed (completed sends are
+  reclaimed with Test; when none is free a new buffer is allocated, so a send never blocks,
+  which is what the schedules' deadlock-freedom assumes); all sends are waited before
+  ``run`` returns;
+- a receive lands in a pooled buffer of its boundary's shape, posted ahead of time (at most
+  RECEIVE_BUFFERS at once), and is copied out into a fresh array before that buffer takes the
+  next message, so the graph never shares memory with MPI.
 
 ``MessageBuffers`` keeps these pools for ``PipelineExecutor`` (executor.py), whose ``_send`` and
 ``_receive`` (the course's exercise pipeline_messages) take their buffers from here.
