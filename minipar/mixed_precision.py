@@ -23,7 +23,7 @@ One step (the Trainer calls these, in this order):
 
 The fp32 islands: inside an op the arithmetic is fp32 and only its output is rounded, so the
 statistics of a fused op are fp32: softmax's max and sum of exponentials (ops/fused.py Softmax,
-CausalAttention), layer norm's mean and variance (LayerNorm); the loss is not rounded at all
+ops/attention.py CausalAttention), layer norm's mean and variance (LayerNorm); the loss is not rounded at all
 (CrossEntropy and VocabParallelCrossEntropy: ``rounds_output = False``); the gradient norm is
 summed in float64 from the 16-bit gradients (optim.grad_norm_squared).
 

@@ -1,6 +1,7 @@
 """The command line: clear errors for bad input on every rank, no hangs, the topology picture."""
 import subprocess
 import sys
+import textwrap
 
 from minipar.testing import find_mpiexec
 
@@ -164,3 +165,25 @@ def test_ep_without_experts_is_refused(tmp_path):
     result = run_cli("train", "--ep", "2", "--steps", "1", "--out", str(tmp_path), ranks=2, timeout=60)
     assert result.returncode != 0
     assert "--ep 2 shards the experts of a mixture of experts: add --experts E" in result.stderr, result.stderr
+
+
+def test_train_parses_without_importing_the_planner_or_the_course():
+    """Only the chosen command's arguments are defined (``__main__.build_parser``): every rank of a training
+    job parses ``train`` without loading the planner or the course, and each command still parses its flags."""
+    probe = textwrap.dedent("""
+        import sys
+        from minipar.__main__ import COMMANDS, build_parser, parse_arguments
+
+        def loaded():
+            return sorted(name for name in sys.modules if name.startswith(("minipar.plan", "minipar.course")))
+
+        train = parse_arguments(["train", "--dp", "2", "--microbatches", "4"])
+        sample = parse_arguments(["sample", "--checkpoint", "ckpt"])
+        usage = build_parser(["--help"]).format_help()
+        print(loaded(), train.dp, train.microbatches, sample.checkpoint, all(name in usage for name in COMMANDS))
+        plan = parse_arguments(["plan", "--gpus", "8"])
+        print(plan.gpus, "minipar.plan.cli" in sys.modules)
+    """)
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["[] 2 4 ckpt True", "8 True"], result.stdout

@@ -5,15 +5,16 @@ Each op is a ``Function`` (forward and backward side by side) in one of:
   activation.py      gelu, bias_gelu (fused, cache-blocked: blocks.py)
   shape.py           sum, mean, max, reshape, transpose, getitem, concatenate
   linear_algebra.py  matmul, linear
-  fused.py           softmax, log_softmax, layer_norm, cross_entropy, embedding, dropout,
-                     causal_attention
+  fused.py           softmax, log_softmax, layer_norm, cross_entropy, embedding, dropout
+  attention.py       causal_attention (its two halves reused by context parallelism)
   routing.py         gather_rows, scatter_add_rows (a mixture of experts' dispatch and combine)
 Derived ops (split, masked_fill) are built from these primitives below.
 """
 from minipar.backend import xp
 from minipar.ops.activation import BiasGelu, Gelu
+from minipar.ops.attention import CausalAttention
 from minipar.ops.elementwise import Add, Div, Exp, Log, Mul, Neg, Power, Relu, Sub, Tanh
-from minipar.ops.fused import CausalAttention, CrossEntropy, Dropout, Embedding, LayerNorm, LogSoftmax, Softmax
+from minipar.ops.fused import CrossEntropy, Dropout, Embedding, LayerNorm, LogSoftmax, Softmax
 from minipar.ops.linear_algebra import LinearFunction, MatMul
 from minipar.ops.routing import AttachAuxiliaryLoss, GatherRows, ScatterAddRows
 from minipar.ops.shape import Concatenate, GetItem, Max, Mean, Reshape, Sum, Transpose

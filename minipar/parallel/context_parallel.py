@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from minipar.backend import xp
 from minipar.errors import ConfigError, ShapeError
-from minipar.ops.fused import attention_backward, attention_forward, causal_mask, scaled_scores
+from minipar.ops.attention import attention_backward, attention_forward, causal_mask, scaled_scores
 from minipar.tensor import Function
 
 LAYOUTS = ("contiguous", "zigzag")

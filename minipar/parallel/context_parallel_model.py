@@ -28,7 +28,7 @@ from minipar.backend import from_host, to_host, xp
 from minipar.errors import ConfigError, require_positive_int
 from minipar.nn.layers import merge_heads, split_heads
 from minipar.nn.module import Module
-from minipar.ops.fused import attention_backward, attention_forward
+from minipar.ops.attention import attention_backward, attention_forward
 from minipar.parallel.context_parallel import (
     VARIANTS,
     AttentionWork,

@@ -1,17 +1,17 @@
 """Lesson 8's calculator: sliders for the model, the GPUs and each axis, redrawing the planner's
 memory and time breakdown of one layout with the same code as ``python -m minipar plan``
-(``cost.predict`` for the numbers, ``cli.plot_memory`` for the memory bars).
+(``cost.predict`` for the numbers, ``report.plot_memory`` for the memory bars).
 
     from minipar.plan.calculator import calculator, draw
     draw(settings)      # one static figure (the documentation site shows this one)
     calculator()        # ipywidgets sliders that call draw on every change (in Jupyter)
 """
 from minipar.errors import ConfigError
-from minipar.plan.cli import plot_memory, seconds, size
 from minipar.plan.cost import mfu, predict
 from minipar.plan.hardware import named_machine
 from minipar.plan.memory import Headroom
 from minipar.plan.model import ModelSpec
+from minipar.plan.report import plot_memory, seconds, size
 from minipar.plan.strategy import Strategy, check_strategy
 
 DEFAULTS = dict(n_layer=96, n_embd=12288, n_head=96, n_kv_head=96, seq=2048, vocab=51200, swiglu=False, gpus=1024,

@@ -47,8 +47,16 @@ def _schedules(pp, m, options):
     return out
 
 
-def _grids(model, world, gpus_per_node, options):
-    """(dp, tp, pp, cp, ep) of ``world`` ranks; tp·cp inside a node."""
+def candidate_grids(model, world, gpus_per_node, options):
+    """Every grid the search tries on N = ``world`` ranks: yields ``(dp, tp, pp, cp, ep)`` with
+    $dp · tp · pp · cp = N$, before any schedule, micro-batch count or memory is considered.
+
+    Tensor and context parallelism stay inside a node of G = ``gpus_per_node`` GPUs ($tp · cp ≤ G$;
+    tp divides min(N, G), or is one of ``options["tp"]`` when given; cp is one of ``options["cp"]``),
+    no stage is left without a layer ($pp ≤ L$, L = ``model.n_layer``), and ep, for a model with
+    experts, divides both the number of experts and $dp · cp$ (ep = 1 without experts).
+    ``options``: ``DEFAULT_OPTIONS``, or a dict with its "tp" and "cp" keys.
+    """
     for tp, cp in itertools.product(options["tp"] or divisors(min(world, gpus_per_node)), options["cp"]):
         if tp * cp > gpus_per_node or world % (tp * cp):
             continue
@@ -64,7 +72,7 @@ def _grids(model, world, gpus_per_node, options):
 def candidate_strategies(model, world, batch_size, gpus_per_node, options):
     """Every layout of ``world`` ranks for this model, with the options to try (module docstring)."""
     options = {**DEFAULT_OPTIONS, **options}
-    for dp, tp, pp, cp, ep in _grids(model, world, gpus_per_node, options):
+    for dp, tp, pp, cp, ep in candidate_grids(model, world, gpus_per_node, options):
         if batch_size % dp:
             continue
         per_replica = batch_size // dp

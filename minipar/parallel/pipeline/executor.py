@@ -30,35 +30,25 @@ held at once. With ``recompute=True`` the forward runs under ``no_grad`` and kee
 right before the backward the forward runs again, this time recording the graph, with the same
 dropout masks (``minipar.parallel.recompute``; Chen et al. 2016).
 
-Messages. Every boundary carries arrays of one known shape: boundary c, between chunk c and
-chunk c + 1, carries chunk c's output forward and its gradient back (an activation and its
-gradient have the same shape). ``activation_shape`` gives one shape for every boundary or one
-per boundary (``microbatches.boundary_shapes``), so messages move with Isend/Irecv between
-preallocated buffers, never pickled, each with the schedule's unique tag. Two rules keep them safe:
-
-- a send buffer is not written again until its Isend has completed (completed sends are
-  reclaimed with Test; when none is free a new buffer is allocated, so a send never blocks,
-  which is what the schedules' deadlock-freedom assumes); all sends are waited before
-  ``run`` returns;
-- a receive lands in a pooled buffer of its boundary's shape, posted ahead of time (at most
-  RECEIVE_BUFFERS at once), and is copied out into a fresh array before that buffer takes the
-  next message, so the graph never shares memory with MPI.
+Messages. Activations and their gradients move with Isend/Irecv between preallocated buffers of
+each boundary's shape, never pickled. A send buffer is not written again until its Isend has
+completed; a received array is copied out of its buffer before the buffer takes the next message.
+The buffers and those two rules: ``message_buffers.py``.
 
 With p = 1 there are no messages and the step is plain gradient accumulation over micro-batches.
 """
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 from minipar.backend import xp
 from minipar.errors import ConfigError, ShapeError
+from minipar.parallel.pipeline.message_buffers import RECEIVE_BUFFERS, MessageBuffers
 from minipar.parallel.pipeline.microbatches import boundary_shapes, split_microbatches
 from minipar.parallel.pipeline.schedules import (
     BACKWARD,
     BACKWARD_INPUT,
     BACKWARD_WEIGHT,
     FORWARD,
-    RECEIVES,
     RECV_BACKWARD,
     RECV_FORWARD,
     SEND_BACKWARD,
@@ -73,10 +63,9 @@ from minipar.parallel.pipeline.schedules import (
 from minipar.parallel.recompute import random_states, replaying
 from minipar.tensor import Tensor, no_grad
 
-# split_microbatches (microbatches.py), random_states and replaying (parallel/recompute.py) are offered here too.
+# RECEIVE_BUFFERS (message_buffers.py), split_microbatches (microbatches.py), random_states and replaying
+# (parallel/recompute.py) are offered here too.
 __all__ = ["RECEIVE_BUFFERS", "PipelineExecutor", "random_states", "replaying", "split_microbatches"]
-
-RECEIVE_BUFFERS = 2  # receives posted ahead: double buffering, the next message lands during compute
 
 
 @dataclass
@@ -88,8 +77,10 @@ class _Stashed:
     random_states: list = field(default_factory=list)  # Dropout generator states, for recomputation
 
 
-class PipelineExecutor:
-    """Runs a pipeline schedule over this rank's chunks, one training step per ``run`` call."""
+class PipelineExecutor(MessageBuffers):
+    """Runs a pipeline schedule over this rank's chunks, one training step per ``run`` call.
+
+    Its message buffers (``_free_send_buffer``, the receives posted ahead) come from ``MessageBuffers``."""
 
     def __init__(self, chunks, pp_comm, schedule_name, num_microbatches, activation_shape, dtype,
                  recompute=False, timeline=None, actions=None, loss_scale=1.0):
@@ -129,20 +120,7 @@ class PipelineExecutor:
         if unknown:  # refused here, before any receive is posted
             raise ConfigError(f"stage {self.stage}: the schedule holds {unknown[0]!r}, whose kind "
                               f"{unknown[0].kind!r} this executor does not know how to run")
-        self._free_receive_buffers, self._free_send_buffers = {}, {}  # shape -> buffers no message is using
-        self._sends_in_flight = []
-        for action in [a for a in self.schedule if a.kind in RECEIVES][:RECEIVE_BUFFERS]:
-            self._free_receive_buffers.setdefault(self._shape_of(action), []).append(self._new_buffer(action))
-
-    def _shape_of(self, action):
-        """The shape of a send's or receive's message: that of the boundary it crosses, the one
-        before the chunk (its input and that input's gradient) or after it (its output and its
-        output's gradient)."""
-        before = action.kind in (RECV_FORWARD, SEND_BACKWARD)
-        return self.boundary_shapes[action.chunk - 1 if before else action.chunk]
-
-    def _new_buffer(self, action):
-        return xp.empty(self._shape_of(action), dtype=self.dtype)
+        self._allocate_buffers()  # message_buffers.py
 
     # ---- one step --------------------------------------------------------------------------
 
@@ -157,10 +135,8 @@ class PipelineExecutor:
         self._inputs, self._targets = micro_inputs, micro_targets
         self._stash, self._received, self._outgoing, self._losses = {}, {}, {}, []
         self._weights = {}  # (microbatch, chunk) -> WeightGradients that B left for W
-        self._upcoming_receives = deque(a for a in self.schedule if a.kind in RECEIVES)
-        self._posted_receives = deque()
         self._last_event_end = time.perf_counter()
-        self._post_receives()
+        self._start_receives()  # the first RECEIVE_BUFFERS receives posted (message_buffers.py)
         for action in self.schedule:
             run_action = self._run_action.get(action.kind)
             if run_action is None:
@@ -169,10 +145,7 @@ class PipelineExecutor:
             run_action(action)
             self._reclaim_completed_sends()  # also lets MPI progress large sends between actions
         started = time.perf_counter()
-        for buffer, request in self._sends_in_flight:  # the step is over only when its messages are out
-            request.wait()
-            self._free_send_buffers.setdefault(buffer.shape, []).append(buffer)
-        self._sends_in_flight.clear()
+        self._wait_for_sends()  # the step is over only when its messages are out
         self._record("send-wait", "send", started)
         assert not (self._stash or self._received or self._outgoing or self._weights), "schedule left work behind"
         if self.chunk_by_index.get(self.total_chunks - 1) is None:
@@ -245,17 +218,7 @@ class PipelineExecutor:
         self._weights.pop((action.microbatch, action.chunk)).run()
         self._record(str(action.kind), str(action.kind), started, action)
 
-    # ---- communication ---------------------------------------------------------------------
-
-    def _post_receives(self):
-        """Post the next receives of the schedule, in order, up to RECEIVE_BUFFERS at once."""
-        while self._upcoming_receives and len(self._posted_receives) < RECEIVE_BUFFERS:
-            action = self._upcoming_receives.popleft()
-            free = self._free_receive_buffers.setdefault(self._shape_of(action), [])
-            buffer = free.pop() if free else self._new_buffer(action)
-            request = self.comm.irecv(buffer, peer_rank(action, self.num_stages, self.placement),
-                                      message_tag(action, self.total_chunks))
-            self._posted_receives.append((action, buffer, request))
+    # ---- communication (the buffers: message_buffers.py) -----------------------------------
 
     def _receive(self, action):
         started = time.perf_counter()
@@ -291,25 +254,6 @@ class PipelineExecutor:
         self._sends_in_flight.append((buffer, request))
         ### END SOLUTION
         self._record("send", "send", started, action)
-
-    def _reclaim_completed_sends(self):
-        """Move the buffers of completed sends back to the free list (Test never blocks)."""
-        still_in_flight = []
-        for buffer, request in self._sends_in_flight:
-            if request.test():
-                self._free_send_buffers.setdefault(buffer.shape, []).append(buffer)
-            else:
-                still_in_flight.append((buffer, request))
-        self._sends_in_flight = still_in_flight
-
-    def _free_send_buffer(self, action):
-        """A buffer of the message's shape that no send is using: a reclaimed one, else a new one."""
-        shape = self._shape_of(action)
-        if not self._free_send_buffers.get(shape):
-            self._reclaim_completed_sends()
-        if self._free_send_buffers.get(shape):
-            return self._free_send_buffers[shape].pop()
-        return self._new_buffer(action)
 
     # ---- instrumentation -------------------------------------------------------------------
 
