@@ -99,7 +99,9 @@ class Function:
             else:
                 arrays.append(x)
         out = cls.forward(ctx, *arrays, **options)
-        out = Tensor(rounded(out) if cls.rounds_output else out)  # 16-bit compute: grad_mode.rounding_to
+        if grad_mode.round_to_format is not None and cls.rounds_output:  # 16-bit compute: grad_mode.rounding_to
+            out = rounded(out)
+        out = Tensor(out)
         if record and grad_mode.recording:  # record the node
             ctx.function, ctx.inputs = cls, inputs
             out.requires_grad, out._node = True, ctx
