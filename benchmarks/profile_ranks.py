@@ -12,7 +12,9 @@ profiler started, and in all). ``--summary`` splits each rank's CPU into parts t
 
   start-up   the interpreter before the profiler, and every import (below importlib's
              _find_and_load, wherever it happens; MPI_Init runs inside mpi4py's import)
-  MPI        inside mpi4py's calls: sending, receiving and waiting
+  MPI        inside mpi4py's calls (sending, receiving, waiting): cProfile cannot see into mpi4py's
+             Cython methods, so this is the own time of minipar/comm's functions, which make
+             those calls, bookkeeping included; a call made from elsewhere counts where it is made
   steps      below ``train_step`` (forward, backward, optimizer), less its MPI and imports
   evaluate   below ``evaluate`` (rank 0's evaluation), less its MPI and imports
   save       below ``save`` (the checkpoint), less its MPI and imports
@@ -106,7 +108,10 @@ def parts(stats, before_profile, total):
     def is_import(file, name):
         return name == "_find_and_load"
 
-    mpi_calls = [key for key in stats.stats if key[0] == "~" and "mpi4py" in key[2]]
+    # mpi4py's methods are Cython functions, which cProfile does not see: the time inside them is
+    # the own time of the Python function that calls them, in minipar's comm package.
+    mpi_calls = [key for key in stats.stats if f"minipar{os.sep}comm{os.sep}" in key[0]
+                 or (key[0] == "~" and "mpi4py" in key[2])]
     imports = [key for key in stats.stats if is_import(key[0], key[2])]
     result = {"start-up": before_profile + cumulative(is_import),
               "MPI": sum(stats.stats[key][2] for key in mpi_calls)}
