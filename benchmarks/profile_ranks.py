@@ -3,6 +3,7 @@
     mpiexec -n 8 python benchmarks/profile_ranks.py --out prof -- -m minipar train --steps 50 --dp 2 ...
     python benchmarks/profile_ranks.py --out prof -- -m minipar train --steps 50     # one process
     python benchmarks/profile_ranks.py --summary prof
+    python benchmarks/profile_ranks.py --areas prof/rank0.prof     # any cProfile file: own time per area
 
 Each process runs the command (``-m module ...`` or ``script.py ...``) under cProfile with the
 process's CPU clock as the timer, so time a rank spends descheduled on a shared machine, or asleep
@@ -19,6 +20,10 @@ profiler started, and in all). ``--summary`` splits each rank's CPU into parts t
   evaluate   below ``evaluate`` (rank 0's evaluation), less its MPI and imports
   save       below ``save`` (the checkpoint), less its MPI and imports
   other      the rest: parsing, checks, building the model, the data, the profiler's own time
+
+``--areas FILE`` reads any cProfile file (also one written with ``python -m cProfile -o``) and
+gives each area of minipar its share of the own time: the engine (tensor.py), the ops' bodies,
+C calls (NumPy's functions, builtins), modules, the optimizer, communication and the rest.
 
 cProfile's own overhead inflates the Python-heavy parts; compare parts and ranks, not seconds
 against an unprofiled run.
@@ -144,15 +149,43 @@ def summary(out):
     print(f"{'all':>4s} {sums['total']:7.2f} " + " ".join(f"{sums[name]:9.2f}" for name in names))
 
 
+AREAS = (("minipar/tensor.py", "engine: minipar/tensor.py (apply, Tensor, backward, the walk, leaves)"),
+         ("minipar/grad_mode.py", "engine: minipar/grad_mode.py"),
+         ("minipar/ops/", "ops: forward and backward bodies, with their array operators"),
+         ("minipar/nn/", "modules: minipar/nn"), ("minipar/optim.py", "optimizer"),
+         ("minipar/comm/", "communication: minipar/comm, MPI calls included"),
+         ("minipar/parallel/", "parallel modes: minipar/parallel"), ("minipar/", "the rest of minipar"),
+         ("numpy/", "NumPy's Python layer (mean, sum wrappers)"))
+
+
+def areas(path):
+    """Each area's share of the own (exclusive) time in the cProfile file ``path``."""
+    import collections
+    import pstats
+
+    shares = collections.Counter()
+    for (file, _, _), entry in pstats.Stats(path).stats.items():
+        where = "C calls: NumPy's functions, builtins" if file == "~" else next(
+            (label for key, label in AREAS if key.replace("/", os.sep) in file), "other Python")
+        shares[where] += entry[2]
+    total = sum(shares.values())
+    print(f"own time by area in {path} ({total:.2f} s)")
+    for label, seconds in shares.most_common():
+        print(f"  {label:72s} {seconds:8.3f} s  {100 * seconds / total:5.1f}%")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     usage="%(prog)s --out DIR -- (-m MODULE | SCRIPT) [ARGS ...] | --summary DIR")
+                                     usage="%(prog)s --out DIR -- (-m MODULE | SCRIPT) [ARGS ...] | --summary DIR | --areas FILE")
     parser.add_argument("--out", help="folder for rank<R>.prof and rank<R>.json")
     parser.add_argument("--summary", help="print the per-rank split of a folder written before")
+    parser.add_argument("--areas", help="print the share of each area of minipar in one cProfile file")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     arguments = parser.parse_args()
     if arguments.summary:
         return summary(arguments.summary)
+    if arguments.areas:
+        return areas(arguments.areas)
     command = arguments.command[1:] if arguments.command[:1] == ["--"] else arguments.command
     if not arguments.out or not command:
         parser.error("give --out DIR and the command after --")
