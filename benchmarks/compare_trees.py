@@ -78,20 +78,25 @@ def main():
     command = arguments.command[1:] if arguments.command[:1] == ["--"] else arguments.command
     if not command:
         parser.error("give the benchmark after --, e.g. -- benchmarks/bench_mlp.py --rounds 5 --steps 5")
-    command[0] = os.path.abspath(command[0])  # the runs start in each version's folder
-    with tempfile.TemporaryDirectory(prefix="minipar-compare-") as scratch:
-        scratch = Path(scratch)
-        trees = {f"before {arguments.before}": export(arguments.before, scratch / "before"),
-                 f"after {arguments.after or '(this tree)'}": (export(arguments.after, scratch / "after")
-                                                             if arguments.after else ROOT)}
-        figures = {label: [] for label in trees}
-        for round_ in range(arguments.rounds):
-            for label, tree in trees.items():
-                print(f"== {label}, round {round_ + 1} of {arguments.rounds}", flush=True)
-                figures[label].append(run_once(arguments.python, tree, command, scratch / "figures.json"))
+    labels, figures = compare(arguments.before, arguments.after, arguments.rounds, arguments.python, command)
     shown = " ".join([os.path.relpath(command[0]), *command[1:]])
     print(f"\n{shown}: {arguments.rounds} alternating runs of each version (range over the runs)")
-    print(table(list(trees), figures))
+    print(table(labels, figures))
+
+
+def compare(before, after, rounds, python, command):
+    """(labels, {label: [figures of each run]}) of ``command`` run on ``before`` and ``after`` in turn."""
+    command = [os.path.abspath(command[0]), *command[1:]]  # the runs start in each version's folder
+    with tempfile.TemporaryDirectory(prefix="minipar-compare-") as scratch:
+        scratch = Path(scratch)
+        trees = {f"before {before}": export(before, scratch / "before"),
+                 f"after {after or '(this tree)'}": export(after, scratch / "after") if after else ROOT}
+        figures = {label: [] for label in trees}
+        for round_ in range(rounds):
+            for label, tree in trees.items():
+                print(f"== {label}, round {round_ + 1} of {rounds}: {os.path.basename(command[0])}", flush=True)
+                figures[label].append(run_once(python, tree, command, scratch / "figures.json"))
+    return list(trees), figures
 
 
 if __name__ == "__main__":
