@@ -1,6 +1,6 @@
 """The autograd engine's fixed cost: time a long chain of tiny ops, report µs per op and per node.
 
-    python benchmarks/bench_engine.py [--layers 500] [--width 4] [--repeats 30]
+    python benchmarks/bench_engine.py [--layers 500] [--width 4] [--repeats 30] [--json FILE]
 
 The chain is h <- tanh(h * w_i + b_i) for i = 1..L on arrays of ``width`` elements, with every
 w_i and b_i a leaf that wants a gradient: 3 ops (mul, add, tanh), so 3 autograd nodes, per layer.
@@ -15,9 +15,11 @@ spent descheduled does not count, and the fastest run is the one least disturbed
   step      (forward + backward) µs per node, and the same maths in plain NumPy with a
             hand-written backward, so "engine overhead per node" = step - NumPy.
 
-To compare two versions of the engine, run this file with each on PYTHONPATH, interleaved.
+To compare two versions of the engine: benchmarks/compare_trees.py runs this file with each on
+PYTHONPATH, interleaved, reading the figures that ``--json FILE`` writes.
 """
 import argparse
+import json
 import os
 import sys
 import time
@@ -106,6 +108,7 @@ def main():
     parser.add_argument("--layers", type=int, default=500)
     parser.add_argument("--width", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--json", default=None, help="also write the figures (µs) to this file")
     arguments = parser.parse_args()
     result = measure(arguments.layers, arguments.width, arguments.repeats)
     print(f"engine: {os.path.dirname(sys.modules['minipar.tensor'].__file__)}")
@@ -117,6 +120,11 @@ def main():
     print(f"  forward + backward    {result['step_per_node']:7.2f} µs per node")
     print(f"  NumPy, hand backward  {result['numpy_per_node']:7.2f} µs per node")
     print(f"  engine overhead       {result['step_per_node'] - result['numpy_per_node']:7.2f} µs per node")
+    if arguments.json:
+        figures = {"engine forward µs/op": result["forward_per_op"], "engine backward µs/node": result["backward_per_node"],
+                   "engine overhead µs/node": result["step_per_node"] - result["numpy_per_node"]}
+        with open(arguments.json, "w") as handle:
+            json.dump(figures, handle, indent=1)
 
 
 if __name__ == "__main__":

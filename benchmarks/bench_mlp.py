@@ -1,6 +1,6 @@
 """A 7-layer MLP in minipar against a NumPy + mpi4py peer with hand-written backward passes.
 
-    python benchmarks/bench_mlp.py [--rounds 7] [--steps 10] [--configs sequential,dp2,...]
+    python benchmarks/bench_mlp.py [--rounds 7] [--steps 10] [--configs sequential,dp2,...] [--json FILE]
 
 The model of issue 16: widths 784, 128, 127, 126, 125, 124, 123, 10, ReLU, mean softmax
 cross-entropy, SGD; a global batch of 128 rows in 4 micro-batches (gradients accumulate, each
@@ -13,7 +13,8 @@ The peer (benchmarks/mlp_peer.py) does the same maths and starts from the same w
 a job the implementations take turns, ``steps`` steps each, for ``rounds`` rounds; a block's time
 is the slowest rank's. Printed: median ms per step and the median of the per-round ratios
 minipar / peer. Ratios taken in turn inside one job are meaningful on a shared machine even when
-the milliseconds are not.
+the milliseconds are not. ``--json FILE`` also writes the ratios there, {"MLP <config> minipar/peer": r, ...}
+(benchmarks/compare_trees.py reads it).
 """
 import argparse
 import json
@@ -88,9 +89,12 @@ def minipar_step_function(kind, comm, weights, biases, overlap=False):
 
             data_parallel = DataParallel(parameters, Communicator(comm), overlap=overlap,
                                          accumulation_steps=MICROBATCHES)
+        # Gradients that are views of the buckets are zeroed by start_step; a tree from before them
+        # (compare_trees.py runs this script on older commits) copies into its buckets and zeroes .grad.
+        bucket_views = hasattr(data_parallel, "start_step")
 
         def step(micro_inputs, micro_targets):
-            if data_parallel is not None:
+            if bucket_views:
                 data_parallel.start_step()  # zero the buckets: backward accumulates into them in place
             for x, t in zip(micro_inputs, micro_targets, strict=True):
                 for piece in pieces[:-1]:
@@ -99,7 +103,7 @@ def minipar_step_function(kind, comm, weights, biases, overlap=False):
             if data_parallel is not None:
                 data_parallel.finish_gradient_sync()
             optimizer.step()
-            if data_parallel is None:
+            if not bucket_views:
                 optimizer.zero_grad()
         return step
 
@@ -196,6 +200,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--json", default=None, help="also write the ratios to this file")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments.worker:
@@ -204,15 +209,21 @@ def main():
           f"{os.cpu_count()} cores; median of {arguments.rounds} rounds x {arguments.steps} steps")
     print(f"{'config':12s} {'minipar ms':>11s} {'overlap ms':>11s} {'peer ms':>9s} {'minipar/peer':>13s} "
           f"{'overlap/peer':>13s}")
+    figures = {}
     for config in arguments.configs.split(","):
         times = run_config(config, arguments.rounds, arguments.steps)
         ratio = median([a / b for a, b in zip(times["minipar"], times["peer"], strict=True)])
+        figures[f"MLP {config} minipar/peer"] = ratio
         overlap = times.get("minipar overlap")
+        if overlap:
+            figures[f"MLP {config} overlap/peer"] = median([a / b for a, b in zip(overlap, times["peer"], strict=True)])
         overlap_ms = f"{median(overlap):11.2f}" if overlap else f"{'':11s}"
-        overlap_ratio = (f"{median([a / b for a, b in zip(overlap, times['peer'], strict=True)]):12.2f}x" if overlap
-                         else f"{'':13s}")
+        overlap_ratio = f"{figures[f'MLP {config} overlap/peer']:12.2f}x" if overlap else f"{'':13s}"
         print(f"{config:12s} {median(times['minipar']):11.2f} {overlap_ms} {median(times['peer']):9.2f} "
               f"{ratio:12.2f}x {overlap_ratio}", flush=True)
+    if arguments.json:
+        with open(arguments.json, "w") as handle:
+            json.dump(figures, handle, indent=1)
 
 
 if __name__ == "__main__":

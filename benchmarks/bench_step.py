@@ -1,11 +1,12 @@
 """Time one training step (forward, backward, AdamW) of a fixed small GPT.
 
-    python benchmarks/bench_step.py [--threads 1] [--steps 20] [--rounds 5]
+    python benchmarks/bench_step.py [--threads 1] [--steps 20] [--rounds 5] [--json FILE]
 
 Reports tokens/s, achieved FLOP/s, and that figure as a fraction of this machine's
 measured float32 matmul FLOP/s (the same BLAS, the same thread count). Where PyTorch is
 installed it times the same model in PyTorch eager, the two taking turns in ``rounds``
 rounds, and prints the median of the per-round ratios (meaningful on a shared machine).
+``--json FILE`` writes the figures there too (benchmarks/compare_trees.py reads it).
 
 FLOPs per step (Korthikanti et al. 2022, appendix A; forward + backward, no recomputation):
     72 B L s h^2 (1 + s/(6h) + V/(12 h L))
@@ -19,18 +20,23 @@ parser.add_argument("--threads", type=int, default=None, help="BLAS threads (def
 parser.add_argument("--steps", type=int, default=20, help="steps per implementation, over all rounds")
 parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (minipar, then torch, per round)")
 parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+parser.add_argument("--json", default=None, help="also write the figures to this file")
 arguments = parser.parse_args()
 if arguments.threads:
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[name] = str(arguments.threads)
 
+import json  # noqa: E402
 import time  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.append(os.path.join(os.path.dirname(__file__), ".."))  # PYTHONPATH, if set, picks the minipar
 
-from minipar._threads import start_process  # noqa: E402
-
-start_process()  # the CLI's process-wide settings first: BLAS threads, MPICH's wait, Ctrl-C (minipar/_threads.py)
+try:
+    from minipar._threads import start_process  # noqa: E402
+except ImportError:  # a tree from before it (compare_trees.py runs this script on older commits)
+    start_process = None
+if start_process is not None:
+    start_process()  # the CLI's process-wide settings first: BLAS threads, MPICH's wait, Ctrl-C (minipar/_threads.py)
 
 from minipar.backend import set_default_dtype, xp  # noqa: E402
 from minipar.nn.gpt import GPT, GPTConfig  # noqa: E402
@@ -140,14 +146,19 @@ def main():
     print(f"matmul peak (1024^3, measured): {peak / 1e9:8.1f} GFLOP/s")
     print(f"minipar step: {seconds * 1e3:8.1f} ms  {tokens / seconds:10.0f} tokens/s  "
           f"{flops / seconds / 1e9:6.1f} GFLOP/s  = {flops / seconds / peak:.1%} of matmul peak")
+    figures = {"GPT step minipar ms": seconds * 1e3}
     if torch_step is None:
         print("PyTorch not installed: no eager comparison")
-        return
-    torch_seconds = sorted(times["torch"])[len(times["torch"]) // 2]
-    ratios = sorted(a / b for a, b in zip(times["minipar"], times["torch"], strict=True))
-    print(f"torch eager : {torch_seconds * 1e3:8.1f} ms  {tokens / torch_seconds:10.0f} tokens/s")
-    print(f"minipar / torch step time: {ratios[len(ratios) // 2]:.2f}x (median of {arguments.rounds} interleaved "
-          f"rounds; range {ratios[0]:.2f}-{ratios[-1]:.2f})")
+    else:
+        torch_seconds = sorted(times["torch"])[len(times["torch"]) // 2]
+        ratios = sorted(a / b for a, b in zip(times["minipar"], times["torch"], strict=True))
+        figures["GPT step minipar/torch"] = ratios[len(ratios) // 2]
+        print(f"torch eager : {torch_seconds * 1e3:8.1f} ms  {tokens / torch_seconds:10.0f} tokens/s")
+        print(f"minipar / torch step time: {ratios[len(ratios) // 2]:.2f}x (median of {arguments.rounds} "
+              f"interleaved rounds; range {ratios[0]:.2f}-{ratios[-1]:.2f})")
+    if arguments.json:
+        with open(arguments.json, "w") as handle:
+            json.dump(figures, handle, indent=1)
 
 
 if __name__ == "__main__":

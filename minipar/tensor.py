@@ -99,7 +99,9 @@ class Function:
             else:
                 arrays.append(x)
         out = cls.forward(ctx, *arrays, **options)
-        out = Tensor(rounded(out) if cls.rounds_output else out)  # 16-bit compute: grad_mode.rounding_to
+        if grad_mode.round_to_format is not None and cls.rounds_output:  # 16-bit compute: grad_mode.rounding_to
+            out = rounded(out)
+        out = Tensor(out)
         if record and grad_mode.recording:  # record the node
             ctx.function, ctx.inputs = cls, inputs
             out.requires_grad, out._node = True, ctx
@@ -107,7 +109,10 @@ class Function:
 
 
 class Tensor:
-    """An array (``.data``) plus what autograd needs: ``.grad``, ``requires_grad`` and its maker."""
+    """An array (``.data``) plus what autograd needs: ``.grad``, ``requires_grad`` and its maker.
+
+    A Tensor compares and hashes by identity (it defines no ``__eq__``): backward keys its sets and
+    dicts by the tensors themselves."""
 
     __slots__ = ("data", "grad", "requires_grad", "_node", "_grad_ready_hooks", "name")
     __array_priority__ = 1000  # so that array + Tensor calls Tensor.__radd__
@@ -193,11 +198,11 @@ class Tensor:
             later = WeightGradients({id(x) for x in inputs})
         finish_leaf = accumulate_leaf if later is None else later.finish_leaf
 
-        pending = {id(self): grad}  # tensor -> gradient summed over the uses run so far
+        pending = {self: grad}  # tensor -> gradient summed over the uses run so far (keyed by identity)
         order = _topological_order(self)
         while order:  # from the end: every op after all the ops that use its output
             tensor = order.pop()  # and let go of it, so its array is freed once nothing else holds it
-            grad = pending.pop(id(tensor), None)
+            grad = pending.pop(tensor, None)
             ctx = tensor._node
             if ctx is None:  # a leaf, after the last op that uses it
                 finish_leaf(tensor, grad)
@@ -218,8 +223,7 @@ class Tensor:
                 if later is not None and later.defers(x):
                     later.add(x, g)  # summed in W, in this order
                 else:
-                    key = id(x)
-                    pending[key] = g if key not in pending else rounded(pending[key] + g)
+                    pending[x] = g if x not in pending else rounded(pending[x] + g)
             tensor._node = _FREED  # drop the saved activations as soon as they are used
         return later
 
@@ -270,15 +274,15 @@ def _topological_order(root):
         if tensor is None:  # everything below the op under this mark is listed: list the op
             tensor = stack.pop()
             for x in tensor._node.inputs:  # leaves no op listed so far uses: this op is their last user
-                if isinstance(x, Tensor) and x._node is None and x.requires_grad and id(x) not in seen:
-                    seen.add(id(x))
+                if isinstance(x, Tensor) and x._node is None and x.requires_grad and x not in seen:
+                    seen.add(x)
                     order.append(x)
             order.append(tensor)
-        elif id(tensor) not in seen:
-            seen.add(id(tensor))
+        elif tensor not in seen:
+            seen.add(tensor)
             stack += (tensor, None)
             for x in tensor._node.inputs:
-                if isinstance(x, Tensor) and x._node is not None and id(x) not in seen:
+                if isinstance(x, Tensor) and x._node is not None and x not in seen:
                     stack.append(x)
     return order
 

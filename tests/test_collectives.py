@@ -139,3 +139,17 @@ def test_a_wrong_tree_partner_fails_in_seconds(monkeypatch):
     inputs = [np.full(4, float(rank)) for rank in range(4)]
     with pytest.raises(AssertionError, match=r"rank \d: .*(waited 0.5 s for a message from rank \d+|does not exist)"):
         run_on_threads(4, lambda c, b: tree_collectives.tree_broadcast(c, b, 0), inputs, patience=0.5)
+
+
+def test_modelled_traffic_is_worked_out_once_and_handed_out_fresh():
+    """The model of a built-in collective is cached per distinct call; each caller still gets its own
+    Traffic. Ring allreduce of 10 elements on 4 ranks, rank 1 (blocks of 3, 3, 2, 2): the
+    reduce-scatter sends all blocks but its own (10 − 3) and receives all but rank 0's (10 − 3),
+    the all-gather sends all but rank 2's (10 − 2) and receives all but its own (10 − 3)."""
+    from minipar.comm.traffic import Traffic, modelled_traffic
+
+    first = modelled_traffic("allreduce", 1, 4, 10, 8)
+    first.bytes_sent = -1  # a caller that changes its copy changes nobody else's
+    assert modelled_traffic("allreduce", 1, 4, 10, 8) == Traffic((7 + 8) * 8, (7 + 7) * 8)
+    assert modelled_traffic("reduce_scatter", 1, 4, 10, 8) == Traffic(7 * 8, 7 * 8)
+    assert modelled_traffic("allreduce", 0, 1, 10, 8) == Traffic()

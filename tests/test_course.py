@@ -540,3 +540,18 @@ def test_state_kept_across_steps_is_named():
     after_a_step(0, 3, second_step_fails)
     with pytest.raises(CheckFailure, match="step 1 passed with this code, step 2 did not.*not reset"):
         after_a_step(1, 3, second_step_fails)
+
+
+def test_a_waiting_rank_reads_only_the_result_files_still_missing(tmp_path):
+    """runner.read_entry keeps the outcomes it was given (a result file is written once, whole) and
+    reads the others' files; a file that appears later is found on the next poll."""
+    from minipar.course.runner import _write, entry_file, read_entry
+
+    _write(entry_file(tmp_path, 0, 0), {"status": "pass"})
+    _write(entry_file(tmp_path, 0, 2), {"status": "fail", "message": "x"})
+    known = {0: {"status": "pass", "seconds": 1.0}}  # as read before: not read again
+    assert read_entry(tmp_path, 0, 3, known) == {0: {"status": "pass", "seconds": 1.0},
+                                                 2: {"status": "fail", "message": "x"}}
+    _write(entry_file(tmp_path, 0, 1), {"status": "idle"})
+    assert read_entry(tmp_path, 0, 3) == {0: {"status": "pass"}, 1: {"status": "idle"},
+                                          2: {"status": "fail", "message": "x"}}

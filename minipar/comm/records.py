@@ -47,7 +47,10 @@ class Bookkeeping:
         self._listeners.remove(listener)
 
     def _record_of(self, name):
-        return self.counters.setdefault(name, CallRecord())
+        record = self.counters.get(name)  # not setdefault: that would build a CallRecord on every call
+        if record is None:
+            record = self.counters[name] = CallRecord()
+        return record
 
     def _notify(self, name, start, end, nbytes):
         for listener in self._listeners:

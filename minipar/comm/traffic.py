@@ -8,6 +8,7 @@ does not report) and how the planner (``minipar/plan/traffic.py``) predicts a st
 volumes: ring reduce-scatter and all-gather $(N−1)/N·n$ each, ring allreduce $2(N−1)/N·n$,
 binomial tree $⌈lg N⌉·n$ on the root's links (Thakur, Rabenseifner & Gropp 2005; Patarasuk & Yuan 2009).
 """
+import functools
 from dataclasses import dataclass
 
 
@@ -76,8 +77,17 @@ def modelled_traffic(collective, rank, size, count, itemsize, root=0):
     volumes for ``"broadcast"`` and ``"reduce"``. These are textbook figures;
     the MPI library may pick another algorithm and move different bytes.
     """
+    return Traffic(*_modelled_bytes(collective, rank, size, count, itemsize, root))
+
+
+# A training step makes the same few calls every micro-batch (a layer's allreduce, a stage's
+# gather), and this model sat on every one of them: 5-8% of a rank's CPU in the 8-rank main job
+# (benchmarks/profile_ranks.py). Each distinct call is worked out once.
+@functools.lru_cache(maxsize=4096)
+def _modelled_bytes(collective, rank, size, count, itemsize, root):
+    """``(bytes sent, bytes received)`` of ``modelled_traffic``."""
     if size == 1:
-        return Traffic()
+        return 0, 0
     block_sizes = [stop - start for start, stop in block_bounds(count, size)]
     # Ring reduce-scatter: rank r sends all blocks but r, receives all but r−1.
     reduce_scatter = Traffic(count - block_sizes[rank], count - block_sizes[(rank - 1) % size])
@@ -93,7 +103,7 @@ def modelled_traffic(collective, rank, size, count, itemsize, root=0):
         "broadcast": Traffic(fan_out * count, from_parent * count),
         "reduce": Traffic(from_parent * count, fan_out * count),
     }[collective]
-    return Traffic(elements.bytes_sent * itemsize, elements.bytes_received * itemsize)
+    return elements.bytes_sent * itemsize, elements.bytes_received * itemsize
 
 
 def alltoall_traffic(rank, send_bounds, receive_bounds, itemsize):

@@ -84,10 +84,15 @@ def run_entry(check, comm):
     return outcome
 
 
-def read_entry(result_dir, index, world_size):
-    """``{rank: outcome}`` of the files present so far."""
-    outcomes = {}
+def read_entry(result_dir, index, world_size, known=None):
+    """``{rank: outcome}`` of the files present so far. ``known``: outcomes read before, kept as
+    they are (a file is written once, whole, by ``os.replace``), so that a rank waiting for the
+    others looks only for the files still missing; reading every file on every poll was a third
+    of a waiting rank's CPU time (benchmarks/profile_ranks.py on `course check data_parallel`)."""
+    outcomes = dict(known) if known else {}
     for rank in range(world_size):
+        if rank in outcomes:
+            continue
         path = entry_file(result_dir, index, rank)
         if path.exists():
             outcomes[rank] = json.loads(path.read_text())
@@ -218,9 +223,9 @@ def run(name, result_dir, limit, start=0, report=False):
             if outcome["status"] == "pass" and comm != MPI.COMM_NULL:
                 comm.Free()
         _write(entry_file(result_dir, index, rank), outcome)
-        error_seen = None
+        error_seen, outcomes = None, {}
         while True:
-            outcomes = read_entry(result_dir, index, world_size)
+            outcomes = read_entry(result_dir, index, world_size, outcomes)
             if len(outcomes) == world_size:
                 break
             if error_seen is None and any(o["status"] in ("error", "fail") for o in outcomes.values()):

@@ -65,12 +65,13 @@ def _gelu_grad_block(h, t, g, d, scratch):
     d *= g
 
 
-def _gelu_forward(ctx, h_rows, shape, bias=None):
+def _gelu_forward(ctx, x_rows, shape, bias=None):
+    h_rows = x_rows if bias is None else xp.empty(x_rows.shape, dtype=x_rows.dtype)  # saved: h = x (+ b)
     y, t = xp.empty_like(h_rows), xp.empty_like(h_rows)
     for rows in row_blocks(*h_rows.shape):
         h = h_rows[rows]
-        if bias is not None:  # h = x + b into the saved array, in the same visit to the block
-            h += bias
+        if bias is not None:  # h = x + b, written in the same visit to the block (no copy of x first)
+            xp.add(x_rows[rows], bias, out=h)
         _gelu_block(h, t[rows], y[rows])
     ctx.save_for_backward(h_rows, t)
     ctx.shape = shape
@@ -110,8 +111,7 @@ class BiasGelu(Function):
     def forward(ctx, x, bias):
         if bias.shape != (x.shape[-1],):
             raise ShapeError(f"bias_gelu: input {x.shape} needs a bias of shape ({x.shape[-1]},), got {bias.shape}")
-        h_rows = xp.array(x, order="C").reshape(-1, x.shape[-1])  # a new array: it becomes x + b in place
-        return _gelu_forward(ctx, h_rows, x.shape, bias)
+        return _gelu_forward(ctx, x.reshape(-1, x.shape[-1]), x.shape, bias)
 
     @staticmethod
     def backward(ctx, grad):
