@@ -87,11 +87,16 @@ class LayerNorm(Function):
         rows = x.reshape(-1, x.shape[-1])
         x_hat, y = xp.empty(rows.shape, dtype=x.dtype), xp.empty(rows.shape, dtype=x.dtype)
         inverse_std = xp.empty((rows.shape[0], 1), dtype=x.dtype)
+        width = rows.shape[1]
         for block in row_blocks(*rows.shape):
             centred, squares, deviation = x_hat[block], y[block], inverse_std[block]
-            xp.subtract(rows[block], rows[block].mean(axis=1, keepdims=True), out=centred)
+            # mean = sum / width, as NumPy's mean computes it (bit for bit), without its Python-level overhead
+            xp.sum(rows[block], axis=1, keepdims=True, out=deviation)
+            deviation /= width
+            xp.subtract(rows[block], deviation, out=centred)
             xp.multiply(centred, centred, out=squares)  # y's block as scratch until the end
-            xp.mean(squares, axis=1, keepdims=True, out=deviation)
+            xp.sum(squares, axis=1, keepdims=True, out=deviation)
+            deviation /= width
             deviation += eps
             xp.sqrt(deviation, out=deviation)
             xp.divide(1.0, deviation, out=deviation)
