@@ -394,11 +394,14 @@ def test_kill_9_of_one_rank_loses_only_the_steps_since_the_last_save_and_resume_
     code, ended, stdout, stderr = job.finish()
     report("SIGKILL of rank 1 of 2", code, ended - killed, stderr)
     assert code != 0 and ended - killed < 30.0, (code, ended - killed, stderr)
-    saved = index_of(broken)["step"]
-    assert 8 <= saved < steps and leftovers(broken) == [], (saved, leftovers(broken))
+    saved = index_of(broken)["step"]  # reading the index checks the checkpoint in place is whole
+    # A kill during a save (one every 4 steps) may leave that save's unfinished `.partial-` folder, or the
+    # replaced `.old-` one, beside the whole checkpoint; the next save removes them (docs/checkpoints.md).
+    assert 8 <= saved < steps, (saved, leftovers(broken))
     code, _, _, stderr = Job(cli(2, "train", *layout, "--out", str(broken), "--resume",
                                  str(broken / "ckpt.minipar")), tmp_path).finish()
     assert code == 0, stderr
+    assert leftovers(broken) == [], leftovers(broken)
     expected, got = index_of(straight)["history"]["train_loss"], index_of(broken)["history"]["train_loss"]
     assert len(got) == steps and got == expected
 
