@@ -28,14 +28,13 @@ from pathlib import Path
 def make_student(folder, states, wrong_choice):
     """A student's folder: the reference tree with each exercise done, stubbed or replaced by a wrong one."""
     from minipar.course.planted import apply
+    from minipar.course.registry import exercise_named
     from minipar.course.student import copy_reference_tree, reference_root, stub_package_file
 
     copy_reference_tree(reference_root(), folder)
     stubbed = [name for name, state in states.items() if state == "not started"]
-    for name, state in states.items():
-        if state == "wrong":
-            apply(wrong_choice[name], folder)
-    from minipar.course.registry import exercise_named
+    for name in wrong_choice:
+        apply(wrong_choice[name], folder)
     for path in sorted({path for name in stubbed for path in exercise_named(name).paths}):
         target = folder / path
         text, _ = stub_package_file(target.read_text(), path, only=set(stubbed))
@@ -87,8 +86,7 @@ def main(argv=None):
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         with open(root / "grades.csv") as handle:
             rows = list(csv.DictReader(handle))
-    from minipar.course.registry import EXERCISES
-    statuses = Counter(row[exercise.name] for row in rows for exercise in EXERCISES)
+    statuses = Counter(row[name] for row in rows for name in plan[Path(row["student"]).name])
     planned = Counter(state.split(":")[0] for states in plan.values() for state in states.values())
     figures = {"students": arguments.students, "exercises_planned": dict(planned), "statuses": dict(statuses),
                "wall_seconds": round(wall, 1), "cpu_seconds": round((after.ru_utime - before.ru_utime)
